@@ -1,0 +1,1 @@
+//! OCI images: references, pull, verify, unpack, store

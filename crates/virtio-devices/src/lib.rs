@@ -1,0 +1,1 @@
+//! virtio device models and the virtio-pci transport

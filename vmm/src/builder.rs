@@ -1,0 +1,110 @@
+//! Building a VM from a [`VmConfig`]: memory, KVM VM, kernel and boot
+//! structures, legacy devices, vCPUs. Each step is a function with a typed
+//! error; nothing runs until [`crate::vmm::Vmm::run`].
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use vm_device::Bus;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::acpi::{create_acpi_tables, AcpiError, AcpiExtras};
+use crate::arch::boot::{load_command_line, load_initramfs, load_kernel, write_boot_params, BootError};
+use crate::arch::layout::*;
+use crate::config::{SerialConfig, VmConfig};
+use crate::devices::acpi_pm::AcpiPm;
+use crate::devices::boot_timer::BootTimer;
+use crate::devices::i8042::I8042;
+use crate::devices::serial::{SerialDevice, SerialOutput};
+use crate::exit::ExitState;
+use crate::memory::{create_guest_memory, MemoryError};
+use crate::vmm::Vmm;
+use crate::vstate::vcpu::{Vcpu, VcpuError};
+use crate::vstate::vm::{open_kvm, Vm, VmError};
+
+/// Why the VM could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot create guest memory")]
+    Memory(#[source] MemoryError),
+    #[error("cannot create the VM")]
+    Vm(#[source] VmError),
+    #[error("cannot load the guest")]
+    Boot(#[source] BootError),
+    #[error("cannot write the ACPI tables")]
+    Acpi(#[source] AcpiError),
+    #[error("cannot set up vCPU")]
+    Vcpu(#[source] VcpuError),
+    #[error("cannot open the serial output file {path}")]
+    SerialFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot place device {name} on the bus")]
+    Bus {
+        name: &'static str,
+        #[source]
+        source: vm_device::BusError,
+    },
+}
+
+fn serial_sink(cfg: &SerialConfig) -> Result<Box<dyn Write + Send>, BuildError> {
+    Ok(match cfg {
+        SerialConfig::Stdout => Box::new(std::io::stdout()),
+        SerialConfig::Off => Box::new(std::io::sink()),
+        SerialConfig::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| BuildError::SerialFile { path: path.display().to_string(), source })?,
+        ),
+    })
+}
+
+/// Builds the VM described by `config`; `start` is when the VMM started.
+pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
+    let kvm = open_kvm(config.cpus).map_err(BuildError::Vm)?;
+    let ram = create_guest_memory(config.memory_mib << 20).map_err(BuildError::Memory)?;
+    let vm = Vm::new(&kvm, &ram.mem).map_err(BuildError::Vm)?;
+
+    let kernel = load_kernel(&ram.mem, &config.kernel).map_err(BuildError::Boot)?;
+    let initramfs = match &config.initramfs {
+        Some(p) => Some(load_initramfs(&ram.mem, &kernel, p).map_err(BuildError::Boot)?),
+        None => None,
+    };
+    let cmdline_size = load_command_line(&ram.mem, &config.cmdline).map_err(BuildError::Boot)?;
+    let rsdp = create_acpi_tables(&ram.mem, config.cpus, &AcpiExtras::default()).map_err(BuildError::Acpi)?;
+    write_boot_params(&ram.mem, &kernel, cmdline_size, initramfs, rsdp).map_err(BuildError::Boot)?;
+
+    let exit = Arc::new(ExitState::new().map_err(BuildError::EventFd)?);
+    let io_bus = Arc::new(Bus::new());
+    let mmio_bus = Arc::new(Bus::new());
+
+    let serial_irq = EventFd::new(0).map_err(BuildError::EventFd)?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(BuildError::Vm)?;
+    let out = SerialOutput::new(serial_sink(&config.serial)?, exit.clone());
+    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, out)));
+    let place = |name, dev, base: u16, len| {
+        io_bus.insert(dev, u64::from(base), len).map_err(|source| BuildError::Bus { name, source })
+    };
+    place("COM1", serial.clone(), COM1_PORT, 8)?;
+    place("i8042", Arc::new(Mutex::new(I8042::new(exit.clone()))), I8042_PORT, 5)?;
+    place("boot timer", Arc::new(Mutex::new(BootTimer::new(start))), BOOT_DEBUG_PORT, 1)?;
+    place("ACPI PM", Arc::new(Mutex::new(AcpiPm::new(exit.clone()))), ACPI_PM_PORT, ACPI_PM_LEN)?;
+
+    let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
+    for id in 0..config.cpus {
+        let vcpu = Vcpu::new(&vm, id, io_bus.clone(), mmio_bus.clone(), exit.clone()).map_err(BuildError::Vcpu)?;
+        let entry = (id == 0).then_some(kernel.entry);
+        vcpu.configure(vm.supported_cpuid(), config.cpus, &ram.mem, entry).map_err(BuildError::Vcpu)?;
+        vcpus.push(vcpu);
+    }
+
+    Ok(Vmm::new(config.clone(), start, vm, ram, vcpus, exit, serial, io_bus, mmio_bus))
+}

@@ -1,0 +1,149 @@
+//! The VM configuration and its validation, done before any VM exists.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use crate::arch::boot::{probe_initramfs, probe_kernel, BootError};
+
+/// Smallest guest the VMM agrees to build.
+pub const MIN_MEMORY_MIB: u64 = 32;
+/// Most vCPUs: APIC IDs are 8 bits and the IOAPIC takes the ID after them.
+pub const MAX_CPUS: u8 = 254;
+/// Kernel command line used when none is given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+
+/// Where the guest's COM1 output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialConfig {
+    Stdout,
+    File(PathBuf),
+    Off,
+}
+
+impl FromStr for SerialConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "stdout" => Ok(SerialConfig::Stdout),
+            "off" => Ok(SerialConfig::Off),
+            _ => match s.strip_prefix("file=") {
+                Some(p) if !p.is_empty() => Ok(SerialConfig::File(PathBuf::from(p))),
+                _ => Err(format!("invalid serial '{s}': expected stdout, off or file=PATH")),
+            },
+        }
+    }
+}
+
+/// Everything needed to build the VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: u8,
+    pub memory_mib: u64,
+    pub serial: SerialConfig,
+    pub api_socket: Option<PathBuf>,
+}
+
+/// Why a configuration cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--cpus must be between 1 and {MAX_CPUS}, got {0}")]
+    Cpus(u64),
+    #[error("--memory must be at least {MIN_MEMORY_MIB} MiB, got {0} MiB")]
+    MemoryTooSmall(u64),
+    #[error("--memory {asked} MiB is more than this host's {host} MiB of RAM")]
+    MemoryTooLarge { asked: u64, host: u64 },
+    #[error("bad kernel")]
+    Kernel(#[source] BootError),
+    #[error("bad initramfs")]
+    Initramfs(#[source] BootError),
+    #[error("the initramfs ({size} MiB) leaves no room in {memory} MiB of guest memory")]
+    InitramfsTooBig { size: u64, memory: u64 },
+    #[error("the kernel command line is {0} bytes; Linux takes at most 2047")]
+    Cmdline(usize),
+    #[error("the API socket {0} already exists and a VMM answers on it")]
+    ApiSocketInUse(PathBuf),
+}
+
+fn host_memory_mib() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if pages <= 0 || page <= 0 {
+        return u64::MAX;
+    }
+    (pages as u64).saturating_mul(page as u64) >> 20
+}
+
+impl VmConfig {
+    /// Checks sizes and reads the kernel and initramfs headers.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.cpus == 0 || self.cpus > MAX_CPUS {
+            return Err(ConfigError::Cpus(u64::from(self.cpus)));
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooSmall(self.memory_mib));
+        }
+        let host = host_memory_mib();
+        if self.memory_mib > host {
+            return Err(ConfigError::MemoryTooLarge { asked: self.memory_mib, host });
+        }
+        if self.cmdline.len() >= crate::arch::layout::CMDLINE_MAX_SIZE {
+            return Err(ConfigError::Cmdline(self.cmdline.len()));
+        }
+        probe_kernel(&self.kernel).map_err(ConfigError::Kernel)?;
+        if let Some(initramfs) = &self.initramfs {
+            let size = probe_initramfs(initramfs).map_err(ConfigError::Initramfs)?;
+            if size >= (self.memory_mib << 20) / 2 {
+                return Err(ConfigError::InitramfsTooBig { size: size >> 20, memory: self.memory_mib });
+            }
+        }
+        if let Some(sock) = &self.api_socket {
+            if std::os::unix::net::UnixStream::connect(sock).is_ok() {
+                return Err(ConfigError::ApiSocketInUse(sock.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> VmConfig {
+        VmConfig {
+            kernel: PathBuf::from("/nonexistent"),
+            initramfs: None,
+            cmdline: DEFAULT_CMDLINE.into(),
+            cpus: 1,
+            memory_mib: 256,
+            serial: SerialConfig::Stdout,
+            api_socket: None,
+        }
+    }
+
+    #[test]
+    fn serial_parsing() {
+        assert_eq!("stdout".parse::<SerialConfig>(), Ok(SerialConfig::Stdout));
+        assert_eq!("file=/tmp/x".parse::<SerialConfig>(), Ok(SerialConfig::File("/tmp/x".into())));
+        assert!("file=".parse::<SerialConfig>().is_err());
+        assert!("tcp:1".parse::<SerialConfig>().is_err());
+    }
+
+    #[test]
+    fn impossible_sizes_are_refused_before_files_are_read() {
+        assert!(matches!(VmConfig { cpus: 0, ..cfg() }.validate(), Err(ConfigError::Cpus(0))));
+        assert!(matches!(VmConfig { cpus: 255, ..cfg() }.validate(), Err(ConfigError::Cpus(255))));
+        assert!(matches!(VmConfig { memory_mib: 1, ..cfg() }.validate(), Err(ConfigError::MemoryTooSmall(1))));
+        assert!(matches!(
+            VmConfig { memory_mib: u64::MAX >> 21, ..cfg() }.validate(),
+            Err(ConfigError::MemoryTooLarge { .. })
+        ));
+        assert!(matches!(cfg().validate(), Err(ConfigError::Kernel(_))));
+    }
+}

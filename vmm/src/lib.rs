@@ -1,0 +1,22 @@
+//! skiff-vmm: Skiff's virtual machine monitor. One process runs one VM on
+//! KVM: guest memory backed by a memfd, one thread per vCPU, Linux boot
+//! through PVH or the 64-bit boot protocol, ACPI tables, legacy devices.
+//!
+//! Where things live:
+//! * [`config`]: the VM configuration and its validation;
+//! * [`builder`]: `build_vm`, which assembles everything;
+//! * [`vmm`]: the running VM and its event loop; [`exit`]: why it stops;
+//! * [`vstate`]: the KVM VM and vCPUs; [`memory`]: guest RAM;
+//! * [`arch`]: layout, CPUID, MSRs, registers, boot protocols, ACPI;
+//! * [`devices`]: serial, i8042, boot-complete port, ACPI power;
+//! * [`api`]: the control socket.
+
+pub mod api;
+pub mod arch;
+pub mod builder;
+pub mod config;
+pub mod devices;
+pub mod exit;
+pub mod memory;
+pub mod vmm;
+pub mod vstate;

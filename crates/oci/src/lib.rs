@@ -1,1 +1,8 @@
-//! OCI images: references, pull, verify, unpack, store
+//! OCI images for Skiff: references, pull, verify, unpack, store.
+
+pub mod digest;
+pub mod manifest;
+pub mod reference;
+pub mod spec;
+pub mod store;
+pub mod unpack;

@@ -1,0 +1,383 @@
+//! Unpack tests on crafted (and hostile) layers.
+
+use super::*;
+use std::os::unix::fs::FileTypeExt;
+
+#[path = "../tests/common/layer.rs"]
+mod layer;
+use layer::{gzip, zstd, Layer};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    outside: PathBuf,
+    root: PathBuf,
+}
+
+/// A rootfs inside a directory that also holds a sentinel "outside" area,
+/// so escapes can be detected.
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = dir.path().join("outside");
+    let root = dir.path().join("a/b/rootfs");
+    fs::create_dir_all(&outside).unwrap();
+    fs::write(outside.join("passwd"), b"host").unwrap();
+    fs::create_dir_all(&root).unwrap();
+    Fixture {
+        _dir: dir,
+        outside,
+        root,
+    }
+}
+
+fn unpack(root: &Path, layers: &[Vec<u8>]) -> Result<(), UnpackError> {
+    unpack_with(root, layers, UnpackOptions::default())
+}
+
+fn unpack_with(root: &Path, layers: &[Vec<u8>], opts: UnpackOptions) -> Result<(), UnpackError> {
+    let mut u = Unpacker::new(root, opts);
+    for l in layers {
+        u.apply(&l[..])?;
+    }
+    u.finish()
+}
+
+fn assert_outside_untouched(f: &Fixture) {
+    let names: Vec<_> = fs::read_dir(&f.outside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names,
+        vec![OsString::from("passwd")],
+        "something was written outside"
+    );
+    assert_eq!(fs::read(f.outside.join("passwd")).unwrap(), b"host");
+    let top: Vec<_> = fs::read_dir(f.root.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        top,
+        vec![OsString::from("rootfs")],
+        "something was written beside the rootfs"
+    );
+}
+
+#[test]
+fn kinds_modes_times_xattrs() {
+    let f = fixture();
+    let l = Layer::new()
+        .dir("./", 0o755)
+        .dir("bin", 0o755)
+        .file("bin/tool", 0o4755, b"#!/bin/sh\n")
+        .hardlink("bin/tool2", "bin/tool")
+        .symlink("bin/sh", "tool")
+        .mtime(1_700_000_000)
+        .dir("etc", 0o700)
+        .file_xattrs("etc/x", 0o640, b"data", &[("user.skiff", b"yes")])
+        .fifo("etc/fifo", 0o600)
+        .chardev("etc/null", 0o666, 1, 3)
+        .finish();
+    unpack(&f.root, &[gzip(&l)]).unwrap();
+    let r = &f.root;
+    let tool = fs::metadata(r.join("bin/tool")).unwrap();
+    assert_eq!(tool.mode() & 0o7777, 0o4755);
+    assert_eq!(tool.mtime(), 1_600_000_000);
+    assert_eq!(tool.nlink(), 2);
+    assert_eq!(fs::metadata(r.join("bin/tool2")).unwrap().ino(), tool.ino());
+    assert_eq!(fs::read_link(r.join("bin/sh")).unwrap(), Path::new("tool"));
+    let etc = fs::metadata(r.join("etc")).unwrap();
+    assert_eq!((etc.mode() & 0o7777, etc.mtime()), (0o700, 1_700_000_000));
+    assert_eq!(fs::metadata(r.join("bin")).unwrap().mtime(), 1_600_000_000);
+    let x = fs::metadata(r.join("etc/x")).unwrap();
+    assert_eq!(x.mode() & 0o777, 0o640);
+    let mut buf = [0u8; 16];
+    let c = cstr(&r.join("etc/x")).unwrap();
+    // SAFETY: valid NUL-terminated strings and a buffer of buf.len() bytes.
+    let n = unsafe {
+        libc::lgetxattr(
+            c.as_ptr(),
+            c"user.skiff".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    assert_eq!(&buf[..n.max(0) as usize], b"yes");
+    assert!(fs::symlink_metadata(r.join("etc/fifo"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    let null = fs::symlink_metadata(r.join("etc/null"));
+    if UnpackOptions::default().create_devices {
+        let m = null.unwrap();
+        assert!(m.file_type().is_char_device());
+        assert_eq!(m.rdev(), libc::makedev(1, 3));
+    } else {
+        assert!(null.is_err());
+    }
+}
+
+#[test]
+fn whiteouts_and_opaque_dirs() {
+    let f = fixture();
+    let l1 = Layer::new()
+        .dir("a", 0o755)
+        .file("a/gone", 0o644, b"1")
+        .file("a/kept", 0o644, b"1")
+        .dir("o", 0o755)
+        .file("o/old", 0o644, b"1")
+        .dir("o/sub", 0o755)
+        .file("o/sub/old", 0o644, b"1")
+        .dir("p", 0o755)
+        .file("p/old", 0o644, b"1")
+        .dir("d", 0o755)
+        .file("d/inside", 0o644, b"1")
+        .finish();
+    let l2 = Layer::new()
+        .whiteout("a", "gone")
+        .whiteout("", "d")
+        // Opaque marker before this layer's entries...
+        .opaque("o")
+        .file("o/sub/new", 0o644, b"2")
+        // ...and after.
+        .file("p/new", 0o644, b"2")
+        .opaque("p")
+        .finish();
+    unpack(&f.root, &[l1, zstd(&l2)]).unwrap();
+    let r = &f.root;
+    assert!(!r.join("a/gone").exists());
+    assert!(r.join("a/kept").exists());
+    assert!(!r.join("d").exists());
+    assert!(!r.join("o/old").exists());
+    assert!(
+        !r.join("o/sub/old").exists(),
+        "lower content under an opaque dir is hidden"
+    );
+    assert_eq!(fs::read(r.join("o/sub/new")).unwrap(), b"2");
+    assert!(!r.join("p/old").exists());
+    assert_eq!(fs::read(r.join("p/new")).unwrap(), b"2");
+    for bad in [".wh..", ".wh."] {
+        let e = unpack(&f.root, &[Layer::new().file(bad, 0o644, b"").finish()]).unwrap_err();
+        assert!(matches!(e, UnpackError::Whiteout(_)), "{e}");
+    }
+}
+
+#[test]
+fn replacing_kinds() {
+    let f = fixture();
+    let l1 = Layer::new()
+        .dir("x", 0o755)
+        .file("x/f", 0o644, b"1")
+        .file("y", 0o644, b"1")
+        .finish();
+    let l2 = Layer::new()
+        .file("x", 0o644, b"now a file")
+        .dir("y", 0o755)
+        .file("y/z", 0o644, b"z")
+        .finish();
+    unpack(&f.root, &[l1, l2]).unwrap();
+    assert_eq!(fs::read(f.root.join("x")).unwrap(), b"now a file");
+    assert_eq!(fs::read(f.root.join("y/z")).unwrap(), b"z");
+}
+
+#[test]
+fn path_traversal_is_refused() {
+    for name in ["../evil", "a/../../evil", "./../../outside/passwd"] {
+        let f = fixture();
+        let e = unpack(
+            &f.root,
+            &[Layer::new().file(name, 0o644, b"pwned").finish()],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, UnpackError::Escape { what: "path", .. }),
+            "{name}: {e}"
+        );
+        assert!(e.to_string().contains("escapes the rootfs"), "{e}");
+        assert_outside_untouched(&f);
+    }
+}
+
+#[test]
+fn absolute_paths_are_contained() {
+    let f = fixture();
+    let l = Layer::new()
+        .file("/abs/file", 0o644, b"in")
+        .file("a/../b", 0o644, b"b")
+        .finish();
+    unpack(&f.root, &[l]).unwrap();
+    assert_eq!(fs::read(f.root.join("abs/file")).unwrap(), b"in");
+    assert_eq!(fs::read(f.root.join("b")).unwrap(), b"b");
+    assert_outside_untouched(&f);
+}
+
+#[test]
+fn symlink_escapes_are_contained() {
+    let f = fixture();
+    let out = f.outside.to_str().unwrap().to_string();
+    // Symlinks to the host's directories, absolute and relative, then
+    // writes through them, in the same layer and in a later one.
+    let l1 = Layer::new()
+        .symlink("abs", &out)
+        .symlink("rel", "../../../outside")
+        .symlink("deep", "x/../../../../../..")
+        .file("abs/passwd", 0o644, b"pwned")
+        .finish();
+    let l2 = Layer::new()
+        .file("rel/passwd", 0o644, b"pwned")
+        .file("deep/outside/passwd", 0o644, b"pwned")
+        .symlink("loop", "loop")
+        .finish();
+    unpack(&f.root, &[l1, l2]).unwrap();
+    assert_outside_untouched(&f);
+    // The writes landed inside, where the links point when the rootfs is /.
+    assert_eq!(
+        fs::read(f.root.join(out.trim_start_matches('/')).join("passwd")).unwrap(),
+        b"pwned"
+    );
+    assert_eq!(fs::read(f.root.join("outside/passwd")).unwrap(), b"pwned");
+    // The links themselves are kept as written.
+    assert_eq!(fs::read_link(f.root.join("abs")).unwrap(), Path::new(&out));
+    let e = unpack(&f.root, &[Layer::new().file("loop/x", 0o644, b"").finish()]).unwrap_err();
+    assert!(matches!(e, UnpackError::Loop(_)), "{e}");
+}
+
+#[test]
+fn symlink_replaced_by_directory_mid_stream() {
+    let f = fixture();
+    let out = f.outside.to_str().unwrap().to_string();
+    let l = Layer::new()
+        .symlink("d", &out)
+        .dir("d", 0o755)
+        .file("d/passwd", 0o644, b"pwned")
+        .symlink("d2", &out)
+        .finish();
+    let l2 = Layer::new()
+        .dir("d2", 0o755)
+        .file("d2/passwd", 0o644, b"pwned")
+        .finish();
+    unpack(&f.root, &[l, l2]).unwrap();
+    assert_outside_untouched(&f);
+    assert!(fs::symlink_metadata(f.root.join("d")).unwrap().is_dir());
+    assert_eq!(fs::read(f.root.join("d/passwd")).unwrap(), b"pwned");
+    assert_eq!(fs::read(f.root.join("d2/passwd")).unwrap(), b"pwned");
+}
+
+#[test]
+fn hardlink_escapes_are_refused() {
+    let f = fixture();
+    let out = f.outside.to_str().unwrap().to_string();
+    let e = unpack(
+        &f.root,
+        &[Layer::new()
+            .hardlink("h", "../../../outside/passwd")
+            .finish()],
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            UnpackError::Escape {
+                what: "link target",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // Absolute target: resolved in the rootfs, where it does not exist.
+    let e = unpack(
+        &f.root,
+        &[Layer::new()
+            .hardlink("h", &format!("{out}/passwd"))
+            .finish()],
+    )
+    .unwrap_err();
+    assert!(matches!(e, UnpackError::HardLink { .. }), "{e}");
+    // Through a symlink pointing outside.
+    let l = Layer::new()
+        .symlink("s", &out)
+        .hardlink("h", "s/passwd")
+        .finish();
+    let e = unpack(&f.root, &[l]).unwrap_err();
+    assert!(
+        e.to_string().contains("does not exist in the rootfs"),
+        "{e}"
+    );
+    // To a directory.
+    let e = unpack(
+        &f.root,
+        &[Layer::new().dir("dd", 0o755).hardlink("h", "dd").finish()],
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("is a directory"), "{e}");
+    assert_outside_untouched(&f);
+    // A link to a symlink links the symlink itself, not what it points to.
+    let l = Layer::new()
+        .symlink("s2", &format!("{out}/passwd"))
+        .hardlink("h2", "s2")
+        .finish();
+    unpack(&f.root, &[l]).unwrap();
+    assert!(fs::symlink_metadata(f.root.join("h2"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(fs::metadata(f.outside.join("passwd")).unwrap().nlink(), 1);
+}
+
+#[test]
+fn absurd_and_truncated_layers() {
+    let f = fixture();
+    // Declares 2^50 bytes, carries 4.
+    let e = unpack(
+        &f.root,
+        &[Layer::new()
+            .raw("big", tar::EntryType::Regular, 0o644, "", 1 << 50, b"tiny")
+            .finish()],
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, UnpackError::EntryTooLarge { size, .. } if size == 1 << 50),
+        "{e}"
+    );
+    // Declares 1000 bytes, the stream ends after 512.
+    let mut t = Layer::new()
+        .raw(
+            "trunc",
+            tar::EntryType::Regular,
+            0o644,
+            "",
+            1000,
+            &[7u8; 1000],
+        )
+        .finish();
+    t.truncate(1024);
+    let e = unpack(&f.root, &[t]).unwrap_err();
+    assert!(matches!(e, UnpackError::Archive(_)), "{e}");
+    // A layer expanding past the limit (a compression bomb in spirit).
+    let big = gzip(
+        &Layer::new()
+            .file("zeros", 0o644, &vec![0u8; 1 << 20])
+            .finish(),
+    );
+    let opts = UnpackOptions {
+        max_layer_size: 64 << 10,
+        ..UnpackOptions::default()
+    };
+    let e = unpack_with(&f.root, &[big], opts).unwrap_err();
+    assert!(matches!(e, UnpackError::LayerTooLarge { .. }), "{e}");
+    // Garbage.
+    let e = unpack(&f.root, &[gzip(b"not a tar at all")]).unwrap_err();
+    assert!(matches!(e, UnpackError::Archive(_)), "{e}");
+    assert_outside_untouched(&f);
+}
+
+#[test]
+fn clean_paths() {
+    assert_eq!(clean(Path::new("./a/b/../c")).unwrap(), Path::new("a/c"));
+    assert_eq!(
+        clean(Path::new("/etc/passwd")).unwrap(),
+        Path::new("etc/passwd")
+    );
+    assert!(clean(Path::new("a/../..")).is_none());
+    assert_eq!(clean(Path::new("./")).unwrap(), Path::new(""));
+}

@@ -1,1 +1,129 @@
-fn main() {}
+//! skiff-agent: Skiff's guest agent.
+//!
+//! Serves the protocol of `skiff_agent_proto` on vsock port 1024 (or a Unix
+//! socket given with `--listen unix:PATH`, for tests on the host). As PID 1
+//! of a thin VM it is also init: boot marker, early mounts, modules,
+//! rootfs, switch root, then the main process (see `init` and `mainproc`).
+
+mod bootmark;
+mod cli;
+mod exec;
+mod files;
+mod init;
+mod mainproc;
+mod mount;
+mod network;
+mod power;
+mod reaper;
+mod server;
+mod sink;
+mod sys;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context, Result};
+use clap::Parser;
+use skiff_agent_proto::{main_process_from_config, Event, MainProcess};
+
+use crate::cli::{parse_address, Address, Args};
+use crate::mainproc::MainSupervisor;
+use crate::reaper::Reaper;
+use crate::server::Agent;
+use crate::sys::{Linux, Syscall};
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(args) {
+        eprintln!("skiff-agent: {e:#}");
+        if std::process::id() == 1 {
+            // Init must not exit (the kernel would panic): power off.
+            power::shutdown(
+                &Linux,
+                skiff_agent_proto::PowerAction::Poweroff,
+                power::GRACE,
+            );
+        }
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let pid1 = std::process::id() == 1;
+    let sys: Arc<dyn Syscall> = Arc::new(Linux);
+    let mut main_spec: Option<MainProcess> = None;
+    if pid1 {
+        if let Err(e) = bootmark::write() {
+            eprintln!("skiff-agent: boot marker: {e}");
+        }
+        // Still single-threaded: setting the environment is sound here.
+        std::env::set_var("PATH", &exec::DEFAULT_PATH["PATH=".len()..]);
+        std::env::set_var("HOME", "/root");
+    }
+    if pid1 || args.init {
+        let cmdline = String::from_utf8_lossy(
+            &sys.read_file(Path::new("/proc/cmdline"))
+                .unwrap_or_default(),
+        )
+        .into_owned();
+        let mut cfg = init::parse_cmdline(&cmdline);
+        if let Some(c) = &args.config {
+            cfg.config = c.clone();
+        }
+        match init::run(sys.as_ref(), &cfg) {
+            Ok(spec) => main_spec = spec,
+            // Keep serving: the host can still look at the guest.
+            Err(e) => eprintln!("skiff-agent: init: {}", files::error_chain(&e)),
+        }
+    } else if let Some(c) = &args.config {
+        let json = std::fs::read(c).with_context(|| format!("reading {}", c.display()))?;
+        main_spec = Some(
+            main_process_from_config(&json).with_context(|| format!("parsing {}", c.display()))?,
+        );
+    }
+
+    let listen_addr =
+        parse_address(&args.listen).ok_or_else(|| anyhow!("bad --listen {:?}", args.listen))?;
+    let notify = match args.notify.as_deref() {
+        Some("none") => None,
+        Some(s) => Some(parse_address(s).ok_or_else(|| anyhow!("bad --notify {s:?}"))?),
+        None if pid1 => Some(Address::Vsock(skiff_agent_proto::EVENT_VSOCK_PORT)),
+        None => None,
+    };
+    let reaper = Reaper::start().context("starting the reaper")?;
+    let agent = Arc::new(Agent {
+        reaper,
+        sys,
+        pid1,
+        main: Arc::new(MainSupervisor::default()),
+    });
+    let listener = server::listen(&listen_addr)?;
+    if let Some(addr) = notify {
+        match server::connect(&addr) {
+            Ok(stream) => agent.main.set_events(stream),
+            Err(e) => eprintln!("skiff-agent: event connection: {}", files::error_chain(&e)),
+        }
+    }
+    agent.main.emit(Event::Ready(
+        agent.welcome(skiff_agent_proto::PROTOCOL_VERSION),
+    ));
+    if let Some(spec) = main_spec {
+        if let Err(e) = agent.main.start(&agent, spec) {
+            eprintln!("skiff-agent: main process: {}", files::error_chain(&e));
+            if pid1 {
+                let status = skiff_agent_proto::ExitStatus::Exited { code: 127 };
+                agent.main.emit(Event::MainExited {
+                    status,
+                    restarting: false,
+                });
+                power::shutdown(
+                    agent.sys.as_ref(),
+                    skiff_agent_proto::PowerAction::Poweroff,
+                    power::GRACE,
+                );
+            }
+        }
+    }
+    server::serve(agent, listener);
+    Ok(())
+}

@@ -1,0 +1,330 @@
+//! Behaviour checks against a live agent, written only against the client
+//! API so the same checks run on the host (agent on a Unix socket) and in
+//! a VM (agent as PID 1 behind the hybrid vsock). Each check panics with a
+//! message on failure, like an assertion: this is test support.
+//!
+//! The guest needs a POSIX shell and coreutils or busybox (`sh`, `cat`,
+//! `head`, `tee`, `mkfifo`, `sha256sum`, `stat`, `stty`, `sleep`, `uname`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use skiff_agent_proto::{ErrorCode, ExecRequest, ExitStatus, Reply, Request, WindowSize};
+
+use crate::{AgentClient, ClientError, ExecEvent, PullOptions, PushOptions};
+
+fn cmd(argv: &[&str]) -> ExecRequest {
+    ExecRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn sh(script: &str) -> ExecRequest {
+    cmd(&["sh", "-c", script])
+}
+
+/// Deterministic pseudo-random bytes (xorshift), for payloads.
+pub fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// `uname -a` runs and says Linux.
+pub async fn exec_uname(agent: &AgentClient) {
+    let out = agent
+        .exec_output(cmd(&["uname", "-a"]), None)
+        .await
+        .expect("exec uname");
+    assert_eq!(out.status, ExitStatus::Exited { code: 0 });
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.starts_with("Linux "), "uname -a said {s:?}");
+}
+
+/// Exit codes 0 and 3, death by signal (own and forwarded), a missing
+/// command (127, like a container runtime).
+pub async fn exit_codes_and_signals(agent: &AgentClient) {
+    for code in [0, 3] {
+        let out = agent
+            .exec_output(sh(&format!("exit {code}")), None)
+            .await
+            .expect("exec");
+        assert_eq!(out.status, ExitStatus::Exited { code });
+    }
+    let out = agent
+        .exec_output(sh("kill -9 $$"), None)
+        .await
+        .expect("exec");
+    assert_eq!(out.status, ExitStatus::Signaled { signal: 9 });
+
+    let s = agent.exec(cmd(&["sleep", "60"])).await.expect("exec sleep");
+    assert!(s.pid().is_some_and(|p| p > 0));
+    s.control().signal(libc::SIGTERM).await.expect("signal");
+    let status = tokio::time::timeout(Duration::from_secs(20), s.output())
+        .await
+        .expect("exit after SIGTERM");
+    assert_eq!(
+        status.expect("output").status,
+        ExitStatus::Signaled {
+            signal: libc::SIGTERM
+        }
+    );
+
+    let out = agent
+        .exec_output(cmd(&["skiff-no-such-command"]), None)
+        .await
+        .expect("exec missing");
+    assert_eq!(out.status, ExitStatus::Exited { code: 127 });
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not found"),
+        "stderr {:?}",
+        out.stderr
+    );
+}
+
+/// env, cwd and the stdout/stderr split reach the process.
+pub async fn env_cwd_and_streams(agent: &AgentClient) {
+    let mut req = sh("echo \"$GREETING\"; pwd; echo oops >&2");
+    req.env = vec!["GREETING=hello skiff".into()];
+    req.cwd = Some("/tmp".into());
+    let out = agent.exec_output(req, None).await.expect("exec");
+    assert_eq!(out.status.code(), 0);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello skiff\n/tmp\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "oops\n");
+}
+
+/// 1 MiB through `cat` comes back unchanged.
+pub async fn stdin_round_trip(agent: &AgentClient) {
+    let data = payload(1 << 20, 7);
+    let out = agent
+        .exec_output(cmd(&["cat"]), Some(data.clone()))
+        .await
+        .expect("exec cat");
+    assert_eq!(out.status.code(), 0);
+    assert!(
+        out.stdout == data,
+        "cat returned {} bytes, not the {} sent",
+        out.stdout.len(),
+        data.len()
+    );
+}
+
+async fn read_until(
+    s: &mut crate::ExecSession,
+    seen: &mut String,
+    needle: &str,
+) -> Option<ExitStatus> {
+    while !seen.contains(needle) {
+        let ev = tokio::time::timeout(Duration::from_secs(20), s.next_event())
+            .await
+            .expect("tty output in time");
+        match ev.expect("event") {
+            Some(ExecEvent::Stdout(b)) | Some(ExecEvent::Stderr(b)) => {
+                seen.push_str(&String::from_utf8_lossy(&b))
+            }
+            Some(ExecEvent::Exit(st)) => return Some(st),
+            None => return None,
+        }
+    }
+    None
+}
+
+/// A TTY exec sees its size, and the new size after a resize.
+pub async fn tty_resize(agent: &AgentClient) {
+    let mut req = sh("stty size; read line; stty size");
+    req.tty = Some(WindowSize { rows: 24, cols: 80 });
+    req.stdin = true;
+    let mut s = agent.exec(req).await.expect("exec tty");
+    let mut seen = String::new();
+    assert_eq!(
+        read_until(&mut s, &mut seen, "24 80").await,
+        None,
+        "before resize: {seen:?}"
+    );
+    s.control().resize(50, 132).await.expect("resize");
+    s.control().write_stdin(b"go\n").await.expect("stdin");
+    let status = read_until(&mut s, &mut seen, "50 132").await;
+    assert_eq!(status, None, "after resize: {seen:?}");
+    let out = s.output().await.expect("rest");
+    assert_eq!(out.status.code(), 0);
+}
+
+/// 100 MiB of stdout arrive intact: the guest hashes what it sends.
+pub async fn big_stdout(agent: &AgentClient) {
+    let script = "d=$(mktemp -d) && mkfifo $d/f && (sha256sum < $d/f >&2 &) && \
+                  head -c 104857600 /dev/urandom | tee $d/f; wait; sleep 0.2; rm -r $d";
+    let mut s = agent.exec(sh(script)).await.expect("exec");
+    let (mut hasher, mut n, mut err) = (Sha256::new(), 0usize, Vec::new());
+    let status = loop {
+        match s.next_event().await.expect("event") {
+            Some(ExecEvent::Stdout(b)) => {
+                n += b.len();
+                hasher.update(&b);
+            }
+            Some(ExecEvent::Stderr(b)) => err.extend_from_slice(&b),
+            Some(ExecEvent::Exit(st)) => break st,
+            None => panic!("no exit"),
+        }
+    };
+    assert_eq!(
+        status.code(),
+        0,
+        "stderr {:?}",
+        String::from_utf8_lossy(&err)
+    );
+    assert_eq!(n, 100 << 20);
+    let guest = String::from_utf8_lossy(&err);
+    let want = hex::encode(hasher.finalize());
+    assert_eq!(
+        guest.split_whitespace().next(),
+        Some(want.as_str()),
+        "guest said {guest:?}"
+    );
+}
+
+/// 32 execs at once, each gets its own output.
+pub async fn concurrent_execs(agent: &AgentClient) {
+    let runs = (0..32).map(|i| {
+        let agent = agent.clone();
+        async move {
+            let out = agent
+                .exec_output(sh(&format!("sleep 0.3; echo run-{i}")), None)
+                .await
+                .expect("exec");
+            (i, out)
+        }
+    });
+    for (i, out) in futures::future::join_all(runs).await {
+        assert_eq!(out.status.code(), 0);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("run-{i}\n"));
+    }
+}
+
+fn sha_file(p: &Path) -> String {
+    let mut f = std::fs::File::open(p).expect("open");
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).expect("hash");
+    hex::encode(h.finalize())
+}
+
+/// A 50 MiB file pushed to `guest_dir` and pulled back keeps its bytes
+/// and mode; so does a small tree with a symlink. `local_dir` is scratch
+/// space on the host.
+pub async fn push_pull(agent: &AgentClient, local_dir: &Path, guest_dir: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let src = local_dir.join("big.bin");
+    std::fs::write(&src, payload(50 << 20, 42)).expect("write payload");
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    let want = sha_file(&src);
+    let remote = format!("{guest_dir}/sub/big.bin");
+    let opts = PushOptions {
+        parents: true,
+        ..Default::default()
+    };
+    agent.push(&src, &remote, &opts).await.expect("push");
+
+    let out = agent
+        .exec_output(cmd(&["sha256sum", &remote]), None)
+        .await
+        .expect("sha256sum");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(&want),
+        "guest sha {:?}",
+        out.stdout
+    );
+    let out = agent
+        .exec_output(cmd(&["stat", "-c", "%a", &remote]), None)
+        .await
+        .expect("stat");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "640");
+
+    let back = local_dir.join("back.bin");
+    agent
+        .pull(&remote, &back, &PullOptions::default())
+        .await
+        .expect("pull");
+    assert_eq!(sha_file(&back), want);
+    assert_eq!(
+        std::fs::metadata(&back).expect("stat").permissions().mode() & 0o7777,
+        0o640
+    );
+
+    let tree = local_dir.join("tree");
+    std::fs::create_dir_all(tree.join("d")).expect("mkdir");
+    std::fs::write(tree.join("d/x.sh"), b"#!/bin/sh\necho x\n").expect("write");
+    std::fs::set_permissions(tree.join("d/x.sh"), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    std::os::unix::fs::symlink("d/x.sh", tree.join("link")).expect("symlink");
+    let remote_tree = format!("{guest_dir}/tree");
+    agent
+        .push(&tree, &remote_tree, &opts)
+        .await
+        .expect("push tree");
+    let out = agent
+        .exec_output(cmd(&[&format!("{remote_tree}/link")]), None)
+        .await
+        .expect("run pushed script");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "x\n");
+    let tree_back = local_dir.join("tree-back");
+    agent
+        .pull(&remote_tree, &tree_back, &PullOptions::default())
+        .await
+        .expect("pull tree");
+    assert_eq!(
+        std::fs::read_link(tree_back.join("link")).expect("readlink"),
+        Path::new("d/x.sh")
+    );
+    assert_eq!(
+        std::fs::read(tree_back.join("d/x.sh")).expect("read"),
+        b"#!/bin/sh\necho x\n"
+    );
+
+    match agent
+        .pull(
+            &format!("{guest_dir}/nonexistent"),
+            &local_dir.join("nothing"),
+            &PullOptions::default(),
+        )
+        .await
+    {
+        Err(ClientError::Agent(e)) => assert_eq!(e.code, ErrorCode::NotFound),
+        other => panic!("pull of a missing file gave {other:?}"),
+    }
+}
+
+/// Unknown and malformed requests get errors, and the same connection
+/// keeps serving.
+pub async fn unknown_request(agent: &AgentClient) {
+    let mut conn = agent.connect().await.expect("connect");
+    match conn
+        .raw_request(serde_json::json!({"type": "frobnicate", "level": 11}))
+        .await
+    {
+        Err(ClientError::Agent(e)) => assert_eq!(e.code, ErrorCode::UnknownRequest),
+        other => panic!("unknown request gave {other:?}"),
+    }
+    match conn
+        .raw_request(serde_json::json!({"type": "exec", "argv": "not-a-list"}))
+        .await
+    {
+        Err(ClientError::Agent(e)) => assert_eq!(e.code, ErrorCode::BadRequest),
+        other => panic!("malformed request gave {other:?}"),
+    }
+    assert!(matches!(
+        conn.request(Request::Ping).await,
+        Ok(Reply::Pong(_))
+    ));
+    agent
+        .ping()
+        .await
+        .expect("agent still serves new connections");
+}

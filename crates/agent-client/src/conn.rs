@@ -1,0 +1,188 @@
+//! One connection to the agent: framing, handshake, request/reply.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::Mutex;
+use tokio::time::timeout;
+
+use skiff_agent_proto::frame::{body_len, decode_body, encode_control, encode_data, HEADER_LEN};
+use skiff_agent_proto::{
+    AgentMessage, Channel, ClientMessage, Frame, Hello, Reply, Request, Welcome,
+};
+
+use crate::{ClientError, Timeouts, Transport};
+
+/// The sending half, shared by an exec session and its controls.
+pub(crate) type Writer = Arc<Mutex<OwnedWriteHalf>>;
+
+/// A connection that has passed the version handshake. Requests run one
+/// at a time on it; see [`crate::AgentClient`] for the operations.
+pub struct Connection {
+    pub(crate) reader: BufReader<OwnedReadHalf>,
+    pub(crate) writer: Writer,
+    pub(crate) timeouts: Timeouts,
+    pub(crate) welcome: Welcome,
+    next_id: u64,
+}
+
+impl Connection {
+    /// Connects and does the version handshake, all within the connect
+    /// timeout.
+    pub async fn open(transport: &Transport, timeouts: Timeouts) -> Result<Self, ClientError> {
+        let stream = transport.connect(timeouts.connect).await?;
+        let (r, w) = stream.into_split();
+        let mut conn = Connection {
+            reader: BufReader::with_capacity(512 * 1024, r),
+            writer: Arc::new(Mutex::new(w)),
+            timeouts,
+            welcome: Welcome {
+                version: 0,
+                agent: String::new(),
+                pid1: false,
+            },
+            next_id: 1,
+        };
+        let hello = ClientMessage::Hello(Hello::current("skiff-agent-client"));
+        conn.send_within(&hello, timeouts.connect, "handshake")
+            .await?;
+        match conn.recv_within(timeouts.connect, "handshake").await? {
+            Frame::Control(AgentMessage::Welcome(w)) => conn.welcome = w,
+            Frame::Control(AgentMessage::Reply {
+                reply: Reply::Error(e),
+                ..
+            }) => return Err(ClientError::Agent(e)),
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "expected welcome, got {other:?}"
+                )))
+            }
+        }
+        Ok(conn)
+    }
+
+    /// What the agent said in the handshake.
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    pub(crate) fn new_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// Reads the next frame, without a time limit.
+    pub(crate) async fn recv(&mut self) -> Result<Frame<AgentMessage>, ClientError> {
+        let mut header = [0u8; HEADER_LEN];
+        match self.reader.read_exact(&mut header).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(ClientError::Closed)
+            }
+            Err(e) => return Err(ClientError::Io(e)),
+        }
+        let len = body_len(header)?;
+        let mut body = vec![0u8; len];
+        self.reader
+            .read_exact(&mut body)
+            .await
+            .map_err(ClientError::Io)?;
+        Ok(decode_body(&body)?)
+    }
+
+    /// Reads the next frame within `limit`.
+    pub(crate) async fn recv_within(
+        &mut self,
+        limit: Duration,
+        what: &'static str,
+    ) -> Result<Frame<AgentMessage>, ClientError> {
+        timeout(limit, self.recv())
+            .await
+            .map_err(|_| ClientError::Timeout(what))?
+    }
+
+    pub(crate) async fn send_within<M: serde::Serialize>(
+        &self,
+        msg: &M,
+        limit: Duration,
+        what: &'static str,
+    ) -> Result<(), ClientError> {
+        let frame = encode_control(msg)?;
+        write_within(&self.writer, &frame, limit, what).await
+    }
+
+    pub(crate) async fn send(&self, msg: &ClientMessage) -> Result<(), ClientError> {
+        self.send_within(msg, self.timeouts.request, "sending")
+            .await
+    }
+
+    pub(crate) async fn send_data(
+        &self,
+        id: u64,
+        channel: Channel,
+        bytes: &[u8],
+    ) -> Result<(), ClientError> {
+        let frame = encode_data(id, channel, bytes)?;
+        write_within(&self.writer, &frame, self.timeouts.request, "sending data").await
+    }
+
+    /// Waits for the final reply of request `id`, each frame within
+    /// `limit`; anything else in between is a protocol error.
+    pub(crate) async fn reply(
+        &mut self,
+        id: u64,
+        limit: Option<Duration>,
+    ) -> Result<Reply, ClientError> {
+        let frame = match limit {
+            Some(l) => self.recv_within(l, "waiting for a reply").await?,
+            None => self.recv().await?,
+        };
+        match frame {
+            Frame::Control(AgentMessage::Reply {
+                reply: Reply::Error(e),
+                ..
+            }) => Err(ClientError::Agent(e)),
+            Frame::Control(AgentMessage::Reply { id: rid, reply }) if rid == id => Ok(reply),
+            other => Err(ClientError::Protocol(format!(
+                "expected reply to {id}, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Sends a request and waits (with the request timeout) for its reply.
+    pub async fn request(&mut self, request: Request) -> Result<Reply, ClientError> {
+        let id = self.new_id();
+        self.send(&ClientMessage::Request { id, request }).await?;
+        self.reply(id, Some(self.timeouts.request)).await
+    }
+
+    /// Sends any JSON value as the request body (for tests of requests
+    /// this client does not know) and waits for the reply.
+    pub async fn raw_request(&mut self, request: Value) -> Result<Reply, ClientError> {
+        let id = self.new_id();
+        let msg = serde_json::json!({"type": "request", "id": id, "request": request});
+        self.send_within(&msg, self.timeouts.request, "sending")
+            .await?;
+        self.reply(id, Some(self.timeouts.request)).await
+    }
+}
+
+pub(crate) async fn write_within(
+    writer: &Writer,
+    frame: &[u8],
+    limit: Duration,
+    what: &'static str,
+) -> Result<(), ClientError> {
+    let fut = async {
+        let mut w = writer.lock().await;
+        w.write_all(frame).await
+    };
+    match timeout(limit, fut).await {
+        Ok(r) => r.map_err(ClientError::Io),
+        Err(_) => Err(ClientError::Timeout(what)),
+    }
+}

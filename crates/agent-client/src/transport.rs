@@ -1,0 +1,161 @@
+//! Reaching the agent: a plain Unix socket, or the VMM's hybrid vsock
+//! socket (Firecracker's model: connect to the Unix socket, send
+//! `CONNECT <port>\n`, read `OK <host port>\n`, then the stream is the
+//! guest's vsock connection).
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::time::timeout;
+
+use skiff_agent_proto::AGENT_VSOCK_PORT;
+
+/// Longest accepted hybrid-vsock answer line.
+const MAX_HYBRID_LINE: usize = 64;
+
+/// Errors of reaching the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// connect(2) failed.
+    #[error("connecting to {0}")]
+    Connect(String, #[source] io::Error),
+    /// The hybrid-vsock handshake failed (I/O).
+    #[error("hybrid vsock handshake with {0}")]
+    Handshake(String, #[source] io::Error),
+    /// The VMM refused the connection or answered garbage.
+    #[error("hybrid vsock {0}: VMM answered {1:?}")]
+    Refused(String, String),
+    /// No answer in time.
+    #[error("connecting to {0} timed out")]
+    Timeout(String),
+}
+
+/// Where the agent is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// A Unix socket the agent listens on itself (host tests).
+    Unix(PathBuf),
+    /// The VMM's hybrid vsock Unix socket and the guest port.
+    HybridVsock {
+        /// The VMM's vsock Unix socket.
+        path: PathBuf,
+        /// The guest's vsock port.
+        port: u32,
+    },
+}
+
+impl Transport {
+    /// The agent's default port behind a VMM's hybrid vsock socket.
+    pub fn vsock(path: impl Into<PathBuf>) -> Self {
+        Transport::HybridVsock {
+            path: path.into(),
+            port: AGENT_VSOCK_PORT,
+        }
+    }
+
+    /// Opens a stream to the agent within `limit`.
+    pub async fn connect(&self, limit: Duration) -> Result<UnixStream, TransportError> {
+        match timeout(limit, self.connect_inner()).await {
+            Ok(r) => r,
+            Err(_) => Err(TransportError::Timeout(self.to_string())),
+        }
+    }
+
+    async fn connect_inner(&self) -> Result<UnixStream, TransportError> {
+        let path = match self {
+            Transport::Unix(p) | Transport::HybridVsock { path: p, .. } => p,
+        };
+        let mut s = UnixStream::connect(path)
+            .await
+            .map_err(|e| TransportError::Connect(self.to_string(), e))?;
+        if let Transport::HybridVsock { port, .. } = self {
+            let hs = |e| TransportError::Handshake(self.to_string(), e);
+            s.write_all(format!("CONNECT {port}\n").as_bytes())
+                .await
+                .map_err(hs)?;
+            // Byte by byte: nothing past the newline may be consumed.
+            let mut line = Vec::new();
+            loop {
+                let b = s.read_u8().await.map_err(hs)?;
+                if b == b'\n' {
+                    break;
+                }
+                line.push(b);
+                if line.len() > MAX_HYBRID_LINE {
+                    break;
+                }
+            }
+            let line = String::from_utf8_lossy(&line).into_owned();
+            if !line.starts_with("OK ") {
+                return Err(TransportError::Refused(self.to_string(), line));
+            }
+        }
+        Ok(s)
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Transport::Unix(p) => write!(f, "unix:{}", p.display()),
+            Transport::HybridVsock { path, port } => write!(f, "vsock:{}:{port}", path.display()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncBufReadExt;
+    use tokio::net::UnixListener;
+
+    #[tokio::test]
+    async fn hybrid_handshake_then_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        let vmm = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut r = tokio::io::BufReader::new(s);
+            let mut line = String::new();
+            r.read_line(&mut line).await.unwrap();
+            assert_eq!(line, "CONNECT 1024\n");
+            let mut s = r.into_inner();
+            s.write_all(b"OK 1073741824\nhello").await.unwrap();
+        });
+        let mut s = Transport::vsock(&path)
+            .connect(Duration::from_secs(5))
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"hello");
+        vmm.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn refused_and_silent_vmm() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            s.write_all(b"NOPE\n").await.unwrap();
+            let (_silent, _) = l.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        });
+        let t = Transport::vsock(&path);
+        assert!(matches!(
+            t.connect(Duration::from_secs(5)).await,
+            Err(TransportError::Refused(..))
+        ));
+        assert!(matches!(
+            t.connect(Duration::from_millis(200)).await,
+            Err(TransportError::Timeout(_))
+        ));
+    }
+}

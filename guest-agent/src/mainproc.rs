@@ -1,0 +1,227 @@
+//! The thin VM's main process: started from an OCI process spec, watched,
+//! restarted per policy, stopped with its stop signal then SIGKILL; its
+//! exit is reported to the host, and as PID 1 the guest then powers off.
+//!
+//! ```text
+//!   (none) --start--> Running --exit--> Exited --restart policy--> Running
+//!                        |                 \--no restart--> power off (PID 1)
+//!                        \--stop: stop signal, timeout, SIGKILL--> Exited
+//! ```
+
+use std::fs::File;
+use std::io;
+use std::process::{Command, Stdio};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use skiff_agent_proto::{AgentMessage, ErrorCode, Event, ExitStatus, MainProcess, PowerAction};
+
+use crate::exec::{environment, set_identity};
+use crate::power;
+use crate::reaper::Reaper;
+use crate::server::Agent;
+use crate::sink::Sink;
+use crate::sys::Syscall;
+
+/// Pause before a restart, so a crash loop does not spin.
+const RESTART_DELAY: Duration = Duration::from_millis(500);
+
+/// Errors of starting the main process.
+#[derive(Debug, thiserror::Error)]
+pub enum MainError {
+    /// It already runs.
+    #[error("the main process is already running")]
+    Running,
+    /// `args` is empty.
+    #[error("the main process has no args")]
+    NoArgs,
+    /// fork or exec failed.
+    #[error("starting {0:?}")]
+    Spawn(String, #[source] io::Error),
+    /// The monitor thread could not be started.
+    #[error("starting the monitor thread")]
+    Thread(#[source] io::Error),
+}
+
+impl MainError {
+    /// The protocol's error code for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            MainError::Running => ErrorCode::Busy,
+            MainError::NoArgs => ErrorCode::BadRequest,
+            MainError::Spawn(_, e) if e.kind() == io::ErrorKind::NotFound => ErrorCode::NotFound,
+            _ => ErrorCode::Io,
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    pid: Option<i32>,
+    spec: Option<MainProcess>,
+    last: Option<ExitStatus>,
+    stopping: bool,
+}
+
+/// Supervises the main process and sends events to the host.
+#[derive(Default)]
+pub struct MainSupervisor {
+    state: Mutex<State>,
+    changed: Condvar,
+    events: Mutex<Option<Sink>>,
+}
+
+impl MainSupervisor {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the event connection.
+    pub fn set_events(&self, stream: File) {
+        *self.events.lock().unwrap_or_else(|e| e.into_inner()) = Some(Sink::new(stream));
+    }
+
+    /// Sends an event to the host, if an event connection is set.
+    pub fn emit(&self, event: Event) {
+        let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(sink) = events.as_ref() {
+            if let Err(e) = sink.send(&AgentMessage::Event { event }) {
+                eprintln!("skiff-agent: sending event: {e}");
+            }
+        }
+    }
+
+    /// Starts the main process; returns its pid.
+    pub fn start(self: &Arc<Self>, agent: &Agent, spec: MainProcess) -> Result<i32, MainError> {
+        let mut st = self.lock();
+        if st.pid.is_some() {
+            return Err(MainError::Running);
+        }
+        let (pid, exited) = spawn(&agent.reaper, &spec)?;
+        *st = State {
+            pid: Some(pid),
+            spec: Some(spec),
+            last: None,
+            stopping: false,
+        };
+        drop(st);
+        let me = self.clone();
+        let (reaper, sys, pid1) = (agent.reaper.clone(), agent.sys.clone(), agent.pid1);
+        std::thread::Builder::new()
+            .name("main-process".into())
+            .spawn(move || me.monitor(exited, &reaper, sys.as_ref(), pid1))
+            .map_err(MainError::Thread)?;
+        Ok(pid)
+    }
+
+    fn monitor(
+        &self,
+        mut exited: Receiver<ExitStatus>,
+        reaper: &Reaper,
+        sys: &dyn Syscall,
+        pid1: bool,
+    ) {
+        loop {
+            let status = exited.recv().unwrap_or(ExitStatus::Exited { code: 255 });
+            let mut st = self.lock();
+            let spec = st.spec.clone();
+            let restart = !st.stopping
+                && spec
+                    .as_ref()
+                    .is_some_and(|s| s.restart.restarts(status.code()));
+            st.pid = None;
+            st.last = Some(status);
+            drop(st);
+            self.changed.notify_all();
+            eprintln!("skiff-agent: main process exited: {status:?}, restarting: {restart}");
+            self.emit(Event::MainExited {
+                status,
+                restarting: restart,
+            });
+            let Some(spec) = spec.filter(|_| restart) else {
+                break;
+            };
+            std::thread::sleep(RESTART_DELAY);
+            let mut st = self.lock();
+            if st.stopping {
+                break;
+            }
+            match spawn(reaper, &spec) {
+                Ok((pid, rx)) => {
+                    st.pid = Some(pid);
+                    exited = rx;
+                }
+                Err(e) => {
+                    eprintln!("skiff-agent: restarting the main process: {e}");
+                    break;
+                }
+            }
+        }
+        if pid1 {
+            power::shutdown(sys, PowerAction::Poweroff, power::GRACE);
+        }
+    }
+
+    /// Waits until the main process is not running; its last status, or
+    /// `None` if it never ran.
+    pub fn wait(&self) -> Option<ExitStatus> {
+        let mut st = self.lock();
+        while st.pid.is_some() {
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.last
+    }
+
+    /// Stops the main process: its stop signal, then SIGKILL after
+    /// `timeout`. Returns how it ended (`None` if it never ran).
+    pub fn stop(&self, timeout: Duration) -> Option<ExitStatus> {
+        let mut st = self.lock();
+        let Some(pid) = st.pid else { return st.last };
+        st.stopping = true;
+        let signal = st.spec.as_ref().map_or(libc::SIGTERM, |s| s.stop_signal);
+        // SAFETY: plain syscall; `pid` is our unreaped child.
+        unsafe { libc::kill(pid, signal) };
+        let deadline = Instant::now() + timeout;
+        while st.pid.is_some() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                return self.wait_locked(st);
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        st.last
+    }
+
+    fn wait_locked(&self, mut st: MutexGuard<'_, State>) -> Option<ExitStatus> {
+        while st.pid.is_some() {
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.last
+    }
+}
+
+fn spawn(reaper: &Reaper, spec: &MainProcess) -> Result<(i32, Receiver<ExitStatus>), MainError> {
+    let (program, args) = spec.args.split_first().ok_or(MainError::NoArgs)?;
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .envs(environment(&spec.env, spec.terminal))
+        .current_dir(&spec.cwd)
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    // SAFETY: isatty only inspects fd 0.
+    let on_tty = spec.terminal && unsafe { libc::isatty(0) } == 1;
+    set_identity(&mut cmd, Some(spec.user.clone()), on_tty);
+    let (child, exited) = reaper
+        .spawn(&mut cmd)
+        .map_err(|e| MainError::Spawn(program.clone(), e))?;
+    Ok((child.id() as i32, exited))
+}

@@ -260,6 +260,40 @@ impl Store {
         w.commit()
     }
 
+    /// Stores a blob of unknown digest from `r` (hashing as it copies);
+    /// returns its SHA-256 digest and size.
+    pub fn put_blob_unverified(&self, r: &mut dyn Read) -> Result<(Digest, u64), StoreError> {
+        let n = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .root
+            .join("tmp")
+            .join(format!("blob-{}-{n}", std::process::id()));
+        let res = (|| {
+            let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
+            let mut h = Hasher::new(crate::digest::Algorithm::Sha256);
+            let mut size = 0u64;
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let k = r.read(&mut buf).map_err(io_err("read source of", &tmp))?;
+                if k == 0 {
+                    break;
+                }
+                h.update(&buf[..k]);
+                f.write_all(&buf[..k]).map_err(io_err("write", &tmp))?;
+                size += k as u64;
+            }
+            f.sync_data().map_err(io_err("sync", &tmp))?;
+            let d = h.finish();
+            let dest = self.blob_path(&d);
+            fs::rename(&tmp, &dest).map_err(io_err("rename", &dest))?;
+            Ok((d, size))
+        })();
+        if res.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        res
+    }
+
     /// Starts or resumes the download of a blob. The partial file is locked
     /// for the writer's lifetime; what it already holds is rehashed.
     pub fn ingest(&self, d: &Digest, size: u64) -> Result<BlobWriter, StoreError> {

@@ -123,7 +123,7 @@ impl Default for UnpackOptions {
 }
 
 /// Counts of what a layer did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct LayerStats {
     /// Entries created or replaced.
     pub entries: u64,
@@ -133,6 +133,8 @@ pub struct LayerStats {
     pub skipped: u64,
     /// Uncompressed bytes read.
     pub bytes: u64,
+    /// SHA-256 of the uncompressed tar (compare with the config's diff_ids).
+    pub diff_id: Option<crate::digest::Digest>,
 }
 
 /// Applies layers, in order, to one rootfs.
@@ -167,6 +169,7 @@ impl Unpacker {
             inner: r,
             left: self.opts.max_layer_size,
             read: 0,
+            hasher: crate::digest::Hasher::new(crate::digest::Algorithm::Sha256),
         };
         self.apply_tar(limited)
     }
@@ -189,7 +192,11 @@ impl Unpacker {
         for dir in std::mem::take(&mut layer.opaque) {
             self.make_opaque(&dir, &layer.written)?;
         }
-        stats.bytes = ar.into_inner().read;
+        // Read the tar's trailing padding too, so the hash covers it all.
+        let mut rest = ar.into_inner();
+        io::copy(&mut rest, &mut io::sink()).map_err(|e| archive_err(e, limit))?;
+        stats.bytes = rest.read;
+        stats.diff_id = Some(rest.hasher.finish());
         Ok(stats)
     }
 
@@ -668,6 +675,7 @@ struct Limit<R> {
     inner: R,
     left: u64,
     read: u64,
+    hasher: crate::digest::Hasher,
 }
 
 impl<R: Read> Read for Limit<R> {
@@ -678,6 +686,7 @@ impl<R: Read> Read for Limit<R> {
         }
         self.left -= n as u64;
         self.read += n as u64;
+        self.hasher.update(&buf[..n]);
         Ok(n)
     }
 }

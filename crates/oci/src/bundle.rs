@@ -1,0 +1,273 @@
+//! From a stored image to a rootfs (and an OCI bundle: `rootfs/` plus
+//! `config.json`). A rootfs is unpacked into a work directory beside its
+//! destination and renamed into place only when every layer applied and
+//! every layer's uncompressed digest matched the config's `diff_ids`; a
+//! failure removes the work directory. So a rootfs that exists is complete.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::digest::Digest;
+use crate::manifest::{self, ManifestError};
+use crate::spec::{self, Overrides, RunSpec, SpecError};
+use crate::store::{ImageRecord, Store, StoreError};
+use crate::unpack::{LayerStats, UnpackError, UnpackOptions, Unpacker};
+
+/// A rootfs or bundle that could not be made; names the image.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// A layer failed to apply.
+    #[error("image {image}: layer {digest}")]
+    Layer {
+        /// The image.
+        image: String,
+        /// The layer blob.
+        digest: Digest,
+        /// Why.
+        #[source]
+        source: UnpackError,
+    },
+    /// A layer's uncompressed content is not what the config says.
+    #[error("image {image}: layer {digest}: uncompressed digest {actual} is not the config's diff_id {expected}")]
+    DiffId {
+        /// The image.
+        image: String,
+        /// The layer blob.
+        digest: Digest,
+        /// The diff_id in the config.
+        expected: String,
+        /// What the tar hashed to.
+        actual: Digest,
+    },
+    /// Reading from the store failed.
+    #[error("image {image}")]
+    Store {
+        /// The image.
+        image: String,
+        /// Why.
+        #[source]
+        source: StoreError,
+    },
+    /// The image config is unusable.
+    #[error("image {image}: config")]
+    Config {
+        /// The image.
+        image: String,
+        /// Why.
+        #[source]
+        source: ManifestError,
+    },
+    /// The run spec could not be made.
+    #[error("image {image}: run spec")]
+    Spec {
+        /// The image.
+        image: String,
+        /// Why.
+        #[source]
+        source: SpecError,
+    },
+    /// The destination is already there.
+    #[error("{0} already exists")]
+    Exists(PathBuf),
+    /// Creating the destination failed.
+    #[error("creating {path}")]
+    Io {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Called after each layer with its index and what it did.
+pub type LayerProgress<'a> = &'a (dyn Fn(usize, &LayerStats) + Sync);
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Reads and parses an image's config.
+pub fn image_config(
+    store: &Store,
+    rec: &ImageRecord,
+) -> Result<manifest::ImageConfig, BundleError> {
+    let bytes = store
+        .read_blob(&rec.config.digest)
+        .map_err(|source| BundleError::Store {
+            image: rec.name.clone(),
+            source,
+        })?;
+    manifest::parse_config(&bytes).map_err(|source| BundleError::Config {
+        image: rec.name.clone(),
+        source,
+    })
+}
+
+/// Applies all layers of `rec` into the existing, empty directory `dir`.
+fn apply_layers(
+    store: &Store,
+    rec: &ImageRecord,
+    dir: &Path,
+    opts: &UnpackOptions,
+    progress: Option<LayerProgress>,
+) -> Result<(), BundleError> {
+    let config = image_config(store, rec)?;
+    let diff_ids = config.rootfs.map(|r| r.diff_ids).unwrap_or_default();
+    let mut u = Unpacker::new(dir, opts.clone());
+    for (i, layer) in rec.layers.iter().enumerate() {
+        let layer_err = |source| BundleError::Layer {
+            image: rec.name.clone(),
+            digest: layer.digest.clone(),
+            source,
+        };
+        let f = store
+            .open_blob(&layer.digest)
+            .map_err(|source| BundleError::Store {
+                image: rec.name.clone(),
+                source,
+            })?;
+        let stats = u
+            .apply(std::io::BufReader::with_capacity(1 << 20, f))
+            .map_err(layer_err)?;
+        if let (Some(expected), Some(actual)) = (diff_ids.get(i), &stats.diff_id) {
+            if expected != &actual.to_string() {
+                return Err(BundleError::DiffId {
+                    image: rec.name.clone(),
+                    digest: layer.digest.clone(),
+                    expected: expected.clone(),
+                    actual: actual.clone(),
+                });
+            }
+        }
+        if let Some(p) = progress {
+            p(i, &stats);
+        }
+    }
+    u.finish().map_err(|source| BundleError::Layer {
+        image: rec.name.clone(),
+        digest: rec.manifest.clone(),
+        source,
+    })
+}
+
+/// Unpacks `rec` into `dest` (which must not exist) atomically: a work
+/// directory beside it, renamed into place when complete.
+pub fn unpack_rootfs(
+    store: &Store,
+    rec: &ImageRecord,
+    dest: &Path,
+    opts: &UnpackOptions,
+    progress: Option<LayerProgress>,
+) -> Result<(), BundleError> {
+    if fs::symlink_metadata(dest).is_ok() {
+        return Err(BundleError::Exists(dest.to_path_buf()));
+    }
+    let parent = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let work = parent.join(format!(
+        ".{name}.partial-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    build_then_rename(store, rec, &work, dest, opts, progress)
+}
+
+fn build_then_rename(
+    store: &Store,
+    rec: &ImageRecord,
+    work: &Path,
+    dest: &Path,
+    opts: &UnpackOptions,
+    progress: Option<LayerProgress>,
+) -> Result<(), BundleError> {
+    fs::create_dir(work).map_err(|source| BundleError::Io {
+        path: work.to_path_buf(),
+        source,
+    })?;
+    let r = apply_layers(store, rec, work, opts, progress).and_then(|()| {
+        fs::rename(work, dest).map_err(|source| match source.raw_os_error() {
+            Some(libc::EEXIST) | Some(libc::ENOTEMPTY) => BundleError::Exists(dest.to_path_buf()),
+            _ => BundleError::Io {
+                path: dest.to_path_buf(),
+                source,
+            },
+        })
+    });
+    if r.is_err() {
+        let _ = fs::remove_dir_all(work);
+    }
+    r
+}
+
+/// The cached rootfs of `rec` in the store (keyed by manifest digest),
+/// unpacked on first use. Treat it as read-only: instances get copies or
+/// overlays of it.
+pub fn cached_rootfs(
+    store: &Store,
+    rec: &ImageRecord,
+    opts: &UnpackOptions,
+) -> Result<PathBuf, BundleError> {
+    let dest = store.rootfs_path(&rec.manifest);
+    if dest.is_dir() {
+        return Ok(dest);
+    }
+    let work = store.root().join("tmp").join(format!(
+        "rootfs-{}-{}-{}",
+        rec.manifest.hex(),
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    match build_then_rename(store, rec, &work, &dest, opts, None) {
+        // Someone else finished first: theirs is as good.
+        Err(BundleError::Exists(_)) => Ok(dest),
+        Err(e) => Err(e),
+        Ok(()) => Ok(dest),
+    }
+}
+
+/// Writes an OCI bundle: `dest/rootfs/` and `dest/config.json` whose
+/// `process` holds the resolved argv, env, cwd and user. `dest` is created
+/// if needed; `dest/rootfs` and `dest/config.json` must not exist. On
+/// failure neither is left behind.
+pub fn write_bundle(
+    store: &Store,
+    rec: &ImageRecord,
+    dest: &Path,
+    over: &Overrides,
+    opts: &UnpackOptions,
+    progress: Option<LayerProgress>,
+) -> Result<RunSpec, BundleError> {
+    let rootfs = dest.join("rootfs");
+    let cfg_path = dest.join("config.json");
+    for p in [&rootfs, &cfg_path] {
+        if fs::symlink_metadata(p).is_ok() {
+            return Err(BundleError::Exists(p.clone()));
+        }
+    }
+    fs::create_dir_all(dest).map_err(|source| BundleError::Io {
+        path: dest.to_path_buf(),
+        source,
+    })?;
+    unpack_rootfs(store, rec, &rootfs, opts, progress)?;
+    let r = (|| {
+        let config = image_config(store, rec)?;
+        let spec_err = |source| BundleError::Spec {
+            image: rec.name.clone(),
+            source,
+        };
+        let rs = spec::run_spec(&config, &rootfs, over).map_err(spec_err)?;
+        rs.write_runtime_spec(dest, &rec.name).map_err(spec_err)?;
+        Ok(rs)
+    })();
+    if r.is_err() {
+        let _ = fs::remove_dir_all(&rootfs);
+        let _ = fs::remove_file(&cfg_path);
+    }
+    r
+}

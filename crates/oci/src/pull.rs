@@ -1,0 +1,517 @@
+//! Pulling an image from a registry into the [`Store`] with `oci-client`.
+//!
+//! Manifest (and index) first, then the config, then the layers the store
+//! lacks, several at a time. Each blob streams into `ingest/` and is moved
+//! into `blobs/` only once its size and digest check out; a partial
+//! download is kept and resumed with a range request next time. The image
+//! record is written last, so a failed pull leaves no image.
+
+use std::sync::{Arc, Once};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::{StreamExt, TryStreamExt};
+use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use oci_client::manifest::OciDescriptor;
+use oci_client::secrets::RegistryAuth;
+
+use crate::auth::{self, AuthError, Credentials};
+use crate::digest::Digest;
+use crate::manifest::{self, Descriptor, Document, ManifestError, Platform};
+use crate::reference::Reference;
+use crate::store::{ImageRecord, Store, StoreError};
+
+/// A pull that failed; names the image, the cause follows in the chain.
+#[derive(Debug, thiserror::Error)]
+#[error("pulling {image}")]
+pub struct PullError {
+    /// The image as given.
+    pub image: String,
+    /// What went wrong.
+    #[source]
+    pub cause: PullCause,
+}
+
+/// Why a pull failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PullCause {
+    /// Reading credentials failed.
+    #[error("credentials")]
+    Auth(#[source] AuthError),
+    /// The registry refused or could not be reached.
+    #[error("registry {registry}")]
+    Registry {
+        /// The registry.
+        registry: String,
+        /// The client's error.
+        #[source]
+        source: OciDistributionError,
+    },
+    /// A blob download failed.
+    #[error("blob {digest}")]
+    Blob {
+        /// The blob.
+        digest: Digest,
+        /// The client's error.
+        #[source]
+        source: OciDistributionError,
+    },
+    /// A blob download broke off.
+    #[error("blob {digest}: download interrupted (kept for resume)")]
+    Interrupted {
+        /// The blob.
+        digest: Digest,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The manifest or config is unusable.
+    #[error("manifest")]
+    Manifest(#[source] ManifestError),
+    /// The manifest the registry sent is not the one asked for.
+    #[error("manifest digest mismatch: asked for {expected}, got {actual}")]
+    ManifestDigest {
+        /// Digest asked for.
+        expected: Digest,
+        /// Digest of what came.
+        actual: Digest,
+    },
+    /// Storing failed (digest or size mismatch, disk full, …).
+    #[error("store")]
+    Store(#[source] StoreError),
+}
+
+/// A progress event. Byte counts are of compressed blobs as transferred.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// The manifest is known: how much there is to fetch.
+    Start {
+        /// Layers in the image.
+        layers: usize,
+        /// Total layer bytes.
+        total: u64,
+        /// Layer bytes already in the store (complete or partial).
+        present: u64,
+    },
+    /// Bytes arrived for a blob.
+    Bytes {
+        /// The blob.
+        digest: Digest,
+        /// How many.
+        n: u64,
+    },
+    /// A layer blob is complete and verified.
+    LayerDone {
+        /// The blob.
+        digest: Digest,
+    },
+}
+
+/// Where progress goes.
+pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
+
+/// How to pull.
+#[derive(Clone)]
+pub struct PullOptions {
+    /// Allow plain http for this registry (always allowed for loopback).
+    pub insecure: bool,
+    /// The platform to choose from a multi-arch index.
+    pub platform: Platform,
+    /// Credentials; when `None`, Docker's config.json is consulted, then
+    /// anonymous access.
+    pub credentials: Option<Credentials>,
+    /// The Docker config to read (default location when `None`).
+    pub docker_config: Option<std::path::PathBuf>,
+    /// Layers fetched at once.
+    pub max_concurrent: usize,
+    /// Progress sink.
+    pub progress: Option<ProgressFn>,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        Self {
+            insecure: false,
+            platform: Platform::host(),
+            credentials: None,
+            docker_config: None,
+            max_concurrent: 4,
+            progress: None,
+        }
+    }
+}
+
+/// What a pull did.
+#[derive(Debug, Clone)]
+pub struct PullReport {
+    /// The stored image.
+    pub record: ImageRecord,
+    /// Layer bytes downloaded in this pull.
+    pub fetched: u64,
+    /// Layer bytes of partial downloads that were resumed, not refetched.
+    pub resumed: u64,
+    /// Layers already complete in the store.
+    pub reused: usize,
+}
+
+/// A connected registry client for one image.
+pub struct Registry {
+    client: oci_client::Client,
+    auth: RegistryAuth,
+    image: Reference,
+}
+
+fn install_crypto() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Another library may have installed one already; either is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+impl Registry {
+    /// A client for `image`'s registry with credentials resolved.
+    pub fn new(image: &Reference, opts: &PullOptions) -> Result<Self, PullCause> {
+        install_crypto();
+        let protocol = if opts.insecure || image.is_local() {
+            ClientProtocol::HttpsExcept(vec![image.registry().to_string()])
+        } else {
+            ClientProtocol::Https
+        };
+        let client = oci_client::Client::new(ClientConfig {
+            protocol,
+            platform_resolver: None,
+            connect_timeout: Some(Duration::from_secs(30)),
+            read_timeout: Some(Duration::from_secs(120)),
+            max_concurrent_download: opts.max_concurrent.max(1),
+            ..Default::default()
+        });
+        let creds = match &opts.credentials {
+            Some(c) => Some(c.clone()),
+            None => auth::lookup(image.registry(), opts.docker_config.as_deref())
+                .map_err(PullCause::Auth)?,
+        };
+        Ok(Self {
+            client,
+            auth: creds.map_or(RegistryAuth::Anonymous, |c| c.to_client()),
+            image: image.clone(),
+        })
+    }
+
+    fn registry_err(&self, source: OciDistributionError) -> PullCause {
+        PullCause::Registry {
+            registry: self.image.registry().to_string(),
+            source,
+        }
+    }
+
+    /// Fetches a manifest or index; pinned to `digest` when given (and then
+    /// verified against it).
+    async fn document(
+        &self,
+        digest: Option<&Digest>,
+    ) -> Result<(Document, Vec<u8>, Digest), PullCause> {
+        let r = match digest {
+            Some(d) => self.image.with_digest(d.clone()),
+            None => self.image.clone(),
+        };
+        let (bytes, _) = self
+            .client
+            .pull_manifest_raw(&r.to_client(), &self.auth, manifest::ACCEPTED_MANIFESTS)
+            .await
+            .map_err(|e| self.registry_err(e))?;
+        let actual = Digest::sha256_of(&bytes);
+        if let Some(expected) = r.digest() {
+            let check = match expected.algorithm() {
+                crate::digest::Algorithm::Sha256 => actual.clone(),
+                _ => {
+                    let mut h = expected.hasher();
+                    h.update(&bytes);
+                    h.finish()
+                }
+            };
+            if &check != expected {
+                return Err(PullCause::ManifestDigest {
+                    expected: expected.clone(),
+                    actual: check,
+                });
+            }
+        }
+        let doc = manifest::parse_document(&bytes, None).map_err(PullCause::Manifest)?;
+        let digest = r.digest().cloned().unwrap_or(actual);
+        Ok((doc, bytes.to_vec(), digest))
+    }
+
+    /// Resolves the image to one platform's manifest: `(index digest and
+    /// bytes if any, manifest digest, manifest bytes, manifest)`.
+    pub async fn resolve(&self, platform: &Platform) -> Result<Resolved, PullCause> {
+        let (doc, bytes, digest) = self.document(self.image.digest()).await?;
+        match doc {
+            Document::Manifest(m) => Ok(Resolved {
+                index: None,
+                digest,
+                bytes,
+                manifest: m,
+            }),
+            Document::Index(ix) => {
+                let d = manifest::select_platform(&ix, platform).map_err(PullCause::Manifest)?;
+                let (doc2, bytes2, digest2) = self.document(Some(&d.digest)).await?;
+                let Document::Manifest(m) = doc2 else {
+                    return Err(PullCause::Manifest(ManifestError::MediaType(
+                        "nested index".into(),
+                    )));
+                };
+                Ok(Resolved {
+                    index: Some((digest, bytes)),
+                    digest: digest2,
+                    bytes: bytes2,
+                    manifest: m,
+                })
+            }
+        }
+    }
+
+    /// Downloads a small blob into memory (configs).
+    pub async fn small_blob(&self, d: &Descriptor) -> Result<Vec<u8>, PullCause> {
+        let mut out = Vec::new();
+        self.client
+            .pull_blob(&self.image.to_client(), &client_desc(d), &mut out)
+            .await
+            .map_err(|source| PullCause::Blob {
+                digest: d.digest.clone(),
+                source,
+            })?;
+        Ok(out)
+    }
+
+    /// Downloads a blob into the store, resuming a partial download.
+    /// Returns `(bytes fetched, bytes resumed)`.
+    async fn blob_to_store(
+        &self,
+        store: &Store,
+        d: &Descriptor,
+        progress: Option<&ProgressFn>,
+    ) -> Result<(u64, u64), PullCause> {
+        let mut w = store.ingest(&d.digest, d.size).map_err(PullCause::Store)?;
+        let cd = client_desc(d);
+        let r = self.image.to_client();
+        let mut resumed = w.offset();
+        let blob_err = |source| PullCause::Blob {
+            digest: d.digest.clone(),
+            source,
+        };
+        let stream = if resumed > 0 && resumed < d.size {
+            match self
+                .client
+                .pull_blob_stream_partial(&r, &cd, resumed, None)
+                .await
+                .map_err(blob_err)?
+            {
+                BlobResponse::Partial(s) => s,
+                BlobResponse::Full(s) => {
+                    resumed = 0;
+                    w.restart().map_err(PullCause::Store)?;
+                    s
+                }
+            }
+        } else if resumed == d.size {
+            // Complete but never committed: verify and move into place.
+            w.commit().map_err(PullCause::Store)?;
+            return Ok((0, resumed));
+        } else {
+            self.client
+                .pull_blob_stream(&r, &cd)
+                .await
+                .map_err(blob_err)?
+        };
+        let mut stream = stream.into_stream();
+        let mut fetched = 0u64;
+        loop {
+            match stream.try_next().await {
+                Ok(Some(chunk)) => {
+                    w.write(&chunk).map_err(PullCause::Store)?;
+                    fetched += chunk.len() as u64;
+                    if let Some(p) = progress {
+                        p(&Progress::Bytes {
+                            digest: d.digest.clone(),
+                            n: chunk.len() as u64,
+                        });
+                    }
+                }
+                Ok(None) => break,
+                Err(source) => {
+                    // All bytes in but the client's own check failed: ours
+                    // names the mismatch (and discards the partial file).
+                    if w.offset() == d.size {
+                        w.commit().map_err(PullCause::Store)?;
+                        return Ok((fetched, resumed));
+                    }
+                    return Err(PullCause::Interrupted {
+                        digest: d.digest.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        w.commit().map_err(PullCause::Store)?;
+        Ok((fetched, resumed))
+    }
+}
+
+/// An image resolved to one platform.
+pub struct Resolved {
+    /// The index (digest, bytes) when the reference named one.
+    pub index: Option<(Digest, Vec<u8>)>,
+    /// The manifest's digest.
+    pub digest: Digest,
+    /// The manifest as served.
+    pub bytes: Vec<u8>,
+    /// The manifest.
+    pub manifest: manifest::Manifest,
+}
+
+fn client_desc(d: &Descriptor) -> OciDescriptor {
+    OciDescriptor {
+        media_type: d.media_type.clone(),
+        digest: d.digest.to_string(),
+        size: d.size as i64,
+        ..Default::default()
+    }
+}
+
+/// Pulls `image` into `store`.
+pub async fn pull(
+    store: &Store,
+    image: &Reference,
+    opts: &PullOptions,
+) -> Result<PullReport, PullError> {
+    pull_inner(store, image, opts)
+        .await
+        .map_err(|cause| PullError {
+            image: image.to_string(),
+            cause,
+        })
+}
+
+async fn pull_inner(
+    store: &Store,
+    image: &Reference,
+    opts: &PullOptions,
+) -> Result<PullReport, PullCause> {
+    let reg = Registry::new(image, opts)?;
+    let res = reg.resolve(&opts.platform).await?;
+    for l in &res.manifest.layers {
+        manifest::Compression::from_media_type(&l.media_type).map_err(PullCause::Manifest)?;
+    }
+    // Config.
+    let cfg_desc = &res.manifest.config;
+    if !store.has_blob(&cfg_desc.digest, cfg_desc.size) {
+        let bytes = reg.small_blob(cfg_desc).await?;
+        store
+            .put_blob(&cfg_desc.digest, Some(cfg_desc.size), &bytes)
+            .map_err(PullCause::Store)?;
+    }
+    let config = manifest::parse_config(
+        &store
+            .read_blob(&cfg_desc.digest)
+            .map_err(PullCause::Store)?,
+    )
+    .map_err(PullCause::Manifest)?;
+    // Layers: unique, missing ones, several at once.
+    let mut todo: Vec<Descriptor> = Vec::new();
+    let mut reused = 0;
+    let mut present = 0;
+    for l in &res.manifest.layers {
+        if todo.iter().any(|t| t.digest == l.digest) {
+            continue;
+        }
+        if store.has_blob(&l.digest, l.size) {
+            reused += 1;
+            present += l.size;
+        } else {
+            todo.push(l.clone());
+        }
+    }
+    if let Some(p) = &opts.progress {
+        p(&Progress::Start {
+            layers: res.manifest.layers.len(),
+            total: res.manifest.layers.iter().map(|l| l.size).sum(),
+            present,
+        });
+    }
+    let results: Vec<Result<(u64, u64), PullCause>> = futures::stream::iter(todo.iter())
+        .map(|d| {
+            let reg = &reg;
+            let progress = opts.progress.as_ref();
+            async move {
+                let r = reg.blob_to_store(store, d, progress).await;
+                if let (Ok(_), Some(p)) = (&r, progress) {
+                    p(&Progress::LayerDone {
+                        digest: d.digest.clone(),
+                    });
+                }
+                r
+            }
+        })
+        .buffer_unordered(opts.max_concurrent.max(1))
+        .collect()
+        .await;
+    let (mut fetched, mut resumed) = (0, 0);
+    for r in results {
+        let (f, s) = r?;
+        fetched += f;
+        resumed += s;
+    }
+    // Manifest and index last, then the record.
+    if let Some((d, b)) = &res.index {
+        store.put_blob(d, None, b).map_err(PullCause::Store)?;
+    }
+    store
+        .put_blob(&res.digest, None, &res.bytes)
+        .map_err(PullCause::Store)?;
+    let record = ImageRecord {
+        name: image.to_string(),
+        manifest: res.digest.clone(),
+        index: res.index.as_ref().map(|(d, _)| d.clone()),
+        config: cfg_desc.clone(),
+        layers: res.manifest.layers.clone(),
+        platform: Platform {
+            architecture: config.architecture.clone(),
+            os: config.os.clone(),
+            variant: config.variant.clone(),
+        },
+        stored_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    store.save_image(&record).map_err(PullCause::Store)?;
+    Ok(PullReport {
+        record,
+        fetched,
+        resumed,
+        reused,
+    })
+}
+
+/// Fetches manifest and config only (for `inspect` of a remote image).
+pub async fn fetch_config(
+    image: &Reference,
+    opts: &PullOptions,
+) -> Result<(Resolved, manifest::ImageConfig), PullError> {
+    let wrap = |cause| PullError {
+        image: image.to_string(),
+        cause,
+    };
+    let reg = Registry::new(image, opts).map_err(wrap)?;
+    let res = reg.resolve(&opts.platform).await.map_err(wrap)?;
+    let bytes = reg.small_blob(&res.manifest.config).await.map_err(wrap)?;
+    let d = Digest::sha256_of(&bytes);
+    if d != res.manifest.config.digest {
+        return Err(wrap(PullCause::Store(StoreError::DigestMismatch {
+            expected: res.manifest.config.digest.clone(),
+            actual: d,
+        })));
+    }
+    let cfg = manifest::parse_config(&bytes).map_err(|e| wrap(PullCause::Manifest(e)))?;
+    Ok((res, cfg))
+}

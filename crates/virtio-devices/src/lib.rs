@@ -1,1 +1,14 @@
-//! virtio device models and the virtio-pci transport
+//! virtio device models and the virtio-pci transport (docs filled below).
+
+pub mod device;
+pub mod pci;
+pub mod worker;
+
+#[cfg(test)]
+pub(crate) mod test_utils;
+
+pub use device::{ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
+
+/// The guest memory type the devices work on.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+pub mod rng;

@@ -1,0 +1,150 @@
+//! The [`VirtioDevice`] trait every device model implements, and the
+//! [`VirtioInterrupt`] trait through which it signals the driver.
+
+use std::io;
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::GuestMemoryMmap;
+
+/// Errors from activating a device.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver did not make ready a queue the device needs.
+    #[error("queue {0} is required but was not set up by the driver")]
+    MissingQueue(usize),
+    /// A host resource (eventfd, epoll, thread) could not be created.
+    #[error("host resource for the device worker")]
+    Io(#[source] io::Error),
+    /// The device is already active.
+    #[error("device already activated")]
+    AlreadyActive,
+    /// A vhost-user backend refused the set-up.
+    #[error("vhost-user backend")]
+    VhostUser(#[source] vhost::Error),
+    /// Guest memory regions are not backed by a file that can be shared.
+    #[error("guest memory region at {0:#x} is not file-backed, cannot share it")]
+    MemoryNotShareable(u64),
+}
+
+/// What an interrupt signals to the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VirtioInterruptType {
+    /// The device configuration changed.
+    Config,
+    /// Queue `n` has new used buffers.
+    Queue(u16),
+}
+
+/// How a device raises interrupts. The transport implements it (for
+/// virtio-pci: ISR bits plus MSI-X vectors); tests use a recorder.
+pub trait VirtioInterrupt: Send + Sync {
+    /// Signals `int_type` to the driver.
+    fn trigger(&self, int_type: VirtioInterruptType) -> io::Result<()>;
+    /// An eventfd whose write raises the same interrupt, for backends in
+    /// another process (vhost-user `call` fds); `None` if there is none.
+    fn notifier(&self, int_type: VirtioInterruptType) -> Option<EventFd>;
+}
+
+/// A queue the driver made ready, handed to the device on activation.
+pub struct ActiveQueue {
+    /// Index of the queue in the device (0 = first queue).
+    pub index: usize,
+    /// The queue, with the addresses and size the driver programmed.
+    pub queue: Queue,
+    /// Written (by a KVM ioeventfd or by the transport) when the driver
+    /// notifies the queue.
+    pub event: EventFd,
+}
+
+/// A virtio device model, independent of the transport.
+///
+/// Lifecycle, driven by the transport:
+///
+/// ```text
+///   new ──► (features/ack_features, read/write_config)* ──► activate
+///    ▲                                                         │
+///    └───────────────────────── reset ◄────────────────────────┘
+/// ```
+///
+/// `activate` starts the device (normally a worker thread) with the ready
+/// queues; `reset` stops it and forgets everything negotiated, after which
+/// the device can be activated again.
+pub trait VirtioDevice: Send {
+    /// The virtio device type (`VIRTIO_ID_*`).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers (the transport adds its own, like
+    /// `VIRTIO_F_VERSION_1`).
+    fn features(&self) -> u64;
+    /// The features the driver accepted (a subset of what was offered).
+    fn ack_features(&mut self, features: u64);
+    /// Reads device-specific configuration at `offset`; bytes beyond the
+    /// configuration read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device-specific configuration. Most devices ignore writes.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        log::warn!(
+            "virtio device type {}: ignored config write at {offset:#x} ({} bytes)",
+            self.device_type(),
+            data.len()
+        );
+    }
+    /// Starts the device with the queues the driver made ready.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError>;
+    /// Stops the device and forgets negotiated state. Returns `false` if the
+    /// device cannot be reset (then it needs to be removed).
+    fn reset(&mut self) -> bool;
+}
+
+/// Copies `config[offset..]` into `data`, zero-filling what lies outside.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start >= config.len() {
+        return;
+    }
+    let n = data.len().min(config.len() - start);
+    data[..n].copy_from_slice(&config[start..start + n]);
+}
+
+/// Takes the queue with `index` out of `queues`, or fails with
+/// [`ActivateError::MissingQueue`].
+pub fn take_queue(
+    queues: &mut Vec<ActiveQueue>,
+    index: usize,
+) -> Result<ActiveQueue, ActivateError> {
+    let pos = queues
+        .iter()
+        .position(|q| q.index == index)
+        .ok_or(ActivateError::MissingQueue(index))?;
+    Ok(queues.swap_remove(pos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_bytes_out_of_range_read_zero() {
+        let cfg = [1u8, 2, 3, 4];
+        let mut d = [0xffu8; 4];
+        read_config_bytes(&cfg, 2, &mut d);
+        assert_eq!(d, [3, 4, 0, 0]);
+        read_config_bytes(&cfg, 100, &mut d);
+        assert_eq!(d, [0; 4]);
+        read_config_bytes(&cfg, u64::MAX, &mut d);
+        assert_eq!(d, [0; 4]);
+    }
+}

@@ -1,0 +1,693 @@
+//! The root bus: slots, configuration access mechanisms (0xCF8/0xCFC and
+//! ECAM), BAR mapping and hot-plug.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use vm_device::{Bus, BusDevice};
+
+use super::config::{
+    BarReprogram, PciBar, PciBarRange, PciBarRegionType, PciConfiguration, PciHeader,
+};
+use super::{BarAllocator, IoEventRegistrar, PciDevice, PciError};
+
+/// Number of device slots on the bus.
+pub const NUM_SLOTS: u8 = 32;
+/// Size of one bus's ECAM window (32 devices × 8 functions × 4 KiB).
+pub const ECAM_BUS_SIZE: u64 = 1 << 20;
+/// Port of the configuration address register (data follows at +4).
+pub const PCI_CONFIG_IO_PORT: u64 = 0xcf8;
+/// Size of the 0xCF8 port range.
+pub const PCI_CONFIG_IO_SIZE: u64 = 8;
+
+/// A shared PCI function.
+pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The host bridge at slot 0.
+pub struct PciRoot {
+    config: PciConfiguration,
+}
+
+impl PciRoot {
+    /// A host bridge (class 06/00).
+    pub fn new() -> Self {
+        PciRoot {
+            config: PciConfiguration::new(&PciHeader {
+                vendor_id: 0x8086,
+                device_id: 0x0d57,
+                class: 0x06,
+                subclass: 0x00,
+                prog_if: 0,
+                revision: 0,
+                subsystem_vendor_id: 0,
+                subsystem_id: 0,
+            }),
+        }
+    }
+}
+
+impl Default for PciRoot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PciDevice for PciRoot {
+    fn read_config_register(&mut self, reg: usize) -> u32 {
+        self.config.read_reg(reg)
+    }
+    fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) -> Vec<BarReprogram> {
+        self.config.write_reg(reg, offset, data)
+    }
+    fn allocate_bars(
+        &mut self,
+        _allocator: &mut dyn BarAllocator,
+    ) -> Result<Vec<PciBarRange>, PciError> {
+        Ok(Vec::new())
+    }
+    fn bar_ranges(&self) -> Vec<PciBarRange> {
+        Vec::new()
+    }
+    fn move_bar(&mut self, _old_addr: u64, _new_addr: u64) {}
+    fn read_bar(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn write_bar(&mut self, _base: u64, _offset: u64, _data: &[u8]) {}
+}
+
+/// Puts a PCI device's BAR on a [`Bus`]: accesses are forwarded to
+/// [`PciDevice::read_bar`]/[`PciDevice::write_bar`].
+pub struct BarBusAdapter(pub SharedPciDevice);
+
+impl BusDevice for BarBusAdapter {
+    fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
+        lock(&self.0).read_bar(base, offset, data);
+    }
+    fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
+        lock(&self.0).write_bar(base, offset, data);
+    }
+}
+
+/// A first-fit allocator over a 32-bit MMIO window, a 64-bit MMIO window
+/// and an I/O port window.
+pub struct RangeAllocator {
+    windows: [(u64, u64); 3],
+    used: BTreeMap<u64, u64>,
+}
+
+impl RangeAllocator {
+    /// Windows are `(start, size)`; a zero size disables one.
+    pub fn new(mmio32: (u64, u64), mmio64: (u64, u64), io: (u64, u64)) -> Self {
+        RangeAllocator {
+            windows: [mmio32, mmio64, io],
+            used: BTreeMap::new(),
+        }
+    }
+
+    fn fits(&self, start: u64, size: u64) -> bool {
+        let end = start + size;
+        let before = self.used.range(..end).next_back();
+        before.is_none_or(|(&s, &len)| s + len <= start)
+    }
+}
+
+impl BarAllocator for RangeAllocator {
+    fn allocate(&mut self, bar: &PciBar) -> Option<u64> {
+        let order: &[usize] = match bar.region_type {
+            PciBarRegionType::Io => &[2],
+            PciBarRegionType::Memory32 => &[0],
+            PciBarRegionType::Memory64 => &[1, 0],
+        };
+        for &w in order {
+            let (start, size) = self.windows[w];
+            let end = start.checked_add(size)?;
+            let mut addr = start.checked_add(bar.size - 1)? & !(bar.size - 1);
+            while addr.checked_add(bar.size).is_some_and(|e| e <= end) {
+                if self.fits(addr, bar.size) {
+                    self.used.insert(addr, bar.size);
+                    return Some(addr);
+                }
+                addr += bar.size;
+            }
+        }
+        None
+    }
+    fn free(&mut self, range: &PciBarRange) {
+        self.used.remove(&range.addr);
+    }
+}
+
+/// The root bus: up to 32 single-function devices, slot 0 the host bridge.
+pub struct PciBus {
+    devices: BTreeMap<u8, SharedPciDevice>,
+    mmio_bus: Arc<Bus>,
+    pio_bus: Arc<Bus>,
+    ioevents: Arc<dyn IoEventRegistrar>,
+}
+
+impl PciBus {
+    /// A bus with the host bridge in slot 0. BARs are mapped on `mmio_bus`
+    /// and `pio_bus`, notifications wired with `ioevents`.
+    pub fn new(mmio_bus: Arc<Bus>, pio_bus: Arc<Bus>, ioevents: Arc<dyn IoEventRegistrar>) -> Self {
+        let mut devices: BTreeMap<u8, SharedPciDevice> = BTreeMap::new();
+        devices.insert(0, Arc::new(Mutex::new(PciRoot::new())));
+        PciBus {
+            devices,
+            mmio_bus,
+            pio_bus,
+            ioevents,
+        }
+    }
+
+    /// The lowest free slot.
+    pub fn next_free_slot(&self) -> Option<u8> {
+        (1..NUM_SLOTS).find(|s| !self.devices.contains_key(s))
+    }
+
+    /// The occupied slots (for ACPI hot-plug status registers).
+    pub fn slots(&self) -> Vec<u8> {
+        self.devices.keys().copied().collect()
+    }
+
+    /// The device in `slot`.
+    pub fn device(&self, slot: u8) -> Option<SharedPciDevice> {
+        self.devices.get(&slot).cloned()
+    }
+
+    fn bus_for(&self, t: PciBarRegionType) -> &Bus {
+        if t == PciBarRegionType::Io {
+            &self.pio_bus
+        } else {
+            &self.mmio_bus
+        }
+    }
+
+    /// Plugs `device` into `slot` (or the lowest free one): allocates and
+    /// maps its BARs, registers its ioeventfds. Returns the slot.
+    pub fn attach(
+        &mut self,
+        slot: Option<u8>,
+        device: SharedPciDevice,
+        allocator: &mut dyn BarAllocator,
+    ) -> Result<u8, PciError> {
+        let slot = match slot {
+            Some(s) if s == 0 || s >= NUM_SLOTS || self.devices.contains_key(&s) => {
+                return Err(PciError::SlotUnavailable(s))
+            }
+            Some(s) => s,
+            None => self.next_free_slot().ok_or(PciError::NoFreeSlot)?,
+        };
+        let mut dev = lock(&device);
+        let ranges = dev.allocate_bars(allocator)?;
+        let mut mapped = Vec::new();
+        for r in &ranges {
+            let adapter = Arc::new(Mutex::new(BarBusAdapter(device.clone())));
+            if let Err(e) = self
+                .bus_for(r.bar.region_type)
+                .insert(adapter, r.addr, r.bar.size)
+            {
+                for m in &mapped {
+                    let m: &PciBarRange = m;
+                    let _ = self.bus_for(m.bar.region_type).remove(m.addr);
+                }
+                for r in &ranges {
+                    allocator.free(r);
+                }
+                return Err(PciError::Bus(e));
+            }
+            mapped.push(*r);
+        }
+        for (addr, fd) in dev.ioeventfds() {
+            self.ioevents
+                .register_ioevent(fd, addr)
+                .map_err(PciError::IoEvent)?;
+        }
+        drop(dev);
+        self.devices.insert(slot, device);
+        Ok(slot)
+    }
+
+    /// Unplugs the device in `slot`: unmaps its BARs, unregisters its
+    /// ioeventfds, frees its ranges. Returns the device.
+    pub fn detach(
+        &mut self,
+        slot: u8,
+        allocator: &mut dyn BarAllocator,
+    ) -> Result<SharedPciDevice, PciError> {
+        if slot == 0 {
+            return Err(PciError::SlotUnavailable(0));
+        }
+        let device = self
+            .devices
+            .remove(&slot)
+            .ok_or(PciError::EmptySlot(slot))?;
+        let dev = lock(&device);
+        for (addr, fd) in dev.ioeventfds() {
+            if let Err(e) = self.ioevents.unregister_ioevent(fd, addr) {
+                log::warn!("pci slot {slot}: unregister ioeventfd at {addr:#x}: {e}");
+            }
+        }
+        for r in dev.bar_ranges() {
+            if let Err(e) = self.bus_for(r.bar.region_type).remove(r.addr) {
+                log::warn!("pci slot {slot}: unmap BAR {}: {e}", r.bar.index);
+            }
+            allocator.free(&r);
+        }
+        drop(dev);
+        Ok(device)
+    }
+
+    /// Reads register `reg` of `(bus, slot, function)`; absent functions
+    /// read all ones.
+    pub fn read_config(&self, bus: u8, slot: u8, function: u8, reg: usize) -> u32 {
+        if bus != 0 || function != 0 {
+            return 0xffff_ffff;
+        }
+        match self.devices.get(&slot) {
+            Some(d) => lock(d).read_config_register(reg),
+            None => 0xffff_ffff,
+        }
+    }
+
+    /// Writes register `reg` of `(bus, slot, function)` and re-maps any BAR
+    /// the guest moved.
+    pub fn write_config(
+        &self,
+        bus: u8,
+        slot: u8,
+        function: u8,
+        reg: usize,
+        offset: u64,
+        data: &[u8],
+    ) {
+        if bus != 0 || function != 0 {
+            return;
+        }
+        let Some(device) = self.devices.get(&slot) else {
+            return;
+        };
+        let mut dev = lock(device);
+        for mv in dev.write_config_register(reg, offset, data) {
+            if let Err(e) = self.move_bar(device, &mut *dev, &mv) {
+                log::warn!(
+                    "pci slot {slot}: cannot move BAR {} to {:#x}: {e}",
+                    mv.bar.index,
+                    mv.new_addr
+                );
+            }
+        }
+    }
+
+    fn move_bar(
+        &self,
+        shared: &SharedPciDevice,
+        dev: &mut dyn PciDevice,
+        mv: &BarReprogram,
+    ) -> Result<(), PciError> {
+        let bus = self.bus_for(mv.bar.region_type);
+        for (addr, fd) in dev.ioeventfds() {
+            if addr >= mv.old_addr && addr < mv.old_addr + mv.bar.size {
+                self.ioevents
+                    .unregister_ioevent(fd, addr)
+                    .map_err(PciError::IoEvent)?;
+            }
+        }
+        let adapter = bus
+            .remove(mv.old_addr)
+            .unwrap_or_else(|_| Arc::new(Mutex::new(BarBusAdapter(shared.clone()))));
+        let result = bus.insert(adapter.clone(), mv.new_addr, mv.bar.size);
+        if let Err(e) = result {
+            // Keep the old mapping so the device stays reachable.
+            let _ = bus.insert(adapter, mv.old_addr, mv.bar.size);
+            return Err(PciError::Bus(e));
+        }
+        dev.move_bar(mv.old_addr, mv.new_addr);
+        for (addr, fd) in dev.ioeventfds() {
+            if addr >= mv.new_addr && addr < mv.new_addr + mv.bar.size {
+                self.ioevents
+                    .register_ioevent(fd, addr)
+                    .map_err(PciError::IoEvent)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Splits a config access at byte `offset` of the space into a register
+/// index and the offset within it, rejecting accesses that cross a dword.
+fn split_access(offset: u64, len: usize) -> Option<(usize, u64)> {
+    let within = offset & 3;
+    (len > 0 && within + len as u64 <= 4).then_some(((offset >> 2) as usize, within))
+}
+
+fn read_part(value: u32, within: u64, data: &mut [u8]) {
+    let bytes = value.to_le_bytes();
+    let w = within as usize;
+    data.copy_from_slice(&bytes[w..w + data.len()]);
+}
+
+/// The 0xCF8 (address) / 0xCFC (data) configuration mechanism, a
+/// [`BusDevice`] for the PIO bus at [`PCI_CONFIG_IO_PORT`] with size
+/// [`PCI_CONFIG_IO_SIZE`].
+pub struct PciConfigIo {
+    bus: Arc<Mutex<PciBus>>,
+    address: u32,
+}
+
+impl PciConfigIo {
+    /// Config access to `bus` through ports.
+    pub fn new(bus: Arc<Mutex<PciBus>>) -> Self {
+        PciConfigIo { bus, address: 0 }
+    }
+
+    fn target(&self) -> Option<(u8, u8, u8, usize)> {
+        if self.address & 0x8000_0000 == 0 {
+            return None;
+        }
+        let a = self.address;
+        Some((
+            (a >> 16) as u8,
+            ((a >> 11) & 0x1f) as u8,
+            ((a >> 8) & 0x7) as u8,
+            ((a >> 2) & 0x3f) as usize,
+        ))
+    }
+}
+
+impl BusDevice for PciConfigIo {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+        if offset < 4 {
+            if let Some((reg, within)) = split_access(offset, data.len()) {
+                debug_assert_eq!(reg, 0);
+                read_part(self.address, within, data);
+            }
+            return;
+        }
+        let (Some((bus, slot, func, reg)), Some((_, within))) =
+            (self.target(), split_access(offset - 4, data.len()))
+        else {
+            return;
+        };
+        let v = lock(&self.bus).read_config(bus, slot, func, reg);
+        read_part(v, within, data);
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        if offset < 4 {
+            if offset == 0 && data.len() == 4 {
+                let mut b = [0u8; 4];
+                b.copy_from_slice(data);
+                self.address = u32::from_le_bytes(b);
+            }
+            return;
+        }
+        let (Some((bus, slot, func, reg)), Some((_, within))) =
+            (self.target(), split_access(offset - 4, data.len()))
+        else {
+            return;
+        };
+        lock(&self.bus).write_config(bus, slot, func, reg, within, data);
+    }
+}
+
+/// ECAM (PCIe enhanced configuration access), a [`BusDevice`] for the
+/// MMIO bus at the address the MCFG table gives, [`ECAM_BUS_SIZE`] per bus.
+pub struct PciConfigMmio {
+    bus: Arc<Mutex<PciBus>>,
+}
+
+impl PciConfigMmio {
+    /// ECAM access to `bus`.
+    pub fn new(bus: Arc<Mutex<PciBus>>) -> Self {
+        PciConfigMmio { bus }
+    }
+
+    fn decode(offset: u64) -> (u8, u8, u8, u64) {
+        (
+            ((offset >> 20) & 0xff) as u8,
+            ((offset >> 15) & 0x1f) as u8,
+            ((offset >> 12) & 0x7) as u8,
+            offset & 0xfff,
+        )
+    }
+}
+
+impl BusDevice for PciConfigMmio {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+        let (bus, slot, func, reg_off) = Self::decode(offset);
+        let Some((reg, within)) = split_access(reg_off, data.len()) else {
+            return;
+        };
+        let v = lock(&self.bus).read_config(bus, slot, func, reg);
+        read_part(v, within, data);
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        let (bus, slot, func, reg_off) = Self::decode(offset);
+        let Some((reg, within)) = split_access(reg_off, data.len()) else {
+            return;
+        };
+        lock(&self.bus).write_config(bus, slot, func, reg, within, data);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci::config::PciBarRegionType;
+    use crate::pci::{allocate_config_bars, config_bar_ranges};
+    use vmm_sys_util::eventfd::EventFd;
+
+    /// A device with one 64-bit BAR whose reads return the offset, and one
+    /// ioeventfd at BAR + 0x10.
+    struct Dummy {
+        config: PciConfiguration,
+        evt: EventFd,
+        writes: Vec<(u64, u64)>,
+        mapped: u64,
+    }
+
+    impl Dummy {
+        fn new() -> Self {
+            let mut config = PciConfiguration::new(&PciHeader {
+                vendor_id: 0x1234,
+                device_id: 0x5678,
+                class: 0xff,
+                subclass: 0,
+                prog_if: 0,
+                revision: 0,
+                subsystem_vendor_id: 0,
+                subsystem_id: 0,
+            });
+            config
+                .add_bar(PciBar {
+                    index: 0,
+                    size: 0x1000,
+                    region_type: PciBarRegionType::Memory64,
+                    prefetchable: false,
+                })
+                .unwrap();
+            Dummy {
+                config,
+                evt: EventFd::new(0).unwrap(),
+                writes: Vec::new(),
+                mapped: 0,
+            }
+        }
+    }
+
+    impl PciDevice for Dummy {
+        fn read_config_register(&mut self, reg: usize) -> u32 {
+            self.config.read_reg(reg)
+        }
+        fn write_config_register(
+            &mut self,
+            reg: usize,
+            offset: u64,
+            data: &[u8],
+        ) -> Vec<BarReprogram> {
+            self.config.write_reg(reg, offset, data)
+        }
+        fn allocate_bars(
+            &mut self,
+            a: &mut dyn BarAllocator,
+        ) -> Result<Vec<PciBarRange>, PciError> {
+            let r = allocate_config_bars(&mut self.config, a)?;
+            self.mapped = r[0].addr;
+            Ok(r)
+        }
+        fn bar_ranges(&self) -> Vec<PciBarRange> {
+            config_bar_ranges(&self.config)
+        }
+        fn move_bar(&mut self, _old: u64, new: u64) {
+            self.mapped = new;
+        }
+        fn read_bar(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn write_bar(&mut self, base: u64, offset: u64, _data: &[u8]) {
+            self.writes.push((base, offset));
+        }
+        fn ioeventfds(&self) -> Vec<(u64, &EventFd)> {
+            vec![(self.mapped + 0x10, &self.evt)]
+        }
+    }
+
+    #[derive(Default)]
+    struct Registry(Mutex<Vec<u64>>);
+    impl IoEventRegistrar for Registry {
+        fn register_ioevent(&self, _fd: &EventFd, addr: u64) -> std::io::Result<()> {
+            self.0.lock().unwrap().push(addr);
+            Ok(())
+        }
+        fn unregister_ioevent(&self, _fd: &EventFd, addr: u64) -> std::io::Result<()> {
+            self.0.lock().unwrap().retain(|&a| a != addr);
+            Ok(())
+        }
+    }
+
+    struct Setup {
+        bus: Arc<Mutex<PciBus>>,
+        mmio: Arc<Bus>,
+        reg: Arc<Registry>,
+        alloc: RangeAllocator,
+    }
+
+    fn setup() -> Setup {
+        let mmio = Arc::new(Bus::new());
+        let reg = Arc::new(Registry::default());
+        let bus = PciBus::new(mmio.clone(), Arc::new(Bus::new()), reg.clone());
+        Setup {
+            bus: Arc::new(Mutex::new(bus)),
+            mmio,
+            reg,
+            alloc: RangeAllocator::new((0xc000_0000, 0x1000_0000), (1 << 40, 1 << 30), (0, 0)),
+        }
+    }
+
+    fn cf8_read(io: &mut PciConfigIo, slot: u32, reg: u32) -> u32 {
+        io.write(
+            0xcf8,
+            0,
+            &(0x8000_0000 | slot << 11 | reg << 2).to_le_bytes(),
+        );
+        let mut d = [0u8; 4];
+        io.read(0xcf8, 4, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    #[test]
+    fn config_io_and_ecam_see_the_same_devices() {
+        let mut s = setup();
+        let slot = s
+            .bus
+            .lock()
+            .unwrap()
+            .attach(None, Arc::new(Mutex::new(Dummy::new())), &mut s.alloc)
+            .unwrap();
+        assert_eq!(slot, 1);
+        let mut io = PciConfigIo::new(s.bus.clone());
+        assert_eq!(cf8_read(&mut io, 0, 0), 0x0d57_8086);
+        assert_eq!(cf8_read(&mut io, 1, 0), 0x5678_1234);
+        assert_eq!(cf8_read(&mut io, 2, 0), 0xffff_ffff);
+        // Sub-dword read of the device id through port 0xCFE.
+        cf8_read(&mut io, 1, 0);
+        let mut w = [0u8; 2];
+        io.read(0xcf8, 6, &mut w);
+        assert_eq!(u16::from_le_bytes(w), 0x5678);
+        // Disabled address: all ones.
+        io.write(0xcf8, 0, &0x0000_0800u32.to_le_bytes());
+        let mut d = [0u8; 4];
+        io.read(0xcf8, 4, &mut d);
+        assert_eq!(d, [0xff; 4]);
+
+        let mut ecam = PciConfigMmio::new(s.bus.clone());
+        ecam.read(0, 1 << 15, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x5678_1234);
+        ecam.read(0, 1 << 20 | 1 << 15, &mut d);
+        assert_eq!(d, [0xff; 4], "bus 1 does not exist");
+        ecam.read(0, (1 << 15) + 2, &mut d);
+        assert_eq!(d, [0xff; 4], "dword-crossing access");
+    }
+
+    #[test]
+    fn attach_maps_bars_and_ioevents_detach_undoes() {
+        let mut s = setup();
+        let dev = Arc::new(Mutex::new(Dummy::new()));
+        let slot = s
+            .bus
+            .lock()
+            .unwrap()
+            .attach(Some(3), dev.clone(), &mut s.alloc)
+            .unwrap();
+        let base = dev.lock().unwrap().config.bar_addr(0);
+        assert_eq!(base, 1 << 40);
+        let mut d = [0u8; 1];
+        assert!(s.mmio.read(base + 7, &mut d));
+        assert_eq!(d[0], 7);
+        assert_eq!(*s.reg.0.lock().unwrap(), vec![base + 0x10]);
+        assert!(matches!(
+            s.bus
+                .lock()
+                .unwrap()
+                .attach(Some(3), dev.clone(), &mut s.alloc),
+            Err(PciError::SlotUnavailable(3))
+        ));
+        s.bus.lock().unwrap().detach(slot, &mut s.alloc).unwrap();
+        assert!(!s.mmio.read(base, &mut d));
+        assert!(s.reg.0.lock().unwrap().is_empty());
+        // The range is free again: hot-plug a new device in its place.
+        let slot2 = s
+            .bus
+            .lock()
+            .unwrap()
+            .attach(None, Arc::new(Mutex::new(Dummy::new())), &mut s.alloc)
+            .unwrap();
+        assert_eq!(slot2, 1);
+        assert!(s.mmio.read(base, &mut d));
+    }
+
+    #[test]
+    fn guest_bar_move_remaps() {
+        let mut s = setup();
+        let dev = Arc::new(Mutex::new(Dummy::new()));
+        s.bus
+            .lock()
+            .unwrap()
+            .attach(Some(1), dev.clone(), &mut s.alloc)
+            .unwrap();
+        let mut ecam = PciConfigMmio::new(s.bus.clone());
+        let dev_base = 1u64 << 15;
+        // Like Linux: decoding off, program both halves, decoding on.
+        ecam.write(0, dev_base + 0x10, &0xd000_0000u32.to_le_bytes());
+        ecam.write(0, dev_base + 0x14, &0u32.to_le_bytes());
+        ecam.write(0, dev_base + 4, &[0x06, 0]);
+        let mut d = [0u8; 1];
+        assert!(s.mmio.read(0xd000_0003, &mut d));
+        assert_eq!(d[0], 3);
+        assert!(!s.mmio.read(1 << 40, &mut d));
+        assert_eq!(*s.reg.0.lock().unwrap(), vec![0xd000_0010]);
+    }
+
+    #[test]
+    fn allocator_aligns_and_reuses() {
+        let mut a = RangeAllocator::new((0x1000, 0x3000), (0, 0), (0, 0));
+        let bar = PciBar {
+            index: 0,
+            size: 0x2000,
+            region_type: PciBarRegionType::Memory32,
+            prefetchable: false,
+        };
+        let first = a.allocate(&bar).unwrap();
+        assert_eq!(first, 0x2000);
+        assert!(a.allocate(&bar).is_none());
+        a.free(&PciBarRange { bar, addr: first });
+        assert_eq!(a.allocate(&bar), Some(0x2000));
+    }
+}

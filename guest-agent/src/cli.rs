@@ -26,6 +26,18 @@ pub struct Args {
     /// process (PID 1 default: `/skiff/config.json` if present).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// virtio-fs tag of the rootfs, or `none` to stay in the initramfs
+    /// (overrides the kernel command line's `skiff.rootfs=`).
+    #[arg(long)]
+    pub rootfs: Option<String>,
+    /// Do not write the boot-complete marker to I/O port 0x3f0 as PID 1
+    /// (for PID-1 tests in a pid namespace on a real machine).
+    #[arg(long)]
+    pub no_boot_mark: bool,
+    /// Do not load kernel modules in the init sequence (kernels with
+    /// everything built in; PID-1 tests on a real machine).
+    #[arg(long)]
+    pub no_modules: bool,
 }
 
 /// A parsed `--listen` / `--notify` address.

@@ -57,6 +57,17 @@ pub struct InitConfig {
     pub config: PathBuf,
 }
 
+/// Settings from the agent's own command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitOptions {
+    /// Overrides the config.json location.
+    pub config: Option<PathBuf>,
+    /// Overrides the rootfs tag (`none`: stay in the initramfs).
+    pub rootfs: Option<String>,
+    /// Whether to load kernel modules.
+    pub modules: bool,
+}
+
 impl Default for InitConfig {
     fn default() -> Self {
         InitConfig {
@@ -249,12 +260,25 @@ pub fn switch_root(sys: &dyn Syscall, new_root: &Path) -> Result<(), InitError> 
     sys.chdir(Path::new("/")).map_err(InitError::SwitchRoot)
 }
 
-/// Runs the init sequence; returns the main process from the initramfs's
+/// Runs the init sequence (the kernel command line is read once /proc is
+/// mounted); returns the main process from the initramfs's
 /// config.json, if it has one. Module load failures are logged, not fatal.
-pub fn run(sys: &dyn Syscall, cfg: &InitConfig) -> Result<Option<MainProcess>, InitError> {
+pub fn run(sys: &dyn Syscall, opts: &InitOptions) -> Result<Option<MainProcess>, InitError> {
     early_mounts(sys)?;
-    for m in load_modules(sys) {
-        eprintln!("skiff-agent: could not load module {}", m.display());
+    let cmdline = sys
+        .read_file(Path::new("/proc/cmdline"))
+        .unwrap_or_default();
+    let mut cfg = parse_cmdline(&String::from_utf8_lossy(&cmdline));
+    if let Some(c) = &opts.config {
+        cfg.config = c.clone();
+    }
+    if let Some(tag) = &opts.rootfs {
+        cfg.rootfs_tag = (tag != "none").then(|| tag.clone());
+    }
+    if opts.modules {
+        for m in load_modules(sys) {
+            eprintln!("skiff-agent: could not load module {}", m.display());
+        }
     }
     let config_name = cfg.config.display().to_string();
     let main = match sys.read_file(&cfg.config) {
@@ -292,6 +316,12 @@ pub fn run(sys: &dyn Syscall, cfg: &InitConfig) -> Result<Option<MainProcess>, I
 mod tests {
     use super::*;
     use crate::sys::fake::{Call, Recording};
+
+    const OPTS: InitOptions = InitOptions {
+        config: None,
+        rootfs: None,
+        modules: true,
+    };
 
     fn mounts(calls: &[Call]) -> Vec<(String, String, String)> {
         calls
@@ -336,8 +366,8 @@ mod tests {
             "/skiff/config.json",
             br#"{"process":{"args":["nginx"]},"hostname":"web"}"#,
         );
-        let cfg = parse_cmdline("skiff.dns=10.0.0.1");
-        let main = run(&sys, &cfg).unwrap().unwrap();
+        sys.file("/proc/cmdline", b"console=ttyS0 skiff.dns=10.0.0.1\n");
+        let main = run(&sys, &OPTS).unwrap().unwrap();
         assert_eq!(main.args, ["nginx"]);
         let calls = sys.calls();
         assert_eq!(
@@ -423,7 +453,7 @@ mod tests {
             .lock()
             .unwrap()
             .insert("mount:/rootfs".into(), libc::ENOENT);
-        let err = run(&sys, &InitConfig::default()).unwrap_err();
+        let err = run(&sys, &OPTS).unwrap_err();
         assert!(
             matches!(err, InitError::Rootfs(ref tag, _) if tag == "rootfs"),
             "{err}"

@@ -19,7 +19,6 @@ mod server;
 mod sink;
 mod sys;
 
-use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
@@ -52,25 +51,23 @@ fn run(args: Args) -> Result<()> {
     let pid1 = std::process::id() == 1;
     let sys: Arc<dyn Syscall> = Arc::new(Linux);
     let mut main_spec: Option<MainProcess> = None;
-    if pid1 {
+    if pid1 && !args.no_boot_mark {
         if let Err(e) = bootmark::write() {
             eprintln!("skiff-agent: boot marker: {e}");
         }
+    }
+    if pid1 {
         // Still single-threaded: setting the environment is sound here.
         std::env::set_var("PATH", &exec::DEFAULT_PATH["PATH=".len()..]);
         std::env::set_var("HOME", "/root");
     }
     if pid1 || args.init {
-        let cmdline = String::from_utf8_lossy(
-            &sys.read_file(Path::new("/proc/cmdline"))
-                .unwrap_or_default(),
-        )
-        .into_owned();
-        let mut cfg = init::parse_cmdline(&cmdline);
-        if let Some(c) = &args.config {
-            cfg.config = c.clone();
-        }
-        match init::run(sys.as_ref(), &cfg) {
+        let opts = init::InitOptions {
+            config: args.config.clone(),
+            rootfs: args.rootfs.clone(),
+            modules: !args.no_modules,
+        };
+        match init::run(sys.as_ref(), &opts) {
             Ok(spec) => main_spec = spec,
             // Keep serving: the host can still look at the guest.
             Err(e) => eprintln!("skiff-agent: init: {}", files::error_chain(&e)),

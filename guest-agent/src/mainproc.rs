@@ -62,6 +62,8 @@ struct State {
     spec: Option<MainProcess>,
     last: Option<ExitStatus>,
     stopping: bool,
+    /// Exited, and a restart is due (counts as running for waiters).
+    restarting: bool,
 }
 
 /// Supervises the main process and sends events to the host.
@@ -95,7 +97,7 @@ impl MainSupervisor {
     /// Starts the main process; returns its pid.
     pub fn start(self: &Arc<Self>, agent: &Agent, spec: MainProcess) -> Result<i32, MainError> {
         let mut st = self.lock();
-        if st.pid.is_some() {
+        if st.pid.is_some() || st.restarting {
             return Err(MainError::Running);
         }
         let (pid, exited) = spawn(&agent.reaper, &spec)?;
@@ -104,6 +106,7 @@ impl MainSupervisor {
             spec: Some(spec),
             last: None,
             stopping: false,
+            restarting: false,
         };
         drop(st);
         let me = self.clone();
@@ -132,6 +135,7 @@ impl MainSupervisor {
                     .is_some_and(|s| s.restart.restarts(status.code()));
             st.pid = None;
             st.last = Some(status);
+            st.restarting = restart;
             drop(st);
             self.changed.notify_all();
             eprintln!("skiff-agent: main process exited: {status:?}, restarting: {restart}");
@@ -144,16 +148,23 @@ impl MainSupervisor {
             };
             std::thread::sleep(RESTART_DELAY);
             let mut st = self.lock();
-            if st.stopping {
-                break;
-            }
-            match spawn(reaper, &spec) {
-                Ok((pid, rx)) => {
+            st.restarting = false;
+            let respawned = if st.stopping {
+                None
+            } else {
+                Some(spawn(reaper, &spec))
+            };
+            match respawned {
+                Some(Ok((pid, rx))) => {
                     st.pid = Some(pid);
                     exited = rx;
                 }
-                Err(e) => {
-                    eprintln!("skiff-agent: restarting the main process: {e}");
+                other => {
+                    if let Some(Err(e)) = other {
+                        eprintln!("skiff-agent: restarting the main process: {e}");
+                    }
+                    drop(st);
+                    self.changed.notify_all();
                     break;
                 }
             }
@@ -166,19 +177,17 @@ impl MainSupervisor {
     /// Waits until the main process is not running; its last status, or
     /// `None` if it never ran.
     pub fn wait(&self) -> Option<ExitStatus> {
-        let mut st = self.lock();
-        while st.pid.is_some() {
-            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
-        }
-        st.last
+        self.wait_locked(self.lock())
     }
 
     /// Stops the main process: its stop signal, then SIGKILL after
     /// `timeout`. Returns how it ended (`None` if it never ran).
     pub fn stop(&self, timeout: Duration) -> Option<ExitStatus> {
         let mut st = self.lock();
-        let Some(pid) = st.pid else { return st.last };
         st.stopping = true;
+        let Some(pid) = st.pid else {
+            return self.wait_locked(st);
+        };
         let signal = st.spec.as_ref().map_or(libc::SIGTERM, |s| s.stop_signal);
         // SAFETY: plain syscall; `pid` is our unreaped child.
         unsafe { libc::kill(pid, signal) };
@@ -200,7 +209,7 @@ impl MainSupervisor {
     }
 
     fn wait_locked(&self, mut st: MutexGuard<'_, State>) -> Option<ExitStatus> {
-        while st.pid.is_some() {
+        while st.pid.is_some() || st.restarting {
             st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
         st.last

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use skiff_agent_client::{
     conformance, AgentClient, ClientError, EventListener, Timeouts, Transport,
 };
-use skiff_agent_proto::{Event, ExitStatus, MainProcess, RestartPolicy, User};
+use skiff_agent_proto::{
+    Event, ExecRequest, ExitStatus, MainProcess, PowerAction, RestartPolicy, User,
+};
 use tempfile::TempDir;
 
 /// A `skiff-agent` process serving a Unix socket in a temporary dir.
@@ -26,8 +28,26 @@ impl HostAgent {
     }
 
     fn start_in(dir: TempDir, extra: &[&str]) -> Self {
+        Self::start_wrapped(dir, &[], extra).expect("agent started")
+    }
+
+    /// Starts the agent under `wrapper` (e.g. `unshare ...`); `None` if it
+    /// exited before listening.
+    fn start_wrapped(dir: TempDir, wrapper: &[&str], extra: &[&str]) -> Option<Self> {
         let sock = dir.path().join("agent.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_skiff-agent"))
+        // SKIFF_AGENT_BIN: run the checks against another build (e.g. the
+        // static one from scripts/build-guest).
+        let bin = std::env::var("SKIFF_AGENT_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_skiff-agent").into());
+        let (program, args) = match wrapper.split_first() {
+            Some((p, rest)) => (
+                p.to_string(),
+                rest.iter().map(|s| s.to_string()).chain([bin]).collect(),
+            ),
+            None => (bin, Vec::new()),
+        };
+        let mut child = Command::new(program)
+            .args(args)
             .arg("--listen")
             .arg(format!("unix:{}", sock.display()))
             .args(extra)
@@ -36,11 +56,14 @@ impl HostAgent {
             .expect("start skiff-agent");
         let deadline = Instant::now() + Duration::from_secs(10);
         while !sock.exists() {
+            if child.try_wait().expect("try_wait").is_some() {
+                return None;
+            }
             assert!(Instant::now() < deadline, "agent socket never appeared");
             std::thread::sleep(Duration::from_millis(10));
         }
         let client = AgentClient::new(Transport::Unix(sock));
-        HostAgent { child, dir, client }
+        Some(HostAgent { child, dir, client })
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -183,10 +206,8 @@ async fn main_process_exit_reaches_the_host() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stop_main_escalates_to_sigkill() {
-    let a = HostAgent::start(&[]);
-    let spec = |script: &str| MainProcess {
+fn main_spec(script: &str, restart: RestartPolicy) -> MainProcess {
+    MainProcess {
         args: vec!["sh".into(), "-c".into(), script.into()],
         env: vec![],
         cwd: "/".into(),
@@ -195,8 +216,59 @@ async fn stop_main_escalates_to_sigkill() {
         hostname: None,
         stop_signal: libc::SIGTERM,
         stop_timeout_secs: 1,
-        restart: RestartPolicy::Never,
+        restart,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn main_process_restarts_on_failure() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events_path = dir.path().join("events.sock");
+    let events = EventListener::bind(&events_path).expect("bind events");
+    let marker = dir.path().join("ran-once");
+    let notify = format!("unix:{}", events_path.display());
+    let a = HostAgent::start_in(dir, &["--notify", &notify]);
+    let mut stream = events
+        .accept(Duration::from_secs(10))
+        .await
+        .expect("event connection");
+    assert!(matches!(
+        stream.next(Duration::from_secs(10)).await.expect("ready"),
+        Some(Event::Ready(_))
+    ));
+    let script = format!(
+        "test -e {m} && exit 0; touch {m}; exit 1",
+        m = marker.display()
+    );
+    a.client
+        .start_main(main_spec(&script, RestartPolicy::OnFailure))
+        .await
+        .expect("start main");
+    // The first run fails and is restarted; wait_main sees only the end.
+    assert_eq!(
+        a.client.wait_main().await.expect("wait"),
+        ExitStatus::Exited { code: 0 }
+    );
+    let ev = |code, restarting| {
+        Some(Event::MainExited {
+            status: ExitStatus::Exited { code },
+            restarting,
+        })
     };
+    assert_eq!(
+        stream.next(Duration::from_secs(10)).await.expect("event"),
+        ev(1, true)
+    );
+    assert_eq!(
+        stream.next(Duration::from_secs(10)).await.expect("event"),
+        ev(0, false)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_main_escalates_to_sigkill() {
+    let a = HostAgent::start(&[]);
+    let spec = |script: &str| main_spec(script, RestartPolicy::Never);
     a.client
         .start_main(spec("exec sleep 60"))
         .await
@@ -229,4 +301,131 @@ async fn stop_main_escalates_to_sigkill() {
         }
     );
     assert!(t.elapsed() >= Duration::from_secs(1));
+}
+
+/// The agent as PID 1 of a new pid and mount namespace: the init sequence
+/// runs for real (early mounts; no modules, no rootfs: this is the host's
+/// kernel and filesystem), orphans are reaped, and power-off ends the namespace.
+/// Needs root and util-linux's unshare; skipped without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pid1_in_a_namespace_reaps_orphans_and_powers_off() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wrapper = [
+        "unshare",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--mount",
+        "--propagation",
+        "private",
+    ];
+    let Some(mut a) = HostAgent::start_wrapped(
+        dir,
+        &wrapper,
+        &[
+            "--no-boot-mark",
+            "--no-modules",
+            "--rootfs",
+            "none",
+            "--notify",
+            "none",
+        ],
+    ) else {
+        eprintln!("skipped: unshare could not create the namespaces");
+        return;
+    };
+    let w = a.client.ping().await.expect("ping");
+    assert!(w.pid1, "agent should be PID 1 in the namespace");
+    conformance::exec_uname(&a.client).await;
+
+    // The init sequence mounted a /proc of the new pid namespace.
+    let out = a
+        .client
+        .exec_output(sh_req("cat /proc/1/comm"), None)
+        .await
+        .expect("exec");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "skiff-agent");
+
+    // Orphans are re-parented to PID 1, which must reap them.
+    let out = a
+        .client
+        .exec_output(sh_req("(sleep 0.2 &); (sleep 0.3 &); exit 0"), None)
+        .await
+        .expect("exec");
+    assert_eq!(out.status.code(), 0);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let out = a
+        .client
+        .exec_output(sh_req("cat /proc/[0-9]*/stat"), None)
+        .await
+        .expect("exec");
+    let stats = String::from_utf8_lossy(&out.stdout);
+    let zombies: Vec<&str> = stats
+        .lines()
+        .filter(|l| l.rsplit(") ").next().is_some_and(|r| r.starts_with('Z')))
+        .collect();
+    assert!(zombies.is_empty(), "zombies left: {zombies:?}");
+
+    a.client
+        .power(PowerAction::Poweroff)
+        .await
+        .expect("power off");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while a.child.try_wait().expect("try_wait").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "namespace did not end after power-off"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn sh_req(script: &str) -> ExecRequest {
+    ExecRequest {
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        ..Default::default()
+    }
+}
+
+/// A client whose version range the agent does not speak gets an
+/// unsupported_version error; anything but a hello first gets bad_request.
+#[test]
+fn version_handshake_refuses_unknown_versions() {
+    use skiff_agent_proto::frame::{encode_control, read_frame};
+    use skiff_agent_proto::{AgentMessage, ClientMessage, ErrorCode, Frame, Hello, Reply};
+    use std::os::unix::net::UnixStream;
+
+    let a = HostAgent::start(&[]);
+    let sock = a.path("agent.sock");
+    let ask = |msg: &ClientMessage| -> ErrorCode {
+        let mut s = UnixStream::connect(&sock).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        std::io::Write::write_all(&mut s, &encode_control(msg).expect("encode")).expect("send");
+        match read_frame::<AgentMessage, _>(&mut s).expect("read") {
+            Some(Frame::Control(AgentMessage::Reply {
+                id: 0,
+                reply: Reply::Error(e),
+            })) => e.code,
+            other => panic!("expected an error reply, got {other:?}"),
+        }
+    };
+    let future = Hello {
+        min_version: 7,
+        max_version: 9,
+        client: "from the future".into(),
+    };
+    assert_eq!(
+        ask(&ClientMessage::Hello(future)),
+        ErrorCode::UnsupportedVersion
+    );
+    assert_eq!(
+        ask(&ClientMessage::EndOfEntries { id: 3 }),
+        ErrorCode::BadRequest
+    );
 }

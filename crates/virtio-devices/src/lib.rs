@@ -12,3 +12,4 @@ pub use device::{ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, Virt
 /// The guest memory type the devices work on.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 pub mod rng;
+pub mod transport;

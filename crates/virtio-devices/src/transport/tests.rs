@@ -1,0 +1,220 @@
+//! Drives the transport like a guest driver would.
+
+use std::sync::Arc;
+
+use vm_device::interrupt::{InterruptError, InterruptGroup, InterruptManager};
+
+use super::*;
+use crate::pci::bus::RangeAllocator;
+use crate::pci::msix::tests::TestGroup;
+use crate::rng::Rng;
+use crate::test_utils::*;
+
+struct TestManager(Arc<TestGroup>);
+
+impl InterruptManager for TestManager {
+    fn create_msi_group(&self, _count: usize) -> Result<Arc<dyn InterruptGroup>, InterruptError> {
+        Ok(self.0.clone())
+    }
+}
+
+struct Driver {
+    dev: VirtioPciDevice,
+    group: Arc<TestGroup>,
+}
+
+impl Driver {
+    fn new(mem: &GuestMemoryMmap) -> Self {
+        let group = Arc::new(TestGroup::default());
+        let rng: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(Rng::new()));
+        let mut dev =
+            VirtioPciDevice::new(rng, atomic_mem(mem), &TestManager(group.clone())).unwrap();
+        let mut alloc = RangeAllocator::new((0xc000_0000, 0x1000_0000), (0, 0), (0, 0));
+        dev.allocate_bars(&mut alloc).unwrap();
+        Driver { dev, group }
+    }
+    fn w(&mut self, off: u64, v: u64, len: usize) {
+        self.dev.write_bar(0, off, &v.to_le_bytes()[..len]);
+    }
+    fn r(&mut self, off: u64, len: usize) -> u64 {
+        let mut b = [0u8; 8];
+        self.dev.read_bar(0, off, &mut b[..len]);
+        u64::from_le_bytes(b)
+    }
+    fn status(&mut self) -> u8 {
+        self.r(0x14, 1) as u8
+    }
+    fn negotiate(&mut self, driver_features: u64) -> bool {
+        self.w(0x14, 0, 1);
+        self.w(0x14, 3, 1);
+        self.w(0x08, 0, 4);
+        self.w(0x0c, driver_features & 0xffff_ffff, 4);
+        self.w(0x08, 1, 4);
+        self.w(0x0c, driver_features >> 32, 4);
+        self.w(0x14, 0xb, 1);
+        self.status() & status::FEATURES_OK != 0
+    }
+    fn setup_queue(&mut self, index: u16, tq: &TestQueue, vector: u16) {
+        let (d, a, u) = tq.addrs();
+        self.w(0x16, index.into(), 2);
+        self.w(0x18, 16, 2);
+        self.w(0x20, d, 8);
+        self.w(0x28, a, 4);
+        self.w(0x2c, a >> 32, 4);
+        self.w(0x30, u, 8);
+        self.w(0x1a, vector.into(), 2);
+        self.w(0x1c, 1, 2);
+    }
+    /// Enables MSI-X and programs every vector unmasked.
+    fn enable_msix(&mut self) {
+        let reg = self.dev.msix_reg;
+        let v = self.dev.read_config_register(reg);
+        self.dev
+            .write_config_register(reg, 2, &((v >> 16) as u16 | 0x8000).to_le_bytes());
+        for i in 0..2u64 {
+            self.w(MSIX_TABLE_OFFSET + 16 * i, 0xfee0_0000, 8);
+            self.w(MSIX_TABLE_OFFSET + 16 * i + 8, 0x20 + i, 4);
+            self.w(MSIX_TABLE_OFFSET + 16 * i + 12, 0, 4);
+        }
+    }
+}
+
+fn find_caps(dev: &mut VirtioPciDevice) -> Vec<(u8, u8, usize)> {
+    let mut caps = Vec::new();
+    let mut ptr = (dev.read_config_register(13) & 0xff) as usize;
+    while ptr != 0 && caps.len() < 16 {
+        let v = dev.read_config_register(ptr / 4);
+        caps.push((v as u8, (v >> 24) as u8, ptr));
+        ptr = ((v >> 8) & 0xff) as usize;
+    }
+    caps
+}
+
+#[test]
+fn identity_and_capabilities() {
+    let mem = single_region_mem(0x10_0000);
+    let mut d = Driver::new(&mem);
+    assert_eq!(d.dev.read_config_register(0), 0x1044_1af4);
+    assert_eq!(
+        d.dev.read_config_register(2) & 0xff,
+        1,
+        "revision 1: modern"
+    );
+    let caps = find_caps(&mut d.dev);
+    let vendor: Vec<u8> = caps.iter().filter(|c| c.0 == 0x09).map(|c| c.1).collect();
+    assert_eq!(vendor, vec![1, 2, 3, 4, 5]);
+    let msix = caps.iter().find(|c| c.0 == 0x11).unwrap();
+    let ctl = d.dev.read_config_register(msix.2 / 4) >> 16;
+    assert_eq!(ctl & 0x7ff, 1, "two vectors: queue + config");
+    // BAR0 is a 64-bit memory BAR at the allocated address.
+    assert_eq!(d.dev.read_config_register(4), 0xc000_0004);
+    assert_eq!(d.dev.ioeventfds()[0].0, 0xc000_0000 + NOTIFY_OFFSET);
+}
+
+#[test]
+fn feature_negotiation() {
+    let mem = single_region_mem(0x10_0000);
+    let mut d = Driver::new(&mem);
+    d.w(0x00, 1, 4);
+    assert_eq!(d.r(0x04, 4) & 1, 1, "VERSION_1 offered");
+    // Legacy-only driver (no VERSION_1) is refused.
+    assert!(!d.negotiate(0));
+    // Unknown feature bits are refused.
+    assert!(!d.negotiate(1 << 32 | 1 << 63));
+    assert!(d.negotiate(1 << 32));
+    // Features are frozen after FEATURES_OK.
+    d.w(0x08, 0, 4);
+    d.w(0x0c, 0xffff, 4);
+    assert_eq!(d.r(0x0c, 4), 0);
+}
+
+#[test]
+fn rng_end_to_end_with_msix_and_reset() {
+    let mem = single_region_mem(0x10_0000);
+    let mut d = Driver::new(&mem);
+    assert!(d.negotiate(1 << 32));
+    let mut tq = TestQueue::new(&mem, 0x1000, 16, 0x2_0000);
+    d.setup_queue(0, &tq, 0);
+    d.w(0x10, 1, 2);
+    d.enable_msix();
+    d.w(0x14, 0xf, 1);
+    assert!(d.dev.is_active());
+    let (_, addrs) = tq.add_chain(&[(Writable, 32)]);
+    // Notify through the BAR (no ioeventfd registered in this test).
+    d.w(NOTIFY_OFFSET, 0, 2);
+    assert!(wait_until(|| tq.used_idx() == 1));
+    assert_eq!(tq.used_entry(0).1, 32);
+    assert!(tq.read(addrs[0], 32).iter().any(|&b| b != 0));
+    assert!(wait_until(|| d.group.fired.lock().unwrap().contains(&0)));
+    // ISR was set and reading clears it.
+    assert_eq!(d.r(ISR_OFFSET, 1), 1);
+    assert_eq!(d.r(ISR_OFFSET, 1), 0);
+    // Reset stops the device; status and queues read back as new.
+    d.w(0x14, 0, 1);
+    assert!(!d.dev.is_active());
+    assert_eq!(d.status(), 0);
+    d.w(0x16, 0, 2);
+    assert_eq!(d.r(0x1c, 2), 0);
+    assert_eq!(d.r(0x1a, 2), u64::from(NO_VECTOR));
+    // And it can be brought up again.
+    assert!(d.negotiate(1 << 32));
+    let mut tq = TestQueue::new(&mem, 0x1000, 16, 0x3_0000);
+    d.setup_queue(0, &tq, 0);
+    d.w(0x14, 0xf, 1);
+    assert!(d.dev.is_active());
+    tq.add_chain(&[(Writable, 8)]);
+    d.w(NOTIFY_OFFSET, 0, 2);
+    assert!(wait_until(|| tq.used_idx() == 1));
+}
+
+#[test]
+fn invalid_rings_set_needs_reset() {
+    let mem = single_region_mem(0x10_0000);
+    let mut d = Driver::new(&mem);
+    assert!(d.negotiate(1 << 32));
+    d.w(0x16, 0, 2);
+    d.w(0x20, 0xdead_0000_0000, 8);
+    d.w(0x1c, 1, 2);
+    d.w(0x14, 0xf, 1);
+    assert!(!d.dev.is_active());
+    assert_ne!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+}
+
+#[test]
+fn pci_cfg_window_reaches_common_config() {
+    let mem = single_region_mem(0x10_0000);
+    let mut d = Driver::new(&mem);
+    let caps = find_caps(&mut d.dev);
+    let cap = caps.iter().find(|c| c.0 == 0x09 && c.1 == 5).unwrap().2;
+    let base = cap / 4;
+    d.dev.write_config_register(base + 1, 0, &[0]);
+    d.dev
+        .write_config_register(base + 2, 0, &0x12u32.to_le_bytes());
+    d.dev
+        .write_config_register(base + 3, 0, &2u32.to_le_bytes());
+    assert_eq!(
+        d.dev.read_config_register(base + 4),
+        1,
+        "num_queues through the window"
+    );
+    // A bogus length reads zero and writes nothing.
+    d.dev
+        .write_config_register(base + 3, 0, &3u32.to_le_bytes());
+    assert_eq!(d.dev.read_config_register(base + 4), 0);
+}
+
+#[test]
+fn garbage_accesses_are_harmless() {
+    let mem = single_region_mem(0x10_0000);
+    let mut d = Driver::new(&mem);
+    for off in (0..BAR_SIZE + 0x100).step_by(0x1f3) {
+        for len in [1usize, 2, 3, 4, 8] {
+            d.w(off, u64::MAX, len);
+            d.r(off, len);
+        }
+    }
+    for reg in 0..80 {
+        d.dev.write_config_register(reg, 0, &[0xff; 4]);
+        d.dev.read_config_register(reg);
+    }
+}

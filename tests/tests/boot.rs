@@ -1,0 +1,117 @@
+//! Boots real guests with skiff-vmm: Debian's cloud kernel as bzImage and
+//! as a PVH vmlinux, with the busybox initramfs of `tests/guest/boot-init.sh`.
+//! Each boot checks several things; see the module docs of `skiff-tests`
+//! for how these run (inside the KVM box unless the host has hardware KVM).
+
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use skiff_tests::{api_request, artifact, scratch, Outcome, RunningVm, VmSpec};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+
+fn spec(kernel: &str, cpus: u8, memory_mib: u64, end: &str) -> Result<VmSpec> {
+    Ok(VmSpec {
+        kernel: artifact(kernel)?,
+        initramfs: Some(artifact("boot-test.cpio")?),
+        cmdline: format!("{CMDLINE} skiff.end={end}"),
+        cpus,
+        memory_mib,
+        api_socket: None,
+    })
+}
+
+fn boot(spec: &VmSpec) -> Result<Outcome> {
+    let out = RunningVm::start(spec)?.wait(BOOT_TIMEOUT)?;
+    println!("--- serial ({:?}) ---\n{}\n--- stderr ---\n{}", out.elapsed, out.serial, out.stderr);
+    Ok(out)
+}
+
+/// Checks what every boot must show: init ran, every vCPU is online with
+/// its own APIC ID, the memory asked for is in the e820 map, the ACPI tables
+/// are there, and the boot-complete port write was logged.
+fn check_guest(out: &Outcome, cpus: u8, memory_mib: u64) -> Result<()> {
+    ensure!(out.serial.contains("SKIFF-INIT-OK"), "init did not run");
+    ensure!(out.value("NPROC") == Some(cpus.to_string()), "guest sees {:?} CPUs, expected {cpus}", out.value("NPROC"));
+    let online = if cpus == 1 { "0".to_string() } else { format!("0-{}", cpus - 1) };
+    ensure!(out.value("ONLINE") == Some(online.clone()), "online CPUs {:?}, expected {online}", out.value("ONLINE"));
+    let apic_ids: Vec<String> = out.value("APIC-IDS").unwrap_or_default().split_whitespace().map(String::from).collect();
+    let want: Vec<String> = (0..cpus).map(|i| i.to_string()).collect();
+    ensure!(apic_ids == want, "APIC IDs {apic_ids:?}, expected {want:?}");
+    // The kernel's "Memory: avail/total" total is the e820 RAM: all of the
+    // memory asked for but the legacy hole below 1 MiB and page 0.
+    let total_kb: u64 = out.value("E820-KB").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let want_kb = memory_mib * 1024;
+    ensure!(
+        total_kb <= want_kb && total_kb + 1024 >= want_kb,
+        "guest RAM {total_kb} KiB, expected about {want_kb} KiB"
+    );
+    let memtotal: u64 = out.value("MEMTOTAL-KB").and_then(|v| v.parse().ok()).unwrap_or(0);
+    ensure!(memtotal > want_kb * 3 / 4 && memtotal <= want_kb, "MemTotal {memtotal} KiB for {want_kb} KiB");
+    let tables = out.value("ACPI-TABLES").unwrap_or_default();
+    for t in ["APIC", "DSDT", "FACP"] {
+        ensure!(tables.split_whitespace().any(|x| x == t), "ACPI table {t} missing: {tables}");
+    }
+    ensure!(!out.serial.contains("SKIFF-BOOTMARK-FAILED"), "the boot-complete write failed");
+    ensure!(out.stderr.contains("guest boot complete:"), "the VMM did not log the boot-complete port write");
+    Ok(())
+}
+
+#[test]
+#[ignore = "boots a guest: needs hardware KVM; run through tests/run"]
+fn bzimage_one_vcpu_powers_off_cleanly() -> Result<()> {
+    let out = boot(&spec("vmlinuz", 1, 256, "poweroff")?)?;
+    check_guest(&out, 1, 256)?;
+    ensure!(out.status.code() == Some(0), "poweroff should end the VMM with 0, got {}", out.status);
+    ensure!(out.stderr.contains("guest powered off"), "no poweroff message");
+    Ok(())
+}
+
+#[test]
+#[ignore = "boots a guest: needs hardware KVM; run through tests/run"]
+fn bzimage_four_vcpus_above_4g_reboots_cleanly() -> Result<()> {
+    // 3.5 GiB: RAM continues above the 32-bit MMIO hole.
+    let out = boot(&spec("vmlinuz", 4, 3584, "reboot")?)?;
+    check_guest(&out, 4, 3584)?;
+    ensure!(out.status.code() == Some(0), "reboot should end the VMM with 0, got {}", out.status);
+    ensure!(out.stderr.contains("guest reset"), "no reset message");
+    Ok(())
+}
+
+#[test]
+#[ignore = "boots a guest: needs hardware KVM; run through tests/run"]
+fn pvh_vmlinux_serves_api_and_stops_on_sigterm() -> Result<()> {
+    let dir = scratch()?;
+    let sock = dir.path().join("api.sock");
+    let mut spec = spec("vmlinux", 2, 512, "wait")?;
+    spec.api_socket = Some(sock.clone());
+    let mut vm = RunningVm::start(&spec)?;
+    vm.wait_for_serial("SKIFF-END=wait", BOOT_TIMEOUT)?;
+    let ping = api_request(&sock, r#"{"op":"ping"}"#)?;
+    ensure!(ping["ok"] == true, "ping: {ping}");
+    let info = api_request(&sock, r#"{"op":"info"}"#)?;
+    ensure!(info["cpus"] == 2 && info["memory_mib"] == 512, "info: {info}");
+    let bad = api_request(&sock, r#"{"op":"explode"}"#)?;
+    ensure!(bad["ok"] == false, "unknown op accepted: {bad}");
+    vm.signal(libc::SIGTERM)?;
+    let out = vm.wait(Duration::from_secs(30))?;
+    println!("--- serial ---\n{}\n--- stderr ---\n{}", out.serial, out.stderr);
+    check_guest(&out, 2, 512)?;
+    ensure!(out.status.code() == Some(0), "SIGTERM should stop the VMM with 0, got {}", out.status);
+    ensure!(out.stderr.contains("received SIGTERM"), "no SIGTERM message");
+    ensure!(!sock.exists(), "API socket left behind");
+    Ok(())
+}
+
+#[test]
+#[ignore = "boots a guest: needs hardware KVM; run through tests/run"]
+fn kernel_panic_is_a_failure_not_a_hang() -> Result<()> {
+    let mut spec = spec("vmlinuz", 1, 256, "poweroff")?;
+    // No panic=-1: without the VMM noticing, this guest would spin forever.
+    spec.cmdline = "console=ttyS0 reboot=k quiet init=/nonexistent rdinit=/nonexistent".into();
+    let out = boot(&spec)?;
+    ensure!(out.status.code() == Some(3), "a panic should end the VMM with 3, got {}", out.status);
+    ensure!(out.stderr.contains("guest kernel panicked: Kernel panic - not syncing"), "no panic message");
+    Ok(())
+}

@@ -1,5 +1,6 @@
 //! virtio device models and the virtio-pci transport (docs filled below).
 
+pub mod block;
 pub mod device;
 pub mod pci;
 pub mod worker;

@@ -1,0 +1,431 @@
+//! virtio-blk over a raw image file: read, write, flush, GET_ID, read-only.
+//!
+//! One request queue served by a worker thread; requests run synchronously
+//! on that thread with positioned I/O (`pread`/`pwrite`), so the guest can
+//! keep at most one request in flight per queue on the host.
+
+pub mod request;
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_SIZE_MAX,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::device::{
+    read_config_bytes, take_queue, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
+};
+use crate::worker::{
+    drain_eventfd, process_queue, spawn_worker, EpollCtx, EpollHandler, WorkerError, WorkerHandle,
+};
+use crate::GuestMemoryMmap;
+use request::{handle_request, Disk, MAX_REQUEST_BYTES, SECTOR_SIZE};
+
+const QUEUE_SIZE: u16 = 256;
+/// Segments per request we announce (`seg_max`).
+const SEG_MAX: u32 = 128;
+/// Largest segment we announce (`size_max`).
+const SIZE_MAX: u32 = 1 << 20;
+
+/// Errors opening a disk.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The image could not be opened.
+    #[error("open disk image {path}")]
+    Open {
+        /// Image path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another process holds a conflicting lock on the image.
+    #[error("disk image {0} is in use (locked)")]
+    Locked(PathBuf),
+    /// The image size could not be read.
+    #[error("stat disk image")]
+    Stat(#[source] std::io::Error),
+}
+
+/// How to open a disk.
+#[derive(Debug, Clone)]
+pub struct BlockConfig {
+    /// Raw image path.
+    pub path: PathBuf,
+    /// Refuse writes (`readonly=on`).
+    pub readonly: bool,
+    /// Serial reported by GET_ID (at most 20 bytes are used).
+    pub serial: Option<String>,
+}
+
+/// The virtio-blk device.
+pub struct Block {
+    disk: Arc<Disk>,
+    config: [u8; 24],
+    acked_features: u64,
+    worker: Option<WorkerHandle>,
+}
+
+fn open_image(path: &Path, readonly: bool) -> Result<File, BlockError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!readonly)
+        .open(path)
+        .map_err(|source| BlockError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let op = if readonly {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    };
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let r = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
+    if r != 0 {
+        return Err(BlockError::Locked(path.to_path_buf()));
+    }
+    Ok(file)
+}
+
+impl Block {
+    /// Opens the image (locked: shared when read-only, exclusive otherwise).
+    pub fn new(cfg: &BlockConfig) -> Result<Self, BlockError> {
+        let file = open_image(&cfg.path, cfg.readonly)?;
+        let len = file.metadata().map_err(BlockError::Stat)?.len();
+        if len % SECTOR_SIZE != 0 {
+            log::warn!(
+                "disk {}: size {len} is not a multiple of {SECTOR_SIZE}; the tail is not visible",
+                cfg.path.display()
+            );
+        }
+        let sectors = len / SECTOR_SIZE;
+        let mut config = [0u8; 24];
+        config[0..8].copy_from_slice(&sectors.to_le_bytes());
+        config[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
+        config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        Ok(Block {
+            disk: Arc::new(Disk {
+                file,
+                size: sectors * SECTOR_SIZE,
+                readonly: cfg.readonly,
+                serial: cfg.serial.as_ref().map(|s| s.as_bytes().to_vec()),
+            }),
+            config,
+            acked_features: 0,
+            worker: None,
+        })
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn sectors(&self) -> u64 {
+        self.disk.size / SECTOR_SIZE
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+    fn features(&self) -> u64 {
+        let mut f = 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_SIZE_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_FLUSH;
+        if self.disk.readonly {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+    fn activate(
+        &mut self,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        mut queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let queue = take_queue(&mut queues, 0)?;
+        let handler = BlockHandler {
+            mem,
+            interrupt,
+            queue,
+            disk: self.disk.clone(),
+        };
+        let worker = spawn_worker("virtio-blk", handler).map_err(|e| match e {
+            WorkerError::Epoll(e) | WorkerError::Spawn(e) => ActivateError::Io(e),
+            WorkerError::Queue(_) => ActivateError::MissingQueue(0),
+        })?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+    fn reset(&mut self) -> bool {
+        if let Some(mut w) = self.worker.take() {
+            w.stop();
+        }
+        self.acked_features = 0;
+        true
+    }
+}
+
+/// Events of the block worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    /// The driver queued requests.
+    Queue,
+}
+
+impl Token {
+    fn from_u64(v: u64) -> Option<Token> {
+        (v == Token::Queue as u64).then_some(Token::Queue)
+    }
+}
+
+struct BlockHandler {
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    queue: ActiveQueue,
+    disk: Arc<Disk>,
+}
+
+impl EpollHandler for BlockHandler {
+    fn register(&mut self, ctx: &EpollCtx) -> std::io::Result<()> {
+        ctx.add(
+            self.queue.event.as_raw_fd(),
+            Token::Queue as u64,
+            EventSet::IN,
+        )
+    }
+
+    fn handle_event(
+        &mut self,
+        _ctx: &EpollCtx,
+        token: u64,
+        _events: EventSet,
+    ) -> Result<(), WorkerError> {
+        match Token::from_u64(token) {
+            Some(Token::Queue) => {
+                drain_eventfd(&self.queue.event);
+                let mem = self.mem.memory();
+                let disk = &self.disk;
+                process_queue(
+                    &mut self.queue.queue,
+                    &mem,
+                    0,
+                    self.interrupt.as_ref(),
+                    |chain| handle_request(&mem, chain, disk),
+                )?;
+            }
+            None => log::warn!("virtio-blk: unknown event token {token}"),
+        }
+        Ok(())
+    }
+}
+
+const _: () = assert!(MAX_REQUEST_BYTES as u64 >= SEG_MAX as u64 * 4096);
+
+#[cfg(test)]
+mod tests {
+    use super::request::*;
+    use super::*;
+    use crate::test_utils::*;
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use vmm_sys_util::eventfd::EventFd;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        mem: GuestMemoryMmap,
+        tq: TestQueue,
+        kick: EventFd,
+        blk: Block,
+    }
+
+    fn fixture(readonly: bool) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        let mut f = File::create(&path).unwrap();
+        let pattern: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        f.write_all(&pattern).unwrap();
+        drop(f);
+        let mem = single_region_mem(0x10_0000);
+        let tq = TestQueue::new(&mem, 0, 16, 0x1_0000);
+        let aq = tq.active(0);
+        let kick = aq.event.try_clone().unwrap();
+        let mut blk = Block::new(&BlockConfig {
+            path: path.clone(),
+            readonly,
+            serial: Some("skiff-disk-0".into()),
+        })
+        .unwrap();
+        blk.activate(atomic_mem(&mem), recorder(), vec![aq])
+            .unwrap();
+        Fixture {
+            _dir: dir,
+            path,
+            mem,
+            tq,
+            kick,
+            blk,
+        }
+    }
+
+    fn header(t: u32, sector: u64) -> Vec<u8> {
+        let mut h = t.to_le_bytes().to_vec();
+        h.extend_from_slice(&[0; 4]);
+        h.extend_from_slice(&sector.to_le_bytes());
+        h
+    }
+
+    /// Submits a request and waits for it; returns (used len, status, data addr).
+    fn submit(fx: &mut Fixture, t: u32, sector: u64, data: Option<(Dir, u32)>) -> (u32, u8, u64) {
+        submit_with(fx, t, sector, data, &[])
+    }
+
+    fn submit_with(
+        fx: &mut Fixture,
+        t: u32,
+        sector: u64,
+        data: Option<(Dir, u32)>,
+        payload: &[u8],
+    ) -> (u32, u8, u64) {
+        let mut descs = vec![(Readable, 16)];
+        descs.extend(data);
+        descs.push((Writable, 1));
+        let (_, addrs) = fx.tq.add_chain(&descs);
+        fx.tq.write(addrs[0], &header(t, sector));
+        if !payload.is_empty() {
+            fx.tq.write(addrs[1], payload);
+        }
+        let n = fx.tq.used_idx();
+        fx.kick.write(1).unwrap();
+        assert!(wait_until(|| fx.tq.used_idx() == n + 1));
+        let status = fx.tq.read(*addrs.last().unwrap(), 1)[0];
+        (
+            fx.tq.used_entry(n).1,
+            status,
+            addrs.get(1).copied().unwrap_or(0),
+        )
+    }
+
+    #[test]
+    fn config_reports_capacity_and_features() {
+        let fx = fixture(true);
+        let mut cap = [0u8; 8];
+        fx.blk.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 16);
+        assert_ne!(fx.blk.features() & 1 << VIRTIO_BLK_F_RO, 0);
+        assert_eq!(fx.blk.sectors(), 16);
+    }
+
+    #[test]
+    fn read_write_flush_get_id() {
+        let mut fx = fixture(false);
+        let (len, status, addr) = submit(&mut fx, VIRTIO_BLK_T_IN, 1, Some((Writable, 512)));
+        assert_eq!((len, status), (513, VIRTIO_BLK_S_OK));
+        let expect: Vec<u8> = (512..1024u32).map(|i| (i % 251) as u8).collect();
+        assert_eq!(fx.tq.read(addr, 512), expect);
+
+        let payload = vec![0xabu8; 1024];
+        let (len, status, _) = submit_with(
+            &mut fx,
+            VIRTIO_BLK_T_OUT,
+            2,
+            Some((Readable, 1024)),
+            &payload,
+        );
+        assert_eq!((len, status), (1, VIRTIO_BLK_S_OK));
+        let (_, status, _) = submit(&mut fx, VIRTIO_BLK_T_FLUSH, 0, None);
+        assert_eq!(status, VIRTIO_BLK_S_OK);
+        let mut f = File::open(&fx.path).unwrap();
+        let mut on_disk = vec![0u8; 1536];
+        f.seek(SeekFrom::Start(1024 - 512)).unwrap();
+        f.read_exact(&mut on_disk).unwrap();
+        assert_eq!(on_disk[..512], expect[..], "sector 1 untouched");
+        assert_eq!(on_disk[512..], payload[..], "sectors 2-3 written");
+
+        let (len, status, addr) = submit(&mut fx, VIRTIO_BLK_T_GET_ID, 0, Some((Writable, 20)));
+        assert_eq!((len, status), (21, VIRTIO_BLK_S_OK));
+        assert_eq!(&fx.tq.read(addr, 20)[..13], b"skiff-disk-0\0");
+    }
+
+    #[test]
+    fn readonly_refuses_writes() {
+        let mut fx = fixture(true);
+        let (len, status, _) = submit(&mut fx, VIRTIO_BLK_T_OUT, 0, Some((Readable, 512)));
+        assert_eq!((len, status), (1, VIRTIO_BLK_S_IOERR));
+        let (_, status, _) = submit(&mut fx, VIRTIO_BLK_T_FLUSH, 0, None);
+        assert_eq!(status, VIRTIO_BLK_S_OK);
+        let mut f = File::open(&fx.path).unwrap();
+        let mut first = [0u8; 4];
+        f.read_exact(&mut first).unwrap();
+        assert_eq!(first, [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn bad_requests_get_error_status() {
+        let mut fx = fixture(false);
+        // Past the end of the disk.
+        let (_, status, _) = submit(&mut fx, VIRTIO_BLK_T_IN, 16, Some((Writable, 512)));
+        assert_eq!(status, VIRTIO_BLK_S_IOERR);
+        // Sector overflow.
+        let (_, status, _) = submit(&mut fx, VIRTIO_BLK_T_IN, u64::MAX, Some((Writable, 512)));
+        assert_eq!(status, VIRTIO_BLK_S_IOERR);
+        // Unknown type.
+        let (_, status, _) = submit(&mut fx, 77, 0, None);
+        assert_eq!(status, VIRTIO_BLK_S_UNSUPP);
+        // Short header.
+        let (_, addrs) = fx.tq.add_chain(&[(Readable, 8), (Writable, 1)]);
+        fx.kick.write(1).unwrap();
+        assert!(wait_until(|| fx.tq.used_idx() == 4));
+        assert_eq!(fx.tq.read(addrs[1], 1)[0], VIRTIO_BLK_S_IOERR);
+        // No status byte at all, and a chain outside memory: length 0.
+        fx.tq.add_chain(&[(Readable, 16)]);
+        fx.tq
+            .add_raw_chain(&[(0x4000_0000, 16, Readable), (0x4000_0010, 1, Writable)]);
+        fx.kick.write(1).unwrap();
+        assert!(wait_until(|| fx.tq.used_idx() == 6));
+        assert_eq!(fx.tq.used_entry(4).1, 0);
+        assert_eq!(fx.tq.used_entry(5).1, 0);
+        // The device still works afterwards.
+        let (_, status, _) = submit(&mut fx, VIRTIO_BLK_T_IN, 0, Some((Writable, 512)));
+        assert_eq!(status, VIRTIO_BLK_S_OK);
+    }
+
+    #[test]
+    fn indirect_read() {
+        let mut fx = fixture(false);
+        let (_, addrs) = fx.tq.add_indirect_chain(&[
+            (Readable, 16),
+            (Writable, 256),
+            (Writable, 256),
+            (Writable, 1),
+        ]);
+        fx.tq.write(addrs[0], &header(VIRTIO_BLK_T_IN, 0));
+        fx.kick.write(1).unwrap();
+        assert!(wait_until(|| fx.tq.used_idx() == 1));
+        assert_eq!(fx.tq.used_entry(0).1, 513);
+        assert_eq!(fx.tq.read(addrs[1], 4), vec![0, 1, 2, 3]);
+        assert_eq!(fx.tq.read(addrs[2], 4), vec![5, 6, 7, 8]);
+        assert_eq!(fx.tq.read(addrs[3], 1)[0], VIRTIO_BLK_S_OK);
+        let _ = &fx.mem;
+    }
+}

@@ -14,3 +14,4 @@ pub use device::{ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, Virt
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 pub mod rng;
 pub mod transport;
+pub mod vsock;

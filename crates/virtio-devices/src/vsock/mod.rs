@@ -1,0 +1,293 @@
+//! virtio-vsock in userspace with Firecracker's hybrid host side: host
+//! programs talk to the guest through Unix sockets, no `/dev/vhost-vsock`.
+//!
+//! See [`muxer`] for the host-side protocol (`CONNECT <port>\n` /
+//! `OK <port>\n`, and `<path>_<port>` for guest-initiated connections) and
+//! [`connection`] for flow control.
+
+pub mod connection;
+pub mod muxer;
+pub mod packet;
+
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::device::{take_queue, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt};
+use crate::worker::{
+    drain_eventfd, process_queue, signal_used_queue, spawn_worker, EpollCtx, EpollHandler,
+    WorkerError, WorkerHandle,
+};
+use crate::GuestMemoryMmap;
+use muxer::{Muxer, LISTENER_TOKEN};
+use packet::{read_tx_packet, RxBuffer};
+
+const QUEUE_SIZE: u16 = 256;
+const RX_QUEUE: usize = 0;
+const TX_QUEUE: usize = 1;
+const EVENT_QUEUE: usize = 2;
+
+/// Errors creating a vsock device.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// Context ids 0-2 are reserved.
+    #[error("invalid guest CID {0} (must be 3 or more)")]
+    InvalidCid(u64),
+    /// The listening socket could not be created.
+    #[error("bind vsock socket {path}")]
+    Bind {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The virtio-vsock device.
+pub struct Vsock {
+    cid: u64,
+    path: PathBuf,
+    listener: UnixListener,
+    acked_features: u64,
+    worker: Option<WorkerHandle>,
+}
+
+impl Vsock {
+    /// A device for guest `cid` whose host side listens on `path` (a stale
+    /// socket file there is replaced).
+    pub fn new(cid: u64, path: &Path) -> Result<Self, VsockError> {
+        if cid < 3 || cid > u64::from(u32::MAX) {
+            return Err(VsockError::InvalidCid(cid));
+        }
+        let bind_err = |source| VsockError::Bind {
+            path: path.to_path_buf(),
+            source,
+        };
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(bind_err(e)),
+        }
+        let listener = UnixListener::bind(path).map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        Ok(Vsock {
+            cid,
+            path: path.to_path_buf(),
+            listener,
+            acked_features: 0,
+            worker: None,
+        })
+    }
+
+    /// The guest's context id.
+    pub fn cid(&self) -> u64 {
+        self.cid
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 3]
+    }
+    fn features(&self) -> u64 {
+        0
+    }
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        crate::device::read_config_bytes(&self.cid.to_le_bytes(), offset, data);
+    }
+    fn activate(
+        &mut self,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        mut queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let rx = take_queue(&mut queues, RX_QUEUE)?;
+        let tx = take_queue(&mut queues, TX_QUEUE)?;
+        let event = take_queue(&mut queues, EVENT_QUEUE)?;
+        let listener = self.listener.try_clone().map_err(ActivateError::Io)?;
+        let handler = VsockHandler {
+            mem,
+            interrupt,
+            rx,
+            tx,
+            event,
+            muxer: Muxer::new(self.cid, self.path.clone(), listener),
+            rx_broken: false,
+        };
+        let worker = spawn_worker("virtio-vsock", handler).map_err(|e| match e {
+            WorkerError::Epoll(e) | WorkerError::Spawn(e) => ActivateError::Io(e),
+            WorkerError::Queue(_) => ActivateError::MissingQueue(TX_QUEUE),
+        })?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+    fn reset(&mut self) -> bool {
+        if let Some(mut w) = self.worker.take() {
+            w.stop();
+        }
+        self.acked_features = 0;
+        true
+    }
+}
+
+/// Events of the vsock worker; host sockets use tokens from
+/// [`LISTENER_TOKEN`] up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    /// The guest added receive buffers.
+    RxQueue,
+    /// The guest sent packets.
+    TxQueue,
+    /// The guest added event buffers (unused: we send no events).
+    EventQueue,
+    /// A host client connects.
+    Listener,
+    /// A host socket is ready.
+    Conn(u64),
+}
+
+impl Token {
+    fn from_u64(v: u64) -> Token {
+        match v {
+            0 => Token::RxQueue,
+            1 => Token::TxQueue,
+            2 => Token::EventQueue,
+            LISTENER_TOKEN => Token::Listener,
+            t => Token::Conn(t),
+        }
+    }
+}
+
+struct VsockHandler {
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    rx: ActiveQueue,
+    tx: ActiveQueue,
+    event: ActiveQueue,
+    muxer: Muxer,
+    rx_broken: bool,
+}
+
+impl VsockHandler {
+    fn process_tx(&mut self, ctx: &EpollCtx) -> Result<(), WorkerError> {
+        let mem = self.mem.memory();
+        let muxer = &mut self.muxer;
+        process_queue(
+            &mut self.tx.queue,
+            &mem,
+            TX_QUEUE as u16,
+            self.interrupt.as_ref(),
+            |chain| {
+                match read_tx_packet(&mem, chain) {
+                    Ok((hdr, payload)) => muxer.handle_tx_packet(ctx, &hdr, &payload),
+                    Err(e) => log::warn!("vsock: bad tx packet: {e}"),
+                }
+                0
+            },
+        )?;
+        Ok(())
+    }
+
+    fn fill_rx(&mut self, ctx: &EpollCtx) -> Result<(), WorkerError> {
+        let mem = self.mem.memory();
+        let queue = &mut self.rx.queue;
+        let mut used = 0;
+        while self.muxer.has_rx_work() {
+            let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
+                // Out of buffers: ask to be told when the guest adds some.
+                if queue
+                    .enable_notification(&*mem)
+                    .map_err(WorkerError::Queue)?
+                {
+                    continue;
+                }
+                break;
+            };
+            let head = chain.head_index();
+            let len = match RxBuffer::new(&mem, chain) {
+                Err(e) => {
+                    log::warn!("vsock: bad rx buffer: {e}");
+                    0
+                }
+                Ok(buf) => match self.muxer.next_rx_packet(ctx, buf.payload_capacity()) {
+                    None => {
+                        drop(buf);
+                        queue.go_to_previous_position();
+                        break;
+                    }
+                    Some((hdr, data)) => buf.write(hdr, &data).unwrap_or_else(|e| {
+                        log::warn!("vsock: rx packet lost: {e}");
+                        0
+                    }),
+                },
+            };
+            queue
+                .add_used(&*mem, head, len)
+                .map_err(WorkerError::Queue)?;
+            used += 1;
+        }
+        if used > 0 {
+            signal_used_queue(queue, &mem, RX_QUEUE as u16, self.interrupt.as_ref())?;
+        }
+        Ok(())
+    }
+}
+
+impl EpollHandler for VsockHandler {
+    fn register(&mut self, ctx: &EpollCtx) -> io::Result<()> {
+        ctx.add(self.rx.event.as_raw_fd(), 0, EventSet::IN)?;
+        ctx.add(self.tx.event.as_raw_fd(), 1, EventSet::IN)?;
+        ctx.add(self.event.event.as_raw_fd(), 2, EventSet::IN)?;
+        self.muxer.register(ctx)
+    }
+
+    fn handle_event(
+        &mut self,
+        ctx: &EpollCtx,
+        token: u64,
+        events: EventSet,
+    ) -> Result<(), WorkerError> {
+        match Token::from_u64(token) {
+            Token::RxQueue => drain_eventfd(&self.rx.event),
+            Token::TxQueue => {
+                drain_eventfd(&self.tx.event);
+                if let Err(e) = self.process_tx(ctx) {
+                    // A corrupt TX ring: stop reading it, keep the rest alive.
+                    log::error!("vsock: tx queue broken: {e}");
+                    ctx.remove(self.tx.event.as_raw_fd())
+                        .map_err(WorkerError::Epoll)?;
+                }
+            }
+            Token::EventQueue => drain_eventfd(&self.event.event),
+            Token::Listener => self.muxer.handle_listener(ctx),
+            Token::Conn(t) => self.muxer.handle_conn_event(ctx, t, events),
+        }
+        if !self.rx_broken {
+            if let Err(e) = self.fill_rx(ctx) {
+                log::error!("vsock: rx queue broken: {e}");
+                self.rx_broken = true;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,366 @@
+//! The vsock device driven by a simulated guest over mock queues and real
+//! host Unix sockets.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::connection::CONN_BUF_SIZE;
+use super::packet::*;
+use super::*;
+use crate::test_utils::*;
+
+const CID: u64 = 3;
+const RX_BUF: u32 = 4096 + HDR_SIZE as u32;
+
+struct Guest {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    rxq: TestQueue,
+    txq: TestQueue,
+    rx_kick: EventFd,
+    tx_kick: EventFd,
+    rx_bufs: HashMap<u16, u64>,
+    rx_seen: u16,
+    tx_sent: u16,
+    dev: Vsock,
+}
+
+impl Guest {
+    fn new() -> Guest {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let mem = single_region_mem(0x100_0000);
+        let rxq = TestQueue::new(&mem, 0x0, 256, 0x10_0000);
+        let txq = TestQueue::new(&mem, 0x4000, 256, 0x80_0000);
+        let evq = TestQueue::new(&mem, 0x8000, 16, 0xf0_0000);
+        let (rx, tx, ev) = (rxq.active(0), txq.active(1), evq.active(2));
+        let rx_kick = rx.event.try_clone().unwrap();
+        let tx_kick = tx.event.try_clone().unwrap();
+        let mut dev = Vsock::new(CID, &path).unwrap();
+        dev.activate(atomic_mem(&mem), recorder(), vec![rx, tx, ev])
+            .unwrap();
+        Guest {
+            _dir: dir,
+            path,
+            rxq,
+            txq,
+            rx_kick,
+            tx_kick,
+            rx_bufs: HashMap::new(),
+            rx_seen: 0,
+            tx_sent: 0,
+            dev,
+        }
+    }
+
+    fn post_rx(&mut self, n: usize) {
+        for _ in 0..n {
+            let (head, addrs) = self.rxq.add_chain(&[(Writable, RX_BUF)]);
+            self.rx_bufs.insert(head, addrs[0]);
+        }
+        self.rx_kick.write(1).unwrap();
+    }
+
+    fn try_recv(&mut self, wait: bool) -> Option<(Header, Vec<u8>)> {
+        let seen = self.rx_seen;
+        if wait {
+            wait_until(|| self.rxq.used_idx() != seen);
+        }
+        if self.rxq.used_idx() == seen {
+            return None;
+        }
+        let (head, len) = self.rxq.used_entry(seen);
+        self.rx_seen = seen.wrapping_add(1);
+        let addr = self.rx_bufs[&head];
+        let bytes = self.rxq.read(addr, len as usize);
+        let mut h = [0u8; HDR_SIZE];
+        h.copy_from_slice(&bytes[..HDR_SIZE]);
+        Some((Header::from_bytes(&h), bytes[HDR_SIZE..].to_vec()))
+    }
+
+    fn recv(&mut self) -> (Header, Vec<u8>) {
+        self.try_recv(true).expect("a packet for the guest")
+    }
+
+    fn send_raw(&mut self, bytes: &[u8]) {
+        let (_, addrs) = self.txq.add_chain(&[(Readable, bytes.len() as u32)]);
+        self.txq.write(addrs[0], bytes);
+        self.tx_sent += 1;
+        self.tx_kick.write(1).unwrap();
+        let sent = self.tx_sent;
+        assert!(wait_until(|| self.txq.used_idx() == sent));
+    }
+
+    fn send(&mut self, src_port: u32, dst_port: u32, op: u16, flags: u32, payload: &[u8]) {
+        let h = Header {
+            src_cid: CID,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            len: payload.len() as u32,
+            type_: TYPE_STREAM,
+            op,
+            flags,
+            buf_alloc: 64 * 1024,
+            fwd_cnt: 0,
+        };
+        let mut bytes = h.to_bytes().to_vec();
+        bytes.extend_from_slice(payload);
+        self.send_raw(&bytes);
+    }
+
+    /// Host connects through the hybrid socket; returns the stream and the
+    /// host port after the guest accepted.
+    fn host_connect(&mut self, guest_port: u32) -> (UnixStream, u32) {
+        let mut s = UnixStream::connect(&self.path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        writeln!(s, "CONNECT {guest_port}").unwrap();
+        let (req, _) = self.recv();
+        assert_eq!(req.op, op::REQUEST);
+        assert_eq!(
+            (req.src_cid, req.dst_cid, req.dst_port),
+            (HOST_CID, CID, guest_port)
+        );
+        self.send(guest_port, req.src_port, op::RESPONSE, 0, &[]);
+        let mut line = String::new();
+        BufReader::new(&mut s).read_line(&mut line).unwrap();
+        assert_eq!(line, format!("OK {}\n", req.src_port));
+        (s, req.src_port)
+    }
+}
+
+#[test]
+fn config_is_cid() {
+    let g = Guest::new();
+    let mut d = [0u8; 8];
+    g.dev.read_config(0, &mut d);
+    assert_eq!(u64::from_le_bytes(d), CID);
+    assert!(matches!(
+        Vsock::new(2, &g.path),
+        Err(VsockError::InvalidCid(2))
+    ));
+}
+
+#[test]
+fn host_initiated_echo() {
+    let mut g = Guest::new();
+    g.post_rx(8);
+    let (mut s, host_port) = g.host_connect(52);
+    s.write_all(b"hello").unwrap();
+    let (h, data) = g.recv();
+    assert_eq!((h.op, h.src_port, h.dst_port), (op::RW, host_port, 52));
+    assert_eq!(data, b"hello");
+    assert_eq!(h.buf_alloc, CONN_BUF_SIZE);
+    g.send(52, host_port, op::RW, 0, b"world");
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"world");
+    // Host closes: guest sees SHUTDOWN; guest closes fully: host gets RST.
+    drop(s);
+    let (h, _) = g.recv();
+    assert_eq!(h.op, op::SHUTDOWN);
+    g.send(
+        52,
+        host_port,
+        op::SHUTDOWN,
+        SHUTDOWN_RCV | SHUTDOWN_SEND,
+        &[],
+    );
+    let (h, _) = g.recv();
+    assert_eq!(h.op, op::RST);
+}
+
+#[test]
+fn guest_initiated_to_listening_and_missing_ports() {
+    let mut g = Guest::new();
+    g.post_rx(8);
+    let listener = UnixListener::bind(format!("{}_1234", g.path.display())).unwrap();
+    g.send(5000, 1234, op::REQUEST, 0, &[]);
+    let (h, _) = g.recv();
+    assert_eq!((h.op, h.src_port, h.dst_port), (op::RESPONSE, 1234, 5000));
+    let (mut s, _) = listener.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    g.send(5000, 1234, op::RW, 0, b"ping");
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping");
+    s.write_all(b"pong").unwrap();
+    let (h, data) = g.recv();
+    assert_eq!((h.op, data.as_slice()), (op::RW, &b"pong"[..]));
+    // Nobody listens on 99: refused with RST.
+    g.send(5001, 99, op::REQUEST, 0, &[]);
+    let (h, _) = g.recv();
+    assert_eq!((h.op, h.dst_port), (op::RST, 5001));
+    // Guest reset closes the host side.
+    g.send(5000, 1234, op::RST, 0, &[]);
+    assert_eq!(s.read(&mut buf).unwrap(), 0);
+}
+
+#[test]
+fn host_to_guest_respects_credit() {
+    let mut g = Guest::new();
+    g.post_rx(64);
+    let listener = UnixListener::bind(format!("{}_7", g.path.display())).unwrap();
+    // Guest advertises 64 KiB of buffer (see `send`).
+    g.send(6000, 7, op::REQUEST, 0, &[]);
+    assert_eq!(g.recv().0.op, op::RESPONSE);
+    let (mut s, _) = listener.accept().unwrap();
+    s.write_all(&vec![7u8; 100 * 1024]).unwrap();
+    let mut got = 0;
+    while let Some((h, data)) = g.try_recv(true) {
+        assert_eq!(h.op, op::RW);
+        got += data.len();
+        if got >= 64 * 1024 {
+            break;
+        }
+    }
+    assert_eq!(got, 64 * 1024);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        g.try_recv(false).is_none(),
+        "no data beyond the guest's credit"
+    );
+    // The guest consumed everything: credit update lets the rest through.
+    let h = Header {
+        src_cid: CID,
+        dst_cid: HOST_CID,
+        src_port: 6000,
+        dst_port: 7,
+        type_: TYPE_STREAM,
+        op: op::CREDIT_UPDATE,
+        buf_alloc: 64 * 1024,
+        fwd_cnt: 64 * 1024,
+        ..Header::default()
+    };
+    g.send_raw(&h.to_bytes());
+    while got < 100 * 1024 {
+        let (_, data) = g.recv();
+        got += data.len();
+    }
+    assert_eq!(got, 100 * 1024);
+}
+
+#[test]
+fn guest_overrunning_credit_is_reset_and_credit_requests_answered() {
+    let mut g = Guest::new();
+    g.post_rx(16);
+    let listener = UnixListener::bind(format!("{}_8", g.path.display())).unwrap();
+    g.send(6001, 8, op::REQUEST, 0, &[]);
+    assert_eq!(g.recv().0.op, op::RESPONSE);
+    let (_s, _) = listener.accept().unwrap();
+    g.send(6001, 8, op::CREDIT_REQUEST, 0, &[]);
+    let (h, _) = g.recv();
+    assert_eq!((h.op, h.buf_alloc), (op::CREDIT_UPDATE, CONN_BUF_SIZE));
+    // The host never reads: push more than the advertised buffer.
+    let chunk = vec![1u8; MAX_PKT_PAYLOAD];
+    let mut reset = false;
+    for _ in 0..(CONN_BUF_SIZE as usize / MAX_PKT_PAYLOAD + 40) {
+        g.send(6001, 8, op::RW, 0, &chunk);
+        if let Some((h, _)) = g.try_recv(false) {
+            if h.op == op::RST {
+                reset = true;
+                break;
+            }
+        }
+    }
+    assert!(reset || g.recv().0.op == op::RST);
+}
+
+#[test]
+fn malformed_packets_are_dropped() {
+    let mut g = Guest::new();
+    g.post_rx(8);
+    // Shorter than a header.
+    g.send_raw(&[1, 2, 3]);
+    // Length beyond the chain.
+    let mut h = Header {
+        src_cid: CID,
+        dst_cid: HOST_CID,
+        src_port: 1,
+        dst_port: 2,
+        len: 1 << 30,
+        type_: TYPE_STREAM,
+        op: op::RW,
+        ..Header::default()
+    };
+    g.send_raw(&h.to_bytes());
+    // Spoofed source CID: silently dropped.
+    h.len = 0;
+    h.src_cid = 9;
+    g.send_raw(&h.to_bytes());
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(g.try_recv(false).is_none());
+    // Data for an unknown connection, and an unknown type: RST.
+    h.src_cid = CID;
+    g.send_raw(&h.to_bytes());
+    assert_eq!(g.recv().0.op, op::RST);
+    h.type_ = 2;
+    h.op = op::REQUEST;
+    g.send_raw(&h.to_bytes());
+    assert_eq!(g.recv().0.op, op::RST);
+    // Chain outside guest memory.
+    g.txq.add_raw_chain(&[(0x4000_0000, 64, Readable)]);
+    g.tx_sent += 1;
+    g.tx_kick.write(1).unwrap();
+    let sent = g.tx_sent;
+    assert!(wait_until(|| g.txq.used_idx() == sent));
+    // Garbage CONNECT lines close the host client.
+    let mut s = UnixStream::connect(&g.path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.write_all(b"HELLO there\n").unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!(s.read(&mut b).unwrap(), 0);
+    // Still works.
+    let (_s, _) = g.host_connect(77);
+}
+
+#[test]
+fn many_connections_at_once() {
+    let mut g = Guest::new();
+    g.post_rx(200);
+    let mut conns = Vec::new();
+    for i in 0..16 {
+        conns.push(g.host_connect(100 + i));
+    }
+    for (i, (s, _)) in conns.iter_mut().enumerate() {
+        s.write_all(format!("msg{i}").as_bytes()).unwrap();
+    }
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < 16 {
+        let (h, data) = g.recv();
+        assert_eq!(h.op, op::RW);
+        assert_eq!(data, format!("msg{}", h.dst_port - 100).into_bytes());
+        seen.insert(h.dst_port);
+    }
+    for (i, (_, port)) in conns.iter().enumerate() {
+        g.send(
+            100 + i as u32,
+            *port,
+            op::RW,
+            0,
+            format!("re{i}").as_bytes(),
+        );
+    }
+    for (i, (s, _)) in conns.iter_mut().enumerate() {
+        let mut buf = vec![0u8; format!("re{i}").len()];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(buf, format!("re{i}").into_bytes());
+    }
+}
+
+#[test]
+fn rx_waits_for_buffers_without_spinning() {
+    let mut g = Guest::new();
+    // No receive buffers yet: the REQUEST waits.
+    let mut s = UnixStream::connect(&g.path).unwrap();
+    s.write_all(b"CONNECT 9\n").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(g.try_recv(false).is_none());
+    g.post_rx(1);
+    let (h, _) = g.recv();
+    assert_eq!(h.op, op::REQUEST);
+}

@@ -1,6 +1,7 @@
 //! virtio device models and the virtio-pci transport (docs filled below).
 
 pub mod block;
+pub mod console;
 pub mod device;
 pub mod pci;
 pub mod worker;

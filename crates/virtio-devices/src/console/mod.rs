@@ -1,0 +1,561 @@
+//! virtio-console (`hvc0`): one port, output to a file or to a Unix socket
+//! whose client can also type into the guest.
+//!
+//! Guest output never blocks the device: a slow socket client gets up to
+//! [`MAX_PENDING_OUTPUT`] bytes buffered, and output beyond that is dropped.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
+use virtio_queue::{QueueT, Reader, Writer};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::device::{
+    read_config_bytes, take_queue, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
+};
+use crate::worker::{
+    drain_eventfd, process_queue, signal_used_queue, spawn_worker, EpollCtx, EpollHandler,
+    WorkerError, WorkerHandle,
+};
+use crate::GuestMemoryMmap;
+
+const QUEUE_SIZE: u16 = 256;
+const RX_QUEUE: usize = 0;
+const TX_QUEUE: usize = 1;
+/// Output buffered for a slow socket client before output is dropped.
+pub const MAX_PENDING_OUTPUT: usize = 1 << 20;
+/// Bytes taken from one transmit chain.
+const MAX_CHAIN_OUTPUT: usize = 64 * 1024;
+/// Input read from the client before it is handed to the guest.
+const INPUT_CHUNK: usize = 4096;
+
+/// Errors creating a console.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    /// The output file could not be opened.
+    #[error("open console file {path}")]
+    File {
+        /// File path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The socket could not be bound.
+    #[error("bind console socket {path}")]
+    Bind {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Where the console goes.
+#[derive(Debug, Clone)]
+pub enum ConsoleOutput {
+    /// Appended to a file.
+    File(PathBuf),
+    /// Served on a Unix socket (one client at a time; a new one replaces it).
+    Socket(PathBuf),
+}
+
+enum Backend {
+    File(File),
+    Socket(UnixListener),
+}
+
+/// The virtio-console device.
+pub struct Console {
+    backend: Backend,
+    acked_features: u64,
+    worker: Option<WorkerHandle>,
+}
+
+impl Console {
+    /// Opens the file or binds the socket.
+    pub fn new(output: &ConsoleOutput) -> Result<Self, ConsoleError> {
+        let backend = match output {
+            ConsoleOutput::File(path) => Backend::File(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| ConsoleError::File {
+                        path: path.clone(),
+                        source,
+                    })?,
+            ),
+            ConsoleOutput::Socket(path) => Backend::Socket(bind(path)?),
+        };
+        Ok(Console {
+            backend,
+            acked_features: 0,
+            worker: None,
+        })
+    }
+}
+
+fn bind(path: &Path) -> Result<UnixListener, ConsoleError> {
+    let err = |source| ConsoleError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let l = UnixListener::bind(path).map_err(err)?;
+    l.set_nonblocking(true).map_err(err)?;
+    Ok(l)
+}
+
+impl VirtioDevice for Console {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_CONSOLE
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 2]
+    }
+    fn features(&self) -> u64 {
+        0
+    }
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // cols, rows, max_nr_ports (1), emerg_wr.
+        let mut cfg = [0u8; 12];
+        cfg[4..8].copy_from_slice(&1u32.to_le_bytes());
+        read_config_bytes(&cfg, offset, data);
+    }
+    fn activate(
+        &mut self,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        mut queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let rx = take_queue(&mut queues, RX_QUEUE)?;
+        let tx = take_queue(&mut queues, TX_QUEUE)?;
+        let out = match &self.backend {
+            Backend::File(f) => Output::File(f.try_clone().map_err(ActivateError::Io)?),
+            Backend::Socket(l) => Output::Socket {
+                listener: l.try_clone().map_err(ActivateError::Io)?,
+                client: None,
+                pending: VecDeque::new(),
+            },
+        };
+        let handler = ConsoleHandler {
+            mem,
+            interrupt,
+            rx,
+            tx,
+            out,
+            input: Vec::new(),
+            client_events: EventSet::empty(),
+        };
+        let worker = spawn_worker("virtio-console", handler).map_err(|e| match e {
+            WorkerError::Epoll(e) | WorkerError::Spawn(e) => ActivateError::Io(e),
+            WorkerError::Queue(_) => ActivateError::MissingQueue(TX_QUEUE),
+        })?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+    fn reset(&mut self) -> bool {
+        if let Some(mut w) = self.worker.take() {
+            w.stop();
+        }
+        self.acked_features = 0;
+        true
+    }
+}
+
+enum Output {
+    File(File),
+    Socket {
+        listener: UnixListener,
+        client: Option<UnixStream>,
+        pending: VecDeque<u8>,
+    },
+}
+
+/// Events of the console worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    RxQueue = 0,
+    TxQueue = 1,
+    Listener = 2,
+    Client = 3,
+}
+
+impl Token {
+    fn from_u64(v: u64) -> Option<Token> {
+        [
+            Token::RxQueue,
+            Token::TxQueue,
+            Token::Listener,
+            Token::Client,
+        ]
+        .into_iter()
+        .find(|t| *t as u64 == v)
+    }
+}
+
+struct ConsoleHandler {
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    rx: ActiveQueue,
+    tx: ActiveQueue,
+    out: Output,
+    /// Client input not yet given to the guest.
+    input: Vec<u8>,
+    client_events: EventSet,
+}
+
+impl ConsoleHandler {
+    fn process_tx(&mut self) -> Result<(), WorkerError> {
+        let mem = self.mem.memory();
+        let out = &mut self.out;
+        process_queue(
+            &mut self.tx.queue,
+            &mem,
+            TX_QUEUE as u16,
+            self.interrupt.as_ref(),
+            |chain| {
+                let mut reader = match Reader::new(&*mem, chain) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        log::warn!("virtio-console: bad tx chain: {e}");
+                        return 0;
+                    }
+                };
+                let mut buf = vec![0u8; reader.available_bytes().min(MAX_CHAIN_OUTPUT)];
+                match reader.read_exact(&mut buf) {
+                    Ok(()) => write_output(out, &buf),
+                    Err(e) => log::warn!("virtio-console: {e}"),
+                }
+                0
+            },
+        )?;
+        Ok(())
+    }
+
+    fn fill_rx(&mut self) -> Result<(), WorkerError> {
+        if self.input.is_empty() {
+            return Ok(());
+        }
+        let mem = self.mem.memory();
+        let queue = &mut self.rx.queue;
+        let mut used = 0;
+        while !self.input.is_empty() {
+            let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
+                if queue
+                    .enable_notification(&*mem)
+                    .map_err(WorkerError::Queue)?
+                {
+                    continue;
+                }
+                break;
+            };
+            let head = chain.head_index();
+            let len = match Writer::new(&*mem, chain) {
+                Ok(mut w) => {
+                    let n = w.available_bytes().min(self.input.len());
+                    match w.write_all(&self.input[..n]) {
+                        Ok(()) => {
+                            self.input.drain(..n);
+                            n as u32
+                        }
+                        Err(e) => {
+                            log::warn!("virtio-console: {e}");
+                            0
+                        }
+                    }
+                }
+                Err(e) => {
+                    log::warn!("virtio-console: bad rx chain: {e}");
+                    0
+                }
+            };
+            queue
+                .add_used(&*mem, head, len)
+                .map_err(WorkerError::Queue)?;
+            used += 1;
+        }
+        if used > 0 {
+            signal_used_queue(queue, &mem, RX_QUEUE as u16, self.interrupt.as_ref())?;
+        }
+        Ok(())
+    }
+
+    fn accept(&mut self, ctx: &EpollCtx) {
+        let Output::Socket {
+            listener,
+            client,
+            pending,
+        } = &mut self.out
+        else {
+            return;
+        };
+        let Ok((stream, _)) = listener.accept() else {
+            return;
+        };
+        if stream.set_nonblocking(true).is_err() {
+            return;
+        }
+        if let Some(old) = client.take() {
+            let _ = ctx.remove(old.as_raw_fd());
+        }
+        pending.clear();
+        self.client_events = EventSet::empty();
+        *client = Some(stream);
+    }
+
+    fn client_event(&mut self, events: EventSet) {
+        let Output::Socket {
+            client, pending, ..
+        } = &mut self.out
+        else {
+            return;
+        };
+        let Some(stream) = client else { return };
+        let mut gone = false;
+        if events.contains(EventSet::IN) && self.input.is_empty() {
+            let mut buf = [0u8; INPUT_CHUNK];
+            match stream.read(&mut buf) {
+                Ok(0) => gone = true,
+                Ok(n) => self.input.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => gone = true,
+            }
+        }
+        if !gone && !pending.is_empty() {
+            gone = flush_pending(stream, pending).is_err();
+        }
+        if gone || events.intersects(EventSet::ERROR | EventSet::HANG_UP) {
+            *client = None;
+            pending.clear();
+        }
+    }
+
+    /// Watches the client for what we can act on: input when the guest
+    /// has taken the previous input, output when some is pending.
+    fn sync_client(&mut self, ctx: &EpollCtx) {
+        let Output::Socket {
+            client, pending, ..
+        } = &self.out
+        else {
+            return;
+        };
+        let Some(stream) = client else {
+            self.client_events = EventSet::empty();
+            return;
+        };
+        let mut want = EventSet::empty();
+        if self.input.is_empty() {
+            want |= EventSet::IN;
+        }
+        if !pending.is_empty() {
+            want |= EventSet::OUT;
+        }
+        if want == self.client_events {
+            return;
+        }
+        let fd = stream.as_raw_fd();
+        let token = Token::Client as u64;
+        let r = match (self.client_events.is_empty(), want.is_empty()) {
+            (true, _) => ctx.add(fd, token, want),
+            (false, true) => ctx.remove(fd),
+            (false, false) => ctx.modify(fd, token, want),
+        };
+        match r {
+            Ok(()) => self.client_events = want,
+            Err(e) => log::warn!("virtio-console: epoll: {e}"),
+        }
+    }
+}
+
+fn flush_pending(stream: &mut UnixStream, pending: &mut VecDeque<u8>) -> io::Result<()> {
+    while !pending.is_empty() {
+        let (front, _) = pending.as_slices();
+        match stream.write(front) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                pending.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn write_output(out: &mut Output, data: &[u8]) {
+    match out {
+        Output::File(f) => {
+            if let Err(e) = f.write_all(data) {
+                log::warn!("virtio-console: output file: {e}");
+            }
+        }
+        Output::Socket {
+            client, pending, ..
+        } => {
+            let Some(stream) = client else { return };
+            let room = MAX_PENDING_OUTPUT - pending.len();
+            if data.len() > room {
+                log::debug!(
+                    "virtio-console: client too slow, {} bytes dropped",
+                    data.len() - room
+                );
+            }
+            pending.extend(&data[..data.len().min(room)]);
+            if flush_pending(stream, pending).is_err() {
+                *client = None;
+                pending.clear();
+            }
+        }
+    }
+}
+
+impl EpollHandler for ConsoleHandler {
+    fn register(&mut self, ctx: &EpollCtx) -> io::Result<()> {
+        ctx.add(
+            self.rx.event.as_raw_fd(),
+            Token::RxQueue as u64,
+            EventSet::IN,
+        )?;
+        ctx.add(
+            self.tx.event.as_raw_fd(),
+            Token::TxQueue as u64,
+            EventSet::IN,
+        )?;
+        if let Output::Socket { listener, .. } = &self.out {
+            ctx.add(listener.as_raw_fd(), Token::Listener as u64, EventSet::IN)?;
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &mut self,
+        ctx: &EpollCtx,
+        token: u64,
+        events: EventSet,
+    ) -> Result<(), WorkerError> {
+        match Token::from_u64(token) {
+            Some(Token::RxQueue) => drain_eventfd(&self.rx.event),
+            Some(Token::TxQueue) => {
+                drain_eventfd(&self.tx.event);
+                self.process_tx()?;
+            }
+            Some(Token::Listener) => self.accept(ctx),
+            Some(Token::Client) => self.client_event(events),
+            None => log::warn!("virtio-console: unknown token {token}"),
+        }
+        self.fill_rx()?;
+        if let Output::Socket { client: None, .. } = &self.out {
+            if !self.client_events.is_empty() {
+                // The client went away; its fd is closed, which removed it
+                // from the epoll set.
+                self.client_events = EventSet::empty();
+            }
+        }
+        self.sync_client(ctx);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_utils::*;
+    use std::time::Duration;
+
+    fn start(
+        output: ConsoleOutput,
+    ) -> (
+        Console,
+        GuestMemoryMmap,
+        TestQueue,
+        TestQueue,
+        ActiveQueueKicks,
+    ) {
+        let mem = single_region_mem(0x10_0000);
+        let rxq = TestQueue::new(&mem, 0, 16, 0x1_0000);
+        let txq = TestQueue::new(&mem, 0x1000, 16, 0x8_0000);
+        let (rx, tx) = (rxq.active(0), txq.active(1));
+        let kicks = ActiveQueueKicks {
+            rx: rx.event.try_clone().unwrap(),
+            tx: tx.event.try_clone().unwrap(),
+        };
+        let mut c = Console::new(&output).unwrap();
+        c.activate(atomic_mem(&mem), recorder(), vec![rx, tx])
+            .unwrap();
+        (c, mem, rxq, txq, kicks)
+    }
+
+    struct ActiveQueueKicks {
+        rx: vmm_sys_util::eventfd::EventFd,
+        tx: vmm_sys_util::eventfd::EventFd,
+    }
+
+    fn guest_print(txq: &mut TestQueue, kick: &vmm_sys_util::eventfd::EventFd, text: &[u8]) {
+        let (_, addrs) = txq.add_chain(&[(Readable, text.len() as u32)]);
+        txq.write(addrs[0], text);
+        let n = txq.used_idx();
+        kick.write(1).unwrap();
+        assert!(wait_until(|| txq.used_idx() == n + 1));
+    }
+
+    #[test]
+    fn output_to_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let (_c, _mem, _rxq, mut txq, k) = start(ConsoleOutput::File(path.clone()));
+        guest_print(&mut txq, &k.tx, b"Linux version 6.1\n");
+        guest_print(&mut txq, &k.tx, b"login: ");
+        assert_eq!(std::fs::read(&path).unwrap(), b"Linux version 6.1\nlogin: ");
+        // A chain outside memory completes with 0 and is skipped.
+        txq.add_raw_chain(&[(0x4000_0000, 10, Readable)]);
+        k.tx.write(1).unwrap();
+        assert!(wait_until(|| txq.used_idx() == 3));
+    }
+
+    #[test]
+    fn socket_both_ways() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.sock");
+        let (_c, _mem, mut rxq, mut txq, k) = start(ConsoleOutput::Socket(path.clone()));
+        // Output with no client is dropped, not blocking.
+        guest_print(&mut txq, &k.tx, b"early\n");
+        let mut client = UnixStream::connect(&path).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        guest_print(&mut txq, &k.tx, b"hello\n");
+        let mut buf = [0u8; 6];
+        client.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hello\n");
+        // Input waits for a receive buffer.
+        client.write_all(b"ls\n").unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        let (_, addrs) = rxq.add_chain(&[(Writable, 64)]);
+        k.rx.write(1).unwrap();
+        assert!(wait_until(|| rxq.used_idx() == 1));
+        assert_eq!(rxq.used_entry(0).1, 3);
+        assert_eq!(rxq.read(addrs[0], 3), b"ls\n");
+    }
+}

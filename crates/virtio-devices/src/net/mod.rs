@@ -1,0 +1,506 @@
+//! virtio-net over a tap device: one RX/TX queue pair, a MAC address, no
+//! offloads (every frame fits a plain 1514-byte buffer plus header).
+
+pub mod tap;
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::io::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
+use virtio_queue::{QueueT, Reader, Writer};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::device::{
+    read_config_bytes, take_queue, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
+};
+use crate::worker::{
+    drain_eventfd, process_queue, signal_used_queue, spawn_worker, EpollCtx, EpollHandler,
+    WorkerError, WorkerHandle,
+};
+use crate::GuestMemoryMmap;
+use tap::{TapError, VNET_HDR_LEN};
+
+const QUEUE_SIZE: u16 = 256;
+const RX_QUEUE: usize = 0;
+const TX_QUEUE: usize = 1;
+/// Largest frame (with header) moved in either direction.
+pub const MAX_FRAME: usize = 65562;
+
+/// Errors creating a net device.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The tap could not be opened or configured.
+    #[error("tap device")]
+    Tap(#[source] TapError),
+    /// The MAC address string is malformed.
+    #[error("invalid MAC address {0:?}")]
+    InvalidMac(String),
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], NetError> {
+    let bad = || NetError::InvalidMac(s.to_string());
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next().ok_or_else(bad)?;
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok(mac)
+}
+
+/// A locally administered unicast MAC derived from `seed`.
+pub fn generated_mac(seed: u32) -> [u8; 6] {
+    let s = seed.to_be_bytes();
+    [0x52, 0x54, s[0], s[1], s[2], s[3]]
+}
+
+/// The virtio-net device.
+pub struct Net {
+    backend: File,
+    mac: [u8; 6],
+    acked_features: u64,
+    worker: Option<WorkerHandle>,
+}
+
+impl Net {
+    /// A device on the tap `name` (created if missing).
+    pub fn with_tap_name(name: &str, mac: [u8; 6]) -> Result<Self, NetError> {
+        Ok(Self::with_backend(
+            tap::open_tap(name).map_err(NetError::Tap)?,
+            mac,
+        ))
+    }
+
+    /// A device on an inherited tap fd.
+    pub fn with_tap_fd(fd: OwnedFd, mac: [u8; 6]) -> Result<Self, NetError> {
+        Ok(Self::with_backend(
+            tap::tap_from_fd(fd).map_err(NetError::Tap)?,
+            mac,
+        ))
+    }
+
+    /// A device on any non-blocking fd that carries one frame (with its
+    /// 12-byte virtio-net header) per read and write.
+    pub fn with_backend(backend: File, mac: [u8; 6]) -> Self {
+        Net {
+            backend,
+            mac,
+            acked_features: 0,
+            worker: None,
+        }
+    }
+
+    /// The MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 2]
+    }
+    fn features(&self) -> u64 {
+        1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS
+    }
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut cfg = [0u8; 10];
+        cfg[..6].copy_from_slice(&self.mac);
+        cfg[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
+        read_config_bytes(&cfg, offset, data);
+    }
+    fn activate(
+        &mut self,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        mut queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let rx = take_queue(&mut queues, RX_QUEUE)?;
+        let tx = take_queue(&mut queues, TX_QUEUE)?;
+        let handler = NetHandler {
+            mem,
+            interrupt,
+            rx,
+            tx,
+            tap: self.backend.try_clone().map_err(ActivateError::Io)?,
+            frame: Vec::new(),
+            tap_watched: true,
+            dropped: 0,
+        };
+        let worker = spawn_worker("virtio-net", handler).map_err(|e| match e {
+            WorkerError::Epoll(e) | WorkerError::Spawn(e) => ActivateError::Io(e),
+            WorkerError::Queue(_) => ActivateError::MissingQueue(TX_QUEUE),
+        })?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+    fn reset(&mut self) -> bool {
+        if let Some(mut w) = self.worker.take() {
+            w.stop();
+        }
+        self.acked_features = 0;
+        true
+    }
+}
+
+/// Events of the net worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    RxQueue = 0,
+    TxQueue = 1,
+    Tap = 2,
+}
+
+impl Token {
+    fn from_u64(v: u64) -> Option<Token> {
+        [Token::RxQueue, Token::TxQueue, Token::Tap]
+            .into_iter()
+            .find(|t| *t as u64 == v)
+    }
+}
+
+struct NetHandler {
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    rx: ActiveQueue,
+    tx: ActiveQueue,
+    tap: File,
+    /// A frame read from the tap, waiting for a receive buffer.
+    frame: Vec<u8>,
+    tap_watched: bool,
+    dropped: u64,
+}
+
+enum Delivery {
+    Delivered,
+    NoBuffer,
+}
+
+impl NetHandler {
+    fn process_tx(&mut self) -> Result<(), WorkerError> {
+        let mem = self.mem.memory();
+        let tap = &mut self.tap;
+        let dropped = &mut self.dropped;
+        process_queue(
+            &mut self.tx.queue,
+            &mem,
+            TX_QUEUE as u16,
+            self.interrupt.as_ref(),
+            |chain| {
+                let mut reader = match Reader::new(&*mem, chain) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        log::warn!("virtio-net: bad tx chain: {e}");
+                        return 0;
+                    }
+                };
+                let len = reader.available_bytes();
+                if !(VNET_HDR_LEN..=MAX_FRAME).contains(&len) {
+                    log::debug!("virtio-net: tx frame of {len} bytes dropped");
+                    *dropped += 1;
+                    return 0;
+                }
+                let mut frame = vec![0u8; len];
+                if let Err(e) = reader.read_exact(&mut frame) {
+                    log::warn!("virtio-net: {e}");
+                    return 0;
+                }
+                if let Err(e) = tap.write(&frame) {
+                    // A full tap queue drops the frame, as a NIC would.
+                    log::debug!("virtio-net: tap write: {e}");
+                    *dropped += 1;
+                }
+                0
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Moves `self.frame` into the next receive buffer.
+    fn deliver(&mut self, mem: &GuestMemoryMmap) -> Result<Delivery, WorkerError> {
+        let queue = &mut self.rx.queue;
+        loop {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                if queue.enable_notification(mem).map_err(WorkerError::Queue)? {
+                    continue;
+                }
+                return Ok(Delivery::NoBuffer);
+            };
+            let head = chain.head_index();
+            let len = match Writer::new(mem, chain) {
+                Ok(mut w) if w.available_bytes() >= self.frame.len() => {
+                    match w.write_all(&self.frame) {
+                        Ok(()) => self.frame.len() as u32,
+                        Err(e) => {
+                            log::warn!("virtio-net: {e}");
+                            0
+                        }
+                    }
+                }
+                Ok(_) => {
+                    log::debug!(
+                        "virtio-net: rx buffer too small for {} bytes",
+                        self.frame.len()
+                    );
+                    self.dropped += 1;
+                    0
+                }
+                Err(e) => {
+                    log::warn!("virtio-net: bad rx chain: {e}");
+                    0
+                }
+            };
+            queue.add_used(mem, head, len).map_err(WorkerError::Queue)?;
+            self.frame.clear();
+            return Ok(Delivery::Delivered);
+        }
+    }
+
+    /// Reads frames from the tap into receive buffers until either runs out.
+    fn process_rx(&mut self, ctx: &EpollCtx) -> Result<(), WorkerError> {
+        let mem = self.mem.memory();
+        let mut used = 0;
+        loop {
+            if self.frame.is_empty() {
+                let mut buf = vec![0u8; MAX_FRAME];
+                match self.tap.read(&mut buf) {
+                    Ok(n) if n >= VNET_HDR_LEN => {
+                        buf.truncate(n);
+                        // num_buffers is 1 without VIRTIO_NET_F_MRG_RXBUF.
+                        buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+                        self.frame = buf;
+                    }
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        log::warn!("virtio-net: tap read: {e}");
+                        break;
+                    }
+                }
+            }
+            match self.deliver(&mem)? {
+                Delivery::Delivered => used += 1,
+                Delivery::NoBuffer => break,
+            }
+        }
+        if used > 0 {
+            signal_used_queue(
+                &mut self.rx.queue,
+                &mem,
+                RX_QUEUE as u16,
+                self.interrupt.as_ref(),
+            )?;
+        }
+        // Stop watching the tap while a frame waits for a buffer, so the
+        // level-triggered tap event cannot spin the loop.
+        let want = self.frame.is_empty();
+        if want != self.tap_watched {
+            let fd = self.tap.as_raw_fd();
+            let r = if want {
+                ctx.add(fd, Token::Tap as u64, EventSet::IN)
+            } else {
+                ctx.remove(fd)
+            };
+            r.map_err(WorkerError::Epoll)?;
+            self.tap_watched = want;
+        }
+        Ok(())
+    }
+}
+
+impl EpollHandler for NetHandler {
+    fn register(&mut self, ctx: &EpollCtx) -> io::Result<()> {
+        ctx.add(
+            self.rx.event.as_raw_fd(),
+            Token::RxQueue as u64,
+            EventSet::IN,
+        )?;
+        ctx.add(
+            self.tx.event.as_raw_fd(),
+            Token::TxQueue as u64,
+            EventSet::IN,
+        )?;
+        ctx.add(self.tap.as_raw_fd(), Token::Tap as u64, EventSet::IN)
+    }
+
+    fn handle_event(
+        &mut self,
+        ctx: &EpollCtx,
+        token: u64,
+        _events: EventSet,
+    ) -> Result<(), WorkerError> {
+        match Token::from_u64(token) {
+            Some(Token::RxQueue) => {
+                drain_eventfd(&self.rx.event);
+                self.process_rx(ctx)?;
+            }
+            Some(Token::TxQueue) => {
+                drain_eventfd(&self.tx.event);
+                self.process_tx()?;
+            }
+            Some(Token::Tap) => self.process_rx(ctx)?,
+            None => log::warn!("virtio-net: unknown token {token}"),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_utils::*;
+    use std::os::unix::net::UnixDatagram;
+    use vmm_sys_util::eventfd::EventFd;
+
+    struct Fx {
+        _net: Net,
+        peer: UnixDatagram,
+        rxq: TestQueue,
+        txq: TestQueue,
+        rx_kick: EventFd,
+        tx_kick: EventFd,
+    }
+
+    fn fixture() -> Fx {
+        let (a, b) = UnixDatagram::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        b.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let mem = single_region_mem(0x40_0000);
+        let rxq = TestQueue::new(&mem, 0, 16, 0x1_0000);
+        let txq = TestQueue::new(&mem, 0x1000, 16, 0x20_0000);
+        let (rx, tx) = (rxq.active(0), txq.active(1));
+        let rx_kick = rx.event.try_clone().unwrap();
+        let tx_kick = tx.event.try_clone().unwrap();
+        let mut net = Net::with_backend(
+            tap::raw_backend(OwnedFd::from(a)),
+            parse_mac("52:54:00:12:34:56").unwrap(),
+        );
+        net.activate(atomic_mem(&mem), recorder(), vec![rx, tx])
+            .unwrap();
+        Fx {
+            _net: net,
+            peer: b,
+            rxq,
+            txq,
+            rx_kick,
+            tx_kick,
+        }
+    }
+
+    fn frame(payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn mac_parsing_and_config() {
+        assert_eq!(
+            parse_mac("52:54:00:ab:CD:ef").unwrap(),
+            [0x52, 0x54, 0, 0xab, 0xcd, 0xef]
+        );
+        for bad in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:ef:00",
+            "5:54:00:ab:cd:ef",
+            "zz:54:00:ab:cd:ef",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad}");
+        }
+        let (a, _b) = UnixDatagram::pair().unwrap();
+        let net = Net::with_backend(tap::raw_backend(OwnedFd::from(a)), generated_mac(7));
+        let mut cfg = [0u8; 8];
+        net.read_config(0, &mut cfg);
+        assert_eq!(&cfg[..6], &[0x52, 0x54, 0, 0, 0, 7]);
+        assert_eq!(u16::from_le_bytes([cfg[6], cfg[7]]), 1, "link up");
+    }
+
+    #[test]
+    fn tx_frames_reach_the_tap() {
+        let mut fx = fixture();
+        let f = frame(b"\xff\xff\xff\xff\xff\xffethernet frame");
+        // Header and payload in separate descriptors.
+        let (_, addrs) = fx.txq.add_chain(&[
+            (Readable, VNET_HDR_LEN as u32),
+            (Readable, (f.len() - VNET_HDR_LEN) as u32),
+        ]);
+        fx.txq.write(addrs[0], &f[..VNET_HDR_LEN]);
+        fx.txq.write(addrs[1], &f[VNET_HDR_LEN..]);
+        fx.tx_kick.write(1).unwrap();
+        let mut buf = [0u8; 256];
+        let n = fx.peer.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &f[..]);
+        // A runt without a full header is dropped, not sent.
+        fx.txq.add_chain(&[(Readable, 4)]);
+        fx.tx_kick.write(1).unwrap();
+        assert!(wait_until(|| fx.txq.used_idx() == 2));
+    }
+
+    #[test]
+    fn rx_frames_wait_for_buffers() {
+        let mut fx = fixture();
+        fx.peer.send(&frame(b"first")).unwrap();
+        fx.peer.send(&frame(b"second")).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert_eq!(fx.rxq.used_idx(), 0);
+        let (_, a1) = fx.rxq.add_chain(&[(Writable, 1526)]);
+        let (_, a2) = fx.rxq.add_chain(&[(Writable, 1526)]);
+        fx.rx_kick.write(1).unwrap();
+        assert!(wait_until(|| fx.rxq.used_idx() == 2));
+        assert_eq!(fx.rxq.used_entry(0).1 as usize, VNET_HDR_LEN + 5);
+        let got = fx.rxq.read(a1[0], VNET_HDR_LEN + 5);
+        assert_eq!(&got[VNET_HDR_LEN..], b"first");
+        assert_eq!(&got[10..12], &[1, 0], "num_buffers = 1");
+        assert_eq!(
+            &fx.rxq.read(a2[0], VNET_HDR_LEN + 6)[VNET_HDR_LEN..],
+            b"second"
+        );
+        // Too small a buffer: the frame is dropped, the buffer returned empty.
+        fx.peer.send(&frame(&[0u8; 100])).unwrap();
+        fx.rxq.add_chain(&[(Writable, 20)]);
+        fx.rx_kick.write(1).unwrap();
+        assert!(wait_until(|| fx.rxq.used_idx() == 3));
+        assert_eq!(fx.rxq.used_entry(2).1, 0);
+    }
+
+    #[test]
+    fn real_tap_opens_when_permitted() {
+        match tap::open_tap("skifftest0") {
+            Ok(t) => {
+                let net = Net::with_backend(t, generated_mac(1));
+                assert_eq!(net.mac()[0], 0x52);
+            }
+            // Unprivileged environments cannot create taps.
+            Err(TapError::OpenTun(_)) | Err(TapError::Ioctl { .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
+        assert!(matches!(
+            tap::open_tap("this-name-is-too-long"),
+            Err(TapError::InvalidName(_))
+        ));
+    }
+}

@@ -179,8 +179,9 @@ pub fn early_mounts(sys: &dyn Syscall) -> Result<(), InitError> {
 /// Loads the kernel modules under `/lib/modules/<release>`: in the order
 /// of its `modules.load` if there is one, otherwise all of them, in passes
 /// until a pass loads nothing new (so dependencies sort themselves out).
-/// Returns the modules that could not be loaded.
-pub fn load_modules(sys: &dyn Syscall) -> Vec<PathBuf> {
+/// Parameters come from the kernel command line (`name.param=value`), as
+/// modprobe would pass them. Returns the modules that could not be loaded.
+pub fn load_modules(sys: &dyn Syscall, cmdline: &str) -> Vec<PathBuf> {
     let Ok(release) = sys.kernel_release() else {
         return Vec::new();
     };
@@ -209,7 +210,7 @@ pub fn load_modules(sys: &dyn Syscall) -> Vec<PathBuf> {
             } else {
                 0
             };
-            match sys.load_module(m, flags) {
+            match sys.load_module(m, &module_params(cmdline, m), flags) {
                 Ok(()) => false,
                 Err(e) => e.errno() != Some(libc::EEXIST),
             }
@@ -218,6 +219,27 @@ pub fn load_modules(sys: &dyn Syscall) -> Vec<PathBuf> {
             return pending;
         }
     }
+}
+
+/// The kernel command line's parameters for the module in file `path`.
+pub fn module_params(cmdline: &str, path: &Path) -> String {
+    let file = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = file
+        .split(".ko")
+        .next()
+        .unwrap_or_default()
+        .replace('-', "_");
+    cmdline
+        .split_whitespace()
+        .filter_map(|w| {
+            let (module, param) = w.split_once('.')?;
+            (module.replace('-', "_") == name && !param.is_empty()).then_some(param)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn find_modules(sys: &dyn Syscall, dir: &Path, out: &mut Vec<PathBuf>) {
@@ -268,7 +290,8 @@ pub fn run(sys: &dyn Syscall, opts: &InitOptions) -> Result<Option<MainProcess>,
     let cmdline = sys
         .read_file(Path::new("/proc/cmdline"))
         .unwrap_or_default();
-    let mut cfg = parse_cmdline(&String::from_utf8_lossy(&cmdline));
+    let cmdline = String::from_utf8_lossy(&cmdline).into_owned();
+    let mut cfg = parse_cmdline(&cmdline);
     if let Some(c) = &opts.config {
         cfg.config = c.clone();
     }
@@ -276,7 +299,12 @@ pub fn run(sys: &dyn Syscall, opts: &InitOptions) -> Result<Option<MainProcess>,
         cfg.rootfs_tag = (tag != "none").then(|| tag.clone());
     }
     if opts.modules {
-        for m in load_modules(sys) {
+        let failed = load_modules(sys, &cmdline);
+        eprintln!(
+            "skiff-agent: kernel modules loaded, {} failed",
+            failed.len()
+        );
+        for m in failed {
             eprintln!("skiff-agent: could not load module {}", m.display());
         }
     }
@@ -388,7 +416,10 @@ mod tests {
             ]
         );
         let module = calls.iter().position(|c| {
-            *c == Call::LoadModule("/lib/modules/6.1.0-test/kernel/virtio_fs.ko".into())
+            *c == Call::LoadModule(
+                "/lib/modules/6.1.0-test/kernel/virtio_fs.ko".into(),
+                String::new(),
+            )
         });
         let rootfs = calls
             .iter()
@@ -471,17 +502,29 @@ mod tests {
             "load_module:/lib/modules/6.1.0-test/broken.ko".into(),
             libc::ENOEXEC,
         );
-        let failed = load_modules(&sys);
+        let failed = load_modules(&sys, "");
         assert_eq!(failed, [PathBuf::from("/lib/modules/6.1.0-test/broken.ko")]);
         let loads = sys
             .calls()
             .iter()
-            .filter(|c| matches!(c, Call::LoadModule(_)))
+            .filter(|c| matches!(c, Call::LoadModule(..)))
             .count();
         assert_eq!(
             loads, 4,
             "one pass of three, a second pass retrying only the failure"
         );
+    }
+
+    #[test]
+    fn module_parameters_come_from_the_cmdline() {
+        let cmdline = "quiet virtio_mmio.device=4K@0xd0000000:5 virtio-mmio.x=1 vsock.y virtio.z=2";
+        let p = |f: &str| module_params(cmdline, Path::new(f));
+        assert_eq!(
+            p("/lib/modules/k/virtio_mmio.ko"),
+            "device=4K@0xd0000000:5 x=1"
+        );
+        assert_eq!(p("/lib/modules/k/vsock.ko.xz"), "y");
+        assert_eq!(p("/lib/modules/k/virtio_ring.ko"), "");
     }
 
     #[test]
@@ -491,17 +534,23 @@ mod tests {
             "/lib/modules/6.1.0-test/modules.load",
             b"kernel/virtio.ko\n# comment\nkernel/virtio_fs.ko\n",
         );
-        assert!(load_modules(&sys).is_empty());
+        assert!(load_modules(&sys, "").is_empty());
         let loads: Vec<Call> = sys
             .calls()
             .into_iter()
-            .filter(|c| matches!(c, Call::LoadModule(_)))
+            .filter(|c| matches!(c, Call::LoadModule(..)))
             .collect();
         assert_eq!(
             loads,
             [
-                Call::LoadModule("/lib/modules/6.1.0-test/kernel/virtio.ko".into()),
-                Call::LoadModule("/lib/modules/6.1.0-test/kernel/virtio_fs.ko".into())
+                Call::LoadModule(
+                    "/lib/modules/6.1.0-test/kernel/virtio.ko".into(),
+                    String::new()
+                ),
+                Call::LoadModule(
+                    "/lib/modules/6.1.0-test/kernel/virtio_fs.ko".into(),
+                    String::new()
+                )
             ]
         );
     }

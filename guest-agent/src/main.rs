@@ -32,7 +32,16 @@ use crate::server::Agent;
 use crate::sys::{Linux, Syscall};
 
 fn main() {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        // The kernel hands init the command line words it does not know:
+        // init must not die of them.
+        Err(e) if std::process::id() == 1 => {
+            eprintln!("skiff-agent: ignoring arguments: {e}");
+            Args::parse_from(["skiff-agent"])
+        }
+        Err(e) => e.exit(),
+    };
     if let Err(e) = run(args) {
         eprintln!("skiff-agent: {e:#}");
         if std::process::id() == 1 {

@@ -49,8 +49,8 @@ pub trait Syscall: Send + Sync {
     fn chdir(&self, path: &Path) -> Result<(), SysError>;
     /// sethostname(2).
     fn sethostname(&self, name: &str) -> Result<(), SysError>;
-    /// finit_module(2) on the file at `path`.
-    fn load_module(&self, path: &Path, flags: i32) -> Result<(), SysError>;
+    /// finit_module(2) on the file at `path` with module parameters.
+    fn load_module(&self, path: &Path, params: &str, flags: i32) -> Result<(), SysError>;
     /// Reads a whole (small) file.
     fn read_file(&self, path: &Path) -> Result<Vec<u8>, SysError>;
     /// Writes a whole (small) file.
@@ -175,15 +175,15 @@ impl Syscall for Linux {
         check("sethostname", name, r.into())
     }
 
-    fn load_module(&self, path: &Path, flags: i32) -> Result<(), SysError> {
+    fn load_module(&self, path: &Path, params: &str, flags: i32) -> Result<(), SysError> {
+        let params = cstr("finit_module", params.as_bytes())?;
         let f = std::fs::File::open(path).map_err(|source| SysError {
             call: "open",
             arg: format!("{path:?}"),
             source,
         })?;
-        let params = c"";
-        // SAFETY: the fd is open for the whole call, `params` is a static
-        // NUL-terminated string.
+        // SAFETY: the fd is open for the whole call, `params` is a
+        // NUL-terminated string that outlives it.
         let r = unsafe {
             libc::syscall(
                 libc::SYS_finit_module,
@@ -278,7 +278,7 @@ pub mod fake {
         Chroot(String),
         Chdir(String),
         Hostname(String),
-        LoadModule(String),
+        LoadModule(String, String),
         Write(String, String),
         Kill(i32, i32),
         Sync,
@@ -366,10 +366,10 @@ pub mod fake {
         fn sethostname(&self, name: &str) -> Result<(), SysError> {
             self.rec("sethostname", Call::Hostname(name.into()))
         }
-        fn load_module(&self, path: &Path, _flags: i32) -> Result<(), SysError> {
+        fn load_module(&self, path: &Path, params: &str, _flags: i32) -> Result<(), SysError> {
             self.rec(
                 &format!("load_module:{}", s(path)),
-                Call::LoadModule(s(path)),
+                Call::LoadModule(s(path), params.into()),
             )
         }
         fn read_file(&self, path: &Path) -> Result<Vec<u8>, SysError> {

@@ -86,6 +86,7 @@ async fn exec_basics() {
     conformance::exec_uname(&a.client).await;
     conformance::exit_codes_and_signals(&a.client).await;
     conformance::env_cwd_and_streams(&a.client).await;
+    conformance::identity(&a.client).await;
     conformance::stdin_round_trip(&a.client).await;
 }
 

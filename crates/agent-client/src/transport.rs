@@ -46,6 +46,14 @@ pub enum Transport {
         /// The guest's vsock port.
         port: u32,
     },
+    /// AF_VSOCK from the host to a guest CID (QEMU with vhost-vsock, for
+    /// comparisons; needs /dev/vhost-vsock on the host).
+    Vsock {
+        /// The guest's context id.
+        cid: u32,
+        /// The guest's vsock port.
+        port: u32,
+    },
 }
 
 impl Transport {
@@ -68,6 +76,15 @@ impl Transport {
     async fn connect_inner(&self) -> Result<UnixStream, TransportError> {
         let path = match self {
             Transport::Unix(p) | Transport::HybridVsock { path: p, .. } => p,
+            Transport::Vsock { cid, port } => {
+                let (cid, port) = (*cid, *port);
+                let std = tokio::task::spawn_blocking(move || vsock_connect(cid, port))
+                    .await
+                    .map_err(|e| TransportError::Connect(self.to_string(), io::Error::other(e)))?
+                    .map_err(|e| TransportError::Connect(self.to_string(), e))?;
+                return UnixStream::from_std(std)
+                    .map_err(|e| TransportError::Connect(self.to_string(), e));
+            }
         };
         let mut s = UnixStream::connect(path)
             .await
@@ -98,11 +115,48 @@ impl Transport {
     }
 }
 
+/// A connected AF_VSOCK stream, in a `UnixStream` wrapper: tokio only
+/// reads, writes and polls the fd, which works the same for any stream
+/// socket (its address methods must not be used).
+fn vsock_connect(cid: u32, port: u32) -> io::Result<std::os::unix::net::UnixStream> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: plain syscall; the fd is owned right below.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket nobody else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_vm is plain data; all-zero is valid.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = cid;
+    addr.svm_port = port;
+    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    // SAFETY: the pointer and length describe `addr`, which outlives the call.
+    let r = unsafe {
+        libc::connect(
+            fd,
+            &addr as *const libc::sockaddr_vm as *const libc::sockaddr,
+            len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let stream = std::os::unix::net::UnixStream::from(owned);
+    stream.set_nonblocking(true)?;
+    Ok(stream)
+}
+
 impl fmt::Display for Transport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Transport::Unix(p) => write!(f, "unix:{}", p.display()),
-            Transport::HybridVsock { path, port } => write!(f, "vsock:{}:{port}", path.display()),
+            Transport::HybridVsock { path, port } => {
+                write!(f, "hybrid-vsock:{}:{port}", path.display())
+            }
+            Transport::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
         }
     }
 }

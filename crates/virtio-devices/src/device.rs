@@ -25,10 +25,20 @@ pub enum ActivateError {
     /// A vhost-user backend refused the set-up.
     #[error("vhost-user backend")]
     VhostUser(#[source] vhost::Error),
+    /// A queue ring address is not in guest memory.
+    #[error("queue ring address {0:#x} is not in guest memory")]
+    BadQueueAddress(u64),
     /// Guest memory regions are not backed by a file that can be shared.
     #[error("guest memory region at {0:#x} is not file-backed, cannot share it")]
     MemoryNotShareable(u64),
 }
+
+/// Ring features every in-process device supports through virtio-queue
+/// (event index and indirect descriptors); devices include them in
+/// [`VirtioDevice::features`]. A vhost-user device offers only what its
+/// backend supports instead.
+pub const RING_FEATURES: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX
+    | 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 
 /// What an interrupt signals to the driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,8 +88,8 @@ pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
     /// Maximum size of each queue; its length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
-    /// Feature bits the device offers (the transport adds its own, like
-    /// `VIRTIO_F_VERSION_1`).
+    /// Feature bits the device offers, ring features included (see
+    /// [`RING_FEATURES`]); the transport adds `VIRTIO_F_VERSION_1`.
     fn features(&self) -> u64;
     /// The features the driver accepted (a subset of what was offered).
     fn ack_features(&mut self, features: u64);

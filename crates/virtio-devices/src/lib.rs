@@ -3,6 +3,7 @@
 pub mod block;
 pub mod console;
 pub mod device;
+pub mod fs;
 pub mod net;
 pub mod pci;
 pub mod worker;

@@ -142,7 +142,8 @@ impl VirtioDevice for Block {
         let mut f = 1 << VIRTIO_BLK_F_SEG_MAX
             | 1 << VIRTIO_BLK_F_SIZE_MAX
             | 1 << VIRTIO_BLK_F_BLK_SIZE
-            | 1 << VIRTIO_BLK_F_FLUSH;
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | crate::device::RING_FEATURES;
         if self.disk.readonly {
             f |= 1 << VIRTIO_BLK_F_RO;
         }

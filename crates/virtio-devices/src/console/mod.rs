@@ -127,7 +127,7 @@ impl VirtioDevice for Console {
         &[QUEUE_SIZE; 2]
     }
     fn features(&self) -> u64 {
-        0
+        crate::device::RING_FEATURES
     }
     fn ack_features(&mut self, features: u64) {
         self.acked_features = features;

@@ -115,7 +115,7 @@ impl VirtioDevice for Net {
         &[QUEUE_SIZE; 2]
     }
     fn features(&self) -> u64 {
-        1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS
+        1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS | crate::device::RING_FEATURES
     }
     fn ack_features(&mut self, features: u64) {
         self.acked_features = features;

@@ -14,7 +14,9 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 
-use crate::device::{take_queue, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt};
+use crate::device::{
+    take_queue, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, RING_FEATURES,
+};
 use crate::worker::{
     drain_eventfd, process_queue, spawn_worker, EpollCtx, EpollHandler, WorkerError, WorkerHandle,
 };
@@ -83,7 +85,7 @@ impl VirtioDevice for Rng {
         &[QUEUE_SIZE]
     }
     fn features(&self) -> u64 {
-        0
+        RING_FEATURES
     }
     fn ack_features(&mut self, features: u64) {
         self.acked_features = features;

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_device::interrupt::{InterruptError, InterruptManager};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
@@ -187,10 +187,7 @@ impl VirtioPciDevice {
         let dev = lock(&device);
         let sizes = dev.queue_max_sizes().to_vec();
         let device_type = dev.device_type();
-        let offered_features = dev.features()
-            | 1 << VIRTIO_F_VERSION_1
-            | 1 << VIRTIO_RING_F_EVENT_IDX
-            | 1 << VIRTIO_RING_F_INDIRECT_DESC;
+        let offered_features = dev.features() | 1 << VIRTIO_F_VERSION_1;
         drop(dev);
         if sizes.len() > MAX_QUEUES {
             return Err(TransportError::TooManyQueues(sizes.len()));

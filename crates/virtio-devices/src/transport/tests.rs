@@ -156,8 +156,8 @@ fn rng_end_to_end_with_msix_and_reset() {
     d.w(0x16, 0, 2);
     assert_eq!(d.r(0x1c, 2), 0);
     assert_eq!(d.r(0x1a, 2), u64::from(NO_VECTOR));
-    // And it can be brought up again.
-    assert!(d.negotiate(1 << 32));
+    // And it can be brought up again, this time with event index.
+    assert!(d.negotiate(1 << 32 | 1 << 29));
     let mut tq = TestQueue::new(&mem, 0x1000, 16, 0x3_0000);
     d.setup_queue(0, &tq, 0);
     d.w(0x14, 0xf, 1);

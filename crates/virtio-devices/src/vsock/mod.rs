@@ -101,7 +101,7 @@ impl VirtioDevice for Vsock {
         &[QUEUE_SIZE; 3]
     }
     fn features(&self) -> u64 {
-        0
+        crate::device::RING_FEATURES
     }
     fn ack_features(&mut self, features: u64) {
         self.acked_features = features;

@@ -1,0 +1,320 @@
+//! virtio-fs through a vhost-user backend (virtiofsd): the device model is
+//! only a frontend. The backend maps guest memory from the memfd behind
+//! each region, reads the rings itself, is kicked by the queue eventfds
+//! (KVM ioeventfds) and signals completions on per-queue "call" eventfds,
+//! which a small worker forwards to the transport's interrupt (so MSI-X
+//! masking and the ISR stay correct).
+//!
+//! Guest memory must be file-backed (`GuestRegionMmap::file_offset()`),
+//! otherwise activation fails with [`ActivateError::MemoryNotShareable`].
+
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use vhost::vhost_user::{
+    Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
+use virtio_queue::QueueT;
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::device::{
+    read_config_bytes, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
+    VirtioInterruptType, RING_FEATURES,
+};
+use crate::worker::{
+    drain_eventfd, spawn_worker, EpollCtx, EpollHandler, WorkerError, WorkerHandle,
+};
+use crate::GuestMemoryMmap;
+
+/// Longest tag (the config field is 36 bytes).
+pub const MAX_TAG_LEN: usize = 36;
+/// Default queue size.
+pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
+
+/// Errors setting up virtio-fs.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// The tag is empty, too long or contains NUL.
+    #[error("invalid virtio-fs tag {0:?}")]
+    InvalidTag(String),
+    /// Queue counts or sizes are out of range.
+    #[error("invalid queue configuration")]
+    InvalidQueues,
+    /// The backend socket could not be reached or refused the handshake.
+    #[error("vhost-user backend at {path}")]
+    Backend {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: vhost::Error,
+    },
+    /// The backend lacks a feature virtio-fs needs.
+    #[error("vhost-user backend does not offer VIRTIO_F_VERSION_1")]
+    NoVersion1,
+}
+
+/// One shared directory.
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    /// Mount tag seen by the guest (`mount -t virtiofs TAG /mnt`).
+    pub tag: String,
+    /// virtiofsd's vhost-user socket.
+    pub socket: PathBuf,
+    /// Request queues (besides the high-priority queue).
+    pub num_request_queues: u16,
+    /// Size of each queue (power of two).
+    pub queue_size: u16,
+}
+
+impl FsConfig {
+    /// One request queue of [`DEFAULT_QUEUE_SIZE`].
+    pub fn new(tag: &str, socket: PathBuf) -> Self {
+        FsConfig {
+            tag: tag.to_string(),
+            socket,
+            num_request_queues: 1,
+            queue_size: DEFAULT_QUEUE_SIZE,
+        }
+    }
+}
+
+/// The virtio-fs device (vhost-user frontend).
+pub struct Fs {
+    config: [u8; 40],
+    socket: PathBuf,
+    frontend: Frontend,
+    backend_features: u64,
+    protocol: bool,
+    acked_features: u64,
+    queue_sizes: Vec<u16>,
+    started: Vec<usize>,
+    worker: Option<WorkerHandle>,
+}
+
+fn backend_err(path: &std::path::Path) -> impl Fn(vhost::Error) -> FsError + '_ {
+    move |source| FsError::Backend {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Fs {
+    /// Connects to the backend and negotiates what can be before the guest
+    /// driver shows up.
+    pub fn new(cfg: &FsConfig) -> Result<Self, FsError> {
+        let tag = cfg.tag.as_bytes();
+        if tag.is_empty() || tag.len() > MAX_TAG_LEN || tag.contains(&0) {
+            return Err(FsError::InvalidTag(cfg.tag.clone()));
+        }
+        if cfg.num_request_queues == 0
+            || cfg.num_request_queues > 64
+            || !cfg.queue_size.is_power_of_two()
+        {
+            return Err(FsError::InvalidQueues);
+        }
+        let num_queues = usize::from(cfg.num_request_queues) + 1;
+        let err = backend_err(&cfg.socket);
+        let mut frontend = Frontend::connect(&cfg.socket, num_queues as u64).map_err(&err)?;
+        frontend.set_owner().map_err(&err)?;
+        let backend_features = frontend.get_features().map_err(&err)?;
+        if backend_features & (1 << VIRTIO_F_VERSION_1) == 0 {
+            return Err(FsError::NoVersion1);
+        }
+        let protocol = backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+        if protocol {
+            let offered = frontend.get_protocol_features().map_err(&err)?;
+            let wanted = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
+            frontend
+                .set_protocol_features(offered & wanted)
+                .map_err(&err)?;
+            if offered.contains(VhostUserProtocolFeatures::MQ) {
+                let max = frontend.get_queue_num().map_err(&err)?;
+                if max < num_queues as u64 {
+                    return Err(FsError::InvalidQueues);
+                }
+            }
+        }
+        let mut config = [0u8; 40];
+        config[..tag.len()].copy_from_slice(tag);
+        config[36..40].copy_from_slice(&u32::from(cfg.num_request_queues).to_le_bytes());
+        Ok(Fs {
+            config,
+            socket: cfg.socket.clone(),
+            frontend,
+            backend_features,
+            protocol,
+            acked_features: 0,
+            queue_sizes: vec![cfg.queue_size; num_queues],
+            started: Vec::new(),
+            worker: None,
+        })
+    }
+
+    fn setup_backend(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queues: &[ActiveQueue],
+        calls: &[EventFd],
+    ) -> Result<(), ActivateError> {
+        let features = self.acked_features
+            | (self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits());
+        let fe = &mut self.frontend;
+        fe.set_features(features)
+            .map_err(ActivateError::VhostUser)?;
+        let mut regions = Vec::new();
+        for region in mem.iter() {
+            let info = VhostUserMemoryRegionInfo::from_guest_region(region)
+                .map_err(|_| ActivateError::MemoryNotShareable(region.start_addr().0))?;
+            regions.push(info);
+        }
+        fe.set_mem_table(&regions)
+            .map_err(ActivateError::VhostUser)?;
+        for (q, call) in queues.iter().zip(calls) {
+            let hva = |a: u64| {
+                mem.get_host_address(GuestAddress(a))
+                    .map(|p| p as u64)
+                    .map_err(|_| ActivateError::BadQueueAddress(a))
+            };
+            let queue = &q.queue;
+            let ring = VringConfigData {
+                queue_max_size: queue.max_size(),
+                queue_size: queue.size(),
+                flags: 0,
+                desc_table_addr: hva(queue.desc_table())?,
+                used_ring_addr: hva(queue.used_ring())?,
+                avail_ring_addr: hva(queue.avail_ring())?,
+                log_addr: None,
+            };
+            let i = q.index;
+            fe.set_vring_num(i, queue.size())
+                .map_err(ActivateError::VhostUser)?;
+            fe.set_vring_addr(i, &ring)
+                .map_err(ActivateError::VhostUser)?;
+            fe.set_vring_base(i, queue.next_avail())
+                .map_err(ActivateError::VhostUser)?;
+            fe.set_vring_call(i, call)
+                .map_err(ActivateError::VhostUser)?;
+            fe.set_vring_kick(i, &q.event)
+                .map_err(ActivateError::VhostUser)?;
+            if self.protocol {
+                fe.set_vring_enable(i, true)
+                    .map_err(ActivateError::VhostUser)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The backend socket path.
+    pub fn socket(&self) -> &std::path::Path {
+        &self.socket
+    }
+}
+
+impl VirtioDevice for Fs {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_FS
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+    fn features(&self) -> u64 {
+        self.backend_features & (RING_FEATURES | 1 << VIRTIO_F_VERSION_1)
+    }
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+    fn activate(
+        &mut self,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let calls = queues
+            .iter()
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ActivateError::Io)?;
+        self.setup_backend(&mem.memory(), &queues, &calls)?;
+        self.started = queues.iter().map(|q| q.index).collect();
+        let handler = CallForwarder {
+            interrupt,
+            calls: queues.iter().map(|q| q.index as u16).zip(calls).collect(),
+        };
+        let worker = spawn_worker("virtio-fs", handler).map_err(|e| match e {
+            WorkerError::Epoll(e) | WorkerError::Spawn(e) => ActivateError::Io(e),
+            WorkerError::Queue(_) => ActivateError::MissingQueue(0),
+        })?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+    fn reset(&mut self) -> bool {
+        if let Some(mut w) = self.worker.take() {
+            w.stop();
+        }
+        // Stop the backend's rings; it keeps its state for the next
+        // activation, which sends everything again.
+        for i in std::mem::take(&mut self.started) {
+            if self.protocol {
+                if let Err(e) = self.frontend.set_vring_enable(i, false) {
+                    log::warn!("virtio-fs: disable ring {i}: {e}");
+                }
+            }
+            if let Err(e) = self.frontend.get_vring_base(i) {
+                log::warn!("virtio-fs: stop ring {i}: {e}");
+            }
+        }
+        self.acked_features = 0;
+        true
+    }
+}
+
+/// Forwards the backend's "used buffers" eventfds to the guest interrupt.
+struct CallForwarder {
+    interrupt: Arc<dyn VirtioInterrupt>,
+    calls: Vec<(u16, EventFd)>,
+}
+
+impl EpollHandler for CallForwarder {
+    fn register(&mut self, ctx: &EpollCtx) -> io::Result<()> {
+        for (slot, (_, fd)) in self.calls.iter().enumerate() {
+            ctx.add(fd.as_raw_fd(), slot as u64, EventSet::IN)?;
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &mut self,
+        _ctx: &EpollCtx,
+        token: u64,
+        _events: EventSet,
+    ) -> Result<(), WorkerError> {
+        let Some((queue, fd)) = self.calls.get(token as usize) else {
+            log::warn!("virtio-fs: unknown token {token}");
+            return Ok(());
+        };
+        drain_eventfd(fd);
+        if let Err(e) = self.interrupt.trigger(VirtioInterruptType::Queue(*queue)) {
+            log::warn!("virtio-fs: interrupt for queue {queue}: {e}");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -36,6 +36,13 @@ pub struct EpollCtx {
 }
 
 impl EpollCtx {
+    /// A new epoll set (workers get theirs from [`spawn_worker`]).
+    pub fn new() -> io::Result<Self> {
+        Ok(EpollCtx {
+            epoll: Epoll::new()?,
+        })
+    }
+
     /// Watches `fd` for `events`, reported with `token`.
     pub fn add(&self, fd: RawFd, token: u64, events: EventSet) -> io::Result<()> {
         self.epoll

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
-use virtio_queue::{QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, QueueT, Reader, Writer};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 
@@ -234,17 +234,8 @@ impl ConsoleHandler {
             TX_QUEUE as u16,
             self.interrupt.as_ref(),
             |chain| {
-                let mut reader = match Reader::new(&*mem, chain) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        log::warn!("virtio-console: bad tx chain: {e}");
-                        return 0;
-                    }
-                };
-                let mut buf = vec![0u8; reader.available_bytes().min(MAX_CHAIN_OUTPUT)];
-                match reader.read_exact(&mut buf) {
-                    Ok(()) => write_output(out, &buf),
-                    Err(e) => log::warn!("virtio-console: {e}"),
+                if let Some(text) = read_tx_chain(&mem, chain) {
+                    write_output(out, &text);
                 }
                 0
             },
@@ -383,6 +374,28 @@ impl ConsoleHandler {
         match r {
             Ok(()) => self.client_events = want,
             Err(e) => log::warn!("virtio-console: epoll: {e}"),
+        }
+    }
+}
+
+/// The output in a transmit chain (at most [`MAX_CHAIN_OUTPUT`] bytes).
+pub fn read_tx_chain(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+) -> Option<Vec<u8>> {
+    let mut reader = match Reader::new(mem, chain) {
+        Ok(r) => r,
+        Err(e) => {
+            log::warn!("virtio-console: bad tx chain: {e}");
+            return None;
+        }
+    };
+    let mut buf = vec![0u8; reader.available_bytes().min(MAX_CHAIN_OUTPUT)];
+    match reader.read_exact(&mut buf) {
+        Ok(()) => Some(buf),
+        Err(e) => {
+            log::warn!("virtio-console: {e}");
+            None
         }
     }
 }

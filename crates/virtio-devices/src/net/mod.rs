@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
-use virtio_queue::{QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, QueueT, Reader, Writer};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 
@@ -192,6 +192,32 @@ struct NetHandler {
     dropped: u64,
 }
 
+/// The frame (with its virtio-net header) in a TX chain, if the chain is
+/// valid and the frame between a header and [`MAX_FRAME`] long.
+pub fn read_tx_frame(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+) -> Option<Vec<u8>> {
+    let mut reader = match Reader::new(mem, chain) {
+        Ok(r) => r,
+        Err(e) => {
+            log::warn!("virtio-net: bad tx chain: {e}");
+            return None;
+        }
+    };
+    let len = reader.available_bytes();
+    if !(VNET_HDR_LEN..=MAX_FRAME).contains(&len) {
+        log::debug!("virtio-net: tx frame of {len} bytes dropped");
+        return None;
+    }
+    let mut frame = vec![0u8; len];
+    if let Err(e) = reader.read_exact(&mut frame) {
+        log::warn!("virtio-net: {e}");
+        return None;
+    }
+    Some(frame)
+}
+
 enum Delivery {
     Delivered,
     NoBuffer,
@@ -208,24 +234,10 @@ impl NetHandler {
             TX_QUEUE as u16,
             self.interrupt.as_ref(),
             |chain| {
-                let mut reader = match Reader::new(&*mem, chain) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        log::warn!("virtio-net: bad tx chain: {e}");
-                        return 0;
-                    }
-                };
-                let len = reader.available_bytes();
-                if !(VNET_HDR_LEN..=MAX_FRAME).contains(&len) {
-                    log::debug!("virtio-net: tx frame of {len} bytes dropped");
+                let Some(frame) = read_tx_frame(&mem, chain) else {
                     *dropped += 1;
                     return 0;
-                }
-                let mut frame = vec![0u8; len];
-                if let Err(e) = reader.read_exact(&mut frame) {
-                    log::warn!("virtio-net: {e}");
-                    return 0;
-                }
+                };
                 if let Err(e) = tap.write(&frame) {
                     // A full tap queue drops the frame, as a NIC would.
                     log::debug!("virtio-net: tap write: {e}");

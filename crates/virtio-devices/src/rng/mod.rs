@@ -144,7 +144,7 @@ struct RngHandler {
 }
 
 /// Fills the writable part of `chain` with random bytes; returns the count.
-fn fill_chain(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+pub fn fill_chain(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
     let mut writer = match chain.writer(mem) {
         Ok(w) => w,
         Err(e) => {

@@ -1,0 +1,337 @@
+//! Entry points for the cargo-fuzz targets in `fuzz/` (feature `fuzzing`).
+//!
+//! Each takes raw fuzz bytes as the guest's memory image: a 16-entry split
+//! queue lives at fixed addresses (descriptors at 0x0, avail ring at
+//! 0x100, used ring at 0x200) and the guest controls every byte of it and
+//! of the buffers, then the device's chain handler runs on whatever the
+//! "driver" published.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::os::unix::io::FromRawFd;
+use std::os::unix::net::UnixListener;
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_device::interrupt::{EventFd, InterruptError, InterruptGroup, InterruptManager, MsiMessage};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
+
+use crate::block::request::{handle_request, Disk};
+use crate::pci::PciDevice;
+use crate::rng::Rng;
+use crate::transport::VirtioPciDevice;
+use crate::vsock::muxer::Muxer;
+use crate::vsock::packet::{read_tx_packet, Header, HDR_SIZE};
+use crate::worker::EpollCtx;
+use crate::{GuestMemoryMmap, VirtioDevice};
+
+const MEM_SIZE: usize = 1 << 20;
+const QUEUE_SIZE: u16 = 16;
+
+fn guest(data: &[u8]) -> (GuestMemoryMmap, Queue) {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("fuzz memory");
+    let n = data.len().min(MEM_SIZE);
+    mem.write_slice(&data[..n], GuestAddress(0)).expect("fits");
+    let mut q = Queue::new(QUEUE_SIZE).expect("queue size");
+    q.set_size(QUEUE_SIZE);
+    q.set_desc_table_address(Some(0), Some(0));
+    q.set_avail_ring_address(Some(0x100), Some(0));
+    q.set_used_ring_address(Some(0x200), Some(0));
+    q.set_ready(true);
+    (mem, q)
+}
+
+fn run_chains(
+    data: &[u8],
+    mut f: impl FnMut(&GuestMemoryMmap, DescriptorChain<&GuestMemoryMmap>) -> u32,
+) {
+    let (mem, mut q) = guest(data);
+    let mut rounds = 0;
+    while let Some(chain) = q.pop_descriptor_chain(&mem) {
+        let head = chain.head_index();
+        let len = f(&mem, chain);
+        let _ = q.add_used(&mem, head, len);
+        rounds += 1;
+        assert!(
+            rounds <= usize::from(QUEUE_SIZE),
+            "a queue yields at most its size per pass"
+        );
+    }
+}
+
+fn memfd(len: u64) -> File {
+    // SAFETY: memfd_create with a static NUL-terminated name; checked below.
+    let fd = unsafe { libc::memfd_create(c"fuzz-disk".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: `fd` is a fresh descriptor we own.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(len).expect("memfd size");
+    f
+}
+
+/// virtio-rng request queue.
+pub fn rng(data: &[u8]) {
+    run_chains(data, crate::rng::fill_chain);
+}
+
+/// virtio-blk request queue against a 64 KiB disk.
+pub fn block(data: &[u8]) {
+    let disk = Disk {
+        file: memfd(64 * 1024),
+        size: 64 * 1024,
+        readonly: data.first().is_some_and(|b| b & 1 != 0),
+        serial: Some(b"fuzz".to_vec()),
+    };
+    run_chains(data, |mem, chain| handle_request(mem, chain, &disk));
+}
+
+/// virtio-net transmit queue.
+pub fn net_tx(data: &[u8]) {
+    run_chains(data, |mem, chain| {
+        crate::net::read_tx_frame(mem, chain).map_or(0, |f| f.len() as u32)
+    });
+}
+
+/// virtio-console transmit queue.
+pub fn console_tx(data: &[u8]) {
+    run_chains(data, |mem, chain| {
+        crate::console::read_tx_chain(mem, chain).map_or(0, |t| t.len() as u32)
+    });
+}
+
+thread_local! {
+    static MUXER: RefCell<Option<(Muxer, EpollCtx, tempfile_dir::Dir)>> = const { RefCell::new(None) };
+}
+
+mod tempfile_dir {
+    /// A private directory removed on drop.
+    pub struct Dir(pub std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// The vsock packet path: TX chains parsed and routed by one long-lived
+/// muxer (guest CID 3), then everything it queued for the guest drained
+/// into receive buffers of fuzzed sizes.
+pub fn vsock(data: &[u8]) {
+    MUXER.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            let dir = std::env::temp_dir().join(format!("skiff-vsock-fuzz-{}", std::process::id()));
+            let _ = std::fs::create_dir_all(&dir);
+            let path = dir.join("v.sock");
+            let _ = std::fs::remove_file(&path);
+            let listener = UnixListener::bind(&path).expect("bind");
+            listener.set_nonblocking(true).expect("nonblocking");
+            let ctx = EpollCtx::new().expect("epoll");
+            let muxer = Muxer::new(3, path, listener);
+            *slot = Some((muxer, ctx, tempfile_dir::Dir(dir)));
+        }
+        let Some((muxer, ctx, _)) = slot.as_mut() else {
+            return;
+        };
+        run_chains(data, |mem, chain| {
+            if let Ok((hdr, payload)) = read_tx_packet(mem, chain) {
+                muxer.handle_tx_packet(ctx, &hdr, &payload);
+            }
+            0
+        });
+        let caps = data.get(..8).unwrap_or(&[]);
+        for (i, cap) in caps.iter().cycle().take(64).enumerate() {
+            let Some((h, payload)) = muxer.next_rx_packet(ctx, usize::from(*cap) * 64 + i) else {
+                break;
+            };
+            assert!(payload.len() <= usize::from(*cap) * 64 + i);
+            let _ = Header::from_bytes(&h.to_bytes());
+        }
+    });
+}
+
+/// A raw vsock header: parsing never panics and round-trips.
+pub fn vsock_header(data: &[u8]) {
+    if let Some(b) = data.get(..HDR_SIZE) {
+        let mut arr = [0u8; HDR_SIZE];
+        arr.copy_from_slice(b);
+        let h = Header::from_bytes(&arr);
+        assert_eq!(h.to_bytes(), arr);
+    }
+}
+
+struct NullGroup;
+
+impl InterruptGroup for NullGroup {
+    fn len(&self) -> usize {
+        8
+    }
+    fn trigger(&self, _index: usize) -> Result<(), InterruptError> {
+        Ok(())
+    }
+    fn notifier(&self, _index: usize) -> Option<&EventFd> {
+        None
+    }
+    fn update(&self, _index: usize, _msg: MsiMessage, _masked: bool) -> Result<(), InterruptError> {
+        Ok(())
+    }
+}
+
+struct NullManager;
+
+impl InterruptManager for NullManager {
+    fn create_msi_group(&self, _count: usize) -> Result<Arc<dyn InterruptGroup>, InterruptError> {
+        Ok(Arc::new(NullGroup))
+    }
+}
+
+/// The virtio-pci register files (config space and BAR0) under a stream
+/// of 12-byte accesses: `kind, size, offset: u16, value: u64`.
+pub fn pci(data: &[u8]) {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("fuzz memory");
+    let rng: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(Rng::new()));
+    let Ok(mut dev) = VirtioPciDevice::new(rng, GuestMemoryAtomic::new(mem), &NullManager) else {
+        return;
+    };
+    for op in data.chunks_exact(12) {
+        let len = [1usize, 2, 4, 8][usize::from(op[1] & 3)];
+        let offset = u64::from(u16::from_le_bytes([op[2], op[3]]));
+        let mut value = [0u8; 8];
+        value.copy_from_slice(&op[4..12]);
+        match op[0] & 3 {
+            0 => {
+                let mut buf = [0u8; 8];
+                dev.read_bar(0, offset, &mut buf[..len]);
+            }
+            1 => dev.write_bar(0, offset, &value[..len]),
+            2 => {
+                dev.read_config_register(offset as usize / 4);
+            }
+            _ => {
+                let within = offset % 4;
+                let n = len.min(4 - within as usize);
+                dev.write_config_register(offset as usize / 4, within, &value[..n]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A poor man's fuzzer run by `cargo test`: structured random guest
+    //! images (plausible queues, random descriptors) through every entry
+    //! point.
+    use super::*;
+    use crate::vsock::packet::{HOST_CID, TYPE_STREAM};
+
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            x
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// A memory image with a published queue of random chains. Buffers
+    /// mostly point into 0x1000..0x10000 and sometimes anywhere.
+    fn image(r: &mut XorShift, vsock: bool) -> Vec<u8> {
+        let mut m = vec![0u8; 0x1_0000];
+        for b in m.iter_mut().skip(0x1000) {
+            *b = r.next() as u8;
+        }
+        for i in 0..16u64 {
+            let d = (i * 16) as usize;
+            let addr = if r.below(8) == 0 {
+                r.next()
+            } else {
+                0x1000 + r.below(0xe000)
+            };
+            let len = match r.below(4) {
+                0 => r.next() as u32,
+                1 => 44 + r.below(64) as u32,
+                _ => r.below(600) as u32,
+            };
+            let flags = (r.below(8) as u16) & 0x7;
+            let next = r.below(17) as u16;
+            m[d..d + 8].copy_from_slice(&addr.to_le_bytes());
+            m[d + 8..d + 12].copy_from_slice(&len.to_le_bytes());
+            m[d + 12..d + 14].copy_from_slice(&flags.to_le_bytes());
+            m[d + 14..d + 16].copy_from_slice(&next.to_le_bytes());
+            if vsock && addr < 0xf000 {
+                let h = Header {
+                    src_cid: if r.below(8) == 0 { 9 } else { 3 },
+                    dst_cid: HOST_CID,
+                    src_port: r.below(4) as u32 + 1000,
+                    dst_port: r.below(4) as u32,
+                    len: r.below(80) as u32,
+                    type_: if r.below(8) == 0 { 2 } else { TYPE_STREAM },
+                    op: r.below(9) as u16,
+                    flags: r.below(4) as u32,
+                    buf_alloc: r.next() as u32,
+                    fwd_cnt: r.next() as u32,
+                };
+                let a = addr as usize;
+                m[a..a + HDR_SIZE].copy_from_slice(&h.to_bytes());
+            }
+        }
+        let n = r.below(18) as u16;
+        m[0x100 + 2..0x100 + 4].copy_from_slice(&n.to_le_bytes());
+        for i in 0..16usize {
+            let head = r.below(17) as u16;
+            m[0x104 + 2 * i..0x106 + 2 * i].copy_from_slice(&head.to_le_bytes());
+        }
+        m
+    }
+
+    #[test]
+    fn entry_points_survive_random_guests() {
+        let mut r = XorShift(0x5eed_1234_abcd_ef01);
+        for _ in 0..300 {
+            let img = image(&mut r, false);
+            rng(&img);
+            block(&img);
+            net_tx(&img);
+            console_tx(&img);
+            let img = image(&mut r, true);
+            vsock(&img);
+            vsock_header(&img[0x1000..]);
+        }
+    }
+
+    #[test]
+    fn pci_registers_survive_random_accesses() {
+        let mut r = XorShift(42);
+        for _ in 0..50 {
+            let ops: Vec<u8> = (0..12 * 200).map(|_| r.next() as u8).collect();
+            pci(&ops);
+        }
+        // Plausible driver sequences: status writes and queue set-up.
+        let mut ops = Vec::new();
+        let seq = [
+            (0x14u16, 0u64, 0u8),
+            (0x14, 3, 0),
+            (0x08, 1, 2),
+            (0x0c, 1, 2),
+            (0x14, 0xb, 0),
+            (0x1c, 1, 1),
+            (0x14, 0xf, 0),
+            (0x3000, 0, 1),
+            (0x14, 0, 0),
+        ];
+        for (off, val, size) in seq {
+            ops.push(1);
+            ops.push(size);
+            ops.extend_from_slice(&off.to_le_bytes());
+            ops.extend_from_slice(&val.to_le_bytes());
+        }
+        pci(&ops);
+    }
+}

@@ -32,7 +32,7 @@ const QUEUE_SIZE: u16 = 256;
 /// Segments per request we announce (`seg_max`).
 const SEG_MAX: u32 = 128;
 /// Largest segment we announce (`size_max`).
-const SIZE_MAX: u32 = 1 << 20;
+const SIZE_MAX: u32 = 256 * 1024;
 
 /// Errors opening a disk.
 #[derive(Debug, thiserror::Error)]
@@ -241,7 +241,8 @@ impl EpollHandler for BlockHandler {
     }
 }
 
-const _: () = assert!(MAX_REQUEST_BYTES as u64 >= SEG_MAX as u64 * 4096);
+// The largest request the driver may build must be one we accept.
+const _: () = assert!(MAX_REQUEST_BYTES as u64 >= SEG_MAX as u64 * SIZE_MAX as u64);
 
 #[cfg(test)]
 mod tests {

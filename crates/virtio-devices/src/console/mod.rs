@@ -378,7 +378,7 @@ impl ConsoleHandler {
     }
 }
 
-/// The output in a transmit chain (at most [`MAX_CHAIN_OUTPUT`] bytes).
+/// The output in a transmit chain (at most 64 KiB of it).
 pub fn read_tx_chain(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,

@@ -8,7 +8,7 @@
 //! | `0x1000` | ISR status                                        |
 //! | `0x2000` | device-specific configuration                     |
 //! | `0x3000` | notifications: queue `n` at `+4n`                 |
-//! | `0x4000` | MSI-X table (vector 0..=n-1: queues, last: config)|
+//! | `0x4000` | MSI-X table: queues + 1 vectors, mapped by the driver |
 //! | `0x6000` | MSI-X pending bit array                           |
 //!
 //! Queue notifications are meant to be KVM ioeventfds on
@@ -240,8 +240,9 @@ impl VirtioPciDevice {
         let pci_cfg_offset = config
             .add_capability(&pci_cfg, &writable)
             .map_err(TransportError::Config)?;
+        // The group may hold fewer vectors than asked; advertise what exists.
         let (body, writable) = msix_capability(
-            vectors as u16,
+            msix.len() as u16,
             0,
             MSIX_TABLE_OFFSET as u32,
             MSIX_PBA_OFFSET as u32,

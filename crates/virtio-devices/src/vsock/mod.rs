@@ -131,10 +131,11 @@ impl VirtioDevice for Vsock {
             muxer: Muxer::new(self.cid, self.path.clone(), listener),
             rx_broken: false,
         };
-        let worker = spawn_worker("virtio-vsock", handler).map_err(|e| match e {
-            WorkerError::Epoll(e) | WorkerError::Spawn(e) => ActivateError::Io(e),
-            WorkerError::Queue(_) => ActivateError::MissingQueue(TX_QUEUE),
-        })?;
+        let worker =
+            spawn_worker(&format!("vsock-{}", self.cid), handler).map_err(|e| match e {
+                WorkerError::Epoll(e) | WorkerError::Spawn(e) => ActivateError::Io(e),
+                WorkerError::Queue(_) => ActivateError::MissingQueue(TX_QUEUE),
+            })?;
         self.worker = Some(worker);
         Ok(())
     }

@@ -70,7 +70,10 @@ pub fn import(
     } else if !path.exists() {
         Err(ImportCause::Io(
             path.clone(),
-            std::io::Error::from(std::io::ErrorKind::NotFound),
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no such file or directory (not found)",
+            ),
         ))
     } else {
         Err(ImportCause::Unknown)

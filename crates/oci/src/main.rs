@@ -15,9 +15,14 @@ use skiff_oci::spec::Overrides;
 use skiff_oci::unpack::UnpackOptions;
 use skiff_oci::{bundle, import, pull, Platform, Reference, Store};
 
-/// Pull, import and unpack OCI images into runtime bundles.
+/// Pull, import and unpack OCI images into runtime bundles (rootfs/ and an
+/// OCI runtime config.json), without a daemon.
 #[derive(Parser)]
-#[command(name = "skiff-oci", version, about, long_about = None)]
+#[command(
+    name = "skiff-oci",
+    version,
+    after_help = "Examples:\n  skiff-oci pull docker.io/library/busybox ./bb\n  skiff-oci pull --insecure registry.lan:5000/app:1 ./app\n  skiff-oci import ./layout:latest ./bundle\n  skiff-oci inspect ghcr.io/org/app@sha256:...\n\nCredentials come from Docker's config.json ($DOCKER_CONFIG or ~/.docker):\nauths entries, credHelpers and credsStore.\nOn failure the exit status is 1 and stderr names the image and the cause."
+)]
 struct Cli {
     /// Image store directory (default: $SKIFF_OCI_STORE, /var/lib/skiff/oci
     /// as root, else ~/.local/share/skiff/oci).

@@ -15,6 +15,7 @@
 //! there, but keeps what the same layer adds, wherever in the stream.
 //! Directory times are applied at the end, after their children are in.
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, OpenOptions};
@@ -22,6 +23,7 @@ use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::rc::Rc;
 
 use crate::manifest::Compression;
 
@@ -168,7 +170,7 @@ impl Unpacker {
         let limited = Limit {
             inner: r,
             left: self.opts.max_layer_size,
-            read: 0,
+            read: Rc::new(Cell::new(0)),
             hasher: crate::digest::Hasher::new(crate::digest::Algorithm::Sha256),
         };
         self.apply_tar(limited)
@@ -176,12 +178,29 @@ impl Unpacker {
 
     fn apply_tar<R: Read>(&mut self, r: Limit<R>) -> Result<LayerStats, UnpackError> {
         let limit = self.opts.max_layer_size;
+        let pos = r.read.clone();
         let mut ar = tar::Archive::new(r);
         let mut stats = LayerStats::default();
         let mut layer = LayerState::default();
+        let mut last_end = 0u64;
         let entries = ar.entries().map_err(|e| archive_err(e, limit))?;
         for entry in entries {
-            let mut entry = entry.map_err(|e| archive_err(e, limit))?;
+            let mut entry = match entry {
+                Ok(e) => e,
+                // The stream ends right after the last entry's data, with
+                // no padding or end-of-archive blocks (umoci 0.4 writes such
+                // layers; Go's reader accepts them). The data is complete.
+                Err(_)
+                    if last_end > 0
+                        && pos.get() >= last_end
+                        && pos.get() <= last_end.next_multiple_of(512) =>
+                {
+                    log::debug!("layer ends without end-of-archive blocks; taken as complete");
+                    break;
+                }
+                Err(e) => return Err(archive_err(e, limit)),
+            };
+            last_end = entry.raw_file_position() + entry.size();
             self.entry(&mut entry, &mut layer, &mut stats)
                 .map_err(|e| match e {
                     UnpackError::Archive(e) => archive_err(e, limit),
@@ -190,12 +209,12 @@ impl Unpacker {
         }
         // Opaque markers seen before the entries they keep are applied now.
         for dir in std::mem::take(&mut layer.opaque) {
-            self.make_opaque(&dir, &layer.written)?;
+            self.make_opaque_at(&dir.join(OPAQUE), &dir, &layer.written)?;
         }
         // Read the tar's trailing padding too, so the hash covers it all.
         let mut rest = ar.into_inner();
         io::copy(&mut rest, &mut io::sink()).map_err(|e| archive_err(e, limit))?;
-        stats.bytes = rest.read;
+        stats.bytes = rest.read.get();
         stats.diff_id = Some(rest.hasher.finish());
         Ok(stats)
     }
@@ -283,7 +302,13 @@ impl Unpacker {
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&path)
                     .map_err(io_err("create", &path))?;
-                copy_entry(entry, &mut f, &path)?;
+                let n = copy_entry(entry, &mut f, &path)?;
+                if n != size {
+                    return Err(UnpackError::Archive(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("entry {raw:?} has {n} of its {size} bytes"),
+                    )));
+                }
             }
             T::Symlink => {
                 let target = entry
@@ -442,6 +467,23 @@ impl Unpacker {
         Ok(())
     }
 
+    /// Empties `dir` of what this layer did not write. `dir` is resolved
+    /// again: a later entry of the layer may have made it a symlink.
+    fn make_opaque_at(
+        &self,
+        raw: &Path,
+        dir: &Path,
+        keep: &HashSet<PathBuf>,
+    ) -> Result<(), UnpackError> {
+        let dir = self.resolve(raw, dir, true)?;
+        match fs::symlink_metadata(self.root.join(&dir)) {
+            Ok(m) if m.is_dir() => self.make_opaque(&dir, keep),
+            _ => Ok(()),
+        }
+    }
+
+    /// `dir` is resolved and has no symlink component; entries below are
+    /// recursed into only when readdir says they are real directories.
     fn make_opaque(&self, dir: &Path, keep: &HashSet<PathBuf>) -> Result<(), UnpackError> {
         let full = self.root.join(dir);
         let rd = match fs::read_dir(&full) {
@@ -562,16 +604,18 @@ fn archive_err(e: io::Error, limit: u64) -> UnpackError {
     }
 }
 
-fn copy_entry(r: &mut impl Read, f: &mut fs::File, path: &Path) -> Result<(), UnpackError> {
+fn copy_entry(r: &mut impl Read, f: &mut fs::File, path: &Path) -> Result<u64, UnpackError> {
     let mut buf = vec![0u8; 128 * 1024];
+    let mut total = 0u64;
     loop {
         let n = match r.read(&mut buf) {
-            Ok(0) => return Ok(()),
+            Ok(0) => return Ok(total),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(UnpackError::Archive(e)),
         };
         io::Write::write_all(f, &buf[..n]).map_err(io_err("write", path))?;
+        total += n as u64;
     }
 }
 
@@ -674,7 +718,7 @@ impl std::error::Error for LimitHit {}
 struct Limit<R> {
     inner: R,
     left: u64,
-    read: u64,
+    read: Rc<Cell<u64>>,
     hasher: crate::digest::Hasher,
 }
 
@@ -685,7 +729,7 @@ impl<R: Read> Read for Limit<R> {
             return Err(io::Error::other(LimitHit));
         }
         self.left -= n as u64;
-        self.read += n as u64;
+        self.read.set(self.read.get() + n as u64);
         self.hasher.update(&buf[..n]);
         Ok(n)
     }

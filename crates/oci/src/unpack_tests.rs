@@ -381,3 +381,107 @@ fn clean_paths() {
     assert!(clean(Path::new("a/../..")).is_none());
     assert_eq!(clean(Path::new("./")).unwrap(), Path::new(""));
 }
+
+#[test]
+fn opaque_dir_swapped_for_symlink_in_the_same_layer() {
+    let f = fixture();
+    let out = f.outside.to_str().unwrap().to_string();
+    let l1 = Layer::new()
+        .dir("a", 0o755)
+        .file("a/x", 0o644, b"x")
+        .finish();
+    // The marker for a/ comes first; then a/ becomes a symlink to the host.
+    let l2 = Layer::new().opaque("a").symlink("a", &out).finish();
+    unpack(&f.root, &[l1, l2]).unwrap();
+    assert_outside_untouched(&f);
+    assert_eq!(fs::read_link(f.root.join("a")).unwrap(), Path::new(&out));
+}
+
+/// Random layers from a small alphabet of nasty names and link targets:
+/// whatever happens (error or not), nothing outside the rootfs changes.
+#[test]
+fn random_hostile_layers_stay_inside() {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    let names = [
+        "a",
+        "b",
+        "a/b",
+        "a/b/c",
+        "b/a",
+        "c",
+        "../x",
+        "/a/b",
+        "c/../a",
+        "a/../../x",
+        "b/c/d",
+    ];
+    for _ in 0..300 {
+        let f = fixture();
+        let out = f.outside.to_str().unwrap().to_string();
+        let targets = [
+            "/",
+            "..",
+            "../..",
+            "a",
+            "../../../outside",
+            out.as_str(),
+            "b/../..",
+            "a/b",
+            "/a",
+        ];
+        let mut layers = Vec::new();
+        for _ in 0..1 + next(3) {
+            let mut l = Layer::new();
+            for _ in 0..1 + next(12) {
+                let name = names[next(names.len())];
+                match next(8) {
+                    0 => l.dir(name, 0o755),
+                    1 | 2 => l.file(name, 0o644, b"pwned"),
+                    3 | 4 => l.symlink(name, targets[next(targets.len())]),
+                    5 => l.hardlink(name, names[next(names.len())]),
+                    6 => {
+                        let (d, n) = name.rsplit_once('/').unwrap_or(("", name));
+                        l.whiteout(d, n)
+                    }
+                    _ => l.opaque(name),
+                };
+            }
+            layers.push(l.finish());
+        }
+        let _ = unpack(&f.root, &layers);
+        assert_outside_untouched(&f);
+        let top: Vec<_> = fs::read_dir(f._dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(top.len(), 2, "{top:?}");
+    }
+}
+
+#[test]
+fn layer_without_end_of_archive_blocks() {
+    let f = fixture();
+    // Two entries, the last one's data not padded, no end blocks: as umoci
+    // 0.4 writes them.
+    let mut t = Layer::new()
+        .file("a", 0o644, b"first")
+        .file("b", 0o644, b"0123456789")
+        .finish();
+    t.truncate(512 + 512 + 512 + 10);
+    unpack(&f.root, &[gzip(&t)]).unwrap();
+    assert_eq!(fs::read(f.root.join("b")).unwrap(), b"0123456789");
+    // Cut inside the data instead: an error, not a short file.
+    let mut t = Layer::new()
+        .file("a", 0o644, b"first")
+        .file("b", 0o644, b"0123456789")
+        .finish();
+    t.truncate(512 + 512 + 512 + 5);
+    let e = unpack(&f.root, &[gzip(&t)]).unwrap_err();
+    assert!(matches!(e, UnpackError::Archive(_)), "{e}");
+}

@@ -17,6 +17,7 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 fn umoci_unpack(addr: &str, repo_tag: &str, work: &Path, bundle: &Path) -> Result<()> {
+    fs::create_dir_all(work)?;
     let layout = work.join("umoci-layout");
     run(std::process::Command::new("skopeo").args([
         "copy",
@@ -36,8 +37,9 @@ fn umoci_unpack(addr: &str, repo_tag: &str, work: &Path, bundle: &Path) -> Resul
 fn pull_unpack_matches_umoci() -> Result<()> {
     let work = tempfile::tempdir()?;
     let lay = images::build(&work.path().join("layout"))?;
+    images::add_umoci_image(&lay.dir, work.path())?;
     let reg = Registry::start(None)?;
-    for tag in [images::APP, images::OTHER, images::ZSTD] {
+    for tag in [images::APP, images::OTHER, images::ZSTD, images::UMOCI] {
         push(&lay.dir, tag, &reg.addr, "test/busybox", None)?;
     }
     let store_dir = work.path().join("store");
@@ -60,6 +62,25 @@ fn pull_unpack_matches_umoci() -> Result<()> {
         &theirs,
     )?;
     assert_same_tree(&dest.join("rootfs"), &theirs.join("rootfs"), true)?;
+
+    // Layers written by Go's archive/tar (umoci insert), too.
+    let ud = work.path().join("umoci-made");
+    let uref = format!("{}/test/busybox:{}", reg.addr, images::UMOCI);
+    run(skiff_oci()
+        .arg("pull")
+        .arg("--store")
+        .arg(&store_dir)
+        .arg(&uref)
+        .arg(&ud))?;
+    let ub = work.path().join("umoci-made-umoci");
+    umoci_unpack(
+        &reg.addr,
+        &format!("test/busybox:{}", images::UMOCI),
+        &work.path().join("u2"),
+        &ub,
+    )?;
+    assert_same_tree(&ud.join("rootfs"), &ub.join("rootfs"), true)?;
+    assert_eq!(fs::read(ud.join("rootfs/srv/hard"))?, b"deep");
 
     // Whiteouts, opaque dirs, links, special files: spot checks on top of
     // the comparison.

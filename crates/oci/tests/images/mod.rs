@@ -15,6 +15,7 @@ pub const APP: &str = "app"; // multi-arch index: amd64 (3 layers) + arm64
 pub const OTHER: &str = "other"; // shares the base layer with app/amd64
 pub const ZSTD: &str = "zstd"; // a zstd-compressed layer
 pub const HOSTILE: &str = "hostile"; // a path-traversal layer
+pub const UMOCI: &str = "umoci"; // layers written by umoci (Go's archive/tar)
 
 fn busybox() -> Result<Vec<u8>> {
     std::fs::read("/bin/busybox").context("reading /bin/busybox (apt install busybox-static)")
@@ -158,4 +159,45 @@ pub fn build(dir: &Path) -> Result<Layout> {
     )?;
     lay.tag(hi, HOSTILE)?;
     Ok(lay)
+}
+
+/// Adds the tag [`UMOCI`]: an image whose layers `umoci insert` writes from
+/// a directory tree made here (after all other tags: umoci rewrites
+/// index.json).
+pub fn add_umoci_image(layout: &Path, scratch: &Path) -> Result<()> {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    let src = scratch.join("umoci-src");
+    std::fs::create_dir_all(src.join("bin"))?;
+    std::fs::create_dir_all(src.join("srv/data/deep"))?;
+    std::fs::copy("/bin/busybox", src.join("bin/busybox"))?;
+    symlink("busybox", src.join("bin/sh"))?;
+    std::fs::write(src.join("srv/data/deep/file"), b"deep")?;
+    std::fs::hard_link(src.join("srv/data/deep/file"), src.join("srv/hard"))?;
+    std::fs::write(src.join("srv/secret"), b"s")?;
+    std::fs::set_permissions(
+        src.join("srv/secret"),
+        std::fs::Permissions::from_mode(0o600),
+    )?;
+    std::os::unix::fs::chown(src.join("srv/data"), Some(1000), Some(1000))?;
+    let tag = format!("{}:{UMOCI}", layout.display());
+    let umoci = |args: &[&str]| {
+        crate::common::run(std::process::Command::new("umoci").args(args)).map(drop)
+    };
+    umoci(&["new", "--image", &tag])?;
+    umoci(&[
+        "insert",
+        "--image",
+        &tag,
+        &src.join("bin").display().to_string(),
+        "/bin",
+    ])?;
+    umoci(&[
+        "insert",
+        "--image",
+        &tag,
+        &src.join("srv").display().to_string(),
+        "/srv",
+    ])?;
+    umoci(&["config", "--image", &tag, "--config.cmd", "/bin/sh"])?;
+    Ok(())
 }

@@ -262,6 +262,12 @@ pub fn write_bundle(
             source,
         };
         let rs = spec::run_spec(&config, &rootfs, over).map_err(spec_err)?;
+        if rs.args.is_empty() {
+            log::warn!(
+                "{}: the image names no command; config.json has empty process.args",
+                rec.name
+            );
+        }
         rs.write_runtime_spec(dest, &rec.name).map_err(spec_err)?;
         Ok(rs)
     })();

@@ -192,7 +192,12 @@ pub fn run_spec(
     over: &Overrides,
 ) -> Result<RunSpec, SpecError> {
     let cc = config.config.clone().unwrap_or_default();
-    let args = merge_args(cc.entrypoint.as_deref(), cc.cmd.as_deref(), over)?;
+    // An image without a command (a data or base image) still makes a
+    // bundle; whoever launches it must supply one (`RunSpec::command`).
+    let args = match merge_args(cc.entrypoint.as_deref(), cc.cmd.as_deref(), over) {
+        Err(SpecError::NoCommand) => Vec::new(),
+        other => other?,
+    };
     let user_spec = over.user.clone().or(cc.user.clone()).unwrap_or_default();
     let passwd = crate::unpack::read_in_root(rootfs, Path::new("etc/passwd")).unwrap_or_default();
     let group = crate::unpack::read_in_root(rootfs, Path::new("etc/group")).unwrap_or_default();
@@ -233,6 +238,14 @@ pub fn run_spec(
 }
 
 impl RunSpec {
+    /// The argv, or [`SpecError::NoCommand`] when the image names none.
+    pub fn command(&self) -> Result<&[String], SpecError> {
+        if self.args.is_empty() {
+            return Err(SpecError::NoCommand);
+        }
+        Ok(&self.args)
+    }
+
     /// The OCI runtime-spec document for a bundle whose rootfs is `rootfs`
     /// beside it. Labels, ports, volumes and the stop signal go into
     /// annotations (`org.opencontainers.image.*` where the image spec names
@@ -417,6 +430,11 @@ mod tests {
         };
         let rs = run_spec(&cfg, dir.path(), &over).unwrap();
         assert_eq!(rs.args, v(&["httpd"]));
+        assert_eq!(rs.command().unwrap(), &v(&["httpd"])[..]);
+        let bare = ImageConfig::default();
+        let rs0 = run_spec(&bare, dir.path(), &Overrides::default()).unwrap();
+        assert!(matches!(rs0.command(), Err(SpecError::NoCommand)));
+        assert_eq!((rs0.user.uid, rs0.cwd.as_str()), (0, "/"));
         assert_eq!(
             rs.env,
             v(&[

@@ -31,6 +31,15 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry; with `auth`, htpasswd basic auth for that user.
     pub fn start(auth: Option<(&str, &str)>) -> Result<Self> {
+        Self::start_with(auth, |_| String::new())
+    }
+
+    /// Starts a registry whose config ends with what `extra` returns for
+    /// the scratch directory (an `auth:` section, say).
+    pub fn start_with(
+        auth: Option<(&str, &str)>,
+        extra: impl FnOnce(&Path) -> String,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr = format!("127.0.0.1:{port}");
@@ -52,6 +61,7 @@ impl Registry {
                 dir.path().join("htpasswd").display()
             );
         }
+        cfg += &extra(dir.path());
         fs::write(dir.path().join("config.yml"), cfg)?;
         let log = fs::File::create(dir.path().join("registry.log"))?;
         let child = Command::new("docker-registry")

@@ -63,6 +63,39 @@ fn pull_unpack_matches_umoci() -> Result<()> {
     )?;
     assert_same_tree(&dest.join("rootfs"), &theirs.join("rootfs"), true)?;
 
+    // The same multi-arch image as Docker schema 2 (manifest list and
+    // docker media types) unpacks to the same tree.
+    common::push_args(
+        &lay.dir,
+        images::APP,
+        &reg.addr,
+        "test/docker",
+        None,
+        &["--format", "v2s2"],
+    )?;
+    let dd = work.path().join("docker-v2s2");
+    let dref = format!("{}/test/docker:{}", reg.addr, images::APP);
+    run(skiff_oci()
+        .arg("pull")
+        .arg("--store")
+        .arg(&store_dir)
+        .arg(&dref)
+        .arg(&dd))?;
+    assert_same_tree(&dd.join("rootfs"), &dest.join("rootfs"), true)?;
+    {
+        let store = Store::open(&store_dir)?;
+        let rec = store.inspect(&dref)?;
+        let m: serde_json::Value = serde_json::from_slice(&store.read_blob(&rec.manifest)?)?;
+        assert_eq!(m["mediaType"], skiff_oci::manifest::DOCKER_MANIFEST);
+        assert_eq!(
+            m["layers"][0]["mediaType"],
+            skiff_oci::manifest::DOCKER_LAYER_GZIP
+        );
+        let ix: serde_json::Value =
+            serde_json::from_slice(&store.read_blob(rec.index.as_ref().expect("index"))?)?;
+        assert_eq!(ix["mediaType"], skiff_oci::manifest::DOCKER_LIST);
+    }
+
     // Layers written by Go's archive/tar (umoci insert), too.
     let ud = work.path().join("umoci-made");
     let uref = format!("{}/test/busybox:{}", reg.addr, images::UMOCI);
@@ -304,16 +337,49 @@ fn basic_auth_registry() -> Result<()> {
     assert!(rt().block_on(pull::pull(&store, &image, &wrong)).is_err());
     assert!(store.list()?.is_empty());
 
-    // Explicit credentials.
+    // Explicit credentials; progress adds up to what was fetched.
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = events.clone();
     let ok = PullOptions {
         credentials: Some(skiff_oci::auth::Credentials::Basic(
             "skiff".into(),
             "s3cret".into(),
         )),
+        progress: Some(std::sync::Arc::new(move |p: &pull::Progress| {
+            sink.lock().unwrap().push(p.clone())
+        })),
         ..Default::default()
     };
-    rt().block_on(pull::pull(&store, &image, &ok))?;
+    let rep = rt().block_on(pull::pull(&store, &image, &ok))?;
     assert_eq!(store.list()?.len(), 1);
+    let ev = events.lock().unwrap();
+    let total: u64 = rep.record.layers.iter().map(|l| l.size).sum();
+    assert_eq!(
+        ev.first(),
+        Some(&pull::Progress::Start {
+            layers: 2,
+            total,
+            present: 0
+        })
+    );
+    let bytes: u64 = ev
+        .iter()
+        .map(|e| {
+            if let pull::Progress::Bytes { n, .. } = e {
+                *n
+            } else {
+                0
+            }
+        })
+        .sum();
+    assert_eq!((bytes, rep.fetched), (total, total));
+    assert_eq!(
+        ev.iter()
+            .filter(|e| matches!(e, pull::Progress::LayerDone { .. }))
+            .count(),
+        2
+    );
+    drop(ev);
 
     // Docker's config.json `auths`, through the CLI.
     let dc = work.path().join("docker");

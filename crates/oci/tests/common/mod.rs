@@ -118,8 +118,21 @@ pub fn run(cmd: &mut Command) -> Result<String> {
 
 /// Pushes `layout:tag` to `docker://addr/repo:tag` (all platforms).
 pub fn push(layout: &Path, tag: &str, addr: &str, repo: &str, creds: Option<&str>) -> Result<()> {
+    push_args(layout, tag, addr, repo, creds, &[])
+}
+
+/// [`push`] with extra `skopeo copy` arguments (`--format v2s2`).
+pub fn push_args(
+    layout: &Path,
+    tag: &str,
+    addr: &str,
+    repo: &str,
+    creds: Option<&str>,
+    extra: &[&str],
+) -> Result<()> {
     let mut c = Command::new("skopeo");
     c.args(["copy", "--quiet", "--all", "--dest-tls-verify=false"]);
+    c.args(extra);
     if let Some(cr) = creds {
         c.args(["--dest-creds", cr]);
     }

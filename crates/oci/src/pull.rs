@@ -292,7 +292,26 @@ impl Registry {
         d: &Descriptor,
         progress: Option<&ProgressFn>,
     ) -> Result<(u64, u64), PullCause> {
-        let mut w = store.ingest(&d.digest, d.size).map_err(PullCause::Store)?;
+        // Another pull (this process or another) fetching the same blob:
+        // wait for it, then use its result or take over.
+        let mut w = loop {
+            match store.ingest(&d.digest, d.size) {
+                Ok(w) => break w,
+                Err(StoreError::Busy(_)) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if store.has_blob(&d.digest, d.size) {
+                        return Ok((0, 0));
+                    }
+                }
+                Err(e) => return Err(PullCause::Store(e)),
+            }
+        };
+        if store.has_blob(&d.digest, d.size) {
+            // Committed by the other pull just before we opened (and so
+            // re-created) the partial file.
+            w.abandon();
+            return Ok((0, 0));
+        }
         let cd = client_desc(d);
         let r = self.image.to_client();
         let mut resumed = w.offset();

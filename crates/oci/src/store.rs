@@ -623,6 +623,11 @@ impl BlobWriter {
         fs::rename(&self.path, &dest).map_err(io_err("rename", &dest))
     }
 
+    /// Deletes the partial file (the blob arrived by another way).
+    pub fn abandon(mut self) {
+        self.discard();
+    }
+
     fn discard(&mut self) {
         let _ = fs::remove_file(&self.path);
         self.offset = 0;

@@ -206,6 +206,22 @@ fn pull_unpack_matches_umoci() -> Result<()> {
     assert_eq!(rep.reused, 1);
     assert_eq!(rep.fetched, rep.record.layers[1].size);
 
+    // Two pulls at once sharing the base layer: one fetches it, the other
+    // waits and uses it.
+    let both = Store::open(work.path().join("both"))?;
+    let app = Reference::parse(&image)?;
+    let po = PullOptions::default();
+    let (a, b) = rt().block_on(async {
+        tokio::join!(pull::pull(&both, &app, &po), pull::pull(&both, &other, &po))
+    });
+    let (a, b) = (a?, b?);
+    assert_eq!(a.record.layers[0].digest, b.record.layers[0].digest);
+    assert_eq!(
+        a.fetched + b.fetched,
+        a.record.size() + b.record.size() - b.record.layers[0].size
+    );
+    assert_eq!(fs::read_dir(work.path().join("both/ingest"))?.count(), 0);
+
     // zstd layers.
     let zdest = work.path().join("zstd");
     run(skiff_oci()

@@ -47,7 +47,8 @@
 //!    allocates, maps the BARs on the buses, registers the ioeventfds and
 //!    fills a slot; [`pci::PciBus::detach`] undoes it (hot-unplug). If the
 //!    guest moves a BAR, the bus re-maps it and its ioeventfds itself.
-//! 5. **Devices.** For each device: build the model (e.g.
+//! 5. **Devices.** For each device: parse its option with [`config`]
+//!    (`"path=disk.raw,readonly=on".parse::<BlockConfig>()`), build the model (e.g.
 //!    [`block::Block::new`]), wrap it as `Arc<Mutex<dyn VirtioDevice>>` in
 //!    [`transport::VirtioPciDevice::new`] with the guest memory and the
 //!    interrupt manager, then `attach` it as `Arc<Mutex<dyn PciDevice>>`.
@@ -68,6 +69,7 @@
 //! register files.
 
 pub mod block;
+pub mod config;
 pub mod console;
 pub mod device;
 pub mod fs;

@@ -503,6 +503,9 @@ mod tests {
     fn real_tap_opens_when_permitted() {
         match tap::open_tap("skifftest0") {
             Ok(t) => {
+                let flags = std::fs::read_to_string("/sys/class/net/skifftest0/flags").unwrap();
+                let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap();
+                assert_eq!(flags & 1, 1, "IFF_UP set");
                 let net = Net::with_backend(t, generated_mac(1));
                 assert_eq!(net.mac()[0], 0x52);
             }

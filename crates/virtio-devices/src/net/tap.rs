@@ -83,7 +83,7 @@ pub fn configure_tap(file: &File) -> Result<(), TapError> {
 }
 
 /// Opens (creating it if missing) the tap `name`, non-blocking, with a
-/// virtio-net header.
+/// virtio-net header, and brings its link up (a warning if not allowed).
 pub fn open_tap(name: &str) -> Result<File, TapError> {
     let bytes = name.as_bytes();
     if bytes.is_empty() || bytes.len() >= 16 || bytes.contains(&0) {
@@ -111,7 +111,51 @@ pub fn open_tap(name: &str) -> Result<File, TapError> {
         });
     }
     configure_tap(&file)?;
+    if let Err(e) = set_link_up(&req.name) {
+        log::warn!("tap {name}: cannot bring the link up: {e}");
+    }
     Ok(file)
+}
+
+/// Sets `IFF_UP` on the interface named in `name` (NUL-padded).
+fn set_link_up(name: &[u8; 16]) -> io::Result<()> {
+    // SAFETY: plain socket(2) call; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket we own; File closes it.
+    let sock = unsafe { <File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
+    let mut req = IfReq {
+        name: *name,
+        flags: 0,
+        _pad: [0; 22],
+    };
+    // SAFETY: SIOCGIFFLAGS fills the flags of the ifreq `req` points to,
+    // which is valid and outlives the call.
+    if unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCGIFFLAGS as libc::c_ulong,
+            &mut req as *mut IfReq,
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    req.flags |= libc::IFF_UP as i16;
+    // SAFETY: as above; SIOCSIFFLAGS reads the ifreq.
+    if unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCSIFFLAGS as libc::c_ulong,
+            &req as *const IfReq,
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Uses an inherited tap fd (opened with `IFF_TAP | IFF_NO_PI |

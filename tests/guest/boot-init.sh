@@ -8,12 +8,14 @@ $B mount -t sysfs sysfs /sys
 $B mount -t devtmpfs devtmpfs /dev 2>/dev/null
 /bin/skiff-bootmark || echo "SKIFF-BOOTMARK-FAILED"
 echo "SKIFF-INIT-OK"
+echo "SKIFF-UPTIME=$($B cut -d" " -f1 /proc/uptime)"
 echo "SKIFF-NPROC=$($B grep -c ^processor /proc/cpuinfo)"
 echo "SKIFF-ONLINE=$($B cat /sys/devices/system/cpu/online)"
 echo "SKIFF-MEMTOTAL-KB=$($B awk '/^MemTotal:/{print $2}' /proc/meminfo)"
 echo "SKIFF-E820-KB=$($B dmesg | $B sed -n 's/.*Memory: [0-9]*K\/\([0-9]*\)K available.*/\1/p')"
 echo "SKIFF-ACPI-TABLES=$($B ls /sys/firmware/acpi/tables 2>/dev/null | $B tr '\n' ' ')"
 echo "SKIFF-APIC-IDS=$($B awk '/^apicid/{printf "%s ", $3}' /proc/cpuinfo)"
+case "$($B cat /proc/cmdline)" in *skiff.dmesg=1*) $B dmesg ;; esac
 end=$($B sed -n 's/.*skiff\.end=\([a-z]*\).*/\1/p' /proc/cmdline)
 echo "SKIFF-END=$end"
 case "$end" in

@@ -69,11 +69,15 @@ fn serial_sink(cfg: &SerialConfig) -> Result<Box<dyn Write + Send>, BuildError> 
 
 /// Builds the VM described by `config`; `start` is when the VMM started.
 pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
+    let step = |what: &str| log::debug!("{what}: {} µs after start", start.elapsed().as_micros());
     let kvm = open_kvm(config.cpus).map_err(BuildError::Vm)?;
     let ram = create_guest_memory(config.memory_mib << 20).map_err(BuildError::Memory)?;
+    step("guest memory");
     let vm = Vm::new(&kvm, &ram.mem).map_err(BuildError::Vm)?;
+    step("KVM VM");
 
     let kernel = load_kernel(&ram.mem, &config.kernel).map_err(BuildError::Boot)?;
+    step("kernel loaded");
     let initramfs = match &config.initramfs {
         Some(p) => Some(load_initramfs(&ram.mem, &kernel, p).map_err(BuildError::Boot)?),
         None => None,
@@ -81,6 +85,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     let cmdline_size = load_command_line(&ram.mem, &config.cmdline).map_err(BuildError::Boot)?;
     let rsdp = create_acpi_tables(&ram.mem, config.cpus, &AcpiExtras::default()).map_err(BuildError::Acpi)?;
     write_boot_params(&ram.mem, &kernel, cmdline_size, initramfs, rsdp).map_err(BuildError::Boot)?;
+    step("initramfs, command line, ACPI and boot parameters");
 
     let exit = Arc::new(ExitState::new().map_err(BuildError::EventFd)?);
     let io_bus = Arc::new(Bus::new());
@@ -106,5 +111,6 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
         vcpus.push(vcpu);
     }
 
+    step("devices and vCPUs");
     Ok(Vmm::new(config.clone(), start, vm, ram, vcpus, exit, serial, io_bus, mmio_bus))
 }

@@ -79,6 +79,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    log::debug!("VM built {} ms after start", start.elapsed().as_millis());
     match vmm.run() {
         Ok(reason) => {
             let code = reason.code();

@@ -56,7 +56,35 @@ pub fn create_guest_memory(size: u64) -> Result<GuestRam, MemoryError> {
         offset += len;
     }
     let mem = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(MemoryError::Map)?;
+    advise_huge_pages(&mem);
     Ok(GuestRam { mem, memfd })
+}
+
+/// Asks for transparent huge pages on guest RAM: fewer host page faults
+/// and 2 MiB EPT/NPT mappings, so far fewer VM exits while the guest first
+/// touches its memory. Shared memory gets them when the host's
+/// `transparent_hugepage/shmem_enabled` is `advise`, `within_size` or
+/// `always`; otherwise the advice is a no-op.
+fn advise_huge_pages(mem: &GuestMemoryMmap) {
+    const KNOB: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+    if let Ok(setting) = std::fs::read_to_string(KNOB) {
+        if setting.contains("[never]") || setting.contains("[deny]") {
+            log::warn!(
+                "{KNOB} is off: guest RAM (shared, for vhost-user backends) gets no huge pages and the guest boots \
+                 slower; `echo advise > {KNOB}` (scripts/setup does) fixes it"
+            );
+        }
+    }
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+    for region in mem.iter() {
+        let Ok(host) = region.get_host_address(MemoryRegionAddress(0)) else { continue };
+        // SAFETY: the range is exactly one live mapping owned by `mem`;
+        // MADV_HUGEPAGE only changes how the kernel backs it.
+        let rc = unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
+        if rc != 0 {
+            log::debug!("madvise(MADV_HUGEPAGE) on guest RAM: {}", std::io::Error::last_os_error());
+        }
+    }
 }
 
 #[cfg(test)]

@@ -301,6 +301,16 @@ fn main() {
     }
 }
 
+/// Refuses a bundle destination before any work is done.
+fn check_dest(dest: &std::path::Path) -> Result<()> {
+    for p in [dest.join("rootfs"), dest.join("config.json")] {
+        if std::fs::symlink_metadata(&p).is_ok() {
+            anyhow::bail!("{} already exists", p.display());
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     let store = open_store(cli.store)?;
     let uopts = UnpackOptions::default();
@@ -311,6 +321,7 @@ fn run(cli: Cli) -> Result<()> {
             image,
             dest,
         } => {
+            check_dest(&dest)?;
             let rec = pull_cmd(&store, &reg, &image)?;
             bundle::write_bundle(&store, &rec, &dest, &run.overrides(), &uopts, None)?;
             println!("{} {}", rec.name, rec.manifest);
@@ -326,6 +337,7 @@ fn run(cli: Cli) -> Result<()> {
             path,
             dest,
         } => {
+            check_dest(&dest)?;
             let rec = import::import(&store, &path, name.as_deref(), &platform(p.as_deref())?)?;
             bundle::write_bundle(&store, &rec, &dest, &run.overrides(), &uopts, None)?;
             println!("{} {}", rec.name, rec.manifest);

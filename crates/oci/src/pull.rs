@@ -90,7 +90,8 @@ pub enum Progress {
         layers: usize,
         /// Total layer bytes.
         total: u64,
-        /// Layer bytes already in the store (complete or partial).
+        /// Layer bytes already complete in the store (resumed partial
+        /// downloads are reported as `Bytes` when they resume).
         present: u64,
     },
     /// Bytes arrived for a blob.
@@ -315,6 +316,12 @@ impl Registry {
         let cd = client_desc(d);
         let r = self.image.to_client();
         let mut resumed = w.offset();
+        if let (Some(p), true) = (progress, resumed > 0) {
+            p(&Progress::Bytes {
+                digest: d.digest.clone(),
+                n: resumed,
+            });
+        }
         let blob_err = |source| PullCause::Blob {
             digest: d.digest.clone(),
             source,

@@ -1,9 +1,12 @@
 //! virtio-fs through a vhost-user backend (virtiofsd): the device model is
 //! only a frontend. The backend maps guest memory from the memfd behind
 //! each region, reads the rings itself, is kicked by the queue eventfds
-//! (KVM ioeventfds) and signals completions on per-queue "call" eventfds,
-//! which a small worker forwards to the transport's interrupt (so MSI-X
-//! masking and the ISR stay correct).
+//! (KVM ioeventfds) and signals completions on per-queue "call" eventfds.
+//! When the interrupt layer has an eventfd per vector
+//! ([`VirtioInterrupt::notifier`], normally the vector's irqfd) the backend
+//! gets that one and interrupts the guest without us; otherwise a small
+//! worker forwards each call to [`VirtioInterrupt::trigger`]. With direct
+//! irqfds, MSI-X masking is up to the VMM's `InterruptGroup::update`.
 //!
 //! Guest memory must be file-backed (`GuestRegionMmap::file_offset()`),
 //! otherwise activation fails with [`ActivateError::MemoryNotShareable`].
@@ -245,16 +248,26 @@ impl VirtioDevice for Fs {
         if self.worker.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let calls = queues
-            .iter()
-            .map(|_| EventFd::new(EFD_NONBLOCK))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(ActivateError::Io)?;
+        // Where the interrupt layer offers an eventfd per vector (an irqfd),
+        // the backend signals it directly; otherwise we forward.
+        let mut calls = Vec::new();
+        let mut forwarded = Vec::new();
+        for q in &queues {
+            let index = q.index as u16;
+            match interrupt.notifier(VirtioInterruptType::Queue(index)) {
+                Some(fd) => calls.push(fd),
+                None => {
+                    let fd = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Io)?;
+                    forwarded.push((index, fd.try_clone().map_err(ActivateError::Io)?));
+                    calls.push(fd);
+                }
+            }
+        }
         self.setup_backend(&mem.memory(), &queues, &calls)?;
         self.started = queues.iter().map(|q| q.index).collect();
         let handler = CallForwarder {
             interrupt,
-            calls: queues.iter().map(|q| q.index as u16).zip(calls).collect(),
+            calls: forwarded,
         };
         let worker = spawn_worker("virtio-fs", handler).map_err(|e| match e {
             WorkerError::Epoll(e) | WorkerError::Spawn(e) => ActivateError::Io(e),

@@ -260,3 +260,52 @@ fn bad_configs_are_refused() {
         Err(FsError::Backend { .. })
     ));
 }
+
+/// An interrupt layer with an eventfd per queue vector.
+struct Irqfds(Vec<EventFd>);
+
+impl VirtioInterrupt for Irqfds {
+    fn trigger(&self, _t: VirtioInterruptType) -> std::io::Result<()> {
+        panic!("the backend must signal the irqfd directly");
+    }
+    fn notifier(&self, t: VirtioInterruptType) -> Option<EventFd> {
+        match t {
+            VirtioInterruptType::Queue(i) => {
+                self.0.get(usize::from(i)).and_then(|e| e.try_clone().ok())
+            }
+            VirtioInterruptType::Config => None,
+        }
+    }
+}
+
+#[test]
+fn irqfds_go_straight_to_the_backend() {
+    let mut fx = fixture(1);
+    let mem = memfd_mem(0x100_0000);
+    let q0 = TestQueue::new(&mem, 0x1000, 16, 0x10_0000);
+    let q1 = TestQueue::new(&mem, 0x2000, 16, 0x20_0000);
+    let irqfds = Arc::new(Irqfds(vec![
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+    ]));
+    fx.fs.ack_features(1 << 32);
+    fx.fs
+        .activate(
+            atomic_mem(&mem),
+            irqfds.clone(),
+            vec![q0.active(0), q1.active(1)],
+        )
+        .unwrap();
+    assert!(wait_until(|| requests(&fx.log).len() == 5 + 2 + 12));
+    let call = {
+        let log = fx.log.lock().unwrap();
+        log[5 + 2 + 6 + 3].fds[0].try_clone().unwrap()
+    };
+    (&call).write_all(&1u64.to_ne_bytes()).unwrap();
+    assert_eq!(
+        irqfds.0[1].read().unwrap(),
+        1,
+        "queue 1's irqfd was signalled"
+    );
+    assert!(irqfds.0[0].read().is_err(), "queue 0's was not");
+}

@@ -7,6 +7,8 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use crate::digest::Digest;
 use crate::manifest::{self, ManifestError};
@@ -67,6 +69,15 @@ pub enum BundleError {
         #[source]
         source: SpecError,
     },
+    /// The pull feeding the unpack failed; the unpack was abandoned.
+    #[error("image {image}: unpack abandoned: the pull failed")]
+    Aborted {
+        /// The image.
+        image: String,
+    },
+    /// The pull failed.
+    #[error(transparent)]
+    Pull(#[from] crate::pull::PullError),
     /// The destination is already there.
     #[error("{0} already exists")]
     Exists(PathBuf),
@@ -83,6 +94,9 @@ pub enum BundleError {
 
 /// Called after each layer with its index and what it did.
 pub type LayerProgress<'a> = &'a (dyn Fn(usize, &LayerStats) + Sync);
+
+/// Blocks until a layer's blob is in the store; `false` to give up.
+type Wait<'a> = &'a dyn Fn(&crate::manifest::Descriptor) -> bool;
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
@@ -110,6 +124,7 @@ fn apply_layers(
     dir: &Path,
     opts: &UnpackOptions,
     progress: Option<LayerProgress>,
+    wait: Wait,
 ) -> Result<(), BundleError> {
     let config = image_config(store, rec)?;
     let diff_ids = config.rootfs.map(|r| r.diff_ids).unwrap_or_default();
@@ -120,6 +135,11 @@ fn apply_layers(
             digest: layer.digest.clone(),
             source,
         };
+        if !wait(layer) {
+            return Err(BundleError::Aborted {
+                image: rec.name.clone(),
+            });
+        }
         let f = store
             .open_blob(&layer.digest)
             .map_err(|source| BundleError::Store {
@@ -159,6 +179,17 @@ pub fn unpack_rootfs(
     opts: &UnpackOptions,
     progress: Option<LayerProgress>,
 ) -> Result<(), BundleError> {
+    unpack_rootfs_with(store, rec, dest, opts, progress, &|_| true)
+}
+
+fn unpack_rootfs_with(
+    store: &Store,
+    rec: &ImageRecord,
+    dest: &Path,
+    opts: &UnpackOptions,
+    progress: Option<LayerProgress>,
+    wait: Wait,
+) -> Result<(), BundleError> {
     if fs::symlink_metadata(dest).is_ok() {
         return Err(BundleError::Exists(dest.to_path_buf()));
     }
@@ -175,7 +206,7 @@ pub fn unpack_rootfs(
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
-    build_then_rename(store, rec, &work, dest, opts, progress)
+    build_then_rename(store, rec, &work, dest, opts, progress, wait)
 }
 
 fn build_then_rename(
@@ -185,12 +216,13 @@ fn build_then_rename(
     dest: &Path,
     opts: &UnpackOptions,
     progress: Option<LayerProgress>,
+    wait: Wait,
 ) -> Result<(), BundleError> {
     fs::create_dir(work).map_err(|source| BundleError::Io {
         path: work.to_path_buf(),
         source,
     })?;
-    let r = apply_layers(store, rec, work, opts, progress).and_then(|()| {
+    let r = apply_layers(store, rec, work, opts, progress, wait).and_then(|()| {
         fs::rename(work, dest).map_err(|source| match source.raw_os_error() {
             Some(libc::EEXIST) | Some(libc::ENOTEMPTY) => BundleError::Exists(dest.to_path_buf()),
             _ => BundleError::Io {
@@ -223,7 +255,7 @@ pub fn cached_rootfs(
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
-    match build_then_rename(store, rec, &work, &dest, opts, None) {
+    match build_then_rename(store, rec, &work, &dest, opts, None, &|_| true) {
         // Someone else finished first: theirs is as good.
         Err(BundleError::Exists(_)) => Ok(dest),
         Err(e) => Err(e),
@@ -243,18 +275,35 @@ pub fn write_bundle(
     opts: &UnpackOptions,
     progress: Option<LayerProgress>,
 ) -> Result<RunSpec, BundleError> {
-    let rootfs = dest.join("rootfs");
-    let cfg_path = dest.join("config.json");
-    for p in [&rootfs, &cfg_path] {
-        if fs::symlink_metadata(p).is_ok() {
-            return Err(BundleError::Exists(p.clone()));
+    prepare_dest(dest)?;
+    unpack_rootfs(store, rec, &dest.join("rootfs"), opts, progress)?;
+    finish_bundle(store, rec, dest, over)
+}
+
+/// Checks that `dest/rootfs` and `dest/config.json` do not exist, and
+/// creates `dest`.
+fn prepare_dest(dest: &Path) -> Result<(), BundleError> {
+    for p in [dest.join("rootfs"), dest.join("config.json")] {
+        if fs::symlink_metadata(&p).is_ok() {
+            return Err(BundleError::Exists(p));
         }
     }
     fs::create_dir_all(dest).map_err(|source| BundleError::Io {
         path: dest.to_path_buf(),
         source,
-    })?;
-    unpack_rootfs(store, rec, &rootfs, opts, progress)?;
+    })
+}
+
+/// Writes `config.json` beside an unpacked `rootfs`; on failure removes
+/// both.
+fn finish_bundle(
+    store: &Store,
+    rec: &ImageRecord,
+    dest: &Path,
+    over: &Overrides,
+) -> Result<RunSpec, BundleError> {
+    let rootfs = dest.join("rootfs");
+    let cfg_path = dest.join("config.json");
     let r = (|| {
         let config = image_config(store, rec)?;
         let spec_err = |source| BundleError::Spec {
@@ -276,4 +325,82 @@ pub fn write_bundle(
         let _ = fs::remove_file(&cfg_path);
     }
     r
+}
+
+/// Where the layers of a pipelined pull stand.
+struct Gate {
+    aborted: Mutex<bool>,
+    cv: Condvar,
+}
+
+/// Pulls `image` and writes a bundle at `dest` like [`write_bundle`], but
+/// unpacks each layer as soon as it and those below it are in the store,
+/// while later layers are still downloading.
+pub async fn pull_bundle(
+    store: &Store,
+    image: &crate::Reference,
+    opts: &crate::pull::PullOptions,
+    dest: &Path,
+    over: &Overrides,
+    uopts: &UnpackOptions,
+) -> Result<(crate::pull::PullReport, RunSpec), BundleError> {
+    prepare_dest(dest)?;
+    let gate = Arc::new(Gate {
+        aborted: Mutex::new(false),
+        cv: Condvar::new(),
+    });
+    let mut popts = opts.clone();
+    let user = opts.progress.clone();
+    let g = gate.clone();
+    popts.progress = Some(Arc::new(move |p: &crate::pull::Progress| {
+        if let Some(u) = &user {
+            u(p);
+        }
+        if matches!(p, crate::pull::Progress::LayerDone { .. }) {
+            g.cv.notify_all();
+        }
+    }));
+    let worker: Mutex<Option<std::thread::JoinHandle<Result<(), BundleError>>>> = Mutex::new(None);
+    let on_plan = |rec: &ImageRecord| {
+        let (store, rec, gate, uopts) = (store.clone(), rec.clone(), gate.clone(), uopts.clone());
+        let rootfs = dest.join("rootfs");
+        let h = std::thread::spawn(move || {
+            let wait = |l: &crate::manifest::Descriptor| {
+                let mut aborted = gate.aborted.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    if store.has_blob(&l.digest, l.size) {
+                        return true;
+                    }
+                    if *aborted {
+                        return false;
+                    }
+                    // The timeout covers a notification sent between the
+                    // check and the wait.
+                    aborted = gate
+                        .cv
+                        .wait_timeout(aborted, Duration::from_millis(200))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            };
+            unpack_rootfs_with(&store, &rec, &rootfs, &uopts, None, &wait)
+        });
+        *worker.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
+    };
+    let pulled = crate::pull::pull_planned(store, image, &popts, &on_plan).await;
+    if pulled.is_err() {
+        *gate.aborted.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        gate.cv.notify_all();
+    }
+    let handle = worker.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let unpacked = handle.map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+    let report = pulled?;
+    match unpacked {
+        Some(Ok(())) => {}
+        Some(Err(e)) => return Err(e),
+        // The plan is always made before a successful pull returns.
+        None => unpack_rootfs(store, &report.record, &dest.join("rootfs"), uopts, None)?,
+    }
+    let rs = finish_bundle(store, &report.record, dest, over)?;
+    Ok((report, rs))
 }

@@ -274,15 +274,38 @@ fn open_store(cli_store: Option<PathBuf>) -> Result<Store> {
     Store::open(&root).with_context(|| format!("opening the image store {}", root.display()))
 }
 
-fn pull_cmd(store: &Store, reg: &RegistryArgs, image: &str) -> Result<skiff_oci::ImageRecord> {
+/// Pulls `image`; with `bundle`, also writes that bundle (unpacking layers
+/// while later ones download).
+fn pull_cmd(
+    store: &Store,
+    reg: &RegistryArgs,
+    image: &str,
+    bundle: Option<(&std::path::Path, Overrides)>,
+) -> Result<skiff_oci::ImageRecord> {
     let r = Reference::parse(image)?;
     let bar = (!reg.quiet && std::io::stderr().is_terminal()).then(Bar::new);
     let opts = pull_options(reg, bar.clone())?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    let report = rt.block_on(pull::pull(store, &r, &opts))?;
+    let result = match bundle {
+        None => rt
+            .block_on(pull::pull(store, &r, &opts))
+            .map_err(anyhow::Error::from),
+        Some((dest, over)) => rt
+            .block_on(bundle::pull_bundle(
+                store,
+                &r,
+                &opts,
+                dest,
+                &over,
+                &UnpackOptions::default(),
+            ))
+            .map(|(rep, _)| rep)
+            .map_err(anyhow::Error::from),
+    };
     if let Some(b) = bar {
         b.end();
     }
+    let report = result?;
     log::info!(
         "{}: {} fetched, {} resumed, {} layers reused",
         report.record.name,
@@ -322,12 +345,11 @@ fn run(cli: Cli) -> Result<()> {
             dest,
         } => {
             check_dest(&dest)?;
-            let rec = pull_cmd(&store, &reg, &image)?;
-            bundle::write_bundle(&store, &rec, &dest, &run.overrides(), &uopts, None)?;
+            let rec = pull_cmd(&store, &reg, &image, Some((&dest, run.overrides())))?;
             println!("{} {}", rec.name, rec.manifest);
         }
         Cmd::Fetch { reg, image } => {
-            let rec = pull_cmd(&store, &reg, &image)?;
+            let rec = pull_cmd(&store, &reg, &image, None)?;
             println!("{} {}", rec.name, rec.manifest);
         }
         Cmd::Import {

@@ -411,7 +411,25 @@ pub async fn pull(
     image: &Reference,
     opts: &PullOptions,
 ) -> Result<PullReport, PullError> {
-    pull_inner(store, image, opts)
+    pull_inner(store, image, opts, None)
+        .await
+        .map_err(|cause| PullError {
+            image: image.to_string(),
+            cause,
+        })
+}
+
+/// Like [`pull`], and calls `on_plan` with the image's record (not yet
+/// saved) once manifest and config are in, before the layers are fetched:
+/// the caller can start unpacking layers as they land in the store
+/// ([`crate::bundle::pull_bundle`] does).
+pub async fn pull_planned(
+    store: &Store,
+    image: &Reference,
+    opts: &PullOptions,
+    on_plan: &(dyn Fn(&ImageRecord) + Sync),
+) -> Result<PullReport, PullError> {
+    pull_inner(store, image, opts, Some(on_plan))
         .await
         .map_err(|cause| PullError {
             image: image.to_string(),
@@ -423,6 +441,7 @@ async fn pull_inner(
     store: &Store,
     image: &Reference,
     opts: &PullOptions,
+    on_plan: Option<&(dyn Fn(&ImageRecord) + Sync)>,
 ) -> Result<PullReport, PullCause> {
     let reg = Registry::new(image, opts)?;
     let res = reg.resolve(&opts.platform).await?;
@@ -457,6 +476,24 @@ async fn pull_inner(
         } else {
             todo.push(l.clone());
         }
+    }
+    let record = ImageRecord {
+        name: image.to_string(),
+        manifest: res.digest.clone(),
+        index: res.index.as_ref().map(|(d, _)| d.clone()),
+        config: cfg_desc.clone(),
+        layers: res.manifest.layers.clone(),
+        platform: Platform {
+            architecture: config.architecture.clone(),
+            os: config.os.clone(),
+            variant: config.variant.clone(),
+        },
+        stored_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    if let Some(f) = on_plan {
+        f(&record);
     }
     if let Some(p) = &opts.progress {
         p(&Progress::Start {
@@ -495,21 +532,6 @@ async fn pull_inner(
     store
         .put_blob(&res.digest, None, &res.bytes)
         .map_err(PullCause::Store)?;
-    let record = ImageRecord {
-        name: image.to_string(),
-        manifest: res.digest.clone(),
-        index: res.index.as_ref().map(|(d, _)| d.clone()),
-        config: cfg_desc.clone(),
-        layers: res.manifest.layers.clone(),
-        platform: Platform {
-            architecture: config.architecture.clone(),
-            os: config.os.clone(),
-            variant: config.variant.clone(),
-        },
-        stored_at: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-    };
     store.save_image(&record).map_err(PullCause::Store)?;
     Ok(PullReport {
         record,

@@ -261,25 +261,7 @@ impl ConsoleHandler {
                 break;
             };
             let head = chain.head_index();
-            let len = match Writer::new(&*mem, chain) {
-                Ok(mut w) => {
-                    let n = w.available_bytes().min(self.input.len());
-                    match w.write_all(&self.input[..n]) {
-                        Ok(()) => {
-                            self.input.drain(..n);
-                            n as u32
-                        }
-                        Err(e) => {
-                            log::warn!("virtio-console: {e}");
-                            0
-                        }
-                    }
-                }
-                Err(e) => {
-                    log::warn!("virtio-console: bad rx chain: {e}");
-                    0
-                }
-            };
+            let len = write_input(&mem, chain, &mut self.input);
             queue
                 .add_used(&*mem, head, len)
                 .map_err(WorkerError::Queue)?;
@@ -376,6 +358,29 @@ impl ConsoleHandler {
             Err(e) => log::warn!("virtio-console: epoll: {e}"),
         }
     }
+}
+
+/// Moves as much of `input` as fits into a receive chain; returns the
+/// bytes written.
+fn write_input(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    input: &mut Vec<u8>,
+) -> u32 {
+    let mut w = match Writer::new(mem, chain) {
+        Ok(w) => w,
+        Err(e) => {
+            log::warn!("virtio-console: bad rx chain: {e}");
+            return 0;
+        }
+    };
+    let n = w.available_bytes().min(input.len());
+    if let Err(e) = w.write_all(&input[..n]) {
+        log::warn!("virtio-console: {e}");
+        return 0;
+    }
+    input.drain(..n);
+    n as u32
 }
 
 /// The output in a transmit chain (at most 64 KiB of it).

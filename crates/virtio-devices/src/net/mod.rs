@@ -218,6 +218,56 @@ pub fn read_tx_frame(
     Some(frame)
 }
 
+/// Copies `frame` into a receive chain; 0 if it does not fit or the chain
+/// is bad (the frame is then dropped).
+fn write_frame(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    frame: &[u8],
+) -> u32 {
+    let mut w = match Writer::new(mem, chain) {
+        Ok(w) => w,
+        Err(e) => {
+            log::warn!("virtio-net: bad rx chain: {e}");
+            return 0;
+        }
+    };
+    if w.available_bytes() < frame.len() {
+        log::debug!("virtio-net: rx buffer too small for {} bytes", frame.len());
+        return 0;
+    }
+    match w.write_all(frame) {
+        Ok(()) => frame.len() as u32,
+        Err(e) => {
+            log::warn!("virtio-net: {e}");
+            0
+        }
+    }
+}
+
+/// Reads the next frame from the tap (runts skipped); `None` when there is
+/// none now.
+fn read_frame(tap: &mut File) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; MAX_FRAME];
+    loop {
+        match tap.read(&mut buf) {
+            Ok(n) if n >= VNET_HDR_LEN => {
+                buf.truncate(n);
+                // num_buffers is 1 without VIRTIO_NET_F_MRG_RXBUF.
+                buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+                return Some(buf);
+            }
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+            Err(e) => {
+                log::warn!("virtio-net: tap read: {e}");
+                return None;
+            }
+        }
+    }
+}
+
 enum Delivery {
     Delivered,
     NoBuffer,
@@ -260,29 +310,10 @@ impl NetHandler {
                 return Ok(Delivery::NoBuffer);
             };
             let head = chain.head_index();
-            let len = match Writer::new(mem, chain) {
-                Ok(mut w) if w.available_bytes() >= self.frame.len() => {
-                    match w.write_all(&self.frame) {
-                        Ok(()) => self.frame.len() as u32,
-                        Err(e) => {
-                            log::warn!("virtio-net: {e}");
-                            0
-                        }
-                    }
-                }
-                Ok(_) => {
-                    log::debug!(
-                        "virtio-net: rx buffer too small for {} bytes",
-                        self.frame.len()
-                    );
-                    self.dropped += 1;
-                    0
-                }
-                Err(e) => {
-                    log::warn!("virtio-net: bad rx chain: {e}");
-                    0
-                }
-            };
+            let len = write_frame(mem, chain, &self.frame);
+            if len == 0 {
+                self.dropped += 1;
+            }
             queue.add_used(mem, head, len).map_err(WorkerError::Queue)?;
             self.frame.clear();
             return Ok(Delivery::Delivered);
@@ -295,21 +326,9 @@ impl NetHandler {
         let mut used = 0;
         loop {
             if self.frame.is_empty() {
-                let mut buf = vec![0u8; MAX_FRAME];
-                match self.tap.read(&mut buf) {
-                    Ok(n) if n >= VNET_HDR_LEN => {
-                        buf.truncate(n);
-                        // num_buffers is 1 without VIRTIO_NET_F_MRG_RXBUF.
-                        buf[10..12].copy_from_slice(&1u16.to_le_bytes());
-                        self.frame = buf;
-                    }
-                    Ok(_) => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        log::warn!("virtio-net: tap read: {e}");
-                        break;
-                    }
+                match read_frame(&mut self.tap) {
+                    Some(frame) => self.frame = frame,
+                    None => break,
                 }
             }
             match self.deliver(&mem)? {

@@ -121,6 +121,23 @@ fn half(high: bool, value: u32) -> (Option<u32>, Option<u32>) {
     }
 }
 
+/// A 4- or 8-byte write of `v` at `offset` in the queue address registers
+/// (0x20-0x37); halves beyond them are ignored.
+fn write_queue_addr(q: &mut Queue, offset: u64, v: u64, len: usize) {
+    let mut words = vec![(offset, v as u32)];
+    if len == 8 {
+        words.push((offset + 4, (v >> 32) as u32));
+    }
+    for (off, value) in words.into_iter().filter(|(o, _)| *o <= reg::QUEUE_USED_HI) {
+        let (lo, hi) = half(off % 8 == 4, value);
+        match off & !7 {
+            reg::QUEUE_DESC_LO => q.set_desc_table_address(lo, hi),
+            reg::QUEUE_AVAIL_LO => q.set_avail_ring_address(lo, hi),
+            _ => q.set_used_ring_address(lo, hi),
+        }
+    }
+}
+
 impl CommonConfig {
     /// Reads `data.len()` bytes at `offset`. `features` are all the
     /// offered features; `vectors` the MSI-X table size.
@@ -210,20 +227,7 @@ impl CommonConfig {
                 queues[qsel].queue.set_ready(true)
             }
             (reg::QUEUE_DESC_LO..=reg::QUEUE_USED_HI, 4 | 8) if queue_writable => {
-                let q = &mut queues[qsel].queue;
-                let words: Vec<(u64, u32)> = if data.len() == 8 {
-                    vec![(offset, v as u32), (offset + 4, (v >> 32) as u32)]
-                } else {
-                    vec![(offset, v as u32)]
-                };
-                for (off, value) in words {
-                    let (lo, hi) = half(off % 8 == 4, value);
-                    match off & !7 {
-                        reg::QUEUE_DESC_LO => q.set_desc_table_address(lo, hi),
-                        reg::QUEUE_AVAIL_LO => q.set_avail_ring_address(lo, hi),
-                        _ => q.set_used_ring_address(lo, hi),
-                    }
-                }
+                write_queue_addr(&mut queues[qsel].queue, offset, v, data.len())
             }
             _ => log::debug!(
                 "virtio-pci: ignored common config write {offset:#x}/{}",
@@ -297,6 +301,16 @@ mod tests {
         assert_eq!(rd(&c, 0x28, 4, &q), 0x9000);
         assert_eq!(rd(&c, 0x1a, 2, &q), 2);
         assert_eq!(rd(&c, 0x1e, 2, &q), 1);
+        // An 8-byte write at the last register does not spill past it.
+        c.write(0x30, &0x7000u64.to_le_bytes(), 3, false, &mut q);
+        c.write(
+            0x34,
+            &0xffff_ffff_0000_0000u64.to_le_bytes(),
+            3,
+            false,
+            &mut q,
+        );
+        assert_eq!(rd(&c, 0x30, 8, &q), 0x7000);
         // Vector beyond the table reads back NO_VECTOR.
         c.write(0x1a, &7u16.to_le_bytes(), 3, false, &mut q);
         assert_eq!(rd(&c, 0x1a, 2, &q), u64::from(NO_VECTOR));

@@ -339,34 +339,34 @@ impl Connection {
             return None;
         }
         let mut buf = vec![0u8; want];
-        loop {
-            return match self.stream.read(&mut buf) {
-                Ok(0) => {
-                    self.host_eof = true;
-                    Some(RxPacket::Packet(
-                        Header {
-                            flags: SHUTDOWN_SEND,
-                            ..self.header(op::SHUTDOWN)
-                        },
-                        Vec::new(),
-                    ))
-                }
-                Ok(n) => {
-                    buf.truncate(n);
-                    self.rx_cnt += Wrapping(n as u32);
-                    Some(RxPacket::Packet(self.header(op::RW), buf))
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.host_readable = false;
-                    None
-                }
+        let read = loop {
+            match self.stream.read(&mut buf) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::debug!("vsock: host read: {e}");
-                    self.reset();
-                    Some(RxPacket::Reset(self.header(op::RST)))
-                }
-            };
+                r => break r,
+            }
+        };
+        match read {
+            Ok(0) => {
+                // The host will send no more.
+                self.host_eof = true;
+                let mut h = self.header(op::SHUTDOWN);
+                h.flags = SHUTDOWN_SEND;
+                Some(RxPacket::Packet(h, Vec::new()))
+            }
+            Ok(n) => {
+                buf.truncate(n);
+                self.rx_cnt += Wrapping(n as u32);
+                Some(RxPacket::Packet(self.header(op::RW), buf))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.host_readable = false;
+                None
+            }
+            Err(e) => {
+                log::debug!("vsock: host read: {e}");
+                self.reset();
+                Some(RxPacket::Reset(self.header(op::RST)))
+            }
         }
     }
 }

@@ -222,22 +222,10 @@ impl VsockHandler {
                 break;
             };
             let head = chain.head_index();
-            let len = match RxBuffer::new(&mem, chain) {
-                Err(e) => {
-                    log::warn!("vsock: bad rx buffer: {e}");
-                    0
-                }
-                Ok(buf) => match self.muxer.next_rx_packet(ctx, buf.payload_capacity()) {
-                    None => {
-                        drop(buf);
-                        queue.go_to_previous_position();
-                        break;
-                    }
-                    Some((hdr, data)) => buf.write(hdr, &data).unwrap_or_else(|e| {
-                        log::warn!("vsock: rx packet lost: {e}");
-                        0
-                    }),
-                },
+            let Some(len) = fill_rx_buffer(&mut self.muxer, ctx, &mem, chain) else {
+                // Nothing to send after all: give the buffer back.
+                queue.go_to_previous_position();
+                break;
             };
             queue
                 .add_used(&*mem, head, len)
@@ -249,6 +237,28 @@ impl VsockHandler {
         }
         Ok(())
     }
+}
+
+/// Writes the muxer's next packet into a receive chain; the used length,
+/// or `None` when the muxer had nothing after all.
+fn fill_rx_buffer(
+    muxer: &mut Muxer,
+    ctx: &EpollCtx,
+    mem: &GuestMemoryMmap,
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+) -> Option<u32> {
+    let buf = match RxBuffer::new(mem, chain) {
+        Ok(buf) => buf,
+        Err(e) => {
+            log::warn!("vsock: bad rx buffer: {e}");
+            return Some(0);
+        }
+    };
+    let (hdr, data) = muxer.next_rx_packet(ctx, buf.payload_capacity())?;
+    Some(buf.write(hdr, &data).unwrap_or_else(|e| {
+        log::warn!("vsock: rx packet lost: {e}");
+        0
+    }))
 }
 
 impl EpollHandler for VsockHandler {

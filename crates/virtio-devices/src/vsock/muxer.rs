@@ -99,6 +99,34 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     Ok(UnixStream::from(owned))
 }
 
+enum LineRead {
+    /// No full line yet; wait for more.
+    Incomplete,
+    /// A full line, or why there will never be one.
+    Done(Result<(), &'static str>),
+}
+
+/// Reads byte by byte (so no stream data after the line is consumed) until
+/// a newline.
+fn read_line(stream: &mut UnixStream, line: &mut Vec<u8>) -> LineRead {
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(0) => return LineRead::Done(Err("closed before CONNECT")),
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return LineRead::Incomplete,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return LineRead::Done(Err("read error")),
+        }
+        if byte[0] == b'\n' {
+            return LineRead::Done(Ok(()));
+        }
+        if line.len() >= MAX_CONNECT_LINE {
+            return LineRead::Done(Err("CONNECT line too long"));
+        }
+    }
+}
+
 /// The connection multiplexer of one vsock device.
 pub struct Muxer {
     guest_cid: u64,
@@ -279,23 +307,9 @@ impl Muxer {
         let Some(p) = self.pending_hosts.get_mut(&token) else {
             return;
         };
-        let mut byte = [0u8; 1];
-        let done = loop {
-            match p.stream.read(&mut byte) {
-                Ok(0) => break Err("closed before CONNECT"),
-                Ok(_) => {
-                    p.line.push(byte[0]);
-                    if byte[0] == b'\n' {
-                        break Ok(());
-                    }
-                    if p.line.len() >= MAX_CONNECT_LINE {
-                        break Err("CONNECT line too long");
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => break Err("read error"),
-            }
+        let done = match read_line(&mut p.stream, &mut p.line) {
+            LineRead::Incomplete => return,
+            LineRead::Done(r) => r,
         };
         let Some(p) = self.pending_hosts.remove(&token) else {
             return;

@@ -79,6 +79,7 @@ pub mod fuzzing;
 pub mod net;
 pub mod pci;
 pub mod rng;
+pub mod socket;
 pub mod transport;
 pub mod vsock;
 pub mod worker;

@@ -109,14 +109,7 @@ fn bind(path: &Path) -> Result<UnixListener, ConsoleError> {
         path: path.to_path_buf(),
         source,
     };
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    let l = UnixListener::bind(path).map_err(err)?;
-    l.set_nonblocking(true).map_err(err)?;
-    Ok(l)
+    crate::socket::bind_listener(path).map_err(err)
 }
 
 impl VirtioDevice for Console {

@@ -62,7 +62,8 @@ pub struct Vsock {
 
 impl Vsock {
     /// A device for guest `cid` whose host side listens on `path` (a stale
-    /// socket file there is replaced).
+    /// socket there is replaced; any other file is an error). The socket
+    /// file is removed when the device is dropped.
     pub fn new(cid: u64, path: &Path) -> Result<Self, VsockError> {
         if cid < 3 || cid > u64::from(u32::MAX) {
             return Err(VsockError::InvalidCid(cid));
@@ -71,13 +72,7 @@ impl Vsock {
             path: path.to_path_buf(),
             source,
         };
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(bind_err(e)),
-        }
-        let listener = UnixListener::bind(path).map_err(bind_err)?;
-        listener.set_nonblocking(true).map_err(bind_err)?;
+        let listener = crate::socket::bind_listener(path).map_err(bind_err)?;
         Ok(Vsock {
             cid,
             path: path.to_path_buf(),
@@ -90,6 +85,12 @@ impl Vsock {
     /// The guest's context id.
     pub fn cid(&self) -> u64 {
         self.cid
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 

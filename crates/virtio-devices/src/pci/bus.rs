@@ -221,11 +221,22 @@ impl PciBus {
             }
             mapped.push(*r);
         }
+        let mut registered = Vec::new();
         for (addr, fd) in dev.ioeventfds() {
-            self.ioevents
-                .register_ioevent(fd, addr)
-                .map_err(PciError::IoEvent)?;
+            if let Err(e) = self.ioevents.register_ioevent(fd, addr) {
+                // Undo everything so a failed hot-plug leaves no trace.
+                for (a, f) in registered {
+                    let _ = self.ioevents.unregister_ioevent(f, a);
+                }
+                for r in &ranges {
+                    let _ = self.bus_for(r.bar.region_type).remove(r.addr);
+                    allocator.free(r);
+                }
+                return Err(PciError::IoEvent(e));
+            }
+            registered.push((addr, fd));
         }
+        drop(registered);
         drop(dev);
         self.devices.insert(slot, device);
         Ok(slot)
@@ -245,7 +256,7 @@ impl PciBus {
             .devices
             .remove(&slot)
             .ok_or(PciError::EmptySlot(slot))?;
-        let dev = lock(&device);
+        let mut dev = lock(&device);
         for (addr, fd) in dev.ioeventfds() {
             if let Err(e) = self.ioevents.unregister_ioevent(fd, addr) {
                 log::warn!("pci slot {slot}: unregister ioeventfd at {addr:#x}: {e}");
@@ -257,6 +268,7 @@ impl PciBus {
             }
             allocator.free(&r);
         }
+        dev.unplugged();
         drop(dev);
         Ok(device)
     }
@@ -471,6 +483,7 @@ mod tests {
         evt: EventFd,
         writes: Vec<(u64, u64)>,
         mapped: u64,
+        unplugged: bool,
     }
 
     impl Dummy {
@@ -498,6 +511,7 @@ mod tests {
                 evt: EventFd::new(0).unwrap(),
                 writes: Vec::new(),
                 mapped: 0,
+                unplugged: false,
             }
         }
     }
@@ -537,6 +551,43 @@ mod tests {
         fn ioeventfds(&self) -> Vec<(u64, &EventFd)> {
             vec![(self.mapped + 0x10, &self.evt)]
         }
+        fn unplugged(&mut self) {
+            self.unplugged = true;
+        }
+    }
+
+    struct FailingRegistry;
+    impl IoEventRegistrar for FailingRegistry {
+        fn register_ioevent(&self, _fd: &EventFd, _addr: u64) -> std::io::Result<()> {
+            Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+        }
+        fn unregister_ioevent(&self, _fd: &EventFd, _addr: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn failed_attach_leaves_nothing_behind() {
+        let mmio = Arc::new(Bus::new());
+        let mut bus = PciBus::new(
+            mmio.clone(),
+            Arc::new(Bus::new()),
+            Arc::new(FailingRegistry),
+        );
+        let mut alloc = RangeAllocator::new((0, 0), (1 << 40, 0x1000), (0, 0));
+        let r = bus.attach(None, Arc::new(Mutex::new(Dummy::new())), &mut alloc);
+        assert!(matches!(r, Err(PciError::IoEvent(_))));
+        assert_eq!(bus.slots(), vec![0]);
+        let mut d = [0u8; 1];
+        assert!(!mmio.read(1 << 40, &mut d));
+        // The window (exactly one BAR big) is free again.
+        let bar = PciBar {
+            index: 0,
+            size: 0x1000,
+            region_type: PciBarRegionType::Memory64,
+            prefetchable: false,
+        };
+        assert_eq!(alloc.allocate(&bar), Some(1 << 40));
     }
 
     #[derive(Default)]
@@ -640,6 +691,7 @@ mod tests {
             Err(PciError::SlotUnavailable(3))
         ));
         s.bus.lock().unwrap().detach(slot, &mut s.alloc).unwrap();
+        assert!(dev.lock().unwrap().unplugged);
         assert!(!s.mmio.read(base, &mut d));
         assert!(s.reg.0.lock().unwrap().is_empty());
         // The range is free again: hot-plug a new device in its place.

@@ -112,6 +112,9 @@ pub trait PciDevice: Send {
     fn ioeventfds(&self) -> Vec<(u64, &EventFd)> {
         Vec::new()
     }
+    /// The device left the bus (hot-unplug): stop its work. Called by
+    /// [`PciBus::detach`] after its BARs and ioeventfds are gone.
+    fn unplugged(&mut self) {}
 }
 
 /// Places every BAR of `config` with `allocator` (helper for devices).

@@ -545,6 +545,11 @@ impl PciDevice for VirtioPciDevice {
         self.write_bar_region(offset, data);
     }
 
+    fn unplugged(&mut self) {
+        // Stops the device's worker even if someone still holds the device.
+        self.reset();
+    }
+
     fn ioeventfds(&self) -> Vec<(u64, &EventFd)> {
         self.queue_evts
             .iter()

@@ -395,7 +395,9 @@ impl VirtioPciDevice {
             StatusAction::Reset => self.reset(),
             StatusAction::FeaturesOk => {
                 self.features_ok();
-                if self.common.status & status::DRIVER_OK != 0 {
+                // Both bits in one write: start only if the features held.
+                let ready = status::FEATURES_OK | status::DRIVER_OK;
+                if self.common.status & ready == ready {
                     self.activate();
                 }
             }

@@ -168,6 +168,19 @@ fn rng_end_to_end_with_msix_and_reset() {
 }
 
 #[test]
+fn refused_features_never_activate() {
+    let mem = single_region_mem(0x10_0000);
+    let mut d = Driver::new(&mem);
+    let tq = TestQueue::new(&mem, 0x1000, 16, 0x2_0000);
+    d.setup_queue(0, &tq, 0);
+    d.w(0x14, 3, 1);
+    // No VERSION_1, and FEATURES_OK with DRIVER_OK in a single write.
+    d.w(0x14, 0xf, 1);
+    assert!(!d.dev.is_active());
+    assert_eq!(d.status() & status::FEATURES_OK, 0);
+}
+
+#[test]
 fn invalid_rings_set_needs_reset() {
     let mem = single_region_mem(0x10_0000);
     let mut d = Driver::new(&mem);

@@ -10,10 +10,11 @@ use std::time::Instant;
 use vm_device::Bus;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::acpi::{create_acpi_tables, AcpiError, AcpiExtras};
+use crate::arch::acpi::{create_acpi_tables, AcpiError};
 use crate::arch::boot::{load_command_line, load_initramfs, load_kernel, write_boot_params, BootError};
 use crate::arch::layout::*;
 use crate::config::{SerialConfig, VmConfig};
+use crate::device_manager::{DeviceError, PciDevices};
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::boot_timer::BootTimer;
 use crate::devices::i8042::I8042;
@@ -35,6 +36,8 @@ pub enum BuildError {
     Boot(#[source] BootError),
     #[error("cannot write the ACPI tables")]
     Acpi(#[source] AcpiError),
+    #[error("cannot set up a device")]
+    Device(#[source] DeviceError),
     #[error("cannot set up vCPU")]
     Vcpu(#[source] VcpuError),
     #[error("cannot open the serial output file {path}")]
@@ -83,13 +86,18 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
         None => None,
     };
     let cmdline_size = load_command_line(&ram.mem, &config.cmdline).map_err(BuildError::Boot)?;
-    let rsdp = create_acpi_tables(&ram.mem, config.cpus, &AcpiExtras::default()).map_err(BuildError::Acpi)?;
-    write_boot_params(&ram.mem, &kernel, cmdline_size, initramfs, rsdp).map_err(BuildError::Boot)?;
-    step("initramfs, command line, ACPI and boot parameters");
 
     let exit = Arc::new(ExitState::new().map_err(BuildError::EventFd)?);
     let io_bus = Arc::new(Bus::new());
     let mmio_bus = Arc::new(Bus::new());
+    let mut pci = PciDevices::new(vm.fd().clone(), io_bus.clone(), mmio_bus.clone(), &ram.mem, config.memory_mib << 20)
+        .map_err(BuildError::Device)?;
+    pci.attach_all(&config.devices).map_err(BuildError::Device)?;
+    step("PCI devices");
+
+    let rsdp = create_acpi_tables(&ram.mem, config.cpus, &pci.acpi()).map_err(BuildError::Acpi)?;
+    write_boot_params(&ram.mem, &kernel, cmdline_size, initramfs, rsdp).map_err(BuildError::Boot)?;
+    step("initramfs, command line, ACPI and boot parameters");
 
     let serial_irq = EventFd::new(0).map_err(BuildError::EventFd)?;
     vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(BuildError::Vm)?;
@@ -112,5 +120,5 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     }
 
     step("devices and vCPUs");
-    Ok(Vmm::new(config.clone(), start, vm, ram, vcpus, exit, serial, io_bus, mmio_bus))
+    Ok(Vmm::new(config.clone(), start, vm, ram, vcpus, exit, serial, io_bus, mmio_bus, pci))
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use crate::arch::boot::{probe_initramfs, probe_kernel, BootError};
+use crate::device_manager::DeviceConfig;
 
 /// Smallest guest the VMM agrees to build.
 pub const MIN_MEMORY_MIB: u64 = 32;
@@ -45,6 +46,7 @@ pub struct VmConfig {
     pub memory_mib: u64,
     pub serial: SerialConfig,
     pub api_socket: Option<PathBuf>,
+    pub devices: DeviceConfig,
 }
 
 /// Why a configuration cannot work.
@@ -64,6 +66,16 @@ pub enum ConfigError {
     InitramfsTooBig { size: u64, memory: u64 },
     #[error("the kernel command line is {0} bytes; Linux takes at most 2047")]
     Cmdline(usize),
+    #[error("disk image {path} cannot be opened")]
+    Disk {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the vhost-user socket {0} of virtio-fs tag '{1}' does not exist (is virtiofsd running?)")]
+    FsSocket(PathBuf, String),
+    #[error("virtio-fs tag '{0}' is given twice")]
+    FsTagTwice(String),
     #[error("the API socket {0} already exists and a VMM answers on it")]
     ApiSocketInUse(PathBuf),
 }
@@ -102,6 +114,22 @@ impl VmConfig {
                 return Err(ConfigError::InitramfsTooBig { size: size >> 20, memory: self.memory_mib });
             }
         }
+        for disk in &self.devices.disks {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(!disk.readonly)
+                .open(&disk.path)
+                .map_err(|source| ConfigError::Disk { path: disk.path.clone(), source })?;
+        }
+        let mut tags = std::collections::HashSet::new();
+        for fs in &self.devices.fs {
+            if !tags.insert(fs.tag.as_str()) {
+                return Err(ConfigError::FsTagTwice(fs.tag.clone()));
+            }
+            if !fs.socket.exists() {
+                return Err(ConfigError::FsSocket(fs.socket.clone(), fs.tag.clone()));
+            }
+        }
         if let Some(sock) = &self.api_socket {
             if std::os::unix::net::UnixStream::connect(sock).is_ok() {
                 return Err(ConfigError::ApiSocketInUse(sock.clone()));
@@ -124,6 +152,7 @@ mod tests {
             memory_mib: 256,
             serial: SerialConfig::Stdout,
             api_socket: None,
+            devices: DeviceConfig::default(),
         }
     }
 

@@ -9,14 +9,18 @@
 //! * [`vstate`]: the KVM VM and vCPUs; [`memory`]: guest RAM;
 //! * [`arch`]: layout, CPUID, MSRs, registers, boot protocols, ACPI;
 //! * [`devices`]: serial, i8042, boot-complete port, ACPI power;
+//! * [`device_manager`]: the PCI bus and virtio devices; [`interrupt`]: MSI
+//!   routing and ioeventfds through KVM;
 //! * [`api`]: the control socket.
 
 pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod config;
+pub mod device_manager;
 pub mod devices;
 pub mod exit;
+pub mod interrupt;
 pub mod memory;
 pub mod vmm;
 pub mod vstate;

@@ -8,6 +8,11 @@ use std::time::Instant;
 use clap::Parser;
 use skiff_vmm::builder::build_vm;
 use skiff_vmm::config::{SerialConfig, VmConfig, DEFAULT_CMDLINE};
+use skiff_vmm::device_manager::DeviceConfig;
+use virtio_devices::block::BlockConfig;
+use virtio_devices::config::{NetConfig, VsockConfig};
+use virtio_devices::console::ConsoleOutput;
+use virtio_devices::fs::FsConfig;
 
 /// Skiff's virtual machine monitor: boots one Linux VM on KVM.
 ///
@@ -41,6 +46,30 @@ struct Args {
     /// Unix socket for the control API (JSON lines: ping, info, stop).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// A virtio-blk disk backed by a raw image; repeatable. Keys: `path=`
+    /// (required), `readonly=on|off`, `serial=` (the ID the guest reads).
+    #[arg(long = "disk", value_name = "path=P[,readonly=on][,serial=S]")]
+    disks: Vec<BlockConfig>,
+    /// A virtio-net NIC on a tap device (created if missing) or an inherited
+    /// tap fd; repeatable. Keys: `tap=NAME` or `fd=N`, `mac=MAC`.
+    #[arg(long = "net", value_name = "tap=NAME|fd=N[,mac=MAC]")]
+    nets: Vec<NetConfig>,
+    /// A virtio-vsock device for guest context ID `cid`, with the host side
+    /// on a Unix socket (Firecracker's hybrid model: connect and send
+    /// `CONNECT <port>\n`; guest connections to port P go to `PATH_P`).
+    #[arg(long, value_name = "cid=N,socket=PATH")]
+    vsock: Option<VsockConfig>,
+    /// A virtio-fs share served by virtiofsd on a vhost-user socket;
+    /// repeatable (one per tag). The guest mounts it with
+    /// `mount -t virtiofs TAG DIR`.
+    #[arg(long = "fs", value_name = "tag=T,socket=PATH")]
+    fs: Vec<FsConfig>,
+    /// A virtio-rng device fed from the host's getrandom.
+    #[arg(long)]
+    rng: bool,
+    /// A virtio-console (the guest's hvc0) to a file or a Unix socket.
+    #[arg(long, value_name = "file=PATH|socket=PATH")]
+    console: Option<ConsoleOutput>,
 }
 
 fn print_error(prefix: &str, err: &dyn std::error::Error) {
@@ -67,6 +96,14 @@ fn main() -> ExitCode {
         memory_mib: args.memory,
         serial: args.serial,
         api_socket: args.api_socket,
+        devices: DeviceConfig {
+            disks: args.disks,
+            nets: args.nets,
+            vsock: args.vsock,
+            fs: args.fs,
+            rng: args.rng,
+            console: args.console,
+        },
     };
     if let Err(e) = config.validate() {
         print_error("", &e);

@@ -17,6 +17,7 @@ use vm_device::Bus;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::config::{SerialConfig, VmConfig};
+use crate::device_manager::PciDevices;
 use crate::devices::serial::SerialDevice;
 use crate::exit::{ExitReason, ExitState};
 use crate::memory::GuestRam;
@@ -59,6 +60,7 @@ pub struct Vmm {
     serial: Arc<Mutex<SerialDevice>>,
     _io_bus: Arc<Bus>,
     _mmio_bus: Arc<Bus>,
+    _pci: PciDevices,
 }
 
 fn signal_fd() -> Result<OwnedFd, std::io::Error> {
@@ -117,8 +119,20 @@ impl Vmm {
         serial: Arc<Mutex<SerialDevice>>,
         io_bus: Arc<Bus>,
         mmio_bus: Arc<Bus>,
+        pci: PciDevices,
     ) -> Self {
-        Self { config, start, _vm: vm, _ram: ram, vcpus, exit, serial, _io_bus: io_bus, _mmio_bus: mmio_bus }
+        Self {
+            config,
+            start,
+            _vm: vm,
+            _ram: ram,
+            vcpus,
+            exit,
+            serial,
+            _io_bus: io_bus,
+            _mmio_bus: mmio_bus,
+            _pci: pci,
+        }
     }
 
     /// Runs the VM until it stops; returns why.

@@ -53,6 +53,23 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// End of the 32-bit MMIO hole (4 GiB).
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// 32-bit PCI BAR window (start, size): the bottom half of the hole.
+pub const PCI_MMIO32: (u64, u64) = (MMIO_HOLE_START, 0x2000_0000);
+/// PCI ECAM (memory-mapped configuration space), bus 0 only.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+/// Size of the ECAM window for one bus.
+pub const PCI_ECAM_SIZE: u64 = 1 << 20;
+/// PCI I/O port window for I/O BARs (start, size).
+pub const PCI_IO: (u64, u64) = (0x1000, 0xf000);
+/// Size of the 64-bit PCI BAR window placed above RAM.
+pub const PCI_MMIO64_SIZE: u64 = 64 << 30;
+
+/// The 64-bit PCI BAR window (start, size): above all RAM, 1 GiB aligned.
+pub fn pci_mmio64(mem_size: u64) -> (u64, u64) {
+    let ram_end = ram_ranges(mem_size).last().map_or(0, |(a, s)| a.0 + s).max(MMIO_HOLE_END);
+    (ram_end.next_multiple_of(1 << 30), PCI_MMIO64_SIZE)
+}
+
 /// The IOAPIC's MMIO base.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// The local APICs' MMIO base.
@@ -106,13 +123,14 @@ pub enum E820Kind {
 }
 
 /// The e820 map for `mem_size` bytes of RAM: low RAM up to the EBDA, the
-/// BIOS area (ACPI tables) reserved, RAM from 1 MiB to the hole, and RAM
-/// above 4 GiB.
+/// BIOS area (ACPI tables) and the PCI ECAM window reserved, RAM from
+/// 1 MiB to the hole, and RAM above 4 GiB; sorted by address.
 pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
     let mut map = vec![
         E820Entry { addr: 0, size: EBDA_START, kind: E820Kind::Ram },
         E820Entry { addr: EBDA_START, size: ACPI_END - EBDA_START, kind: E820Kind::Reserved },
     ];
+    map.push(E820Entry { addr: PCI_ECAM_START, size: PCI_ECAM_SIZE, kind: E820Kind::Reserved });
     for (start, size) in ram_ranges(mem_size) {
         let (start, size) = if start.0 == 0 {
             (HIMEM_START, size.saturating_sub(HIMEM_START))
@@ -123,6 +141,7 @@ pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
             map.push(E820Entry { addr: start, size, kind: E820Kind::Ram });
         }
     }
+    map.sort_by_key(|e| e.addr);
     map
 }
 
@@ -134,7 +153,7 @@ mod tests {
     fn small_guest_has_one_ram_range() {
         assert_eq!(ram_ranges(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
         let map = e820_map(256 << 20);
-        assert_eq!(map.len(), 3);
+        assert_eq!(map.len(), 4);
         assert_eq!(map[2], E820Entry { addr: HIMEM_START, size: (256 << 20) - HIMEM_START, kind: E820Kind::Ram });
     }
 

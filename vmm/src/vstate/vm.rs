@@ -2,6 +2,8 @@
 //! PIT, and guest RAM registered as memory slots.
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use std::sync::Arc;
+
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -56,7 +58,7 @@ pub fn open_kvm(cpus: u8) -> Result<Kvm, VmError> {
 
 /// A KVM VM with its memory registered.
 pub struct Vm {
-    fd: VmFd,
+    fd: Arc<VmFd>,
     supported_cpuid: CpuId,
 }
 
@@ -88,11 +90,11 @@ impl Vm {
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("read the supported CPUID"))?;
-        Ok(Self { fd, supported_cpuid })
+        Ok(Self { fd: Arc::new(fd), supported_cpuid })
     }
 
     /// The VM file descriptor.
-    pub fn fd(&self) -> &VmFd {
+    pub fn fd(&self) -> &Arc<VmFd> {
         &self.fd
     }
 

@@ -45,7 +45,8 @@
 //!    [`pci::bus::RangeAllocator`]) over your 32-bit and 64-bit MMIO
 //!    windows (the DSDT's host bridge `_CRS`). [`pci::PciBus::attach`]
 //!    allocates, maps the BARs on the buses, registers the ioeventfds and
-//!    fills a slot; [`pci::PciBus::detach`] undoes it (hot-unplug). If the
+//!    fills a slot; [`pci::PciBus::detach`] undoes it and resets the
+//!    device (hot-unplug; the ACPI side of hot-plug is the VMM's). If the
 //!    guest moves a BAR, the bus re-maps it and its ioeventfds itself.
 //! 5. **Devices.** For each device: parse its option with [`config`]
 //!    (`"path=disk.raw,readonly=on".parse::<BlockConfig>()`), build the model (e.g.
@@ -57,7 +58,11 @@
 //!    and stop on reset or drop.
 //! 6. **Memory for virtio-fs.** Guest RAM regions must be created from a
 //!    file (memfd) with a `FileOffset`, or [`fs::Fs`] activation fails with
-//!    [`ActivateError::MemoryNotShareable`].
+//!    [`ActivateError::MemoryNotShareable`]. If `InterruptGroup::notifier`
+//!    returns the vector's irqfd, virtiofsd signals it directly; a vector
+//!    masked then is up to the VMM (with notifiers absent, calls are
+//!    forwarded through [`VirtioInterrupt::trigger`] and MSI-X pending
+//!    bits apply).
 //!
 //! # Guest input
 //!

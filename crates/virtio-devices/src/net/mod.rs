@@ -537,4 +537,69 @@ mod tests {
             Err(TapError::InvalidName(_))
         ));
     }
+
+    /// The kernel answers an ARP request sent by the guest through a real
+    /// tap: the virtio-net header and frame layout match what the tap
+    /// expects, both ways. Needs CAP_NET_ADMIN and `ip`; otherwise it
+    /// only checks that the tap cannot be opened.
+    #[test]
+    fn kernel_answers_arp_through_a_real_tap() {
+        let name = format!("skt{}", std::process::id() % 100_000);
+        let Ok(tap) = tap::open_tap(&name) else {
+            return;
+        };
+        let subnet = 10 + std::process::id() % 200;
+        let host_ip = [10, 99, subnet as u8, 1];
+        let guest_ip = [10, 99, subnet as u8, 2];
+        let ok = std::process::Command::new("ip")
+            .args(["addr", "add", &format!("10.99.{subnet}.1/24"), "dev", &name])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return;
+        }
+        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        let mem = single_region_mem(0x40_0000);
+        let rxq = TestQueue::new(&mem, 0, 64, 0x1_0000);
+        let mut txq = TestQueue::new(&mem, 0x2000, 16, 0x20_0000);
+        let (rx, tx) = (rxq.active(0), txq.active(1));
+        let rx_kick = rx.event.try_clone().unwrap();
+        let tx_kick = tx.event.try_clone().unwrap();
+        let mut net = Net::with_backend(tap, mac);
+        net.activate(atomic_mem(&mem), recorder(), vec![rx, tx])
+            .unwrap();
+        let mut rxq = rxq;
+        let bufs: Vec<u64> = (0..32)
+            .map(|_| rxq.add_chain(&[(Writable, 1526)]).1[0])
+            .collect();
+        rx_kick.write(1).unwrap();
+
+        let mut frame = vec![0u8; VNET_HDR_LEN];
+        frame.extend_from_slice(&[0xff; 6]);
+        frame.extend_from_slice(&mac);
+        frame.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        frame.extend_from_slice(&mac);
+        frame.extend_from_slice(&guest_ip);
+        frame.extend_from_slice(&[0; 6]);
+        frame.extend_from_slice(&host_ip);
+        let (_, addrs) = txq.add_chain(&[(Readable, frame.len() as u32)]);
+        txq.write(addrs[0], &frame);
+        tx_kick.write(1).unwrap();
+
+        // Other frames (IPv6 router solicitations, ...) may come first.
+        let found = wait_until(|| {
+            (0..rxq.used_idx()).any(|i| {
+                let (head, len) = rxq.used_entry(i);
+                let f = rxq.read(bufs[usize::from(head)], len as usize);
+                let eth = &f[VNET_HDR_LEN..];
+                eth.len() >= 42
+                    && eth[..6] == mac
+                    && eth[12..14] == [0x08, 0x06]
+                    && eth[20..22] == [0, 2]
+                    && eth[28..32] == host_ip
+            })
+        });
+        assert!(found, "ARP reply from the host kernel");
+        assert!(net.reset());
+    }
 }

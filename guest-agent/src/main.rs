@@ -60,9 +60,11 @@ fn run(args: Args) -> Result<()> {
     let pid1 = std::process::id() == 1;
     let sys: Arc<dyn Syscall> = Arc::new(Linux);
     let mut main_spec: Option<MainProcess> = None;
-    if pid1 && !args.no_boot_mark {
-        if let Err(e) = bootmark::write() {
-            eprintln!("skiff-agent: boot marker: {e}");
+    let mut boot_mark_due = pid1 && !args.no_boot_mark;
+    if boot_mark_due {
+        match bootmark::write() {
+            Ok(()) => boot_mark_due = false,
+            Err(e) => eprintln!("skiff-agent: boot marker: {e}; trying /dev/port after the mounts"),
         }
     }
     if pid1 {
@@ -80,6 +82,11 @@ fn run(args: Args) -> Result<()> {
             Ok(spec) => main_spec = spec,
             // Keep serving: the host can still look at the guest.
             Err(e) => eprintln!("skiff-agent: init: {}", files::error_chain(&e)),
+        }
+        if boot_mark_due {
+            if let Err(e) = bootmark::write_dev_port() {
+                eprintln!("skiff-agent: boot marker via /dev/port: {e}");
+            }
         }
     } else if let Some(c) = &args.config {
         let json = std::fs::read(c).with_context(|| format!("reading {}", c.display()))?;

@@ -169,8 +169,17 @@ pub fn serve(agent: Arc<Agent>, listener: Listener) {
         let spawned = std::thread::Builder::new()
             .name("conn".into())
             .spawn(move || {
-                if let Err(e) = serve_connection(&agent, stream) {
-                    eprintln!("skiff-agent: connection: {}", error_chain(&e));
+                match serve_connection(&agent, stream) {
+                    Ok(()) => {}
+                    // The host went away mid-frame: nothing to report.
+                    Err(FrameError::Io(e))
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::ConnectionReset
+                                | io::ErrorKind::BrokenPipe
+                                | io::ErrorKind::UnexpectedEof
+                        ) => {}
+                    Err(e) => eprintln!("skiff-agent: connection: {}", error_chain(&e)),
                 }
             });
         if let Err(e) = spawned {

@@ -54,7 +54,13 @@ async fn agent_as_pid1_in_a_vm() {
         match agent.ping().await {
             Ok(w) => break w,
             Err(e) if Instant::now() < deadline => {
-                eprintln!("waiting for the agent: {e}");
+                let mut msg = e.to_string();
+                let mut cur = std::error::Error::source(&e);
+                while let Some(c) = cur {
+                    msg = format!("{msg}: {c}");
+                    cur = c.source();
+                }
+                eprintln!("waiting for the agent: {msg}");
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
             Err(e) => panic!("agent never answered: {e}"),

@@ -225,6 +225,11 @@ impl Unpacker {
         let mut dirs: Vec<_> = self.dir_times.into_iter().collect();
         dirs.sort();
         for (rel, mtime) in dirs.into_iter().rev() {
+            // A later entry may have swapped a parent for a symlink: only a
+            // path that still resolves to itself is touched.
+            if resolve_in_root(&self.root, &rel, false).ok().as_ref() != Some(&rel) {
+                continue;
+            }
             let p = self.root.join(&rel);
             match fs::symlink_metadata(&p) {
                 Ok(m) if m.is_dir() => set_times(&p, mtime)?,

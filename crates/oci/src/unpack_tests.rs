@@ -22,6 +22,10 @@ fn fixture() -> Fixture {
     fs::create_dir_all(&outside).unwrap();
     fs::write(outside.join("passwd"), b"host").unwrap();
     fs::create_dir_all(&root).unwrap();
+    for (p, mode) in [(outside.join("passwd"), 0o644), (outside.clone(), 0o755)] {
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+        set_times(&p, 1_234_567).unwrap();
+    }
     Fixture {
         _dir: dir,
         outside,
@@ -52,6 +56,14 @@ fn assert_outside_untouched(f: &Fixture) {
         "something was written outside"
     );
     assert_eq!(fs::read(f.outside.join("passwd")).unwrap(), b"host");
+    for p in [f.outside.clone(), f.outside.join("passwd")] {
+        let m = fs::metadata(&p).unwrap();
+        assert_eq!(
+            (m.mtime(), m.mode() & 0o7777),
+            (1_234_567, if m.is_dir() { 0o755 } else { 0o644 }),
+            "{p:?} changed"
+        );
+    }
     let top: Vec<_> = fs::read_dir(f.root.parent().unwrap())
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -484,4 +496,21 @@ fn layer_without_end_of_archive_blocks() {
     t.truncate(512 + 512 + 512 + 5);
     let e = unpack(&f.root, &[gzip(&t)]).unwrap_err();
     assert!(matches!(e, UnpackError::Archive(_)), "{e}");
+}
+
+#[test]
+fn deferred_dir_times_do_not_follow_a_swapped_parent() {
+    let f = fixture();
+    let out = f.outside.to_str().unwrap().to_string();
+    fs::create_dir(f.outside.join("b")).unwrap();
+    let before = fs::metadata(f.outside.join("b")).unwrap().mtime();
+    let l1 = Layer::new()
+        .mtime(1000)
+        .dir("a", 0o755)
+        .dir("a/b", 0o755)
+        .finish();
+    let l2 = Layer::new().symlink("a", &out).finish();
+    unpack(&f.root, &[l1, l2]).unwrap();
+    assert_eq!(fs::metadata(f.outside.join("b")).unwrap().mtime(), before);
+    assert_ne!(before, 1000);
 }

@@ -15,8 +15,9 @@ use crate::GuestMemoryMmap;
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
-/// Bytes moved between the file and guest memory at a time.
-const CHUNK: usize = 64 * 1024;
+/// Bytes moved between the file and guest memory at a time (the size of
+/// each worker's bounce buffer).
+const CHUNK: usize = 1 << 20;
 /// Largest request we accept (the driver is told via `seg_max` and
 /// `size_max`; anything larger is an I/O error, not an allocation).
 pub const MAX_REQUEST_BYTES: usize = 32 << 20;
@@ -196,20 +197,21 @@ fn read_disk(
     len: usize,
     writer: &mut Writer<'_>,
 ) -> Result<(), RequestError> {
-    let mut buf = vec![0u8; len.min(CHUNK)];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(CHUNK);
-        disk.file
-            .read_exact_at(&mut buf[..n], offset)
-            .map_err(RequestError::Io)?;
-        writer
-            .write_all(&buf[..n])
-            .map_err(RequestError::GuestMemory)?;
-        offset += n as u64;
-        left -= n;
-    }
-    Ok(())
+    with_scratch(len.min(CHUNK), |buf| {
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(CHUNK);
+            disk.file
+                .read_exact_at(&mut buf[..n], offset)
+                .map_err(RequestError::Io)?;
+            writer
+                .write_all(&buf[..n])
+                .map_err(RequestError::GuestMemory)?;
+            offset += n as u64;
+            left -= n;
+        }
+        Ok(())
+    })
 }
 
 fn write_disk(
@@ -218,18 +220,35 @@ fn write_disk(
     len: usize,
     reader: &mut Reader<'_>,
 ) -> Result<(), RequestError> {
-    let mut buf = vec![0u8; len.min(CHUNK)];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(CHUNK);
-        reader
-            .read_exact(&mut buf[..n])
-            .map_err(RequestError::GuestMemory)?;
-        disk.file
-            .write_all_at(&buf[..n], offset)
-            .map_err(RequestError::Io)?;
-        offset += n as u64;
-        left -= n;
-    }
-    Ok(())
+    with_scratch(len.min(CHUNK), |buf| {
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(CHUNK);
+            reader
+                .read_exact(&mut buf[..n])
+                .map_err(RequestError::GuestMemory)?;
+            disk.file
+                .write_all_at(&buf[..n], offset)
+                .map_err(RequestError::Io)?;
+            offset += n as u64;
+            left -= n;
+        }
+        Ok(())
+    })
+}
+
+thread_local! {
+    /// The worker thread's bounce buffer, allocated once.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with a bounce buffer of at least `len` (at most [`CHUNK`]) bytes.
+fn with_scratch<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
+    SCRATCH.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        f(&mut buf[..len])
+    })
 }

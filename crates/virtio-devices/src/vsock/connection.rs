@@ -14,6 +14,7 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 use vmm_sys_util::epoll::EventSet;
 
@@ -74,6 +75,8 @@ pub struct Connection {
     pub peer_port: u32,
     /// State.
     pub state: ConnState,
+    /// When the connection was created (for set-up timeouts).
+    pub created: Instant,
     guest_cid: u64,
     peer_buf_alloc: u32,
     peer_fwd_cnt: Wrapping<u32>,
@@ -109,6 +112,7 @@ impl Connection {
             local_port,
             peer_port,
             state,
+            created: Instant::now(),
             guest_cid,
             peer_buf_alloc: 0,
             peer_fwd_cnt: Wrapping(0),

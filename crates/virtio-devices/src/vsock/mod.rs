@@ -19,6 +19,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::device::{take_queue, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt};
 use crate::worker::{
@@ -123,7 +124,11 @@ impl VirtioDevice for Vsock {
         let tx = take_queue(&mut queues, TX_QUEUE)?;
         let event = take_queue(&mut queues, EVENT_QUEUE)?;
         let listener = self.listener.try_clone().map_err(ActivateError::Io)?;
+        let timer = TimerFd::new()
+            .map_err(|e| ActivateError::Io(io::Error::from_raw_os_error(e.errno())))?;
         let handler = VsockHandler {
+            timer,
+            timer_armed: false,
             mem,
             interrupt,
             rx,
@@ -159,6 +164,8 @@ enum Token {
     TxQueue,
     /// The guest added event buffers (unused: we send no events).
     EventQueue,
+    /// Connection set-up timeouts (armed only while set-ups are pending).
+    Timer,
     /// A host client connects.
     Listener,
     /// A host socket is ready.
@@ -171,6 +178,7 @@ impl Token {
             0 => Token::RxQueue,
             1 => Token::TxQueue,
             2 => Token::EventQueue,
+            3 => Token::Timer,
             LISTENER_TOKEN => Token::Listener,
             t => Token::Conn(t),
         }
@@ -178,6 +186,8 @@ impl Token {
 }
 
 struct VsockHandler {
+    timer: TimerFd,
+    timer_armed: bool,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     interrupt: Arc<dyn VirtioInterrupt>,
     rx: ActiveQueue,
@@ -262,11 +272,33 @@ fn fill_rx_buffer(
     }))
 }
 
+impl VsockHandler {
+    /// Ticks once a second while connections are being set up, never
+    /// otherwise (an idle device wakes nobody).
+    fn sync_timer(&mut self) {
+        let want = self.muxer.has_pending_setups();
+        if want == self.timer_armed {
+            return;
+        }
+        let tick = std::time::Duration::from_millis(500);
+        let r = if want {
+            self.timer.reset(tick, Some(tick))
+        } else {
+            self.timer.clear()
+        };
+        match r {
+            Ok(()) => self.timer_armed = want,
+            Err(e) => log::warn!("vsock: timer: {e}"),
+        }
+    }
+}
+
 impl EpollHandler for VsockHandler {
     fn register(&mut self, ctx: &EpollCtx) -> io::Result<()> {
         ctx.add(self.rx.event.as_raw_fd(), 0, EventSet::IN)?;
         ctx.add(self.tx.event.as_raw_fd(), 1, EventSet::IN)?;
         ctx.add(self.event.event.as_raw_fd(), 2, EventSet::IN)?;
+        ctx.add(self.timer.as_raw_fd(), 3, EventSet::IN)?;
         self.muxer.register(ctx)
     }
 
@@ -288,6 +320,12 @@ impl EpollHandler for VsockHandler {
                 }
             }
             Token::EventQueue => drain_eventfd(&self.event.event),
+            Token::Timer => {
+                if let Err(e) = self.timer.wait() {
+                    log::warn!("vsock: timer: {e}");
+                }
+                self.muxer.expire(ctx, std::time::Instant::now());
+            }
             Token::Listener => self.muxer.handle_listener(ctx),
             Token::Conn(t) => self.muxer.handle_conn_event(ctx, t, events),
         }
@@ -297,6 +335,7 @@ impl EpollHandler for VsockHandler {
                 self.rx_broken = true;
             }
         }
+        self.sync_timer();
         Ok(())
     }
 }

@@ -17,10 +17,11 @@ use std::io::{self, Read};
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::EventSet;
 
-use super::connection::{Connection, RxPacket};
+use super::connection::{ConnState, Connection, RxPacket};
 use super::packet::{op, Header, HOST_CID, TYPE_STREAM};
 use crate::worker::EpollCtx;
 
@@ -34,6 +35,9 @@ pub const MAX_CONNECTIONS: usize = 256;
 const MAX_PENDING_RSTS: usize = 1024;
 /// Longest `CONNECT <port>\n` line.
 const MAX_CONNECT_LINE: usize = 32;
+/// How long a host client may take to send its `CONNECT` line, and the
+/// guest to answer our REQUEST, before the attempt is dropped.
+pub const SETUP_TIMEOUT: Duration = Duration::from_secs(2);
 /// First host port handed to host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
@@ -43,6 +47,7 @@ type ConnKey = (u32, u32); // (host port, guest port)
 struct PendingHost {
     stream: UnixStream,
     line: Vec<u8>,
+    since: Instant,
 }
 
 /// Parses `CONNECT <port>\n`.
@@ -168,6 +173,52 @@ impl Muxer {
         ctx.add(self.listener.as_raw_fd(), LISTENER_TOKEN, EventSet::IN)
     }
 
+    /// Whether a connection is being set up (a host client before its
+    /// `CONNECT` line, or a REQUEST the guest has not answered): the worker
+    /// then runs a timer to call [`Self::expire`].
+    pub fn has_pending_setups(&self) -> bool {
+        !self.pending_hosts.is_empty()
+            || self
+                .conns
+                .values()
+                .any(|c| c.state == ConnState::LocalInit && !c.is_resetting())
+    }
+
+    /// Drops set-ups older than [`SETUP_TIMEOUT`]: silent host clients are
+    /// closed, unanswered REQUESTs are reset (RST to the guest, the host
+    /// client sees its socket close).
+    pub fn expire(&mut self, ctx: &EpollCtx, now: Instant) {
+        let old = |t: Instant| now.saturating_duration_since(t) >= SETUP_TIMEOUT;
+        let stale: Vec<u64> = self
+            .pending_hosts
+            .iter()
+            .filter(|(_, p)| old(p.since))
+            .map(|(t, _)| *t)
+            .collect();
+        for token in stale {
+            if let Some(p) = self.pending_hosts.remove(&token) {
+                log::debug!("vsock: host client sent no CONNECT line in time");
+                let _ = ctx.remove(p.stream.as_raw_fd());
+            }
+        }
+        let unanswered: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state == ConnState::LocalInit && !c.is_resetting() && old(c.created))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in unanswered {
+            log::debug!(
+                "vsock: guest did not answer the connection to port {}",
+                key.1
+            );
+            if let Some(c) = self.conns.get_mut(&key) {
+                c.reset();
+            }
+            self.after_change(ctx, key);
+        }
+    }
+
     /// Whether there is anything for the guest's receive queue.
     pub fn has_rx_work(&self) -> bool {
         !self.rsts.is_empty() || !self.rx_ready.is_empty()
@@ -271,6 +322,7 @@ impl Muxer {
                 PendingHost {
                     stream,
                     line: Vec::new(),
+                    since: Instant::now(),
                 },
             );
         }
@@ -373,10 +425,8 @@ impl Muxer {
                 self.remove_conn(ctx, key);
                 return;
             }
-            op::RESPONSE if c.state == super::connection::ConnState::LocalInit => {
-                c.guest_accepted()
-            }
-            op::RW if c.state == super::connection::ConnState::Established => {
+            op::RESPONSE if c.state == ConnState::LocalInit => c.guest_accepted(),
+            op::RW if c.state == ConnState::Established => {
                 if let Err(e) = c.guest_data(payload) {
                     log::debug!("vsock: port {}: {e}", c.local_port);
                     c.reset();

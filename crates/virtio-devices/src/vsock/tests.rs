@@ -581,3 +581,30 @@ fn bulk_transfer_both_ways_with_flow_control() {
         "host received the guest's bytes intact"
     );
 }
+
+#[test]
+fn stalled_setups_time_out() {
+    let mut g = Guest::new();
+    g.post_rx(4);
+    // A host client that never sends its CONNECT line.
+    let mut silent = UnixStream::connect(&g.path).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // A REQUEST the guest never answers.
+    let mut s = UnixStream::connect(&g.path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    writeln!(s, "CONNECT 44").unwrap();
+    let (req, _) = g.recv();
+    assert_eq!(req.op, op::REQUEST);
+    let start = std::time::Instant::now();
+    let mut b = [0u8; 1];
+    assert_eq!(s.read(&mut b).unwrap(), 0, "host client closed");
+    assert_eq!(silent.read(&mut b).unwrap(), 0, "silent client closed");
+    assert!(start.elapsed() < Duration::from_secs(4));
+    let (rst, _) = g.recv();
+    assert_eq!(
+        (rst.op, rst.dst_port, rst.src_port),
+        (op::RST, 44, req.src_port)
+    );
+}

@@ -232,6 +232,7 @@ impl Connection {
     pub fn reset(&mut self) {
         self.pending = pending::RST;
         self.tx_buf.clear();
+        self.uncounted = 0;
     }
 
     /// Whether the connection is waiting to send its final RST.
@@ -263,10 +264,10 @@ impl Connection {
 
     /// Guest data for the host socket.
     pub fn guest_data(&mut self, data: &[u8]) -> Result<(), ConnError> {
-        if self.guest_shut_send {
+        if self.guest_shut_send || self.is_resetting() {
             return Ok(());
         }
-        let buffered = self.tx_buf.len() - self.uncounted + data.len();
+        let buffered = self.tx_buf.len().saturating_sub(self.uncounted) + data.len();
         if buffered > CONN_BUF_SIZE as usize {
             return Err(ConnError::CreditOverrun(buffered));
         }

@@ -608,3 +608,42 @@ fn stalled_setups_time_out() {
         (op::RST, 44, req.src_port)
     );
 }
+
+#[test]
+fn host_gone_before_ok_line_then_guest_data() {
+    let mut g = Guest::new();
+    g.post_rx(8);
+    let mut s = UnixStream::connect(&g.path).unwrap();
+    writeln!(s, "CONNECT 45").unwrap();
+    let (req, _) = g.recv();
+    drop(s);
+    // The OK line cannot be written: the connection is reset, and data the
+    // guest sent in the same batch is dropped without harm.
+    for (op, payload) in [(op::RESPONSE, &b""[..]), (op::RW, &b"late"[..])] {
+        let h = Header {
+            src_cid: CID,
+            dst_cid: HOST_CID,
+            src_port: 45,
+            dst_port: req.src_port,
+            len: payload.len() as u32,
+            type_: TYPE_STREAM,
+            op,
+            buf_alloc: 64 * 1024,
+            ..Header::default()
+        };
+        let mut bytes = h.to_bytes().to_vec();
+        bytes.extend_from_slice(payload);
+        let (_, addrs) = g.txq.add_chain(&[(Readable, bytes.len() as u32)]);
+        g.txq.write(addrs[0], &bytes);
+        g.tx_sent += 1;
+    }
+    g.tx_kick.write(1).unwrap();
+    let sent = g.tx_sent;
+    assert!(wait_until(|| g.txq.used_idx() == sent));
+    let (h, _) = g.recv();
+    assert_eq!((h.op, h.dst_port), (op::RST, 45));
+    std::thread::sleep(Duration::from_millis(20));
+    while g.try_recv(false).is_some() {}
+    // The device still serves new connections.
+    let (_s, _) = g.host_connect(46);
+}

@@ -100,7 +100,8 @@ pub fn console_tx(data: &[u8]) {
 }
 
 thread_local! {
-    static MUXER: RefCell<Option<(Muxer, EpollCtx, tempfile_dir::Dir)>> = const { RefCell::new(None) };
+    static MUXER: RefCell<Option<(Muxer, EpollCtx, tempfile_dir::Dir, Vec<UnixListener>)>> =
+        const { RefCell::new(None) };
 }
 
 mod tempfile_dir {
@@ -114,8 +115,9 @@ mod tempfile_dir {
 }
 
 /// The vsock packet path: TX chains parsed and routed by one long-lived
-/// muxer (guest CID 3), then everything it queued for the guest drained
-/// into receive buffers of fuzzed sizes.
+/// muxer (guest CID 3, host services listening on ports 0-3), then
+/// everything it queued for the guest drained into receive buffers of
+/// fuzzed sizes.
 pub fn vsock(data: &[u8]) {
     MUXER.with(|cell| {
         let mut slot = cell.borrow_mut();
@@ -126,11 +128,18 @@ pub fn vsock(data: &[u8]) {
             let _ = std::fs::remove_file(&path);
             let listener = UnixListener::bind(&path).expect("bind");
             listener.set_nonblocking(true).expect("nonblocking");
+            // Host services on ports 0-3, so guest connections get
+            // established and their data paths run.
+            let services = (0..4)
+                .map(|p| {
+                    UnixListener::bind(format!("{}_{p}", path.display())).expect("bind service")
+                })
+                .collect();
             let ctx = EpollCtx::new().expect("epoll");
             let muxer = Muxer::new(3, path, listener);
-            *slot = Some((muxer, ctx, tempfile_dir::Dir(dir)));
+            *slot = Some((muxer, ctx, tempfile_dir::Dir(dir), services));
         }
-        let Some((muxer, ctx, _)) = slot.as_mut() else {
+        let Some((muxer, ctx, _, _)) = slot.as_mut() else {
             return;
         };
         run_chains(data, |mem, chain| {

@@ -99,9 +99,11 @@ pub fn console_tx(data: &[u8]) {
     });
 }
 
+/// The long-lived muxer, its epoll set, its directory and host services.
+type VsockFixture = (Muxer, EpollCtx, tempfile_dir::Dir, Vec<UnixListener>);
+
 thread_local! {
-    static MUXER: RefCell<Option<(Muxer, EpollCtx, tempfile_dir::Dir, Vec<UnixListener>)>> =
-        const { RefCell::new(None) };
+    static MUXER: RefCell<Option<VsockFixture>> = const { RefCell::new(None) };
 }
 
 mod tempfile_dir {

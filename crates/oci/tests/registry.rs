@@ -571,3 +571,48 @@ fn bad_input_leaves_nothing() -> Result<()> {
     let _ = Platform::host();
     Ok(())
 }
+
+/// An address of this machine that is not loopback, if it has one.
+fn non_loopback_ipv4() -> Option<String> {
+    let out = std::process::Command::new("hostname")
+        .arg("-I")
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .find(|a| !a.contains(':') && !a.starts_with("127."))
+        .map(str::to_string)
+}
+
+#[test]
+fn plain_http_only_when_insecure() -> Result<()> {
+    let Some(ip) = non_loopback_ipv4() else {
+        eprintln!("plain_http_only_when_insecure: skipped (no non-loopback IPv4 address)");
+        return Ok(());
+    };
+    let work = tempfile::tempdir()?;
+    let lay = images::build(&work.path().join("layout"))?;
+    let reg = Registry::start_on(&ip, None, |_| String::new())?;
+    push(&lay.dir, images::OTHER, &reg.addr, "plain/img", None)?;
+    let image = format!("{}/plain/img:{}", reg.addr, images::OTHER);
+    let store = work.path().join("store");
+    // Not loopback, not asked: https only, which this registry does not speak.
+    let out = skiff_oci()
+        .arg("pull")
+        .arg("--store")
+        .arg(&store)
+        .arg(&image)
+        .arg(work.path().join("a"))
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(&image), "{err}");
+    assert!(!work.path().join("a/rootfs").exists());
+    // Asked: plain http.
+    run(skiff_oci()
+        .args(["pull", "--insecure", "--store"])
+        .arg(&store)
+        .arg(&image)
+        .arg(work.path().join("b")))?;
+    assert_eq!(fs::read(work.path().join("b/rootfs/other"))?, b"other");
+    Ok(())
+}

@@ -40,9 +40,18 @@ impl Registry {
         auth: Option<(&str, &str)>,
         extra: impl FnOnce(&Path) -> String,
     ) -> Result<Self> {
+        Self::start_on("127.0.0.1", auth, extra)
+    }
+
+    /// Starts a registry listening on `host` (an address of this machine).
+    pub fn start_on(
+        host: &str,
+        auth: Option<(&str, &str)>,
+        extra: impl FnOnce(&Path) -> String,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let addr = format!("127.0.0.1:{port}");
+        let port = TcpListener::bind(format!("{host}:0"))?.local_addr()?.port();
+        let addr = format!("{host}:{port}");
         let mut cfg = format!(
             "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
             dir.path().join("data").display()

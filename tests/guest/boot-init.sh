@@ -15,7 +15,7 @@ echo "SKIFF-MEMTOTAL-KB=$($B awk '/^MemTotal:/{print $2}' /proc/meminfo)"
 echo "SKIFF-E820-KB=$($B dmesg | $B sed -n 's/.*Memory: [0-9]*K\/\([0-9]*\)K available.*/\1/p')"
 echo "SKIFF-ACPI-TABLES=$($B ls /sys/firmware/acpi/tables 2>/dev/null | $B tr '\n' ' ')"
 echo "SKIFF-APIC-IDS=$($B awk '/^apicid/{printf "%s ", $3}' /proc/cpuinfo)"
-case "$($B cat /proc/cmdline)" in *skiff.dmesg=1*) $B dmesg ;; esac
+case "$($B cat /proc/cmdline)" in *skiff.dmesg=1*) $B dmesg | $B grep -E "after [0-9]{5,} usecs|Run /init|clocksource|tsc" ;; esac
 end=$($B sed -n 's/.*skiff\.end=\([a-z]*\).*/\1/p' /proc/cmdline)
 echo "SKIFF-END=$end"
 case "$end" in

@@ -98,9 +98,24 @@ pub fn guest_value(serial: &str, key: &str) -> Option<String> {
     serial.lines().find_map(|l| l.trim_end_matches('\r').split_once(&prefix).map(|(_, v)| v.trim().to_string()))
 }
 
+/// The values of every `SKIFF-<key>=` line in serial output, in order.
+pub fn guest_values(serial: &str, key: &str) -> Vec<String> {
+    let prefix = format!("SKIFF-{key}=");
+    serial
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').split_once(&prefix).map(|(_, v)| v.trim().to_string()))
+        .collect()
+}
+
 impl RunningVm {
     /// Starts `skiff-vmm` with the serial console in a file.
     pub fn start(spec: &VmSpec) -> Result<Self> {
+        Self::start_with(spec, &[])
+    }
+
+    /// Starts `skiff-vmm` like [`RunningVm::start`], with `extra` arguments
+    /// (devices: `--disk`, `--net`, `--vsock`, ...) after the others.
+    pub fn start_with(spec: &VmSpec, extra: &[String]) -> Result<Self> {
         let dir = scratch()?;
         let serial = dir.path().join("serial.log");
         let stderr = dir.path().join("stderr.log");
@@ -121,6 +136,7 @@ impl RunningVm {
         if let Some(a) = &spec.api_socket {
             cmd.arg("--api-socket").arg(a);
         }
+        cmd.args(extra);
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(fs::File::create(&stderr)?);
         let child = cmd.spawn().context("cannot start skiff-vmm")?;
         Ok(Self { child, serial, stderr, started: Instant::now(), _dir: dir })
@@ -183,7 +199,8 @@ impl RunningVm {
         }
     }
 
-    fn report(&self) -> String {
+    /// The serial output and the VMM's stderr so far, for failure messages.
+    pub fn report(&self) -> String {
         let stderr = fs::read_to_string(&self.stderr).unwrap_or_default();
         format!("--- serial ---\n{}\n--- skiff-vmm stderr ---\n{stderr}", self.serial())
     }
@@ -204,4 +221,84 @@ pub fn api_request(socket: &Path, request: &str) -> Result<serde_json::Value> {
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
     serde_json::from_str(&line).with_context(|| format!("bad API reply {line:?}"))
+}
+
+/// Connects to guest vsock `port` through skiff-vmm's hybrid vsock socket
+/// (`CONNECT <port>\n`, answered with `OK <host port>\n`).
+pub fn vsock_connect(socket: &Path, port: u32) -> Result<BufReader<UnixStream>> {
+    let mut s = UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    writeln!(s, "CONNECT {port}")?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    if !line.starts_with("OK ") || !line.ends_with('\n') {
+        bail!("CONNECT {port} through {} answered {line:?}", socket.display());
+    }
+    Ok(r)
+}
+
+/// What a guest command printed (stdout and stderr) and its exit code.
+#[derive(Debug)]
+pub struct GuestOutput {
+    pub code: i32,
+    pub output: String,
+}
+
+/// Runs `command` with `/bin/sh -c` in a guest that serves
+/// `skiff-guest-tools serve` on vsock `port` (tests/guest/devices-init.sh).
+pub fn guest_exec(socket: &Path, port: u32, command: &str) -> Result<GuestOutput> {
+    use std::io::Read;
+    let mut r = vsock_connect(socket, port)?;
+    writeln!(r.get_mut(), "EXEC {command}")?;
+    let mut header = String::new();
+    r.read_line(&mut header)?;
+    let parts: Vec<&str> = header.split_whitespace().collect();
+    let (code, len) = match parts.as_slice() {
+        ["EXIT", code, len] => (code.parse()?, len.parse::<usize>()?),
+        _ => bail!("guest_exec {command:?}: bad reply {header:?}"),
+    };
+    let mut out = vec![0u8; len];
+    r.read_exact(&mut out).with_context(|| format!("guest_exec {command:?}: output cut short"))?;
+    Ok(GuestOutput { code, output: String::from_utf8_lossy(&out).into_owned() })
+}
+
+/// A minimal x86-64 ELF "kernel" with a PVH entry note: `code` is loaded at
+/// 1 MiB and entered there in 32-bit protected mode. For tests of what the
+/// VMM does with a guest that misbehaves at once (e.g. a triple fault).
+pub fn tiny_pvh_kernel(code: &[u8]) -> Vec<u8> {
+    const LOAD: u64 = 0x10_0000;
+    const CODE_OFF: u64 = 0x1000;
+    let note_off: u64 = 64 + 2 * 56;
+    let mut f = Vec::new();
+    // ELF header.
+    f.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&LOAD.to_le_bytes()); // e_entry
+    f.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    f.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    f.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    for v in [64u16, 56, 2, 64, 0, 0] {
+        f.extend_from_slice(&v.to_le_bytes()); // ehsize, phentsize, phnum, shentsize, shnum, shstrndx
+    }
+    let phdr = |f: &mut Vec<u8>, kind: u32, flags: u32, off: u64, addr: u64, size: u64, align: u64| {
+        f.extend_from_slice(&kind.to_le_bytes());
+        f.extend_from_slice(&flags.to_le_bytes());
+        for v in [off, addr, addr, size, size, align] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+    };
+    phdr(&mut f, 1, 5, CODE_OFF, LOAD, code.len() as u64, 0x1000); // PT_LOAD, R+X
+    phdr(&mut f, 4, 4, note_off, 0, 20, 4); // PT_NOTE
+    // XEN_ELFNOTE_PHYS32_ENTRY: namesz 4, descsz 4, type 18, "Xen\0", entry.
+    for v in [4u32, 4, 18] {
+        f.extend_from_slice(&v.to_le_bytes());
+    }
+    f.extend_from_slice(b"Xen\0");
+    f.extend_from_slice(&(LOAD as u32).to_le_bytes());
+    f.resize(CODE_OFF as usize, 0);
+    f.extend_from_slice(code);
+    f
 }

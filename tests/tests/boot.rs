@@ -115,3 +115,26 @@ fn kernel_panic_is_a_failure_not_a_hang() -> Result<()> {
     ensure!(out.stderr.contains("guest kernel panicked: Kernel panic - not syncing"), "no panic message");
     Ok(())
 }
+
+#[test]
+#[ignore = "runs a guest: needs hardware KVM; run through tests/run"]
+fn triple_fault_is_a_failure_with_a_clear_message() -> Result<()> {
+    let dir = scratch()?;
+    let kernel = dir.path().join("ud2.elf");
+    // `ud2` with the VMM's empty boot IDT: #UD, then #GP, then #DF cannot be
+    // delivered, which is a triple fault.
+    std::fs::write(&kernel, skiff_tests::tiny_pvh_kernel(&[0x0f, 0x0b]))?;
+    let spec = VmSpec {
+        kernel,
+        initramfs: None,
+        cmdline: String::new(),
+        cpus: 1,
+        memory_mib: 64,
+        api_socket: None,
+    };
+    let out = RunningVm::start(&spec)?.wait(Duration::from_secs(60))?;
+    println!("--- stderr ---\n{}", out.stderr);
+    ensure!(out.status.code() == Some(1), "a triple fault should end the VMM with 1, got {}", out.status);
+    ensure!(out.stderr.contains("triple fault"), "no triple-fault message");
+    Ok(())
+}

@@ -372,6 +372,21 @@ impl Registry {
                         w.commit().map_err(PullCause::Store)?;
                         return Ok((fetched, resumed));
                     }
+                    // The body ended (the client checks the digest at the
+                    // end) short of the announced size: a truncated blob,
+                    // not an interruption. Nothing worth resuming.
+                    let body_ended = source
+                        .get_ref()
+                        .is_some_and(|e| e.is::<oci_client::errors::DigestError>());
+                    if body_ended {
+                        let actual = w.offset();
+                        w.abandon();
+                        return Err(PullCause::Store(StoreError::SizeMismatch {
+                            digest: d.digest.clone(),
+                            expected: d.size,
+                            actual,
+                        }));
+                    }
                     return Err(PullCause::Interrupted {
                         digest: d.digest.clone(),
                         source,

@@ -475,7 +475,8 @@ fn bad_input_leaves_nothing() -> Result<()> {
     let (res, _) = rt().block_on(pull::fetch_config(&image, &opts))?;
     let victim = res.manifest.layers[1].digest.clone();
     let f = reg.blob_file(&victim);
-    let mut data = fs::read(&f)?;
+    let orig = fs::read(&f)?;
+    let mut data = orig.clone();
     let n = data.len();
     data[n / 2] ^= 0xff;
     fs::write(&f, data)?;
@@ -508,6 +509,23 @@ fn bad_input_leaves_nothing() -> Result<()> {
         .map(|e| e.map(|e| e.file_name()))
         .collect::<Result<_, _>>()?;
     assert!(left.is_empty(), "left behind: {left:?}");
+
+    // A truncated blob: a size error, no image, no partial file.
+    fs::write(&f, &orig)?;
+    let f = reg.blob_file(&res.manifest.layers[0].digest);
+    let data = fs::read(&f)?;
+    fs::write(&f, &data[..data.len() / 3])?;
+    let fresh = Store::open(work.path().join("fresh"))?;
+    let e = rt()
+        .block_on(pull::pull(&fresh, &image, &opts))
+        .unwrap_err();
+    let msg = format!("{:#}", anyhow::Error::from(e));
+    assert!(
+        msg.contains(&image.to_string()) && msg.contains("size mismatch"),
+        "{msg}"
+    );
+    assert!(fresh.list()?.is_empty());
+    assert_eq!(fs::read_dir(work.path().join("fresh/ingest"))?.count(), 0);
 
     // Unknown tag, unknown repository, registry down.
     for (r, want) in [

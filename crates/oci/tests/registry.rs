@@ -222,6 +222,40 @@ fn pull_unpack_matches_umoci() -> Result<()> {
     );
     assert_eq!(fs::read_dir(work.path().join("both/ingest"))?.count(), 0);
 
+    // By digest: the index digest picks the same image; an unknown
+    // digest is a clear error.
+    let pinned = Reference::parse(&format!(
+        "{}/test/busybox@{}",
+        reg.addr,
+        a.record.index.as_ref().expect("index")
+    ))?;
+    let by_digest = rt().block_on(pull::pull(&both, &pinned, &PullOptions::default()))?;
+    assert_eq!(by_digest.record.manifest, a.record.manifest);
+    assert_eq!(by_digest.fetched, 0);
+    let unknown = Reference::parse(&format!(
+        "{}/test/busybox@sha256:{}",
+        reg.addr,
+        "0".repeat(64)
+    ))?;
+    let e = rt()
+        .block_on(pull::pull(&both, &unknown, &PullOptions::default()))
+        .unwrap_err();
+    assert!(e.to_string().contains(&"0".repeat(64)), "{e}");
+
+    // A layout with several images needs a tag.
+    let out = skiff_oci()
+        .arg("import")
+        .arg("--store")
+        .arg(&store_dir)
+        .arg(&lay.dir)
+        .arg(work.path().join("untagged"))
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("several images"),
+        "{err}"
+    );
+
     // zstd layers.
     let zdest = work.path().join("zstd");
     run(skiff_oci()

@@ -448,6 +448,16 @@ fn basic_auth_registry() -> Result<()> {
         .arg(image.to_string())
         .arg(work.path().join("b1")))?;
 
+    // --username, password from the environment.
+    run(skiff_oci()
+        .env("DOCKER_CONFIG", work.path().join("nothing"))
+        .env("SKIFF_OCI_PASSWORD", "s3cret")
+        .args(["pull", "--username", "skiff", "--store"])
+        .arg(work.path().join("s5"))
+        .arg(image.to_string())
+        .arg(work.path().join("b5")))?;
+    assert!(work.path().join("b5/rootfs/other").exists());
+
     // A credential helper.
     let bin = work.path().join("bin");
     fs::create_dir(&bin)?;

@@ -3,10 +3,12 @@
 //! spec an image's config implies.
 //!
 //! The pieces, in the order an image goes through them:
-//! [`reference`] parses what a user types; [`pull`] (or [`import`]) brings
+//! [`reference`](mod@reference) parses what a user types; [`pull`] (or [`import`]) brings
 //! manifests, config and layers into the [`store`], verified by digest and
 //! size; [`bundle`] unpacks them with [`unpack`] into a rootfs (atomically,
 //! cached by manifest digest) and writes the runtime config from [`spec`].
+
+#![warn(missing_docs)]
 
 pub mod auth;
 pub mod bundle;

@@ -25,10 +25,12 @@ struct Driver {
 
 impl Driver {
     fn new(mem: &GuestMemoryMmap) -> Self {
+        Self::with_device(mem, Arc::new(Mutex::new(Rng::new())))
+    }
+    fn with_device(mem: &GuestMemoryMmap, device: Arc<Mutex<dyn VirtioDevice>>) -> Self {
         let group = Arc::new(TestGroup::default());
-        let rng: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(Rng::new()));
         let mut dev =
-            VirtioPciDevice::new(rng, atomic_mem(mem), &TestManager(group.clone())).unwrap();
+            VirtioPciDevice::new(device, atomic_mem(mem), &TestManager(group.clone())).unwrap();
         let mut alloc = RangeAllocator::new((0xc000_0000, 0x1000_0000), (0, 0), (0, 0));
         dev.allocate_bars(&mut alloc).unwrap();
         Driver { dev, group }
@@ -71,7 +73,7 @@ impl Driver {
         let v = self.dev.read_config_register(reg);
         self.dev
             .write_config_register(reg, 2, &((v >> 16) as u16 | 0x8000).to_le_bytes());
-        for i in 0..2u64 {
+        for i in 0..4u64 {
             self.w(MSIX_TABLE_OFFSET + 16 * i, 0xfee0_0000, 8);
             self.w(MSIX_TABLE_OFFSET + 16 * i + 8, 0x20 + i, 4);
             self.w(MSIX_TABLE_OFFSET + 16 * i + 12, 0, 4);
@@ -230,4 +232,37 @@ fn garbage_accesses_are_harmless() {
         d.dev.write_config_register(reg, 0, &[0xff; 4]);
         d.dev.read_config_register(reg);
     }
+}
+
+#[test]
+fn multi_queue_device_uses_each_queues_vector() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.sock");
+    let vsock = crate::vsock::Vsock::new(3, &path).unwrap();
+    let mem = single_region_mem(0x40_0000);
+    let mut d = Driver::with_device(&mem, Arc::new(Mutex::new(vsock)));
+    assert_eq!(d.r(0x12, 2), 3, "rx, tx, event queues");
+    assert!(d.negotiate(1 << 32));
+    // rx -> vector 2, tx -> vector 0, event -> vector 1; config -> 3.
+    let mut rxq = TestQueue::new(&mem, 0x1000, 16, 0x10_0000);
+    let txq = TestQueue::new(&mem, 0x2000, 16, 0x20_0000);
+    let evq = TestQueue::new(&mem, 0x3000, 16, 0x30_0000);
+    d.setup_queue(0, &rxq, 2);
+    d.setup_queue(1, &txq, 0);
+    d.setup_queue(2, &evq, 1);
+    d.w(0x10, 3, 2);
+    d.enable_msix();
+    d.w(0x14, 0xf, 1);
+    assert!(d.dev.is_active());
+    rxq.add_chain(&[(Writable, 4096)]);
+    d.w(NOTIFY_OFFSET, 0, 2);
+    let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    writeln!(s, "CONNECT 52").unwrap();
+    assert!(wait_until(|| rxq.used_idx() == 1), "REQUEST delivered");
+    assert!(wait_until(|| d.group.fired.lock().unwrap().contains(&2)));
+    assert!(!d.group.fired.lock().unwrap().contains(&0));
+    // Config vector on a config change.
+    d.dev.config_changed();
+    assert!(d.group.fired.lock().unwrap().contains(&3));
 }

@@ -21,6 +21,9 @@ use crate::manifest::{self, Descriptor, Document, ManifestError, Platform};
 use crate::reference::Reference;
 use crate::store::{ImageRecord, Store, StoreError};
 
+/// How often a broken-off blob download is resumed within one pull.
+const RETRIES: u32 = 3;
+
 /// A pull that failed; names the image, the cause follows in the chain.
 #[derive(Debug, thiserror::Error)]
 #[error("pulling {image}")]
@@ -292,6 +295,7 @@ impl Registry {
         store: &Store,
         d: &Descriptor,
         progress: Option<&ProgressFn>,
+        first_attempt: bool,
     ) -> Result<(u64, u64), PullCause> {
         // Another pull (this process or another) fetching the same blob:
         // wait for it, then use its result or take over.
@@ -316,7 +320,7 @@ impl Registry {
         let cd = client_desc(d);
         let r = self.image.to_client();
         let mut resumed = w.offset();
-        if let (Some(p), true) = (progress, resumed > 0) {
+        if let (Some(p), true) = (progress, resumed > 0 && first_attempt) {
             p(&Progress::Bytes {
                 digest: d.digest.clone(),
                 n: resumed,
@@ -522,7 +526,23 @@ async fn pull_inner(
             let reg = &reg;
             let progress = opts.progress.as_ref();
             async move {
-                let r = reg.blob_to_store(store, d, progress).await;
+                // A download that breaks off is resumed (range request from
+                // what arrived) a few times before the pull gives up.
+                let mut attempt = 0;
+                let r = loop {
+                    match reg.blob_to_store(store, d, progress, attempt == 0).await {
+                        Err(PullCause::Interrupted { source, .. }) if attempt < RETRIES => {
+                            attempt += 1;
+                            log::warn!(
+                                "{}: blob {}: {source}; resuming (attempt {attempt})",
+                                reg.image,
+                                d.digest
+                            );
+                            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                        }
+                        other => break other,
+                    }
+                };
                 if let (Ok(_), Some(p)) = (&r, progress) {
                     p(&Progress::LayerDone {
                         digest: d.digest.clone(),

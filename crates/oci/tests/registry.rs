@@ -678,3 +678,29 @@ fn plain_http_only_when_insecure() -> Result<()> {
     assert_eq!(fs::read(work.path().join("b/rootfs/other"))?, b"other");
     Ok(())
 }
+
+#[test]
+fn broken_download_resumes_within_the_pull() -> Result<()> {
+    let work = tempfile::tempdir()?;
+    let lay = images::build(&work.path().join("layout"))?;
+    let reg = Registry::start(None)?;
+    push(&lay.dir, images::OTHER, &reg.addr, "cut/img", None)?;
+    // The busybox layer is over 500 kB compressed: the cut lands inside it.
+    let proxy = common::cutting_proxy(&reg.addr, 300_000)?;
+    let store = Store::open(work.path().join("store"))?;
+    let image = Reference::parse(&format!("{}/cut/img:{}", proxy.addr, images::OTHER))?;
+    let opts = PullOptions {
+        max_concurrent: 1,
+        ..Default::default()
+    };
+    let rep = rt().block_on(pull::pull(&store, &image, &opts))?;
+    assert!(
+        proxy.cut.load(std::sync::atomic::Ordering::SeqCst),
+        "the proxy never cut"
+    );
+    assert!(rep.resumed > 0, "{rep:?}");
+    let base = &rep.record.layers[0];
+    assert!(store.has_blob(&base.digest, base.size));
+    assert_eq!(fs::read_dir(work.path().join("store/ingest"))?.count(), 0);
+    Ok(())
+}

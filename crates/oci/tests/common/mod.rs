@@ -368,3 +368,65 @@ pub fn assert_same_tree(ours: &Path, theirs: &Path, dir_mtimes: bool) -> Result<
 pub fn skiff_oci() -> Command {
     Command::new(env!("CARGO_BIN_EXE_skiff-oci"))
 }
+
+/// A TCP proxy in front of a registry that cuts one response stream after
+/// `cut_after` bytes, once (a download breaking off mid-blob).
+pub struct CuttingProxy {
+    /// `127.0.0.1:PORT` to connect to instead of the registry.
+    pub addr: String,
+    /// Whether the cut happened.
+    pub cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Starts a [`CuttingProxy`] to `target`.
+pub fn cutting_proxy(target: &str, cut_after: u64) -> Result<CuttingProxy> {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?.to_string();
+    let cut = Arc::new(AtomicBool::new(false));
+    let flag = cut.clone();
+    let target = target.to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(upstream) = TcpStream::connect(&target) else {
+                continue;
+            };
+            let (mut c_in, mut u_out) = (
+                client.try_clone().expect("clone"),
+                upstream.try_clone().expect("clone"),
+            );
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c_in, &mut u_out);
+                let _ = u_out.shutdown(std::net::Shutdown::Write);
+            });
+            let flag = flag.clone();
+            std::thread::spawn(move || {
+                let (mut up, mut down) = (upstream, client);
+                let mut sent = 0u64;
+                let mut buf = [0u8; 16 * 1024];
+                loop {
+                    let n = match up.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if !flag.load(Ordering::SeqCst) && sent + n as u64 > cut_after {
+                        let keep = (cut_after - sent) as usize;
+                        let _ = down.write_all(&buf[..keep]);
+                        flag.store(true, Ordering::SeqCst);
+                        let _ = down.shutdown(std::net::Shutdown::Both);
+                        let _ = up.shutdown(std::net::Shutdown::Both);
+                        break;
+                    }
+                    if down.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    sent += n as u64;
+                }
+                let _ = down.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    Ok(CuttingProxy { addr, cut })
+}

@@ -292,6 +292,20 @@ fn pull_unpack_matches_umoci() -> Result<()> {
         .arg(format!("{}:{}", lay.dir.display(), images::APP))
         .arg(&from_layout))?;
     assert_same_tree(&from_layout.join("rootfs"), &dest.join("rootfs"), true)?;
+    let arm_import = work.path().join("arm-import");
+    run(skiff_oci()
+        .args([
+            "import",
+            "--platform",
+            "linux/arm64",
+            "--name",
+            "local/arm:1",
+            "--store",
+        ])
+        .arg(&store_dir)
+        .arg(format!("{}:{}", lay.dir.display(), images::APP))
+        .arg(&arm_import))?;
+    assert_eq!(fs::read(arm_import.join("rootfs/arch"))?, b"arm64");
     let archive = work.path().join("app.tar");
     run(std::process::Command::new("skopeo").args([
         "copy",

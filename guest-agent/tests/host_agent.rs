@@ -430,3 +430,32 @@ fn version_handshake_refuses_unknown_versions() {
         ErrorCode::BadRequest
     );
 }
+
+/// An exec that outlives `Timeouts::exec` gives a timeout error, and the
+/// agent kills its whole session when the client goes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_timeout_and_kill_on_disconnect() {
+    let a = HostAgent::start(&[]);
+    let marker = a.path("survived");
+    let timeouts = Timeouts {
+        exec: Some(Duration::from_millis(500)),
+        ..Timeouts::default()
+    };
+    let client = a.client.clone().with_timeouts(timeouts);
+    let script = format!("(sleep 1.5; touch {}) & sleep 1.5", marker.display());
+    let req = ExecRequest {
+        argv: vec!["sh".into(), "-c".into(), script],
+        ..Default::default()
+    };
+    let t = Instant::now();
+    assert!(matches!(
+        client.exec_output(req, None).await,
+        Err(ClientError::Timeout("exec"))
+    ));
+    assert!(t.elapsed() < Duration::from_secs(3));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !marker.exists(),
+        "the exec's background child outlived the disconnect"
+    );
+}

@@ -105,14 +105,26 @@ pub async fn env_cwd_and_streams(agent: &AgentClient) {
 /// uid, gid and supplementary groups are applied (when the agent is root;
 /// otherwise nothing to check).
 pub async fn identity(agent: &AgentClient) {
-    let out = agent.exec_output(cmd(&["id", "-u"]), None).await.expect("exec id");
+    let out = agent
+        .exec_output(cmd(&["id", "-u"]), None)
+        .await
+        .expect("exec id");
     if String::from_utf8_lossy(&out.stdout).trim() != "0" {
         return;
     }
     let mut req = cmd(&["sh", "-c", "id -u; id -g; id -G"]);
-    req.user = Some(skiff_agent_proto::User { uid: 65534, gid: 65533, additional_gids: vec![4, 27] });
+    req.user = Some(skiff_agent_proto::User {
+        uid: 65534,
+        gid: 65533,
+        additional_gids: vec![4, 27],
+    });
     let out = agent.exec_output(req, None).await.expect("exec as nobody");
-    assert_eq!(out.status.code(), 0, "stderr {:?}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        0,
+        "stderr {:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines[..2], ["65534", "65533"], "{text}");

@@ -112,14 +112,9 @@ fn run(args: Args) -> Result<()> {
     });
     let listener = server::listen(&listen_addr)?;
     if let Some(addr) = notify {
-        match server::connect(&addr) {
-            Ok(stream) => agent.main.set_events(stream),
-            Err(e) => eprintln!("skiff-agent: event connection: {}", files::error_chain(&e)),
-        }
+        let ready = agent.welcome(skiff_agent_proto::PROTOCOL_VERSION);
+        agent.main.announce(addr, ready);
     }
-    agent.main.emit(Event::Ready(
-        agent.welcome(skiff_agent_proto::PROTOCOL_VERSION),
-    ));
     if let Some(spec) = main_spec {
         if let Err(e) = agent.main.start(&agent, spec) {
             eprintln!("skiff-agent: main process: {}", files::error_chain(&e));

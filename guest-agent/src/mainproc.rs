@@ -8,19 +8,22 @@
 //!                        \--stop: stop signal, timeout, SIGKILL--> Exited
 //! ```
 
-use std::fs::File;
 use std::io;
 use std::process::{Command, Stdio};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use skiff_agent_proto::{AgentMessage, ErrorCode, Event, ExitStatus, MainProcess, PowerAction};
+use skiff_agent_proto::{
+    AgentMessage, ErrorCode, Event, ExitStatus, MainProcess, PowerAction, Welcome,
+};
 
+use crate::cli::Address;
 use crate::exec::{environment, set_identity};
+use crate::files::error_chain;
 use crate::power;
 use crate::reaper::Reaper;
-use crate::server::Agent;
+use crate::server::{connect, Agent};
 use crate::sink::Sink;
 use crate::sys::Syscall;
 
@@ -71,7 +74,15 @@ struct State {
 pub struct MainSupervisor {
     state: Mutex<State>,
     changed: Condvar,
-    events: Mutex<Option<Sink>>,
+    events: Mutex<Events>,
+}
+
+/// The event connection: where it goes, and the open one if any.
+#[derive(Default)]
+struct Events {
+    target: Option<Address>,
+    sink: Option<Sink>,
+    ready: Option<Welcome>,
 }
 
 impl MainSupervisor {
@@ -79,17 +90,53 @@ impl MainSupervisor {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sets the event connection.
-    pub fn set_events(&self, stream: File) {
-        *self.events.lock().unwrap_or_else(|e| e.into_inner()) = Some(Sink::new(stream));
+    /// Connects the event connection and sends `ready`. If the host is
+    /// not listening yet, every later event tries again, and each new
+    /// connection starts with `ready`.
+    pub fn announce(&self, target: Address, ready: Welcome) {
+        let mut ev = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        ev.target = Some(target);
+        ev.ready = Some(ready);
+        Self::connect(&mut ev);
     }
 
-    /// Sends an event to the host, if an event connection is set.
+    fn connect(ev: &mut Events) -> bool {
+        if ev.sink.is_some() {
+            return true;
+        }
+        let Some(target) = &ev.target else {
+            return false;
+        };
+        match connect(target) {
+            Ok(stream) => {
+                let sink = Sink::new(stream);
+                let ready = ev.ready.clone().map(Event::Ready);
+                if ready.is_some_and(|r| sink.send(&AgentMessage::Event { event: r }).is_err()) {
+                    return false;
+                }
+                ev.sink = Some(sink);
+                true
+            }
+            Err(e) => {
+                eprintln!("skiff-agent: event connection: {}", error_chain(&e));
+                false
+            }
+        }
+    }
+
+    /// Sends an event to the host (reconnecting once if needed).
     pub fn emit(&self, event: Event) {
-        let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(sink) = events.as_ref() {
-            if let Err(e) = sink.send(&AgentMessage::Event { event }) {
-                eprintln!("skiff-agent: sending event: {e}");
+        let mut ev = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        for _ in 0..2 {
+            if !Self::connect(&mut ev) {
+                return;
+            }
+            let msg = AgentMessage::Event {
+                event: event.clone(),
+            };
+            match ev.sink.as_ref().map(|s| s.send(&msg)) {
+                Some(Ok(())) => return,
+                _ => ev.sink = None,
             }
         }
     }

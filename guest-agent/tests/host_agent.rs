@@ -459,3 +459,33 @@ async fn exec_timeout_and_kill_on_disconnect() {
         "the exec's background child outlived the disconnect"
     );
 }
+
+/// A host that starts listening for events late still gets them: the
+/// agent reconnects on the next event and starts with `ready`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_reach_a_late_listener() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events_path = dir.path().join("events.sock");
+    let notify = format!("unix:{}", events_path.display());
+    let a = HostAgent::start_in(dir, &["--notify", &notify]);
+    a.client.ping().await.expect("ping");
+    let events = EventListener::bind(&events_path).expect("bind events");
+    let pid = a
+        .client
+        .start_main(main_spec("exit 5", RestartPolicy::Never))
+        .await
+        .expect("start");
+    assert!(pid > 0);
+    let mut stream = events
+        .accept(Duration::from_secs(10))
+        .await
+        .expect("event connection");
+    let first = stream.next(Duration::from_secs(10)).await.expect("event");
+    assert!(matches!(first, Some(Event::Ready(_))), "{first:?}");
+    let second = stream.next(Duration::from_secs(10)).await.expect("event");
+    let want = Event::MainExited {
+        status: ExitStatus::Exited { code: 5 },
+        restarting: false,
+    };
+    assert_eq!(second, Some(want));
+}

@@ -1,0 +1,18 @@
+//! `skiff-run`: thin VMs from OCI runtime bundles without a daemon, in the
+//! spirit of `runc run`. The library is what the daemon's VM driver will
+//! reuse: find a kernel ([`kernel`]), build or reuse the initramfs
+//! ([`initramfs`]), boot the VM with its rootfs over virtio-fs and wait for
+//! the agent ([`vm::ThinVm`]), attach stdio to processes in it
+//! ([`attach`]), and keep per-VM runtime directories ([`runtime`]) that
+//! `list`, `exec` and `kill` find.
+
+pub mod attach;
+pub mod bundle;
+pub mod control;
+pub mod initramfs;
+pub mod kernel;
+pub mod runtime;
+pub mod vm;
+
+pub use bundle::Bundle;
+pub use vm::{Share, ThinVm, VmError, VmOptions};

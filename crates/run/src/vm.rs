@@ -1,0 +1,465 @@
+//! One thin VM: virtiofsd for each share, skiff-vmm with the vsock, the
+//! shares and the initramfs, and the agent's ready event. Everything it
+//! started is stopped and its runtime directory removed when it is shut
+//! down, when booting fails, and when it is dropped.
+//!
+//! ```text
+//!   boot: runtime dir → virtiofsd (rootfs, shares) → event socket →
+//!         skiff-vmm → agent connects to port 1025, sends `ready`
+//!   shutdown: power off through the agent → skiff-vmm exits (else
+//!         SIGTERM, then SIGKILL) → virtiofsd stopped → dir removed
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use skiff_agent_client::{AgentClient, ClientError, EventListener, EventStream, Timeouts, Transport};
+use skiff_agent_proto::{Event, PowerAction};
+use tokio::process::{Child, Command};
+
+use crate::kernel::Kernel;
+use crate::runtime::{self, RuntimeError, VmState, CONSOLE_LOG, VSOCK_SOCKET};
+
+/// The guest's vsock context id (the hybrid vsock needs no unique one).
+const GUEST_CID: u32 = 3;
+/// How long virtiofsd gets to create its socket.
+const VIRTIOFSD_START: Duration = Duration::from_secs(20);
+/// Console lines shown when booting fails.
+const CONSOLE_TAIL: usize = 25;
+
+/// Errors of running a thin VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The runtime directory.
+    #[error("runtime directory")]
+    Runtime(#[from] RuntimeError),
+    /// A program could not be found.
+    #[error("cannot find {0} (install it or set {1})")]
+    NoProgram(&'static str, &'static str),
+    /// A process could not be started.
+    #[error("starting {0}")]
+    Spawn(String, #[source] std::io::Error),
+    /// virtiofsd did not create its socket.
+    #[error("virtiofsd for {tag:?} ({dir}) did not start: {log}")]
+    Virtiofsd {
+        /// The share's tag.
+        tag: String,
+        /// Its directory.
+        dir: String,
+        /// virtiofsd's output.
+        log: String,
+    },
+    /// skiff-vmm ended before the agent was ready.
+    #[error("skiff-vmm exited ({status}) before the agent was ready\n{report}")]
+    VmmExited {
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// Its stderr and the console's last lines.
+        report: String,
+    },
+    /// The agent did not announce itself in time.
+    #[error("timeout: the guest's agent did not answer within {secs} s\n{report}")]
+    AgentTimeout {
+        /// The limit.
+        secs: u64,
+        /// The VMM's stderr and the console's last lines.
+        report: String,
+    },
+    /// Talking to the agent failed.
+    #[error("agent")]
+    Agent(#[from] ClientError),
+    /// Waiting for a process failed.
+    #[error("waiting for {0}")]
+    Wait(&'static str, #[source] std::io::Error),
+}
+
+/// A directory shared with the guest over virtio-fs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    /// The virtio-fs tag the guest mounts.
+    pub tag: String,
+    /// The host directory.
+    pub dir: PathBuf,
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    /// The VM's name (runtime directory, default hostname).
+    pub name: String,
+    /// The directory of every VM's runtime directory.
+    pub runtime_root: PathBuf,
+    /// The rootfs, shared as tag `rootfs`.
+    pub rootfs: PathBuf,
+    /// More shares, mounted later through the agent.
+    pub shares: Vec<Share>,
+    /// The kernel.
+    pub kernel: Kernel,
+    /// The initramfs (agent as /init).
+    pub initramfs: PathBuf,
+    /// vCPUs.
+    pub cpus: u8,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Hostname (kernel command line `skiff.hostname=`).
+    pub hostname: Option<String>,
+    /// skiff-vmm.
+    pub vmm: PathBuf,
+    /// virtiofsd.
+    pub virtiofsd: PathBuf,
+    /// How long the agent may take to announce itself.
+    pub boot_timeout: Duration,
+    /// What the bundle was (for `list`).
+    pub bundle: String,
+}
+
+/// A program: `$ENV`, next to this executable, in PATH, or in `extra`.
+pub fn find_program(name: &'static str, env: &'static str, extra: &[&str]) -> Result<PathBuf, VmError> {
+    if let Some(p) = std::env::var_os(env) {
+        return Ok(p.into());
+    }
+    let beside = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join(name)));
+    let path_dirs = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default();
+    beside
+        .into_iter()
+        .chain(path_dirs.into_iter().map(|d| d.join(name)))
+        .chain(extra.iter().map(PathBuf::from))
+        .find(|p| p.is_file())
+        .ok_or(VmError::NoProgram(name, env))
+}
+
+/// skiff-vmm (`$SKIFF_VMM`, next to skiff-run, or in PATH).
+pub fn find_vmm() -> Result<PathBuf, VmError> {
+    find_program("skiff-vmm", "SKIFF_VMM", &[])
+}
+
+/// virtiofsd (`$SKIFF_VIRTIOFSD`, PATH, cargo's bin, Debian's libexec).
+pub fn find_virtiofsd() -> Result<PathBuf, VmError> {
+    let cargo = std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cargo/bin/virtiofsd").display().to_string())
+        .unwrap_or_default();
+    find_program("virtiofsd", "SKIFF_VIRTIOFSD", &[&cargo, "/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"])
+}
+
+/// A running thin VM.
+pub struct ThinVm {
+    name: String,
+    dir: PathBuf,
+    vmm: Option<Child>,
+    virtiofsd: Vec<Child>,
+    events: Option<EventStream>,
+    agent: AgentClient,
+    state: Option<VmState>,
+}
+
+/// Kills a child at once, without waiting (tokio reaps it).
+fn kill_now(child: &mut Child) {
+    let _ = child.start_kill();
+}
+
+/// Sends `sig` to a child that has not been reaped.
+fn signal(child: &Child, sig: i32) {
+    if let Some(pid) = child.id() {
+        // SAFETY: plain syscall on our own unreaped child.
+        unsafe { libc::kill(pid as i32, sig) };
+    }
+}
+
+fn before_exec(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe; it only sets the child's parent
+    // death signal, so children do not outlive a killed skiff-run.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+impl ThinVm {
+    /// Boots the VM and waits for its agent's ready event.
+    async fn boot_inner(&mut self, opts: &VmOptions) -> Result<(), VmError> {
+        let dir = runtime::create(&opts.runtime_root, &opts.name)?;
+        let vsock = dir.join(VSOCK_SOCKET);
+        self.agent = AgentClient::new(Transport::vsock(&vsock));
+        self.dir = dir.clone();
+        let vm = self;
+        let mut shares = vec![Share { tag: "rootfs".into(), dir: opts.rootfs.clone() }];
+        shares.extend(opts.shares.iter().cloned());
+        let mut fs_args = Vec::new();
+        for (i, share) in shares.iter().enumerate() {
+            let socket = dir.join(format!("fs{i}.sock"));
+            vm.start_virtiofsd(&opts.virtiofsd, share, &socket, &dir.join(format!("virtiofsd{i}.log"))).await?;
+            fs_args.push("--fs".to_string());
+            fs_args.push(format!("tag={},socket={}", share.tag, socket.display()));
+        }
+        let events = EventListener::bind_for_vsock(&vsock)?;
+        let mut cmdline = "console=ttyS0 reboot=k panic=-1 quiet".to_string();
+        if let Some(h) = &opts.hostname {
+            cmdline.push_str(&format!(" skiff.hostname={h}"));
+        }
+        let stderr_log = dir.join("vmm.log");
+        let stderr = std::fs::File::create(&stderr_log)
+            .map_err(|e| RuntimeError::Io(format!("creating {}", stderr_log.display()), e))?;
+        let mut cmd = Command::new(&opts.vmm);
+        cmd.arg("--kernel")
+            .arg(&opts.kernel.path)
+            .arg("--initramfs")
+            .arg(&opts.initramfs)
+            .arg("--cmdline")
+            .arg(&cmdline)
+            .arg("--cpus")
+            .arg(opts.cpus.to_string())
+            .arg("--memory")
+            .arg(opts.memory_mib.to_string())
+            .arg("--serial")
+            .arg(format!("file={}", dir.join(CONSOLE_LOG).display()))
+            .arg("--vsock")
+            .arg(format!("cid={GUEST_CID},socket={}", vsock.display()))
+            .arg("--rng")
+            .args(&fs_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .kill_on_drop(true);
+        before_exec(&mut cmd);
+        let child = cmd.spawn().map_err(|e| VmError::Spawn(opts.vmm.display().to_string(), e))?;
+        let state = VmState {
+            name: opts.name.clone(),
+            runner_pid: std::process::id(),
+            vmm_pid: child.id().unwrap_or(0),
+            bundle: opts.bundle.clone(),
+            kernel: opts.kernel.path.display().to_string(),
+            cpus: opts.cpus,
+            memory_mib: opts.memory_mib,
+            started: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        };
+        vm.vmm = Some(child);
+        runtime::write_state(&dir, &state)?;
+        vm.state = Some(state);
+        vm.wait_ready(events, opts.boot_timeout).await
+    }
+
+    /// Boots the VM and waits for its agent's ready event; on failure everything started is
+    /// stopped and reaped before the error returns.
+    pub async fn boot(opts: &VmOptions) -> Result<ThinVm, VmError> {
+        let mut vm = ThinVm {
+            name: opts.name.clone(),
+            dir: PathBuf::new(),
+            vmm: None,
+            virtiofsd: Vec::new(),
+            events: None,
+            agent: AgentClient::new(Transport::Unix(PathBuf::new())),
+            state: None,
+        };
+        match vm.boot_inner(opts).await {
+            Ok(()) => Ok(vm),
+            Err(e) => {
+                vm.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Kills and reaps everything, removes the directory.
+    async fn abort(&mut self) {
+        if let Some(v) = self.vmm.as_mut() {
+            kill_now(v);
+            let _ = v.wait().await;
+        }
+        for c in &mut self.virtiofsd {
+            kill_now(c);
+            let _ = c.wait().await;
+        }
+        self.virtiofsd.clear();
+        self.remove_dir();
+    }
+
+    async fn start_virtiofsd(&mut self, bin: &Path, share: &Share, socket: &Path, log: &Path) -> Result<(), VmError> {
+        let err = std::fs::File::create(log).map_err(|e| RuntimeError::Io(format!("creating {}", log.display()), e))?;
+        let mut cmd = Command::new(bin);
+        cmd.arg(format!("--socket-path={}", socket.display()))
+            .arg(format!("--shared-dir={}", share.dir.display()))
+            .arg("--cache=auto")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .kill_on_drop(true);
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            cmd.arg("--sandbox=none");
+        }
+        before_exec(&mut cmd);
+        let child = cmd.spawn().map_err(|e| VmError::Spawn(bin.display().to_string(), e))?;
+        self.virtiofsd.push(child);
+        let failed = |log: &Path| VmError::Virtiofsd {
+            tag: share.tag.clone(),
+            dir: share.dir.display().to_string(),
+            log: tail(log, 10),
+        };
+        let deadline = Instant::now() + VIRTIOFSD_START;
+        while !socket.exists() {
+            let child = self.virtiofsd.last_mut().expect("pushed above");
+            if child.try_wait().map_err(|e| VmError::Wait("virtiofsd", e))?.is_some() || Instant::now() > deadline {
+                return Err(failed(log));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    fn report(&self) -> String {
+        format!(
+            "--- skiff-vmm ---\n{}\n--- console (last lines) ---\n{}",
+            tail(&self.dir.join("vmm.log"), 10),
+            tail(&self.dir.join(CONSOLE_LOG), CONSOLE_TAIL)
+        )
+    }
+
+    async fn wait_ready(&mut self, events: EventListener, limit: Duration) -> Result<(), VmError> {
+        let vmm = self.vmm.as_mut().expect("started");
+        let accepted = tokio::select! {
+            r = events.accept(limit) => Some(r),
+            st = vmm.wait() => {
+                let status = st.map_err(|e| VmError::Wait("skiff-vmm", e))?;
+                return Err(VmError::VmmExited { status, report: self.report() });
+            }
+        };
+        let timeout = |vm: &ThinVm| VmError::AgentTimeout { secs: limit.as_secs(), report: vm.report() };
+        let mut stream = match accepted {
+            Some(Ok(s)) => s,
+            Some(Err(ClientError::Timeout(_))) | None => return Err(timeout(self)),
+            Some(Err(e)) => return Err(e.into()),
+        };
+        loop {
+            match stream.next(limit).await {
+                Ok(Some(Event::Ready(_))) => break,
+                Ok(Some(_)) => continue,
+                Ok(None) => return Err(ClientError::Closed.into()),
+                Err(ClientError::Timeout(_)) => return Err(timeout(self)),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.events = Some(stream);
+        Ok(())
+    }
+
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its runtime directory.
+    pub fn runtime_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A client of its agent.
+    pub fn agent(&self) -> AgentClient {
+        self.agent.clone()
+    }
+
+    /// The same client with other timeouts.
+    pub fn agent_with(&self, timeouts: Timeouts) -> AgentClient {
+        self.agent.clone().with_timeouts(timeouts)
+    }
+
+    /// skiff-vmm's pid.
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.vmm.as_ref().and_then(Child::id)
+    }
+
+    /// The pids of the virtiofsd processes still running.
+    pub fn virtiofsd_pids(&self) -> Vec<u32> {
+        self.virtiofsd.iter().filter_map(Child::id).collect()
+    }
+
+    /// The agent's next event (`None`: the guest closed the connection).
+    pub async fn next_event(&mut self, limit: Duration) -> Result<Option<Event>, VmError> {
+        match self.events.as_mut() {
+            Some(ev) => Ok(ev.next(limit).await?),
+            None => Ok(None),
+        }
+    }
+
+    /// Waits up to `limit` for skiff-vmm to exit by itself (the guest
+    /// powered off); `None` if it still runs.
+    pub async fn wait_vmm(&mut self, limit: Duration) -> Result<Option<std::process::ExitStatus>, VmError> {
+        let Some(vmm) = self.vmm.as_mut() else { return Ok(None) };
+        match tokio::time::timeout(limit, vmm.wait()).await {
+            Ok(r) => r.map(Some).map_err(|e| VmError::Wait("skiff-vmm", e)),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Powers the guest off through the agent (if it still runs) and waits
+    /// up to `grace` for skiff-vmm to exit; then stops skiff-vmm (SIGTERM,
+    /// then SIGKILL), stops virtiofsd and removes the runtime directory.
+    /// skiff-vmm's exit status.
+    pub async fn shutdown(mut self, grace: Duration) -> Result<std::process::ExitStatus, VmError> {
+        let mut status = self.wait_vmm(Duration::ZERO).await?;
+        if status.is_none() {
+            let quick = Timeouts { connect: Duration::from_secs(5), request: Duration::from_secs(5), exec: None };
+            // The guest may already be going down: an error here is fine.
+            let _ = self.agent.clone().with_timeouts(quick).power(PowerAction::Poweroff).await;
+            status = self.wait_vmm(grace).await?;
+        }
+        if status.is_none() {
+            if let Some(v) = &self.vmm {
+                signal(v, libc::SIGTERM);
+            }
+            status = self.wait_vmm(Duration::from_secs(5)).await?;
+        }
+        let status = match status {
+            Some(s) => s,
+            None => {
+                let vmm = self.vmm.as_mut().expect("still running");
+                kill_now(vmm);
+                vmm.wait().await.map_err(|e| VmError::Wait("skiff-vmm", e))?
+            }
+        };
+        self.stop_virtiofsd().await;
+        self.remove_dir();
+        Ok(status)
+    }
+
+    async fn stop_virtiofsd(&mut self) {
+        for child in &mut self.virtiofsd {
+            // It exits when the VMM disconnects; give it a moment first.
+            if tokio::time::timeout(Duration::from_secs(2), child.wait()).await.is_err() {
+                signal(child, libc::SIGTERM);
+                if tokio::time::timeout(Duration::from_secs(2), child.wait()).await.is_err() {
+                    kill_now(child);
+                    let _ = child.wait().await;
+                }
+            }
+        }
+        self.virtiofsd.clear();
+    }
+
+    fn remove_dir(&mut self) {
+        if !self.dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+            self.dir = PathBuf::new();
+        }
+    }
+}
+
+impl Drop for ThinVm {
+    fn drop(&mut self) {
+        if let Some(v) = self.vmm.as_mut() {
+            kill_now(v);
+        }
+        for c in &mut self.virtiofsd {
+            kill_now(c);
+        }
+        self.remove_dir();
+    }
+}

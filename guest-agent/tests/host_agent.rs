@@ -489,3 +489,66 @@ async fn events_reach_a_late_listener() {
     };
     assert_eq!(second, Some(want));
 }
+
+/// As PID 1, the main process's exit reaches the host and the "guest"
+/// (here: the pid namespace) powers off. Needs root and unshare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pid1_main_exit_is_reported_then_powers_off() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events_path = dir.path().join("events.sock");
+    let events = EventListener::bind(&events_path).expect("bind events");
+    let config = write_config(dir.path(), "sleep 0.5; exit 7");
+    let notify = format!("unix:{}", events_path.display());
+    let wrapper = [
+        "unshare",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--mount",
+        "--propagation",
+        "private",
+    ];
+    let args = [
+        "--no-boot-mark",
+        "--no-modules",
+        "--rootfs",
+        "none",
+        "--notify",
+        &notify,
+        "--config",
+    ];
+    let mut args: Vec<&str> = args.to_vec();
+    args.push(config.to_str().expect("utf-8"));
+    let Some(mut a) = HostAgent::start_wrapped(dir, &wrapper, &args) else {
+        eprintln!("skipped: unshare could not create the namespaces");
+        return;
+    };
+    let mut stream = events
+        .accept(Duration::from_secs(10))
+        .await
+        .expect("event connection");
+    assert!(
+        matches!(stream.next(Duration::from_secs(10)).await.expect("event"), Some(Event::Ready(w)) if w.pid1)
+    );
+    let exited = stream.next(Duration::from_secs(20)).await.expect("event");
+    assert_eq!(
+        exited,
+        Some(Event::MainExited {
+            status: ExitStatus::Exited { code: 7 },
+            restarting: false
+        })
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while a.child.try_wait().expect("try_wait").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "namespace did not end after the main process exited"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -319,6 +319,35 @@ pub async fn push_pull(agent: &AgentClient, local_dir: &Path, guest_dir: &str) {
         b"#!/bin/sh\necho x\n"
     );
 
+    // Owners are applied when the agent may (it runs as root).
+    let root = agent
+        .exec_output(cmd(&["id", "-u"]), None)
+        .await
+        .expect("exec id");
+    if String::from_utf8_lossy(&root.stdout).trim() == "0" {
+        let small = local_dir.join("owned.txt");
+        std::fs::write(&small, b"owned\n").expect("write");
+        let owned = PushOptions {
+            uid: Some(65534),
+            gid: Some(65533),
+            mode: Some(0o600),
+            parents: true,
+        };
+        let remote_owned = format!("{guest_dir}/owned.txt");
+        agent
+            .push(&small, &remote_owned, &owned)
+            .await
+            .expect("push with owner");
+        let out = agent
+            .exec_output(cmd(&["stat", "-c", "%u:%g:%a", &remote_owned]), None)
+            .await
+            .expect("stat");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "65534:65533:600"
+        );
+    }
+
     match agent
         .pull(
             &format!("{guest_dir}/nonexistent"),

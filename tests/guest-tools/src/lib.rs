@@ -121,3 +121,51 @@ impl Default for Pattern {
         Self::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framed(n: u64) -> (Vec<u8>, String) {
+        let mut out = Vec::new();
+        let sha = send_framed(&mut out, n).unwrap();
+        (out, sha)
+    }
+
+    #[test]
+    fn framed_transfer_round_trips() {
+        for n in [0, 1, 7, CHUNK as u64, 3 * CHUNK as u64 + 5] {
+            let (wire, sha) = framed(n);
+            assert_eq!(wire.len() as u64, n + format!("{n}\n").len() as u64 + 65);
+            let (got, announced, len) = recv_framed(&mut &wire[..]).unwrap();
+            assert_eq!((got.as_str(), announced.as_str(), len), (sha.as_str(), sha.as_str(), n));
+        }
+    }
+
+    #[test]
+    fn a_flipped_byte_is_seen() {
+        let (mut wire, sha) = framed(100_000);
+        wire[50_000] ^= 1;
+        let (got, announced, _) = recv_framed(&mut &wire[..]).unwrap();
+        assert_eq!(announced, sha);
+        assert_ne!(got, sha);
+    }
+
+    #[test]
+    fn short_data_is_an_error() {
+        let (wire, _) = framed(100_000);
+        assert!(recv_framed(&mut &wire[..50_000]).is_err());
+        assert!(recv_framed(&mut &b"12"[..]).is_err());
+    }
+
+    #[test]
+    fn patterns_differ_between_generators() {
+        let (mut a, mut b) = ([0u8; 64], [0u8; 64]);
+        Pattern::new().fill(&mut a);
+        Pattern::new().fill(&mut b);
+        assert_ne!(a, b);
+        let mut c = [0u8; 13];
+        Pattern(1).fill(&mut c);
+        assert!(c.iter().any(|&x| x != 0));
+    }
+}

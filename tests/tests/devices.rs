@@ -551,6 +551,30 @@ fn check_vsock_guest_to_host(g: &Guest, hv: &HostVsock) -> Result<()> {
     Ok(())
 }
 
+/// CPU time (user + system, in seconds) of process `pid`, all threads.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces): utime is the 14th field.
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).context("bad /proc stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks as f64 / hz)
+}
+
+/// With every device attached and the guest idle, skiff-vmm (vCPU and
+/// device threads together) uses little CPU: nothing busy-polls.
+fn check_idle(pid: u32) -> Result<()> {
+    std::thread::sleep(Duration::from_secs(2));
+    let (c0, t0) = (cpu_seconds(pid)?, Instant::now());
+    std::thread::sleep(Duration::from_secs(5));
+    let used = (cpu_seconds(pid)? - c0) / t0.elapsed().as_secs_f64();
+    println!("  idle guest: skiff-vmm used {:.1}% of a CPU", used * 100.0);
+    ensure!(used < 0.25, "skiff-vmm used {:.0}% of a CPU with the guest idle", used * 100.0);
+    Ok(())
+}
+
 /// Accepts one TCP connection on `addr` and runs `f` on it, in a thread.
 fn tcp_once<T: Send + 'static>(
     addr: (Ipv4Addr, u16),
@@ -685,6 +709,8 @@ fn every_device_in_one_guest() -> Result<()> {
     checks.run("vsock host to guest", || check_vsock_host_to_guest(&g));
     checks.run("vsock guest to host", || check_vsock_guest_to_host(&g, &hv));
     checks.run("net", || check_net(&g, &net));
+
+    checks.run("idle", || check_idle(g.vm.pid()));
 
     // Power off from inside; the VMM must end cleanly with every device live.
     let _ = g.exec("umount /mnt/s1 /mnt/s2; sync; (sleep 1; poweroff -f) </dev/null >/dev/null 2>&1 &");

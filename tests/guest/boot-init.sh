@@ -16,6 +16,7 @@ echo "SKIFF-E820-KB=$($B dmesg | $B sed -n 's/.*Memory: [0-9]*K\/\([0-9]*\)K ava
 echo "SKIFF-ACPI-TABLES=$($B ls /sys/firmware/acpi/tables 2>/dev/null | $B tr '\n' ' ')"
 echo "SKIFF-APIC-IDS=$($B awk '/^apicid/{printf "%s ", $3}' /proc/cpuinfo)"
 case "$($B cat /proc/cmdline)" in *skiff.dmesg=1*) $B dmesg | $B grep -E "after [0-9]{5,} usecs|Run /init|clocksource|tsc" ;; esac
+case "$($B cat /proc/cmdline)" in *skiff.kcheck=1*) /bin/skiff-kernel-check ;; esac
 end=$($B sed -n 's/.*skiff\.end=\([a-z]*\).*/\1/p' /proc/cmdline)
 echo "SKIFF-END=$end"
 case "$end" in

@@ -1,5 +1,6 @@
 //! Boots real guests with skiff-vmm: Debian's cloud kernel as bzImage and
-//! as a PVH vmlinux, with the busybox initramfs of `tests/guest/boot-init.sh`.
+//! as a PVH vmlinux (and the project kernel, `scripts/build-kernel`), with the
+//! busybox initramfs of `tests/guest/boot-init.sh`.
 //! Each boot checks several things; see the module docs of `skiff-tests`
 //! for how these run (inside the KVM box unless the host has hardware KVM).
 
@@ -136,5 +137,27 @@ fn triple_fault_is_a_failure_with_a_clear_message() -> Result<()> {
     println!("--- stderr ---\n{}", out.stderr);
     ensure!(out.status.code() == Some(1), "a triple fault should end the VMM with 1, got {}", out.status);
     ensure!(out.stderr.contains("triple fault"), "no triple-fault message");
+    Ok(())
+}
+
+/// The project's guest kernel (`scripts/build-kernel`, everything built in)
+/// boots as a PVH vmlinux with 2 vCPUs, and has what OCI images expect:
+/// `skiff-kernel-check` (inotify, fanotify, io_uring, POSIX message queues,
+/// cgroup v2, namespaces) passes inside the guest.
+#[test]
+#[ignore = "boots a guest: needs hardware KVM; run through tests/run"]
+fn project_kernel_boots_and_has_what_images_need() -> Result<()> {
+    let mut spec = spec("skiff-vmlinux", 2, 512, "poweroff")
+        .map_err(|e| e.context("the project kernel is built by scripts/build-kernel (scripts/setup runs it)"))?;
+    spec.cmdline.push_str(" skiff.kcheck=1");
+    let out = boot(&spec)?;
+    check_guest(&out, 2, 512)?;
+    for check in ["INOTIFY", "FANOTIFY", "IO-URING", "MQUEUE", "CGROUP2", "NAMESPACES"] {
+        let v = out.value(&format!("KCHECK-{check}")).unwrap_or_default();
+        ensure!(v.starts_with("ok"), "kernel check {check}: {v:?}");
+    }
+    ensure!(out.value("KCHECK").as_deref() == Some("ok"), "kernel checks did not all pass");
+    ensure!(out.status.code() == Some(0), "poweroff should end the VMM with 0, got {}", out.status);
+    ensure!(out.stderr.contains("guest powered off"), "no poweroff message");
     Ok(())
 }

@@ -15,4 +15,4 @@ pub mod runtime;
 pub mod vm;
 
 pub use bundle::Bundle;
-pub use vm::{Share, ThinVm, VmError, VmOptions};
+pub use vm::{Share, Stopped, ThinVm, VmError, VmOptions};

@@ -21,7 +21,7 @@ use skiff_run::{control, initramfs, runtime, vm, Bundle, Share, ThinVm, VmOption
 /// (the static skiff-agent as /init, plus the virtio modules for a
 /// distribution kernel) is built once and cached.
 #[derive(Debug, Parser)]
-#[command(name = "skiff-run", version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+#[command(name = "skiff-run", version, subcommand_precedence_over_arg = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Cmd>,
@@ -65,7 +65,7 @@ struct RunArgs {
     #[arg(long)]
     no_tty: bool,
     /// The bundle directory (config.json and rootfs/).
-    #[arg(required = true)]
+    #[arg(value_name = "BUNDLE")]
     bundle: Option<PathBuf>,
 }
 
@@ -156,7 +156,7 @@ fn valid_hostname(h: &str) -> bool {
 }
 
 async fn run(args: RunArgs, root: &Path) -> Result<i32> {
-    let bundle_dir = args.bundle.context("no bundle given")?;
+    let bundle_dir = args.bundle.context("no bundle given (see skiff-run --help)")?;
     let bundle = Bundle::open(&bundle_dir)?;
     let name = args.name.clone().unwrap_or_else(runtime::random_name);
     runtime::check_name(&name)?;
@@ -215,9 +215,11 @@ async fn run(args: RunArgs, root: &Path) -> Result<i32> {
     };
     // Drain a main_exited event if one came (restart policies are the agent's).
     let _ = thin.next_event(Duration::ZERO).await;
-    let vmm = thin.shutdown(Duration::from_secs(20)).await?;
-    if !vmm.success() {
-        eprintln!("skiff-run: {name}: skiff-vmm ended with {vmm}");
+    let stopped = thin.shutdown(Duration::from_secs(20)).await?;
+    if !stopped.powered_off {
+        eprintln!("skiff-run: {name}: the guest did not power off within 20 s; skiff-vmm was stopped");
+    } else if !stopped.status.success() {
+        eprintln!("skiff-run: {name}: skiff-vmm ended with {}", stopped.status);
     }
     Ok(exit_code(status))
 }

@@ -142,6 +142,15 @@ pub fn find_virtiofsd() -> Result<PathBuf, VmError> {
     find_program("virtiofsd", "SKIFF_VIRTIOFSD", &[&cargo, "/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"])
 }
 
+/// How a VM ended.
+#[derive(Debug, Clone, Copy)]
+pub struct Stopped {
+    /// skiff-vmm's exit status.
+    pub status: std::process::ExitStatus,
+    /// Whether the guest powered off (rather than skiff-vmm being stopped).
+    pub powered_off: bool,
+}
+
 /// A running thin VM.
 pub struct ThinVm {
     name: String,
@@ -402,8 +411,7 @@ impl ThinVm {
     /// Powers the guest off through the agent (if it still runs) and waits
     /// up to `grace` for skiff-vmm to exit; then stops skiff-vmm (SIGTERM,
     /// then SIGKILL), stops virtiofsd and removes the runtime directory.
-    /// skiff-vmm's exit status.
-    pub async fn shutdown(mut self, grace: Duration) -> Result<std::process::ExitStatus, VmError> {
+    pub async fn shutdown(mut self, grace: Duration) -> Result<Stopped, VmError> {
         let mut status = self.wait_vmm(Duration::ZERO).await?;
         if status.is_none() {
             let quick = Timeouts { connect: Duration::from_secs(5), request: Duration::from_secs(5), exec: None };
@@ -411,6 +419,7 @@ impl ThinVm {
             let _ = self.agent.clone().with_timeouts(quick).power(PowerAction::Poweroff).await;
             status = self.wait_vmm(grace).await?;
         }
+        let powered_off = status.is_some();
         if status.is_none() {
             if let Some(v) = &self.vmm {
                 signal(v, libc::SIGTERM);
@@ -427,7 +436,7 @@ impl ThinVm {
         };
         self.stop_virtiofsd().await;
         self.remove_dir();
-        Ok(status)
+        Ok(Stopped { status, powered_off })
     }
 
     async fn stop_virtiofsd(&mut self) {

@@ -324,13 +324,13 @@ fn skiff_run_cli() -> Result<()> {
     });
     std::fs::write(bundle.join("config.json"), serde_json::to_vec(&config)?)?;
     let root = d.join("run");
-    let kernel = artifact("vmlinux")?;
+    // No --kernel: skiff-run picks the project kernel that scripts/setup
+    // built (the library test above keeps the distribution kernel's path).
     let stderr_log = d.join("skiff-run.stderr");
     let mut runner = Command::new(&bin)
         .arg("--root")
         .arg(&root)
-        .args(["--name", "cli", "--cpus", "1", "--memory", "256", "--boot-timeout", "300", "--kernel"])
-        .arg(&kernel)
+        .args(["--name", "cli", "--cpus", "1", "--memory", "256", "--boot-timeout", "300"])
         .arg(&bundle)
         .env("SKIFF_CACHE_DIR", d.join("cache"))
         .env("SKIFF_VMM", vmm_binary()?)
@@ -417,8 +417,8 @@ fn skiff_run_cli() -> Result<()> {
         other => failures.push(format!("skiff-run exit {other:?}, expected 7")),
     }
     let err = stderr_text();
-    if !err.contains("kernel ") || !err.contains("to-stderr") {
-        failures.push(format!("stderr lacks the kernel line or the process's stderr: {err}"));
+    if !err.contains("(project kernel ") || !err.contains("to-stderr") {
+        failures.push(format!("stderr lacks the project-kernel line or the process's stderr: {err}"));
     }
     if err.contains("did not power off") || err.contains("skiff-vmm ended") {
         failures.push(format!("unclean shutdown: {err}"));

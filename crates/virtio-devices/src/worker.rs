@@ -29,17 +29,6 @@ pub enum WorkerError {
     Queue(#[source] virtio_queue::Error),
 }
 
-impl WorkerError {
-    /// The activation error for a worker that did not start; a ring error
-    /// is blamed on `queue`.
-    pub fn into_activate(self, queue: usize) -> crate::ActivateError {
-        match self {
-            WorkerError::Epoll(e) | WorkerError::Spawn(e) => crate::ActivateError::Io(e),
-            WorkerError::Queue(_) => crate::ActivateError::MissingQueue(queue),
-        }
-    }
-}
-
 /// The epoll set of a worker, handed to the handler so that it can add,
 /// modify and remove fds (for example one per vsock connection).
 pub struct EpollCtx {

@@ -159,7 +159,10 @@ impl VirtioDevice for Console {
             input: Vec::new(),
             client_events: EventSet::empty(),
         };
-        let worker = spawn_worker("virtio-console", handler).map_err(|e| e.into_activate(TX_QUEUE))?;
+        let worker = spawn_worker("virtio-console", handler).map_err(|e| match e {
+            WorkerError::Epoll(e) | WorkerError::Spawn(e) => ActivateError::Io(e),
+            WorkerError::Queue(_) => ActivateError::MissingQueue(TX_QUEUE),
+        })?;
         self.worker = Some(worker);
         Ok(())
     }

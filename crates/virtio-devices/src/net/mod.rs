@@ -148,7 +148,10 @@ impl VirtioDevice for Net {
             tap_watched: true,
             dropped: 0,
         };
-        let worker = spawn_worker("virtio-net", handler).map_err(|e| e.into_activate(TX_QUEUE))?;
+        let worker = spawn_worker("virtio-net", handler).map_err(|e| match e {
+            WorkerError::Epoll(e) | WorkerError::Spawn(e) => ActivateError::Io(e),
+            WorkerError::Queue(_) => ActivateError::MissingQueue(TX_QUEUE),
+        })?;
         self.worker = Some(worker);
         Ok(())
     }

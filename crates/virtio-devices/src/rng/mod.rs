@@ -108,7 +108,10 @@ impl VirtioDevice for Rng {
             interrupt,
             queue,
         };
-        let worker = spawn_worker("virtio-rng", handler).map_err(|e| e.into_activate(0))?;
+        let worker = spawn_worker("virtio-rng", handler).map_err(|e| match e {
+            WorkerError::Epoll(e) | WorkerError::Spawn(e) => ActivateError::Io(e),
+            WorkerError::Queue(_) => ActivateError::MissingQueue(0),
+        })?;
         self.worker = Some(worker);
         Ok(())
     }

@@ -138,7 +138,10 @@ impl VirtioDevice for Vsock {
             rx_broken: false,
         };
         let worker =
-            spawn_worker(&format!("vsock-{}", self.cid), handler).map_err(|e| e.into_activate(TX_QUEUE))?;
+            spawn_worker(&format!("vsock-{}", self.cid), handler).map_err(|e| match e {
+                WorkerError::Epoll(e) | WorkerError::Spawn(e) => ActivateError::Io(e),
+                WorkerError::Queue(_) => ActivateError::MissingQueue(TX_QUEUE),
+            })?;
         self.worker = Some(worker);
         Ok(())
     }

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod thin;
+
 /// Where `tests/run` put the guest kernels and initramfs images.
 pub fn artifacts_dir() -> Result<PathBuf> {
     let dir = std::env::var_os("SKIFF_TEST_ARTIFACTS")
@@ -292,6 +294,7 @@ pub fn tiny_pvh_kernel(code: &[u8]) -> Vec<u8> {
     };
     phdr(&mut f, 1, 5, CODE_OFF, LOAD, code.len() as u64, 0x1000); // PT_LOAD, R+X
     phdr(&mut f, 4, 4, note_off, 0, 20, 4); // PT_NOTE
+
     // XEN_ELFNOTE_PHYS32_ENTRY: namesz 4, descsz 4, type 18, "Xen\0", entry.
     for v in [4u32, 4, 18] {
         f.extend_from_slice(&v.to_le_bytes());

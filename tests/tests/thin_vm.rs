@@ -3,11 +3,15 @@
 //! virtiofsd, booted by skiff-run's library and reached through skiff-vmm's
 //! hybrid vsock. Two boots:
 //!
-//! 1. `agent_in_a_thin_vm` (library): the agent-client conformance checks
-//!    (uname, exit codes and signals, stdin, TTY resize, 100 MiB of stdout,
-//!    32 concurrent execs, 50 MiB push/pull, unknown requests), a second
-//!    virtio-fs tag mounted at run time, then a main process that exits
-//!    with 7: the host gets `main_exited 7` and the VM powers off by itself.
+//! 1. `agent_in_a_thin_vm` (library): one round of `skiff_tests::thin`
+//!    (the stress run repeats it): a main process alive throughout, the
+//!    agent-client conformance checks (uname, exit codes and signals,
+//!    stdin, TTY resize, 100 MiB of stdout, 32 concurrent execs, 50 MiB
+//!    push/pull, unknown requests), a burst of concurrent execs streaming
+//!    megabytes each, a second virtio-fs tag mounted at run time, then the
+//!    main process exits with 7: the host gets `main_exited 7` and the VM
+//!    powers off by itself. A failure prints skiff-vmm's log and the tail
+//!    of the guest console.
 //! 2. `skiff_run_cli` (the binary): `skiff-run BUNDLE` with stdio piped,
 //!    `list`, `exec` (output, exit code, env, stdin), `kill` → the main
 //!    process exits 7 → skiff-run exits 7 after a clean power-off, leaving
@@ -16,250 +20,22 @@
 //! Each check of a boot runs even when an earlier one failed; the test
 //! fails at the end listing the failed checks.
 
-use std::future::Future;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use skiff_agent_client::{conformance, AgentClient, Timeouts};
-use skiff_agent_proto::{Event, ExecRequest, ExitStatus, MainProcess, MountRequest};
-use skiff_run::kernel::{kernel_version, Kernel, KernelOrigin};
-use skiff_run::{initramfs, vm, Share, ThinVm, VmOptions};
-use skiff_tests::{artifact, scratch, vmm_binary};
-
-const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// A busybox-static rootfs: /bin with every applet, the usual mount points.
-fn make_rootfs(root: &Path) -> Result<()> {
-    for d in ["bin", "sbin", "dev", "proc", "sys", "run", "tmp", "etc", "root", "mnt", "var"] {
-        std::fs::create_dir_all(root.join(d))?;
-    }
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))?;
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).is_file())
-        .context("no busybox (apt-get install busybox-static)")?;
-    std::fs::copy(busybox, root.join("bin/busybox"))?;
-    let list = Command::new(busybox).arg("--list").output()?;
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" && !root.join("bin").join(applet).exists() {
-            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
-        }
-    }
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
-    std::fs::write(root.join("etc/group"), "root:x:0:\n")?;
-    Ok(())
-}
-
-/// The cloud kernel artifact (PVH vmlinux) with its modules.
-fn cloud_kernel() -> Result<Kernel> {
-    let path = artifact("vmlinux")?;
-    let version = kernel_version(&path)?;
-    Ok(Kernel { path, version, needs_modules: true, origin: KernelOrigin::Explicit })
-}
-
-/// Runs `check` on its own task: a panic fails only that check.
-async fn check<F>(failures: &mut Vec<String>, name: &str, check: F)
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    let t = Instant::now();
-    match tokio::spawn(check).await {
-        Ok(()) => eprintln!("ok   {name} ({:.1?})", t.elapsed()),
-        Err(e) => {
-            let msg = match e.try_into_panic() {
-                Ok(p) => p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default(),
-                Err(e) => e.to_string(),
-            };
-            eprintln!("FAIL {name}: {msg}");
-            failures.push(format!("{name}: {msg}"));
-        }
-    }
-}
-
-async fn stdout_of(agent: &AgentClient, script: &str) -> String {
-    let req = ExecRequest { argv: vec!["sh".into(), "-c".into(), script.into()], ..Default::default() };
-    let out = agent.exec_output(req, None).await.expect("exec");
-    assert_eq!(out.status.code(), 0, "{script}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn process_gone(pid: u32) -> bool {
-    // A zombie still has a /proc entry: look at its state too.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(s) => s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
-    }
-}
+use skiff_tests::thin::{agent_round, make_rootfs, process_gone, RoundOptions, BOOT_TIMEOUT};
+use skiff_tests::{scratch, vmm_binary};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "boots a guest: run through tests/run"]
 async fn agent_in_a_thin_vm() -> Result<()> {
     let dir = scratch()?;
-    let d = dir.path();
-    let rootfs = d.join("rootfs");
-    make_rootfs(&rootfs)?;
-    let data = d.join("data");
-    std::fs::create_dir_all(&data)?;
-    std::fs::write(data.join("hello.txt"), "from the host\n")?;
-    let kernel = cloud_kernel()?;
-    let agent_bin = initramfs::find_agent(None)?;
-    let t = Instant::now();
-    let initrd = initramfs::ensure(&agent_bin, &kernel, Path::new("/"), &d.join("cache"))?;
-    eprintln!("initramfs {} built in {:?}", initrd.display(), t.elapsed());
-    let opts = VmOptions {
-        name: "thin".into(),
-        runtime_root: d.join("run"),
-        rootfs: rootfs.clone(),
-        shares: vec![Share { tag: "data".into(), dir: data.clone() }],
-        kernel,
-        initramfs: initrd,
-        cpus: 2,
-        memory_mib: 1024,
-        hostname: Some("thin-test".into()),
-        vmm: vmm_binary()?,
-        virtiofsd: vm::find_virtiofsd()?,
-        boot_timeout: BOOT_TIMEOUT,
-        bundle: rootfs.display().to_string(),
-    };
-    let t = Instant::now();
-    let mut thin = ThinVm::boot(&opts).await.context("booting the thin VM")?;
-    eprintln!("agent ready after {:?}", t.elapsed());
-    let runtime_dir = thin.runtime_dir().to_path_buf();
-    let mut pids = thin.virtiofsd_pids();
-    pids.extend(thin.vmm_pid());
-    // The nested guest in the box is slow: 32 execs starting at once take
-    // longer than the default 30 s per reply.
-    let agent = thin.agent_with(Timeouts {
-        connect: Duration::from_secs(60),
-        request: Duration::from_secs(180),
-        exec: None,
-    });
-    let welcome = agent.ping().await.context("ping")?;
-    ensure!(welcome.pid1, "the agent is not PID 1: {welcome:?}");
-
-    let mut failures = Vec::new();
-    let f = &mut failures;
-    let a = || agent.clone();
-    check(f, "root is the virtio-fs share, hostname set", {
-        let a = a();
-        async move {
-            let mounts = stdout_of(&a, "cat /proc/mounts").await;
-            assert!(mounts.lines().any(|l| l.starts_with("rootfs / virtiofs")), "{mounts}");
-            assert_eq!(stdout_of(&a, "hostname").await.trim(), "thin-test");
-        }
-    })
-    .await;
-    {
-        let a = a();
-        check(f, "exec uname -a", async move { conformance::exec_uname(&a).await }).await;
-    }
-    {
-        let a = a();
-        check(f, "exit codes 0, 3, signals, 127", async move { conformance::exit_codes_and_signals(&a).await }).await;
-    }
-    {
-        let a = a();
-        check(f, "env, cwd, stdout/stderr", async move { conformance::env_cwd_and_streams(&a).await }).await;
-    }
-    {
-        let a = a();
-        check(f, "uid/gid/groups", async move { conformance::identity(&a).await }).await;
-    }
-    {
-        let a = a();
-        check(f, "stdin round trip", async move { conformance::stdin_round_trip(&a).await }).await;
-    }
-    {
-        let a = a();
-        check(f, "tty stty size after resize", async move { conformance::tty_resize(&a).await }).await;
-    }
-    {
-        let a = a();
-        check(f, "32 concurrent execs", async move { conformance::concurrent_execs(&a).await }).await;
-    }
-    {
-        // The two bulk transfers at once: in the box they are slow, and
-        // each on its own connection they overlap.
-        let (a1, a2) = (a(), a());
-        let local = d.join("local");
-        std::fs::create_dir_all(&local)?;
-        check(f, "100 MiB stdout sha256 + push/pull 50 MiB, mode, tree", async move {
-            let big = tokio::spawn(async move { conformance::big_stdout(&a1).await });
-            conformance::push_pull(&a2, &local, "/tmp/pushed").await;
-            big.await.expect("100 MiB stdout");
-        })
-        .await;
-    }
-    {
-        let a = a();
-        let data = data.clone();
-        check(f, "second virtio-fs tag mounted at run time", async move {
-            let req = MountRequest {
-                source: "data".into(),
-                target: "/mnt/data".into(),
-                fstype: "virtiofs".into(),
-                options: vec![],
-            };
-            a.mount(req).await.expect("mount data");
-            assert_eq!(stdout_of(&a, "cat /mnt/data/hello.txt").await, "from the host\n");
-            stdout_of(&a, "echo from the guest > /mnt/data/back.txt").await;
-            assert_eq!(std::fs::read_to_string(data.join("back.txt")).unwrap(), "from the guest\n");
-        })
-        .await;
-    }
-    {
-        let a = a();
-        check(f, "unknown request → error, agent keeps serving", async move {
-            conformance::unknown_request(&a).await
-        })
-        .await;
-    }
-
-    // The main process exits with 7: the host hears it, the guest powers off.
-    let main = MainProcess {
-        args: vec!["sh".into(), "-c".into(), "sleep 0.5; exit 7".into()],
-        env: vec![],
-        cwd: "/".into(),
-        user: Default::default(),
-        terminal: false,
-        hostname: None,
-        stop_signal: libc::SIGTERM,
-        stop_timeout_secs: 10,
-        restart: Default::default(),
-    };
-    match agent.start_main(main).await {
-        Ok(pid) => eprintln!("main process pid {pid}"),
-        Err(e) => failures.push(format!("start_main: {e}")),
-    }
-    match thin.next_event(Duration::from_secs(60)).await {
-        Ok(Some(Event::MainExited { status: ExitStatus::Exited { code: 7 }, restarting: false })) => {
-            eprintln!("ok   main process exit 7 reported")
-        }
-        other => failures.push(format!("main_exited 7 expected, got {other:?}")),
-    }
-    match thin.wait_vmm(Duration::from_secs(120)).await {
-        Ok(Some(st)) if st.success() => eprintln!("ok   the VM powered off by itself ({st})"),
-        other => failures.push(format!("the VM did not power off by itself: {other:?}")),
-    }
-    thin.shutdown(Duration::from_secs(10)).await?;
-    if runtime_dir.exists() {
-        failures.push(format!("runtime dir {} left behind", runtime_dir.display()));
-    }
-    let left: Vec<u32> = pids.into_iter().filter(|p| !process_gone(*p)).collect();
-    if !left.is_empty() {
-        failures.push(format!("processes left running: {left:?}"));
-    }
-    if !failures.is_empty() {
-        let console = std::fs::read_to_string(runtime_dir.join("console.log")).unwrap_or_default();
-        bail!("{} check(s) failed:\n{}\n{console}", failures.len(), failures.join("\n"));
+    let round = agent_round(dir.path(), &RoundOptions::default()).await?;
+    if !round.failures.is_empty() {
+        bail!("{} check(s) failed:\n{}\n{}", round.failures.len(), round.failures.join("\n"), round.diagnostics);
     }
     Ok(())
 }
@@ -430,6 +206,11 @@ fn skiff_run_cli() -> Result<()> {
     if !left.is_empty() {
         failures.push(format!("processes left: {left:?}"));
     }
-    ensure!(failures.is_empty(), "{} check(s) failed:\n{}\n--- skiff-run stderr ---\n{err}", failures.len(), failures.join("\n"));
+    ensure!(
+        failures.is_empty(),
+        "{} check(s) failed:\n{}\n--- skiff-run stderr ---\n{err}",
+        failures.len(),
+        failures.join("\n")
+    );
     Ok(())
 }

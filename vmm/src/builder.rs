@@ -113,7 +113,8 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
 
     let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
     for id in 0..config.cpus {
-        let vcpu = Vcpu::new(&vm, id, io_bus.clone(), mmio_bus.clone(), exit.clone()).map_err(BuildError::Vcpu)?;
+        let vcpu = Vcpu::new(&vm, id, io_bus.clone(), mmio_bus.clone(), exit.clone(), ram.mem.clone())
+            .map_err(BuildError::Vcpu)?;
         let entry = (id == 0).then_some(kernel.entry);
         vcpu.configure(vm.supported_cpuid(), config.cpus, &ram.mem, entry).map_err(BuildError::Vcpu)?;
         vcpus.push(vcpu);

@@ -27,6 +27,8 @@ const GUEST_CID: u32 = 3;
 const VIRTIOFSD_START: Duration = Duration::from_secs(20);
 /// Console lines shown when booting fails.
 const CONSOLE_TAIL: usize = 25;
+/// Console lines in [`ThinVm::diagnostics`].
+const CONSOLE_DIAG_TAIL: usize = 60;
 
 /// Errors of running a thin VM.
 #[derive(Debug, thiserror::Error)]
@@ -143,12 +145,15 @@ pub fn find_virtiofsd() -> Result<PathBuf, VmError> {
 }
 
 /// How a VM ended.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Stopped {
     /// skiff-vmm's exit status.
     pub status: std::process::ExitStatus,
     /// Whether the guest powered off (rather than skiff-vmm being stopped).
     pub powered_off: bool,
+    /// skiff-vmm's log and the console's last lines, read before the
+    /// runtime directory was removed (see [`ThinVm::diagnostics`]).
+    pub diagnostics: String,
 }
 
 /// A running thin VM.
@@ -332,6 +337,19 @@ impl ThinVm {
         )
     }
 
+    /// skiff-vmm's log (its last 60 lines: a failure report with registers
+    /// fits) and the guest console's last lines, for a caller to show when
+    /// something went wrong. [`ThinVm::shutdown`] reads it once more into
+    /// [`Stopped::diagnostics`] before it removes the runtime directory.
+    pub fn diagnostics(&self) -> String {
+        format!(
+            "--- skiff-vmm log ---\n{}\n--- guest console (last {} lines) ---\n{}",
+            tail(&self.dir.join("vmm.log"), 60),
+            CONSOLE_DIAG_TAIL,
+            tail(&self.dir.join(CONSOLE_LOG), CONSOLE_DIAG_TAIL)
+        )
+    }
+
     async fn wait_ready(&mut self, events: EventListener, limit: Duration) -> Result<(), VmError> {
         let vmm = self.vmm.as_mut().expect("started");
         let accepted = tokio::select! {
@@ -401,7 +419,9 @@ impl ThinVm {
     /// Waits up to `limit` for skiff-vmm to exit by itself (the guest
     /// powered off); `None` if it still runs.
     pub async fn wait_vmm(&mut self, limit: Duration) -> Result<Option<std::process::ExitStatus>, VmError> {
-        let Some(vmm) = self.vmm.as_mut() else { return Ok(None) };
+        let Some(vmm) = self.vmm.as_mut() else {
+            return Ok(None);
+        };
         match tokio::time::timeout(limit, vmm.wait()).await {
             Ok(r) => r.map(Some).map_err(|e| VmError::Wait("skiff-vmm", e)),
             Err(_) => Ok(None),
@@ -435,8 +455,9 @@ impl ThinVm {
             }
         };
         self.stop_virtiofsd().await;
+        let diagnostics = self.diagnostics();
         self.remove_dir();
-        Ok(Stopped { status, powered_off })
+        Ok(Stopped { status, powered_off, diagnostics })
     }
 
     async fn stop_virtiofsd(&mut self) {

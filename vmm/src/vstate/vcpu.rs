@@ -8,13 +8,12 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use kvm_bindings::{
-    CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
-};
+use kvm_bindings::{CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_device::Bus;
 use vm_memory::GuestMemoryMmap;
 
+use super::report::{describe_internal_error, describe_shutdown, InternalError};
 use super::vm::Vm;
 use crate::arch::cpuid::filter_cpuid;
 use crate::arch::msr::boot_msrs;
@@ -52,16 +51,22 @@ pub struct Vcpu {
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     exit: Arc<ExitState>,
+    /// Guest RAM, to tell in a failure report whether an address is RAM.
+    mem: GuestMemoryMmap,
 }
 
 impl Vcpu {
     /// Creates vCPU `id`.
-    pub fn new(vm: &Vm, id: u8, io_bus: Arc<Bus>, mmio_bus: Arc<Bus>, exit: Arc<ExitState>) -> Result<Self, VcpuError> {
-        let fd = vm
-            .fd()
-            .create_vcpu(u64::from(id))
-            .map_err(|source| VcpuError::Kvm { id, what: "create", source })?;
-        Ok(Self { id, fd, io_bus, mmio_bus, exit })
+    pub fn new(
+        vm: &Vm,
+        id: u8,
+        io_bus: Arc<Bus>,
+        mmio_bus: Arc<Bus>,
+        exit: Arc<ExitState>,
+        mem: GuestMemoryMmap,
+    ) -> Result<Self, VcpuError> {
+        let fd = vm.fd().create_vcpu(u64::from(id)).map_err(|source| VcpuError::Kvm { id, what: "create", source })?;
+        Ok(Self { id, fd, io_bus, mmio_bus, exit, mem })
     }
 
     fn kvm(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError + '_ {
@@ -146,15 +151,24 @@ impl Vcpu {
             // With the in-kernel LAPIC, HLT is handled by KVM; an exit here
             // only means the vCPU may run again.
             VcpuExit::Hlt | VcpuExit::IrqWindowOpen => None,
-            VcpuExit::Shutdown => Some(ExitReason::Error(format!(
-                "vCPU {id}: triple fault (KVM_EXIT_SHUTDOWN): the guest crashed"
-            ))),
+            VcpuExit::Shutdown => {
+                let (regs, sregs) = (self.fd.get_regs().ok(), self.fd.get_sregs().ok());
+                Some(ExitReason::Error(describe_shutdown(id, regs.as_ref(), sregs.as_ref())))
+            }
             VcpuExit::FailEntry(reason, cpu) => Some(ExitReason::Error(format!(
                 "vCPU {id}: VM entry failed on host CPU {cpu} (hardware reason {reason:#x})"
             ))),
-            VcpuExit::InternalError => Some(ExitReason::Error(format!(
-                "vCPU {id}: KVM internal error (instruction emulation failed); on KVM-PVM hosts stock kernels cannot boot"
-            ))),
+            VcpuExit::InternalError => {
+                let err = InternalError::from_run(self.fd.get_kvm_run());
+                let (regs, sregs) = (self.fd.get_regs().ok(), self.fd.get_sregs().ok());
+                let mut text = describe_internal_error(id, &err, regs.as_ref(), sregs.as_ref(), &self.mem);
+                if crate::vstate::vm::host_is_pvm() {
+                    text.push_str(
+                        "\n  (this host's KVM is KVM-PVM, which cannot run stock guest kernels; see tests/box/kvm-box)",
+                    );
+                }
+                Some(ExitReason::Error(text))
+            }
             VcpuExit::SystemEvent(kind, _) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitReason::PowerOff),
                 KVM_SYSTEM_EVENT_RESET => Some(ExitReason::Reset),

@@ -1,7 +1,10 @@
 //! The KVM VM: created with an in-kernel irqchip (PIC, IOAPIC, LAPICs) and
 //! PIT, and guest RAM registered as memory slots.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_CAP_EXIT_ON_EMULATION_FAILURE,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use std::sync::Arc;
 
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -56,6 +59,12 @@ pub fn open_kvm(cpus: u8) -> Result<Kvm, VmError> {
     Ok(kvm)
 }
 
+/// Whether this host's KVM is KVM-PVM (a paravirtual KVM that cannot run
+/// stock guest kernels), where failures of stock kernels are expected.
+pub fn host_is_pvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
 /// A KVM VM with its memory registered.
 pub struct Vm {
     fd: Arc<VmFd>,
@@ -87,9 +96,16 @@ impl Vm {
             // and slots do not overlap because the regions do not.
             unsafe { fd.set_user_memory_region(r) }.map_err(kvm_err("register guest memory"))?;
         }
-        let supported_cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("read the supported CPUID"))?;
+        // Emulation failures at any privilege level exit to the VMM with the
+        // instruction bytes, instead of a #UD injected into a user process.
+        if fd.check_extension_raw(u64::from(KVM_CAP_EXIT_ON_EMULATION_FAILURE)) > 0 {
+            let cap = kvm_enable_cap { cap: KVM_CAP_EXIT_ON_EMULATION_FAILURE, ..Default::default() };
+            if let Err(e) = fd.enable_cap(&cap) {
+                log::debug!("KVM_CAP_EXIT_ON_EMULATION_FAILURE not enabled: {e}");
+            }
+        }
+        let supported_cpuid =
+            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("read the supported CPUID"))?;
         Ok(Self { fd: Arc::new(fd), supported_cpuid })
     }
 

@@ -2,7 +2,7 @@
 //! TTY, identity, output pumps, stdin, signals and window size.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -16,11 +16,11 @@ use skiff_agent_proto::{Channel, ExecRequest, ExitStatus, Reply, User, WindowSiz
 
 use crate::reaper::Reaper;
 use crate::sink::Sink;
+use crate::stdin::{Credit, Stdin};
 
 /// `PATH` for processes whose environment has none.
 pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const READ_CHUNK: usize = 64 * 1024;
-const EOT: u8 = 4;
 
 /// Errors of starting a process (other than a missing program).
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +60,7 @@ pub enum Started {
 pub struct ExecHandle {
     /// Its pid.
     pub pid: i32,
-    stdin: Mutex<Option<File>>,
+    stdin: Option<Stdin>,
     tty: Option<File>,
     done: Arc<AtomicBool>,
 }
@@ -71,21 +71,11 @@ impl ExecHandle {
         self.done.load(Ordering::SeqCst)
     }
 
-    /// Writes stdin; an empty chunk is end of input.
+    /// Queues stdin for the process (see [`Stdin::push`]); an empty chunk
+    /// is end of input.
     pub fn stdin(&self, bytes: &[u8]) {
-        let mut stdin = self.stdin.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(f) = stdin.as_mut() else { return };
-        let res = if bytes.is_empty() && self.tty.is_some() {
-            f.write_all(&[EOT])
-        } else if bytes.is_empty() {
-            *stdin = None;
-            Ok(())
-        } else {
-            f.write_all(bytes)
-        };
-        if res.is_err() {
-            // The process closed its stdin: drop what follows.
-            *stdin = None;
+        if let Some(s) = &self.stdin {
+            s.push(bytes);
         }
     }
 
@@ -139,12 +129,14 @@ pub fn environment(env: &[String], tty: bool) -> Vec<(String, String)> {
 }
 
 /// Starts `req`; its output goes to `sink` under `id`, followed by the
-/// exit reply once all output was sent.
+/// exit reply once all output was sent. With `stdin_credit` (protocol
+/// version 2) the agent credits stdin back as it writes it.
 pub fn start(
     req: &ExecRequest,
     id: u64,
     reaper: &Reaper,
     sink: Arc<Sink>,
+    stdin_credit: bool,
 ) -> Result<Started, ExecError> {
     let (program, args) = req.argv.split_first().ok_or(ExecError::EmptyArgv)?;
     let cwd = req.cwd.clone().unwrap_or_else(|| "/".into());
@@ -207,16 +199,29 @@ pub fn start(
             child.stdin.take().map(|s| File::from(OwnedFd::from(s)))
         }
     };
+    let reported = Arc::new(Mutex::new(false));
+    let stdin = match stdin {
+        Some(target) => {
+            let credit = stdin_credit.then(|| Credit {
+                sink: sink.clone(),
+                id,
+                exited: reported.clone(),
+            });
+            let tty = tty_master.is_some();
+            Some(Stdin::spawn(target, tty, credit).map_err(ExecError::Thread)?)
+        }
+        None => None,
+    };
     let done = Arc::new(AtomicBool::new(false));
     let handle = Arc::new(ExecHandle {
         pid,
-        stdin: Mutex::new(stdin),
+        stdin,
         tty: tty_master,
         done: done.clone(),
     });
     std::thread::Builder::new()
         .name(format!("exec-{pid}"))
-        .spawn(move || finish(id, exited, pumps, done, &sink))
+        .spawn(move || finish(id, (exited, reported), pumps, done, &sink))
         .map_err(ExecError::Thread)?;
     Ok(Started::Running(handle))
 }
@@ -231,9 +236,11 @@ fn not_run(program: &str, e: io::Error) -> Result<Started, ExecError> {
     Ok(Started::NotRun { code, message })
 }
 
+/// Waits for the process and its output, then reports the exit (after
+/// which the stdin writer sends no more credit).
 fn finish(
     id: u64,
-    exited: Receiver<ExitStatus>,
+    (exited, reported): (Receiver<ExitStatus>, Arc<Mutex<bool>>),
     pumps: Vec<JoinHandle<()>>,
     done: Arc<AtomicBool>,
     sink: &Sink,
@@ -242,6 +249,8 @@ fn finish(
     for p in pumps {
         let _ = p.join();
     }
+    let mut reported = reported.lock().unwrap_or_else(|e| e.into_inner());
+    *reported = true;
     done.store(true, Ordering::SeqCst);
     let _ = sink.reply(id, Reply::ExecExit { status });
 }

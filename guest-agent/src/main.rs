@@ -17,6 +17,7 @@ mod power;
 mod reaper;
 mod server;
 mod sink;
+mod stdin;
 mod sys;
 
 use std::sync::Arc;

@@ -1,6 +1,8 @@
 //! Listening, and serving one connection: handshake, then requests one at
 //! a time (see the protocol in `skiff_agent_proto`). One thread per
-//! connection, plus per exec one waiter and one pump per output stream.
+//! connection, plus per exec one waiter, one pump per output stream and
+//! one stdin writer (so a process that does not read its stdin never
+//! blocks the connection thread; see `stdin`).
 
 use std::fs::File;
 use std::io;
@@ -13,7 +15,7 @@ use serde_json::Value;
 use skiff_agent_proto::frame::read_frame;
 use skiff_agent_proto::{
     negotiate, AgentMessage, Channel, ClientMessage, ErrorCode, Frame, FrameError, Reply, Request,
-    Welcome,
+    Welcome, STDIN_CREDIT_VERSION,
 };
 
 use crate::cli::Address;
@@ -279,7 +281,8 @@ pub fn serve_connection(agent: &Agent, stream: File) -> Result<(), FrameError> {
                 let _ = sink.error(id, ErrorCode::Busy, "an exec is running on this connection");
             }
             (Request::Exec(req), None) => {
-                match exec::start(&req, id, &agent.reaper, sink.clone()) {
+                let credit = version >= STDIN_CREDIT_VERSION;
+                match exec::start(&req, id, &agent.reaper, sink.clone(), credit) {
                     Ok(Started::Running(h)) => {
                         let _ = sink.reply(id, Reply::ExecStarted { pid: h.pid });
                         exec = Some((id, h));

@@ -552,3 +552,72 @@ async fn pid1_main_exit_is_reported_then_powers_off() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_stdin_arrives_intact() {
+    let a = HostAgent::start(&[]);
+    conformance::large_stdin(&a.client).await;
+}
+
+/// The agent's peak resident memory, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .expect("VmHWM");
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .expect("VmHWM value")
+}
+
+/// A reader that starts late holds the writer back instead of timing it
+/// out (the request timeout here is 1 s, the wait 3 s), and the agent's
+/// memory stays bounded by its stdin window, not by what is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_stdin_reader_holds_the_writer_back() {
+    let a = HostAgent::start(&[]);
+    let timeouts = Timeouts {
+        request: Duration::from_secs(1),
+        ..Timeouts::default()
+    };
+    let client = a.client.clone().with_timeouts(timeouts);
+    let before = peak_rss_kib(a.child.id());
+    let took = tokio::time::timeout(
+        Duration::from_secs(60),
+        conformance::stdin_back_pressure(&client),
+    )
+    .await
+    .expect("the exec ended: stdin was neither cut off nor stalled");
+    let after = peak_rss_kib(a.child.id());
+    eprintln!("32 MiB of stdin written in {took:?}; agent peak RSS {before} -> {after} KiB");
+    assert!(
+        after < before + 16 * 1024,
+        "agent peak RSS grew from {before} to {after} KiB for 32 MiB of stdin"
+    );
+}
+
+/// A signal gets through to a process that does not read its stdin while
+/// more stdin than any buffer holds waits to be sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn signal_reaches_an_exec_that_does_not_read_its_stdin() {
+    let a = HostAgent::start(&[]);
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        conformance::signal_with_stdin_pending(&a.client),
+    )
+    .await
+    .expect("signal delivered and exec ended");
+}
+
+/// 1 GiB into `sha256sum`: `SKIFF_TEST_GIB_STDIN=1` (slow in debug builds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_gib_of_stdin() {
+    if std::env::var_os("SKIFF_TEST_GIB_STDIN").is_none() {
+        eprintln!("skipped: set SKIFF_TEST_GIB_STDIN=1");
+        return;
+    }
+    let a = HostAgent::start(&[]);
+    conformance::large_stdin_of(&a.client, 1 << 30).await;
+}

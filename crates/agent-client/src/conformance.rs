@@ -7,7 +7,7 @@
 //! `head`, `tee`, `mkfifo`, `sha256sum`, `stat`, `stty`, `sleep`, `uname`).
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use skiff_agent_proto::{ErrorCode, ExecRequest, ExitStatus, Reply, Request, WindowSize};
@@ -147,6 +147,195 @@ pub async fn stdin_round_trip(agent: &AgentClient) {
         out.stdout.len(),
         data.len()
     );
+}
+
+/// Bytes of [`large_stdin`] (and of its stdout counterpart).
+pub const LARGE_STDIN_BYTES: u64 = 32 << 20;
+
+/// 32 MiB of pseudo-random bytes piped into `sha256sum` arrive intact (the
+/// guest's hash equals the host's), and stdin runs at a rate within 2x of
+/// stdout. Same as `large_stdin_of(agent, LARGE_STDIN_BYTES)`.
+pub async fn large_stdin(agent: &AgentClient) {
+    large_stdin_of(agent, LARGE_STDIN_BYTES).await;
+}
+
+/// `bytes` of pseudo-random data (a 4 MiB block, repeated) piped into
+/// `sha256sum` arrive intact; then the rate of `bytes` into `cat
+/// >/dev/null` is compared with `bytes` out of `head -c .. /dev/zero`
+/// (both nearly free for the guest's CPU, so the transport is measured):
+/// stdin must be within 2x of stdout. Prints the rates; a transfer too
+/// fast to time (under 0.25 s, e.g. on the host) is not compared. Streams:
+/// nothing of size `bytes` is held in memory. Moves `bytes` three times.
+pub async fn large_stdin_of(agent: &AgentClient, bytes: u64) {
+    let block = std::sync::Arc::new(payload(4 << 20, 0x5eed));
+    let (secs, out) = feed_stdin(agent, cmd(&["sha256sum"]), bytes, &block).await;
+    let mut h = Sha256::new();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(block.len() as u64) as usize;
+        h.update(&block[..n]);
+        left -= n as u64;
+    }
+    let want = hex::encode(h.finalize());
+    let got = String::from_utf8_lossy(&out);
+    assert_eq!(
+        got.split_whitespace().next(),
+        Some(want.as_str()),
+        "guest hashed {got:?}"
+    );
+    let mib = bytes as f64 / f64::from(1 << 20);
+    eprintln!("large_stdin: {mib:.0} MiB into sha256sum intact in {secs:.2} s");
+
+    let (stdin_secs, _) = feed_stdin(agent, sh("cat >/dev/null"), bytes, &block).await;
+    let t = Instant::now();
+    let mut s = agent
+        .exec(sh(&format!("head -c {bytes} /dev/zero")))
+        .await
+        .expect("exec head");
+    let mut n = 0u64;
+    let status = loop {
+        match s.next_event().await.expect("event") {
+            Some(ExecEvent::Stdout(b)) => n += b.len() as u64,
+            Some(ExecEvent::Stderr(_)) => {}
+            Some(ExecEvent::Exit(st)) => break st,
+            None => panic!("no exit"),
+        }
+    };
+    let stdout_secs = t.elapsed().as_secs_f64();
+    assert_eq!(status.code(), 0);
+    assert_eq!(n, bytes);
+
+    let (stdin_rate, stdout_rate) = (mib / stdin_secs, mib / stdout_secs);
+    eprintln!(
+        "large_stdin: {mib:.0} MiB of stdin in {stdin_secs:.2} s ({stdin_rate:.1} MiB/s), \
+         of stdout in {stdout_secs:.2} s ({stdout_rate:.1} MiB/s)"
+    );
+    if stdout_secs < 0.25 {
+        eprintln!("large_stdin: too fast to compare the rates");
+        return;
+    }
+    assert!(
+        stdin_rate * 2.0 >= stdout_rate,
+        "stdin at {stdin_rate:.1} MiB/s is not within 2x of stdout at {stdout_rate:.1} MiB/s"
+    );
+}
+
+/// Runs `req` with `bytes` of `block` (repeated) as stdin; the seconds
+/// from start to exit and its stdout. The exit must be 0.
+async fn feed_stdin(
+    agent: &AgentClient,
+    mut req: ExecRequest,
+    bytes: u64,
+    block: &std::sync::Arc<Vec<u8>>,
+) -> (f64, Vec<u8>) {
+    req.stdin = true;
+    let t = Instant::now();
+    let mut s = agent.exec(req).await.expect("exec");
+    let ctl = s.control();
+    let feed = block.clone();
+    let feeder = tokio::spawn(async move {
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(feed.len() as u64) as usize;
+            ctl.write_stdin(&feed[..n]).await?;
+            left -= n as u64;
+        }
+        ctl.close_stdin().await
+    });
+    let (status, out, err) = collect(&mut s).await;
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(
+        status.code(),
+        0,
+        "stderr {:?}",
+        String::from_utf8_lossy(&err)
+    );
+    feeder.await.expect("feeder").expect("stdin");
+    (secs, out)
+}
+
+/// A process that reads its stdin only after 3 s holds the client back:
+/// writing 32 MiB cannot finish before it reads (only bounded buffers lie
+/// between them), the client waits instead of timing out, and everything
+/// arrives. Returns how long the write took.
+pub async fn stdin_back_pressure(agent: &AgentClient) -> Duration {
+    let data = payload(32 << 20, 11);
+    let want = hex::encode(Sha256::digest(&data));
+    let mut req = sh("sleep 3; sha256sum");
+    req.stdin = true;
+    let t = Instant::now();
+    let mut s = agent.exec(req).await.expect("exec");
+    let ctl = s.control();
+    let feeder = tokio::spawn(async move {
+        ctl.write_stdin(&data).await?;
+        let took = t.elapsed();
+        ctl.close_stdin().await?;
+        Ok::<_, ClientError>(took)
+    });
+    let (status, out, err) = collect(&mut s).await;
+    assert_eq!(
+        status.code(),
+        0,
+        "stderr {:?}",
+        String::from_utf8_lossy(&err)
+    );
+    let took = feeder.await.expect("feeder").expect("stdin");
+    let got = String::from_utf8_lossy(&out);
+    assert_eq!(
+        got.split_whitespace().next(),
+        Some(want.as_str()),
+        "{got:?}"
+    );
+    assert!(
+        took >= Duration::from_secs(2),
+        "32 MiB were taken in {took:?}, before the process read any"
+    );
+    took
+}
+
+/// A process that never reads its stdin still gets a signal while the
+/// client has more stdin for it than any buffer holds, and the writer is
+/// released when it ends.
+pub async fn signal_with_stdin_pending(agent: &AgentClient) {
+    let mut req = cmd(&["sleep", "60"]);
+    req.stdin = true;
+    let s = agent.exec(req).await.expect("exec sleep");
+    let ctl = s.control();
+    let feed = ctl.clone();
+    let feeder = tokio::spawn(async move { feed.write_stdin(&vec![0u8; 16 << 20]).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::timeout(Duration::from_secs(10), ctl.signal(libc::SIGTERM))
+        .await
+        .expect("the signal went out while stdin was held back")
+        .expect("signal");
+    let out = tokio::time::timeout(Duration::from_secs(20), s.output())
+        .await
+        .expect("exit after SIGTERM")
+        .expect("output");
+    assert_eq!(
+        out.status,
+        ExitStatus::Signaled {
+            signal: libc::SIGTERM
+        }
+    );
+    let fed = tokio::time::timeout(Duration::from_secs(10), feeder)
+        .await
+        .expect("the stdin writer was released")
+        .expect("feeder");
+    assert!(matches!(fed, Err(ClientError::ExecEnded)), "{fed:?}");
+}
+
+/// All events of an exec: its status, stdout and stderr.
+async fn collect(s: &mut crate::ExecSession) -> (ExitStatus, Vec<u8>, Vec<u8>) {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    loop {
+        match s.next_event().await.expect("event") {
+            Some(ExecEvent::Stdout(b)) => out.extend_from_slice(&b),
+            Some(ExecEvent::Stderr(b)) => err.extend_from_slice(&b),
+            Some(ExecEvent::Exit(st)) => return (st, out, err),
+            None => panic!("no exit"),
+        }
+    }
 }
 
 async fn read_until(

@@ -7,7 +7,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Mutex;
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at, Instant};
 
 use skiff_agent_proto::frame::{body_len, decode_body, encode_control, encode_data, HEADER_LEN};
 use skiff_agent_proto::{
@@ -17,7 +17,17 @@ use skiff_agent_proto::{
 use crate::{ClientError, Timeouts, Transport};
 
 /// The sending half, shared by an exec session and its controls.
-pub(crate) type Writer = Arc<Mutex<OwnedWriteHalf>>;
+pub(crate) type Writer = Arc<Mutex<FrameWriter>>;
+
+/// The sending half and how far the frame being written got: a frame cut
+/// off (a time limit, a cancelled task, an I/O error) would make the agent
+/// read the next frame's bytes as its rest, so the connection then refuses
+/// to send anything more.
+pub(crate) struct FrameWriter {
+    half: OwnedWriteHalf,
+    /// Bytes of an unfinished frame already sent (0: between frames).
+    partial: usize,
+}
 
 /// A connection that has passed the version handshake. Requests run one
 /// at a time on it; see [`crate::AgentClient`] for the operations.
@@ -37,7 +47,10 @@ impl Connection {
         let (r, w) = stream.into_split();
         let mut conn = Connection {
             reader: BufReader::with_capacity(512 * 1024, r),
-            writer: Arc::new(Mutex::new(w)),
+            writer: Arc::new(Mutex::new(FrameWriter {
+                half: w,
+                partial: 0,
+            })),
             timeouts,
             welcome: Welcome {
                 version: 0,
@@ -171,18 +184,80 @@ impl Connection {
     }
 }
 
+/// Writes one frame within `limit` (waiting for the writer included).
 pub(crate) async fn write_within(
     writer: &Writer,
     frame: &[u8],
     limit: Duration,
     what: &'static str,
 ) -> Result<(), ClientError> {
-    let fut = async {
-        let mut w = writer.lock().await;
-        w.write_all(frame).await
-    };
-    match timeout(limit, fut).await {
-        Ok(r) => r.map_err(ClientError::Io),
+    let deadline = Instant::now() + limit;
+    match timeout_at(deadline, write_frame(writer, frame)).await {
+        Ok(r) => r,
         Err(_) => Err(ClientError::Timeout(what)),
+    }
+}
+
+/// Writes one frame, waiting as long as the transport holds it back (stdin
+/// under back-pressure has no time limit). Cancel-safe in the sense that a
+/// frame cut off poisons the connection instead of corrupting it.
+pub(crate) async fn write_frame(writer: &Writer, frame: &[u8]) -> Result<(), ClientError> {
+    let mut w = writer.lock().await;
+    if w.partial != 0 {
+        return Err(ClientError::Protocol(
+            "an earlier frame was cut off; the connection cannot be used".into(),
+        ));
+    }
+    let mut sent = 0;
+    while sent < frame.len() {
+        let n = match w.half.write(&frame[sent..]).await {
+            Ok(0) => Err(std::io::ErrorKind::WriteZero.into()),
+            r => r,
+        };
+        match n {
+            Ok(n) => sent += n,
+            Err(e) => {
+                // Whatever went out, the stream is no longer in step.
+                w.partial = w.partial.max(1);
+                return Err(ClientError::Io(e));
+            }
+        }
+        w.partial = if sent == frame.len() { 0 } else { sent };
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn writer_pair() -> (Writer, tokio::net::UnixStream) {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let (_r, w) = a.into_split();
+        let writer = Arc::new(Mutex::new(FrameWriter {
+            half: w,
+            partial: 0,
+        }));
+        (writer, b)
+    }
+
+    #[tokio::test]
+    async fn a_frame_cut_off_by_its_time_limit_poisons_the_connection() {
+        let (writer, _peer) = writer_pair();
+        // Nobody reads `peer`: a big frame cannot go out within the limit.
+        let big = vec![0u8; 8 << 20];
+        let r = write_within(&writer, &big, Duration::from_millis(100), "test").await;
+        assert!(matches!(r, Err(ClientError::Timeout("test"))));
+        let r = write_within(&writer, b"small", Duration::from_secs(1), "test").await;
+        assert!(matches!(r, Err(ClientError::Protocol(_))), "{r:?}");
+        // Frames that time out before a byte went out leave it usable.
+        let (writer, _peer2) = writer_pair();
+        let guard = writer.lock().await;
+        let r = write_within(&writer, b"x", Duration::from_millis(50), "test").await;
+        assert!(matches!(r, Err(ClientError::Timeout("test"))));
+        drop(guard);
+        write_within(&writer, b"x", Duration::from_secs(1), "test")
+            .await
+            .unwrap();
     }
 }

@@ -1,17 +1,31 @@
 //! Exec sessions: the output as a stream of events, and a cloneable
 //! control handle for stdin, signals and window size.
+//!
+//! Once the agent started the process, a task of the session reads the
+//! connection: it takes the agent's stdin credit (protocol version 2) as it
+//! arrives and queues output for [`ExecSession::next_event`] in a small
+//! bounded buffer. Stdin therefore flows while nobody reads the output, as
+//! long as the process produces little of it; a process whose output is
+//! not read stops at the buffer, like a pipe.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinHandle;
 
 use skiff_agent_proto::frame::{encode_control, encode_data};
 use skiff_agent_proto::{
     AgentMessage, Channel, ClientMessage, ExitStatus, Frame, Reply, Request, WindowSize,
-    MAX_DATA_CHUNK,
+    MAX_DATA_CHUNK, STDIN_CREDIT_VERSION, STDIN_WINDOW,
 };
 
-use crate::conn::{write_within, Connection, Writer};
+use crate::conn::{write_frame, write_within, Connection, Writer};
 use crate::ClientError;
+
+/// Output chunks the session buffers for a reader that falls behind.
+const EVENT_BUFFER: usize = 8;
 
 /// Something that happened to a running exec.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,28 +49,93 @@ pub struct ExecOutput {
     pub stderr: Vec<u8>,
 }
 
+/// The stdin the agent will still take before it credits more back.
+struct StdinWindow {
+    /// One permit per byte; closed when the exec has ended.
+    credit: Semaphore,
+    /// Whether the agent does flow control (protocol version 2); without
+    /// it only the transport holds stdin back.
+    limited: bool,
+}
+
+impl StdinWindow {
+    fn new(limited: bool) -> Self {
+        StdinWindow {
+            credit: Semaphore::new(STDIN_WINDOW as usize),
+            limited,
+        }
+    }
+
+    /// Waits until `n` (at most a data chunk) bytes may be sent.
+    async fn take(&self, n: usize) -> Result<(), ClientError> {
+        if !self.limited {
+            return match self.credit.is_closed() {
+                true => Err(ClientError::ExecEnded),
+                false => Ok(()),
+            };
+        }
+        let n = u32::try_from(n.min(MAX_DATA_CHUNK)).unwrap_or(u32::MAX);
+        match self.credit.acquire_many(n).await {
+            Ok(permit) => {
+                permit.forget();
+                Ok(())
+            }
+            Err(_) => Err(ClientError::ExecEnded),
+        }
+    }
+
+    /// The agent wrote `bytes` to the process. Never more than the window
+    /// is outstanding, whatever an agent claims.
+    fn give(&self, bytes: u64) {
+        let room = (STDIN_WINDOW as usize).saturating_sub(self.credit.available_permits());
+        let n = usize::try_from(bytes).unwrap_or(usize::MAX).min(room);
+        if n > 0 && !self.credit.is_closed() {
+            self.credit.add_permits(n);
+        }
+    }
+
+    fn close(&self) {
+        self.credit.close();
+    }
+}
+
+/// Closes the window when the session's reader task ends, however it ends.
+struct CloseOnDrop(Arc<StdinWindow>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 /// Feeds a running exec; cheap to clone and usable from other tasks.
 #[derive(Clone)]
 pub struct ExecControl {
     writer: Writer,
     id: u64,
     limit: Duration,
+    window: Arc<StdinWindow>,
 }
 
 impl ExecControl {
-    /// Sends stdin bytes (cut into chunks).
+    /// Sends stdin bytes (cut into chunks). Waits, without a time limit,
+    /// while the process does not take them (back-pressure): at most
+    /// [`STDIN_WINDOW`] bytes are ever on their way. Fails with
+    /// [`ClientError::ExecEnded`] once the exec has ended.
     pub async fn write_stdin(&self, bytes: &[u8]) -> Result<(), ClientError> {
         for chunk in bytes.chunks(MAX_DATA_CHUNK) {
+            self.window.take(chunk.len()).await?;
             let frame = encode_data(self.id, Channel::Stdin, chunk)?;
-            write_within(&self.writer, &frame, self.limit, "writing stdin").await?;
+            write_frame(&self.writer, &frame).await?;
         }
         Ok(())
     }
 
-    /// Ends stdin (on a TTY: sends end-of-file, ^D).
+    /// Ends stdin (on a TTY: sends end-of-file, ^D). Like stdin, it waits
+    /// for the data before it without a time limit.
     pub async fn close_stdin(&self) -> Result<(), ClientError> {
         let frame = encode_data(self.id, Channel::Stdin, &[])?;
-        write_within(&self.writer, &frame, self.limit, "closing stdin").await
+        write_frame(&self.writer, &frame).await
     }
 
     /// Sends a signal to the process.
@@ -79,13 +158,89 @@ impl ExecControl {
     }
 }
 
+/// What a frame means to the exec `id`.
+enum Incoming {
+    Started(i32),
+    Credit(u64),
+    Event(ExecEvent),
+    Ignored,
+}
+
+fn classify(id: u64, frame: Frame<AgentMessage>) -> Result<Incoming, ClientError> {
+    match frame {
+        Frame::Data(d) if d.id == id => Ok(match d.channel {
+            Channel::Stdout => Incoming::Event(ExecEvent::Stdout(d.bytes)),
+            Channel::Stderr => Incoming::Event(ExecEvent::Stderr(d.bytes)),
+            _ => Incoming::Ignored,
+        }),
+        Frame::Control(AgentMessage::StdinCredit { id: cid, bytes }) if cid == id => {
+            Ok(Incoming::Credit(bytes))
+        }
+        Frame::Control(AgentMessage::Reply { id: rid, reply }) if rid == id => match reply {
+            Reply::ExecStarted { pid } => Ok(Incoming::Started(pid)),
+            Reply::ExecExit { status } => Ok(Incoming::Event(ExecEvent::Exit(status))),
+            Reply::Error(e) => Err(ClientError::Agent(e)),
+            other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+        },
+        Frame::Control(AgentMessage::Reply {
+            reply: Reply::Error(e),
+            ..
+        }) => Err(ClientError::Agent(e)),
+        other => Err(ClientError::Protocol(format!(
+            "unexpected frame in exec: {other:?}"
+        ))),
+    }
+}
+
+/// The session's reader task: credit goes to the window, everything else
+/// to the session, until the exit, an error, or the session is dropped.
+async fn read_events(
+    mut conn: Connection,
+    id: u64,
+    window: Arc<StdinWindow>,
+    tx: mpsc::Sender<Result<ExecEvent, ClientError>>,
+) {
+    let _close = CloseOnDrop(window.clone());
+    loop {
+        let frame = tokio::select! {
+            f = conn.recv() => f,
+            () = tx.closed() => return,
+        };
+        let item = match frame.and_then(|f| classify(id, f)) {
+            Ok(Incoming::Credit(n)) => {
+                window.give(n);
+                continue;
+            }
+            Ok(Incoming::Started(_) | Incoming::Ignored) => continue,
+            Ok(Incoming::Event(ev)) => Ok(ev),
+            Err(e) => Err(e),
+        };
+        let last = !matches!(item, Ok(ExecEvent::Stdout(_) | ExecEvent::Stderr(_)));
+        if last {
+            window.close();
+        }
+        if tx.send(item).await.is_err() || last {
+            return;
+        }
+    }
+}
+
 /// A running exec.
 pub struct ExecSession {
-    conn: Connection,
-    id: u64,
     pid: Option<i32>,
     pending: VecDeque<ExecEvent>,
     done: bool,
+    control: ExecControl,
+    events: mpsc::Receiver<Result<ExecEvent, ClientError>>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl Drop for ExecSession {
+    fn drop(&mut self) {
+        if let Some(r) = &self.reader {
+            r.abort();
+        }
+    }
 }
 
 impl ExecSession {
@@ -94,24 +249,43 @@ impl ExecSession {
     pub(crate) async fn start(mut conn: Connection, request: Request) -> Result<Self, ClientError> {
         let id = conn.new_id();
         conn.send(&ClientMessage::Request { id, request }).await?;
-        let mut s = ExecSession {
-            conn,
-            id,
-            pid: None,
-            pending: VecDeque::new(),
-            done: false,
-        };
-        let limit = s.conn.timeouts.request;
-        while s.pid.is_none() && !s.done {
-            let frame = s
-                .conn
-                .recv_within(limit, "waiting for exec to start")
-                .await?;
-            if let Some(ev) = s.handle(frame)? {
-                s.pending.push_back(ev);
+        let limited = conn.welcome.version >= STDIN_CREDIT_VERSION;
+        let window = Arc::new(StdinWindow::new(limited));
+        let limit = conn.timeouts.request;
+        let (mut pid, mut pending, mut done) = (None, VecDeque::new(), false);
+        while pid.is_none() && !done {
+            let frame = conn.recv_within(limit, "waiting for exec to start").await?;
+            match classify(id, frame)? {
+                Incoming::Started(p) => pid = Some(p),
+                Incoming::Credit(n) => window.give(n),
+                Incoming::Event(ev) => {
+                    done = matches!(ev, ExecEvent::Exit(_));
+                    pending.push_back(ev);
+                }
+                Incoming::Ignored => {}
             }
         }
-        Ok(s)
+        let control = ExecControl {
+            writer: conn.writer.clone(),
+            id,
+            limit,
+            window: window.clone(),
+        };
+        let (tx, events) = mpsc::channel(EVENT_BUFFER);
+        let reader = if done {
+            window.close();
+            None
+        } else {
+            Some(tokio::spawn(read_events(conn, id, window, tx)))
+        };
+        Ok(ExecSession {
+            pid,
+            pending,
+            done,
+            control,
+            events,
+            reader,
+        })
     }
 
     /// The process's pid in the guest (`None` if it could not be run).
@@ -121,55 +295,30 @@ impl ExecSession {
 
     /// A handle for stdin, signals and resizes.
     pub fn control(&self) -> ExecControl {
-        ExecControl {
-            writer: self.conn.writer.clone(),
-            id: self.id,
-            limit: self.conn.timeouts.request,
-        }
-    }
-
-    fn handle(&mut self, frame: Frame<AgentMessage>) -> Result<Option<ExecEvent>, ClientError> {
-        match frame {
-            Frame::Data(d) if d.id == self.id => Ok(match d.channel {
-                Channel::Stdout => Some(ExecEvent::Stdout(d.bytes)),
-                Channel::Stderr => Some(ExecEvent::Stderr(d.bytes)),
-                _ => None,
-            }),
-            Frame::Control(AgentMessage::Reply { id, reply }) if id == self.id => match reply {
-                Reply::ExecStarted { pid } => {
-                    self.pid = Some(pid);
-                    Ok(None)
-                }
-                Reply::ExecExit { status } => {
-                    self.done = true;
-                    Ok(Some(ExecEvent::Exit(status)))
-                }
-                Reply::Error(e) => Err(ClientError::Agent(e)),
-                other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
-            },
-            Frame::Control(AgentMessage::Reply {
-                reply: Reply::Error(e),
-                ..
-            }) => Err(ClientError::Agent(e)),
-            other => Err(ClientError::Protocol(format!(
-                "unexpected frame in exec: {other:?}"
-            ))),
-        }
+        self.control.clone()
     }
 
     /// The next event; `None` after the exit event. Waits as long as the
     /// process runs (no timeout: wrap it in one if needed).
     pub async fn next_event(&mut self) -> Result<Option<ExecEvent>, ClientError> {
-        loop {
-            if let Some(ev) = self.pending.pop_front() {
-                return Ok(Some(ev));
+        if let Some(ev) = self.pending.pop_front() {
+            return Ok(Some(ev));
+        }
+        if self.done {
+            return Ok(None);
+        }
+        match self.events.recv().await {
+            Some(Ok(ev)) => {
+                self.done = matches!(ev, ExecEvent::Exit(_));
+                Ok(Some(ev))
             }
-            if self.done {
-                return Ok(None);
+            Some(Err(e)) => {
+                self.done = true;
+                Err(e)
             }
-            let frame = self.conn.recv().await?;
-            if let Some(ev) = self.handle(frame)? {
-                return Ok(Some(ev));
+            None => {
+                self.done = true;
+                Err(ClientError::Closed)
             }
         }
     }

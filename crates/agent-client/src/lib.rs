@@ -16,8 +16,9 @@
 //! concurrently without head-of-line blocking), and nothing waits forever
 //! on a silent agent: connecting and the handshake are bounded by
 //! [`Timeouts::connect`], every reply and every frame of a transfer by
-//! [`Timeouts::request`]. Only an exec's output waits as long as the
-//! process runs, and [`Timeouts::exec`] can bound that too.
+//! [`Timeouts::request`]. Only an exec's output, and its stdin while the
+//! process does not read it (back-pressure), wait as long as the process
+//! runs, and [`Timeouts::exec`] can bound that too.
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
@@ -74,6 +75,9 @@ pub enum ClientError {
     /// A local file tree could not be read or written.
     #[error("local file tree")]
     Tree(#[from] TreeError),
+    /// The exec has ended: its stdin takes nothing more.
+    #[error("the exec has ended")]
+    ExecEnded,
 }
 
 /// Time limits.

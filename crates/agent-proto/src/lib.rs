@@ -31,7 +31,12 @@
 //! - `exec` → `exec_started {pid}`, then `stdout`/`stderr` data, then
 //!   `exec_exit {status}` once all output was sent. While it runs the client
 //!   sends `stdin` data (empty chunk: EOF), and `signal` and `resize`
-//!   requests under the **same id** (they get no reply). A command that
+//!   requests under the **same id** (they get no reply). From version 2
+//!   stdin is flow-controlled, so a process that does not read it never
+//!   blocks the connection (signals and resizes still get through): the
+//!   client sends at most [`STDIN_WINDOW`] bytes beyond what the agent
+//!   credited back with `stdin_credit {id, bytes}` messages, which it
+//!   sends as it writes stdin to the process. A command that
 //!   cannot be found answers like a container runtime: a message on stderr
 //!   and exit code 127 (126 if it is not executable).
 //! - `push {path}` → the client sends `entry` messages, each regular file's

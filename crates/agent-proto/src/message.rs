@@ -10,9 +10,15 @@ use serde::{Deserialize, Serialize};
 use crate::oci::MainProcess;
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The oldest protocol version this crate still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
+/// The first version with exec stdin flow control
+/// ([`AgentMessage::StdinCredit`]).
+pub const STDIN_CREDIT_VERSION: u32 = 2;
+/// Stdin bytes a client may send an exec (from protocol version
+/// [`STDIN_CREDIT_VERSION`] on) beyond what the agent has credited back.
+pub const STDIN_WINDOW: u64 = 1024 * 1024;
 /// The vsock port the agent listens on in the guest.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// The host vsock port the agent connects to to announce readiness and the
@@ -115,6 +121,16 @@ pub enum AgentMessage {
     Event {
         /// The event.
         event: Event,
+    },
+    /// The exec `id` passed `bytes` more bytes of stdin to its process: the
+    /// client may send that many more (protocol version 2 on; see
+    /// [`STDIN_WINDOW`]). Never sent after the exec's `exec_exit`.
+    StdinCredit {
+        /// Id of the exec request.
+        id: u64,
+        /// Bytes written to the process (or dropped, once it closed its
+        /// stdin).
+        bytes: u64,
     },
     /// A message type this version does not know.
     #[serde(other)]
@@ -526,14 +542,22 @@ mod tests {
             r#"{"type":"reply","id":1,"reply":{"type":"exec_exit","status":{"kind":"signaled","signal":9}}}"#
         );
         assert_eq!(serde_json::from_str::<AgentMessage>(&s).unwrap(), reply);
+        let credit = AgentMessage::StdinCredit {
+            id: 4,
+            bytes: 65536,
+        };
+        let s = serde_json::to_string(&credit).unwrap();
+        assert_eq!(s, r#"{"type":"stdin_credit","id":4,"bytes":65536}"#);
+        assert_eq!(serde_json::from_str::<AgentMessage>(&s).unwrap(), credit);
     }
 
     #[test]
     fn negotiation_picks_highest_common_version() {
         let table = [
             ((1, 1), Some(1)),
-            ((1, 9), Some(1)),
-            ((2, 3), None),
+            ((1, 9), Some(2)),
+            ((2, 3), Some(2)),
+            ((3, 4), None),
             ((0, 0), None),
         ];
         for ((min, max), want) in table {

@@ -7,7 +7,10 @@
 //! does not take at once waits in `tx_buf`, which therefore never exceeds
 //! the buffer we advertised (a guest that overruns it is reset). In the
 //! other direction we never send more than the guest's advertised
-//! `buf_alloc - (rx_cnt - peer_fwd_cnt)`.
+//! `buf_alloc - (rx_cnt - peer_fwd_cnt)`; while that is zero the host
+//! socket is not read (so the host writer is held back), and we send one
+//! CREDIT_REQUEST: Linux reports what its reader consumed only once most
+//! of its buffer is free or empty, and answers a request at once.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -55,6 +58,18 @@ mod pending {
     pub const RST: u8 = 8;
 }
 
+/// Why no data goes to the guest now (see [`Connection::data_blocked`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DataBlock {
+    /// Data may go.
+    No,
+    /// Nothing to send (not established, host drained or closed, guest
+    /// shut down receiving).
+    Nothing,
+    /// Host data may be waiting, but the guest gave no credit.
+    Credit,
+}
+
 /// What the connection has for the guest's next receive buffer.
 pub enum RxPacket {
     /// Send this packet.
@@ -89,6 +104,8 @@ pub struct Connection {
     pending: u8,
     host_readable: bool,
     host_eof: bool,
+    /// A CREDIT_REQUEST went out for the credit we have now.
+    credit_requested: bool,
     guest_shut_send: bool,
     guest_shut_rcv: bool,
     /// In the muxer's receive round-robin.
@@ -124,6 +141,7 @@ impl Connection {
             pending: 0,
             host_readable: false,
             host_eof: false,
+            credit_requested: false,
             guest_shut_send: false,
             guest_shut_rcv: false,
             in_rx_queue: false,
@@ -168,6 +186,10 @@ impl Connection {
 
     /// Records the credit fields every guest packet carries.
     pub fn update_peer_credit(&mut self, hdr: &Header) {
+        if hdr.buf_alloc != self.peer_buf_alloc || hdr.fwd_cnt != self.peer_fwd_cnt.0 {
+            // New information: if it is still no credit, ask again later.
+            self.credit_requested = false;
+        }
         self.peer_buf_alloc = hdr.buf_alloc;
         self.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
     }
@@ -180,15 +202,30 @@ impl Connection {
 
     /// Whether the connection has a packet for the guest.
     pub fn has_rx_work(&self) -> bool {
-        self.pending != 0 || self.can_send_data()
+        self.pending != 0 || self.can_send_data() || self.wants_credit_request()
+    }
+
+    fn data_blocked(&self) -> DataBlock {
+        if self.state != ConnState::Established
+            || !self.host_readable
+            || self.host_eof
+            || self.guest_shut_rcv
+        {
+            DataBlock::Nothing
+        } else if self.peer_credit() == 0 {
+            DataBlock::Credit
+        } else {
+            DataBlock::No
+        }
     }
 
     fn can_send_data(&self) -> bool {
-        self.state == ConnState::Established
-            && self.host_readable
-            && !self.host_eof
-            && !self.guest_shut_rcv
-            && self.peer_credit() > 0
+        self.data_blocked() == DataBlock::No
+    }
+
+    /// Out of credit with host data waiting, and not asked yet.
+    fn wants_credit_request(&self) -> bool {
+        self.data_blocked() == DataBlock::Credit && !self.credit_requested
     }
 
     /// The epoll events the connection needs now.
@@ -333,6 +370,13 @@ impl Connection {
                 self.pending &= !bit;
                 return Some(RxPacket::Packet(self.header(op), Vec::new()));
             }
+        }
+        if self.wants_credit_request() {
+            self.credit_requested = true;
+            return Some(RxPacket::Packet(
+                self.header(op::CREDIT_REQUEST),
+                Vec::new(),
+            ));
         }
         if !self.can_send_data() {
             return None;

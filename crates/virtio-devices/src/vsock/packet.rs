@@ -54,8 +54,8 @@ pub enum PacketError {
     /// Copying from guest memory failed.
     #[error("guest memory access")]
     GuestMemory(#[source] std::io::Error),
-    /// The chain cannot hold a header.
-    #[error("receive buffer smaller than a packet header")]
+    /// The chain cannot hold a header and at least one payload byte.
+    #[error("receive buffer too small for a packet with data")]
     ShortBuffer,
 }
 
@@ -158,13 +158,15 @@ pub struct RxBuffer<'a> {
 }
 
 impl<'a> RxBuffer<'a> {
-    /// Wraps an RX chain; fails if it is not in memory or is too short.
+    /// Wraps an RX chain; fails if it is not in memory, or too short to
+    /// carry any data (such a buffer would be taken for each packet, fit
+    /// none with data, and hold up the ones behind it).
     pub fn new(
         mem: &'a GuestMemoryMmap,
         chain: DescriptorChain<&'a GuestMemoryMmap>,
     ) -> Result<Self, PacketError> {
         let writer = Writer::new(mem, chain).map_err(PacketError::Chain)?;
-        if writer.available_bytes() < HDR_SIZE {
+        if writer.available_bytes() <= HDR_SIZE {
             return Err(PacketError::ShortBuffer);
         }
         Ok(RxBuffer { writer })

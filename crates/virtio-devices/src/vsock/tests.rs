@@ -13,6 +13,8 @@ use super::packet::*;
 use super::*;
 use crate::test_utils::*;
 
+mod linux_guest;
+
 const CID: u64 = 3;
 const RX_BUF: u32 = 4096 + HDR_SIZE as u32;
 
@@ -26,6 +28,7 @@ struct Guest {
     rx_bufs: HashMap<u16, u64>,
     rx_seen: u16,
     tx_sent: u16,
+    irq: Arc<RecordingInterrupt>,
     dev: Vsock,
 }
 
@@ -35,17 +38,26 @@ impl Guest {
     }
 
     fn with_cid(cid: u64) -> Guest {
+        Self::with_options(cid, false)
+    }
+
+    /// A guest with context id `cid`; `event_idx` negotiates
+    /// `VIRTIO_RING_F_EVENT_IDX` on the queues (as Linux does).
+    fn with_options(cid: u64, event_idx: bool) -> Guest {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.sock");
         let mem = single_region_mem(0x100_0000);
         let rxq = TestQueue::new(&mem, 0x0, 256, 0x10_0000);
         let txq = TestQueue::new(&mem, 0x4000, 256, 0x80_0000);
         let evq = TestQueue::new(&mem, 0x8000, 16, 0xf0_0000);
-        let (rx, tx, ev) = (rxq.active(0), txq.active(1), evq.active(2));
+        let (mut rx, mut tx, ev) = (rxq.active(0), txq.active(1), evq.active(2));
+        rx.queue.set_event_idx(event_idx);
+        tx.queue.set_event_idx(event_idx);
         let rx_kick = rx.event.try_clone().unwrap();
         let tx_kick = tx.event.try_clone().unwrap();
         let mut dev = Vsock::new(cid, &path).unwrap();
-        dev.activate(atomic_mem(&mem), recorder(), vec![rx, tx, ev])
+        let irq = recorder();
+        dev.activate(atomic_mem(&mem), irq.clone(), vec![rx, tx, ev])
             .unwrap();
         Guest {
             _dir: dir,
@@ -57,6 +69,7 @@ impl Guest {
             rx_bufs: HashMap::new(),
             rx_seen: 0,
             tx_sent: 0,
+            irq,
             dev,
         }
     }
@@ -223,6 +236,9 @@ fn host_to_guest_respects_credit() {
         }
     }
     assert_eq!(got, 64 * 1024);
+    // Out of credit with data waiting: the device asks, once.
+    let (h, _) = g.recv();
+    assert_eq!((h.op, h.dst_port), (op::CREDIT_REQUEST, 6000));
     std::thread::sleep(Duration::from_millis(50));
     assert!(
         g.try_recv(false).is_none(),
@@ -517,7 +533,7 @@ fn bulk_transfer_both_ways_with_flow_control() {
         device_fwd_cnt = h.fwd_cnt;
         device_buf = h.buf_alloc;
         match h.op {
-            op::RESPONSE | op::CREDIT_UPDATE => continue,
+            op::RESPONSE | op::CREDIT_UPDATE | op::CREDIT_REQUEST => continue,
             op::RW => {}
             other => panic!("unexpected op {other}"),
         }
@@ -580,6 +596,78 @@ fn bulk_transfer_both_ways_with_flow_control() {
         reader.join().unwrap(),
         "host received the guest's bytes intact"
     );
+}
+
+/// A guest that consumed its data but reports credit only when asked
+/// (Linux reports only once most of its buffer is free): the device asks
+/// when it runs out with host data waiting, resumes on the answer, and
+/// asks again only after new credit information.
+#[test]
+fn device_asks_for_credit_when_out_with_data_waiting() {
+    let mut g = Guest::new();
+    g.post_rx(64);
+    let (mut s, host_port) = g.host_connect(61);
+    // Credit from the RESPONSE: 64 KiB (see `send`).
+    s.write_all(&vec![3u8; 200 * 1024]).unwrap();
+    let mut got = 0;
+    while got < 64 * 1024 {
+        let (h, data) = g.recv();
+        assert_eq!(h.op, op::RW);
+        got += data.len();
+    }
+    let (h, _) = g.recv();
+    assert_eq!((h.op, h.src_port), (op::CREDIT_REQUEST, host_port));
+    // The same (stale) credit again: no new request, no data.
+    g.send(61, host_port, op::CREDIT_UPDATE, 0, &[]);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(g.try_recv(false).is_none(), "asked again without news");
+    // The answer with what the guest consumed lets data flow again.
+    let mut h = Header {
+        src_cid: CID,
+        dst_cid: HOST_CID,
+        src_port: 61,
+        dst_port: host_port,
+        type_: TYPE_STREAM,
+        op: op::CREDIT_UPDATE,
+        buf_alloc: 64 * 1024,
+        fwd_cnt: 64 * 1024,
+        ..Header::default()
+    };
+    g.send_raw(&h.to_bytes());
+    while got < 128 * 1024 {
+        let (h, data) = g.recv();
+        assert_eq!(h.op, op::RW);
+        got += data.len();
+    }
+    assert_eq!(g.recv().0.op, op::CREDIT_REQUEST);
+    // A bigger buffer counts as credit too.
+    h.fwd_cnt = 128 * 1024;
+    h.buf_alloc = 128 * 1024;
+    g.send_raw(&h.to_bytes());
+    while got < 200 * 1024 {
+        let (h, data) = g.recv();
+        assert_eq!(h.op, op::RW);
+        got += data.len();
+    }
+    assert_eq!(got, 200 * 1024);
+}
+
+/// A receive buffer with room for a header only cannot carry data: it is
+/// returned empty instead of holding up the connection behind it.
+#[test]
+fn header_only_rx_buffer_does_not_stall_the_connection() {
+    let mut g = Guest::new();
+    g.post_rx(1);
+    let (mut s, _) = g.host_connect(62);
+    s.write_all(b"hello").unwrap();
+    let (tiny, _) = g.rxq.add_chain(&[(Writable, HDR_SIZE as u32)]);
+    g.post_rx(1);
+    let seen = g.rx_seen;
+    assert!(wait_until(|| g.rxq.used_idx() != seen), "no buffer used");
+    assert_eq!(g.rxq.used_entry(seen), (tiny, 0));
+    g.rx_seen = seen.wrapping_add(1);
+    let (h, data) = g.recv();
+    assert_eq!((h.op, data.as_slice()), (op::RW, &b"hello"[..]));
 }
 
 #[test]

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod qemu;
 pub mod thin;
 
 /// Where `tests/run` put the guest kernels and initramfs images.

@@ -21,6 +21,7 @@ use skiff_agent_proto::{Event, ExecRequest, ExitStatus, MainProcess, MountReques
 use skiff_run::kernel::{kernel_version, Kernel, KernelOrigin};
 use skiff_run::{initramfs, vm, Share, ThinVm, VmOptions};
 
+use crate::qemu::QemuVm;
 use crate::{artifact, vmm_binary};
 
 /// How long a nested guest may take to boot to the agent.
@@ -104,11 +105,16 @@ pub struct RoundOptions {
     pub burst_bytes: usize,
     /// Guest vCPUs.
     pub cpus: u8,
+    /// Also pipe 1 GiB into an exec (minutes in the box).
+    pub gib_stdin: bool,
+    /// Run the round under QEMU (microvm, vhost-vsock, vhost-user-fs)
+    /// instead of skiff-vmm, to compare in the same box.
+    pub qemu: bool,
 }
 
 impl Default for RoundOptions {
     fn default() -> Self {
-        RoundOptions { burst_execs: 24, burst_bytes: 4 << 20, cpus: 2 }
+        RoundOptions { burst_execs: 24, burst_bytes: 4 << 20, cpus: 2, gib_stdin: false, qemu: false }
     }
 }
 
@@ -182,6 +188,10 @@ pub async fn agent_round(dir: &Path, opts: &RoundOptions) -> Result<RoundResult>
     if !rootfs.join("bin/busybox").exists() {
         make_rootfs(&rootfs)?;
     }
+    // A round's leftovers in the shared rootfs (the main process's stop
+    // file above all) must not reach the next round.
+    let _ = std::fs::remove_file(rootfs.join("tmp/stop-main"));
+    let _ = std::fs::remove_dir_all(rootfs.join("tmp/pushed"));
     let data = dir.join("data");
     std::fs::create_dir_all(&data)?;
     std::fs::write(data.join("hello.txt"), "from the host\n")?;
@@ -191,6 +201,9 @@ pub async fn agent_round(dir: &Path, opts: &RoundOptions) -> Result<RoundResult>
     let t = Instant::now();
     let initrd = initramfs::ensure(&agent_bin, &kernel, Path::new("/"), &dir.join("cache"))?;
     eprintln!("initramfs {} ready in {:?}", initrd.display(), t.elapsed());
+    if opts.qemu {
+        return qemu_round(dir, &kernel.path, &initrd, &rootfs, &data, opts).await;
+    }
     let vm_opts = VmOptions {
         name: "thin".into(),
         runtime_root: dir.join("run"),
@@ -217,7 +230,16 @@ pub async fn agent_round(dir: &Path, opts: &RoundOptions) -> Result<RoundResult>
     let agent =
         thin.agent_with(Timeouts { connect: Duration::from_secs(60), request: Duration::from_secs(180), exec: None });
     let mut failures = Vec::new();
-    run_checks(&mut thin, &agent, dir, &data, opts, &mut failures).await;
+    run_checks(&agent, dir, &data, opts, &mut failures).await;
+    // The main process ran through all of it; now it exits with 7, the host
+    // hears it on the event connection, and the guest powers off.
+    stop_main(&agent, &mut failures).await;
+    match thin.next_event(Duration::from_secs(60)).await {
+        Ok(Some(Event::MainExited { status: ExitStatus::Exited { code: 7 }, restarting: false })) => {
+            eprintln!("ok   main process exit 7 reported")
+        }
+        other => failures.push(format!("main_exited 7 expected, got {other:?}")),
+    }
 
     let mut diagnostics = String::new();
     match thin.wait_vmm(Duration::from_secs(120)).await {
@@ -241,15 +263,51 @@ pub async fn agent_round(dir: &Path, opts: &RoundOptions) -> Result<RoundResult>
     Ok(RoundResult { failures, diagnostics })
 }
 
-/// The checks of a round, with the main process alive from first to last.
-async fn run_checks(
-    thin: &mut ThinVm,
-    agent: &AgentClient,
+/// The same round under QEMU (see [`crate::qemu`]); the agent's events
+/// have no listener there, so the end is seen as QEMU exiting.
+async fn qemu_round(
     dir: &Path,
+    kernel: &Path,
+    initrd: &Path,
+    rootfs: &Path,
     data: &Path,
     opts: &RoundOptions,
-    f: &mut Vec<String>,
-) {
+) -> Result<RoundResult> {
+    let shares = [
+        Share { tag: "rootfs".into(), dir: rootfs.to_path_buf() },
+        Share { tag: "data".into(), dir: data.to_path_buf() },
+    ];
+    let t = Instant::now();
+    let mut vm = QemuVm::boot(dir, kernel, initrd, &shares, opts.cpus, 1024, "thin-test").await?;
+    eprintln!("agent ready under QEMU after {:?}", t.elapsed());
+    let agent = vm.agent();
+    let mut failures = Vec::new();
+    run_checks(&agent, dir, data, opts, &mut failures).await;
+    stop_main(&agent, &mut failures).await;
+    let mut diagnostics = String::new();
+    match vm.wait(Duration::from_secs(120)).await {
+        Ok(Some(st)) if st.success() => eprintln!("ok   the VM powered off by itself ({st})"),
+        other => {
+            diagnostics = vm.diagnostics();
+            failures.push(format!("the VM did not power off by itself: {other:?}"));
+        }
+    }
+    if !failures.is_empty() && diagnostics.is_empty() {
+        diagnostics = vm.diagnostics();
+    }
+    Ok(RoundResult { failures, diagnostics })
+}
+
+/// Ends the round's main process: it exits with 7.
+async fn stop_main(agent: &AgentClient, f: &mut Vec<String>) {
+    let req = ExecRequest { argv: vec!["touch".into(), "/tmp/stop-main".into()], ..Default::default() };
+    if let Err(e) = agent.exec_output(req, None).await {
+        f.push(format!("touch /tmp/stop-main: {e}"));
+    }
+}
+
+/// The checks of a round, with the main process alive from first to last.
+async fn run_checks(agent: &AgentClient, dir: &Path, data: &Path, opts: &RoundOptions, f: &mut Vec<String>) {
     match agent.ping().await {
         Ok(w) if w.pid1 => {}
         other => f.push(format!("ping: the agent is not PID 1: {other:?}")),
@@ -291,6 +349,23 @@ async fn run_checks(
     check(f, "uid/gid/groups", async move { conformance::identity(&b).await }).await;
     let b = a();
     check(f, "stdin round trip", async move { conformance::stdin_round_trip(&b).await }).await;
+    let b = a();
+    check(f, "32 MiB stdin sha256, rate within 2x of stdout", async move { conformance::large_stdin(&b).await }).await;
+    if opts.gib_stdin {
+        let b = a();
+        check(f, "1 GiB stdin sha256", async move { conformance::large_stdin_of(&b, 1 << 30).await }).await;
+    }
+    let b = a();
+    check(f, "a slow stdin reader holds the writer back", async move {
+        let waited = conformance::stdin_back_pressure(&b).await;
+        eprintln!("     writer held back {waited:.1?}");
+    })
+    .await;
+    let b = a();
+    check(f, "a signal reaches an exec whose stdin is full", async move {
+        conformance::signal_with_stdin_pending(&b).await
+    })
+    .await;
     let b = a();
     check(f, "tty stty size after resize", async move { conformance::tty_resize(&b).await }).await;
     let b = a();
@@ -343,19 +418,4 @@ async fn run_checks(
     let b = a();
     check(f, "unknown request → error, agent keeps serving", async move { conformance::unknown_request(&b).await })
         .await;
-
-    // The main process ran through all of it; now it exits with 7, the host
-    // hears it on the event connection, and the guest powers off.
-    if let Err(e) = agent
-        .exec_output(ExecRequest { argv: vec!["touch".into(), "/tmp/stop-main".into()], ..Default::default() }, None)
-        .await
-    {
-        f.push(format!("touch /tmp/stop-main: {e}"));
-    }
-    match thin.next_event(Duration::from_secs(60)).await {
-        Ok(Some(Event::MainExited { status: ExitStatus::Exited { code: 7 }, restarting: false })) => {
-            eprintln!("ok   main process exit 7 reported")
-        }
-        other => f.push(format!("main_exited 7 expected, got {other:?}")),
-    }
 }

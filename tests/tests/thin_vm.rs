@@ -48,6 +48,10 @@ fn skiff_run_binary() -> Result<PathBuf> {
 }
 
 fn cli(bin: &Path, root: &Path, args: &[&str], stdin: Option<&str>) -> Result<(i32, String, String)> {
+    cli_bytes(bin, root, args, stdin.map(str::as_bytes))
+}
+
+fn cli_bytes(bin: &Path, root: &Path, args: &[&str], stdin: Option<&[u8]>) -> Result<(i32, String, String)> {
     let mut child = Command::new(bin)
         .arg("--root")
         .arg(root)
@@ -57,11 +61,17 @@ fn cli(bin: &Path, root: &Path, args: &[&str], stdin: Option<&str>) -> Result<(i
         .stderr(Stdio::piped())
         .spawn()?;
     let mut input = child.stdin.take().expect("piped");
-    if let Some(s) = stdin {
-        input.write_all(s.as_bytes())?;
-    }
-    drop(input);
+    // Feed stdin from a thread: a large input must not wait for the output
+    // to be read (the child's stdout pipe fills meanwhile).
+    let data = stdin.map(<[u8]>::to_vec);
+    let feeder = std::thread::spawn(move || -> std::io::Result<()> {
+        if let Some(d) = data {
+            input.write_all(&d)?;
+        }
+        Ok(())
+    });
     let out = child.wait_with_output()?;
+    feeder.join().map_err(|_| anyhow::anyhow!("stdin feeder panicked"))??;
     Ok((
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -159,6 +169,15 @@ fn skiff_run_cli() -> Result<()> {
     let (code, out, _) = cli(&bin, &root, &["exec", "cli", "--", "cat"], Some("through stdin\n"))?;
     if code != 0 || out != "through stdin\n" {
         failures.push(format!("exec stdin ({code}): {out:?}"));
+    }
+    // 32 MiB through the CLI's stdin (once a stall: no flow control).
+    let big = vec![0u8; 32 << 20];
+    let t = Instant::now();
+    let (code, out, err) = cli_bytes(&bin, &root, &["exec", "cli", "--", "sh", "-c", "wc -c"], Some(&big))?;
+    if code != 0 || out.trim() != (32u32 << 20).to_string() {
+        failures.push(format!("exec with 32 MiB of stdin ({code}): {out:?} {err}"));
+    } else {
+        eprintln!("ok   32 MiB through skiff-run exec's stdin in {:.1?}", t.elapsed());
     }
     let (code, _, err) = cli(&bin, &root, &["exec", "cli", "--", "skiff-no-such-command"], None)?;
     if code != 127 {

@@ -4,7 +4,9 @@
 //! `skiff_tests::thin::agent_round` (conformance checks with a main process
 //! alive, a burst of N concurrent execs streaming M MiB each), and prints
 //! each failed round's checks with the VMM's log and the console's tail,
-//! then the pass rate. Exit status 0 only when every round passed.
+//! then the pass rate. `--qemu` runs the same rounds under QEMU (microvm,
+//! vhost-vsock, vhost-user-fs) to tell the VMM's faults from the host's.
+//! Exit status 0 only when every round passed.
 
 use std::time::Instant;
 
@@ -23,9 +25,11 @@ fn main() -> Result<()> {
         match a.as_str() {
             "--execs" => opts.burst_execs = value("--execs")?,
             "--mib" => opts.burst_bytes = value("--mib")? << 20,
+            "--qemu" => opts.qemu = true,
+            "--gib-stdin" => opts.gib_stdin = true,
             "--cpus" => opts.cpus = u8::try_from(value("--cpus")?).context("--cpus")?,
             "-h" | "--help" => {
-                println!("usage: skiff-thin-stress [ROUNDS] [--execs N] [--mib M] [--cpus N]");
+                println!("usage: skiff-thin-stress [ROUNDS] [--execs N] [--mib M] [--cpus N] [--qemu] [--gib-stdin]");
                 return Ok(());
             }
             n => rounds = n.parse().with_context(|| format!("unknown argument {n}"))?,
@@ -50,7 +54,8 @@ fn main() -> Result<()> {
         }
     }
     println!(
-        "thin-VM stress: {passed}/{rounds} rounds passed ({} execs x {} MiB burst, {} vCPUs) in {:.0?}",
+        "thin-VM stress{}: {passed}/{rounds} rounds passed ({} execs x {} MiB burst, {} vCPUs) in {:.0?}",
+        if opts.qemu { " under QEMU" } else { "" },
         opts.burst_execs,
         opts.burst_bytes >> 20,
         opts.cpus,

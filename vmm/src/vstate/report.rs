@@ -117,6 +117,65 @@ fn gpa_kind(mem: &GuestMemoryMmap, gpa: u64) -> &'static str {
     }
 }
 
+/// Walks the guest's 4- or 5-level page tables for `gva` in guest memory
+/// (long mode only): each level's entry, and the guest-physical address if
+/// the walk ends at a present entry. Reads only; a table outside RAM ends
+/// the walk.
+pub fn walk_page_tables(mem: &GuestMemoryMmap, cr3: u64, la57: bool, gva: u64) -> (Vec<u64>, Option<u64>) {
+    const PRESENT: u64 = 1;
+    const HUGE: u64 = 1 << 7;
+    const ADDR: u64 = 0x000f_ffff_ffff_f000;
+    let levels: &[u32] = if la57 { &[48, 39, 30, 21, 12] } else { &[39, 30, 21, 12] };
+    let mut table = cr3 & ADDR;
+    let mut entries = Vec::new();
+    for (i, shift) in levels.iter().enumerate() {
+        let index = (gva >> shift) & 0x1ff;
+        let Ok(entry) = vm_memory::Bytes::read_obj::<u64>(mem, GuestAddress(table + index * 8)) else {
+            return (entries, None);
+        };
+        entries.push(entry);
+        if entry & PRESENT == 0 {
+            return (entries, None);
+        }
+        let last = i == levels.len() - 1;
+        // A 1 GiB or 2 MiB page ends the walk early.
+        if last || (entry & HUGE != 0 && (*shift == 30 || *shift == 21)) {
+            let page_mask = (1u64 << shift) - 1;
+            return (entries, Some((entry & ADDR & !page_mask) | (gva & page_mask)));
+        }
+        table = entry & ADDR;
+    }
+    (entries, None)
+}
+
+/// What the guest's page tables say about the code at RIP, read in guest
+/// memory after the failure: each level's entry and the bytes at the
+/// address they lead to. Against the instruction bytes KVM reported, this
+/// tells whether the guest's mapping changed under KVM's feet or KVM read
+/// something else.
+pub fn describe_code_at(mem: &GuestMemoryMmap, sregs: &kvm_sregs, rip: u64) -> String {
+    const CR0_PG: u64 = 1 << 31;
+    const EFER_LMA: u64 = 1 << 10;
+    const CR4_LA57: u64 = 1 << 12;
+    if sregs.cr0 & CR0_PG == 0 || sregs.efer & EFER_LMA == 0 {
+        return format!("code at rip {rip:#x}: not in long mode with paging, no walk");
+    }
+    let (entries, gpa) = walk_page_tables(mem, sregs.cr3, sregs.cr4 & CR4_LA57 != 0, rip);
+    let walk: Vec<String> = entries.iter().map(|e| format!("{e:#x}")).collect();
+    let mut s = format!("guest page walk of rip {rip:#x} from cr3: [{}]", walk.join(" -> "));
+    match gpa {
+        None => s.push_str(": not present"),
+        Some(gpa) => {
+            let mut bytes = [0u8; 15];
+            match vm_memory::Bytes::read_slice(mem, &mut bytes, GuestAddress(gpa)) {
+                Ok(()) => s.push_str(&format!(" -> GPA {gpa:#x}: [{}]", hex(&bytes))),
+                Err(_) => s.push_str(&format!(" -> GPA {gpa:#x}, outside guest RAM")),
+            }
+        }
+    }
+    s
+}
+
 /// The full text of an internal-error report.
 pub fn describe_internal_error(
     id: u8,
@@ -145,10 +204,15 @@ pub fn describe_internal_error(
 pub fn describe_shutdown(id: u8, regs: Option<&kvm_regs>, sregs: Option<&kvm_sregs>) -> String {
     let mut s = format!("vCPU {id}: triple fault (KVM_EXIT_SHUTDOWN): the guest crashed");
     push_cpu_state(&mut s, regs, sregs);
+    if sregs.is_some_and(|sr| sr.cs.selector == 0xf000 && sr.cr0 & 1 == 0) {
+        // KVM on AMD re-initialises the VMCB on a shutdown intercept.
+        s.push_str("\n  (these are the vCPU's reset values: KVM reinitialised it on the shutdown, the state at the fault is lost)");
+    }
     s
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Bytes as spaced hex.
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
 }
 
@@ -226,6 +290,31 @@ mod tests {
         assert!(text.contains("GPA 0xfeb00000 is not RAM"), "{text}");
         assert!(text.contains("rip=0xffffffff81000000"), "{text}");
         assert!(!text.contains("PVM"), "{text}");
+    }
+
+    #[test]
+    fn page_walk_finds_code_and_says_where_it_stops() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let w = |addr: u64, v: u64| vm_memory::Bytes::write_obj(&mem, v, GuestAddress(addr)).unwrap();
+        // PML4 at 0x1000, PDPT 0x2000, PD 0x3000, PT 0x4000; code page 0x5000.
+        let gva = 0x40_f32f_u64;
+        w(0x1000 + ((gva >> 39) & 0x1ff) * 8, 0x2000 | 7);
+        w(0x2000 + ((gva >> 30) & 0x1ff) * 8, 0x3000 | 7);
+        w(0x3000 + ((gva >> 21) & 0x1ff) * 8, 0x4000 | 7);
+        w(0x4000 + ((gva >> 12) & 0x1ff) * 8, 0x5000 | 5);
+        vm_memory::Bytes::write_slice(&mem, &[0x0f, 0xa2], GuestAddress(0x532f)).unwrap();
+        let sregs = kvm_sregs { cr0: 1 << 31, efer: 1 << 10, cr3: 0x1000, ..Default::default() };
+        let text = describe_code_at(&mem, &sregs, gva);
+        assert!(text.ends_with("-> GPA 0x532f: [0f a2 00 00 00 00 00 00 00 00 00 00 00 00 00]"), "{text}");
+        // The PTE cleared: the walk says where it stopped.
+        w(0x4000 + ((gva >> 12) & 0x1ff) * 8, 0);
+        let text = describe_code_at(&mem, &sregs, gva);
+        assert!(text.ends_with("0x4007 -> 0x0]: not present"), "{text}");
+        // A 2 MiB page.
+        w(0x3000 + ((gva >> 21) & 0x1ff) * 8, 0x20_0000 | 0x80 | 7);
+        assert_eq!(walk_page_tables(&mem, 0x1000, false, gva).1, Some(0x20_0000 | (gva & 0x1f_ffff)));
+        let real = kvm_sregs { cr0: 1, ..Default::default() };
+        assert!(describe_code_at(&mem, &real, gva).contains("no walk"));
     }
 
     #[test]

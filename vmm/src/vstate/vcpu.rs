@@ -13,7 +13,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_device::Bus;
 use vm_memory::GuestMemoryMmap;
 
-use super::report::{describe_internal_error, describe_shutdown, InternalError};
+use super::report::{describe_code_at, describe_internal_error, describe_shutdown, InternalError};
 use super::vm::Vm;
 use crate::arch::cpuid::filter_cpuid;
 use crate::arch::msr::boot_msrs;
@@ -153,7 +153,12 @@ impl Vcpu {
             VcpuExit::Hlt | VcpuExit::IrqWindowOpen => None,
             VcpuExit::Shutdown => {
                 let (regs, sregs) = (self.fd.get_regs().ok(), self.fd.get_sregs().ok());
-                Some(ExitReason::Error(describe_shutdown(id, regs.as_ref(), sregs.as_ref())))
+                let mut text = describe_shutdown(id, regs.as_ref(), sregs.as_ref());
+                if let (Some(r), Some(sr)) = (&regs, &sregs) {
+                    text.push_str("\n  ");
+                    text.push_str(&describe_code_at(&self.mem, sr, r.rip));
+                }
+                Some(ExitReason::Error(text))
             }
             VcpuExit::FailEntry(reason, cpu) => Some(ExitReason::Error(format!(
                 "vCPU {id}: VM entry failed on host CPU {cpu} (hardware reason {reason:#x})"
@@ -162,6 +167,10 @@ impl Vcpu {
                 let err = InternalError::from_run(self.fd.get_kvm_run());
                 let (regs, sregs) = (self.fd.get_regs().ok(), self.fd.get_sregs().ok());
                 let mut text = describe_internal_error(id, &err, regs.as_ref(), sregs.as_ref(), &self.mem);
+                if let (Some(r), Some(sr)) = (&regs, &sregs) {
+                    text.push_str("\n  ");
+                    text.push_str(&describe_code_at(&self.mem, sr, r.rip));
+                }
                 if crate::vstate::vm::host_is_pvm() {
                     text.push_str(
                         "\n  (this host's KVM is KVM-PVM, which cannot run stock guest kernels; see tests/box/kvm-box)",

@@ -20,7 +20,7 @@ fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = |name: &str| -> Result<usize> {
-            args.next().with_context(|| format!("{name} needs a value"))?.parse().with_context(|| format!("{name}"))
+            args.next().with_context(|| format!("{name} needs a value"))?.parse().with_context(|| name.to_string())
         };
         match a.as_str() {
             "--execs" => opts.burst_execs = value("--execs")?,

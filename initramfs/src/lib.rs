@@ -129,7 +129,8 @@ impl Initramfs {
                 Node::Symlink { target } => (S_IFLNK | 0o777, target.as_bytes(), 0, 0),
                 Node::CharDev { mode, major, minor } => (S_IFCHR | mode, &[], *major, *minor),
             };
-            let h = Header { name, mode, uid: 0, gid: 0, rdev_major: major, rdev_minor: minor, size: data.len() as u32 };
+            let h =
+                Header { name, mode, uid: 0, gid: 0, rdev_major: major, rdev_minor: minor, size: data.len() as u32 };
             w.entry(&h, data).map_err(InitramfsError::Write)?;
         }
         w.finish().map_err(InitramfsError::Write)
@@ -183,7 +184,8 @@ mod tests {
         let mut a = Initramfs::new();
         a.bytes("bin/hello", b"#!/bin/sh\necho hi\n".to_vec(), 0o755).unwrap().symlink("bin/hi", "hello").unwrap();
         a.write_file(&arch).unwrap();
-        let out = std::process::Command::new(cpio).arg("-itv").stdin(std::fs::File::open(&arch).unwrap()).output().unwrap();
+        let out =
+            std::process::Command::new(cpio).arg("-itv").stdin(std::fs::File::open(&arch).unwrap()).output().unwrap();
         let listing = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(listing.contains("-rwxr-xr-x") && listing.contains("bin/hello"));

@@ -36,7 +36,8 @@ struct Args {
 
 fn mode_of(path: &std::path::Path) -> Result<u32> {
     use std::os::unix::fs::PermissionsExt;
-    Ok(std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.permissions().mode() & 0o7777)
+    Ok(std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.permissions().mode()
+        & 0o7777)
 }
 
 fn main() -> Result<()> {

@@ -36,7 +36,8 @@ impl ModuleIndex {
     pub fn load(root: &Path, version: &str) -> Result<Self, ModulesError> {
         let dir = root.join("lib/modules").join(version);
         let dep_file = dir.join("modules.dep");
-        let text = std::fs::read_to_string(&dep_file).map_err(|source| ModulesError::Read { path: dep_file, source })?;
+        let text =
+            std::fs::read_to_string(&dep_file).map_err(|source| ModulesError::Read { path: dep_file, source })?;
         let mut deps = HashMap::new();
         for line in text.lines() {
             let Some((module, rest)) = line.split_once(':') else { continue };
@@ -73,10 +74,10 @@ impl ModuleIndex {
         if !seen.insert(name.to_string()) {
             return Ok(());
         }
-        let (rel, deps) = self.deps.get(name).ok_or_else(|| ModulesError::Unknown {
-            name: name.to_string(),
-            dep_file: self.root.join("modules.dep"),
-        })?;
+        let (rel, deps) = self
+            .deps
+            .get(name)
+            .ok_or_else(|| ModulesError::Unknown { name: name.to_string(), dep_file: self.root.join("modules.dep") })?;
         // modules.dep lists the full closure; visiting keeps the order right.
         for d in deps.iter().rev() {
             self.visit(d, seen, order)?;

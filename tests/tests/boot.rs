@@ -37,7 +37,8 @@ fn check_guest(out: &Outcome, cpus: u8, memory_mib: u64) -> Result<()> {
     ensure!(out.value("NPROC") == Some(cpus.to_string()), "guest sees {:?} CPUs, expected {cpus}", out.value("NPROC"));
     let online = if cpus == 1 { "0".to_string() } else { format!("0-{}", cpus - 1) };
     ensure!(out.value("ONLINE") == Some(online.clone()), "online CPUs {:?}, expected {online}", out.value("ONLINE"));
-    let apic_ids: Vec<String> = out.value("APIC-IDS").unwrap_or_default().split_whitespace().map(String::from).collect();
+    let apic_ids: Vec<String> =
+        out.value("APIC-IDS").unwrap_or_default().split_whitespace().map(String::from).collect();
     let want: Vec<String> = (0..cpus).map(|i| i.to_string()).collect();
     ensure!(apic_ids == want, "APIC IDs {apic_ids:?}, expected {want:?}");
     // The kernel's "Memory: avail/total" total is the e820 RAM: all of the
@@ -125,14 +126,7 @@ fn triple_fault_is_a_failure_with_a_clear_message() -> Result<()> {
     // `ud2` with the VMM's empty boot IDT: #UD, then #GP, then #DF cannot be
     // delivered, which is a triple fault.
     std::fs::write(&kernel, skiff_tests::tiny_pvh_kernel(&[0x0f, 0x0b]))?;
-    let spec = VmSpec {
-        kernel,
-        initramfs: None,
-        cmdline: String::new(),
-        cpus: 1,
-        memory_mib: 64,
-        api_socket: None,
-    };
+    let spec = VmSpec { kernel, initramfs: None, cmdline: String::new(), cpus: 1, memory_mib: 64, api_socket: None };
     let out = RunningVm::start(&spec)?.wait(Duration::from_secs(60))?;
     println!("--- stderr ---\n{}", out.stderr);
     ensure!(out.status.code() == Some(1), "a triple fault should end the VMM with 1, got {}", out.status);

@@ -94,7 +94,8 @@ impl ApiServer {
             .spawn(move || {
                 for stream in listener.incoming().flatten() {
                     let (info, exit) = (info.clone(), exit.clone());
-                    let _ = std::thread::Builder::new().name("api-conn".into()).spawn(move || serve(stream, &info, &exit));
+                    let _ =
+                        std::thread::Builder::new().name("api-conn".into()).spawn(move || serve(stream, &info, &exit));
                 }
             })
             .map_err(ApiError::Thread)?;

@@ -184,7 +184,8 @@ impl PciDevices {
         }
         if let Some(v) = &cfg.vsock {
             let path = v.socket.display().to_string();
-            let dev = Vsock::new(v.cid, &v.socket).map_err(|source| DeviceError::Vsock { path: path.clone(), source })?;
+            let dev =
+                Vsock::new(v.cid, &v.socket).map_err(|source| DeviceError::Vsock { path: path.clone(), source })?;
             self.attach_virtio(format!("virtio-vsock cid {} {path}", v.cid), Arc::new(Mutex::new(dev)))?;
         }
         for fs in &cfg.fs {

@@ -142,11 +142,7 @@ impl InterruptGroup for KvmMsiGroup {
     fn update(&self, index: usize, msg: MsiMessage, masked: bool) -> Result<(), InterruptError> {
         let (gsi, _) = self.vectors.get(index).ok_or(InterruptError::InvalidVector(index))?;
         let mut table = self.mgr.lock();
-        let changed = if masked {
-            table.msi.remove(gsi).is_some()
-        } else {
-            table.msi.insert(*gsi, msg) != Some(msg)
-        };
+        let changed = if masked { table.msi.remove(gsi).is_some() } else { table.msi.insert(*gsi, msg) != Some(msg) };
         if changed {
             self.mgr.commit(&table)?;
         }

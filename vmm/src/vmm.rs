@@ -121,18 +121,7 @@ impl Vmm {
         mmio_bus: Arc<Bus>,
         pci: PciDevices,
     ) -> Self {
-        Self {
-            config,
-            start,
-            _vm: vm,
-            _ram: ram,
-            vcpus,
-            exit,
-            serial,
-            _io_bus: io_bus,
-            _mmio_bus: mmio_bus,
-            _pci: pci,
-        }
+        Self { config, start, _vm: vm, _ram: ram, vcpus, exit, serial, _io_bus: io_bus, _mmio_bus: mmio_bus, _pci: pci }
     }
 
     /// Runs the VM until it stops; returns why.
@@ -140,9 +129,7 @@ impl Vmm {
         let signals = signal_fd().map_err(RunError::Signals)?;
         let epoll = Epoll::new().map_err(RunError::Epoll)?;
         let add = |fd: RawFd, token: Token| {
-            epoll
-                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token as u64))
-                .map_err(RunError::Epoll)
+            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token as u64)).map_err(RunError::Epoll)
         };
         add(self.exit.eventfd().as_raw_fd(), Token::Exit)?;
         add(signals.as_raw_fd(), Token::Signal)?;
@@ -150,8 +137,12 @@ impl Vmm {
 
         let _api = match &self.config.api_socket {
             Some(path) => Some(
-                crate::api::ApiServer::start(path, crate::api::VmInfo::new(&self.config, self.start), self.exit.clone())
-                    .map_err(RunError::Api)?,
+                crate::api::ApiServer::start(
+                    path,
+                    crate::api::VmInfo::new(&self.config, self.start),
+                    self.exit.clone(),
+                )
+                .map_err(RunError::Api)?,
             ),
             None => None,
         };

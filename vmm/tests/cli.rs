@@ -18,7 +18,8 @@ fn expect_usage_error(out: &Output, needle: &str) {
 fn help_documents_every_option() {
     let out = vmm(&["--help"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    for opt in ["--kernel", "--initramfs", "--cmdline", "--cpus", "--memory", "--serial", "--api-socket", "Exit status"] {
+    for opt in ["--kernel", "--initramfs", "--cmdline", "--cpus", "--memory", "--serial", "--api-socket", "Exit status"]
+    {
         assert!(text.contains(opt), "--help lacks {opt}");
     }
 }

@@ -181,10 +181,14 @@ async fn main() -> Result<()> {
     let dir = tmp.as_path();
     make_rootfs(&dir.join("rootfs"))?;
     let version = kernel_version(&a.kernel)?;
-    let needs_modules = version.as_deref().is_some_and(|v| Path::new("/lib/modules").join(v).join("modules.dep").is_file());
+    let needs_modules =
+        version.as_deref().is_some_and(|v| Path::new("/lib/modules").join(v).join("modules.dep").is_file());
     let kernel = Kernel { path: a.kernel.clone(), version, needs_modules, origin: KernelOrigin::Explicit };
     let initrd = initramfs::ensure(&initramfs::find_agent(None)?, &kernel, Path::new("/"), &dir.join("cache"))?;
-    println!("exec_bench: kernel {kernel}, {} boots x {} execs of `true` each, {} vCPU(s), {} MiB", a.boots, a.runs, a.cpus, a.memory);
+    println!(
+        "exec_bench: kernel {kernel}, {} boots x {} execs of `true` each, {} vCPU(s), {} MiB",
+        a.boots, a.runs, a.cpus, a.memory
+    );
     let (mut skiff, mut qemu) = (Vec::new(), Vec::new());
     let mut failed = false;
     for round in 0..a.boots {

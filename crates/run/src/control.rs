@@ -56,9 +56,8 @@ pub fn serve(dir: &Path, main: ExecControl) -> Result<tokio::task::JoinHandle<()
 pub async fn send_signal(dir: &Path, signal: i32) -> Result<(), ControlError> {
     let path = dir.join(CONTROL_SOCKET);
     let fut = async {
-        let mut s = UnixStream::connect(&path)
-            .await
-            .map_err(|e| ControlError::Socket(path.display().to_string(), e))?;
+        let mut s =
+            UnixStream::connect(&path).await.map_err(|e| ControlError::Socket(path.display().to_string(), e))?;
         s.write_all(format!("signal {signal}\n").as_bytes())
             .await
             .map_err(|e| ControlError::Socket(path.display().to_string(), e))?;

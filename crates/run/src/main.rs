@@ -243,9 +243,8 @@ async fn exec(
     command: Vec<String>,
 ) -> Result<i32> {
     let (dir, _) = runtime::find(root, name)?;
-    let agent = skiff_agent_client::AgentClient::new(skiff_agent_client::Transport::vsock(
-        dir.join(runtime::VSOCK_SOCKET),
-    ));
+    let agent =
+        skiff_agent_client::AgentClient::new(skiff_agent_client::Transport::vsock(dir.join(runtime::VSOCK_SOCKET)));
     for e in &env {
         if !e.contains('=') {
             bail!("--env {e}: expected K=V");

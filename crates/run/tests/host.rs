@@ -104,11 +104,7 @@ async fn vmm_dying_early_is_reported_at_once() {
 }
 
 fn skiff_run(args: &[&str], root: &Path) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_skiff-run"))
-        .args(args)
-        .env("SKIFF_RUN_ROOT", root)
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_skiff-run")).args(args).env("SKIFF_RUN_ROOT", root).output().unwrap();
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 

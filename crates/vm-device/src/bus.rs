@@ -165,7 +165,10 @@ mod tests {
         bus.insert(dev.clone(), 0x100, 0x10).unwrap();
         assert_eq!(
             bus.insert(dev.clone(), 0x10f, 1),
-            Err(BusError::Overlap { base: 0x10f, len: 1 })
+            Err(BusError::Overlap {
+                base: 0x10f,
+                len: 1
+            })
         );
         assert_eq!(
             bus.insert(dev.clone(), 0xf8, 0x9),
@@ -173,7 +176,10 @@ mod tests {
         );
         assert!(bus.insert(dev.clone(), 0x110, 1).is_ok());
         assert!(bus.insert(dev.clone(), 0xf0, 0x10).is_ok());
-        assert!(matches!(bus.insert(dev.clone(), 5, 0), Err(BusError::InvalidRange { .. })));
+        assert!(matches!(
+            bus.insert(dev.clone(), 5, 0),
+            Err(BusError::InvalidRange { .. })
+        ));
         assert!(matches!(
             bus.insert(dev.clone(), u64::MAX, 2),
             Err(BusError::InvalidRange { .. })

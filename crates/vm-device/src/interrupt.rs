@@ -51,5 +51,8 @@ pub trait InterruptGroup: Send + Sync {
 /// Allocates interrupt groups for devices.
 pub trait InterruptManager: Send + Sync {
     /// A group of `count` MSI vectors, initially masked.
-    fn create_msi_group(&self, count: usize) -> Result<std::sync::Arc<dyn InterruptGroup>, InterruptError>;
+    fn create_msi_group(
+        &self,
+        count: usize,
+    ) -> Result<std::sync::Arc<dyn InterruptGroup>, InterruptError>;
 }

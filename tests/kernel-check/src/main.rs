@@ -105,7 +105,12 @@ fn mqueue() -> Result<String, String> {
     let name = cstr("/skiff-kcheck");
     // SAFETY: name is NUL-terminated; a null attr asks for the defaults.
     let mq = unsafe {
-        libc::mq_open(name.as_ptr(), libc::O_CREAT | libc::O_RDWR, 0o600 as libc::mode_t, std::ptr::null_mut::<libc::mq_attr>())
+        libc::mq_open(
+            name.as_ptr(),
+            libc::O_CREAT | libc::O_RDWR,
+            0o600 as libc::mode_t,
+            std::ptr::null_mut::<libc::mq_attr>(),
+        )
     };
     if mq < 0 {
         return Err(os_err("mq_open"));

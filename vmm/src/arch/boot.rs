@@ -191,15 +191,11 @@ pub fn load_initramfs(mem: &GuestMemoryMmap, kernel: &LoadedKernel, path: &Path)
     let mut f = File::open(path).map_err(|source| BootError::Open { path: p.clone(), source })?;
     let size = f.metadata().map_err(|source| BootError::Read { path: p.clone(), source })?.len();
     let low_end = mem.iter().next().map(|r| r.start_addr().raw_value() + r.len()).unwrap_or(0);
-    let addr_max = kernel
-        .setup_header
-        .map(|h| u64::from(h.initrd_addr_max) + 1)
-        .unwrap_or(MMIO_HOLE_START)
-        .min(low_end);
+    let addr_max =
+        kernel.setup_header.map(|h| u64::from(h.initrd_addr_max) + 1).unwrap_or(MMIO_HOLE_START).min(low_end);
     let start = addr_max.checked_sub(size).map(|s| s & !0xfff).filter(|s| *s >= kernel.kernel_end.max(HIMEM_START));
     let start = start.ok_or(BootError::InitramfsTooBig { size })?;
-    mem.read_exact_volatile_from(GuestAddress(start), &mut f, size as usize)
-        .map_err(BootError::InitramfsWrite)?;
+    mem.read_exact_volatile_from(GuestAddress(start), &mut f, size as usize).map_err(BootError::InitramfsWrite)?;
     Ok(InitramfsRegion { addr: GuestAddress(start), size })
 }
 
@@ -325,7 +321,11 @@ mod tests {
     #[test]
     fn pvh_start_info_carries_memmap_and_initramfs() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
-        let k = LoadedKernel { entry: BootEntry::Pvh(GuestAddress(0x100_0000)), setup_header: None, kernel_end: 0x200_0000 };
+        let k = LoadedKernel {
+            entry: BootEntry::Pvh(GuestAddress(0x100_0000)),
+            setup_header: None,
+            kernel_end: 0x200_0000,
+        };
         let initrd = file_with(&[0xab; 5000]);
         let region = load_initramfs(&mem, &k, initrd.path()).unwrap();
         assert_eq!(region.addr.raw_value() % 4096, 0);
@@ -342,7 +342,8 @@ mod tests {
     #[test]
     fn initramfs_that_does_not_fit_is_refused() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
-        let k = LoadedKernel { entry: BootEntry::Pvh(GuestAddress(0x10_0000)), setup_header: None, kernel_end: 0x30_0000 };
+        let k =
+            LoadedKernel { entry: BootEntry::Pvh(GuestAddress(0x10_0000)), setup_header: None, kernel_end: 0x30_0000 };
         let initrd = file_with(&vec![0; 2 << 20]);
         assert!(matches!(load_initramfs(&mem, &k, initrd.path()), Err(BootError::InitramfsTooBig { .. })));
     }

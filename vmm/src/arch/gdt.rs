@@ -13,7 +13,9 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 }
 
 fn get_base(entry: u64) -> u64 {
-    ((entry & 0xff00_0000_0000_0000) >> 32) | ((entry & 0x0000_00ff_0000_0000) >> 16) | ((entry & 0x0000_0000_ffff_0000) >> 16)
+    ((entry & 0xff00_0000_0000_0000) >> 32)
+        | ((entry & 0x0000_00ff_0000_0000) >> 16)
+        | ((entry & 0x0000_0000_ffff_0000) >> 16)
 }
 
 fn get_limit(entry: u64) -> u32 {

@@ -132,11 +132,8 @@ pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
     ];
     map.push(E820Entry { addr: PCI_ECAM_START, size: PCI_ECAM_SIZE, kind: E820Kind::Reserved });
     for (start, size) in ram_ranges(mem_size) {
-        let (start, size) = if start.0 == 0 {
-            (HIMEM_START, size.saturating_sub(HIMEM_START))
-        } else {
-            (start.0, size)
-        };
+        let (start, size) =
+            if start.0 == 0 { (HIMEM_START, size.saturating_sub(HIMEM_START)) } else { (start.0, size) };
         if size > 0 {
             map.push(E820Entry { addr: start, size, kind: E820Kind::Ram });
         }

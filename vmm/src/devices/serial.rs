@@ -141,7 +141,8 @@ mod tests {
     fn output_reaches_sink_and_panic_is_caught() {
         let exit = Arc::new(ExitState::new().unwrap());
         let sink = Shared::default();
-        let mut dev = SerialDevice::new(EventFd::new(0).unwrap(), SerialOutput::new(Box::new(sink.clone()), exit.clone()));
+        let mut dev =
+            SerialDevice::new(EventFd::new(0).unwrap(), SerialOutput::new(Box::new(sink.clone()), exit.clone()));
         for b in b"hello\nKKernel panic - not syncing: No working init found.\r\nmore" {
             dev.write(0x3f8, 0, &[*b]);
         }

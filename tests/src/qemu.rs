@@ -116,15 +116,10 @@ impl QemuVm {
 
     /// QEMU's own messages and the console's last lines.
     pub fn diagnostics(&self) -> String {
-        let tail = |p: &Path| {
-            let text = std::fs::read_to_string(p).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            lines[lines.len().saturating_sub(60)..].join("\n")
-        };
         format!(
             "--- QEMU's log ---\n{}\n--- QEMU guest console (last lines) ---\n{}",
-            tail(&self.log),
-            tail(&self.serial)
+            vm::tail(&self.log, 60),
+            vm::tail(&self.serial, 60)
         )
     }
 }

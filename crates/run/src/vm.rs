@@ -29,6 +29,8 @@ const VIRTIOFSD_START: Duration = Duration::from_secs(20);
 const CONSOLE_TAIL: usize = 25;
 /// Console lines in [`ThinVm::diagnostics`].
 const CONSOLE_DIAG_TAIL: usize = 60;
+/// skiff-vmm log lines in [`ThinVm::diagnostics`].
+const VMM_DIAG_TAIL: usize = 60;
 
 /// Errors of running a thin VM.
 #[derive(Debug, thiserror::Error)]
@@ -191,7 +193,8 @@ fn before_exec(cmd: &mut Command) {
     }
 }
 
-fn tail(path: &Path, lines: usize) -> String {
+/// The last `lines` lines of a text file (empty if it cannot be read).
+pub fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -329,12 +332,18 @@ impl ThinVm {
         Ok(())
     }
 
-    fn report(&self) -> String {
+    /// skiff-vmm's log and the console, their last lines.
+    fn logs(&self, vmm_lines: usize, console_lines: usize) -> String {
         format!(
-            "--- skiff-vmm ---\n{}\n--- console (last lines) ---\n{}",
-            tail(&self.dir.join("vmm.log"), 10),
-            tail(&self.dir.join(CONSOLE_LOG), CONSOLE_TAIL)
+            "--- skiff-vmm log ---\n{}\n--- guest console (last {console_lines} lines) ---\n{}",
+            tail(&self.dir.join("vmm.log"), vmm_lines),
+            tail(&self.dir.join(CONSOLE_LOG), console_lines)
         )
+    }
+
+    /// The short form for boot errors.
+    fn report(&self) -> String {
+        self.logs(10, CONSOLE_TAIL)
     }
 
     /// skiff-vmm's log (its last 60 lines: a failure report with registers
@@ -342,12 +351,7 @@ impl ThinVm {
     /// something went wrong. [`ThinVm::shutdown`] reads it once more into
     /// [`Stopped::diagnostics`] before it removes the runtime directory.
     pub fn diagnostics(&self) -> String {
-        format!(
-            "--- skiff-vmm log ---\n{}\n--- guest console (last {} lines) ---\n{}",
-            tail(&self.dir.join("vmm.log"), 60),
-            CONSOLE_DIAG_TAIL,
-            tail(&self.dir.join(CONSOLE_LOG), CONSOLE_DIAG_TAIL)
-        )
+        self.logs(VMM_DIAG_TAIL, CONSOLE_DIAG_TAIL)
     }
 
     async fn wait_ready(&mut self, events: EventListener, limit: Duration) -> Result<(), VmError> {

@@ -1,0 +1,3 @@
+//! skiff: the command-line client of skiffd
+
+fn main() {}

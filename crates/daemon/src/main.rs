@@ -1,0 +1,3 @@
+//! skiffd: Skiff's daemon, the REST API over a Unix socket
+
+fn main() {}

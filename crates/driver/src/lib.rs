@@ -1,0 +1,1 @@
+//! Instance drivers behind one trait (the thin-VM driver; LXC later)

@@ -1,0 +1,1 @@
+//! Instance root filesystems: copy-on-write volumes over unpacked images, and their snapshots

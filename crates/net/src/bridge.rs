@@ -208,8 +208,7 @@ impl Bridge {
 
         // The nftables table, replaced atomically; on failure the old copy comes back.
         let table = nft_table(&name);
-        let old_table =
-            if nft::exists(&table)? { Some(run("nft", &["list", "table", "inet", &table])?) } else { None };
+        let old_table = if nft::exists(&table)? { Some(run("nft", &["list", "table", "inet", &table])?) } else { None };
         nft::apply(&table, &name, &net, cfg.nat)?;
         {
             let table = table.clone();
@@ -303,8 +302,12 @@ impl Bridge {
         if !dnsmasq::running(&self.inner.state_dir).is_empty() {
             return Ok(false);
         }
-        let settings =
-            Settings { bridge: &self.inner.name, net: self.inner.net, domain: &self.inner.domain, state_dir: &self.inner.state_dir };
+        let settings = Settings {
+            bridge: &self.inner.name,
+            net: self.inner.net,
+            domain: &self.inner.domain,
+            state_dir: &self.inner.state_dir,
+        };
         dnsmasq::write_conf(&settings)?;
         dnsmasq::start(&self.inner.state_dir)?;
         log::info!("{}: dnsmasq was not running; restarted", self.inner.name);
@@ -437,11 +440,9 @@ pub fn teardown(name: &str, state_dir: &Path) -> Result<(), NetError> {
     }
     keep(nft::delete(&nft_table(name)));
     match link(name) {
-        Ok(Some(l)) if l.kind != "bridge" => keep(Err(NetError::WrongInterfaceKind {
-            name: name.to_string(),
-            kind: l.kind,
-            expected: "bridge",
-        })),
+        Ok(Some(l)) if l.kind != "bridge" => {
+            keep(Err(NetError::WrongInterfaceKind { name: name.to_string(), kind: l.kind, expected: "bridge" }))
+        }
         Ok(Some(_)) => keep(del_link(name)),
         Ok(None) => {}
         Err(e) => keep(Err(e)),

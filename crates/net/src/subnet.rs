@@ -138,7 +138,8 @@ pub(crate) fn nets_from_addrs(links: &Value, exclude_dev: &str) -> Vec<Ipv4Net> 
 /// The candidate /24s in the order they are tried: `10.118.N.0/24` .. `10.127.N.0/24`, N starting at `start`.
 pub(crate) fn candidates(start: u8) -> impl Iterator<Item = Ipv4Net> {
     (118u8..=127).flat_map(move |b| {
-        (0u16..256).map(move |i| Ipv4Net { addr: Ipv4Addr::new(10, b, ((u16::from(start) + i) % 256) as u8, 0), prefix: 24 })
+        (0u16..256)
+            .map(move |i| Ipv4Net { addr: Ipv4Addr::new(10, b, ((u16::from(start) + i) % 256) as u8, 0), prefix: 24 })
     })
 }
 

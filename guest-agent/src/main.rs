@@ -7,6 +7,7 @@
 
 mod bootmark;
 mod cli;
+mod dhcp;
 mod exec;
 mod files;
 mod init;

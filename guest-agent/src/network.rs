@@ -1,26 +1,44 @@
 //! Network requests: an IPv4 address and default route set with the
 //! classic interface ioctls (no netlink library in the static agent), or
-//! DHCP through the guest's own client; hostname, /etc/hosts and
-//! /etc/resolv.conf.
+//! a lease from the agent's own DHCP client (`dhcp`); hostname, /etc/hosts
+//! and /etc/resolv.conf.
+//!
+//! DHCP: the interface is brought up, the lease is taken over a UDP socket
+//! on port 68 bound to the interface (the server's replies are broadcast,
+//! as the client has no address yet), then the address, netmask, default
+//! route, MTU (unless the request sets one) and resolv.conf (unless the
+//! request names servers) are set from it. One thread per interface then
+//! renews at T1 (unicast), rebinds at T2 (broadcast) and, when the lease
+//! is lost, asks again until it gets one; a later request for the
+//! interface stops it. Every lease is logged on the console:
+//! `skiff-agent: eth0: DHCP lease 10.0.0.5/24 from 10.0.0.1 for 3600 s`.
 
+use std::collections::BTreeMap;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use skiff_agent_proto::{Addressing, ErrorCode, HostEntry, NetworkConfig};
 
+use crate::dhcp::{self, Client, DhcpError, Identity, Lease, Transport};
 use crate::server::Agent;
-use crate::sys::SysError;
+use crate::sys::{SysError, Syscall};
 
+/// How long a Network request waits for a lease.
 const DHCP_TIMEOUT: Duration = Duration::from_secs(30);
-const DHCP_CLIENTS: &[(&str, &[&str])] = &[
-    ("udhcpc", &["-f", "-q", "-n", "-t", "10", "-i"]),
-    ("dhclient", &["-1", "-v"]),
-    ("dhcpcd", &["-1", "-4"]),
-];
+/// The longest a socket read blocks before looking at the stop flag.
+const STOP_POLL: Duration = Duration::from_millis(250);
+/// The pause after a DHCP attempt that failed at once.
+const RETRY_PAUSE: Duration = Duration::from_secs(5);
+
+/// The renewal thread of each interface.
+static RENEWERS: Mutex<BTreeMap<String, Renewer>> = Mutex::new(BTreeMap::new());
+/// One DHCP request at a time (they replace each other's renewers).
+static DHCP_REQUESTS: Mutex<()> = Mutex::new(());
 
 /// Errors of network requests.
 #[derive(Debug, thiserror::Error)]
@@ -42,12 +60,15 @@ pub enum NetError {
         #[source]
         source: io::Error,
     },
-    /// None of udhcpc, dhclient, dhcpcd is installed.
-    #[error("no DHCP client (udhcpc, dhclient, dhcpcd) in the guest")]
-    NoDhcpClient,
-    /// The DHCP client failed or timed out.
-    #[error("DHCP on {0} failed")]
-    Dhcp(String),
+    /// No lease (timeout, socket error, bad ACK).
+    #[error("DHCP on {iface}")]
+    Dhcp {
+        /// The interface.
+        iface: String,
+        /// The cause.
+        #[source]
+        source: DhcpError,
+    },
     /// Setting the hostname or writing a file failed.
     #[error("configuring names")]
     Sys(#[source] SysError),
@@ -58,7 +79,6 @@ impl NetError {
     pub fn code(&self) -> ErrorCode {
         match self {
             NetError::BadAddress(_) | NetError::BadInterface(_) => ErrorCode::BadRequest,
-            NetError::NoDhcpClient => ErrorCode::Unsupported,
             NetError::Ioctl { source, .. } if source.raw_os_error() == Some(libc::ENODEV) => {
                 ErrorCode::NotFound
             }
@@ -110,6 +130,7 @@ pub fn apply(agent: &Agent, cfg: &NetworkConfig, etc: &Path) -> Result<(), NetEr
     match &cfg.addressing {
         Addressing::Unchanged => {}
         Addressing::Static { address, gateway } => {
+            stop_renewal(&iface);
             let (addr, mask) = parse_cidr(address)?;
             let gw = gateway.as_deref().map(|g| {
                 g.parse::<Ipv4Addr>()
@@ -128,11 +149,7 @@ pub fn apply(agent: &Agent, cfg: &NetworkConfig, etc: &Path) -> Result<(), NetEr
                 sock.add_default_route(gw)?;
             }
         }
-        Addressing::Dhcp => {
-            let _ = Ifaces::open("lo").and_then(|lo| lo.up());
-            Ifaces::open(&iface)?.up()?;
-            dhcp(agent, &iface)?;
-        }
+        Addressing::Dhcp => dhcp(agent, cfg, &iface, etc)?,
     }
     if let Some(h) = &cfg.hostname {
         agent.sys.sethostname(h).map_err(NetError::Sys)?;
@@ -158,22 +175,353 @@ pub fn apply(agent: &Agent, cfg: &NetworkConfig, etc: &Path) -> Result<(), NetEr
     Ok(())
 }
 
-fn dhcp(agent: &Agent, iface: &str) -> Result<(), NetError> {
-    for (client, args) in DHCP_CLIENTS {
-        let mut cmd = Command::new(client);
-        cmd.args(*args).arg(iface).stdin(Stdio::null());
-        match agent.reaper.spawn(&mut cmd) {
-            Ok((_child, exited)) => {
-                return match exited.recv_timeout(DHCP_TIMEOUT) {
-                    Ok(st) if st.code() == 0 => Ok(()),
-                    _ => Err(NetError::Dhcp(iface.into())),
-                };
+/// Takes a lease on `iface`, configures it and starts its renewal.
+fn dhcp(agent: &Agent, cfg: &NetworkConfig, iface: &str, etc: &Path) -> Result<(), NetError> {
+    let _one_at_a_time = DHCP_REQUESTS.lock().unwrap_or_else(PoisonError::into_inner);
+    stop_renewal(iface);
+    let _ = Ifaces::open("lo").and_then(|lo| lo.up());
+    let sock = Ifaces::open(iface)?;
+    if let Some(mtu) = cfg.mtu {
+        sock.set_mtu(mtu)?;
+    }
+    sock.up()?;
+    let client = Client {
+        identity: Identity {
+            mac: sock.hwaddr()?,
+            hostname: cfg.hostname.clone().or_else(current_hostname),
+        },
+    };
+    let setup = LeaseSetup {
+        iface: iface.into(),
+        etc: etc.into(),
+        sys: agent.sys.clone(),
+        mtu: cfg.mtu.is_none(),
+        resolv: cfg.dns.is_empty(),
+        search: cfg.search.clone(),
+    };
+    let failed = |source| NetError::Dhcp {
+        iface: iface.into(),
+        source,
+    };
+    let started = Instant::now();
+    let lease = Udp::open(iface, None)
+        .map_err(DhcpError::Io)
+        .and_then(|mut t| client.acquire(&mut t, DHCP_TIMEOUT, None))
+        .map_err(failed)?;
+    setup.apply(None, &lease)?;
+    start_renewal(setup, client, lease, started);
+    Ok(())
+}
+
+/// The hostname to announce when the request names none.
+fn current_hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is valid for writes of its length.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8(buf[..end].to_vec()).ok()?;
+    (!name.is_empty() && name != "(none)" && name != "localhost").then_some(name)
+}
+
+/// How a lease is put onto the interface (from the request).
+struct LeaseSetup {
+    iface: String,
+    etc: PathBuf,
+    sys: Arc<dyn Syscall>,
+    /// Set the lease's MTU (the request gave none).
+    mtu: bool,
+    /// Write resolv.conf from the lease (the request named no servers).
+    resolv: bool,
+    search: Vec<String>,
+}
+
+impl LeaseSetup {
+    /// Configures `new`, replacing `old` (the address only if it changed:
+    /// setting it again would drop the routes through it).
+    fn apply(&self, old: Option<&Lease>, new: &Lease) -> Result<(), NetError> {
+        let sock = Ifaces::open(&self.iface)?;
+        if old.map(|o| (o.address, o.netmask)) != Some((new.address, new.netmask)) {
+            sock.set_addr(libc::SIOCSIFADDR, "set address", new.address)?;
+            sock.set_addr(libc::SIOCSIFNETMASK, "set netmask", new.netmask)?;
+        }
+        if let (true, Some(mtu)) = (self.mtu, new.mtu) {
+            sock.set_mtu(mtu.into())?;
+        }
+        if let Some(gw) = new.router {
+            sock.add_default_route(gw)?;
+        }
+        let names = |l: &Lease| (l.dns.clone(), l.domain.clone());
+        if self.resolv && !new.dns.is_empty() && old.map(names) != Some(names(new)) {
+            let dns: Vec<String> = new.dns.iter().map(Ipv4Addr::to_string).collect();
+            let search = match (&new.domain, self.search.is_empty()) {
+                (Some(d), true) => vec![d.clone()],
+                _ => self.search.clone(),
+            };
+            let resolv = render_resolv(&dns, &search);
+            self.sys
+                .write_file(&self.etc.join("resolv.conf"), resolv.as_bytes())
+                .map_err(NetError::Sys)?;
+        }
+        eprintln!(
+            "skiff-agent: {}: DHCP lease {}/{} from {} for {} s",
+            self.iface,
+            new.address,
+            new.prefix_len(),
+            new.server,
+            new.secs
+        );
+        Ok(())
+    }
+}
+
+/// A renewal thread and the flag that stops it.
+struct Renewer {
+    stop: Arc<Stop>,
+    thread: JoinHandle<()>,
+}
+
+/// A stop flag that sleepers wake up for.
+#[derive(Default)]
+struct Stop {
+    stopped: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl Stop {
+    fn set(&self) {
+        *self.stopped.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        self.wake.notify_all();
+    }
+
+    fn is_set(&self) -> bool {
+        *self.stopped.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sleeps `d` or until stopped; whether stopped.
+    fn sleep(&self, d: Duration) -> bool {
+        let guard = self.stopped.lock().unwrap_or_else(PoisonError::into_inner);
+        let (guard, _) = self
+            .wake
+            .wait_timeout_while(guard, d, |stopped| !*stopped)
+            .unwrap_or_else(PoisonError::into_inner);
+        *guard
+    }
+}
+
+fn start_renewal(setup: LeaseSetup, client: Client, lease: Lease, got: Instant) {
+    if lease.infinite() {
+        return;
+    }
+    let stop = Arc::new(Stop::default());
+    let iface = setup.iface.clone();
+    let flag = stop.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("dhcp-{iface}"))
+        .spawn(move || renew_loop(&setup, &client, lease, got, &flag));
+    match spawned {
+        Ok(thread) => {
+            let mut renewers = RENEWERS.lock().unwrap_or_else(PoisonError::into_inner);
+            renewers.insert(iface, Renewer { stop, thread });
+        }
+        Err(e) => eprintln!("skiff-agent: {iface}: no DHCP renewal thread: {e}"),
+    }
+}
+
+/// Stops `iface`'s renewal thread, if any, and waits for it.
+fn stop_renewal(iface: &str) {
+    let renewer = RENEWERS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(iface);
+    if let Some(r) = renewer {
+        r.stop.set();
+        let _ = r.thread.join();
+    }
+}
+
+/// Keeps a lease on the interface until stopped.
+fn renew_loop(
+    setup: &LeaseSetup,
+    client: &Client,
+    mut lease: Lease,
+    mut got: Instant,
+    stop: &Stop,
+) {
+    while !lease.infinite() {
+        let Some((new, at)) = next_lease(setup, client, &lease, got, stop) else {
+            return;
+        };
+        if let Err(e) = setup.apply(Some(&lease), &new) {
+            eprintln!(
+                "skiff-agent: {}: DHCP: {}",
+                setup.iface,
+                crate::files::error_chain(&e)
+            );
+        }
+        (lease, got) = (new, at);
+    }
+}
+
+/// Renews `lease` (taken at `got`) from T1, rebinds from T2 and asks for a
+/// new one once it has expired; the next lease and when it was asked
+/// for, or `None` when stopped.
+fn next_lease(
+    setup: &LeaseSetup,
+    client: &Client,
+    lease: &Lease,
+    got: Instant,
+    stop: &Stop,
+) -> Option<(Lease, Instant)> {
+    let iface = setup.iface.as_str();
+    let at = |secs: u32| got + Duration::from_secs(secs.into());
+    let (t2, end) = (at(lease.t2), at(lease.secs));
+    if stop.sleep(at(lease.t1).saturating_duration_since(Instant::now())) {
+        return None;
+    }
+    loop {
+        let now = Instant::now();
+        let (to, until) = match now {
+            _ if now < t2 => (lease.server, t2),
+            _ if now < end => (Ipv4Addr::BROADCAST, end),
+            _ => break,
+        };
+        // RFC 2131 4.4.5: try again after half the time left, or 10 s.
+        let left = until - now;
+        let window = (left / 2).max(Duration::from_secs(10)).min(left);
+        let renewed = Udp::open(iface, Some(stop))
+            .map_err(DhcpError::Io)
+            .and_then(|mut t| client.renew(&mut t, lease, to, window));
+        match renewed {
+            Ok(new) => return Some((new, now)),
+            Err(DhcpError::Stopped) => return None,
+            Err(DhcpError::Nak) => break,
+            Err(DhcpError::Timeout) => {}
+            Err(e) => {
+                eprintln!(
+                    "skiff-agent: {iface}: DHCP renewal: {}",
+                    crate::files::error_chain(&e)
+                );
+                if stop.sleep(RETRY_PAUSE) {
+                    return None;
+                }
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(_) => return Err(NetError::Dhcp(iface.into())),
         }
     }
-    Err(NetError::NoDhcpClient)
+    eprintln!(
+        "skiff-agent: {iface}: DHCP lease on {} lost; asking again",
+        lease.address
+    );
+    loop {
+        let now = Instant::now();
+        let acquired = Udp::open(iface, Some(stop))
+            .map_err(DhcpError::Io)
+            .and_then(|mut t| client.acquire(&mut t, DHCP_TIMEOUT, Some(lease.address)));
+        match acquired {
+            Ok(new) => return Some((new, now)),
+            Err(DhcpError::Stopped) => return None,
+            Err(_) if stop.sleep(RETRY_PAUSE) => return None,
+            Err(_) => {}
+        }
+    }
+}
+
+/// The client's UDP socket: port 68 on one interface, broadcast allowed.
+struct Udp<'a> {
+    sock: UdpSocket,
+    stop: Option<&'a Stop>,
+}
+
+impl<'a> Udp<'a> {
+    fn open(iface: &str, stop: Option<&'a Stop>) -> io::Result<Self> {
+        // SAFETY: plain syscall; the fd is owned right below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh socket nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let one = 1 as libc::c_int;
+        setsockopt(&fd, libc::SO_REUSEADDR, &one.to_ne_bytes())?;
+        setsockopt(&fd, libc::SO_BROADCAST, &one.to_ne_bytes())?;
+        setsockopt(&fd, libc::SO_BINDTODEVICE, iface.as_bytes())?;
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: dhcp::CLIENT_PORT.to_be(),
+            sin_addr: libc::in_addr { s_addr: 0 },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: `sin` is a valid sockaddr_in of `len` bytes.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sin as *const libc::sockaddr_in).cast(),
+                len,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Udp {
+            sock: UdpSocket::from(fd),
+            stop,
+        })
+    }
+}
+
+fn setsockopt(fd: &OwnedFd, name: libc::c_int, value: &[u8]) -> io::Result<()> {
+    // SAFETY: `value` is valid for reads of its length during the call.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            name,
+            value.as_ptr().cast(),
+            value.len() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Transport for Udp<'_> {
+    fn send(&mut self, packet: &[u8], to: Ipv4Addr) -> io::Result<()> {
+        let to = SocketAddrV4::new(to, dhcp::SERVER_PORT);
+        self.sock.send_to(packet, to).map(|_| ())
+    }
+
+    fn recv(&mut self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
+        let until = Instant::now() + timeout;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.stopped() {
+                return Ok(None);
+            }
+            self.sock.set_read_timeout(Some(left.min(STOP_POLL)))?;
+            match self.sock.recv_from(buf) {
+                Ok((n, SocketAddr::V4(from))) if from.port() == dhcp::SERVER_PORT => {
+                    return Ok(Some(n))
+                }
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.is_some_and(Stop::is_set)
+    }
 }
 
 /// A datagram socket for interface ioctls, bound to one interface name.
@@ -237,6 +585,18 @@ impl Ifaces {
         // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
         unsafe { r.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
         self.ioctl("set flags", libc::SIOCSIFFLAGS, &mut r)
+    }
+
+    fn hwaddr(&self) -> Result<[u8; 6], NetError> {
+        let mut r = self.req();
+        self.ioctl("get hardware address", libc::SIOCGIFHWADDR, &mut r)?;
+        // SAFETY: SIOCGIFHWADDR filled the hwaddr member of the union.
+        let sa = unsafe { r.ifr_ifru.ifru_hwaddr };
+        let mut mac = [0u8; 6];
+        for (m, b) in mac.iter_mut().zip(sa.sa_data) {
+            *m = b as u8;
+        }
+        Ok(mac)
     }
 
     fn set_mtu(&self, mtu: u32) -> Result<(), NetError> {

@@ -124,12 +124,14 @@ fn enable_ip_forward() -> Result<(), NetError> {
 
 /// Picks the bridge's address: the configured one, else the remembered one, else the address an
 /// existing bridge already has, else a free /24. A remembered or adopted address that now clashes
-/// with the host is replaced by a free one.
+/// with this namespace's routes is replaced by a free one; other namespaces only steer a fresh
+/// choice (instances on the bridge may live there, with addresses in our subnet).
 fn choose_net(cfg: &BridgeConfig, existing: Option<&Link>) -> Result<Ipv4Net, NetError> {
-    let used = subnet::host_nets(&cfg.name)?;
+    let nets = subnet::host_nets(&cfg.name)?;
+    let used = &nets.here;
     if let Some(net) = cfg.ipv4 {
         net.validate_for_bridge()?;
-        if let Some(other) = subnet::clashes(&net, &used) {
+        if let Some(other) = subnet::clashes(&net, used) {
             return Err(NetError::InvalidConfig(format!("{net} overlaps {other}, already used on this host")));
         }
         return Ok(Ipv4Net { addr: net.gateway(), prefix: net.prefix });
@@ -137,13 +139,14 @@ fn choose_net(cfg: &BridgeConfig, existing: Option<&Link>) -> Result<Ipv4Net, Ne
     let remembered = fs::read_to_string(cfg.state_dir.join(SUBNET_FILE)).ok().and_then(|s| s.trim().parse().ok());
     let adopted = existing.and_then(|l| l.ipv4.iter().find(|n| n.validate_for_bridge().is_ok()).copied());
     for net in [remembered, adopted].into_iter().flatten() {
-        match subnet::clashes(&net, &used) {
+        match subnet::clashes(&net, used) {
             None => return Ok(net),
             Some(other) => log::warn!("{}: {net} now overlaps {other}; choosing another subnet", cfg.name),
         }
     }
     let start = <sha2::Sha256 as sha2::Digest>::digest(cfg.name.as_bytes())[0];
-    let net = subnet::choose_free(&used, start).ok_or(NetError::NoFreeSubnet)?;
+    let all: Vec<Ipv4Net> = nets.here.iter().chain(&nets.other_namespaces).copied().collect();
+    let net = subnet::choose_free(&all, start).ok_or(NetError::NoFreeSubnet)?;
     Ok(Ipv4Net { addr: net.gateway(), prefix: net.prefix })
 }
 
@@ -400,7 +403,6 @@ impl Bridge {
                     sleep(Duration::from_millis(20));
                 }
             }
-            Err(e @ NetError::ToolMissing { .. }) => log::warn!("{}: {e}; restarting dnsmasq instead", self.inner.name),
             Err(e) => log::warn!("{}: {e}; restarting dnsmasq instead", self.inner.name),
         }
         dnsmasq::stop(dir);

@@ -153,25 +153,38 @@ pub(crate) fn clashes(net: &Ipv4Net, used: &[Ipv4Net]) -> Option<Ipv4Net> {
     used.iter().copied().find(|u| u.overlaps(net))
 }
 
-/// Every IPv4 network the host uses, as seen by `ip`, in this namespace and in the named ones
-/// (`ip netns`), leaving out `exclude_dev` of this namespace (our own bridge when we adopt it).
-pub(crate) fn host_nets(exclude_dev: &str) -> Result<Vec<Ipv4Net>, NetError> {
-    let mut used = nets_from_routes(&crate::cmd::ip_json(&["-4", "route", "show", "table", "all"])?, exclude_dev);
-    used.extend(nets_from_addrs(&crate::cmd::ip_json(&["-4", "addr"])?, exclude_dev));
+/// The IPv4 networks in use, as seen by `ip`.
+#[derive(Debug, Default)]
+pub(crate) struct HostNets {
+    /// Routes and addresses of this namespace, except those on the excluded device.
+    pub here: Vec<Ipv4Net>,
+    /// Routes and addresses of the named namespaces (`ip netns`). Instances attached to our
+    /// bridge may live there with addresses in our subnet, so these only steer a fresh choice.
+    pub other_namespaces: Vec<Ipv4Net>,
+}
+
+/// Reads [`HostNets`], leaving out `exclude_dev` of this namespace (our own bridge when we adopt it).
+pub(crate) fn host_nets(exclude_dev: &str) -> Result<HostNets, NetError> {
+    let mut nets = HostNets {
+        here: nets_from_routes(&crate::cmd::ip_json(&["-4", "route", "show", "table", "all"])?, exclude_dev),
+        other_namespaces: Vec::new(),
+    };
+    nets.here.extend(nets_from_addrs(&crate::cmd::ip_json(&["-4", "addr"])?, exclude_dev));
     // Other named namespaces: best effort (a namespace may vanish while we look).
     let namespaces = crate::cmd::ip_json(&["netns", "list"]).unwrap_or(Value::Null);
     for ns in namespaces.as_array().into_iter().flatten() {
         let Some(name) = ns.get("name").and_then(Value::as_str) else { continue };
         if let Ok(routes) = crate::cmd::ip_json(&["-n", name, "-4", "route", "show", "table", "all"]) {
-            used.extend(nets_from_routes(&routes, ""));
+            nets.other_namespaces.extend(nets_from_routes(&routes, ""));
         }
         if let Ok(addrs) = crate::cmd::ip_json(&["-n", name, "-4", "addr"]) {
-            used.extend(nets_from_addrs(&addrs, ""));
+            nets.other_namespaces.extend(nets_from_addrs(&addrs, ""));
         }
     }
     // Loopback nets never leave the host; 127/8 is not a candidate anyway.
-    used.retain(|n| !n.network().is_loopback());
-    Ok(used)
+    nets.here.retain(|n| !n.network().is_loopback());
+    nets.other_namespaces.retain(|n| !n.network().is_loopback());
+    Ok(nets)
 }
 
 #[cfg(test)]

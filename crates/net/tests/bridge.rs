@@ -105,6 +105,11 @@ fn managed_bridge_on_this_host() -> Result<()> {
     assert!(table.contains(&format!("ip saddr {network}/24")), "{table}");
     assert_eq!(std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")?.trim(), "1");
     let dns_pid = br.dnsmasq_pid().context("dnsmasq not running")?;
+    // Detached: its own session, not our child.
+    let stat = std::fs::read_to_string(format!("/proc/{dns_pid}/stat"))?;
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    assert_ne!(fields[1].parse::<u32>()?, std::process::id(), "dnsmasq is our child");
+    assert_eq!(fields[3].parse::<u32>()?, dns_pid, "dnsmasq does not lead its own session");
 
     // Two taps, enslaved and up; idempotent.
     let t1 = br.create_tap(&format!("sktest-instance-a-{id}"))?;
@@ -179,6 +184,14 @@ fn managed_bridge_on_this_host() -> Result<()> {
     assert_ne!(leased, gw);
     assert_eq!(u32::from(leased) & 0xffff_ff00, u32::from(network));
     assert_eq!(br.lease("52:54:00:AA:AA:AA"), None);
+
+    // The client configures its address in its namespace: a later ensure keeps the subnet (an
+    // instance's address in another namespace is not a clash).
+    sh("ip", &["-n", &ns, "addr", "add", &format!("{leased}/24"), "dev", &veth_ns])?;
+    let again = Bridge::ensure(&cfg)?;
+    assert_eq!(again.gateway(), gw, "the subnet moved because a client uses it");
+    assert_eq!(again.dnsmasq_pid(), Some(new_pid));
+    sh("ip", &["netns", "exec", &ns, "busybox", "ping", "-c", "1", "-W", "2", &gw.to_string()])?;
 
     // DNS: the hostname the client sent resolves, bare and in the domain.
     for q in ["skclient".to_string(), format!("skclient.{}", cfg.domain)] {

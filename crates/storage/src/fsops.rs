@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -32,6 +33,19 @@ pub fn copy_tree(src: &Path, dst: &Path, reflink: Reflink) -> Result<(), Storage
     };
     let mut cmd = Command::new("cp");
     cmd.args(["-a", mode, "--no-target-directory", "--"]).arg(src).arg(dst);
+    // If the daemon is killed mid-copy, `cp` must die with it: an orphan would keep writing into the temporary
+    // directory that `cleanup_partial` is removing.
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: see above; the closure runs in the forked child before exec and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 || libc::getppid() != parent {
+                return Err(std::io::Error::other("parent exited before cp started"));
+            }
+            Ok(())
+        })
+    };
     let command = format!("cp -a {mode} --no-target-directory -- {} {}", src.display(), dst.display());
     let out = cmd.output().map_err(|e| StorageError::Command {
         command: command.clone(),

@@ -176,7 +176,7 @@ impl Pool {
         validate_name("volume", new)?;
         let volume = self.open_volume(old)?;
         let _lock = volume.lock()?;
-        if volume.is_mounted() {
+        if volume.mounted()? {
             return Err(StorageError::Mounted(old.to_string()));
         }
         let to = self.volumes_dir().join(new);

@@ -135,7 +135,7 @@ impl Volume {
     pub fn mount(&self) -> Result<PathBuf, StorageError> {
         let _lock = self.lock()?;
         let rootfs = self.rootfs();
-        if self.is_mounted() {
+        if self.mounted()? {
             return Ok(rootfs);
         }
         fs::create_dir_all(&rootfs).map_err(|e| StorageError::io("create directory", &rootfs, e))?;
@@ -170,7 +170,7 @@ impl Volume {
         let rootfs = self.rootfs();
         let mut detached = false;
         for _ in 0..MAX_STACKED_MOUNTS {
-            if !self.is_mounted() {
+            if !self.mounted()? {
                 return match detached {
                     true => Err(StorageError::Busy { path: rootfs }),
                     false => Ok(()),
@@ -189,16 +189,19 @@ impl Volume {
         Err(StorageError::io("unmount", &rootfs, std::io::Error::other("still mounted after unmounting repeatedly")))
     }
 
-    /// Whether the volume's rootfs is a mount point now (per /proc/self/mountinfo).
+    /// Whether the volume's rootfs is a mount point now (per /proc/self/mountinfo; `false`, with a warning logged, if
+    /// the mount table cannot be read: operations that depend on the answer fail instead).
     pub fn is_mounted(&self) -> bool {
+        self.mounted().unwrap_or_else(|e| {
+            log::warn!("{e}");
+            false
+        })
+    }
+
+    pub(crate) fn mounted(&self) -> Result<bool, StorageError> {
         let rootfs = self.rootfs();
-        match sys::mount_points() {
-            Ok(mounts) => mounts.contains(&rootfs),
-            Err(e) => {
-                log::warn!("cannot read the mount table: {e}");
-                false
-            }
-        }
+        let mounts = sys::mount_points().map_err(|e| StorageError::io("read mount table for", &rootfs, e))?;
+        Ok(mounts.contains(&rootfs))
     }
 
     /// Takes snapshot `snap`: a copy (reflinked where the filesystem can) of the instance's own state, i.e. the
@@ -231,7 +234,7 @@ impl Volume {
     pub fn snapshot_restore(&self, snap: &str) -> Result<(), StorageError> {
         validate_name("snapshot", snap)?;
         let _lock = self.lock()?;
-        if self.is_mounted() {
+        if self.mounted()? {
             return Err(StorageError::Mounted(self.name.clone()));
         }
         let source = self.snapshot_dir(snap).join("state");
@@ -281,7 +284,9 @@ impl Volume {
                 StorageError::SnapshotExists { volume: self.name.clone(), snapshot: new.to_string() }
             }
             _ => StorageError::io("rename", &from, e),
-        })
+        })?;
+        let parent = self.dir.join("snapshots");
+        sys::fsync_dir(&parent).map_err(|e| StorageError::io("fsync", &parent, e))
     }
 
     /// The volume's snapshots, sorted by name.

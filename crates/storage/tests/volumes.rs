@@ -337,3 +337,52 @@ fn overlay_paths_the_kernel_would_misparse_or_truncate_are_refused() {
     assert!(err.to_string().contains("mount(2) takes at most"), "{err}");
     assert!(pool.volumes().unwrap().is_empty());
 }
+
+/// Run by `killed_create_leaves_nothing_or_a_whole_volume` in a child process, which it kills mid-way.
+#[test]
+#[ignore = "helper run in a child process"]
+fn crash_child() {
+    let Ok(spec) = std::env::var("SKIFF_STORAGE_CRASH") else { return };
+    let (pool, image) = spec.split_once('|').unwrap();
+    let pool = Pool::with_backend(Path::new(pool), Backend::Copy).unwrap();
+    pool.create("victim", Path::new(image)).unwrap();
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+#[test]
+fn killed_create_leaves_nothing_or_a_whole_volume() {
+    require_root!();
+    let scratch = Scratch::new();
+    let image = scratch.path().join("image");
+    make_image(&image);
+    for i in 0..300 {
+        fs::write(image.join(format!("data/f{i}")), vec![b'x'; 64 * 1024]).unwrap();
+    }
+    let pristine = listing(&image);
+    let pool_dir = scratch.path().join("pool");
+    let pool = Pool::with_backend(&pool_dir, Backend::Copy).unwrap();
+    let mut outcomes = Vec::new();
+    for delay_ms in [0, 5, 20, 50, 100, 400] {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--ignored", "--exact", "crash_child", "--nocapture"])
+            .env("SKIFF_STORAGE_CRASH", format!("{}|{}", pool_dir.display(), image.display()))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let removed = pool.cleanup_partial().unwrap();
+        let volumes = pool.volumes().unwrap();
+        outcomes.push(format!("{delay_ms} ms: removed {removed:?}, volumes {volumes:?}"));
+        assert_eq!(fs::read_dir(pool.root().join("tmp")).unwrap().count(), 0, "{outcomes:?}");
+        if volumes == ["victim"] {
+            let volume = pool.open_volume("victim").unwrap();
+            assert_eq!(listing(&volume.mount().unwrap()), pristine, "a volume that exists is whole");
+            volume.delete().unwrap();
+        } else {
+            assert!(volumes.is_empty(), "{outcomes:?}");
+        }
+    }
+    eprintln!("{outcomes:#?}");
+}

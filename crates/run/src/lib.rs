@@ -4,15 +4,18 @@
 //! ([`initramfs`]), boot the VM with its rootfs over virtio-fs and wait for
 //! the agent ([`vm::ThinVm`]), attach stdio to processes in it
 //! ([`attach`]), and keep per-VM runtime directories ([`runtime`]) that
-//! `list`, `exec` and `kill` find.
+//! `list`, `exec` and `kill` find. [`monitor`] runs a VM detached, under a
+//! small monitor process that outlives its caller (`skiff-run -d`, the
+//! daemon's VM driver).
 
 pub mod attach;
 pub mod bundle;
 pub mod control;
 pub mod initramfs;
 pub mod kernel;
+pub mod monitor;
 pub mod runtime;
 pub mod vm;
 
 pub use bundle::Bundle;
-pub use vm::{Share, Stopped, ThinVm, VmError, VmOptions};
+pub use vm::{AgentEvents, Nic, Share, Stopped, ThinVm, VmError, VmExtras, VmOptions};

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use skiff_agent_proto::{ExecRequest, ExitStatus, User};
 use skiff_run::attach::{self, RawMode};
 use skiff_run::kernel::KernelSearch;
+use skiff_run::monitor::{self, EndReason, LaunchSpec};
 use skiff_run::{control, initramfs, runtime, vm, Bundle, Share, ThinVm, VmOptions};
 
 /// Runs the process of an OCI runtime bundle (BUNDLE/config.json) in a thin
@@ -64,6 +65,11 @@ struct RunArgs {
     /// Never give the process a TTY, even when attached to a terminal.
     #[arg(long)]
     no_tty: bool,
+    /// Run detached: a monitor process keeps the VM; the main process's
+    /// output goes to the console log. Prints the VM's name once its main
+    /// process runs; `stop` ends it.
+    #[arg(short = 'd', long)]
+    detach: bool,
     /// The bundle directory (config.json and rootfs/).
     #[arg(value_name = "BUNDLE")]
     bundle: Option<PathBuf>,
@@ -93,6 +99,30 @@ enum Cmd {
     },
     /// Lists the running VMs.
     List,
+    /// Stops a detached VM: its main process (stop signal, SIGKILL after
+    /// --timeout), then the guest.
+    Stop {
+        /// The VM.
+        name: String,
+        /// Seconds between the stop signal and SIGKILL.
+        #[arg(short = 't', long, default_value_t = 10, value_name = "SECS")]
+        timeout: u64,
+        /// Kill the VM at once.
+        #[arg(short = 'f', long)]
+        force: bool,
+    },
+    /// Runs the monitor of a detached VM (started by `-d` and by skiffd).
+    #[command(hide = true)]
+    Monitor {
+        /// The VM's runtime directory (identifies the monitor in /proc).
+        #[arg(long, value_name = "DIR")]
+        runtime_dir: PathBuf,
+        /// The pipe the boot report is written to.
+        #[arg(long, value_name = "FD")]
+        status_fd: Option<i32>,
+        /// The launch spec (JSON; removed once read).
+        spec: PathBuf,
+    },
     /// Sends a signal (default TERM) to a VM's main process; the VM powers
     /// off when it exits.
     Kill {
@@ -106,6 +136,15 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
+    if let Some(Cmd::Monitor { spec, status_fd, .. }) = &cli.command {
+        // One thread: the children's PR_SET_PDEATHSIG follows the thread that
+        // started them, which must live as long as the monitor.
+        let code = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt.block_on(monitor::run(spec, *status_fd)),
+            Err(e) => fail(anyhow::Error::new(e).context("starting the runtime")),
+        };
+        std::process::exit(code);
+    }
     let root = cli.root.clone().unwrap_or_else(runtime::default_root);
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
@@ -113,12 +152,15 @@ fn main() {
     };
     let result = rt.block_on(async {
         match cli.command {
+            None if cli.run.detach => detach(cli.run, &root).await.map(|_| 0),
             None => run(cli.run, &root).await,
             Some(Cmd::Exec { name, tty, env, cwd, user, command }) => {
                 exec(&root, &name, tty, env, cwd, user, command).await
             }
             Some(Cmd::List) => list(&root).map(|_| 0),
             Some(Cmd::Kill { name, signal }) => kill(&root, &name, &signal).await.map(|_| 0),
+            Some(Cmd::Stop { name, timeout, force }) => stop(&root, &name, timeout, force).await,
+            Some(Cmd::Monitor { .. }) => unreachable!("handled above"),
         }
     });
     // Exit at once: a blocked read of stdin must not hold the process.
@@ -224,6 +266,69 @@ async fn run(args: RunArgs, root: &Path) -> Result<i32> {
     Ok(exit_code(status))
 }
 
+/// Where a detached VM's console, exit file and monitor log go: outside its
+/// runtime directory, which goes away with the VM.
+fn log_dir(root: &Path, name: &str) -> PathBuf {
+    root.join(".logs").join(name)
+}
+
+async fn detach(args: RunArgs, root: &Path) -> Result<()> {
+    let bundle_dir = args.bundle.context("no bundle given (see skiff-run --help)")?;
+    let bundle = Bundle::open(&bundle_dir)?;
+    let name = args.name.clone().unwrap_or_else(runtime::random_name);
+    runtime::check_name(&name)?;
+    let hostname = bundle.process.hostname.clone().filter(|h| valid_hostname(h)).unwrap_or_else(|| name.clone());
+    let root = if root.is_absolute() { root.to_path_buf() } else { std::env::current_dir()?.join(root) };
+    let logs = log_dir(&root, &name);
+    let spec = LaunchSpec {
+        name: name.clone(),
+        runtime_dir: root.join(&name),
+        rootfs: bundle.rootfs.clone(),
+        shares: parse_shares(&args.shares)?,
+        kernel: args.kernel.map(std::path::absolute).transpose()?,
+        initramfs: args.initramfs.map(std::path::absolute).transpose()?,
+        agent: args.agent.map(std::path::absolute).transpose()?,
+        vmm: None,
+        virtiofsd: None,
+        monitor_program: Some(std::env::current_exe().context("finding skiff-run itself")?),
+        cpus: args.cpus,
+        memory_mib: args.memory,
+        hostname: Some(hostname),
+        boot_timeout_secs: args.boot_timeout,
+        nic: None,
+        network: None,
+        main: bundle.process.clone(),
+        console_log: logs.join("console.log"),
+        exit_file: logs.join("exit.json"),
+        monitor_log: logs.join("monitor.log"),
+        label: bundle.dir.display().to_string(),
+    };
+    let launched = monitor::launch(&spec).await.with_context(|| format!("starting {name}"))?;
+    eprintln!(
+        "skiff-run: {name}: running (monitor pid {}, kernel {}); console {}",
+        launched.monitor_pid,
+        launched.kernel,
+        spec.console_log.display()
+    );
+    println!("{name}");
+    Ok(())
+}
+
+async fn stop(root: &Path, name: &str, timeout: u64, force: bool) -> Result<i32> {
+    let (dir, _) = runtime::find(root, name)?;
+    let handle = monitor::attach(&dir).with_context(|| format!("{name} is not a detached VM (stop it with kill)"))?;
+    let info = handle.stop(Duration::from_secs(timeout), force).await.with_context(|| format!("stopping {name}"))?;
+    let exit_file = log_dir(root, name).join("exit.json");
+    let info = match info {
+        Some(i) => i,
+        None => serde_json::from_slice(&std::fs::read(&exit_file).with_context(|| format!("reading {}", exit_file.display()))?)?,
+    };
+    if info.reason == EndReason::Failed {
+        eprintln!("skiff-run: {name}: skiff-vmm failed\n{}", info.diagnostics);
+    }
+    Ok(info.last_main_exit.map(exit_code).unwrap_or(0))
+}
+
 fn parse_user(s: &str) -> Result<User> {
     let (u, g) = s.split_once(':').unwrap_or((s, s));
     Ok(User {
@@ -287,6 +392,9 @@ fn list(root: &Path) -> Result<()> {
 async fn kill(root: &Path, name: &str, signal: &str) -> Result<()> {
     let sig = runtime::parse_signal(signal).with_context(|| format!("unknown signal {signal:?}"))?;
     let (dir, _) = runtime::find(root, name)?;
+    if monitor::attach(&dir).is_ok() {
+        bail!("{name} runs detached: stop it with `skiff-run stop {name}`");
+    }
     control::send_signal(&dir, sig).await.with_context(|| format!("signalling the main process of {name}"))?;
     Ok(())
 }

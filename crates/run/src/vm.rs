@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
 use skiff_agent_client::{AgentClient, ClientError, EventListener, EventStream, Timeouts, Transport};
 use skiff_agent_proto::{Event, PowerAction};
 use tokio::process::{Child, Command};
@@ -79,7 +80,7 @@ pub enum VmError {
 }
 
 /// A directory shared with the guest over virtio-fs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Share {
     /// The virtio-fs tag the guest mounts.
     pub tag: String,
@@ -116,6 +117,27 @@ pub struct VmOptions {
     pub boot_timeout: Duration,
     /// What the bundle was (for `list`).
     pub bundle: String,
+}
+
+/// A network device: a tap the caller created, and the guest's MAC address
+/// (skiff-vmm `--net tap=NAME,mac=MAC`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Nic {
+    /// The host tap device.
+    pub tap: String,
+    /// The guest's MAC address (`52:54:00:..`).
+    pub mac: String,
+}
+
+/// Boot settings beyond [`VmOptions`] (kept apart so that callers building
+/// `VmOptions` literally keep compiling).
+#[derive(Debug, Clone, Default)]
+pub struct VmExtras {
+    /// Where the guest console goes (truncated at boot); default
+    /// `console.log` in the runtime directory.
+    pub console_log: Option<PathBuf>,
+    /// A network device.
+    pub nic: Option<Nic>,
 }
 
 /// A program: `$ENV`, next to this executable, in PATH, or in `extra`.
@@ -162,6 +184,8 @@ pub struct Stopped {
 pub struct ThinVm {
     name: String,
     dir: PathBuf,
+    console: PathBuf,
+    listener: Option<EventListener>,
     vmm: Option<Child>,
     virtiofsd: Vec<Child>,
     events: Option<EventStream>,
@@ -202,11 +226,15 @@ pub fn tail(path: &Path, lines: usize) -> String {
 
 impl ThinVm {
     /// Boots the VM and waits for its agent's ready event.
-    async fn boot_inner(&mut self, opts: &VmOptions) -> Result<(), VmError> {
+    async fn boot_inner(&mut self, opts: &VmOptions, extras: &VmExtras) -> Result<(), VmError> {
         let dir = runtime::create(&opts.runtime_root, &opts.name)?;
         let vsock = dir.join(VSOCK_SOCKET);
         self.agent = AgentClient::new(Transport::vsock(&vsock));
         self.dir = dir.clone();
+        self.console = extras.console_log.clone().unwrap_or_else(|| dir.join(CONSOLE_LOG));
+        // skiff-vmm appends: start every boot with an empty console.
+        std::fs::File::create(&self.console)
+            .map_err(|e| RuntimeError::Io(format!("creating {}", self.console.display()), e))?;
         let vm = self;
         let mut shares = vec![Share { tag: "rootfs".into(), dir: opts.rootfs.clone() }];
         shares.extend(opts.shares.iter().cloned());
@@ -237,7 +265,7 @@ impl ThinVm {
             .arg("--memory")
             .arg(opts.memory_mib.to_string())
             .arg("--serial")
-            .arg(format!("file={}", dir.join(CONSOLE_LOG).display()))
+            .arg(format!("file={}", vm.console.display()))
             .arg("--vsock")
             .arg(format!("cid={GUEST_CID},socket={}", vsock.display()))
             .arg("--rng")
@@ -246,6 +274,9 @@ impl ThinVm {
             .stdout(Stdio::null())
             .stderr(stderr)
             .kill_on_drop(true);
+        if let Some(nic) = &extras.nic {
+            cmd.arg("--net").arg(format!("tap={},mac={}", nic.tap, nic.mac));
+        }
         before_exec(&mut cmd);
         let child = cmd.spawn().map_err(|e| VmError::Spawn(opts.vmm.display().to_string(), e))?;
         let state = VmState {
@@ -267,16 +298,23 @@ impl ThinVm {
     /// Boots the VM and waits for its agent's ready event; on failure everything started is
     /// stopped and reaped before the error returns.
     pub async fn boot(opts: &VmOptions) -> Result<ThinVm, VmError> {
+        Self::boot_with(opts, &VmExtras::default()).await
+    }
+
+    /// [`ThinVm::boot`] with a console path and a network device.
+    pub async fn boot_with(opts: &VmOptions, extras: &VmExtras) -> Result<ThinVm, VmError> {
         let mut vm = ThinVm {
             name: opts.name.clone(),
             dir: PathBuf::new(),
+            console: PathBuf::new(),
+            listener: None,
             vmm: None,
             virtiofsd: Vec::new(),
             events: None,
             agent: AgentClient::new(Transport::Unix(PathBuf::new())),
             state: None,
         };
-        match vm.boot_inner(opts).await {
+        match vm.boot_inner(opts, extras).await {
             Ok(()) => Ok(vm),
             Err(e) => {
                 vm.abort().await;
@@ -337,7 +375,7 @@ impl ThinVm {
         format!(
             "--- skiff-vmm log ---\n{}\n--- guest console (last {console_lines} lines) ---\n{}",
             tail(&self.dir.join("vmm.log"), vmm_lines),
-            tail(&self.dir.join(CONSOLE_LOG), console_lines)
+            tail(&self.console, console_lines)
         )
     }
 
@@ -379,6 +417,7 @@ impl ThinVm {
             }
         }
         self.events = Some(stream);
+        self.listener = Some(events);
         Ok(())
     }
 
@@ -417,6 +456,35 @@ impl ThinVm {
         match self.events.as_mut() {
             Some(ev) => Ok(ev.next(limit).await?),
             None => Ok(None),
+        }
+    }
+
+    /// Where the guest console is written.
+    pub fn console_log(&self) -> &Path {
+        &self.console
+    }
+
+    /// Takes the agent's event connection (and the listener its
+    /// reconnections arrive on) out, e.g. to read it in a task of its own;
+    /// [`ThinVm::next_event`] returns `None` afterwards.
+    pub fn take_events(&mut self) -> Option<AgentEvents> {
+        let stream = self.events.take()?;
+        Some(AgentEvents { stream: Some(stream), listener: self.listener.take() })
+    }
+
+    /// Waits (without a limit) for skiff-vmm to exit; cancel-safe.
+    pub async fn vmm_exited(&mut self) -> Result<std::process::ExitStatus, VmError> {
+        match self.vmm.as_mut() {
+            Some(vmm) => vmm.wait().await.map_err(|e| VmError::Wait("skiff-vmm", e)),
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Sends SIGKILL to skiff-vmm (reap it with [`ThinVm::vmm_exited`] or
+    /// [`ThinVm::shutdown`]).
+    pub fn kill_vmm(&mut self) {
+        if let Some(v) = self.vmm.as_mut() {
+            kill_now(v);
         }
     }
 
@@ -482,6 +550,35 @@ impl ThinVm {
         if !self.dir.as_os_str().is_empty() {
             let _ = std::fs::remove_dir_all(&self.dir);
             self.dir = PathBuf::new();
+        }
+    }
+}
+
+/// The agent's events, taken out of a [`ThinVm`]. The agent reconnects when
+/// its event connection broke, so a closed connection is followed by
+/// accepting the next one.
+pub struct AgentEvents {
+    stream: Option<EventStream>,
+    listener: Option<EventListener>,
+}
+
+impl AgentEvents {
+    /// The next event; waits as long as it takes. `None` once the
+    /// connection closed and no listener is left to take a new one.
+    pub async fn next(&mut self) -> Option<Event> {
+        const FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
+        loop {
+            if let Some(stream) = self.stream.as_mut() {
+                match stream.next(FOREVER).await {
+                    Ok(Some(ev)) => return Some(ev),
+                    Ok(None) | Err(_) => self.stream = None,
+                }
+            }
+            let listener = self.listener.as_ref()?;
+            match listener.accept(FOREVER).await {
+                Ok(s) => self.stream = Some(s),
+                Err(_) => self.listener = None,
+            }
         }
     }
 }

@@ -1,0 +1,424 @@
+//! The monitor process itself (`skiff-run monitor`): boots the VM, reports
+//! on the status pipe, serves the control socket, follows the agent's events
+//! and skiff-vmm, and writes the exit file when the VM ends.
+
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use skiff_agent_proto::Event;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{broadcast, mpsc};
+
+use super::proto::{
+    now_secs, BootReport, ControlReply, ControlRequest, EndReason, ExitInfo, LaunchSpec, Launched, MonitorEvent,
+    MonitorState, MonitorStatus,
+};
+use super::{error_chain, MonitorError, CONTROL_SOCKET};
+use crate::kernel::KernelSearch;
+use crate::runtime::{self, VSOCK_SOCKET};
+use crate::vm::{self, ThinVm, VmExtras, VmOptions};
+use crate::{initramfs, Stopped};
+
+/// How long connections that wait for the end get to receive it.
+const FAREWELL: Duration = Duration::from_secs(3);
+/// Grace for the guest to power off after the main process stopped.
+const POWEROFF_GRACE: Duration = Duration::from_secs(15);
+/// Slack on top of the main process's stop timeout for the agent to answer.
+const STOP_SLACK: Duration = Duration::from_secs(15);
+/// Longest accepted control request line.
+const MAX_LINE: u64 = 64 * 1024;
+
+/// State shared between the monitor's loop and its control connections.
+struct Shared {
+    status: Mutex<MonitorStatus>,
+    events: broadcast::Sender<MonitorEvent>,
+    stop: mpsc::Sender<(u64, bool)>,
+    /// Set once the VM ended.
+    end: Mutex<Option<ExitInfo>>,
+    /// Held (cloned) by connections that wait for the end; dropped by the
+    /// loop at the end so it can wait for them to finish.
+    farewell: Mutex<Option<mpsc::Sender<()>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Turns the spec into boot options: the kernel, initramfs and programs
+/// found the way `skiff-run` finds them.
+pub fn vm_options(spec: &LaunchSpec) -> Result<(VmOptions, VmExtras), MonitorError> {
+    let (root, name) = super::split_runtime_dir(&spec.runtime_dir)?;
+    let cache = runtime::cache_dir();
+    let kernel = KernelSearch::host(&cache.join("kernels")).find(spec.kernel.as_deref())?;
+    let initramfs = match &spec.initramfs {
+        Some(p) => p.clone(),
+        None => {
+            let agent = initramfs::find_agent(spec.agent.as_deref())?;
+            initramfs::ensure(&agent, &kernel, Path::new("/"), &cache.join("initramfs"))?
+        }
+    };
+    let vmm = match &spec.vmm {
+        Some(p) => p.clone(),
+        None => vm::find_vmm()?,
+    };
+    let virtiofsd = match &spec.virtiofsd {
+        Some(p) => p.clone(),
+        None => vm::find_virtiofsd()?,
+    };
+    let opts = VmOptions {
+        name,
+        runtime_root: root,
+        rootfs: spec.rootfs.clone(),
+        shares: spec.shares.clone(),
+        kernel,
+        initramfs,
+        cpus: spec.cpus,
+        memory_mib: spec.memory_mib,
+        hostname: spec.hostname.clone(),
+        vmm,
+        virtiofsd,
+        boot_timeout: Duration::from_secs(spec.boot_timeout_secs),
+        bundle: if spec.label.is_empty() { spec.name.clone() } else { spec.label.clone() },
+    };
+    Ok((opts, VmExtras { console_log: Some(spec.console_log.clone()), nic: spec.nic.clone() }))
+}
+
+/// The status pipe: one [`BootReport`] line, then closed.
+struct StatusPipe(Option<std::fs::File>);
+
+impl StatusPipe {
+    fn new(fd: Option<i32>) -> StatusPipe {
+        let file = fd.filter(|&fd| {
+            // SAFETY: F_SETFD on an fd number; fails harmlessly (EBADF) when it is not open. Children must
+            // not inherit the pipe, or the launcher would wait for them instead of this process.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) == 0 }
+        });
+        // SAFETY: the fd is open (checked above) and handed to this process for it alone.
+        StatusPipe(file.map(|fd| std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) })))
+    }
+
+    fn send(&mut self, report: &BootReport) {
+        let line = serde_json::to_string(report).unwrap_or_default() + "\n";
+        if let Some(mut f) = self.0.take() {
+            let _ = f.write_all(line.as_bytes());
+        } else {
+            eprintln!("{}", line.trim_end());
+        }
+    }
+}
+
+/// Runs the monitor for the spec at `spec_path` (which it removes after
+/// reading); the process's exit code.
+pub async fn run(spec_path: &Path, status_fd: Option<i32>) -> i32 {
+    let mut pipe = StatusPipe::new(status_fd);
+    let spec = match read_spec(spec_path) {
+        Ok(s) => s,
+        Err(e) => {
+            pipe.send(&BootReport::Failed { message: error_chain(&e) });
+            return 1;
+        }
+    };
+    let name = spec.name.clone();
+    eprintln!("skiff-run monitor {name}: booting (pid {})", std::process::id());
+    let (vm, launched, listener) = match boot(&spec).await {
+        Ok(v) => v,
+        Err(e) => {
+            let message = error_chain(&e);
+            eprintln!("skiff-run monitor {name}: boot failed: {message}");
+            pipe.send(&BootReport::Failed { message });
+            return 1;
+        }
+    };
+    let _ = std::fs::remove_file(&spec.exit_file);
+    eprintln!("skiff-run monitor {name}: ready, main process pid {}", launched.main_pid);
+    pipe.send(&BootReport::Ready(launched.clone()));
+    drop(pipe);
+    let info = supervise(&spec, vm, &launched, listener).await;
+    eprintln!("skiff-run monitor {name}: ended: {:?}", info.reason);
+    0
+}
+
+fn read_spec(path: &Path) -> Result<LaunchSpec, MonitorError> {
+    let data = std::fs::read(path).map_err(|e| MonitorError::Io(format!("reading {}", path.display()), e))?;
+    let _ = std::fs::remove_file(path);
+    serde_json::from_slice(&data).map_err(|e| MonitorError::Protocol(format!("{}: {e}", path.display())))
+}
+
+/// Boots, configures the network, starts the main process and binds the
+/// control socket; on failure everything started is stopped.
+async fn boot(spec: &LaunchSpec) -> Result<(ThinVm, Launched, UnixListener), MonitorError> {
+    let (opts, extras) = vm_options(spec)?;
+    let kernel = opts.kernel.to_string();
+    let vm = ThinVm::boot_with(&opts, &extras).await?;
+    match start(spec, &vm).await {
+        Ok((main_pid, listener)) => {
+            let launched = Launched {
+                name: spec.name.clone(),
+                monitor_pid: std::process::id(),
+                vmm_pid: vm.vmm_pid().unwrap_or(0),
+                main_pid,
+                runtime_dir: vm.runtime_dir().to_path_buf(),
+                vsock_socket: vm.runtime_dir().join(VSOCK_SOCKET),
+                kernel,
+                started_at: now_secs(),
+            };
+            Ok((vm, launched, listener))
+        }
+        Err(e) => {
+            let _ = vm.shutdown(Duration::from_secs(5)).await;
+            Err(e)
+        }
+    }
+}
+
+async fn start(spec: &LaunchSpec, vm: &ThinVm) -> Result<(i32, UnixListener), MonitorError> {
+    let agent = vm.agent();
+    if let Some(net) = &spec.network {
+        agent.configure_network(net.clone()).await.map_err(MonitorError::Network)?;
+    }
+    let pid = agent.start_main(spec.main.clone()).await.map_err(|e| {
+        MonitorError::MainStart(spec.main.args.first().cloned().unwrap_or_default(), Box::new(e), vm.diagnostics())
+    })?;
+    let path = vm.runtime_dir().join(CONTROL_SOCKET);
+    let listener = UnixListener::bind(&path).map_err(|e| MonitorError::Io(format!("binding {}", path.display()), e))?;
+    Ok((pid, listener))
+}
+
+/// Follows the VM until it ends; the exit info (also written to the exit
+/// file and sent to every subscriber).
+async fn supervise(spec: &LaunchSpec, mut vm: ThinVm, launched: &Launched, listener: UnixListener) -> ExitInfo {
+    let (stop_tx, mut stop_rx) = mpsc::channel(8);
+    let (farewell_tx, mut farewell_rx) = mpsc::channel::<()>(1);
+    let shared = Arc::new(Shared {
+        status: Mutex::new(MonitorStatus {
+            name: spec.name.clone(),
+            state: MonitorState::Running,
+            monitor_pid: std::process::id(),
+            vmm_pid: launched.vmm_pid,
+            main_pid: Some(launched.main_pid),
+            restarts: 0,
+            last_main_exit: None,
+            started_at: launched.started_at,
+        }),
+        events: broadcast::channel(64).0,
+        stop: stop_tx,
+        end: Mutex::new(None),
+        farewell: Mutex::new(Some(farewell_tx)),
+    });
+    let acceptor = tokio::spawn(accept_loop(listener, shared.clone()));
+    let (ev_tx, mut ev_rx) = mpsc::channel(16);
+    let mut agent_events = vm.take_events();
+    let reader = tokio::spawn(async move {
+        while let Some(ev) = match agent_events.as_mut() {
+            Some(a) => a.next().await,
+            None => None,
+        } {
+            if ev_tx.send(ev).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+    let default_stop = spec.main.stop_timeout_secs;
+    let request = loop {
+        tokio::select! {
+            st = vm.vmm_exited() => break Err(st.ok()),
+            Some(ev) = ev_rx.recv() => on_agent_event(&shared, ev),
+            Some(req) = stop_rx.recv() => break Ok(req),
+            Some(()) = recv_signal(&mut term) => break Ok((default_stop, false)),
+            Some(()) = recv_signal(&mut int) => break Ok((default_stop, false)),
+        }
+    };
+    let (reason, stopped) = match request {
+        Err(status) => {
+            let reason = match status.map(|s| s.code()) {
+                Some(Some(0)) => EndReason::Poweroff,
+                _ => EndReason::Failed,
+            };
+            (reason, vm.shutdown(Duration::ZERO).await)
+        }
+        Ok((timeout, force)) => {
+            lock(&shared.status).state = MonitorState::Stopping;
+            eprintln!("skiff-run monitor {}: stopping (timeout {timeout} s, force {force})", spec.name);
+            (if force { EndReason::Killed } else { EndReason::Stopped }, stop(&shared, vm, timeout, force).await)
+        }
+    };
+    reader.abort();
+    while let Ok(ev) = ev_rx.try_recv() {
+        on_agent_event(&shared, ev);
+    }
+    let info = exit_info(spec, &shared, reason, stopped);
+    write_exit_file(&spec.exit_file, &info);
+    *lock(&shared.end) = Some(info.clone());
+    let _ = shared.events.send(MonitorEvent::Stopped(info.clone()));
+    acceptor.abort();
+    lock(&shared.farewell).take();
+    let _ = tokio::time::timeout(FAREWELL, farewell_rx.recv()).await;
+    info
+}
+
+async fn recv_signal(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match s {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn on_agent_event(shared: &Shared, ev: Event) {
+    let Event::MainExited { status, restarting } = ev else { return };
+    let restarts = {
+        let mut st = lock(&shared.status);
+        st.main_pid = None;
+        st.last_main_exit = Some(status);
+        if restarting {
+            st.restarts += 1;
+        }
+        st.restarts
+    };
+    let _ = shared.events.send(MonitorEvent::MainExited { status, restarting, restarts });
+}
+
+/// A clean stop (the main process with its timeout, then power off), or a
+/// forced one (SIGKILL to skiff-vmm). Bounded either way.
+async fn stop(shared: &Shared, mut vm: ThinVm, timeout: u64, force: bool) -> Result<Stopped, crate::VmError> {
+    if force {
+        vm.kill_vmm();
+        let _ = tokio::time::timeout(Duration::from_secs(5), vm.vmm_exited()).await;
+        return vm.shutdown(Duration::ZERO).await;
+    }
+    let grace = Duration::from_secs(timeout);
+    let agent = vm.agent();
+    tokio::select! {
+        r = tokio::time::timeout(grace + STOP_SLACK, agent.stop_main(grace)) => {
+            if let Ok(Ok(status)) = r {
+                lock(&shared.status).last_main_exit = Some(status);
+            }
+        }
+        _ = vm.vmm_exited() => {}
+    }
+    vm.shutdown(POWEROFF_GRACE).await
+}
+
+fn exit_info(spec: &LaunchSpec, shared: &Shared, reason: EndReason, stopped: Result<Stopped, crate::VmError>) -> ExitInfo {
+    use std::os::unix::process::ExitStatusExt;
+    let st = lock(&shared.status).clone();
+    let (code, signal, diagnostics) = match stopped {
+        Ok(s) => (s.status.code(), s.status.signal(), s.diagnostics),
+        Err(e) => (None, None, format!("stopping the VM: {}", error_chain(&e))),
+    };
+    let reason = match (reason, code) {
+        (EndReason::Stopped, Some(c)) if c != 0 => EndReason::Failed,
+        (r, _) => r,
+    };
+    ExitInfo {
+        name: spec.name.clone(),
+        reason,
+        vmm_exit_code: code,
+        vmm_signal: signal,
+        last_main_exit: st.last_main_exit,
+        restarts: st.restarts,
+        started_at: st.started_at,
+        ended_at: now_secs(),
+        diagnostics,
+    }
+}
+
+/// Writes the exit file atomically (a temporary file renamed over it).
+pub fn write_exit_file(path: &Path, info: &ExitInfo) {
+    if let Some(parent) = path.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
+    let data = serde_json::to_vec_pretty(info).unwrap_or_default();
+    if let Err(e) = std::fs::write(&tmp, data).and_then(|_| std::fs::rename(&tmp, path)) {
+        eprintln!("skiff-run monitor {}: writing {}: {e}", info.name, path.display());
+    }
+}
+
+async fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
+    while let Ok((s, _)) = listener.accept().await {
+        tokio::spawn(serve_conn(s, shared.clone()));
+    }
+}
+
+async fn write_line<T: serde::Serialize>(w: &mut tokio::net::unix::OwnedWriteHalf, v: &T) -> std::io::Result<()> {
+    let line = serde_json::to_string(v).map_err(std::io::Error::other)? + "\n";
+    w.write_all(line.as_bytes()).await
+}
+
+async fn serve_conn(stream: UnixStream, shared: Arc<Shared>) {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(r, MAX_LINE));
+    if reader.read_line(&mut line).await.is_err() {
+        return;
+    }
+    let request = match serde_json::from_str::<ControlRequest>(line.trim()) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = write_line(&mut w, &ControlReply::Error { message: format!("bad request: {e}") }).await;
+            return;
+        }
+    };
+    // Subscribe before looking at the end, so the end cannot slip between.
+    let mut rx = shared.events.subscribe();
+    let _farewell = lock(&shared.farewell).clone();
+    let ended = lock(&shared.end).clone();
+    match request {
+        ControlRequest::Status => {
+            let reply = match ended {
+                Some(info) => ControlReply::Stopped(info),
+                None => ControlReply::Status(lock(&shared.status).clone()),
+            };
+            let _ = write_line(&mut w, &reply).await;
+        }
+        ControlRequest::Stop { timeout_secs, force } => {
+            if ended.is_none() {
+                let _ = shared.stop.try_send((timeout_secs, force));
+            }
+            let info = match ended {
+                Some(info) => Some(info),
+                None => wait_end(&mut rx).await,
+            };
+            if let Some(info) = info {
+                let _ = write_line(&mut w, &ControlReply::Stopped(info)).await;
+            }
+        }
+        ControlRequest::Events => {
+            if write_line(&mut w, &ControlReply::Subscribed).await.is_err() {
+                return;
+            }
+            if let Some(info) = ended {
+                let _ = write_line(&mut w, &MonitorEvent::Stopped(info)).await;
+                return;
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(ev) => {
+                        let last = matches!(ev, MonitorEvent::Stopped(_));
+                        if write_line(&mut w, &ev).await.is_err() || last {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        }
+    }
+}
+
+async fn wait_end(rx: &mut broadcast::Receiver<MonitorEvent>) -> Option<ExitInfo> {
+    loop {
+        match rx.recv().await {
+            Ok(MonitorEvent::Stopped(info)) => return Some(info),
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => return None,
+        }
+    }
+}

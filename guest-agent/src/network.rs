@@ -203,13 +203,12 @@ fn dhcp(agent: &Agent, cfg: &NetworkConfig, iface: &str, etc: &Path) -> Result<(
         iface: iface.into(),
         source,
     };
-    let started = Instant::now();
     let lease = Udp::open(iface, None)
         .map_err(DhcpError::Io)
         .and_then(|mut t| client.acquire(&mut t, DHCP_TIMEOUT, None))
         .map_err(failed)?;
     setup.apply(None, &lease)?;
-    start_renewal(setup, client, lease, started);
+    start_renewal(setup, client, lease);
     Ok(())
 }
 
@@ -310,7 +309,7 @@ impl Stop {
     }
 }
 
-fn start_renewal(setup: LeaseSetup, client: Client, lease: Lease, got: Instant) {
+fn start_renewal(setup: LeaseSetup, client: Client, lease: Lease) {
     if lease.infinite() {
         return;
     }
@@ -319,7 +318,7 @@ fn start_renewal(setup: LeaseSetup, client: Client, lease: Lease, got: Instant) 
     let flag = stop.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("dhcp-{iface}"))
-        .spawn(move || renew_loop(&setup, &client, lease, got, &flag));
+        .spawn(move || renew_loop(&setup, &client, lease, &flag));
     match spawned {
         Ok(thread) => {
             let mut renewers = RENEWERS.lock().unwrap_or_else(PoisonError::into_inner);
@@ -342,42 +341,25 @@ fn stop_renewal(iface: &str) {
 }
 
 /// Keeps a lease on the interface until stopped.
-fn renew_loop(
-    setup: &LeaseSetup,
-    client: &Client,
-    mut lease: Lease,
-    mut got: Instant,
-    stop: &Stop,
-) {
+fn renew_loop(setup: &LeaseSetup, client: &Client, mut lease: Lease, stop: &Stop) {
     while !lease.infinite() {
-        let Some((new, at)) = next_lease(setup, client, &lease, got, stop) else {
+        let Some(new) = next_lease(setup, client, &lease, stop) else {
             return;
         };
         if let Err(e) = setup.apply(Some(&lease), &new) {
-            eprintln!(
-                "skiff-agent: {}: DHCP: {}",
-                setup.iface,
-                crate::files::error_chain(&e)
-            );
+            let e = crate::files::error_chain(&e);
+            eprintln!("skiff-agent: {}: DHCP: {e}", setup.iface);
         }
-        (lease, got) = (new, at);
+        lease = new;
     }
 }
 
-/// Renews `lease` (taken at `got`) from T1, rebinds from T2 and asks for a
-/// new one once it has expired; the next lease and when it was asked
-/// for, or `None` when stopped.
-fn next_lease(
-    setup: &LeaseSetup,
-    client: &Client,
-    lease: &Lease,
-    got: Instant,
-    stop: &Stop,
-) -> Option<(Lease, Instant)> {
+/// Renews `lease` from T1, rebinds from T2 and asks for a new one once
+/// it has expired, until it gets one; `None` when stopped.
+fn next_lease(setup: &LeaseSetup, client: &Client, lease: &Lease, stop: &Stop) -> Option<Lease> {
     let iface = setup.iface.as_str();
-    let at = |secs: u32| got + Duration::from_secs(secs.into());
-    let (t2, end) = (at(lease.t2), at(lease.secs));
-    if stop.sleep(at(lease.t1).saturating_duration_since(Instant::now())) {
+    let (t2, end) = (lease.at(lease.t2), lease.at(lease.secs));
+    if stop.sleep(lease.at(lease.t1).saturating_duration_since(Instant::now())) {
         return None;
     }
     loop {
@@ -394,15 +376,13 @@ fn next_lease(
             .map_err(DhcpError::Io)
             .and_then(|mut t| client.renew(&mut t, lease, to, window));
         match renewed {
-            Ok(new) => return Some((new, now)),
+            Ok(new) => return Some(new),
             Err(DhcpError::Stopped) => return None,
             Err(DhcpError::Nak) => break,
             Err(DhcpError::Timeout) => {}
             Err(e) => {
-                eprintln!(
-                    "skiff-agent: {iface}: DHCP renewal: {}",
-                    crate::files::error_chain(&e)
-                );
+                let e = crate::files::error_chain(&e);
+                eprintln!("skiff-agent: {iface}: DHCP renewal: {e}");
                 if stop.sleep(RETRY_PAUSE) {
                     return None;
                 }
@@ -414,12 +394,11 @@ fn next_lease(
         lease.address
     );
     loop {
-        let now = Instant::now();
         let acquired = Udp::open(iface, Some(stop))
             .map_err(DhcpError::Io)
             .and_then(|mut t| client.acquire(&mut t, DHCP_TIMEOUT, Some(lease.address)));
         match acquired {
-            Ok(new) => return Some((new, now)),
+            Ok(new) => return Some(new),
             Err(DhcpError::Stopped) => return None,
             Err(_) if stop.sleep(RETRY_PAUSE) => return None,
             Err(_) => {}

@@ -234,7 +234,7 @@ pub enum ErrorCode {
     PermissionDenied,
     /// An operating-system call failed.
     Io,
-    /// Not available in this guest (e.g. no DHCP client).
+    /// Not available in this guest.
     Unsupported,
     /// A code from a newer version.
     #[serde(other)]
@@ -460,7 +460,9 @@ pub enum Addressing {
         #[serde(default)]
         gateway: Option<String>,
     },
-    /// Ask a DHCP server (runs the guest's `udhcpc` or `dhclient`).
+    /// Ask a DHCP server (the agent's own DHCP client: the lease sets the
+    /// address, netmask, default route, MTU unless `mtu` is given and
+    /// resolv.conf unless `dns` is given; renewed in the background).
     Dhcp,
 }
 

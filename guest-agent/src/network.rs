@@ -37,7 +37,7 @@ const RETRY_PAUSE: Duration = Duration::from_secs(5);
 
 /// The renewal thread of each interface.
 static RENEWERS: Mutex<BTreeMap<String, Renewer>> = Mutex::new(BTreeMap::new());
-/// One DHCP request at a time (they replace each other's renewers).
+/// One DHCP or static request at a time (they replace renewers).
 static DHCP_REQUESTS: Mutex<()> = Mutex::new(());
 
 /// Errors of network requests.
@@ -130,6 +130,7 @@ pub fn apply(agent: &Agent, cfg: &NetworkConfig, etc: &Path) -> Result<(), NetEr
     match &cfg.addressing {
         Addressing::Unchanged => {}
         Addressing::Static { address, gateway } => {
+            let _no_dhcp_meanwhile = DHCP_REQUESTS.lock().unwrap_or_else(PoisonError::into_inner);
             stop_renewal(&iface);
             let (addr, mask) = parse_cidr(address)?;
             let gw = gateway.as_deref().map(|g| {

@@ -37,6 +37,12 @@ fn run(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The agent under test (`SKIFF_AGENT_BIN`: another build, e.g. the
+/// static one from scripts/build-guest).
+fn agent_bin() -> String {
+    std::env::var("SKIFF_AGENT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_skiff-agent").into())
+}
+
 /// Why the test cannot run here, if it cannot.
 fn skip_reason() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
@@ -135,7 +141,7 @@ impl Bench {
             .args(["netns", "exec", &ns, "unshare", "--uts", "--mount"])
             .args(["--propagation", "private", "sh", "-c", script])
             .arg(&etc)
-            .arg(env!("CARGO_BIN_EXE_skiff-agent"))
+            .arg(agent_bin())
             .arg(&sock)
             .stdin(Stdio::null())
             .stderr(File::create(d.join("agent.log"))?)

@@ -1,0 +1,596 @@
+//! Instance lifecycle: create from an image, start, stop, delete,
+//! snapshots, adoption after a restart, and the reactions to driver
+//! events (a VM that ends by itself, `boot.autorestart`, ephemeral
+//! instances). Every step that fails undoes what it made; every change of
+//! state is one database transaction.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use skiff_api::{InstanceType, InstancesPost};
+use skiff_driver::{Driver, DriverError, DriverEvent, InstanceSpec, Nic, RunStatus};
+
+use crate::daemon::{Daemon, Settings};
+use crate::db::{write, DbError, InstanceRow, SnapshotRow, Status};
+use crate::images::{chain, ImageError};
+use crate::ops::Op;
+
+/// Default seconds a clean stop may take.
+pub const STOP_TIMEOUT: u64 = 30;
+/// Longest pause between automatic restarts of a crashing instance.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Errors of instance operations, each with its HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    /// 404.
+    #[error("Instance not found")]
+    NotFound,
+    /// 404.
+    #[error("Snapshot not found")]
+    SnapshotNotFound,
+    /// 400.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 409.
+    #[error("{0}")]
+    Conflict(String),
+    /// 500 (or 4xx for image errors that are the caller's).
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// The driver failed.
+    #[error("{0}")]
+    Driver(String),
+    /// The database failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// A host operation failed.
+    #[error("{0}")]
+    Host(String),
+}
+
+impl InstanceError {
+    /// The HTTP status for this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            InstanceError::NotFound | InstanceError::SnapshotNotFound => 404,
+            InstanceError::BadRequest(_) => 400,
+            InstanceError::Conflict(_) => 409,
+            InstanceError::Image(ImageError::NotFound(_)) => 404,
+            InstanceError::Image(
+                ImageError::BadSource(_) | ImageError::BadReference { .. } | ImageError::Pull { .. },
+            ) => 400,
+            InstanceError::Image(ImageError::InUse { .. }) => 409,
+            _ => 500,
+        }
+    }
+}
+
+fn drv(e: DriverError) -> InstanceError {
+    InstanceError::Driver(chain(&e))
+}
+
+/// The VM driver for these settings.
+pub fn vm_driver(s: &Settings) -> Result<Arc<dyn Driver>, DriverError> {
+    let cfg = skiff_driver::vm::VmDriverConfig {
+        storage_root: s.dir.join("storage"),
+        runtime_root: s.run_dir.clone(),
+        kernel: s.kernel.clone(),
+        ..Default::default()
+    };
+    Ok(Arc::new(skiff_driver::vm::VmDriver::new(cfg)?))
+}
+
+/// The instance's directory (console log, exec logs, image config).
+pub fn instance_dir(d: &Daemon, name: &str) -> PathBuf {
+    d.dir().join("instances").join(name)
+}
+
+/// The stored row, or 404.
+pub fn row(d: &Daemon, name: &str) -> Result<InstanceRow, InstanceError> {
+    match d.db().instance(name)? {
+        Some(r) if r.status != Status::Creating => Ok(r),
+        _ => Err(InstanceError::NotFound),
+    }
+}
+
+/// What the driver needs to know of an instance.
+pub fn spec(d: &Daemon, r: &InstanceRow) -> Result<InstanceSpec, InstanceError> {
+    let dir = instance_dir(d, &r.name);
+    let image_config = std::fs::read(dir.join("image-config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null);
+    let rootfs = std::fs::read_to_string(dir.join("image-rootfs")).map(PathBuf::from).unwrap_or_default();
+    let nic = match (&d.net, r.config.get("volatile.eth0.host_name"), r.config.get("volatile.eth0.hwaddr")) {
+        (Some(net), Some(tap), Some(mac)) => Some(Nic { tap: tap.clone(), mac: mac.clone(), gateway: net.gateway() }),
+        _ => None,
+    };
+    Ok(InstanceSpec {
+        name: r.name.clone(),
+        id: r.id.clone(),
+        config: Daemon::expanded(&r.config),
+        image_rootfs: rootfs,
+        image_config,
+        nic,
+        dir,
+    })
+}
+
+fn source(name: &str) -> String {
+    format!("/1.0/instances/{name}")
+}
+
+fn commit(d: &Daemon, r: &InstanceRow) -> Result<(), InstanceError> {
+    d.db().tx(|tx| write::update(tx, r))?;
+    Ok(())
+}
+
+/// Checks a create request and records the instance as `Creating`; the
+/// rest happens in [`create`]. Errors here are the caller's (4xx).
+pub fn begin_create(d: &Daemon, req: &mut InstancesPost) -> Result<InstanceRow, InstanceError> {
+    if req.name.is_empty() {
+        req.name = generated_name(d);
+    }
+    if !skiff_api::valid_name(&req.name) {
+        return Err(InstanceError::BadRequest(format!(
+            "invalid instance name {:?}: 1-63 letters, digits and '-', starting with a letter, not ending with '-'",
+            req.name
+        )));
+    }
+    if req.kind == Some(InstanceType::Container) {
+        return Err(InstanceError::BadRequest(
+            "container instances need the LXC driver, which this skiffd does not have yet; use type virtual-machine"
+                .into(),
+        ));
+    }
+    if let Some(p) = req.profiles.as_ref().filter(|p| p.iter().any(|p| p != "default")) {
+        return Err(InstanceError::BadRequest(format!("unknown profiles {p:?} (Skiff has only \"default\")")));
+    }
+    if !req.architecture.is_empty() && req.architecture != "x86_64" {
+        return Err(InstanceError::BadRequest(format!("architecture {:?} is not this host's (x86_64)", req.architecture)));
+    }
+    if let Some(k) = req.config.keys().find(|k| k.starts_with("volatile.")) {
+        return Err(InstanceError::BadRequest(format!("config key {k:?} is set by skiffd, not by clients")));
+    }
+    d.driver.validate_config(&req.config).map_err(|e| InstanceError::BadRequest(chain(&e)))?;
+    check_devices(&req.devices)?;
+    let now = skiff_api::time::now();
+    let mut config = req.config.clone();
+    let id = uuid::Uuid::new_v4().to_string();
+    config.insert("volatile.uuid".into(), id.clone());
+    let row = InstanceRow {
+        name: req.name.clone(),
+        id,
+        kind: InstanceType::VirtualMachine.as_str().into(),
+        status: Status::Creating,
+        config,
+        devices: req.devices.clone(),
+        ephemeral: req.ephemeral,
+        description: req.description.clone(),
+        image: String::new(),
+        created_at: now.clone(),
+        last_used_at: skiff_api::time::ZERO.into(),
+    };
+    d.db().tx(|tx| write::insert(tx, &row)).map_err(|e| match e {
+        DbError::Sql(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+            InstanceError::Conflict(format!("Instance {:?} already exists", row.name))
+        }
+        e => e.into(),
+    })?;
+    Ok(row)
+}
+
+fn generated_name(d: &Daemon) -> String {
+    const ADJ: &[&str] = &["brave", "calm", "eager", "fond", "keen", "lucid", "noble", "quick", "sunny", "witty"];
+    const NOUN: &[&str] = &["otter", "heron", "lynx", "marten", "osprey", "puffin", "seal", "skua", "tern", "wren"];
+    loop {
+        let u = uuid::Uuid::new_v4();
+        let b = u.as_bytes();
+        let name = format!("{}-{}", ADJ[b[0] as usize % ADJ.len()], NOUN[b[1] as usize % NOUN.len()]);
+        if matches!(d.db().instance(&name), Ok(None)) {
+            return name;
+        }
+    }
+}
+
+/// Devices Skiff knows: the NIC on the managed bridge and the root disk.
+fn check_devices(devs: &BTreeMap<String, BTreeMap<String, String>>) -> Result<(), InstanceError> {
+    for (name, dev) in devs {
+        let kind = dev.get("type").map(String::as_str).unwrap_or("");
+        let ok = match kind {
+            "nic" => dev.get("network").is_none_or(|n| n == crate::daemon::BRIDGE),
+            "disk" => dev.get("path").is_some_and(|p| p == "/"),
+            _ => false,
+        };
+        if !ok {
+            return Err(InstanceError::BadRequest(format!(
+                "device {name:?} ({kind}): Skiff supports a nic on {} and the root disk so far",
+                crate::daemon::BRIDGE
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The work of a create operation: the image, the volume, the row; then a
+/// start if asked. On failure everything made is removed.
+pub async fn create(d: &Arc<Daemon>, mut row: InstanceRow, req: InstancesPost, op: Arc<Op>) -> Result<(), InstanceError> {
+    let result = async {
+        let alias_target = match req.source.alias.as_deref() {
+            Some(a) if req.source.server.as_deref().is_none_or(str::is_empty) => {
+                d.db().aliases()?.get(a).map(|t| t.0.clone())
+            }
+            _ => None,
+        };
+        let o = op.clone();
+        let image = d.images.resolve(&req.source, alias_target, Arc::new(move |m| o.set_metadata(m))).await?;
+        let dir = instance_dir(d, &row.name);
+        std::fs::create_dir_all(&dir).map_err(|e| InstanceError::Host(format!("creating {}: {e}", dir.display())))?;
+        let write = |f: &str, b: &[u8]| {
+            std::fs::write(dir.join(f), b).map_err(|e| InstanceError::Host(format!("writing {f}: {e}")))
+        };
+        write("image-config.json", image.config.to_string().as_bytes())?;
+        write("image-rootfs", image.rootfs.as_os_str().as_encoded_bytes())?;
+        row.image = image.fingerprint.clone();
+        row.config.insert("volatile.base_image".into(), image.fingerprint.clone());
+        row.config.insert("image.oci.reference".into(), image.record.name.clone());
+        if let Some(net) = &d.net {
+            let tap = skiff_net::ident::tap_name(&row.id);
+            row.config.insert("volatile.eth0.host_name".into(), tap);
+            row.config.insert("volatile.eth0.hwaddr".into(), skiff_net::ident::guest_mac(&row.id));
+            let _ = net;
+        }
+        let _ = d.images.store().add_use(&image.record.manifest, &row.id);
+        d.driver.create(&spec(d, &row)?).await.map_err(drv)?;
+        row.status = Status::Stopped;
+        d.db().tx(|tx| {
+            write::update(tx, &row)?;
+            tx.execute("UPDATE instances SET image = ?2 WHERE name = ?1", [&row.name, &row.image])
+                .map_err(DbError::from)?;
+            Ok::<_, DbError>(())
+        })?;
+        Ok::<_, InstanceError>(())
+    }
+    .await;
+    if let Err(e) = result {
+        discard(d, &row).await;
+        return Err(e);
+    }
+    d.events.lifecycle("instance-created", &source(&row.name), json!({"type": row.kind}));
+    if req.start {
+        start(d, &row.name).await?;
+    }
+    Ok(())
+}
+
+/// Removes every trace of an instance that is not running (a failed or
+/// interrupted create, or a delete).
+pub async fn discard(d: &Daemon, row: &InstanceRow) {
+    if let Ok(s) = spec(d, row) {
+        if let Err(e) = d.driver.delete(&s).await {
+            log::warn!("{}: driver cleanup: {}", row.name, chain(&e));
+        }
+    }
+    if let Some(net) = &d.net {
+        if let Some(tap) = row.config.get("volatile.eth0.host_name") {
+            let _ = net.delete_tap(tap);
+        }
+        if let Some(mac) = row.config.get("volatile.eth0.hwaddr") {
+            if let Some(ip) = net.lease(mac) {
+                let _ = net.release(mac, ip);
+            }
+        }
+    }
+    if let Ok(rec) = d.images.by_fingerprint(&row.image) {
+        let _ = d.images.store().remove_use(&rec.manifest, &row.id);
+    }
+    let _ = std::fs::remove_dir_all(instance_dir(d, &row.name));
+    let _ = d.db().tx(|tx| write::delete(tx, &row.name));
+}
+
+/// Starts a stopped instance; returns when its entrypoint runs.
+pub async fn start(d: &Arc<Daemon>, name: &str) -> Result<(), InstanceError> {
+    let lock = d.lock_of(name);
+    let _g = lock.lock().await;
+    start_locked(d, name).await
+}
+
+async fn start_locked(d: &Arc<Daemon>, name: &str) -> Result<(), InstanceError> {
+    let mut r = row(d, name)?;
+    if r.status == Status::Running {
+        return Err(InstanceError::Conflict(format!("Instance {name:?} is already running")));
+    }
+    let spec = spec(d, &r)?;
+    if let (Some(net), Some(_)) = (&d.net, &spec.nic) {
+        net.create_tap(&r.id).map_err(|e| InstanceError::Host(format!("creating the tap: {}", chain(&e))))?;
+    }
+    if let Err(e) = d.driver.start(&spec).await {
+        if let (Some(net), Some(nic)) = (&d.net, &spec.nic) {
+            let _ = net.delete_tap(&nic.tap);
+        }
+        r.status = Status::Error;
+        let _ = commit(d, &r);
+        return Err(InstanceError::Driver(format!("starting {name}: {}", chain(&e))));
+    }
+    r.status = Status::Running;
+    r.last_used_at = skiff_api::time::now();
+    r.config.insert("volatile.last_state.power".into(), "RUNNING".into());
+    commit(d, &r)?;
+    d.events.lifecycle("instance-started", &source(name), Value::Null);
+    Ok(())
+}
+
+/// Stops a running instance (cleanly within `timeout`, or at once with
+/// `force`).
+pub async fn stop(d: &Arc<Daemon>, name: &str, timeout: Duration, force: bool) -> Result<(), InstanceError> {
+    let lock = d.lock_of(name);
+    let _g = lock.lock().await;
+    stop_locked(d, name, timeout, force, true).await
+}
+
+async fn stop_locked(
+    d: &Arc<Daemon>,
+    name: &str,
+    timeout: Duration,
+    force: bool,
+    user: bool,
+) -> Result<(), InstanceError> {
+    let mut r = row(d, name)?;
+    if r.status != Status::Running {
+        if r.status == Status::Error {
+            r.status = Status::Stopped;
+            commit(d, &r)?;
+        }
+        return Err(InstanceError::Conflict(format!("Instance {name:?} is not running")));
+    }
+    let spec = spec(d, &r)?;
+    d.driver.stop(&spec, timeout, force).await.map_err(drv)?;
+    after_stop(d, &mut r, Status::Stopped, user).await
+}
+
+async fn after_stop(d: &Arc<Daemon>, r: &mut InstanceRow, status: Status, user: bool) -> Result<(), InstanceError> {
+    if let (Some(net), Some(tap)) = (&d.net, r.config.get("volatile.eth0.host_name")) {
+        let _ = net.delete_tap(tap);
+    }
+    r.status = status;
+    if user {
+        r.config.insert("volatile.last_state.power".into(), "STOPPED".into());
+    }
+    commit(d, r)?;
+    d.events.lifecycle("instance-stopped", &source(&r.name), Value::Null);
+    if r.ephemeral {
+        let row = r.clone();
+        discard(d, &row).await;
+        d.events.lifecycle("instance-deleted", &source(&row.name), Value::Null);
+    }
+    Ok(())
+}
+
+/// Deletes an instance (stopping it first with `force`).
+pub async fn delete(d: &Arc<Daemon>, name: &str, force: bool) -> Result<(), InstanceError> {
+    let lock = d.lock_of(name);
+    let _g = lock.lock().await;
+    let r = row(d, name)?;
+    if r.status == Status::Running {
+        if !force {
+            return Err(InstanceError::BadRequest(format!(
+                "Instance {name:?} is running; stop it first (or delete with force)"
+            )));
+        }
+        let spec = spec(d, &r)?;
+        d.driver.stop(&spec, Duration::ZERO, true).await.map_err(drv)?;
+    }
+    discard(d, &r).await;
+    d.events.lifecycle("instance-deleted", &source(name), Value::Null);
+    Ok(())
+}
+
+/// The driver's view of a running instance.
+pub async fn status(d: &Daemon, r: &InstanceRow) -> Option<RunStatus> {
+    if r.status != Status::Running {
+        return None;
+    }
+    let s = spec(d, r).ok()?;
+    d.driver.status(&s).await.ok()
+}
+
+/// After a restart: is the instance still running? Fixes the row if not.
+pub async fn adopt(d: &Arc<Daemon>, r: &InstanceRow) -> bool {
+    let Ok(s) = spec(d, r) else { return false };
+    match d.driver.adopt(&s).await {
+        Ok(RunStatus::Running { .. }) => {
+            if r.status != Status::Running {
+                let mut r = r.clone();
+                r.status = Status::Running;
+                let _ = commit(d, &r);
+            }
+            true
+        }
+        Ok(_) | Err(_) => {
+            if r.status == Status::Running {
+                let mut r = r.clone();
+                log::warn!("reconcile: {} is no longer running", r.name);
+                let _ = after_stop(d, &mut r, Status::Stopped, false).await;
+            }
+            false
+        }
+    }
+}
+
+/// Re-reads every running instance's real state (after lost events).
+pub async fn resync(d: &Arc<Daemon>) {
+    let rows = d.db().instances().unwrap_or_default();
+    for r in rows.iter().filter(|r| r.status == Status::Running) {
+        adopt(d, r).await;
+    }
+}
+
+/// Reacts to what the driver saw happen.
+pub async fn on_driver_event(d: &Arc<Daemon>, ev: DriverEvent) {
+    match ev {
+        DriverEvent::MainExited { name, status, restarting } => {
+            let code = format!("{status:?}");
+            if let Ok(mut r) = row(d, &name) {
+                let n: u64 = r.config.get("volatile.restarts").and_then(|v| v.parse().ok()).unwrap_or(0);
+                if restarting {
+                    r.config.insert("volatile.restarts".into(), (n + 1).to_string());
+                }
+                r.config.insert("volatile.last_exit".into(), code.clone());
+                let _ = commit(d, &r);
+            }
+            d.events.lifecycle(
+                "instance-main-exited",
+                &source(&name),
+                json!({"status": code, "restarting": restarting}),
+            );
+        }
+        DriverEvent::Stopped { name, clean, detail } => {
+            let lock = d.lock_of(&name);
+            let _g = lock.lock().await;
+            let Ok(mut r) = row(d, &name) else { return };
+            if r.status != Status::Running {
+                return; // a stop the daemon asked for, already handled
+            }
+            let autorestart = r.config.get("boot.autorestart").is_some_and(|v| v == "true");
+            let status = if clean { Status::Stopped } else { Status::Error };
+            r.config.insert("volatile.last_exit".into(), detail.clone());
+            if !clean {
+                d.events.lifecycle("instance-error", &source(&name), json!({"detail": detail}));
+            }
+            let _ = after_stop(d, &mut r, status, false).await;
+            if autorestart && !r.ephemeral && !clean {
+                let n: u32 = r.config.get("volatile.restarts").and_then(|v| v.parse().ok()).unwrap_or(0);
+                let delay = Duration::from_secs(1u64 << n.min(6)).min(MAX_BACKOFF);
+                r.config.insert("volatile.restarts".into(), (n + 1).to_string());
+                let _ = commit(d, &r);
+                let me = d.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    if let Err(e) = start(&me, &name).await {
+                        me.events.log("error", &format!("autorestart of {name}: {e}"), json!({}));
+                    } else {
+                        me.events.lifecycle("instance-restarted", &source(&name), json!({"automatic": true}));
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Creates a snapshot (name generated `snapN` when empty).
+pub async fn snapshot_create(d: &Arc<Daemon>, name: &str, snap: &str) -> Result<String, InstanceError> {
+    let lock = d.lock_of(name);
+    let _g = lock.lock().await;
+    let r = row(d, name)?;
+    let existing = d.db().snapshots(name)?;
+    let snap = if snap.is_empty() {
+        (0..).map(|i| format!("snap{i}")).find(|s| !existing.iter().any(|e| &e.name == s)).unwrap_or_default()
+    } else {
+        snap.to_string()
+    };
+    if !skiff_api::valid_name(&snap) {
+        return Err(InstanceError::BadRequest(format!("invalid snapshot name {snap:?}")));
+    }
+    if existing.iter().any(|e| e.name == snap) {
+        return Err(InstanceError::Conflict(format!("Snapshot {snap:?} already exists")));
+    }
+    d.driver.snapshot_create(&spec(d, &r)?, &snap).await.map_err(drv)?;
+    let row = SnapshotRow { name: snap.clone(), created_at: skiff_api::time::now(), config: r.config.clone() };
+    d.db().tx(|tx| write::add_snapshot(tx, name, &row))?;
+    d.events.lifecycle("instance-snapshot-created", &format!("{}/snapshots/{snap}", source(name)), Value::Null);
+    Ok(snap)
+}
+
+fn find_snapshot(d: &Daemon, name: &str, snap: &str) -> Result<SnapshotRow, InstanceError> {
+    d.db().snapshots(name)?.into_iter().find(|s| s.name == snap).ok_or(InstanceError::SnapshotNotFound)
+}
+
+/// Restores a snapshot; a running instance is stopped and started again.
+pub async fn snapshot_restore(d: &Arc<Daemon>, name: &str, snap: &str) -> Result<(), InstanceError> {
+    let lock = d.lock_of(name);
+    let _g = lock.lock().await;
+    let r = row(d, name)?;
+    find_snapshot(d, name, snap)?;
+    let was_running = r.status == Status::Running;
+    if was_running {
+        stop_locked(d, name, Duration::from_secs(STOP_TIMEOUT), false, false).await?;
+    }
+    let r = row(d, name)?;
+    let restored = d.driver.snapshot_restore(&spec(d, &r)?, snap).await.map_err(drv);
+    if was_running {
+        start_locked(d, name).await?;
+    }
+    restored?;
+    d.events.lifecycle("instance-snapshot-restored", &format!("{}/snapshots/{snap}", source(name)), Value::Null);
+    Ok(())
+}
+
+/// Deletes a snapshot.
+pub async fn snapshot_delete(d: &Arc<Daemon>, name: &str, snap: &str) -> Result<(), InstanceError> {
+    let lock = d.lock_of(name);
+    let _g = lock.lock().await;
+    let r = row(d, name)?;
+    find_snapshot(d, name, snap)?;
+    d.driver.snapshot_delete(&spec(d, &r)?, snap).await.map_err(drv)?;
+    d.db().tx(|tx| write::delete_snapshot(tx, name, snap))?;
+    d.events.lifecycle("instance-snapshot-deleted", &format!("{}/snapshots/{snap}", source(name)), Value::Null);
+    Ok(())
+}
+
+/// Renames a snapshot.
+pub async fn snapshot_rename(d: &Arc<Daemon>, name: &str, old: &str, new: &str) -> Result<(), InstanceError> {
+    let lock = d.lock_of(name);
+    let _g = lock.lock().await;
+    let r = row(d, name)?;
+    find_snapshot(d, name, old)?;
+    if !skiff_api::valid_name(new) {
+        return Err(InstanceError::BadRequest(format!("invalid snapshot name {new:?}")));
+    }
+    if find_snapshot(d, name, new).is_ok() {
+        return Err(InstanceError::Conflict(format!("Snapshot {new:?} already exists")));
+    }
+    d.driver.snapshot_rename(&spec(d, &r)?, old, new).await.map_err(drv)?;
+    d.db().tx(|tx| write::rename_snapshot(tx, name, old, new))?;
+    d.events.lifecycle("instance-snapshot-renamed", &format!("{}/snapshots/{new}", source(name)), Value::Null);
+    Ok(())
+}
+
+/// Applies a PUT/PATCH of config, devices, description, ephemeral.
+pub fn update(d: &Daemon, name: &str, put: skiff_api::InstancePut, replace: bool) -> Result<(), InstanceError> {
+    let mut r = row(d, name)?;
+    if let Some(mut config) = put.config {
+        let volatile: BTreeMap<_, _> =
+            r.config.iter().filter(|(k, _)| k.starts_with("volatile.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+        config.retain(|k, _| !k.starts_with("volatile."));
+        let user: BTreeMap<_, _> = config.iter().filter(|(k, _)| !k.starts_with("image.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+        d.driver.validate_config(&user).map_err(|e| InstanceError::BadRequest(chain(&e)))?;
+        let mut merged = if replace {
+            let mut m = config;
+            m.extend(r.config.iter().filter(|(k, _)| k.starts_with("image.")).map(|(k, v)| (k.clone(), v.clone())));
+            m
+        } else {
+            let mut m = r.config.clone();
+            m.extend(config);
+            m
+        };
+        merged.extend(volatile);
+        r.config = merged;
+    }
+    if let Some(devices) = put.devices {
+        check_devices(&devices)?;
+        r.devices = devices;
+    }
+    if let Some(e) = put.ephemeral {
+        r.ephemeral = e;
+    }
+    if let Some(desc) = put.description {
+        r.description = desc;
+    }
+    commit(d, &r)?;
+    d.events.lifecycle("instance-updated", &source(name), Value::Null);
+    Ok(())
+}

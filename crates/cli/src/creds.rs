@@ -162,13 +162,14 @@ pub(crate) mod tests {
             ),
         )
         .unwrap();
-        let bob = Some(Credentials { username: "bob".into(), password: "s3cret:x".into() });
+        let bob_creds = Credentials { username: "bob".into(), password: "s3cret:x".into() };
+        let bob = Some(bob_creds.clone());
         assert_eq!(lookup_in(&path, "docker.io"), bob);
         assert_eq!(lookup_in(&path, "127.0.0.1:5000"), bob);
         assert_eq!(lookup_in(&path, "reg.lan"), Some(Credentials { username: "u".into(), password: "p".into() }));
         assert_eq!(lookup_in(&path, "ghcr.io"), None);
         assert_eq!(lookup_in(&dir.path().join("none.json"), "docker.io"), None);
-        assert_eq!(bob.unwrap().secret(), STANDARD.encode("bob:s3cret:x"));
+        assert_eq!(bob_creds.secret(), STANDARD.encode("bob:s3cret:x"));
     }
 
     #[test]

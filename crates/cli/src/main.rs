@@ -37,7 +37,14 @@ fn main() {
     let code = match runtime.block_on(commands::run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            if e.downcast_ref::<commands::Reported>().is_none() {
+            let not_running = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<client::ClientError>())
+                .filter(|c| matches!(c, client::ClientError::NotRunning(_)));
+            if let Some(c) = not_running {
+                // Whatever was being done, the one thing to say is how to start skiffd.
+                eprintln!("Error: {c}");
+            } else if e.downcast_ref::<commands::Reported>().is_none() {
                 eprintln!("Error: {e:#}");
             }
             1

@@ -89,7 +89,7 @@ pub async fn state(
     let mut failed = 0;
     for name in &names {
         if let Err(e) = change_state(&ctx.client, name, action, force, timeout).await {
-            if names.len() == 1 {
+            if names.len() == 1 || super::not_running(&e) {
                 return Err(e.context(format!("Failed to {verb} \"{name}\"")));
             }
             eprintln!("Error: Failed to {verb} \"{name}\": {e:#}");
@@ -108,7 +108,7 @@ pub async fn delete(ctx: &Ctx, a: DeleteArgs) -> anyhow::Result<i32> {
     for name in &a.names {
         if let Err(e) = delete_one(&ctx.client, name, a.force).await {
             let e = e.context(format!("Failed to delete \"{name}\""));
-            if a.names.len() == 1 {
+            if a.names.len() == 1 || super::not_running(&e) {
                 return Err(e);
             }
             eprintln!("Error: {e:#}");

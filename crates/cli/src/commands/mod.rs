@@ -42,6 +42,11 @@ pub fn instance_path(name: &str, suffix: &str) -> String {
 #[error("{0} of the operations failed")]
 pub struct Reported(pub usize);
 
+/// Whether skiffd is not running (then there is no point in trying the next instance).
+pub fn not_running(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| matches!(c.downcast_ref::<client::ClientError>(), Some(client::ClientError::NotRunning(_))))
+}
+
 /// Runs the command line; the exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     let client = Client::new(Client::socket_path(cli.socket.as_deref()));

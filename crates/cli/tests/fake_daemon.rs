@@ -33,6 +33,7 @@ struct Fake {
     stdin_tx: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
     stdin_rx: Mutex<Option<mpsc::Receiver<Vec<u8>>>>,
     outputs_done: watch::Sender<u32>,
+    tty_done: watch::Sender<bool>,
 }
 
 struct Request {
@@ -111,7 +112,8 @@ async fn serve(fake: Arc<Fake>, mut s: UnixStream) {
         }
         seen.log.push(key.clone());
     }
-    if let Some(secret) = req.path.strip_prefix("/1.0/operations/exec1/websocket?secret=") {
+    let ws_secret = req.path.strip_prefix("/1.0/operations/").and_then(|p| p.split_once("/websocket?secret="));
+    if let Some((_, secret)) = ws_secret {
         let accept = derive_accept_key(req.headers["sec-websocket-key"].as_bytes());
         let head = format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
@@ -128,6 +130,14 @@ async fn serve(fake: Arc<Fake>, mut s: UnixStream) {
         "POST /1.0/instances/web/exec" => {
             let fds = json!({"fds": {"0": "s0", "1": "s1", "2": "s2", "control": "sc"}});
             (202, async_op("exec1", "websocket", fds))
+        }
+        "POST /1.0/instances/tty/exec" => {
+            (202, async_op("exec2", "websocket", json!({"fds": {"0": "t0", "control": "tc"}})))
+        }
+        "GET /1.0/operations/exec2/wait?timeout=30" => {
+            let mut rx = fake.tty_done.subscribe();
+            let _ = rx.wait_for(|d| *d).await;
+            (200, sync(op("exec2", "websocket", 200, json!({"return": 0}))))
         }
         "GET /1.0/operations/create1/wait?timeout=30" | "GET /1.0/operations/start1/wait?timeout=30" => {
             (200, sync(op("x", "task", 200, Value::Null)))
@@ -177,6 +187,17 @@ async fn stream(fake: Arc<Fake>, secret: String, ws: WebSocketStream<UnixStream>
             let _ = sink.close().await;
             fake.outputs_done.send_modify(|n| *n += 1);
         }
+        "t0" => {
+            // A PTY: what comes in goes back out on the same stream.
+            while let Some(Ok(m)) = rx.next().await {
+                match m {
+                    Message::Binary(b) => sink.send(Message::binary(b)).await.unwrap(),
+                    _ => break,
+                }
+            }
+            let _ = sink.close().await;
+            fake.tty_done.send_replace(true);
+        }
         _ => {
             while let Some(Ok(Message::Text(t))) = rx.next().await {
                 fake.seen.lock().unwrap().log.push(format!("control:{t}"));
@@ -195,6 +216,7 @@ fn start(dir: &Path) -> (PathBuf, Arc<Mutex<Seen>>) {
         stdin_tx: Mutex::new(Some(tx)),
         stdin_rx: Mutex::new(Some(rx)),
         outputs_done: watch::channel(0).0,
+        tty_done: watch::channel(false).0,
     });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let path = sock.clone();
@@ -305,4 +327,45 @@ fn daemon_not_running() {
         .output()
         .unwrap();
     assert_eq!(text(&out.stderr), want);
+}
+
+#[test]
+fn interactive_exec_and_resize() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, seen) = start(dir.path());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_skiff"))
+        .args(["--socket", sock.to_str().unwrap(), "exec", "-t", "tty", "--", "sh"])
+        .env("HOME", dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logged = |what: &str| seen.lock().unwrap().log.iter().any(|l| l.contains(what));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    // Until the CLI has its SIGWINCH handler, the signal is ignored: repeat it.
+    while !logged("window-resize") {
+        assert!(std::time::Instant::now() < deadline, "no window-resize: {:?}", seen.lock().unwrap().log);
+        if logged("ws:t0") {
+            // SAFETY: kill only sends a signal to the child we spawned.
+            unsafe { libc::kill(child.id() as i32, libc::SIGWINCH) };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"hi\n").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!((text(&out.stdout).as_str(), out.status.code()), ("hi\n", Some(0)), "{}", text(&out.stderr));
+    let seen = seen.lock().unwrap();
+    let body = &seen.bodies["POST /1.0/instances/tty/exec"];
+    assert_eq!(
+        (body["interactive"].as_bool(), body["width"].as_u64(), body["height"].as_u64()),
+        (Some(true), Some(80), Some(25))
+    );
+    let ws: Vec<&str> = seen.log.iter().filter(|l| l.starts_with("ws:")).map(String::as_str).collect();
+    assert_eq!(ws, ["ws:tc", "ws:t0"]);
+    let resize = seen.log.iter().find(|l| l.contains("window-resize")).unwrap();
+    let msg: Value = serde_json::from_str(resize.trim_start_matches("control:")).unwrap();
+    assert_eq!(msg, json!({"command": "window-resize", "args": {"width": "80", "height": "25"}}));
 }

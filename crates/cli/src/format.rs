@@ -140,9 +140,23 @@ fn csv_cell(c: &str) -> String {
     }
 }
 
+/// Writes to stdout; when the reader went away (`skiff list | head`),
+/// exits quietly with 141 like a process killed by SIGPIPE.
+pub fn emit(bytes: impl AsRef<[u8]>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(bytes.as_ref()).and_then(|_| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("Error: Failed to write to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// Prints a list: the table, or the raw objects for JSON and YAML.
 pub fn print_list<T: Serialize + ?Sized>(format: Format, table: &Table, raw: &T) -> anyhow::Result<()> {
-    print!("{}", render_list(format, table, raw)?);
+    emit(render_list(format, table, raw)?);
     Ok(())
 }
 

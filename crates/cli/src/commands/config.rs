@@ -70,14 +70,14 @@ pub async fn run(ctx: &Ctx, c: ConfigCmd) -> anyhow::Result<i32> {
     match c {
         ConfigCmd::Show { name, expanded } => {
             let (inst, _) = read(client, &name).await?;
-            print!("{}", serde_yaml::to_string(&editable(&inst, expanded))?);
+            crate::format::emit(serde_yaml::to_string(&editable(&inst, expanded))?);
         }
         ConfigCmd::Get { name, key } => {
             let (inst, _) = read(client, &name).await?;
             let v = inst
                 .pointer(&format!("/config/{}", key.replace('~', "~0").replace('/', "~1")))
                 .or_else(|| inst.get("expanded_config").and_then(|c| c.get(&key)));
-            println!("{}", v.and_then(Value::as_str).unwrap_or(""));
+            crate::format::emit(format!("{}\n", v.and_then(Value::as_str).unwrap_or("")));
         }
         ConfigCmd::Set { name, args } => {
             let pairs = parse_set(&args)?;

@@ -10,7 +10,6 @@
 //!   mode is kept.
 //! - delete: `DELETE`.
 
-use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -88,7 +87,7 @@ pub async fn run(ctx: &Ctx, c: FileCmd) -> anyhow::Result<i32> {
                 let fail = || format!("Failed to pull {src}");
                 if dest == "-" {
                     let f = get(client, &name, &path).await.with_context(fail)?;
-                    std::io::stdout().write_all(&f.body)?;
+                    crate::format::emit(&f.body);
                     continue;
                 }
                 let d = Path::new(dest);

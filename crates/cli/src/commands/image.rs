@@ -87,7 +87,7 @@ pub async fn run(ctx: &Ctx, c: ImageCmd) -> anyhow::Result<i32> {
             let fail = || format!("Failed to get the image \"{image}\"");
             let fp = resolve(client, &image).await.with_context(fail)?;
             let img: Image = client.get(&format!("/1.0/images/{}", encode_segment(&fp))).await.with_context(fail)?;
-            print!("{}", render(&img));
+            format::emit(render(&img));
         }
         ImageCmd::Delete { images } => {
             for image in images {

@@ -19,11 +19,11 @@ pub async fn info(ctx: &Ctx, a: InfoArgs) -> anyhow::Result<i32> {
     let state: Option<InstanceState> = ctx.client.get(&instance_path(&a.name, "/state")).await.ok();
     let snaps: Vec<InstanceSnapshot> =
         ctx.client.get(&instance_path(&a.name, "/snapshots?recursion=1")).await.unwrap_or_default();
-    print!("{}", render(&inst, state.as_ref(), &snaps));
+    format::emit(render(&inst, state.as_ref(), &snaps));
     if a.show_log {
         let log = console::log(&ctx.client, &a.name).await?;
-        println!("\nLog:\n");
-        print!("{}", String::from_utf8_lossy(&log));
+        format::emit("\nLog:\n\n");
+        format::emit(&log);
     }
     Ok(0)
 }

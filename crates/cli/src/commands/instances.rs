@@ -3,8 +3,6 @@
 //! (`PUT /1.0/instances/{name}/state`), `delete` (`DELETE /1.0/instances/{name}`),
 //! `exec` and `console`.
 
-use std::io::Write;
-
 use anyhow::Context;
 use hyper::Method;
 use serde_json::Value;
@@ -241,7 +239,7 @@ pub async fn exec(ctx: &Ctx, a: ExecArgs) -> anyhow::Result<i32> {
 pub async fn console(ctx: &Ctx, a: ConsoleArgs) -> anyhow::Result<i32> {
     if a.show_log {
         let log = console::log(&ctx.client, &a.name).await?;
-        std::io::stdout().write_all(&log)?;
+        format::emit(&log);
         return Ok(0);
     }
     console::attach(&ctx.client, &a.name).await?;

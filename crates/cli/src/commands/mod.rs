@@ -27,7 +27,7 @@ impl Ctx {
     /// Prints a status line unless quiet.
     pub fn say(&self, line: impl AsRef<str>) {
         if !self.quiet {
-            println!("{}", line.as_ref());
+            crate::format::emit(format!("{}\n", line.as_ref()));
         }
     }
 }
@@ -72,7 +72,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Network(c) => network::run(&ctx, c).await,
         Command::Completion { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "skiff", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "skiff", &mut script);
+            crate::format::emit(script);
             Ok(0)
         }
     }

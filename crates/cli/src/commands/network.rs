@@ -43,7 +43,7 @@ pub async fn run(ctx: &Ctx, c: NetworkCmd) -> anyhow::Result<i32> {
             let path = format!("/1.0/networks/{}", encode_segment(&name));
             let net: Network = ctx.client.get(&path).await.with_context(fail)?;
             let leases: Vec<NetworkLease> = ctx.client.get(&format!("{path}/leases")).await.with_context(fail)?;
-            print!("{}", render(&net, &leases));
+            format::emit(render(&net, &leases));
         }
     }
     Ok(0)

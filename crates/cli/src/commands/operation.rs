@@ -62,7 +62,7 @@ pub async fn run(ctx: &Ctx, c: OperationCmd) -> anyhow::Result<i32> {
                 .get(&format!("/1.0/operations/{}", encode_segment(&id)))
                 .await
                 .with_context(|| format!("Failed to get the operation {id}"))?;
-            print!("{}", serde_yaml::to_string(&op)?);
+            format::emit(serde_yaml::to_string(&op)?);
         }
         OperationCmd::Cancel { id } => {
             client
@@ -96,8 +96,8 @@ pub async fn monitor(ctx: &Ctx, a: MonitorArgs) -> anyhow::Result<i32> {
         };
         let Ok(event) = serde_json::from_str::<Value>(&text) else { continue };
         match a.format {
-            EventFormat::Json => println!("{event}"),
-            EventFormat::Yaml => println!("{}", serde_yaml::to_string(&event)?),
+            EventFormat::Json => format::emit(format!("{event}\n")),
+            EventFormat::Yaml => format::emit(format!("{}\n", serde_yaml::to_string(&event)?)),
         }
     }
     Ok(0)

@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""A fake skiff-vmm for the monitor's host tests: no VM, but the parts the
+monitor sees. It writes a console line, serves a fake agent behind the
+hybrid vsock socket (CONNECT 1024 -> OK; hello, ping, network, start_main,
+stop_main, power), sends `ready` on <vsock>_1025, and on signals:
+SIGUSR1 -> main_exited {code 1, restarting} ; SIGUSR2 -> main_exited
+{code 7, not restarting} and "power off" (exit 0). A main process whose
+args[0] is /nonexistent fails to start (not_found). Its pid goes to
+$FAKE_PIDS, its requests to $FAKE_LOG."""
+
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+
+args = sys.argv[1:]
+opts = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
+vsock = dict(kv.split("=", 1) for kv in opts["--vsock"].split(","))["socket"]
+console = opts["--serial"].split("=", 1)[1]
+if os.environ.get("FAKE_PIDS"):
+    with open(os.environ["FAKE_PIDS"], "a") as f:
+        f.write(f"{os.getpid()}\n")
+with open(console, "a") as f:
+    f.write("fake kernel booting\nskiff-agent: ready\n")
+if "--net" in opts:
+    with open(console, "a") as f:
+        f.write(f"net {opts['--net']}\n")
+
+lock = threading.Lock()
+events = None
+
+
+def frame(msg):
+    body = b"\x01" + json.dumps(msg).encode()
+    return struct.pack(">I", len(body)) + body
+
+
+def read_frame(conn):
+    hdr = b""
+    while len(hdr) < 4:
+        c = conn.recv(4 - len(hdr))
+        if not c:
+            return None
+        hdr += c
+    (n,) = struct.unpack(">I", hdr)
+    body = b""
+    while len(body) < n:
+        c = conn.recv(n - len(body))
+        if not c:
+            return None
+        body += c
+    return json.loads(body[1:])
+
+
+def emit(event):
+    with lock:
+        events.sendall(frame({"type": "event", "event": event}))
+
+
+def log(req):
+    if os.environ.get("FAKE_LOG"):
+        with open(os.environ["FAKE_LOG"], "a") as f:
+            f.write(json.dumps(req) + "\n")
+
+
+def power_off(delay=0.2):
+    def go():
+        time.sleep(delay)
+        os._exit(0)
+
+    threading.Thread(target=go, daemon=True).start()
+
+
+def serve(conn):
+    line = b""
+    while not line.endswith(b"\n"):
+        c = conn.recv(1)
+        if not c:
+            return
+        line += c
+    conn.sendall(b"OK 1073741824\n")
+    while True:
+        msg = read_frame(conn)
+        if msg is None:
+            return
+        if msg["type"] == "hello":
+            conn.sendall(frame({"type": "welcome", "version": 2, "agent": "fake", "pid1": True}))
+            continue
+        rid, req = msg["id"], msg["request"]
+        log(req)
+        t = req["type"]
+        if t == "ping":
+            reply = {"type": "pong", "version": 2, "agent": "fake", "pid1": True}
+        elif t == "start_main":
+            if req["args"][0] == "/nonexistent":
+                reply = {"type": "error", "code": "not_found", "message": "starting \"/nonexistent\": No such file"}
+            else:
+                reply = {"type": "exec_started", "pid": 42}
+        elif t == "stop_main":
+            status = {"kind": "signaled", "signal": 15}
+            emit({"type": "main_exited", "status": status, "restarting": False})
+            reply = {"type": "main_exited", "status": status}
+            power_off()
+        elif t == "power":
+            reply = {"type": "ok"}
+            power_off()
+        else:
+            reply = {"type": "ok"}
+        conn.sendall(frame({"type": "reply", "id": rid, "reply": reply}))
+
+
+def on_usr1(*_):
+    threading.Thread(
+        target=emit, args=({"type": "main_exited", "status": {"kind": "exited", "code": 1}, "restarting": True},)
+    ).start()
+
+
+def on_usr2(*_):
+    def go():
+        emit({"type": "main_exited", "status": {"kind": "exited", "code": 7}, "restarting": False})
+        power_off()
+
+    threading.Thread(target=go).start()
+
+
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(vsock)
+srv.listen(16)
+events = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+events.connect(vsock + "_1025")
+signal.signal(signal.SIGUSR1, on_usr1)
+signal.signal(signal.SIGUSR2, on_usr2)
+signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+emit({"type": "ready", "version": 2, "agent": "fake", "pid1": True})
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()

@@ -321,7 +321,9 @@ async fn stop(root: &Path, name: &str, timeout: u64, force: bool) -> Result<i32>
     let exit_file = log_dir(root, name).join("exit.json");
     let info = match info {
         Some(i) => i,
-        None => serde_json::from_slice(&std::fs::read(&exit_file).with_context(|| format!("reading {}", exit_file.display()))?)?,
+        None => serde_json::from_slice(
+            &std::fs::read(&exit_file).with_context(|| format!("reading {}", exit_file.display()))?,
+        )?,
     };
     if info.reason == EndReason::Failed {
         eprintln!("skiff-run: {name}: skiff-vmm failed\n{}", info.diagnostics);

@@ -37,7 +37,10 @@ fn fixture(args: &[&str]) -> Fixture {
     let vmm = script(
         &d,
         "vmm",
-        &format!("#!/bin/sh\nFAKE_PIDS={0}/pids FAKE_LOG={0}/requests exec python3 {0}/fake_vmm.py \"$@\"\n", d.display()),
+        &format!(
+            "#!/bin/sh\nFAKE_PIDS={0}/pids FAKE_LOG={0}/requests exec python3 {0}/fake_vmm.py \"$@\"\n",
+            d.display()
+        ),
     );
     let virtiofsd = script(
         &d,
@@ -85,7 +88,11 @@ fn fixture(args: &[&str]) -> Fixture {
 }
 
 fn pids(dir: &Path) -> Vec<i32> {
-    std::fs::read_to_string(dir.join("pids")).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect()
+    std::fs::read_to_string(dir.join("pids"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
 }
 
 fn gone(pid: i32) -> bool {
@@ -132,10 +139,7 @@ async fn launch_status_events_and_clean_stop() {
     // SAFETY: signalling the fake VMM this test started.
     unsafe { libc::kill(l.vmm_pid as i32, libc::SIGUSR1) };
     let e = next_event(&mut ev).await;
-    assert_eq!(
-        e,
-        MonitorEvent::MainExited { status: ExitStatus::Exited { code: 1 }, restarting: true, restarts: 1 }
-    );
+    assert_eq!(e, MonitorEvent::MainExited { status: ExitStatus::Exited { code: 1 }, restarting: true, restarts: 1 });
     let st = h.status().await.unwrap();
     assert_eq!((st.restarts, st.main_pid, st.last_main_exit), (1, None, Some(ExitStatus::Exited { code: 1 })));
 

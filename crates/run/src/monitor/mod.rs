@@ -185,7 +185,8 @@ pub async fn launch(spec: &LaunchSpec) -> Result<Launched, MonitorError> {
     if let Some(parent) = spec.monitor_log.parent() {
         std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
     }
-    let log = std::fs::File::create(&spec.monitor_log).map_err(io(format!("creating {}", spec.monitor_log.display())))?;
+    let log =
+        std::fs::File::create(&spec.monitor_log).map_err(io(format!("creating {}", spec.monitor_log.display())))?;
     let log2 = log.try_clone().map_err(io("log file".into()))?;
     let (read_end, write_end) = pipe()?;
     let mut cmd = std::process::Command::new(&program);
@@ -280,14 +281,18 @@ async fn read_report(read_end: OwnedFd) -> Result<Option<BootReport>, MonitorErr
     let text = String::from_utf8_lossy(&buf);
     match text.lines().find(|l| !l.trim().is_empty()) {
         None => Ok(None),
-        Some(line) => serde_json::from_str(line).map(Some).map_err(|e| MonitorError::Protocol(format!("{line:?}: {e}"))),
+        Some(line) => {
+            serde_json::from_str(line).map(Some).map_err(|e| MonitorError::Protocol(format!("{line:?}: {e}")))
+        }
     }
 }
 
 /// The command line of process `pid`, split at NULs.
 fn cmdline(pid: u32) -> Vec<String> {
     std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|b| b.split(|&c| c == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect())
+        .map(|b| {
+            b.split(|&c| c == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect()
+        })
         .unwrap_or_default()
 }
 
@@ -381,7 +386,9 @@ impl MonitorHandle {
     async fn request(&self, req: &ControlRequest) -> Result<BufReader<UnixStream>, MonitorError> {
         let path = self.dir.join(CONTROL_SOCKET);
         let mut s = UnixStream::connect(&path).await.map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => MonitorError::NotRunning(self.dir.clone()),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                MonitorError::NotRunning(self.dir.clone())
+            }
             _ => MonitorError::Io(format!("connecting to {}", path.display()), e),
         })?;
         let line = serde_json::to_string(req).map_err(|e| MonitorError::Protocol(e.to_string()))? + "\n";
@@ -401,7 +408,9 @@ impl MonitorHandle {
                 Some(other) => Err(MonitorError::Protocol(format!("unexpected {other:?}"))),
             }
         };
-        tokio::time::timeout(REQUEST_TIMEOUT, fut).await.map_err(|_| MonitorError::Timeout(REQUEST_TIMEOUT.as_secs()))?
+        tokio::time::timeout(REQUEST_TIMEOUT, fut)
+            .await
+            .map_err(|_| MonitorError::Timeout(REQUEST_TIMEOUT.as_secs()))?
     }
 
     /// Stops the VM (see the protocol) and returns how it ended; bounded by
@@ -437,7 +446,9 @@ impl MonitorHandle {
                 Some(other) => Err(MonitorError::Protocol(format!("unexpected {other:?}"))),
             }
         };
-        tokio::time::timeout(REQUEST_TIMEOUT, fut).await.map_err(|_| MonitorError::Timeout(REQUEST_TIMEOUT.as_secs()))?
+        tokio::time::timeout(REQUEST_TIMEOUT, fut)
+            .await
+            .map_err(|_| MonitorError::Timeout(REQUEST_TIMEOUT.as_secs()))?
     }
 }
 
@@ -445,7 +456,9 @@ async fn read_line<T: serde::de::DeserializeOwned>(r: &mut BufReader<UnixStream>
     let mut line = String::new();
     match r.read_line(&mut line).await {
         Ok(0) => Ok(None),
-        Ok(_) => serde_json::from_str(line.trim()).map(Some).map_err(|e| MonitorError::Protocol(format!("{line:?}: {e}"))),
+        Ok(_) => {
+            serde_json::from_str(line.trim()).map(Some).map_err(|e| MonitorError::Protocol(format!("{line:?}: {e}")))
+        }
         Err(e) => Err(MonitorError::Io("reading from the monitor".into(), e)),
     }
 }

@@ -304,7 +304,12 @@ async fn stop(shared: &Shared, mut vm: ThinVm, timeout: u64, force: bool) -> Res
     vm.shutdown(POWEROFF_GRACE).await
 }
 
-fn exit_info(spec: &LaunchSpec, shared: &Shared, reason: EndReason, stopped: Result<Stopped, crate::VmError>) -> ExitInfo {
+fn exit_info(
+    spec: &LaunchSpec,
+    shared: &Shared,
+    reason: EndReason,
+    stopped: Result<Stopped, crate::VmError>,
+) -> ExitInfo {
     use std::os::unix::process::ExitStatusExt;
     let st = lock(&shared.status).clone();
     let (code, signal, diagnostics) = match stopped {

@@ -1,1 +1,170 @@
-//! Instance drivers behind one trait (the thin-VM driver; LXC later)
+//! Instance drivers behind one trait. The daemon drives every kind of
+//! instance through [`Driver`]: create its storage from an image, start it
+//! (returning once its entrypoint runs), stop it, ask how it is, reach its
+//! agent for exec and files, snapshot its root filesystem, adopt it again
+//! after a daemon restart, and hear about it ending by itself
+//! ([`DriverEvent`]). [`vm::VmDriver`] runs thin VMs; LXC containers come
+//! later behind the same trait. VM specifics stay out of this module.
+
+pub mod config;
+pub mod vm;
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use skiff_agent_client::AgentClient;
+use skiff_agent_proto::ExitStatus;
+
+pub use config::{parse_memory, DEFAULT_CPUS, DEFAULT_MEMORY_MIB};
+
+/// The kinds of instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceKind {
+    /// A VM (a thin VM for OCI images).
+    VirtualMachine,
+    /// A native container.
+    Container,
+}
+
+/// Errors of drivers.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// A config key the driver does not know, or a bad value.
+    #[error("config {key}: {why}")]
+    Config {
+        /// The key.
+        key: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// The instance is not running.
+    #[error("instance {0} is not running")]
+    NotRunning(String),
+    /// The instance must be stopped for this.
+    #[error("instance {0} is running: stop it first")]
+    Running(String),
+    /// The image's run spec is unusable.
+    #[error("the image's run spec: {0}")]
+    Image(String),
+    /// Storage failed.
+    #[error("storage")]
+    Storage(#[from] skiff_storage::StorageError),
+    /// The VM's monitor failed (booting, stopping, talking to it).
+    #[error("VM")]
+    Monitor(#[from] skiff_run::monitor::MonitorError),
+    /// A host operation failed.
+    #[error("{0}")]
+    Host(String),
+}
+
+/// The host side of an instance's network interface (made by the daemon).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    /// The tap device.
+    pub tap: String,
+    /// The guest's MAC address.
+    pub mac: String,
+    /// The bridge's address (gateway and DNS server).
+    pub gateway: Ipv4Addr,
+}
+
+/// What a driver knows of an instance.
+#[derive(Debug, Clone)]
+pub struct InstanceSpec {
+    /// Its name.
+    pub name: String,
+    /// Its stable UUID.
+    pub id: String,
+    /// Its expanded config.
+    pub config: BTreeMap<String, String>,
+    /// The image's unpacked, read-only rootfs.
+    pub image_rootfs: PathBuf,
+    /// The OCI runtime config of the image's run spec.
+    pub image_config: serde_json::Value,
+    /// Its network interface, if it has one.
+    pub nic: Option<Nic>,
+    /// The daemon's directory for it (console log, exit record, logs).
+    pub dir: PathBuf,
+}
+
+/// How an instance is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunStatus {
+    /// Running.
+    Running {
+        /// The host process that keeps it (a VM's monitor).
+        pid: u32,
+        /// The main process's pid inside, when known.
+        main_pid: Option<i32>,
+        /// How often its entrypoint was restarted.
+        restarts: u32,
+        /// Seconds since the epoch when it started.
+        started_at: u64,
+    },
+    /// Not running; how it last ended, if known.
+    Stopped {
+        /// A one-line account of its last end.
+        last: Option<String>,
+    },
+}
+
+/// Something that happened to a started or adopted instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriverEvent {
+    /// Its main process ended.
+    MainExited {
+        /// The instance.
+        name: String,
+        /// How.
+        status: ExitStatus,
+        /// Whether it is being restarted.
+        restarting: bool,
+    },
+    /// It ended (by itself, or because it was stopped).
+    Stopped {
+        /// The instance.
+        name: String,
+        /// Whether it ended cleanly (poweroff, stop) rather than failed.
+        clean: bool,
+        /// A one-line account, with diagnostics when it failed.
+        detail: String,
+    },
+}
+
+/// An instance driver.
+#[async_trait::async_trait]
+pub trait Driver: Send + Sync {
+    /// The kind of instance it runs.
+    fn kind(&self) -> InstanceKind;
+    /// Checks config keys and values (unknown keys are errors).
+    fn validate_config(&self, config: &BTreeMap<String, String>) -> Result<(), DriverError>;
+    /// Makes the instance's storage from its image.
+    async fn create(&self, inst: &InstanceSpec) -> Result<(), DriverError>;
+    /// Starts it; returns when its entrypoint runs.
+    async fn start(&self, inst: &InstanceSpec) -> Result<(), DriverError>;
+    /// Stops it: cleanly within `timeout`, or at once with `force`.
+    async fn stop(&self, inst: &InstanceSpec, timeout: Duration, force: bool) -> Result<(), DriverError>;
+    /// How it is now.
+    async fn status(&self, inst: &InstanceSpec) -> Result<RunStatus, DriverError>;
+    /// Its agent (exec, files); an error when it is not running.
+    fn agent(&self, inst: &InstanceSpec) -> Result<AgentClient, DriverError>;
+    /// Its console log (of the last boot).
+    fn console_log(&self, inst: &InstanceSpec) -> PathBuf;
+    /// Removes everything of a stopped instance.
+    async fn delete(&self, inst: &InstanceSpec) -> Result<(), DriverError>;
+    /// Snapshots its root filesystem.
+    async fn snapshot_create(&self, inst: &InstanceSpec, snap: &str) -> Result<(), DriverError>;
+    /// Restores a snapshot (the instance must be stopped).
+    async fn snapshot_restore(&self, inst: &InstanceSpec, snap: &str) -> Result<(), DriverError>;
+    /// Deletes a snapshot.
+    async fn snapshot_delete(&self, inst: &InstanceSpec, snap: &str) -> Result<(), DriverError>;
+    /// Renames a snapshot.
+    async fn snapshot_rename(&self, inst: &InstanceSpec, old: &str, new: &str) -> Result<(), DriverError>;
+    /// After a daemon restart: watches it again if it runs, else cleans
+    /// what a dead run left.
+    async fn adopt(&self, inst: &InstanceSpec) -> Result<RunStatus, DriverError>;
+    /// Events of every started or adopted instance.
+    fn events(&self) -> tokio::sync::broadcast::Receiver<DriverEvent>;
+}

@@ -1,0 +1,158 @@
+//! The VM driver end to end without a VM: real monitors (the skiff-run
+//! binary) over skiff-run's fake skiff-vmm (`crates/run/tests/fake_vmm.py`, a
+//! fake agent behind the hybrid vsock), a fake virtiofsd and a real storage
+//! pool: create, start, status, agent, events, adoption by a new driver (a
+//! daemon restart), the guest powering off by itself, stop, a start that
+//! fails (nothing left, volume unmounted), restore refused while running,
+//! delete.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use skiff_driver::vm::{VmDriver, VmDriverConfig};
+use skiff_driver::{Driver, DriverEvent, InstanceSpec, RunStatus};
+use tokio::sync::broadcast;
+
+fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::write(&p, body).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+/// The skiff-run binary of this build (target/debug/skiff-run).
+fn skiff_run() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent().and_then(Path::parent).unwrap().join("skiff-run");
+    assert!(p.is_file(), "{} is missing: build it first (cargo build -p skiff-run)", p.display());
+    p
+}
+
+fn driver(d: &Path) -> VmDriver {
+    let fake = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../run/tests/fake_vmm.py")).unwrap();
+    script(d, "fake_vmm.py", &fake);
+    let vmm = script(d, "vmm", &format!("#!/bin/sh\nexec python3 {}/fake_vmm.py \"$@\"\n", d.display()));
+    let virtiofsd = script(
+        d,
+        "virtiofsd",
+        "#!/bin/sh\nfor a in \"$@\"; do case $a in --socket-path=*) touch \"${a#--socket-path=}\";; esac; done\n\
+         exec sleep 600\n",
+    );
+    std::fs::write(d.join("vmlinux"), b"\x7fELF fake, Linux version 6.1.0-test (fake)").unwrap();
+    std::fs::write(d.join("initramfs"), b"").unwrap();
+    VmDriver::new(VmDriverConfig {
+        storage_root: d.join("storage"),
+        runtime_root: d.join("run"),
+        kernel: Some(d.join("vmlinux")),
+        initramfs: Some(d.join("initramfs")),
+        agent: None,
+        vmm: Some(vmm),
+        virtiofsd: Some(virtiofsd),
+        monitor_program: Some(skiff_run()),
+    })
+    .unwrap()
+}
+
+fn instance(d: &Path, config: &[(&str, &str)]) -> InstanceSpec {
+    let image = d.join("image");
+    std::fs::create_dir_all(image.join("etc")).unwrap();
+    std::fs::write(image.join("etc/hostname"), "image\n").unwrap();
+    InstanceSpec {
+        name: "web".into(),
+        id: "0123abcd-4567-89ef-0123-456789abcdef".into(),
+        config: config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+        image_rootfs: image,
+        image_config: serde_json::json!({"process": {"args": ["nginx"], "cwd": "/"}}),
+        nic: None,
+        dir: d.join("instances/web"),
+    }
+}
+
+fn vmm_pid(d: &Path) -> i32 {
+    let dir = std::fs::read_dir(d.join("run/vm")).unwrap().find_map(|e| Some(e.ok()?.path())).expect("a runtime dir");
+    skiff_run::runtime::read_state(&dir).unwrap().vmm_pid as i32
+}
+
+fn runtime_dirs(d: &Path) -> usize {
+    std::fs::read_dir(d.join("run/vm")).map(|r| r.count()).unwrap_or(0)
+}
+
+fn mounted(d: &Path) -> bool {
+    let rootfs = d.join("storage/volumes/web/rootfs");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(rootfs.to_str().unwrap()))
+}
+
+async fn event(rx: &mut broadcast::Receiver<DriverEvent>) -> DriverEvent {
+    tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.expect("an event in time").unwrap()
+}
+
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: signalling the fake VMM this test started.
+    unsafe { libc::kill(pid, sig) };
+}
+
+#[tokio::test]
+async fn lifecycle_with_adoption_and_cleanup() {
+    let tmp = tempfile::Builder::new().prefix("skd").tempdir_in("/tmp").unwrap();
+    let d = tmp.path();
+    let drv = driver(d);
+    let inst = instance(d, &[("limits.memory", "256MiB"), ("boot.autorestart", "true")]);
+    drv.validate_config(&inst.config).unwrap();
+    drv.create(&inst).await.unwrap();
+    assert!(matches!(drv.agent(&inst), Err(skiff_driver::DriverError::NotRunning(_))));
+
+    drv.start(&inst).await.unwrap();
+    assert!(mounted(d), "the volume is mounted while running");
+    let RunStatus::Running { main_pid, restarts, .. } = drv.status(&inst).await.unwrap() else { panic!("not running") };
+    assert_eq!((main_pid, restarts), (Some(42), 0));
+    drv.agent(&inst).unwrap().ping().await.unwrap();
+    assert!(std::fs::read_to_string(drv.console_log(&inst)).unwrap().contains("fake kernel"));
+    let mut rx = drv.events();
+    signal(vmm_pid(d), libc::SIGUSR1);
+    let e = event(&mut rx).await;
+    assert!(matches!(&e, DriverEvent::MainExited { name, restarting: true, .. } if name == "web"), "{e:?}");
+    let restore = drv.snapshot_restore(&inst, "s1").await;
+    assert!(matches!(restore, Err(skiff_driver::DriverError::Running(_))), "{restore:?}");
+
+    // The daemon restarts: a new driver adopts the running VM.
+    drop(drv);
+    let drv = driver(d);
+    let mut rx = drv.events();
+    let RunStatus::Running { restarts, .. } = drv.adopt(&inst).await.unwrap() else { panic!("not adopted") };
+    assert_eq!(restarts, 1);
+    // The main process exits for good: the guest powers off by itself.
+    signal(vmm_pid(d), libc::SIGUSR2);
+    assert!(matches!(event(&mut rx).await, DriverEvent::MainExited { restarting: false, .. }));
+    let e = event(&mut rx).await;
+    assert!(matches!(&e, DriverEvent::Stopped { clean: true, .. }), "{e:?}");
+    let RunStatus::Stopped { last } = drv.status(&inst).await.unwrap() else { panic!("still running") };
+    assert!(last.as_deref().unwrap_or("").contains("powered off"), "{last:?}");
+    assert!(!mounted(d), "unmounted when the VM ended by itself");
+    assert_eq!(runtime_dirs(d), 0);
+
+    // Start and stop cleanly.
+    drv.start(&inst).await.unwrap();
+    drv.stop(&inst, Duration::from_secs(2), false).await.unwrap();
+    assert!(matches!(drv.status(&inst).await.unwrap(), RunStatus::Stopped { .. }));
+    assert!(!mounted(d));
+    assert_eq!(runtime_dirs(d), 0);
+
+    // A start that fails leaves nothing.
+    let bad = instance(d, &[("oci.entrypoint", "/nonexistent --flag")]);
+    let err = drv.start(&bad).await.expect_err("must fail");
+    let msg = format!("{err}: {:?}", std::error::Error::source(&err).map(|s| s.to_string()));
+    assert!(msg.contains("nonexistent"), "{msg}");
+    assert!(!mounted(d));
+    assert_eq!(runtime_dirs(d), 0);
+
+    // Snapshots and delete of the stopped instance.
+    drv.snapshot_create(&inst, "s1").await.unwrap();
+    drv.snapshot_restore(&inst, "s1").await.unwrap();
+    drv.delete(&inst).await.unwrap();
+    assert!(!d.join("storage/volumes/web").exists());
+}

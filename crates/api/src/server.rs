@@ -27,6 +27,7 @@ pub const EXTENSIONS: &[&str] = &[
     "image_types",
     "virtual-machines",
     "instance_get_full",
+    "api_filtering",
     "api_os",
     "event_location",
     "event_project",

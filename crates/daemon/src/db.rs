@@ -148,7 +148,8 @@ fn from_json<T: for<'de> Deserialize<'de>>(what: &'static str, s: &str) -> Resul
     serde_json::from_str(s).map_err(|source| DbError::Json { what, source })
 }
 
-const COLUMNS: &str = "name, id, type, status, config, devices, ephemeral, description, image, created_at, last_used_at";
+const COLUMNS: &str =
+    "name, id, type, status, config, devices, ephemeral, description, image, created_at, last_used_at";
 
 fn row_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<(InstanceRow, String, String)> {
     Ok((
@@ -181,11 +182,6 @@ impl Db {
     pub fn open(path: &Path) -> Result<Db, DbError> {
         let conn = Connection::open(path)?;
         Self::init(conn)
-    }
-
-    /// An in-memory database (tests).
-    pub fn memory() -> Result<Db, DbError> {
-        Self::init(Connection::open_in_memory()?)
     }
 
     fn init(mut conn: Connection) -> Result<Db, DbError> {
@@ -294,12 +290,6 @@ pub mod write {
         Ok(())
     }
 
-    /// Sets an instance's status.
-    pub fn set_status(tx: &Transaction<'_>, name: &str, status: Status) -> Result<(), DbError> {
-        tx.execute("UPDATE instances SET status = ?2 WHERE name = ?1", params![name, status.as_str()])?;
-        Ok(())
-    }
-
     /// Removes an instance and its snapshots.
     pub fn delete(tx: &Transaction<'_>, name: &str) -> Result<(), DbError> {
         tx.execute("DELETE FROM instances WHERE name = ?1", [name])?;
@@ -371,13 +361,21 @@ mod tests {
             db.tx(|tx| write::insert(tx, &row("web"))).unwrap();
             assert!(db.tx(|tx| write::insert(tx, &row("web"))).is_err(), "names are unique");
             db.tx(|tx| {
-                write::set_status(tx, "web", Status::Running)?;
-                write::add_snapshot(tx, "web", &SnapshotRow { name: "s1".into(), created_at: "1".into(), config: BTreeMap::new() })
+                let mut r = row("web");
+                r.status = Status::Running;
+                write::update(tx, &r)?;
+                write::add_snapshot(
+                    tx,
+                    "web",
+                    &SnapshotRow { name: "s1".into(), created_at: "1".into(), config: BTreeMap::new() },
+                )
             })
             .unwrap();
             // A failed transaction changes nothing.
             let r: Result<(), DbError> = db.tx(|tx| {
-                write::set_status(tx, "web", Status::Error)?;
+                let mut r = row("web");
+                r.status = Status::Error;
+                write::update(tx, &r)?;
                 Err(DbError::TooNew { found: 0, known: 0 })
             });
             assert!(r.is_err());

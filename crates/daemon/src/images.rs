@@ -126,6 +126,18 @@ impl Images {
         }
     }
 
+    /// An image by fingerprint (prefix) or by the name it was stored
+    /// under (`localhost/skiff-demo`, `docker.io/library/nginx:1.27`).
+    pub fn find(&self, key: &str) -> Result<ImageRecord, ImageError> {
+        if !key.is_empty() && key.chars().all(|c| c.is_ascii_hexdigit()) {
+            if let Ok(r) = self.by_fingerprint(key) {
+                return Ok(r);
+            }
+        }
+        let name = Reference::parse(key).map(|r| r.to_string()).unwrap_or_else(|_| key.to_string());
+        self.store.inspect(&name).map_err(|_| ImageError::NotFound(key.into()))
+    }
+
     fn target(&self, src: &InstanceSource, alias_target: Option<String>) -> Result<Target, ImageError> {
         if src.kind != "image" {
             return Err(ImageError::BadSource(format!(
@@ -137,10 +149,13 @@ impl Images {
             Some(s) => Some(decode_secret(s)?),
             None => None,
         };
-        if let Some(fp) = src.fingerprint.as_deref().filter(|f| !f.is_empty()) {
+        let fingerprint = src.fingerprint.as_deref().filter(|f| !f.is_empty());
+        if let Some(fp) = fingerprint.filter(|f| f.chars().all(|c| c.is_ascii_hexdigit())) {
             return Ok(Target::Local(self.by_fingerprint(fp)?));
         }
-        let alias = src.alias.as_deref().filter(|a| !a.is_empty()).ok_or_else(|| {
+        // Clients that could not resolve a name as an alias send it as a
+        // fingerprint (LXD's client does): treat it as a name.
+        let alias = src.alias.as_deref().filter(|a| !a.is_empty()).or(fingerprint).ok_or_else(|| {
             ImageError::BadSource("the source names no image (give an alias or a fingerprint)".into())
         })?;
         if let Some(proto) = src.protocol.as_deref().filter(|p| !p.is_empty() && *p != "oci") {
@@ -229,8 +244,13 @@ impl Images {
             })),
             ..PullOptions::default()
         };
-        let report = skiff_oci::pull::pull(&self.store, reference, &opts)
+        // The pull's future is not Send (a higher-ranked closure inside
+        // oci-client), so it runs on a blocking thread of its own.
+        let (store, r) = (self.store.clone(), reference.clone());
+        let handle = tokio::runtime::Handle::current();
+        let report = tokio::task::spawn_blocking(move || handle.block_on(skiff_oci::pull::pull(&store, &r, &opts)))
             .await
+            .map_err(|e| ImageError::Store(format!("pull task: {e}")))?
             .map_err(|e| ImageError::Pull { reference: reference.to_string(), why: chain(&e) })?;
         Ok(report.record)
     }
@@ -287,14 +307,13 @@ impl PullProgress {
                 false
             }
             Progress::LayerDone { .. } => true,
-            _ => false,
         };
         if !force && self.last.is_some_and(|l| now.duration_since(l) < Duration::from_millis(200)) {
             return None;
         }
         self.last = Some(now);
         let secs = now.duration_since(started).as_secs_f64().max(0.001);
-        let percent = if self.total == 0 { 0 } else { (self.done * 100 / self.total).min(100) };
+        let percent = (self.done * 100).checked_div(self.total).unwrap_or(0).min(100);
         let speed = (self.done as f64 / secs) as u64;
         Some(json!({
             "progress": {"stage": "pull", "percent": percent.to_string(), "speed": speed.to_string()},

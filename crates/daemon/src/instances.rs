@@ -151,7 +151,10 @@ pub fn begin_create(d: &Daemon, req: &mut InstancesPost) -> Result<InstanceRow, 
         return Err(InstanceError::BadRequest(format!("unknown profiles {p:?} (Skiff has only \"default\")")));
     }
     if !req.architecture.is_empty() && req.architecture != "x86_64" {
-        return Err(InstanceError::BadRequest(format!("architecture {:?} is not this host's (x86_64)", req.architecture)));
+        return Err(InstanceError::BadRequest(format!(
+            "architecture {:?} is not this host's (x86_64)",
+            req.architecture
+        )));
     }
     if let Some(k) = req.config.keys().find(|k| k.starts_with("volatile.")) {
         return Err(InstanceError::BadRequest(format!("config key {k:?} is set by skiffd, not by clients")));
@@ -218,7 +221,12 @@ fn check_devices(devs: &BTreeMap<String, BTreeMap<String, String>>) -> Result<()
 
 /// The work of a create operation: the image, the volume, the row; then a
 /// start if asked. On failure everything made is removed.
-pub async fn create(d: &Arc<Daemon>, mut row: InstanceRow, req: InstancesPost, op: Arc<Op>) -> Result<(), InstanceError> {
+pub async fn create(
+    d: &Arc<Daemon>,
+    mut row: InstanceRow,
+    req: InstancesPost,
+    op: Arc<Op>,
+) -> Result<(), InstanceError> {
     let result = async {
         let alias_target = match req.source.alias.as_deref() {
             Some(a) if req.source.server.as_deref().is_none_or(str::is_empty) => {
@@ -566,7 +574,8 @@ pub fn update(d: &Daemon, name: &str, put: skiff_api::InstancePut, replace: bool
         let volatile: BTreeMap<_, _> =
             r.config.iter().filter(|(k, _)| k.starts_with("volatile.")).map(|(k, v)| (k.clone(), v.clone())).collect();
         config.retain(|k, _| !k.starts_with("volatile."));
-        let user: BTreeMap<_, _> = config.iter().filter(|(k, _)| !k.starts_with("image.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let user: BTreeMap<_, _> =
+            config.iter().filter(|(k, _)| !k.starts_with("image.")).map(|(k, v)| (k.clone(), v.clone())).collect();
         d.driver.validate_config(&user).map_err(|e| InstanceError::BadRequest(chain(&e)))?;
         let mut merged = if replace {
             let mut m = config;

@@ -77,11 +77,6 @@ impl Op {
         });
     }
 
-    /// Whether a client asked to cancel it.
-    pub fn cancelled(&self) -> bool {
-        *self.cancel.borrow()
-    }
-
     /// Resolves when a client asks to cancel.
     pub async fn on_cancel(&self) {
         let mut rx = self.cancel.subscribe();

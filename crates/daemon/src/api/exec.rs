@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::ws::{Message, WebSocket};
+use axum::extract::ws::Message;
 use axum::extract::{Path, State};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -59,11 +59,13 @@ pub async fn exec(State(d): State<App>, Path(name): Path<String>, Body(req): Bod
     }
     let spec = inst::spec(&d, &r)?;
     let agent = d.driver.agent(&spec).map_err(|e| ApiErr::bad(crate::images::chain(&e)))?;
-    let user = (req.user != 0 || req.group != 0).then(|| User { uid: req.user, gid: req.group, additional_gids: vec![] });
-    let tty = req.interactive.then(|| WindowSize {
+    let user =
+        (req.user != 0 || req.group != 0).then(|| User { uid: req.user, gid: req.group, additional_gids: vec![] });
+    let size = WindowSize {
         rows: if req.height > 0 { req.height } else { 24 },
         cols: if req.width > 0 { req.width } else { 80 },
-    });
+    };
+    let tty = req.interactive.then_some(size);
     let request = ExecRequest {
         argv: req.command.clone(),
         env: environment(&d, &r, &req.environment),
@@ -102,7 +104,12 @@ pub async fn exec(State(d): State<App>, Path(name): Path<String>, Body(req): Bod
     accepted(&op)
 }
 
-async fn run_ws(agent: AgentClient, request: ExecRequest, streams: Streams, tty: bool) -> Result<Option<Value>, OpError> {
+async fn run_ws(
+    agent: AgentClient,
+    request: ExecRequest,
+    streams: Streams,
+    tty: bool,
+) -> Result<Option<Value>, OpError> {
     let mut socks = streams.connect_all().await?;
     let fail = |e: skiff_agent_client::ClientError| OpError::Failed(crate::images::chain(&e));
     let mut session = agent.exec(request).await.map_err(fail)?;
@@ -116,20 +123,16 @@ async fn run_ws(agent: AgentClient, request: ExecRequest, streams: Streams, tty:
     let c = ctl.clone();
     let stdin_task = tokio::spawn(async move {
         while let Some(Ok(msg)) = stdin_rx.next().await {
-            match msg {
-                Message::Binary(b) if !b.is_empty() => {
-                    if c.write_stdin(&b).await.is_err() {
-                        break;
-                    }
-                }
-                Message::Text(t) if !t.is_empty() => {
-                    if c.write_stdin(t.as_bytes()).await.is_err() {
-                        break;
-                    }
-                }
-                Message::Close(_) => break,
-                Message::Binary(_) | Message::Text(_) if !tty => break,
-                _ => {}
+            // LXD's clients mark stdin's end with an empty message (a
+            // barrier) or close the websocket.
+            let data = match msg {
+                Message::Binary(b) if !b.is_empty() => b.to_vec(),
+                Message::Text(t) if !t.is_empty() => t.as_bytes().to_vec(),
+                Message::Binary(_) | Message::Text(_) | Message::Close(_) => break,
+                _ => continue,
+            };
+            if c.write_stdin(&data).await.is_err() {
+                break;
             }
         }
         let _ = c.close_stdin().await;
@@ -194,7 +197,3 @@ async fn run_ws(agent: AgentClient, request: ExecRequest, streams: Streams, tty:
     let status = status.ok_or_else(|| OpError::Failed("the exec ended without an exit status".into()))?;
     Ok(Some(json!({"return": status.code()})))
 }
-
-/// Keeps the type checker honest about the websocket type used above.
-#[allow(dead_code)]
-fn _ws(_: WebSocket) {}

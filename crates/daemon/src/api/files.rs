@@ -44,7 +44,8 @@ fn target(d: &App, name: &str, q: &HashMap<String, String>) -> Result<(AgentClie
     if r.status != Status::Running {
         return Err(ApiErr::bad(format!("Instance {name:?} is not running (file transfers go through its agent)")));
     }
-    let path = q.get("path").filter(|p| p.starts_with('/')).ok_or_else(|| ApiErr::bad("path must be an absolute path"))?;
+    let path =
+        q.get("path").filter(|p| p.starts_with('/')).ok_or_else(|| ApiErr::bad("path must be an absolute path"))?;
     let spec = inst::spec(d, &r)?;
     let agent = d.driver.agent(&spec).map_err(|e| ApiErr::bad(chain(&e)))?;
     Ok((agent, path.clone()))
@@ -56,7 +57,11 @@ fn header(h: &HeaderMap, names: [&str; 2]) -> Option<String> {
 
 fn agent_err(path: &str, e: skiff_agent_client::ClientError) -> ApiErr {
     let text = chain(&e);
-    let status = if text.contains("not_found") || text.contains("No such file") || text.contains("not found") { 404 } else { 500 };
+    let status = if text.contains("not_found") || text.contains("No such file") || text.contains("not found") {
+        404
+    } else {
+        500
+    };
     ApiErr::new(status, format!("{path}: {text}"))
 }
 
@@ -76,7 +81,11 @@ fn meta_headers(h: &mut HeaderMap, uid: u32, gid: u32, mode: u32, kind: &str) {
 }
 
 /// `GET`: a file's bytes, a directory's entry names, or a symlink's target.
-pub async fn get(State(d): State<App>, axum::extract::Path(name): axum::extract::Path<String>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+pub async fn get(
+    State(d): State<App>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
     let (agent, path) = target(&d, &name, &q)?;
     let scratch = Scratch::new(&d)?;
     let local = scratch.0.join("x");
@@ -115,7 +124,10 @@ pub async fn post(
 ) -> ApiResult {
     let (agent, path) = target(&d, &name, &q)?;
     let num = |names, what: &str| -> Result<Option<u32>, ApiErr> {
-        header(&h, names).map(|v| v.parse::<i64>().map_err(|_| ApiErr::bad(format!("bad {what} header {v:?}")))).transpose().map(|o| o.filter(|n| *n >= 0).map(|n| n as u32))
+        header(&h, names)
+            .map(|v| v.parse::<i64>().map_err(|_| ApiErr::bad(format!("bad {what} header {v:?}"))))
+            .transpose()
+            .map(|o| o.filter(|n| *n >= 0).map(|n| n as u32))
     };
     let uid = num(hdr::UID, "uid")?;
     let gid = num(hdr::GID, "gid")?;
@@ -136,7 +148,10 @@ pub async fn post(
         };
         let out = agent.exec_output(request, Some(body.to_vec())).await.map_err(|e| agent_err(&path, e))?;
         if out.status.code() != 0 {
-            return Err(ApiErr::new(500, format!("appending to {path}: {}", String::from_utf8_lossy(&out.stderr).trim())));
+            return Err(ApiErr::new(
+                500,
+                format!("appending to {path}: {}", String::from_utf8_lossy(&out.stderr).trim()),
+            ));
         }
         return sync(serde_json::Value::Null);
     }
@@ -153,13 +168,18 @@ pub async fn post(
     if kind != "symlink" {
         let _ = std::fs::set_permissions(&local, std::fs::Permissions::from_mode(mode.unwrap_or(default_mode)));
     }
-    let opts = PushOptions { uid, gid, mode: mode.or(Some(default_mode)).filter(|_| kind != "symlink"), parents: false };
+    let opts =
+        PushOptions { uid, gid, mode: mode.or(Some(default_mode)).filter(|_| kind != "symlink"), parents: false };
     agent.push(&local, &path, &opts).await.map_err(|e| agent_err(&path, e))?;
     sync(serde_json::Value::Null)
 }
 
 /// `DELETE`: removes a file, a symlink or a directory tree.
-pub async fn delete(State(d): State<App>, axum::extract::Path(name): axum::extract::Path<String>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+pub async fn delete(
+    State(d): State<App>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
     let (agent, path) = target(&d, &name, &q)?;
     if path == "/" {
         return Err(ApiErr::bad("refusing to delete /"));

@@ -166,9 +166,19 @@ pub async fn list(State(d): State<App>, Query(q): Query<HashMap<String, String>>
 /// `POST /1.0/instances`.
 pub async fn create(State(d): State<App>, Body(mut req): Body<InstancesPost>) -> ApiResult {
     let row = inst::begin_create(&d, &mut req)?;
-    let (op, _) = d.ops.create(OperationClass::Task, "Creating instance", Some(&row.name), Value::Null, false, &[]);
+    let (op, _) = d.ops.create(OperationClass::Task, "Creating instance", Some(&row.name), Value::Null, true, &[]);
     let (d2, o) = (d.clone(), op.clone());
-    d.ops.run(&op, async move { inst::create(&d2, row, req, o).await.map(|_| None).map_err(|e| OpError::Failed(e.to_string())) });
+    d.ops.run(&op, async move {
+        let kept = row.clone();
+        tokio::select! {
+            r = inst::create(&d2, row, req, o.clone()) => r.map(|_| None).map_err(|e| OpError::Failed(e.to_string())),
+            _ = o.on_cancel() => {
+                // The create stopped wherever it was: remove what it made.
+                inst::discard(&d2, &kept).await;
+                Err(OpError::Cancelled)
+            }
+        }
+    });
     accepted(&op)
 }
 
@@ -178,7 +188,11 @@ fn etag_for(inst: &Instance) -> String {
 }
 
 /// `GET /1.0/instances/{name}` (`recursion=1`: with state and snapshots).
-pub async fn get_one(State(d): State<App>, Path(name): Path<String>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+pub async fn get_one(
+    State(d): State<App>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
     let r = inst::row(&d, &name)?;
     let i = to_api(&d, &r);
     let tag = etag_for(&i);
@@ -206,7 +220,12 @@ fn check_etag(d: &App, name: &str, h: &HeaderMap) -> Result<(), ApiErr> {
 }
 
 /// `PUT /1.0/instances/{name}`: replace config, or restore a snapshot.
-pub async fn put(State(d): State<App>, Path(name): Path<String>, h: HeaderMap, Body(req): Body<InstancePut>) -> ApiResult {
+pub async fn put(
+    State(d): State<App>,
+    Path(name): Path<String>,
+    h: HeaderMap,
+    Body(req): Body<InstancePut>,
+) -> ApiResult {
     if let Some(snap) = req.restore.clone() {
         inst::row(&d, &name)?;
         let (op, _) = d.ops.create(OperationClass::Task, "Restoring snapshot", Some(&name), Value::Null, false, &[]);
@@ -224,14 +243,23 @@ pub async fn put(State(d): State<App>, Path(name): Path<String>, h: HeaderMap, B
 }
 
 /// `PATCH /1.0/instances/{name}`: merge config.
-pub async fn patch(State(d): State<App>, Path(name): Path<String>, h: HeaderMap, Body(req): Body<InstancePut>) -> ApiResult {
+pub async fn patch(
+    State(d): State<App>,
+    Path(name): Path<String>,
+    h: HeaderMap,
+    Body(req): Body<InstancePut>,
+) -> ApiResult {
     check_etag(&d, &name, &h)?;
     inst::update(&d, &name, req, false)?;
     sync(Value::Null)
 }
 
 /// `DELETE /1.0/instances/{name}` (`?force=true` stops it first).
-pub async fn delete(State(d): State<App>, Path(name): Path<String>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+pub async fn delete(
+    State(d): State<App>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
     let r = inst::row(&d, &name)?;
     let force = q.get("force").is_some_and(|v| v == "true" || v == "1");
     if r.status == Status::Running && !force {
@@ -239,7 +267,9 @@ pub async fn delete(State(d): State<App>, Path(name): Path<String>, Query(q): Qu
     }
     let (op, _) = d.ops.create(OperationClass::Task, "Deleting instance", Some(&name), Value::Null, false, &[]);
     let d2 = d.clone();
-    d.ops.run(&op, async move { inst::delete(&d2, &name, force).await.map(|_| None).map_err(|e| OpError::Failed(e.to_string())) });
+    d.ops.run(&op, async move {
+        inst::delete(&d2, &name, force).await.map(|_| None).map_err(|e| OpError::Failed(e.to_string()))
+    });
     accepted(&op)
 }
 
@@ -286,7 +316,11 @@ pub async fn state_put(State(d): State<App>, Path(name): Path<String>, Body(req)
 }
 
 /// `GET /1.0/instances/{name}/snapshots`.
-pub async fn snapshots(State(d): State<App>, Path(name): Path<String>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+pub async fn snapshots(
+    State(d): State<App>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
     let r = inst::row(&d, &name)?;
     let snaps = d.db().snapshots(&name)?;
     if recursion(&q) >= 1 {
@@ -297,10 +331,16 @@ pub async fn snapshots(State(d): State<App>, Path(name): Path<String>, Query(q):
 }
 
 /// `POST /1.0/instances/{name}/snapshots`.
-pub async fn snapshot_post(State(d): State<App>, Path(name): Path<String>, Body(req): Body<InstanceSnapshotsPost>) -> ApiResult {
+pub async fn snapshot_post(
+    State(d): State<App>,
+    Path(name): Path<String>,
+    Body(req): Body<InstanceSnapshotsPost>,
+) -> ApiResult {
     inst::row(&d, &name)?;
     if req.stateful {
-        return Err(ApiErr::bad("stateful snapshots (with memory) arrive with the snapshot/restore work; take a stateless one"));
+        return Err(ApiErr::bad(
+            "stateful snapshots (with memory) arrive with the snapshot/restore work; take a stateless one",
+        ));
     }
     let (op, _) = d.ops.create(OperationClass::Task, "Snapshotting instance", Some(&name), Value::Null, false, &[]);
     let d2 = d.clone();
@@ -327,7 +367,10 @@ pub async fn snapshot_rename(
     let (op, _) = d.ops.create(OperationClass::Task, "Renaming snapshot", Some(&name), Value::Null, false, &[]);
     let d2 = d.clone();
     d.ops.run(&op, async move {
-        inst::snapshot_rename(&d2, &name, &snap, &req.name).await.map(|_| None).map_err(|e| OpError::Failed(e.to_string()))
+        inst::snapshot_rename(&d2, &name, &snap, &req.name)
+            .await
+            .map(|_| None)
+            .map_err(|e| OpError::Failed(e.to_string()))
     });
     accepted(&op)
 }

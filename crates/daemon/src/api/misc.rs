@@ -10,7 +10,9 @@ use axum::http::{HeaderValue, Method, Uri};
 use axum::response::IntoResponse;
 use serde_json::{json, Value};
 use skiff_api::image::ImageSource;
-use skiff_api::{Image, ImageAlias, ImageAliasesEntry, ImageAliasesPost, Network, NetworkLease, Server, ServerEnvironment};
+use skiff_api::{
+    Image, ImageAlias, ImageAliasesEntry, ImageAliasesPost, Network, NetworkLease, Server, ServerEnvironment,
+};
 
 use super::{recursion, sync, ApiErr, ApiResult, App, Body};
 use crate::db::write;
@@ -36,11 +38,14 @@ fn uname() -> (String, String) {
 }
 
 /// `GET /1.0`.
-pub async fn server(State(d): State<App>) -> ApiResult {
+pub async fn server() -> ApiResult {
     let (host, release) = uname();
     let os = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
     let field = |k: &str| {
-        os.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).map(|v| v.trim_matches('"').to_string()).unwrap_or_default()
+        os.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .map(|v| v.trim_matches('"').to_string())
+            .unwrap_or_default()
     };
     sync(Server {
         config: Default::default(),
@@ -171,7 +176,11 @@ pub async fn operations(State(d): State<App>, Query(q): Query<HashMap<String, St
     for op in d.ops.all() {
         let r = op.record();
         let key = r.status.to_lowercase();
-        let v = if recursion(&q) >= 1 { serde_json::to_value(&r).unwrap_or(Value::Null) } else { json!(format!("/1.0/operations/{}", r.id)) };
+        let v = if recursion(&q) >= 1 {
+            serde_json::to_value(&r).unwrap_or(Value::Null)
+        } else {
+            json!(format!("/1.0/operations/{}", r.id))
+        };
         by.entry(key).or_default().push(v);
     }
     sync(by)
@@ -193,7 +202,11 @@ pub async fn operation_cancel(State(d): State<App>, Path(id): Path<String>) -> A
 }
 
 /// `GET /1.0/operations/{id}/wait?timeout=N` (-1 or absent: forever).
-pub async fn operation_wait(State(d): State<App>, Path(id): Path<String>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+pub async fn operation_wait(
+    State(d): State<App>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
     let op = d.ops.get(&id).ok_or_else(|| ApiErr::not_found("Operation"))?;
     let limit = q.get("timeout").and_then(|t| t.parse::<f64>().ok()).filter(|t| *t >= 0.0).map(Duration::from_secs_f64);
     op.wait(limit).await;
@@ -218,7 +231,11 @@ pub async fn operation_websocket(
 }
 
 /// `GET /1.0/events?type=lifecycle,operation,logging` (websocket).
-pub async fn events(State(d): State<App>, Query(q): Query<HashMap<String, String>>, ws: WebSocketUpgrade) -> impl IntoResponse {
+pub async fn events(
+    State(d): State<App>,
+    Query(q): Query<HashMap<String, String>>,
+    ws: WebSocketUpgrade,
+) -> impl IntoResponse {
     let types: Vec<String> = q.get("type").map(|t| t.split(',').map(str::to_string).collect()).unwrap_or_default();
     let mut rx = d.events.subscribe();
     ws.on_upgrade(move |mut socket| async move {
@@ -246,7 +263,11 @@ pub async fn events(State(d): State<App>, Query(q): Query<HashMap<String, String
     })
 }
 
-fn image_api(d: &App, recs: &[skiff_oci::ImageRecord], aliases: &std::collections::BTreeMap<String, (String, String)>) -> Vec<Image> {
+fn image_api(
+    d: &App,
+    recs: &[skiff_oci::ImageRecord],
+    aliases: &std::collections::BTreeMap<String, (String, String)>,
+) -> Vec<Image> {
     let mut out: Vec<Image> = Vec::new();
     for r in recs {
         let fp = r.manifest.hex().to_string();
@@ -274,10 +295,13 @@ fn image_api(d: &App, recs: &[skiff_oci::ImageRecord], aliases: &std::collection
                 ("oci.references".to_string(), r.name.clone()),
                 ("description".to_string(), r.name.clone()),
                 ("in_use".to_string(), used.to_string()),
+                ("format".to_string(), "oci".to_string()),
             ]
             .into(),
             size: r.size(),
-            kind: "oci".into(),
+            // OCI images run as thin VMs (LXD's clients check the type
+            // against --vm); `properties.format` says they are OCI.
+            kind: "virtual-machine".into(),
             created_at: t.clone(),
             uploaded_at: t.clone(),
             last_used_at: t,
@@ -305,7 +329,7 @@ pub async fn images(State(d): State<App>, Query(q): Query<HashMap<String, String
 }
 
 fn find_image(d: &App, fp: &str) -> Result<Image, ApiErr> {
-    let rec = d.images.by_fingerprint(fp).map_err(|e| ApiErr::new(404, e.to_string()))?;
+    let rec = d.images.find(fp).map_err(|e| ApiErr::new(404, e.to_string()))?;
     all_images(d)?.into_iter().find(|i| i.fingerprint == rec.manifest.hex()).ok_or_else(|| ApiErr::not_found("Image"))
 }
 
@@ -316,7 +340,7 @@ pub async fn image(State(d): State<App>, Path(fp): Path<String>) -> ApiResult {
 
 /// `DELETE /1.0/images/{fp}`.
 pub async fn image_delete(State(d): State<App>, Path(fp): Path<String>) -> ApiResult {
-    let rec = d.images.by_fingerprint(&fp).map_err(|e| ApiErr::new(404, e.to_string()))?;
+    let rec = d.images.find(&fp).map_err(|e| ApiErr::new(404, e.to_string()))?;
     d.images.delete(&rec).map_err(|e| ApiErr::new(409, e.to_string()))?;
     let hex = rec.manifest.hex().to_string();
     d.db().tx(|tx| {
@@ -332,7 +356,16 @@ pub async fn image_delete(State(d): State<App>, Path(fp): Path<String>) -> ApiRe
 pub async fn aliases(State(d): State<App>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
     let a = d.db().aliases()?;
     if recursion(&q) >= 1 {
-        sync(a.into_iter().map(|(name, (target, description))| ImageAliasesEntry { name, description, target, kind: "virtual-machine".into() }).collect::<Vec<_>>())
+        sync(
+            a.into_iter()
+                .map(|(name, (target, description))| ImageAliasesEntry {
+                    name,
+                    description,
+                    target,
+                    kind: "virtual-machine".into(),
+                })
+                .collect::<Vec<_>>(),
+        )
     } else {
         sync(a.keys().map(|n| format!("/1.0/images/aliases/{n}")).collect::<Vec<_>>())
     }
@@ -343,7 +376,7 @@ pub async fn alias_post(State(d): State<App>, Body(req): Body<ImageAliasesPost>)
     if req.name.is_empty() || req.name.contains('/') && !req.name.chars().all(|c| c.is_ascii_graphic()) {
         return Err(ApiErr::bad(format!("invalid alias name {:?}", req.name)));
     }
-    let rec = d.images.by_fingerprint(&req.target).map_err(|e| ApiErr::new(404, e.to_string()))?;
+    let rec = d.images.find(&req.target).map_err(|e| ApiErr::new(404, e.to_string()))?;
     if d.db().aliases()?.contains_key(&req.name) {
         return Err(ApiErr::new(409, format!("Alias {:?} already exists", req.name)));
     }

@@ -10,7 +10,6 @@ mod misc;
 
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
 use axum::extract::FromRequest;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -107,11 +106,12 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> 
     type Rejection = ApiErr;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Body(v)),
-            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiErr::bad("the body must be JSON")),
-            Err(e) => Err(ApiErr::bad(format!("malformed request body: {}", e.body_text()))),
-        }
+        // Any content type: clients differ in what they send.
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiErr::bad(format!("reading the request body: {}", e.body_text())))?;
+        let text = if bytes.is_empty() { &b"{}"[..] } else { &bytes[..] };
+        serde_json::from_slice(text).map(Body).map_err(|e| ApiErr::bad(format!("malformed request body: {e}")))
     }
 }
 
@@ -143,7 +143,10 @@ pub fn router(app: App) -> Router {
         )
         .route("/1.0/instances/{name}/state", get(instances::state).put(instances::state_put))
         .route("/1.0/instances/{name}/exec", post(exec::exec))
-        .route("/1.0/instances/{name}/console", get(misc::console_log).post(misc::console_post).delete(misc::console_clear))
+        .route(
+            "/1.0/instances/{name}/console",
+            get(misc::console_log).post(misc::console_post).delete(misc::console_clear),
+        )
         .route("/1.0/instances/{name}/files", get(files::get).post(files::post).delete(files::delete))
         .route("/1.0/instances/{name}/logs", get(misc::logs))
         .route("/1.0/instances/{name}/logs/{file}", get(misc::log_get).delete(misc::log_delete))
@@ -159,8 +162,8 @@ pub fn router(app: App) -> Router {
         .route("/1.0/events", get(misc::events))
         .route("/1.0/images", get(misc::images))
         .route("/1.0/images/aliases", get(misc::aliases).post(misc::alias_post))
-        .route("/1.0/images/aliases/{alias}", get(misc::alias_get).delete(misc::alias_delete))
-        .route("/1.0/images/{fp}", get(misc::image).delete(misc::image_delete))
+        .route("/1.0/images/aliases/{*alias}", get(misc::alias_get).delete(misc::alias_delete))
+        .route("/1.0/images/{*fp}", get(misc::image).delete(misc::image_delete))
         .route("/1.0/networks", get(misc::networks))
         .route("/1.0/networks/{net}", get(misc::network))
         .route("/1.0/networks/{net}/leases", get(misc::leases))

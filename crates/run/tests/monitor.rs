@@ -257,3 +257,41 @@ fn dead_and_foreign_pids_are_not_monitors() {
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
 }
+
+#[test]
+fn cli_detach_list_and_stop() {
+    let f = fixture(&["unused"]);
+    let d = &f.dir;
+    let bundle = d.join("bundle");
+    std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
+    std::fs::write(bundle.join("config.json"), r#"{"process":{"args":["/app"],"cwd":"/"}}"#).unwrap();
+    let root = d.join("r");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_skiff-run"))
+            .args(args)
+            .env("SKIFF_RUN_ROOT", &root)
+            .env("SKIFF_VMM", f.spec.vmm.as_ref().unwrap())
+            .env("SKIFF_VIRTIOFSD", f.spec.virtiofsd.as_ref().unwrap())
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+    };
+    let kernel = d.join("vmlinux").display().to_string();
+    let initramfs = d.join("initramfs").display().to_string();
+    let args = ["-d", "--name", "bg", "--kernel", &kernel, "--initramfs", &initramfs, bundle.to_str().unwrap()];
+    let (code, out, err) = run(&args);
+    assert_eq!((code, out.trim()), (0, "bg"), "{err}");
+    let (code, out, _) = run(&["list"]);
+    assert!(code == 0 && out.lines().any(|l| l.starts_with("bg ")), "{out}");
+    let (code, _, err) = run(&["kill", "bg"]);
+    assert!(code == 125 && err.contains("skiff-run stop bg"), "{err}");
+    // The fake agent reports SIGTERM for the stopped main process: 128 + 15.
+    let (code, _, err) = run(&["stop", "bg", "-t", "2"]);
+    assert_eq!(code, 143, "{err}");
+    assert!(!root.join("bg").exists());
+    let exit = std::fs::read_to_string(root.join(".logs/bg/exit.json")).unwrap();
+    assert!(exit.contains(r#""reason": "stopped""#), "{exit}");
+    let (code, _, err) = run(&["stop", "bg"]);
+    assert!(code == 125 && err.contains("no VM named bg"), "{err}");
+}

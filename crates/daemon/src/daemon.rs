@@ -82,6 +82,24 @@ pub struct Daemon {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
+/// Kernel modules the bridge, taps, NAT and vhost need. Kernels do not
+/// always load them on demand (nftables' NAT chain type is one), so the
+/// daemon asks for them; what is built in or missing is left to the steps
+/// that need it to report.
+const MODULES: &[&str] = &["bridge", "tun", "nf_tables", "nft_chain_nat", "nft_masq", "nf_nat"];
+
+fn load_modules() {
+    for m in MODULES {
+        if !Path::new("/sys/module").join(m).exists() {
+            let _ = std::process::Command::new("modprobe")
+                .args(["-q", m])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
 fn mkdir(p: &Path) -> Result<(), InitError> {
     std::fs::create_dir_all(p).map_err(|source| InitError::Dir { path: p.to_path_buf(), source })
 }
@@ -97,6 +115,7 @@ impl Daemon {
         let db = Db::open(&dir.join("state.db"))?;
         let images = Images::open(dir.join("oci"))?;
         let net = if settings.network {
+            load_modules();
             let ipv4 = match &settings.subnet {
                 Some(s) => Some(s.parse().map_err(|e| InitError::Net(format!("--subnet {s}: {e}")))?),
                 None => None,

@@ -1,0 +1,400 @@
+//! Issue 10's end-to-end test: skiffd and the skiff CLI, with real thin
+//! VMs, a real registry (docker-registry), the managed bridge with
+//! dnsmasq and nftables, and real clients. One daemon, few boots, many
+//! checks; each check runs even when an earlier one failed, and the test
+//! fails at the end listing them with the daemon's log.
+//!
+//! Boots: `web` (the demo image, by its local name) and `web2` (the same
+//! image pushed to the registry, through a remote), `web` again after a
+//! stop/start and a snapshot restore.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+use skiff_tests::{scratch, vmm_binary};
+
+struct Env {
+    dir: PathBuf,
+    run: PathBuf,
+    bin: PathBuf,
+    home: PathBuf,
+    daemon: Option<Child>,
+    log: PathBuf,
+}
+
+impl Env {
+    fn skiff(&self, args: &[&str]) -> Result<(i32, String, String)> {
+        self.skiff_in(args, None)
+    }
+
+    fn skiff_in(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<(i32, String, String)> {
+        let mut child = Command::new(self.bin.join("skiff"))
+            .args(args)
+            .env("SKIFF_DIR", &self.dir)
+            .env("HOME", &self.home)
+            .env("XDG_CONFIG_HOME", self.home.join(".config"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running skiff")?;
+        if let Some(data) = stdin {
+            child.stdin.take().context("stdin")?.write_all(data)?;
+        }
+        drop(child.stdin.take());
+        let out = child.wait_with_output()?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// `skiff ARGS` that must succeed; its stdout.
+    fn ok(&self, args: &[&str]) -> Result<String> {
+        let (code, out, err) = self.skiff(args)?;
+        ensure!(code == 0, "skiff {} exited {code}: {err}{out}", args.join(" "));
+        Ok(out)
+    }
+
+    fn start_daemon(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new(self.bin.join("skiffd"))
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--run-dir")
+            .arg(&self.run)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting skiffd")?;
+        self.daemon = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(self.dir.join("unix.socket")).is_ok() {
+                return Ok(());
+            }
+            if let Some(c) = self.daemon.as_mut() {
+                if let Some(s) = c.try_wait()? {
+                    bail!("skiffd exited {s}:\n{}", self.daemon_log());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("skiffd did not open its socket within 60 s:\n{}", self.daemon_log())
+    }
+
+    fn kill_daemon(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn daemon_log(&self) -> String {
+        let t = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = t.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+
+    /// The instance's IPv4 address from `skiff list --format json`.
+    fn ipv4(&self, name: &str) -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = self.ok(&["list", "--format", "json"])?;
+            let v: Value = serde_json::from_str(&out).context("list --format json")?;
+            let addr = v.as_array().into_iter().flatten().find(|i| i["name"] == name).and_then(|i| {
+                i.pointer("/state/network/eth0/addresses")?
+                    .as_array()?
+                    .iter()
+                    .find(|a| a["family"] == "inet")
+                    .and_then(|a| a["address"].as_str().map(str::to_string))
+            });
+            if let Some(a) = addr {
+                return Ok(a);
+            }
+            ensure!(Instant::now() < deadline, "{name} has no IPv4 address after 60 s: {out}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Best effort: stop every instance so no VM outlives the test.
+        if self.daemon.is_some() {
+            if let Ok((_, out, _)) = self.skiff(&["list", "--format", "csv"]) {
+                for line in out.lines() {
+                    if let Some(name) = line.split(',').next().filter(|n| !n.is_empty()) {
+                        let _ = self.skiff(&["delete", "--force", name]);
+                    }
+                }
+            }
+        }
+        self.kill_daemon();
+    }
+}
+
+fn http_get(addr: &str, port: u16) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let attempt = (|| -> Result<String> {
+            let mut s = TcpStream::connect_timeout(&format!("{addr}:{port}").parse()?, Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(s, "GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+            let mut body = String::new();
+            s.read_to_string(&mut body)?;
+            Ok(body)
+        })();
+        match attempt {
+            Ok(b) => return Ok(b),
+            Err(e) if Instant::now() > deadline => return Err(e.context(format!("GET http://{addr}:{port}/"))),
+            Err(_) => std::thread::sleep(Duration::from_millis(300)),
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// docker-registry on 127.0.0.1:5000 with the demo image pushed as test/httpd:1.
+fn registry(dir: &Path, layout: &Path) -> Result<Child> {
+    let cfg = dir.join("registry.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:5000\n",
+            dir.join("registry").display()
+        ),
+    )?;
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("docker-registry")?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect("127.0.0.1:5000").is_err() {
+        ensure!(Instant::now() < deadline, "docker-registry did not listen");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    run(Command::new("skopeo").args([
+        "copy",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:latest", layout.display()),
+        "docker://127.0.0.1:5000/test/httpd:1",
+    ]))?;
+    Ok(child)
+}
+
+fn processes(name: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| std::fs::read_to_string(e.path().join("comm")).map(|c| c.trim() == name).unwrap_or(false))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+#[ignore = "boots guests: run through tests/run"]
+fn daemon_end_to_end() -> Result<()> {
+    let tmp = scratch()?;
+    let bin = vmm_binary()?.parent().context("binary dir")?.to_path_buf();
+    let dir = tmp.path().join("skiff");
+    let mut env = Env {
+        dir: dir.clone(),
+        run: tmp.path().join("run"),
+        bin: bin.clone(),
+        home: tmp.path().join("home"),
+        daemon: None,
+        log: tmp.path().join("skiffd.log"),
+    };
+    std::fs::create_dir_all(&env.home)?;
+    let layout = run(Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/build-demo-image"))
+        .env("SKIFF_DIR", &dir)
+        .env("SKIFF_OCI", bin.join("skiff-oci")))?;
+    let layout = PathBuf::from(layout.trim());
+    let mut reg = registry(tmp.path(), &layout)?;
+    env.start_daemon()?;
+    let mut failures: Vec<String> = Vec::new();
+    let mut check = |name: &str, r: Result<()>| {
+        if let Err(e) = r {
+            failures.push(format!("{name}: {e:#}"));
+        }
+    };
+
+    // Bad input first: each a clear 4xx, nothing left behind.
+    check(
+        "bad input",
+        (|| {
+            let (c, _, e) = env.skiff(&["launch", "--vm", "localhost/skiff-demo", "Bad_Name"])?;
+            ensure!(c != 0 && e.contains("invalid instance name"), "invalid name: {c} {e}");
+            let (c, _, e) = env.skiff(&["launch", "--vm", "localhost/skiff-demo", "x1", "-c", "limits.bogus=1"])?;
+            ensure!(c != 0 && e.contains("limits.bogus"), "unknown key: {c} {e}");
+            let (c, _, e) = env.skiff(&["launch", "--vm", "127.0.0.1:5000/test/missing:1", "x2"])?;
+            ensure!(c != 0 && !e.is_empty(), "missing image: {c} {e}");
+            let out = env.ok(&["list", "--format", "csv"])?;
+            ensure!(out.trim().is_empty(), "failed launches left instances: {out}");
+            Ok(())
+        })(),
+    );
+
+    // web: the demo image by its local name, with an env override.
+    check(
+        "launch web",
+        env.ok(&["launch", "--vm", "localhost/skiff-demo", "web", "-c", "environment.FOO=bar"]).map(drop),
+    );
+    check(
+        "web serves its page over the bridge",
+        (|| {
+            let ip = env.ipv4("web")?;
+            let page = http_get(&ip, 80)?;
+            ensure!(page.contains("Hello from web"), "page: {page}");
+            Ok(())
+        })(),
+    );
+    check(
+        "exec exit code and env",
+        (|| {
+            let (c, _, _) = env.skiff(&["exec", "web", "--", "sh", "-c", "exit 3"])?;
+            ensure!(c == 3, "exit code {c}");
+            let out = env.ok(&["exec", "web", "--env", "X=1", "--", "env"])?;
+            for want in ["DEMO=skiff", "FOO=bar", "X=1"] {
+                ensure!(out.lines().any(|l| l == want), "{want} missing from {out}");
+            }
+            Ok(())
+        })(),
+    );
+    check(
+        "exec stdin",
+        (|| {
+            let (c, out, e) = env.skiff_in(&["exec", "web", "--", "cat"], Some(b"through stdin\n"))?;
+            ensure!(c == 0 && out == "through stdin\n", "{c} {out:?} {e}");
+            Ok(())
+        })(),
+    );
+    check(
+        "file push/pull keeps modes",
+        (|| {
+            let f = tmp.path().join("pushed.sh");
+            std::fs::write(&f, b"#!/bin/sh\necho pushed\n")?;
+            std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o750))?;
+            env.ok(&["file", "push", f.to_str().unwrap(), "web/root/pushed.sh"])?;
+            let out = env.ok(&["exec", "web", "--", "/root/pushed.sh"])?;
+            ensure!(out == "pushed\n", "{out:?}");
+            let back = tmp.path().join("pulled.sh");
+            env.ok(&["file", "pull", "web/root/pushed.sh", back.to_str().unwrap()])?;
+            ensure!(std::fs::read(&back)? == std::fs::read(&f)?, "contents differ");
+            let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&back)?.permissions()) & 0o777;
+            ensure!(mode == 0o750, "mode {mode:o}");
+            Ok(())
+        })(),
+    );
+    check(
+        "console log shows the boot",
+        (|| {
+            let out = env.ok(&["console", "web", "--show-log"])?;
+            ensure!(
+                out.contains("DHCP lease") && out.contains("skiff-demo: serving"),
+                "console log: {}",
+                &out[..out.len().min(400)]
+            );
+            Ok(())
+        })(),
+    );
+
+    // web2 from the registry through a remote; it reaches web by name.
+    check(
+        "remote + launch from the registry",
+        (|| {
+            env.ok(&["remote", "add", "acc", "http://127.0.0.1:5000", "--protocol", "oci"])?;
+            env.ok(&["launch", "--vm", "acc:test/httpd:1", "web2"])?;
+            let out = env.ok(&["exec", "web2", "--", "wget", "-qO-", "http://web/"])?;
+            ensure!(out.contains("Hello from web"), "web2 → web: {out}");
+            Ok(())
+        })(),
+    );
+
+    // Snapshot, change, restore.
+    check(
+        "snapshot restore",
+        (|| {
+            env.ok(&["snapshot", "create", "web", "s1"])?;
+            env.ok(&["exec", "web", "--", "sh", "-c", "echo changed > /root/change"])?;
+            env.ok(&["snapshot", "restore", "web", "s1"])?;
+            let (c, _, _) = env.skiff(&["exec", "web", "--", "test", "-e", "/root/change"])?;
+            ensure!(c == 1, "the change survived the restore ({c})");
+            Ok(())
+        })(),
+    );
+
+    // stop / start / restart.
+    check(
+        "stop, start, restart",
+        (|| {
+            env.ok(&["stop", "web2"])?;
+            let out = env.ok(&["list", "--format", "csv"])?;
+            ensure!(out.lines().any(|l| l.starts_with("web2,") && l.contains("STOPPED")), "after stop: {out}");
+            env.ok(&["start", "web2"])?;
+            env.ok(&["restart", "web2"])?;
+            env.ok(&["exec", "web2", "--", "true"])?;
+            Ok(())
+        })(),
+    );
+
+    // The daemon killed while instances run: they keep running and are adopted.
+    check(
+        "skiffd SIGKILL and restart",
+        (|| {
+            env.kill_daemon();
+            env.start_daemon()?;
+            let out = env.ok(&["list", "--format", "csv"])?;
+            ensure!(out.lines().filter(|l| l.contains("RUNNING")).count() == 2, "after restart: {out}");
+            env.ok(&["exec", "web", "--", "true"])?;
+            let ip = env.ipv4("web")?;
+            http_get(&ip, 80)?;
+            Ok(())
+        })(),
+    );
+
+    // delete leaves nothing.
+    check(
+        "delete leaves nothing",
+        (|| {
+            env.ok(&["delete", "--force", "web", "web2"])?;
+            let out = env.ok(&["list", "--format", "csv"])?;
+            ensure!(out.trim().is_empty(), "left: {out}");
+            std::thread::sleep(Duration::from_secs(1));
+            for p in ["skiff-vmm", "virtiofsd"] {
+                ensure!(processes(p) == 0, "{p} still running");
+            }
+            let taps = run(Command::new("ip").args(["-o", "link", "show", "master", "skiffbr0"]))?;
+            ensure!(taps.trim().is_empty(), "taps left: {taps}");
+            let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+            ensure!(!mounts.contains(dir.to_str().unwrap()), "mounts left under {}", dir.display());
+            Ok(())
+        })(),
+    );
+
+    let log = env.daemon_log();
+    drop(env);
+    let _ = reg.kill();
+    let _ = reg.wait();
+    let _ = Command::new("ip").args(["link", "del", "skiffbr0"]).status();
+    if !failures.is_empty() {
+        bail!("{} check(s) failed:\n{}\n--- skiffd log ---\n{log}", failures.len(), failures.join("\n"));
+    }
+    Ok(())
+}

@@ -369,11 +369,150 @@ fn daemon_end_to_end() -> Result<()> {
         })(),
     );
 
+    // boot.autorestart: the entrypoint killed from inside comes back.
+    check(
+        "boot.autorestart",
+        (|| {
+            env.ok(&[
+                "launch",
+                "--vm",
+                "localhost/skiff-demo",
+                "web3",
+                "-c",
+                "boot.autorestart=true",
+                "-c",
+                "limits.memory=256MiB",
+            ])?;
+            let ip = env.ipv4("web3")?;
+            http_get(&ip, 80)?;
+            env.skiff(&["exec", "web3", "--", "killall", "httpd"])?;
+            std::thread::sleep(Duration::from_secs(2));
+            let page = http_get(&ip, 80)?;
+            ensure!(page.contains("Hello from web3"), "after the kill: {page}");
+            let n = env.ok(&["config", "get", "web3", "volatile.restarts"])?;
+            ensure!(n.trim().parse::<u32>().unwrap_or(0) >= 1, "volatile.restarts = {n:?}");
+            env.ok(&["delete", "--force", "web3"])?;
+            Ok(())
+        })(),
+    );
+
+    // Five launches at once.
+    check(
+        "five launches at once",
+        (|| {
+            let kids: Vec<_> = (1..=5)
+                .map(|i| {
+                    Command::new(bin.join("skiff"))
+                        .args([
+                            "launch",
+                            "--vm",
+                            "localhost/skiff-demo",
+                            &format!("p{i}"),
+                            "-c",
+                            "limits.memory=128MiB",
+                        ])
+                        .env("SKIFF_DIR", &dir)
+                        .env("HOME", &env.home)
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::piped())
+                        .spawn()
+                })
+                .collect::<Result<_, _>>()?;
+            let mut errs = Vec::new();
+            for k in kids {
+                let out = k.wait_with_output()?;
+                if !out.status.success() {
+                    errs.push(String::from_utf8_lossy(&out.stderr).into_owned());
+                }
+            }
+            ensure!(errs.is_empty(), "failed launches: {errs:?}");
+            for i in 1..=5 {
+                env.ok(&["exec", &format!("p{i}"), "--", "true"])?;
+            }
+            env.ok(&["delete", "--force", "p1", "p2", "p3", "p4", "p5"])?;
+            Ok(())
+        })(),
+    );
+
+    // Real clients nobody here wrote: Debian's lxc and pylxd.
+    check(
+        "lxc client",
+        (|| {
+            let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/lxc-client.sh"))
+                .args(["web", "web2"])
+                .env("SKIFF_DIR", &dir)
+                .output()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            eprintln!("lxc client:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+            ensure!(out.status.success(), "{text}");
+            Ok(())
+        })(),
+    );
+    check(
+        "pylxd",
+        (|| {
+            let venv = std::env::var("SKIFF_VENV").unwrap_or_else(|_| "/var/lib/skiff/venv".into());
+            let out = Command::new(format!("{venv}/bin/python"))
+                .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/pylxd-client.py"))
+                .arg(dir.join("unix.socket"))
+                .arg("web")
+                .output()
+                .context("the pylxd venv (scripts/setup makes it)")?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            eprintln!("pylxd:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+            ensure!(out.status.success(), "{text}");
+            Ok(())
+        })(),
+    );
+
+    // skiffd killed in the middle of a launch: after a restart the
+    // half-made instance is gone (or, if it got far enough, whole).
+    check(
+        "skiffd SIGKILL mid-launch",
+        (|| {
+            let mut child = Command::new(bin.join("skiff"))
+                .args(["launch", "--vm", "localhost/skiff-demo", "half"])
+                .env("SKIFF_DIR", &dir)
+                .env("HOME", &env.home)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let mut first = [0u8; 8];
+            let _ = child.stdout.as_mut().context("stdout")?.read(&mut first);
+            env.kill_daemon();
+            let _ = child.kill();
+            let _ = child.wait();
+            env.start_daemon()?;
+            std::thread::sleep(Duration::from_secs(1));
+            let out = env.ok(&["list", "--format", "csv"])?;
+            match out.lines().find(|l| l.starts_with("half,")) {
+                None => {
+                    ensure!(!dir.join("storage/volumes/half").exists(), "the half-made volume is left");
+                    ensure!(!dir.join("instances/half").exists(), "the half-made instance directory is left");
+                }
+                Some(l) if l.contains("RUNNING") => {
+                    env.ok(&["exec", "half", "--", "true"])?;
+                    env.ok(&["delete", "--force", "half"])?;
+                }
+                Some(_) => {
+                    env.ok(&["delete", "--force", "half"])?;
+                }
+            }
+            Ok(())
+        })(),
+    );
+
     // delete leaves nothing.
     check(
         "delete leaves nothing",
         (|| {
-            env.ok(&["delete", "--force", "web", "web2"])?;
+            let out = env.ok(&["list", "--format", "csv"])?;
+            let names: Vec<&str> = out.lines().filter_map(|l| l.split(',').next()).filter(|n| !n.is_empty()).collect();
+            let mut args = vec!["delete", "--force"];
+            args.extend(names);
+            if args.len() > 2 {
+                env.ok(&args)?;
+            }
             let out = env.ok(&["list", "--format", "csv"])?;
             ensure!(out.trim().is_empty(), "left: {out}");
             std::thread::sleep(Duration::from_secs(1));
@@ -384,6 +523,10 @@ fn daemon_end_to_end() -> Result<()> {
             ensure!(taps.trim().is_empty(), "taps left: {taps}");
             let mounts = std::fs::read_to_string("/proc/self/mounts")?;
             ensure!(!mounts.contains(dir.to_str().unwrap()), "mounts left under {}", dir.display());
+            let vols = std::fs::read_dir(dir.join("storage/volumes"))?.count();
+            ensure!(vols == 0, "{vols} volumes left");
+            let leases = std::fs::read_to_string(dir.join("networks/skiffbr0/dnsmasq.leases")).unwrap_or_default();
+            ensure!(leases.trim().is_empty(), "dnsmasq leases left: {leases}");
             Ok(())
         })(),
     );

@@ -87,7 +87,10 @@ pub fn describe(info: &ExitInfo) -> String {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
 ) -> Result<T, DriverError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| DriverError::Host(format!("storage task: {e}")))?.map_err(Into::into)
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| DriverError::Host(format!("storage task: {e}")))?
+        .map_err(Into::into)
 }
 
 impl VmDriver {
@@ -187,9 +190,8 @@ impl VmDriver {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
-            let ended = ended.or_else(|| {
-                std::fs::read(&exit_file).ok().and_then(|b| serde_json::from_slice::<ExitInfo>(&b).ok())
-            });
+            let ended = ended
+                .or_else(|| std::fs::read(&exit_file).ok().and_then(|b| serde_json::from_slice::<ExitInfo>(&b).ok()));
             monitor::remove_leftovers(&dir);
             if let Some(v) = volume {
                 let _ = tokio::task::spawn_blocking(move || v.unmount()).await;

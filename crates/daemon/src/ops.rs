@@ -19,6 +19,8 @@ use crate::events::Events;
 const KEEP_FINISHED: Duration = Duration::from_secs(300);
 /// How long a websocket operation waits for its clients to connect.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long optional streams may still take once the required ones are in.
+const OPTIONAL_GRACE: Duration = Duration::from_millis(200);
 
 /// Why an operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -116,16 +118,32 @@ pub struct Streams {
 }
 
 impl Streams {
-    /// Waits for every stream to connect (bounded by [`CONNECT_TIMEOUT`]).
-    pub async fn connect_all(self) -> Result<BTreeMap<String, WebSocket>, OpError> {
-        let all = async {
-            let mut out = BTreeMap::new();
-            for (fd, rx) in self.sockets {
-                out.insert(fd, rx.await.map_err(|_| OpError::NoClients)?);
+    /// Waits for the `required` streams to connect (bounded by
+    /// [`CONNECT_TIMEOUT`]), then gives the others a short grace: LXD's own
+    /// client connects `control` first, pylxd never does.
+    pub async fn connect(mut self, required: &[&str]) -> Result<BTreeMap<String, WebSocket>, OpError> {
+        let mut out = BTreeMap::new();
+        let needed = async {
+            for fd in required {
+                let rx = self.sockets.remove(*fd).ok_or(OpError::NoClients)?;
+                out.insert(fd.to_string(), rx.await.map_err(|_| OpError::NoClients)?);
             }
-            Ok(out)
+            Ok::<_, OpError>(())
         };
-        tokio::time::timeout(CONNECT_TIMEOUT, all).await.map_err(|_| OpError::NoClients)?
+        tokio::time::timeout(CONNECT_TIMEOUT, needed).await.map_err(|_| OpError::NoClients)??;
+        for (fd, mut rx) in self.sockets {
+            match rx.try_recv() {
+                Ok(ws) => {
+                    out.insert(fd, ws);
+                }
+                Err(_) => {
+                    if let Ok(Ok(ws)) = tokio::time::timeout(OPTIONAL_GRACE, rx).await {
+                        out.insert(fd, ws);
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -110,11 +110,18 @@ async fn run_ws(
     streams: Streams,
     tty: bool,
 ) -> Result<Option<Value>, OpError> {
-    let mut socks = streams.connect_all().await?;
+    let required: &[&str] = if tty { &["0"] } else { &["0", "1", "2"] };
+    let mut socks = streams.connect(required).await?;
     let fail = |e: skiff_agent_client::ClientError| OpError::Failed(crate::images::chain(&e));
     let mut session = agent.exec(request).await.map_err(fail)?;
     let ctl = session.control();
-    let (control_tx, mut control_rx) = socks.remove("control").ok_or(OpError::NoClients)?.split();
+    let (control_tx, control_rx) = match socks.remove("control") {
+        Some(ws) => {
+            let (tx, rx) = ws.split();
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
     let (stdin_tx, mut stdin_rx) = socks.remove("0").ok_or(OpError::NoClients)?.split();
     let mut out1 = socks.remove("1").map(|s| s.split().0);
     let mut out2 = socks.remove("2").map(|s| s.split().0);
@@ -140,6 +147,7 @@ async fn run_ws(
     // control: window-resize and signals.
     let c = ctl.clone();
     let control_task = tokio::spawn(async move {
+        let Some(mut control_rx) = control_rx else { return };
         while let Some(Ok(msg)) = control_rx.next().await {
             let text = match msg {
                 Message::Text(t) => t.to_string(),
@@ -192,8 +200,9 @@ async fn run_ws(
     for s in [out0.as_mut(), out1.as_mut(), out2.as_mut()].into_iter().flatten() {
         let _ = s.send(Message::Close(None)).await;
     }
-    let mut control_tx = control_tx;
-    let _ = control_tx.send(Message::Close(None)).await;
+    if let Some(mut control_tx) = control_tx {
+        let _ = control_tx.send(Message::Close(None)).await;
+    }
     let status = status.ok_or_else(|| OpError::Failed("the exec ended without an exit status".into()))?;
     Ok(Some(json!({"return": status.code()})))
 }

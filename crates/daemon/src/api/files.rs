@@ -44,11 +44,16 @@ fn target(d: &App, name: &str, q: &HashMap<String, String>) -> Result<(AgentClie
     if r.status != Status::Running {
         return Err(ApiErr::bad(format!("Instance {name:?} is not running (file transfers go through its agent)")));
     }
-    let path =
-        q.get("path").filter(|p| p.starts_with('/')).ok_or_else(|| ApiErr::bad("path must be an absolute path"))?;
+    // LXD's client sends paths without their leading '/' (`lxc file pull
+    // web/etc/hosts` asks for `etc/hosts`); they are all from the root.
+    let path = q.get("path").filter(|p| !p.is_empty()).ok_or_else(|| ApiErr::bad("the path parameter is missing"))?;
+    let path = if path.starts_with('/') { path.clone() } else { format!("/{path}") };
+    if path.split('/').any(|c| c == "..") {
+        return Err(ApiErr::bad(format!("path {path:?} must not contain '..'")));
+    }
     let spec = inst::spec(d, &r)?;
     let agent = d.driver.agent(&spec).map_err(|e| ApiErr::bad(chain(&e)))?;
-    Ok((agent, path.clone()))
+    Ok((agent, path))
 }
 
 fn header(h: &HeaderMap, names: [&str; 2]) -> Option<String> {

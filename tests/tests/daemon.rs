@@ -327,6 +327,33 @@ fn daemon_end_to_end() -> Result<()> {
         })(),
     );
 
+    // A TTY (through a pty from util-linux's script) and the event stream.
+    check(
+        "exec with a TTY",
+        (|| {
+            // The KVM box has no devpts mounted; a pty needs one.
+            if !Path::new("/dev/pts/ptmx").exists() {
+                std::fs::create_dir_all("/dev/pts")?;
+                run(Command::new("mount").args(["-t", "devpts", "-o", "ptmxmode=0666", "devpts", "/dev/pts"]))?;
+            }
+            let cmd = format!("{} exec web -- tty", bin.join("skiff").display());
+            let out = run(Command::new("script")
+                .args(["-qec", &cmd, "/dev/null"])
+                .env("SKIFF_DIR", &dir)
+                .env("HOME", &env.home))?;
+            ensure!(out.contains("/dev/pts/"), "tty said: {out:?}");
+            Ok(())
+        })(),
+    );
+    let monitor = Command::new(bin.join("skiff"))
+        .args(["monitor", "--type", "lifecycle", "--format", "json"])
+        .env("SKIFF_DIR", &dir)
+        .env("HOME", &env.home)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn();
+    std::thread::sleep(Duration::from_millis(500));
+
     // Snapshot, change, restore.
     check(
         "snapshot restore",
@@ -336,6 +363,21 @@ fn daemon_end_to_end() -> Result<()> {
             env.ok(&["snapshot", "restore", "web", "s1"])?;
             let (c, _, _) = env.skiff(&["exec", "web", "--", "test", "-e", "/root/change"])?;
             ensure!(c == 1, "the change survived the restore ({c})");
+            Ok(())
+        })(),
+    );
+
+    check(
+        "events: lifecycle on /1.0/events",
+        (|| {
+            let mut m = monitor?;
+            std::thread::sleep(Duration::from_millis(500));
+            let _ = m.kill();
+            let out = m.wait_with_output()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            for want in ["instance-snapshot-created", "instance-snapshot-restored", "instance-started"] {
+                ensure!(text.contains(want), "{want} missing from the event stream: {text}");
+            }
             Ok(())
         })(),
     );

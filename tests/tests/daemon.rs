@@ -166,16 +166,20 @@ fn run(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// docker-registry on 127.0.0.1:5000 with the demo image pushed as test/httpd:1.
-fn registry(dir: &Path, layout: &Path) -> Result<Child> {
-    let cfg = dir.join("registry.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:5000\n",
-            dir.join("registry").display()
-        ),
-    )?;
+/// docker-registry on 127.0.0.1:PORT (with htpasswd basic auth for
+/// `auth`) with the demo image pushed as test/httpd:1.
+fn registry(dir: &Path, layout: &Path, port: u16, auth: Option<(&str, &str)>) -> Result<Child> {
+    let cfg = dir.join(format!("registry-{port}.yml"));
+    let mut text = format!(
+        "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+        dir.join(format!("registry-{port}")).display()
+    );
+    if let Some((u, p)) = auth {
+        let pw = dir.join(format!("htpasswd-{port}"));
+        std::fs::write(&pw, run(Command::new("htpasswd").args(["-Bbn", u, p]))?)?;
+        text += &format!("auth:\n  htpasswd:\n    realm: skiff-test\n    path: {}\n", pw.display());
+    }
+    std::fs::write(&cfg, text)?;
     let child = Command::new("docker-registry")
         .arg("serve")
         .arg(&cfg)
@@ -184,16 +188,17 @@ fn registry(dir: &Path, layout: &Path) -> Result<Child> {
         .spawn()
         .context("docker-registry")?;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect("127.0.0.1:5000").is_err() {
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
         ensure!(Instant::now() < deadline, "docker-registry did not listen");
         std::thread::sleep(Duration::from_millis(100));
     }
-    run(Command::new("skopeo").args([
-        "copy",
-        "--dest-tls-verify=false",
-        &format!("oci:{}:latest", layout.display()),
-        "docker://127.0.0.1:5000/test/httpd:1",
-    ]))?;
+    let mut copy = Command::new("skopeo");
+    copy.args(["copy", "--dest-tls-verify=false"]);
+    if let Some((u, p)) = auth {
+        copy.arg(format!("--dest-creds={u}:{p}"));
+    }
+    copy.args([format!("oci:{}:latest", layout.display()), format!("docker://127.0.0.1:{port}/test/httpd:1")]);
+    run(&mut copy)?;
     Ok(child)
 }
 
@@ -226,7 +231,8 @@ fn daemon_end_to_end() -> Result<()> {
         .env("SKIFF_DIR", &dir)
         .env("SKIFF_OCI", bin.join("skiff-oci")))?;
     let layout = PathBuf::from(layout.trim());
-    let mut reg = registry(tmp.path(), &layout)?;
+    let mut reg = registry(tmp.path(), &layout, 5000, None)?;
+    let mut locked = registry(tmp.path(), &layout, 5001, Some(("alice", "s3cret")))?;
     env.start_daemon()?;
     let mut failures: Vec<String> = Vec::new();
     let mut check = |name: &str, r: Result<()>| {
@@ -353,6 +359,37 @@ fn daemon_end_to_end() -> Result<()> {
         .stderr(Stdio::null())
         .spawn();
     std::thread::sleep(Duration::from_millis(500));
+
+    // A registry that wants credentials: refused without them (a clear
+    // error, nothing left), pulled with them through a remote.
+    check(
+        "registry auth",
+        (|| {
+            let (c, _, e) = env.skiff(&["launch", "--vm", "127.0.0.1:5001/test/httpd:1", "locked"])?;
+            ensure!(c != 0 && (e.contains("401") || e.to_lowercase().contains("auth")), "no credentials: {c} {e}");
+            let out = env.ok(&["list", "--format", "csv"])?;
+            ensure!(!out.contains("locked"), "a refused pull left an instance: {out}");
+            ensure!(!dir.join("instances/locked").exists(), "a refused pull left its directory");
+            let (c, _, e) = env.skiff_in(
+                &[
+                    "remote",
+                    "add",
+                    "priv",
+                    "http://127.0.0.1:5001",
+                    "--protocol",
+                    "oci",
+                    "--username",
+                    "alice",
+                    "--password-stdin",
+                ],
+                Some(b"s3cret\n"),
+            )?;
+            ensure!(c == 0, "remote add: {e}");
+            env.ok(&["init", "--vm", "priv:test/httpd:1", "unlocked"])?;
+            env.ok(&["delete", "unlocked"])?;
+            Ok(())
+        })(),
+    );
 
     // Snapshot, change, restore.
     check(
@@ -575,8 +612,10 @@ fn daemon_end_to_end() -> Result<()> {
 
     let log = env.daemon_log();
     drop(env);
-    let _ = reg.kill();
-    let _ = reg.wait();
+    for r in [&mut reg, &mut locked] {
+        let _ = r.kill();
+        let _ = r.wait();
+    }
     let _ = Command::new("ip").args(["link", "del", "skiffbr0"]).status();
     if !failures.is_empty() {
         bail!("{} check(s) failed:\n{}\n--- skiffd log ---\n{log}", failures.len(), failures.join("\n"));

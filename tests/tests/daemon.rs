@@ -581,6 +581,27 @@ fn daemon_end_to_end() -> Result<()> {
         })(),
     );
 
+    // A VMM that dies is noticed at once: the instance shows ERROR.
+    check(
+        "a killed skiff-vmm is noticed",
+        (|| {
+            run(Command::new("pkill").args(["-9", "-x", "skiff-vmm"]))?;
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let out = env.ok(&["list", "--format", "csv"])?;
+                if !out.contains("RUNNING") {
+                    ensure!(out.contains("ERROR"), "after the kill: {out}");
+                    break;
+                }
+                ensure!(Instant::now() < deadline, "still RUNNING 15 s after skiff-vmm was killed: {out}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let info = env.ok(&["info", "web"])?;
+            ensure!(info.to_lowercase().contains("error"), "info web: {info}");
+            Ok(())
+        })(),
+    );
+
     // delete leaves nothing.
     check(
         "delete leaves nothing",

@@ -348,11 +348,13 @@ async fn stop_locked(
     user: bool,
 ) -> Result<(), InstanceError> {
     let mut r = row(d, name)?;
+    if r.status == Status::Error {
+        // Its VM already ended badly: a stop settles it as stopped.
+        r.status = Status::Stopped;
+        commit(d, &r)?;
+        return Ok(());
+    }
     if r.status != Status::Running {
-        if r.status == Status::Error {
-            r.status = Status::Stopped;
-            commit(d, &r)?;
-        }
         return Err(InstanceError::Conflict(format!("Instance {name:?} is not running")));
     }
     let spec = spec(d, &r)?;

@@ -475,6 +475,25 @@ fn daemon_end_to_end() -> Result<()> {
         })(),
     );
 
+    // An ephemeral instance whose entrypoint ends is deleted with its VM.
+    check(
+        "ephemeral",
+        (|| {
+            env.ok(&["launch", "--vm", "localhost/skiff-demo", "eph", "--ephemeral", "-c", "oci.entrypoint=sleep 3"])?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let out = env.ok(&["list", "--format", "csv"])?;
+                if !out.lines().any(|l| l.starts_with("eph,")) {
+                    break;
+                }
+                ensure!(Instant::now() < deadline, "eph still listed 60 s after its entrypoint ended: {out}");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            ensure!(!dir.join("instances/eph").exists(), "eph's directory is left");
+            Ok(())
+        })(),
+    );
+
     // Five launches at once.
     check(
         "five launches at once",

@@ -351,6 +351,29 @@ fn daemon_end_to_end() -> Result<()> {
             Ok(())
         })(),
     );
+    check(
+        "interactive console",
+        (|| {
+            let cmd = format!("{} console web", bin.join("skiff").display());
+            let mut child = Command::new("timeout")
+                .args(["60", "script", "-qec", &cmd, "/dev/null"])
+                .env("SKIFF_DIR", &dir)
+                .env("HOME", &env.home)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()?;
+            let mut stdin = child.stdin.take().context("stdin")?;
+            std::thread::sleep(Duration::from_secs(2));
+            stdin.write_all(b"echo console-$((6*7))\n")?;
+            std::thread::sleep(Duration::from_secs(1));
+            stdin.write_all(b"exit\n")?;
+            let out = child.wait_with_output()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            ensure!(text.contains("console-42"), "console said: {text:?} {}", String::from_utf8_lossy(&out.stderr));
+            Ok(())
+        })(),
+    );
     let monitor = Command::new(bin.join("skiff"))
         .args(["monitor", "--type", "lifecycle", "--format", "json"])
         .env("SKIFF_DIR", &dir)

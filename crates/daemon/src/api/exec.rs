@@ -104,6 +104,38 @@ pub async fn exec(State(d): State<App>, Path(name): Path<String>, Body(req): Bod
     accepted(&op)
 }
 
+/// `POST /1.0/instances/{name}/console`: a thin VM's console output is its
+/// serial log (`GET`); the interactive console is a shell on a TTY through
+/// the agent (the image's `/bin/sh`), over the websockets `0` and `control`
+/// of an interactive exec. Only the text console exists (no VGA).
+pub async fn console(State(d): State<App>, Path(name): Path<String>, Body(req): Body<Value>) -> ApiResult {
+    let kind = req.get("type").and_then(Value::as_str).unwrap_or("console");
+    if kind != "console" {
+        return Err(ApiErr::bad(format!("console type {kind:?}: thin VMs have only the text console (\"console\")")));
+    }
+    let r = inst::row(&d, &name)?;
+    if r.status != Status::Running {
+        return Err(ApiErr::bad(format!("Instance {name:?} is not running (its last boot's log: GET .../console)")));
+    }
+    let agent = d.driver.agent(&inst::spec(&d, &r)?).map_err(|e| ApiErr::bad(crate::images::chain(&e)))?;
+    let dim = |k: &str, def: u16| {
+        req.get(k).and_then(Value::as_u64).filter(|v| *v > 0).map(|v| v.min(1000) as u16).unwrap_or(def)
+    };
+    let tty = WindowSize { rows: dim("height", 24), cols: dim("width", 80) };
+    let request = ExecRequest {
+        argv: vec!["/bin/sh".into()],
+        env: environment(&d, &r, &BTreeMap::from([("TERM".to_string(), "xterm".to_string())])),
+        cwd: None,
+        user: None,
+        tty: Some(tty),
+        stdin: true,
+    };
+    let (op, streams) =
+        d.ops.create(OperationClass::Websocket, "Showing console", Some(&name), Value::Null, false, &["0", "control"]);
+    d.ops.run(&op, async move { run_ws(agent, request, streams, true).await });
+    accepted(&op)
+}
+
 async fn run_ws(
     agent: AgentClient,
     request: ExecRequest,

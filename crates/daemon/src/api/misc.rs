@@ -106,15 +106,6 @@ pub async fn console_log(State(d): State<App>, Path(name): Path<String>) -> ApiR
     Ok(resp)
 }
 
-/// `POST /1.0/instances/{name}/console`: the interactive console.
-pub async fn console_post(State(d): State<App>, Path(name): Path<String>) -> ApiResult {
-    inst::row(&d, &name)?;
-    Err(ApiErr::bad(
-        "the interactive console of thin VMs is not available yet (their console is a log: GET it, or \
-         `skiff console NAME --show-log`); use `skiff exec NAME -- sh` for a shell",
-    ))
-}
-
 /// `DELETE /1.0/instances/{name}/console`: clears the log.
 pub async fn console_clear(State(d): State<App>, Path(name): Path<String>) -> ApiResult {
     let r = inst::row(&d, &name)?;

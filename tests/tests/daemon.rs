@@ -414,6 +414,23 @@ fn daemon_end_to_end() -> Result<()> {
         })(),
     );
 
+    // Freeze and resume.
+    check(
+        "pause and resume",
+        (|| {
+            env.ok(&["pause", "web"])?;
+            let out = env.ok(&["list", "--format", "csv"])?;
+            ensure!(out.lines().any(|l| l.starts_with("web,") && l.contains("FROZEN")), "after pause: {out}");
+            let (c, _, e) = env.skiff(&["exec", "web", "--", "true"])?;
+            ensure!(c != 0 && e.contains("frozen"), "exec while frozen: {c} {e}");
+            env.ok(&["start", "web"])?;
+            env.ok(&["exec", "web", "--", "true"])?;
+            let ip = env.ipv4("web")?;
+            http_get(&ip, 80)?;
+            Ok(())
+        })(),
+    );
+
     // Snapshot, change, restore.
     check(
         "snapshot restore",

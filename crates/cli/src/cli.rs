@@ -65,6 +65,12 @@ pub enum Command {
     /// Restart instances.
     #[command(after_long_help = "Example:\n  skiff restart web")]
     Restart(StopArgs),
+    /// Pause (freeze) running instances; `start` resumes them.
+    #[command(
+        visible_alias = "freeze",
+        after_long_help = "Examples:\n  skiff pause web\n  skiff start web   # resumes it"
+    )]
+    Pause(NamesArgs),
     /// Delete instances (--force stops running ones first).
     #[command(visible_alias = "rm", after_long_help = "Examples:\n  skiff delete web\n  skiff delete --force web db")]
     Delete(DeleteArgs),

@@ -73,16 +73,24 @@ pub enum Status {
     Stopped,
     /// Running (as far as the daemon knows; reconciled at start).
     Running,
+    /// Running but paused.
+    Frozen,
     /// Its VM ended unexpectedly, or starting failed.
     Error,
 }
 
 impl Status {
+    /// Whether its VM exists (running or paused).
+    pub fn is_up(self) -> bool {
+        matches!(self, Status::Running | Status::Frozen)
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Status::Creating => "Creating",
             Status::Stopped => "Stopped",
             Status::Running => "Running",
+            Status::Frozen => "Frozen",
             Status::Error => "Error",
         }
     }
@@ -91,6 +99,7 @@ impl Status {
         match s {
             "Creating" => Status::Creating,
             "Running" => Status::Running,
+            "Frozen" => Status::Frozen,
             "Error" => Status::Error,
             _ => Status::Stopped,
         }

@@ -309,6 +309,9 @@ pub async fn start(d: &Arc<Daemon>, name: &str) -> Result<(), InstanceError> {
 
 async fn start_locked(d: &Arc<Daemon>, name: &str) -> Result<(), InstanceError> {
     let mut r = row(d, name)?;
+    if r.status == Status::Frozen {
+        return set_frozen_locked(d, &mut r, false).await;
+    }
     if r.status == Status::Running {
         return Err(InstanceError::Conflict(format!("Instance {name:?} is already running")));
     }
@@ -329,6 +332,28 @@ async fn start_locked(d: &Arc<Daemon>, name: &str) -> Result<(), InstanceError> 
     r.config.insert("volatile.last_state.power".into(), "RUNNING".into());
     commit(d, &r)?;
     d.events.lifecycle("instance-started", &source(name), Value::Null);
+    Ok(())
+}
+
+/// Pauses (`true`) or resumes (`false`) a running instance.
+pub async fn set_frozen(d: &Arc<Daemon>, name: &str, frozen: bool) -> Result<(), InstanceError> {
+    let lock = d.lock_of(name);
+    let _g = lock.lock().await;
+    let mut r = row(d, name)?;
+    match (r.status, frozen) {
+        (Status::Running, true) | (Status::Frozen, false) => set_frozen_locked(d, &mut r, frozen).await,
+        (Status::Frozen, true) => Err(InstanceError::Conflict(format!("Instance {name:?} is already frozen"))),
+        (Status::Running, false) => Err(InstanceError::Conflict(format!("Instance {name:?} is not frozen"))),
+        _ => Err(InstanceError::Conflict(format!("Instance {name:?} is not running"))),
+    }
+}
+
+async fn set_frozen_locked(d: &Arc<Daemon>, r: &mut InstanceRow, frozen: bool) -> Result<(), InstanceError> {
+    d.driver.freeze(&spec(d, r)?, frozen).await.map_err(drv)?;
+    r.status = if frozen { Status::Frozen } else { Status::Running };
+    r.config.insert("volatile.last_state.power".into(), if frozen { "FROZEN" } else { "RUNNING" }.into());
+    commit(d, r)?;
+    d.events.lifecycle(if frozen { "instance-paused" } else { "instance-resumed" }, &source(&r.name), Value::Null);
     Ok(())
 }
 
@@ -353,6 +378,9 @@ async fn stop_locked(
         r.status = Status::Stopped;
         commit(d, &r)?;
         return Ok(());
+    }
+    if r.status == Status::Frozen {
+        set_frozen_locked(d, &mut r, false).await?;
     }
     if r.status != Status::Running {
         return Err(InstanceError::Conflict(format!("Instance {name:?} is not running")));
@@ -385,13 +413,16 @@ pub async fn delete(d: &Arc<Daemon>, name: &str, force: bool) -> Result<(), Inst
     let lock = d.lock_of(name);
     let _g = lock.lock().await;
     let r = row(d, name)?;
-    if r.status == Status::Running {
+    if r.status.is_up() {
         if !force {
             return Err(InstanceError::BadRequest(format!(
                 "Instance {name:?} is running; stop it first (or delete with force)"
             )));
         }
         let spec = spec(d, &r)?;
+        if r.status == Status::Frozen {
+            d.driver.freeze(&spec, false).await.map_err(drv)?;
+        }
         d.driver.stop(&spec, Duration::ZERO, true).await.map_err(drv)?;
     }
     discard(d, &r).await;
@@ -401,7 +432,7 @@ pub async fn delete(d: &Arc<Daemon>, name: &str, force: bool) -> Result<(), Inst
 
 /// The driver's view of a running instance.
 pub async fn status(d: &Daemon, r: &InstanceRow) -> Option<RunStatus> {
-    if r.status != Status::Running {
+    if !r.status.is_up() {
         return None;
     }
     let s = spec(d, r).ok()?;
@@ -413,7 +444,7 @@ pub async fn adopt(d: &Arc<Daemon>, r: &InstanceRow) -> bool {
     let Ok(s) = spec(d, r) else { return false };
     match d.driver.adopt(&s).await {
         Ok(RunStatus::Running { .. }) => {
-            if r.status != Status::Running {
+            if !r.status.is_up() {
                 let mut r = r.clone();
                 r.status = Status::Running;
                 let _ = commit(d, &r);
@@ -421,7 +452,7 @@ pub async fn adopt(d: &Arc<Daemon>, r: &InstanceRow) -> bool {
             true
         }
         Ok(_) | Err(_) => {
-            if r.status == Status::Running {
+            if r.status.is_up() {
                 let mut r = r.clone();
                 log::warn!("reconcile: {} is no longer running", r.name);
                 let _ = after_stop(d, &mut r, Status::Stopped, false).await;
@@ -434,7 +465,7 @@ pub async fn adopt(d: &Arc<Daemon>, r: &InstanceRow) -> bool {
 /// Re-reads every running instance's real state (after lost events).
 pub async fn resync(d: &Arc<Daemon>) {
     let rows = d.db().instances().unwrap_or_default();
-    for r in rows.iter().filter(|r| r.status == Status::Running) {
+    for r in rows.iter().filter(|r| r.status.is_up()) {
         adopt(d, r).await;
     }
 }
@@ -462,7 +493,7 @@ pub async fn on_driver_event(d: &Arc<Daemon>, ev: DriverEvent) {
             let lock = d.lock_of(&name);
             let _g = lock.lock().await;
             let Ok(mut r) = row(d, &name) else { return };
-            if r.status != Status::Running {
+            if !r.status.is_up() {
                 return; // a stop the daemon asked for, already handled
             }
             let autorestart = r.config.get("boot.autorestart").is_some_and(|v| v == "true");
@@ -525,7 +556,7 @@ pub async fn snapshot_restore(d: &Arc<Daemon>, name: &str, snap: &str) -> Result
     let _g = lock.lock().await;
     let r = row(d, name)?;
     find_snapshot(d, name, snap)?;
-    let was_running = r.status == Status::Running;
+    let was_running = r.status.is_up();
     if was_running {
         stop_locked(d, name, Duration::from_secs(STOP_TIMEOUT), false, false).await?;
     }

@@ -146,6 +146,8 @@ pub trait Driver: Send + Sync {
     async fn start(&self, inst: &InstanceSpec) -> Result<(), DriverError>;
     /// Stops it: cleanly within `timeout`, or at once with `force`.
     async fn stop(&self, inst: &InstanceSpec, timeout: Duration, force: bool) -> Result<(), DriverError>;
+    /// Pauses (`true`) or resumes (`false`) a running instance.
+    async fn freeze(&self, inst: &InstanceSpec, frozen: bool) -> Result<(), DriverError>;
     /// How it is now.
     async fn status(&self, inst: &InstanceSpec) -> Result<RunStatus, DriverError>;
     /// Its agent (exec, files); an error when it is not running.

@@ -281,6 +281,24 @@ impl Driver for VmDriver {
         blocking(move || volume.unmount()).await
     }
 
+    async fn freeze(&self, inst: &InstanceSpec, frozen: bool) -> Result<(), DriverError> {
+        // Until skiff-vmm has a pause request (its runtime control API),
+        // stopping the whole VMM process pauses every vCPU and device
+        // thread at once; virtiofsd and the monitor keep running.
+        let handle =
+            monitor::attach(&self.runtime_dir(inst)).map_err(|_| DriverError::NotRunning(inst.name.clone()))?;
+        let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: a plain signal to the VMM of this instance's live monitor.
+        if unsafe { libc::kill(handle.vmm_pid() as i32, sig) } != 0 {
+            return Err(DriverError::Host(format!(
+                "signalling skiff-vmm ({}): {}",
+                handle.vmm_pid(),
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(())
+    }
+
     async fn status(&self, inst: &InstanceSpec) -> Result<RunStatus, DriverError> {
         match monitor::attach(&self.runtime_dir(inst)) {
             Ok(h) => match h.status().await {

@@ -82,6 +82,7 @@ pub async fn state(
     let action = match verb {
         "start" => StateAction::Start,
         "stop" => StateAction::Stop,
+        "pause" => StateAction::Freeze,
         _ => StateAction::Restart,
     };
     let mut failed = 0;

@@ -59,6 +59,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Start(a) => instances::state(&ctx, "start", a.names, false, None).await,
         Command::Stop(a) => instances::state(&ctx, "stop", a.names, a.force, a.timeout).await,
         Command::Restart(a) => instances::state(&ctx, "restart", a.names, a.force, a.timeout).await,
+        Command::Pause(a) => instances::state(&ctx, "pause", a.names, false, None).await,
         Command::Delete(a) => instances::delete(&ctx, a).await,
         Command::Exec(a) => instances::exec(&ctx, a).await,
         Command::Console(a) => instances::console(&ctx, a).await,

@@ -51,6 +51,9 @@ fn environment(d: &App, r: &crate::db::InstanceRow, extra: &BTreeMap<String, Str
 /// `POST /1.0/instances/{name}/exec`.
 pub async fn exec(State(d): State<App>, Path(name): Path<String>, Body(req): Body<ExecPost>) -> ApiResult {
     let r = inst::row(&d, &name)?;
+    if r.status == Status::Frozen {
+        return Err(ApiErr::bad(format!("Instance {name:?} is frozen (paused): resume it with skiff start")));
+    }
     if r.status != Status::Running {
         return Err(ApiErr::bad(format!("Instance {name:?} is not running")));
     }
@@ -114,6 +117,9 @@ pub async fn console(State(d): State<App>, Path(name): Path<String>, Body(req): 
         return Err(ApiErr::bad(format!("console type {kind:?}: thin VMs have only the text console (\"console\")")));
     }
     let r = inst::row(&d, &name)?;
+    if r.status == Status::Frozen {
+        return Err(ApiErr::bad(format!("Instance {name:?} is frozen (paused): resume it with skiff start")));
+    }
     if r.status != Status::Running {
         return Err(ApiErr::bad(format!("Instance {name:?} is not running (its last boot's log: GET .../console)")));
     }

@@ -41,6 +41,9 @@ impl Drop for Scratch {
 
 fn target(d: &App, name: &str, q: &HashMap<String, String>) -> Result<(AgentClient, String), ApiErr> {
     let r = inst::row(d, name)?;
+    if r.status == Status::Frozen {
+        return Err(ApiErr::bad(format!("Instance {name:?} is frozen (paused): resume it with skiff start")));
+    }
     if r.status != Status::Running {
         return Err(ApiErr::bad(format!("Instance {name:?} is not running (file transfers go through its agent)")));
     }

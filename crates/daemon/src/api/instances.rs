@@ -21,6 +21,7 @@ use crate::ops::OpError;
 fn status_of(r: &InstanceRow) -> StatusCode {
     match r.status {
         Status::Running => StatusCode::Running,
+        Status::Frozen => StatusCode::Frozen,
         Status::Error => StatusCode::Error,
         _ => StatusCode::Stopped,
     }
@@ -84,7 +85,7 @@ async fn state_of(d: &App, r: &InstanceRow) -> InstanceState {
     let mut network = BTreeMap::new();
     if let (Some(net), Some(mac)) = (&d.net, r.config.get("volatile.eth0.hwaddr")) {
         let mut addresses = Vec::new();
-        if r.status == Status::Running {
+        if r.status.is_up() {
             if let Some(ip) = net.lease(mac) {
                 addresses.push(NetworkAddress {
                     family: "inet".into(),
@@ -102,7 +103,7 @@ async fn state_of(d: &App, r: &InstanceRow) -> InstanceState {
                 hwaddr: mac.clone(),
                 host_name: r.config.get("volatile.eth0.host_name").cloned().unwrap_or_default(),
                 mtu: 1500,
-                state: if r.status == Status::Running { "up".into() } else { "down".into() },
+                state: if r.status.is_up() { "up".into() } else { "down".into() },
                 kind: "broadcast".into(),
             },
         );
@@ -114,7 +115,7 @@ async fn state_of(d: &App, r: &InstanceRow) -> InstanceState {
         memory: MemoryState { total: memory_bytes(&r.config), ..Default::default() },
         network: Some(network),
         pid,
-        processes: if r.status == Status::Running { -1 } else { 0 },
+        processes: if r.status.is_up() { -1 } else { 0 },
         cpu: Default::default(),
     }
 }
@@ -262,7 +263,7 @@ pub async fn delete(
 ) -> ApiResult {
     let r = inst::row(&d, &name)?;
     let force = q.get("force").is_some_and(|v| v == "true" || v == "1");
-    if r.status == Status::Running && !force {
+    if r.status.is_up() && !force {
         return Err(InstanceError::BadRequest("Instance is running".into()).into());
     }
     let (op, _) = d.ops.create(OperationClass::Task, "Deleting instance", Some(&name), Value::Null, false, &[]);
@@ -287,11 +288,8 @@ pub async fn state_put(State(d): State<App>, Path(name): Path<String>, Body(req)
         StateAction::Start => ("Starting instance", req.action),
         StateAction::Stop => ("Stopping instance", req.action),
         StateAction::Restart => ("Restarting instance", req.action),
-        StateAction::Freeze | StateAction::Unfreeze => {
-            return Err(ApiErr::bad(
-                "freeze/unfreeze need skiff-vmm's pause, which arrives with its runtime control API",
-            ))
-        }
+        StateAction::Freeze => ("Freezing instance", req.action),
+        StateAction::Unfreeze => ("Unfreezing instance", req.action),
     };
     let (op, _) = d.ops.create(OperationClass::Task, desc, Some(&name), Value::Null, false, &[]);
     let d2 = d.clone();
@@ -300,6 +298,8 @@ pub async fn state_put(State(d): State<App>, Path(name): Path<String>, Body(req)
         let r = match action {
             StateAction::Start => inst::start(&d2, &name).await,
             StateAction::Stop => inst::stop(&d2, &name, timeout, force).await,
+            StateAction::Freeze => inst::set_frozen(&d2, &name, true).await,
+            StateAction::Unfreeze => inst::set_frozen(&d2, &name, false).await,
             _ => {
                 let stopped = inst::stop(&d2, &name, timeout, force).await;
                 match stopped {

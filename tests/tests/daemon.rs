@@ -321,6 +321,28 @@ fn daemon_end_to_end() -> Result<()> {
         })(),
     );
 
+    // More bad input, now that web exists: its name again, and a body that
+    // is not JSON, straight on the socket.
+    check(
+        "name in use, malformed JSON",
+        (|| {
+            let (c, _, e) = env.skiff(&["init", "--vm", "localhost/skiff-demo", "web"])?;
+            ensure!(c != 0 && e.contains("already exists"), "name in use: {c} {e}");
+            let mut sock = std::os::unix::net::UnixStream::connect(dir.join("unix.socket"))?;
+            let body = "{not json";
+            write!(
+            sock,
+            "POST /1.0/instances HTTP/1.1\r\nHost: skiff\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+            let mut reply = String::new();
+            sock.read_to_string(&mut reply)?;
+            ensure!(reply.starts_with("HTTP/1.1 400"), "malformed JSON: {reply}");
+            ensure!(reply.contains("\"error_code\":400") && reply.contains("malformed request body"), "{reply}");
+            Ok(())
+        })(),
+    );
+
     // web2 from the registry through a remote; it reaches web by name.
     check(
         "remote + launch from the registry",

@@ -246,11 +246,9 @@ pub async fn create(
         row.image = image.fingerprint.clone();
         row.config.insert("volatile.base_image".into(), image.fingerprint.clone());
         row.config.insert("image.oci.reference".into(), image.record.name.clone());
-        if let Some(net) = &d.net {
-            let tap = skiff_net::ident::tap_name(&row.id);
-            row.config.insert("volatile.eth0.host_name".into(), tap);
+        if d.net.is_some() {
+            row.config.insert("volatile.eth0.host_name".into(), skiff_net::ident::tap_name(&row.id));
             row.config.insert("volatile.eth0.hwaddr".into(), skiff_net::ident::guest_mac(&row.id));
-            let _ = net;
         }
         let _ = d.images.store().add_use(&image.record.manifest, &row.id);
         d.driver.create(&spec(d, &row)?).await.map_err(drv)?;

@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use skiff_agent_client::{AgentClient, ExecEvent};
 use skiff_agent_proto::{ExecRequest, User, WindowSize};
 use skiff_api::{ExecControl, ExecPost, OperationClass};
+use skiff_driver::InstanceSpec;
 
 use super::{accepted, ApiErr, ApiResult, App, Body};
 use crate::db::Status;
@@ -27,23 +28,12 @@ use crate::ops::{OpError, Streams};
 /// Largest recorded output per stream (the rest is dropped, and said so).
 const MAX_RECORD: usize = 64 << 20;
 
-/// The image's environment, then `environment.*`, then the request's.
-fn environment(d: &App, r: &crate::db::InstanceRow, extra: &BTreeMap<String, String>) -> Vec<String> {
-    let mut env: BTreeMap<String, String> = BTreeMap::new();
-    if let Ok(spec) = inst::spec(d, r) {
-        if let Some(list) = spec.image_config.pointer("/process/env").and_then(Value::as_array) {
-            for kv in list.iter().filter_map(Value::as_str) {
-                if let Some((k, v)) = kv.split_once('=') {
-                    env.insert(k.into(), v.into());
-                }
-            }
-        }
-    }
-    for (k, v) in &r.config {
-        if let Some(name) = k.strip_prefix("environment.") {
-            env.insert(name.into(), v.clone());
-        }
-    }
+/// The main process's environment (the image's with `environment.*` over
+/// it, as the driver computes it), then the request's.
+fn environment(spec: &InstanceSpec, extra: &BTreeMap<String, String>) -> Vec<String> {
+    let base = skiff_driver::config::main_process(spec).map(|m| m.env).unwrap_or_default();
+    let mut env: BTreeMap<String, String> =
+        base.iter().filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))).collect();
     env.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
 }
@@ -71,7 +61,7 @@ pub async fn exec(State(d): State<App>, Path(name): Path<String>, Body(req): Bod
     let tty = req.interactive.then_some(size);
     let request = ExecRequest {
         argv: req.command.clone(),
-        env: environment(&d, &r, &req.environment),
+        env: environment(&spec, &req.environment),
         cwd: (!req.cwd.is_empty()).then(|| req.cwd.clone()),
         user,
         tty,
@@ -123,14 +113,15 @@ pub async fn console(State(d): State<App>, Path(name): Path<String>, Body(req): 
     if r.status != Status::Running {
         return Err(ApiErr::bad(format!("Instance {name:?} is not running (its last boot's log: GET .../console)")));
     }
-    let agent = d.driver.agent(&inst::spec(&d, &r)?).map_err(|e| ApiErr::bad(crate::images::chain(&e)))?;
+    let spec = inst::spec(&d, &r)?;
+    let agent = d.driver.agent(&spec).map_err(|e| ApiErr::bad(crate::images::chain(&e)))?;
     let dim = |k: &str, def: u16| {
         req.get(k).and_then(Value::as_u64).filter(|v| *v > 0).map(|v| v.min(1000) as u16).unwrap_or(def)
     };
     let tty = WindowSize { rows: dim("height", 24), cols: dim("width", 80) };
     let request = ExecRequest {
         argv: vec!["/bin/sh".into()],
-        env: environment(&d, &r, &BTreeMap::from([("TERM".to_string(), "xterm".to_string())])),
+        env: environment(&spec, &BTreeMap::from([("TERM".to_string(), "xterm".to_string())])),
         cwd: None,
         user: None,
         tty: Some(tty),

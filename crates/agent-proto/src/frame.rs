@@ -7,17 +7,18 @@
 //! ```
 //!
 //! Decoding never trusts the peer: `len` is checked against
-//! [`MAX_FRAME_LEN`] before anything is allocated, and every malformed frame
-//! is a [`FrameError`], never a panic.
+//! [`MAX_FRAME_LEN`] (the largest legal frame: a full data chunk) before
+//! anything is allocated, a data frame's bytes against [`MAX_DATA_CHUNK`]
+//! and a control payload against [`MAX_CONTROL_LEN`], in both directions,
+//! and every malformed frame is a [`FrameError`], never a panic.
 
 use std::io::{self, Read, Write};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// Largest accepted frame (kind byte plus payload), in bytes.
-pub const MAX_FRAME_LEN: usize = 1024 * 1024 + 64;
-/// Largest data chunk a sender puts in one data frame.
+/// Largest data chunk in one data frame: a sender cuts its streams into
+/// chunks of at most this, and a receiver refuses a larger one.
 pub const MAX_DATA_CHUNK: usize = 256 * 1024;
 /// Largest accepted control (JSON) payload.
 pub const MAX_CONTROL_LEN: usize = 256 * 1024;
@@ -28,15 +29,30 @@ const KIND_CONTROL: u8 = 1;
 const KIND_DATA: u8 = 2;
 const DATA_HEADER_LEN: usize = 9;
 
+/// Largest accepted frame (kind byte plus payload), in bytes: the larger
+/// of a full data chunk with its header and a control payload at its cap.
+pub const MAX_FRAME_LEN: usize = {
+    let data = 1 + DATA_HEADER_LEN + MAX_DATA_CHUNK;
+    let control = 1 + MAX_CONTROL_LEN;
+    if data > control {
+        data
+    } else {
+        control
+    }
+};
+
 /// Errors of encoding or decoding a frame.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     /// The stream failed or ended inside a frame.
     #[error("frame i/o")]
     Io(#[source] io::Error),
-    /// The peer announced a frame larger than the cap.
-    #[error("frame of {0} bytes is over the limit")]
+    /// A frame (or a data chunk) larger than its cap.
+    #[error("frame of {0} bytes is over the limit ({MAX_FRAME_LEN} bytes; data chunks {MAX_DATA_CHUNK})")]
     TooLarge(usize),
+    /// A control message larger than its cap.
+    #[error("control message of {0} bytes is over the limit of {MAX_CONTROL_LEN} bytes")]
+    ControlTooLarge(usize),
     /// A frame without even a kind byte, or a data frame without its header.
     #[error("truncated frame")]
     Truncated,
@@ -117,7 +133,7 @@ pub fn decode_body<M: DeserializeOwned>(body: &[u8]) -> Result<Frame<M>, FrameEr
     match kind {
         KIND_CONTROL => {
             if payload.len() > MAX_CONTROL_LEN {
-                return Err(FrameError::TooLarge(payload.len()));
+                return Err(FrameError::ControlTooLarge(payload.len()));
             }
             serde_json::from_slice(payload)
                 .map(Frame::Control)
@@ -126,6 +142,9 @@ pub fn decode_body<M: DeserializeOwned>(body: &[u8]) -> Result<Frame<M>, FrameEr
         KIND_DATA => {
             if payload.len() < DATA_HEADER_LEN {
                 return Err(FrameError::Truncated);
+            }
+            if payload.len() - DATA_HEADER_LEN > MAX_DATA_CHUNK {
+                return Err(FrameError::TooLarge(payload.len() - DATA_HEADER_LEN));
             }
             let mut id = [0u8; 8];
             id.copy_from_slice(&payload[..8]);
@@ -161,6 +180,10 @@ pub fn encode_control<M: Serialize>(msg: &M) -> Result<Vec<u8>, FrameError> {
     let mut out = vec![0u8; HEADER_LEN];
     out.push(KIND_CONTROL);
     serde_json::to_writer(&mut out, msg).map_err(FrameError::Json)?;
+    let payload = out.len() - HEADER_LEN - 1;
+    if payload > MAX_CONTROL_LEN {
+        return Err(FrameError::ControlTooLarge(payload));
+    }
     finish(out)
 }
 
@@ -272,6 +295,47 @@ mod tests {
             let err = decode::<Value>(input).unwrap_err().to_string();
             assert!(err.contains(want), "{input:?}: {err}");
         }
+    }
+
+    #[test]
+    fn data_frames_over_the_documented_chunk_are_refused_both_ways() {
+        // A peer-built data frame one byte over MAX_DATA_CHUNK: the frame
+        // cap alone (1 MiB before) let it through.
+        let mut f = Vec::new();
+        let len = 1 + DATA_HEADER_LEN + MAX_DATA_CHUNK + 1;
+        f.extend_from_slice(&(len as u32).to_be_bytes());
+        f.push(KIND_DATA);
+        f.extend_from_slice(&7u64.to_be_bytes());
+        f.push(Channel::Stdout as u8);
+        f.resize(HEADER_LEN + len, 0xab);
+        assert!(
+            matches!(decode::<Value>(&f), Err(FrameError::TooLarge(_))),
+            "decode"
+        );
+        let mut r = io::Cursor::new(f.clone());
+        assert!(matches!(
+            read_frame::<Value, _>(&mut r),
+            Err(FrameError::TooLarge(_))
+        ));
+        // The largest legal chunk still goes through.
+        let ok = encode_data(7, Channel::Stdin, &vec![1u8; MAX_DATA_CHUNK]).unwrap();
+        let (frame, used) = decode::<Value>(&ok).unwrap().unwrap();
+        assert_eq!(used, ok.len());
+        assert!(matches!(frame, Frame::Data(d) if d.bytes.len() == MAX_DATA_CHUNK));
+        // A frame larger than any legal one is refused from its header,
+        // before its body is read or allocated.
+        let header = ((MAX_FRAME_LEN + 1) as u32).to_be_bytes();
+        assert!(matches!(body_len(header), Err(FrameError::TooLarge(_))));
+    }
+
+    #[test]
+    fn control_messages_keep_their_own_cap() {
+        let big = "x".repeat(MAX_CONTROL_LEN);
+        let err = encode_control(&serde_json::json!({ "pad": big })).unwrap_err();
+        assert!(err.to_string().contains("control message"), "{err}");
+        let fits = "x".repeat(MAX_CONTROL_LEN - 16);
+        let f = encode_control(&serde_json::json!({ "p": fits })).unwrap();
+        assert!(decode::<Value>(&f).unwrap().is_some());
     }
 
     #[test]

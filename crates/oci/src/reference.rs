@@ -170,10 +170,20 @@ impl Reference {
         self.digest.as_ref()
     }
 
-    /// Whether the registry is on this machine (plain http is then allowed).
+    /// Whether the registry is on this machine (plain http is then allowed):
+    /// `localhost`, `[::1]`, or a literal IPv4 address in 127.0.0.0/8. A
+    /// name such as `127.example.com` or `127.0.0.1.nip.io` is not: DNS may
+    /// send it anywhere.
     pub fn is_local(&self) -> bool {
         let host = self.host();
-        host == "localhost" || host == "::1" || host == "[::1]" || host.starts_with("127.")
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        host == "localhost"
+            || bare
+                .parse::<std::net::Ipv6Addr>()
+                .is_ok_and(|a| a.is_loopback())
+            || host
+                .parse::<std::net::Ipv4Addr>()
+                .is_ok_and(|a| a.is_loopback())
     }
 
     /// The registry host without its port.
@@ -359,6 +369,29 @@ mod tests {
         assert!(p("127.0.0.1:40000/a").is_local());
         assert!(!p("nginx").is_local());
         assert!(!p("ghcr.io/a/b").is_local());
+    }
+
+    #[test]
+    fn only_literal_loopback_addresses_are_local() {
+        for local in [
+            "127.1.2.3/a",
+            "127.0.0.1:5000/a",
+            "localhost:5000/a",
+            "[::1]:5000/a",
+        ] {
+            assert!(p(local).is_local(), "{local}");
+        }
+        // Names that merely start like a loopback address resolve anywhere.
+        for remote in [
+            "127.example.com/a",
+            "127.0.0.1.nip.io/a",
+            "127.0.0.1.nip.io:5000/a",
+            "localhost.example.com/a",
+            "128.0.0.1/a",
+            "[::2]:5000/a",
+        ] {
+            assert!(!p(remote).is_local(), "{remote}");
+        }
         assert_eq!(p("[::1]:5000/img").host(), "[::1]");
     }
 

@@ -31,6 +31,9 @@ pub enum ActivateError {
     /// Guest memory regions are not backed by a file that can be shared.
     #[error("guest memory region at {0:#x} is not file-backed, cannot share it")]
     MemoryNotShareable(u64),
+    /// The worker thread could not be set up.
+    #[error("device worker")]
+    Worker(#[from] crate::worker::WorkerError),
 }
 
 /// Ring features every in-process device supports through virtio-queue
@@ -57,6 +60,10 @@ pub trait VirtioInterrupt: Send + Sync {
     /// An eventfd whose write raises the same interrupt, for backends in
     /// another process (vhost-user `call` fds); `None` if there is none.
     fn notifier(&self, int_type: VirtioInterruptType) -> Option<EventFd>;
+    /// The device hit an error it cannot recover from by itself (a corrupt
+    /// ring): set `DEVICE_NEEDS_RESET` and tell the driver. The default
+    /// does nothing (for transports without the status bit).
+    fn device_needs_reset(&self) {}
 }
 
 /// A queue the driver made ready, handed to the device on activation.

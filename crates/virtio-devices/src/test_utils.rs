@@ -37,6 +37,8 @@ pub struct RecordingInterrupt {
     pub raised: Mutex<Vec<VirtioInterruptType>>,
     /// Number of queue interrupts.
     pub count: AtomicUsize,
+    /// Times the device asked for a reset.
+    pub needs_reset: AtomicUsize,
 }
 
 impl RecordingInterrupt {
@@ -54,6 +56,9 @@ impl VirtioInterrupt for RecordingInterrupt {
     }
     fn notifier(&self, _int_type: VirtioInterruptType) -> Option<EventFd> {
         None
+    }
+    fn device_needs_reset(&self) {
+        self.needs_reset.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -266,4 +271,56 @@ pub fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
 /// A shared interrupt recorder usable as `Arc<dyn VirtioInterrupt>`.
 pub fn recorder() -> Arc<RecordingInterrupt> {
     Arc::new(RecordingInterrupt::default())
+}
+
+/// Runs `f` on its own thread and panics if it has not finished within
+/// `secs` seconds (a spinning or blocked device then fails the test
+/// instead of hanging it; the stuck thread is leaked).
+pub fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+        Ok(v) => v,
+        Err(_) => panic!("did not finish within {secs} s (spinning or blocked)"),
+    }
+}
+
+/// Log records captured on threads that asked for it, as `LEVEL message`.
+struct CaptureLogger;
+
+thread_local! {
+    static CAPTURED: std::cell::RefCell<Option<Vec<String>>> = const { std::cell::RefCell::new(None) };
+}
+
+impl log::Log for CaptureLogger {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        CAPTURED.with(|c| {
+            if let Some(v) = c.borrow_mut().as_mut() {
+                v.push(format!("{} {}", record.level(), record.args()));
+            }
+        });
+    }
+    fn flush(&self) {}
+}
+
+static LOGGER: CaptureLogger = CaptureLogger;
+
+/// Runs `f` and returns what it logged on this thread (other threads and
+/// tests are not captured).
+pub fn capture_logs<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        if log::set_logger(&LOGGER).is_ok() {
+            log::set_max_level(log::LevelFilter::Trace);
+        }
+    });
+    CAPTURED.with(|c| *c.borrow_mut() = Some(Vec::new()));
+    let r = f();
+    let logs = CAPTURED.with(|c| c.borrow_mut().take()).unwrap_or_default();
+    (r, logs)
 }

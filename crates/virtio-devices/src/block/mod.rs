@@ -23,7 +23,7 @@ use crate::device::{
     read_config_bytes, take_queue, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
 };
 use crate::worker::{
-    drain_eventfd, process_queue, spawn_worker, EpollCtx, EpollHandler, WorkerError, WorkerHandle,
+    drain_eventfd, spawn_worker, EpollCtx, EpollHandler, WorkerError, WorkerHandle, WorkerQueue,
 };
 use crate::GuestMemoryMmap;
 use request::{handle_request, Disk, MAX_REQUEST_BYTES, SECTOR_SIZE};
@@ -168,13 +168,10 @@ impl VirtioDevice for Block {
         let handler = BlockHandler {
             mem,
             interrupt,
-            queue,
+            queue: queue.into(),
             disk: self.disk.clone(),
         };
-        let worker = spawn_worker("virtio-blk", handler).map_err(|e| match e {
-            WorkerError::Epoll(e) | WorkerError::Spawn(e) => ActivateError::Io(e),
-            WorkerError::Queue(_) => ActivateError::MissingQueue(0),
-        })?;
+        let worker = spawn_worker("virtio-blk", handler)?;
         self.worker = Some(worker);
         Ok(())
     }
@@ -203,7 +200,7 @@ impl Token {
 struct BlockHandler {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     interrupt: Arc<dyn VirtioInterrupt>,
-    queue: ActiveQueue,
+    queue: WorkerQueue,
     disk: Arc<Disk>,
 }
 
@@ -218,7 +215,7 @@ impl EpollHandler for BlockHandler {
 
     fn handle_event(
         &mut self,
-        _ctx: &EpollCtx,
+        ctx: &EpollCtx,
         token: u64,
         _events: EventSet,
     ) -> Result<(), WorkerError> {
@@ -227,13 +224,11 @@ impl EpollHandler for BlockHandler {
                 drain_eventfd(&self.queue.event);
                 let mem = self.mem.memory();
                 let disk = &self.disk;
-                process_queue(
-                    &mut self.queue.queue,
-                    &mem,
-                    0,
-                    self.interrupt.as_ref(),
-                    |chain| handle_request(&mem, chain, disk),
-                )?;
+                let irq = self.interrupt.as_ref();
+                self.queue.serve(ctx, "virtio-blk", irq, |q| {
+                    q.process(&mem, irq, |chain| handle_request(&mem, chain, disk))
+                        .map(drop)
+                })?;
             }
             None => log::warn!("virtio-blk: unknown event token {token}"),
         }

@@ -21,8 +21,8 @@ use crate::device::{
     read_config_bytes, take_queue, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
 };
 use crate::worker::{
-    drain_eventfd, process_queue, signal_used_queue, spawn_worker, EpollCtx, EpollHandler,
-    WorkerError, WorkerHandle,
+    drain_eventfd, next_chain, signal_used_queue, spawn_worker, EpollCtx, EpollHandler,
+    WorkerError, WorkerHandle, WorkerQueue, CHAIN_BUDGET,
 };
 use crate::GuestMemoryMmap;
 
@@ -104,6 +104,35 @@ impl Console {
     }
 }
 
+impl Console {
+    fn handler(
+        &self,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        mut queues: Vec<ActiveQueue>,
+    ) -> Result<ConsoleHandler, ActivateError> {
+        let rx = take_queue(&mut queues, RX_QUEUE)?;
+        let tx = take_queue(&mut queues, TX_QUEUE)?;
+        let out = match &self.backend {
+            Backend::File(f) => Output::File(f.try_clone().map_err(ActivateError::Io)?),
+            Backend::Socket(l) => Output::Socket {
+                listener: l.try_clone().map_err(ActivateError::Io)?,
+                client: None,
+                pending: VecDeque::new(),
+            },
+        };
+        Ok(ConsoleHandler {
+            mem,
+            interrupt,
+            rx: rx.into(),
+            tx: tx.into(),
+            out,
+            input: Vec::new(),
+            client_events: EventSet::empty(),
+        })
+    }
+}
+
 fn bind(path: &Path) -> Result<UnixListener, ConsoleError> {
     let err = |source| ConsoleError::Bind {
         path: path.to_path_buf(),
@@ -135,35 +164,13 @@ impl VirtioDevice for Console {
         &mut self,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
         interrupt: Arc<dyn VirtioInterrupt>,
-        mut queues: Vec<ActiveQueue>,
+        queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
         if self.worker.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let rx = take_queue(&mut queues, RX_QUEUE)?;
-        let tx = take_queue(&mut queues, TX_QUEUE)?;
-        let out = match &self.backend {
-            Backend::File(f) => Output::File(f.try_clone().map_err(ActivateError::Io)?),
-            Backend::Socket(l) => Output::Socket {
-                listener: l.try_clone().map_err(ActivateError::Io)?,
-                client: None,
-                pending: VecDeque::new(),
-            },
-        };
-        let handler = ConsoleHandler {
-            mem,
-            interrupt,
-            rx,
-            tx,
-            out,
-            input: Vec::new(),
-            client_events: EventSet::empty(),
-        };
-        let worker = spawn_worker("virtio-console", handler).map_err(|e| match e {
-            WorkerError::Epoll(e) | WorkerError::Spawn(e) => ActivateError::Io(e),
-            WorkerError::Queue(_) => ActivateError::MissingQueue(TX_QUEUE),
-        })?;
-        self.worker = Some(worker);
+        let handler = self.handler(mem, interrupt, queues)?;
+        self.worker = Some(spawn_worker("virtio-console", handler)?);
         Ok(())
     }
     fn reset(&mut self) -> bool {
@@ -209,8 +216,8 @@ impl Token {
 struct ConsoleHandler {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     interrupt: Arc<dyn VirtioInterrupt>,
-    rx: ActiveQueue,
-    tx: ActiveQueue,
+    rx: WorkerQueue,
+    tx: WorkerQueue,
     out: Output,
     /// Client input not yet given to the guest.
     input: Vec<u8>,
@@ -218,52 +225,52 @@ struct ConsoleHandler {
 }
 
 impl ConsoleHandler {
-    fn process_tx(&mut self) -> Result<(), WorkerError> {
+    fn process_tx(&mut self, ctx: &EpollCtx) -> Result<(), WorkerError> {
         let mem = self.mem.memory();
         let out = &mut self.out;
-        process_queue(
-            &mut self.tx.queue,
-            &mem,
-            TX_QUEUE as u16,
-            self.interrupt.as_ref(),
-            |chain| {
+        let irq = self.interrupt.as_ref();
+        self.tx.serve(ctx, "virtio-console", irq, |q| {
+            q.process(&mem, irq, |chain| {
                 if let Some(text) = read_tx_chain(&mem, chain) {
                     write_output(out, &text);
                 }
                 0
-            },
-        )?;
-        Ok(())
+            })
+            .map(drop)
+        })
     }
 
-    fn fill_rx(&mut self) -> Result<(), WorkerError> {
+    /// Hands client input to the guest's receive buffers, at most
+    /// [`CHAIN_BUDGET`] of them per turn (then the queue re-arms itself).
+    fn fill_rx(&mut self, ctx: &EpollCtx) -> Result<(), WorkerError> {
         if self.input.is_empty() {
             return Ok(());
         }
         let mem = self.mem.memory();
-        let queue = &mut self.rx.queue;
-        let mut used = 0;
-        while !self.input.is_empty() {
-            let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
-                if queue
-                    .enable_notification(&*mem)
-                    .map_err(WorkerError::Queue)?
-                {
-                    continue;
+        let irq = self.interrupt.as_ref();
+        let input = &mut self.input;
+        self.rx.serve(ctx, "virtio-console", irq, |q| {
+            let mut used = 0;
+            while !input.is_empty() {
+                if used == CHAIN_BUDGET {
+                    q.rearm();
+                    break;
                 }
-                break;
-            };
-            let head = chain.head_index();
-            let len = write_input(&mem, chain, &mut self.input);
-            queue
-                .add_used(&*mem, head, len)
-                .map_err(WorkerError::Queue)?;
-            used += 1;
-        }
-        if used > 0 {
-            signal_used_queue(queue, &mem, RX_QUEUE as u16, self.interrupt.as_ref())?;
-        }
-        Ok(())
+                let Some(chain) = next_chain(&mut q.queue, &mem)? else {
+                    break;
+                };
+                let head = chain.head_index();
+                let len = write_input(&mem, chain, input);
+                q.queue
+                    .add_used(&*mem, head, len)
+                    .map_err(WorkerError::Queue)?;
+                used += 1;
+            }
+            if used > 0 {
+                signal_used_queue(&mut q.queue, &mem, q.index as u16, irq)?;
+            }
+            Ok(())
+        })
     }
 
     fn accept(&mut self, ctx: &EpollCtx) {
@@ -469,13 +476,13 @@ impl EpollHandler for ConsoleHandler {
             Some(Token::RxQueue) => drain_eventfd(&self.rx.event),
             Some(Token::TxQueue) => {
                 drain_eventfd(&self.tx.event);
-                self.process_tx()?;
+                self.process_tx(ctx)?;
             }
             Some(Token::Listener) => self.accept(ctx),
             Some(Token::Client) => self.client_event(events),
             None => log::warn!("virtio-console: unknown token {token}"),
         }
-        self.fill_rx()?;
+        self.fill_rx(ctx)?;
         if let Output::Socket { client: None, .. } = &self.out {
             if !self.client_events.is_empty() {
                 // The client went away; its fd is closed, which removed it
@@ -568,5 +575,64 @@ mod tests {
         assert!(wait_until(|| rxq.used_idx() == 1));
         assert_eq!(rxq.used_entry(0).1, 3);
         assert_eq!(rxq.read(addrs[0], 3), b"ls\n");
+    }
+
+    /// A corrupt receive ring while the client typed something: the
+    /// worker must not spin, so a reset (the kill event) still gets through.
+    #[test]
+    fn corrupt_rx_ring_does_not_block_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.sock");
+        let (mut c, _mem, mut rxq, _txq, _k) = start(ConsoleOutput::Socket(path.clone()));
+        rxq.set_avail_idx(1000);
+        let mut client = UnixStream::connect(&path).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        client.write_all(b"ls\n").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(within(5, move || c.reset()));
+    }
+
+    /// Driven directly: a corrupt receive ring with input waiting is given
+    /// up after one turn, logged once; output still works.
+    #[test]
+    fn corrupt_rx_ring_stops_only_that_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.sock");
+        let mem = single_region_mem(0x10_0000);
+        let mut rxq = TestQueue::new(&mem, 0, 16, 0x1_0000);
+        let mut txq = TestQueue::new(&mem, 0x1000, 16, 0x8_0000);
+        rxq.set_avail_idx(1000);
+        let (rx, tx) = (rxq.active(0), txq.active(1));
+        let (rx_kick, tx_kick) = (rx.event.try_clone().unwrap(), tx.event.try_clone().unwrap());
+        let c = Console::new(&ConsoleOutput::Socket(path.clone())).unwrap();
+        let irq = recorder();
+        let handler = c
+            .handler(atomic_mem(&mem), irq.clone(), vec![rx, tx])
+            .unwrap();
+        let mut el = crate::worker::EventLoop::new(handler).unwrap();
+        let mut client = UnixStream::connect(&path).unwrap();
+        el.run_until_idle(10).unwrap();
+        client.write_all(b"ls\n").unwrap();
+        let ((turns, mut el), logs) = within(5, move || {
+            capture_logs(|| {
+                for _ in 0..3 {
+                    rx_kick.write(1).unwrap();
+                    el.run_until_idle(10).unwrap();
+                }
+                (el.run_until_idle(10).unwrap(), el)
+            })
+        });
+        assert_eq!(turns, 0, "nothing left to do");
+        let broken: Vec<_> = logs.iter().filter(|l| l.contains("stopped")).collect();
+        assert_eq!(broken.len(), 1, "{logs:?}");
+        assert_eq!(irq.needs_reset.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let (_, addrs) = txq.add_chain(&[(Readable, 3)]);
+        txq.write(addrs[0], b"ok\n");
+        tx_kick.write(1).unwrap();
+        el.run_until_idle(10).unwrap();
+        assert_eq!(txq.used_idx(), 1);
+        let mut buf = [0u8; 3];
+        client.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ok\n");
     }
 }

@@ -269,10 +269,7 @@ impl VirtioDevice for Fs {
             interrupt,
             calls: forwarded,
         };
-        let worker = spawn_worker("virtio-fs", handler).map_err(|e| match e {
-            WorkerError::Epoll(e) | WorkerError::Spawn(e) => ActivateError::Io(e),
-            WorkerError::Queue(_) => ActivateError::MissingQueue(0),
-        })?;
+        let worker = spawn_worker("virtio-fs", handler)?;
         self.worker = Some(worker);
         Ok(())
     }

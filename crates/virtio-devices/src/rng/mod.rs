@@ -18,7 +18,7 @@ use crate::device::{
     take_queue, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, RING_FEATURES,
 };
 use crate::worker::{
-    drain_eventfd, process_queue, spawn_worker, EpollCtx, EpollHandler, WorkerError, WorkerHandle,
+    drain_eventfd, spawn_worker, EpollCtx, EpollHandler, WorkerError, WorkerHandle, WorkerQueue,
 };
 use crate::GuestMemoryMmap;
 
@@ -106,12 +106,9 @@ impl VirtioDevice for Rng {
         let handler = RngHandler {
             mem,
             interrupt,
-            queue,
+            queue: queue.into(),
         };
-        let worker = spawn_worker("virtio-rng", handler).map_err(|e| match e {
-            WorkerError::Epoll(e) | WorkerError::Spawn(e) => ActivateError::Io(e),
-            WorkerError::Queue(_) => ActivateError::MissingQueue(0),
-        })?;
+        let worker = spawn_worker("virtio-rng", handler)?;
         self.worker = Some(worker);
         Ok(())
     }
@@ -140,7 +137,7 @@ impl Token {
 struct RngHandler {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     interrupt: Arc<dyn VirtioInterrupt>,
-    queue: ActiveQueue,
+    queue: WorkerQueue,
 }
 
 /// Fills the writable part of `chain` with random bytes; returns the count.
@@ -178,7 +175,7 @@ impl EpollHandler for RngHandler {
 
     fn handle_event(
         &mut self,
-        _ctx: &EpollCtx,
+        ctx: &EpollCtx,
         token: u64,
         _events: EventSet,
     ) -> Result<(), WorkerError> {
@@ -186,13 +183,11 @@ impl EpollHandler for RngHandler {
             Some(Token::Queue) => {
                 drain_eventfd(&self.queue.event);
                 let mem = self.mem.memory();
-                process_queue(
-                    &mut self.queue.queue,
-                    &mem,
-                    0,
-                    self.interrupt.as_ref(),
-                    |chain| fill_chain(&mem, chain),
-                )?;
+                let irq = self.interrupt.as_ref();
+                self.queue.serve(ctx, "virtio-rng", irq, |q| {
+                    q.process(&mem, irq, |chain| fill_chain(&mem, chain))
+                        .map(drop)
+                })?;
             }
             None => log::warn!("virtio-rng: unknown event token {token}"),
         }

@@ -17,7 +17,7 @@
 
 pub mod common_config;
 
-use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -90,6 +90,8 @@ struct PciInterrupt {
     isr: AtomicU8,
     config_vector: AtomicU16,
     queue_vectors: Vec<AtomicU16>,
+    /// Set by a device worker that cannot go on (read into the status).
+    needs_reset: AtomicBool,
 }
 
 impl PciInterrupt {
@@ -118,6 +120,12 @@ impl VirtioInterrupt for PciInterrupt {
             .unwrap_or_else(|e| e.into_inner())
             .trigger(vector);
         Ok(())
+    }
+
+    fn device_needs_reset(&self) {
+        if !self.needs_reset.swap(true, Ordering::AcqRel) {
+            let _ = self.trigger(VirtioInterruptType::Config);
+        }
     }
 
     fn notifier(&self, t: VirtioInterruptType) -> Option<EventFd> {
@@ -267,6 +275,7 @@ impl VirtioPciDevice {
             isr: AtomicU8::new(0),
             config_vector: AtomicU16::new(NO_VECTOR),
             queue_vectors: sizes.iter().map(|_| AtomicU16::new(NO_VECTOR)).collect(),
+            needs_reset: AtomicBool::new(false),
         });
         Ok(VirtioPciDevice {
             config,
@@ -319,6 +328,7 @@ impl VirtioPciDevice {
         }
         self.common = CommonConfig::default();
         self.interrupt.isr.store(0, Ordering::Release);
+        self.interrupt.needs_reset.store(false, Ordering::Release);
         self.sync_vectors();
         self.active = false;
     }
@@ -410,6 +420,9 @@ impl VirtioPciDevice {
         data.fill(0);
         match offset {
             o if o < COMMON_CONFIG_OFFSET + REGION_SIZE => {
+                if self.interrupt.needs_reset.load(Ordering::Acquire) {
+                    self.common.status |= status::DEVICE_NEEDS_RESET;
+                }
                 self.common
                     .read(o, data, self.offered_features, &self.queues)
             }

@@ -23,8 +23,8 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::device::{take_queue, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt};
 use crate::worker::{
-    drain_eventfd, process_queue, signal_used_queue, spawn_worker, EpollCtx, EpollHandler,
-    WorkerError, WorkerHandle,
+    drain_eventfd, next_chain, signal_used_queue, spawn_worker, EpollCtx, EpollHandler,
+    WorkerError, WorkerHandle, WorkerQueue, CHAIN_BUDGET,
 };
 use crate::GuestMemoryMmap;
 use muxer::{Muxer, LISTENER_TOKEN};
@@ -87,6 +87,30 @@ impl Vsock {
     pub fn cid(&self) -> u64 {
         self.cid
     }
+
+    fn handler(
+        &self,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        mut queues: Vec<ActiveQueue>,
+    ) -> Result<VsockHandler, ActivateError> {
+        let rx = take_queue(&mut queues, RX_QUEUE)?;
+        let tx = take_queue(&mut queues, TX_QUEUE)?;
+        let event = take_queue(&mut queues, EVENT_QUEUE)?;
+        let listener = self.listener.try_clone().map_err(ActivateError::Io)?;
+        let timer = TimerFd::new()
+            .map_err(|e| ActivateError::Io(io::Error::from_raw_os_error(e.errno())))?;
+        Ok(VsockHandler {
+            timer,
+            timer_armed: false,
+            mem,
+            interrupt,
+            rx: rx.into(),
+            tx: tx.into(),
+            event,
+            muxer: Muxer::new(self.cid, self.path.clone(), listener),
+        })
+    }
 }
 
 impl Drop for Vsock {
@@ -115,34 +139,13 @@ impl VirtioDevice for Vsock {
         &mut self,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
         interrupt: Arc<dyn VirtioInterrupt>,
-        mut queues: Vec<ActiveQueue>,
+        queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
         if self.worker.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let rx = take_queue(&mut queues, RX_QUEUE)?;
-        let tx = take_queue(&mut queues, TX_QUEUE)?;
-        let event = take_queue(&mut queues, EVENT_QUEUE)?;
-        let listener = self.listener.try_clone().map_err(ActivateError::Io)?;
-        let timer = TimerFd::new()
-            .map_err(|e| ActivateError::Io(io::Error::from_raw_os_error(e.errno())))?;
-        let handler = VsockHandler {
-            timer,
-            timer_armed: false,
-            mem,
-            interrupt,
-            rx,
-            tx,
-            event,
-            muxer: Muxer::new(self.cid, self.path.clone(), listener),
-            rx_broken: false,
-        };
-        let worker =
-            spawn_worker(&format!("vsock-{}", self.cid), handler).map_err(|e| match e {
-                WorkerError::Epoll(e) | WorkerError::Spawn(e) => ActivateError::Io(e),
-                WorkerError::Queue(_) => ActivateError::MissingQueue(TX_QUEUE),
-            })?;
-        self.worker = Some(worker);
+        let handler = self.handler(mem, interrupt, queues)?;
+        self.worker = Some(spawn_worker(&format!("vsock-{}", self.cid), handler)?);
         Ok(())
     }
     fn reset(&mut self) -> bool {
@@ -190,63 +193,63 @@ struct VsockHandler {
     timer_armed: bool,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     interrupt: Arc<dyn VirtioInterrupt>,
-    rx: ActiveQueue,
-    tx: ActiveQueue,
+    rx: WorkerQueue,
+    tx: WorkerQueue,
     event: ActiveQueue,
     muxer: Muxer,
-    rx_broken: bool,
 }
 
 impl VsockHandler {
     fn process_tx(&mut self, ctx: &EpollCtx) -> Result<(), WorkerError> {
         let mem = self.mem.memory();
         let muxer = &mut self.muxer;
-        process_queue(
-            &mut self.tx.queue,
-            &mem,
-            TX_QUEUE as u16,
-            self.interrupt.as_ref(),
-            |chain| {
+        let irq = self.interrupt.as_ref();
+        self.tx.serve(ctx, "vsock", irq, |q| {
+            q.process(&mem, irq, |chain| {
                 match read_tx_packet(&mem, chain) {
                     Ok((hdr, payload)) => muxer.handle_tx_packet(ctx, &hdr, &payload),
                     Err(e) => log::warn!("vsock: bad tx packet: {e}"),
                 }
                 0
-            },
-        )?;
-        Ok(())
+            })
+            .map(drop)
+        })
     }
 
+    /// Moves the muxer's packets into receive buffers, at most
+    /// [`CHAIN_BUDGET`] per turn (then the queue re-arms itself).
     fn fill_rx(&mut self, ctx: &EpollCtx) -> Result<(), WorkerError> {
         let mem = self.mem.memory();
-        let queue = &mut self.rx.queue;
-        let mut used = 0;
-        while self.muxer.has_rx_work() {
-            let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
-                // Out of buffers: ask to be told when the guest adds some.
-                if queue
-                    .enable_notification(&*mem)
-                    .map_err(WorkerError::Queue)?
-                {
-                    continue;
+        let irq = self.interrupt.as_ref();
+        let muxer = &mut self.muxer;
+        self.rx.serve(ctx, "vsock", irq, |q| {
+            let mut used = 0;
+            while muxer.has_rx_work() {
+                if used == CHAIN_BUDGET {
+                    q.rearm();
+                    break;
                 }
-                break;
-            };
-            let head = chain.head_index();
-            let Some(len) = fill_rx_buffer(&mut self.muxer, ctx, &mem, chain) else {
-                // Nothing to send after all: give the buffer back.
-                queue.go_to_previous_position();
-                break;
-            };
-            queue
-                .add_used(&*mem, head, len)
-                .map_err(WorkerError::Queue)?;
-            used += 1;
-        }
-        if used > 0 {
-            signal_used_queue(queue, &mem, RX_QUEUE as u16, self.interrupt.as_ref())?;
-        }
-        Ok(())
+                // Out of buffers: notifications are on, the guest's next
+                // buffer wakes us.
+                let Some(chain) = next_chain(&mut q.queue, &mem)? else {
+                    break;
+                };
+                let head = chain.head_index();
+                let Some(len) = fill_rx_buffer(muxer, ctx, &mem, chain) else {
+                    // Nothing to send after all: give the buffer back.
+                    q.queue.go_to_previous_position();
+                    break;
+                };
+                q.queue
+                    .add_used(&*mem, head, len)
+                    .map_err(WorkerError::Queue)?;
+                used += 1;
+            }
+            if used > 0 {
+                signal_used_queue(&mut q.queue, &mem, q.index as u16, irq)?;
+            }
+            Ok(())
+        })
     }
 }
 
@@ -312,12 +315,7 @@ impl EpollHandler for VsockHandler {
             Token::RxQueue => drain_eventfd(&self.rx.event),
             Token::TxQueue => {
                 drain_eventfd(&self.tx.event);
-                if let Err(e) = self.process_tx(ctx) {
-                    // A corrupt TX ring: stop reading it, keep the rest alive.
-                    log::error!("vsock: tx queue broken: {e}");
-                    ctx.remove(self.tx.event.as_raw_fd())
-                        .map_err(WorkerError::Epoll)?;
-                }
+                self.process_tx(ctx)?;
             }
             Token::EventQueue => drain_eventfd(&self.event.event),
             Token::Timer => {
@@ -329,12 +327,7 @@ impl EpollHandler for VsockHandler {
             Token::Listener => self.muxer.handle_listener(ctx),
             Token::Conn(t) => self.muxer.handle_conn_event(ctx, t, events),
         }
-        if !self.rx_broken {
-            if let Err(e) = self.fill_rx(ctx) {
-                log::error!("vsock: rx queue broken: {e}");
-                self.rx_broken = true;
-            }
-        }
+        self.fill_rx(ctx)?;
         self.sync_timer();
         Ok(())
     }

@@ -83,6 +83,7 @@ pub mod fs;
 pub mod fuzzing;
 pub mod net;
 pub mod pci;
+pub mod ratelimit;
 pub mod rng;
 pub mod socket;
 pub mod transport;

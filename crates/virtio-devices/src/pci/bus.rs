@@ -10,6 +10,8 @@ use super::config::{
     BarReprogram, PciBar, PciBarRange, PciBarRegionType, PciConfiguration, PciHeader,
 };
 use super::{BarAllocator, IoEventRegistrar, PciDevice, PciError};
+use crate::ratelimit::LogLimiter;
+use vmm_sys_util::eventfd::EventFd;
 
 /// Number of device slots on the bus.
 pub const NUM_SLOTS: u8 = 32;
@@ -72,7 +74,8 @@ impl PciDevice for PciRoot {
     fn bar_ranges(&self) -> Vec<PciBarRange> {
         Vec::new()
     }
-    fn move_bar(&mut self, _old_addr: u64, _new_addr: u64) {}
+    fn move_bar(&mut self, _mv: &BarReprogram) {}
+    fn refuse_bar_move(&mut self, _mv: &BarReprogram) {}
     fn read_bar(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
         data.fill(0xff);
     }
@@ -92,6 +95,35 @@ impl BusDevice for BarBusAdapter {
     }
 }
 
+/// Where the guest may place BARs: `(start, size)` windows (a zero size
+/// disables one), as in the host bridge's `_CRS`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BarWindows {
+    /// 32-bit memory window (below 4 GiB).
+    pub mmio32: (u64, u64),
+    /// 64-bit memory window.
+    pub mmio64: (u64, u64),
+    /// I/O port window.
+    pub io: (u64, u64),
+}
+
+impl BarWindows {
+    /// Whether `[addr, addr + size)` lies in a window a BAR of type `t` may use.
+    pub fn allows(&self, t: PciBarRegionType, addr: u64, size: u64) -> bool {
+        let inside = |(start, len): (u64, u64)| {
+            let (Some(end), Some(wend)) = (addr.checked_add(size), start.checked_add(len)) else {
+                return false;
+            };
+            len > 0 && addr >= start && end <= wend
+        };
+        match t {
+            PciBarRegionType::Io => inside(self.io),
+            PciBarRegionType::Memory32 => inside(self.mmio32),
+            PciBarRegionType::Memory64 => inside(self.mmio64) || inside(self.mmio32),
+        }
+    }
+}
+
 /// A first-fit allocator over a 32-bit MMIO window, a 64-bit MMIO window
 /// and an I/O port window.
 pub struct RangeAllocator {
@@ -105,6 +137,15 @@ impl RangeAllocator {
         RangeAllocator {
             windows: [mmio32, mmio64, io],
             used: BTreeMap::new(),
+        }
+    }
+
+    /// The windows it allocates from (for [`PciBus::set_bar_windows`]).
+    pub fn windows(&self) -> BarWindows {
+        BarWindows {
+            mmio32: self.windows[0],
+            mmio64: self.windows[1],
+            io: self.windows[2],
         }
     }
 
@@ -141,12 +182,38 @@ impl BarAllocator for RangeAllocator {
     }
 }
 
+/// A BAR as the bus mapped it: the record guest moves and hot-unplug go
+/// by (never the device's own idea of where it is).
+struct MappedBar {
+    /// Where it is mapped now.
+    range: PciBarRange,
+    /// What the allocator handed out (freed on detach).
+    allocated: PciBarRange,
+    /// The bus device at `range` (removed only if it is still this one).
+    adapter: Arc<Mutex<dyn BusDevice>>,
+}
+
 /// The root bus: up to 32 single-function devices, slot 0 the host bridge.
 pub struct PciBus {
     devices: BTreeMap<u8, SharedPciDevice>,
+    mapped: BTreeMap<u8, Vec<MappedBar>>,
     mmio_bus: Arc<Bus>,
     pio_bus: Arc<Bus>,
     ioevents: Arc<dyn IoEventRegistrar>,
+    windows: Option<BarWindows>,
+    log: LogLimiter,
+}
+
+/// Removes the mapping at `base` from `bus` only if it is `adapter`'s.
+fn remove_own(bus: &Bus, base: u64, adapter: &Arc<Mutex<dyn BusDevice>>) {
+    let ours = bus.resolve(base).is_some_and(|(r, d)| {
+        r.base == base && std::ptr::addr_eq(Arc::as_ptr(&d), Arc::as_ptr(adapter))
+    });
+    if ours {
+        let _ = bus.remove(base);
+    } else {
+        log::warn!("pci: mapping at {base:#x} is not the BAR's, left alone");
+    }
 }
 
 impl PciBus {
@@ -157,10 +224,19 @@ impl PciBus {
         devices.insert(0, Arc::new(Mutex::new(PciRoot::new())));
         PciBus {
             devices,
+            mapped: BTreeMap::new(),
             mmio_bus,
             pio_bus,
             ioevents,
+            windows: None,
+            log: LogLimiter::new("pci"),
         }
+    }
+
+    /// Confines guest BAR moves to `windows` (normally
+    /// [`RangeAllocator::windows`]); without it any free range is accepted.
+    pub fn set_bar_windows(&mut self, windows: BarWindows) {
+        self.windows = Some(windows);
     }
 
     /// The lowest free slot.
@@ -203,23 +279,31 @@ impl PciBus {
         };
         let mut dev = lock(&device);
         let ranges = dev.allocate_bars(allocator)?;
-        let mut mapped = Vec::new();
+        let mut mapped: Vec<MappedBar> = Vec::new();
         for r in &ranges {
-            let adapter = Arc::new(Mutex::new(BarBusAdapter(device.clone())));
-            if let Err(e) = self
-                .bus_for(r.bar.region_type)
-                .insert(adapter, r.addr, r.bar.size)
+            let adapter: Arc<Mutex<dyn BusDevice>> =
+                Arc::new(Mutex::new(BarBusAdapter(device.clone())));
+            if let Err(e) =
+                self.bus_for(r.bar.region_type)
+                    .insert(adapter.clone(), r.addr, r.bar.size)
             {
                 for m in &mapped {
-                    let m: &PciBarRange = m;
-                    let _ = self.bus_for(m.bar.region_type).remove(m.addr);
+                    remove_own(
+                        self.bus_for(m.range.bar.region_type),
+                        m.range.addr,
+                        &m.adapter,
+                    );
                 }
                 for r in &ranges {
                     allocator.free(r);
                 }
                 return Err(PciError::Bus(e));
             }
-            mapped.push(*r);
+            mapped.push(MappedBar {
+                range: *r,
+                allocated: *r,
+                adapter,
+            });
         }
         let mut registered = Vec::new();
         for (addr, fd) in dev.ioeventfds() {
@@ -228,9 +312,13 @@ impl PciBus {
                 for (a, f) in registered {
                     let _ = self.ioevents.unregister_ioevent(f, a);
                 }
-                for r in &ranges {
-                    let _ = self.bus_for(r.bar.region_type).remove(r.addr);
-                    allocator.free(r);
+                for m in &mapped {
+                    remove_own(
+                        self.bus_for(m.range.bar.region_type),
+                        m.range.addr,
+                        &m.adapter,
+                    );
+                    allocator.free(&m.allocated);
                 }
                 return Err(PciError::IoEvent(e));
             }
@@ -239,6 +327,7 @@ impl PciBus {
         drop(registered);
         drop(dev);
         self.devices.insert(slot, device);
+        self.mapped.insert(slot, mapped);
         Ok(slot)
     }
 
@@ -262,11 +351,13 @@ impl PciBus {
                 log::warn!("pci slot {slot}: unregister ioeventfd at {addr:#x}: {e}");
             }
         }
-        for r in dev.bar_ranges() {
-            if let Err(e) = self.bus_for(r.bar.region_type).remove(r.addr) {
-                log::warn!("pci slot {slot}: unmap BAR {}: {e}", r.bar.index);
-            }
-            allocator.free(&r);
+        for m in self.mapped.remove(&slot).unwrap_or_default() {
+            remove_own(
+                self.bus_for(m.range.bar.region_type),
+                m.range.addr,
+                &m.adapter,
+            );
+            allocator.free(&m.allocated);
         }
         dev.unplugged();
         drop(dev);
@@ -286,9 +377,11 @@ impl PciBus {
     }
 
     /// Writes register `reg` of `(bus, slot, function)` and re-maps any BAR
-    /// the guest moved.
+    /// the guest moved. A move the bus cannot make (overlap with any other
+    /// mapping, outside the windows, wrapping around) changes nothing: the
+    /// BAR reads back where it is.
     pub fn write_config(
-        &self,
+        &mut self,
         bus: u8,
         slot: u8,
         function: u8,
@@ -299,14 +392,17 @@ impl PciBus {
         if bus != 0 || function != 0 {
             return;
         }
-        let Some(device) = self.devices.get(&slot) else {
+        let Some(device) = self.devices.get(&slot).cloned() else {
             return;
         };
-        let mut dev = lock(device);
+        let mut dev = lock(&device);
         for mv in dev.write_config_register(reg, offset, data) {
-            if let Err(e) = self.move_bar(device, &mut *dev, &mv) {
-                log::warn!(
-                    "pci slot {slot}: cannot move BAR {} to {:#x}: {e}",
+            if let Err(e) = self.move_bar(slot, &mut *dev, &mv) {
+                dev.refuse_bar_move(&mv);
+                crate::guest_log!(
+                    &self.log,
+                    log::Level::Warn,
+                    "pci slot {slot}: BAR {} not moved to {:#x}: {e}",
                     mv.bar.index,
                     mv.new_addr
                 );
@@ -314,37 +410,72 @@ impl PciBus {
         }
     }
 
+    /// Moves a mapped BAR: validates the new range, maps it (the bus
+    /// refuses overlaps), moves the ioeventfds inside it, unmaps the old
+    /// range and only then records the move, in the bus and the device.
     fn move_bar(
-        &self,
-        shared: &SharedPciDevice,
+        &mut self,
+        slot: u8,
         dev: &mut dyn PciDevice,
         mv: &BarReprogram,
     ) -> Result<(), PciError> {
-        let bus = self.bus_for(mv.bar.region_type);
-        for (addr, fd) in dev.ioeventfds() {
-            if addr >= mv.old_addr && addr < mv.old_addr + mv.bar.size {
-                self.ioevents
-                    .unregister_ioevent(fd, addr)
-                    .map_err(PciError::IoEvent)?;
+        let t = mv.bar.region_type;
+        let index = mv.bar.index;
+        let (old, size, adapter) = self
+            .mapped
+            .get(&slot)
+            .and_then(|bars| bars.iter().find(|m| m.range.bar.index == index))
+            .map(|m| (m.range.addr, m.range.bar.size, m.adapter.clone()))
+            .ok_or(PciError::BarNotMapped(index))?;
+        let new = mv.new_addr;
+        let out_of_range = PciError::BarOutOfRange { addr: new, size };
+        if new.checked_add(size).is_none() {
+            return Err(out_of_range);
+        }
+        if self.windows.is_some_and(|w| !w.allows(t, new, size)) {
+            return Err(out_of_range);
+        }
+        let bus = self.bus_for(t);
+        bus.insert(adapter.clone(), new, size)
+            .map_err(PciError::Bus)?;
+        {
+            let inside = |addr: u64| addr.checked_sub(old).filter(|off| *off < size);
+            let fds: Vec<(u64, &EventFd)> = dev
+                .ioeventfds()
+                .into_iter()
+                .filter(|(addr, _)| inside(*addr).is_some())
+                .collect();
+            let mut registered = Vec::new();
+            for (addr, fd) in &fds {
+                let at = new + (addr - old);
+                if let Err(e) = self.ioevents.register_ioevent(fd, at) {
+                    for (a, f) in registered {
+                        let _ = self.ioevents.unregister_ioevent(f, a);
+                    }
+                    remove_own(bus, new, &adapter);
+                    return Err(PciError::IoEvent(e));
+                }
+                registered.push((at, *fd));
+            }
+            for (addr, fd) in fds {
+                if let Err(e) = self.ioevents.unregister_ioevent(fd, addr) {
+                    log::warn!("pci slot {slot}: unregister ioeventfd at {addr:#x}: {e}");
+                }
             }
         }
-        let adapter = bus
-            .remove(mv.old_addr)
-            .unwrap_or_else(|_| Arc::new(Mutex::new(BarBusAdapter(shared.clone()))));
-        let result = bus.insert(adapter.clone(), mv.new_addr, mv.bar.size);
-        if let Err(e) = result {
-            // Keep the old mapping so the device stays reachable.
-            let _ = bus.insert(adapter, mv.old_addr, mv.bar.size);
-            return Err(PciError::Bus(e));
+        remove_own(bus, old, &adapter);
+        if let Some(m) = self
+            .mapped
+            .get_mut(&slot)
+            .and_then(|bars| bars.iter_mut().find(|m| m.range.bar.index == index))
+        {
+            m.range.addr = new;
         }
-        dev.move_bar(mv.old_addr, mv.new_addr);
-        for (addr, fd) in dev.ioeventfds() {
-            if addr >= mv.new_addr && addr < mv.new_addr + mv.bar.size {
-                self.ioevents
-                    .register_ioevent(fd, addr)
-                    .map_err(PciError::IoEvent)?;
-            }
-        }
+        dev.move_bar(&BarReprogram {
+            bar: mv.bar,
+            old_addr: old,
+            new_addr: new,
+        });
         Ok(())
     }
 }
@@ -539,8 +670,12 @@ mod tests {
         fn bar_ranges(&self) -> Vec<PciBarRange> {
             config_bar_ranges(&self.config)
         }
-        fn move_bar(&mut self, _old: u64, new: u64) {
-            self.mapped = new;
+        fn move_bar(&mut self, mv: &BarReprogram) {
+            self.config.bar_moved(mv.bar.index, mv.new_addr);
+            self.mapped = mv.new_addr;
+        }
+        fn refuse_bar_move(&mut self, mv: &BarReprogram) {
+            self.config.restore_bar(mv.bar.index);
         }
         fn read_bar(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
             data.fill(offset as u8);
@@ -725,6 +860,87 @@ mod tests {
         assert_eq!(d[0], 3);
         assert!(!s.mmio.read(1 << 40, &mut d));
         assert_eq!(*s.reg.0.lock().unwrap(), vec![0xd000_0010]);
+    }
+
+    /// Something else on the MMIO bus, like the VMM's ECAM window.
+    struct Neighbour;
+    impl BusDevice for Neighbour {
+        fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+            data.fill(0xec);
+        }
+        fn write(&mut self, _base: u64, _offset: u64, _data: &[u8]) {}
+    }
+
+    const NEIGHBOUR: u64 = 0xe000_0000;
+
+    /// Programs BAR0 of slot 1 like Linux (decoding off, both halves,
+    /// decoding on).
+    fn program_bar(ecam: &mut PciConfigMmio, addr: u64) {
+        let dev = 1u64 << 15;
+        ecam.write(0, dev + 4, &[0x04, 0]);
+        ecam.write(0, dev + 0x10, &(addr as u32).to_le_bytes());
+        ecam.write(0, dev + 0x14, &((addr >> 32) as u32).to_le_bytes());
+        ecam.write(0, dev + 4, &[0x06, 0]);
+    }
+
+    fn bar0(ecam: &mut PciConfigMmio) -> u64 {
+        let dev = 1u64 << 15;
+        let (mut lo, mut hi) = ([0u8; 4], [0u8; 4]);
+        ecam.read(0, dev + 0x10, &mut lo);
+        ecam.read(0, dev + 0x14, &mut hi);
+        u64::from(u32::from_le_bytes(hi)) << 32 | u64::from(u32::from_le_bytes(lo) & !0xf)
+    }
+
+    #[test]
+    fn refused_bar_moves_change_nothing_and_spare_neighbours() {
+        let mut s = setup();
+        s.mmio
+            .insert(Arc::new(Mutex::new(Neighbour)), NEIGHBOUR, 0x10_0000)
+            .unwrap();
+        let dev = Arc::new(Mutex::new(Dummy::new()));
+        s.bus
+            .lock()
+            .unwrap()
+            .attach(Some(1), dev.clone(), &mut s.alloc)
+            .unwrap();
+        let mut ecam = PciConfigMmio::new(s.bus.clone());
+        let home = 1u64 << 40;
+        let mut d = [0u8; 1];
+        // Onto the neighbour, then where the end would overflow: refused,
+        // the BAR reads back where it is, mapping and ioeventfd unchanged.
+        for bad in [NEIGHBOUR + 0x1000, 0xffff_ffff_ffff_f000] {
+            program_bar(&mut ecam, bad);
+            assert_eq!(bar0(&mut ecam), home, "write to {bad:#x} ignored");
+            assert!(s.mmio.read(home + 7, &mut d));
+            assert_eq!(d[0], 7);
+            assert_eq!(*s.reg.0.lock().unwrap(), vec![home + 0x10]);
+            assert!(s.mmio.read(NEIGHBOUR + 0x1000, &mut d));
+            assert_eq!(d[0], 0xec, "neighbour intact");
+        }
+        // A later good move takes the BAR and its ioeventfd along and
+        // leaves the neighbour alone.
+        program_bar(&mut ecam, 0xd000_0000);
+        assert_eq!(bar0(&mut ecam), 0xd000_0000);
+        assert!(s.mmio.read(0xd000_0003, &mut d));
+        assert_eq!(d[0], 3);
+        assert!(!s.mmio.read(home, &mut d));
+        assert_eq!(*s.reg.0.lock().unwrap(), vec![0xd000_0010]);
+        assert!(s.mmio.read(NEIGHBOUR, &mut d));
+        assert_eq!(d[0], 0xec, "neighbour intact");
+        // With the allocator's windows, a free range outside them is refused.
+        let windows = s.alloc.windows();
+        s.bus.lock().unwrap().set_bar_windows(windows);
+        program_bar(&mut ecam, 0x8000_0000);
+        assert_eq!(bar0(&mut ecam), 0xd000_0000);
+        assert!(!s.mmio.read(0x8000_0000, &mut d));
+        program_bar(&mut ecam, 0xc000_0000);
+        assert_eq!(bar0(&mut ecam), 0xc000_0000, "inside the 32-bit window");
+        assert_eq!(*s.reg.0.lock().unwrap(), vec![0xc000_0010]);
+        // Hot-unplug removes the BAR where it is now, nothing else.
+        s.bus.lock().unwrap().detach(1, &mut s.alloc).unwrap();
+        assert!(!s.mmio.read(0xc000_0000, &mut d));
+        assert!(s.mmio.read(NEIGHBOUR, &mut d));
+        assert!(s.reg.0.lock().unwrap().is_empty());
     }
 
     #[test]

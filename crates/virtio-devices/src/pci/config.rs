@@ -332,9 +332,27 @@ impl PciConfiguration {
         }
     }
 
+    /// The bus mapped BAR `index` at `addr` after a guest move.
+    pub fn bar_moved(&mut self, index: usize, addr: u64) {
+        if let Some(m) = self.mapped.get_mut(index) {
+            *m = Some(addr);
+        }
+    }
+
+    /// The bus refused a guest move of BAR `index`: the register goes back
+    /// to where the BAR is still mapped, as if the write never happened.
+    pub fn restore_bar(&mut self, index: usize) {
+        if let Some(addr) = self.mapped.get(index).copied().flatten() {
+            // Cannot fail: the address was accepted when it was mapped.
+            let _ = self.set_bar_addr(index, addr);
+        }
+    }
+
     /// With decoding enabled, a BAR whose programmed address differs from
-    /// where it is mapped has been moved by the guest. While decoding is off
-    /// (as during size probing) nothing is reported.
+    /// where it is mapped has been moved by the guest; it counts as mapped
+    /// there only once the bus confirms ([`Self::bar_moved`]) and goes back
+    /// if it refuses ([`Self::restore_bar`]). While decoding is off (as
+    /// during size probing) nothing is reported.
     fn detect_bar_moves(&mut self) -> Vec<BarReprogram> {
         let cmd = self.command();
         let mut moves = Vec::new();
@@ -349,7 +367,6 @@ impl PciConfiguration {
             let new_addr = self.bar_addr(index);
             match self.mapped[index] {
                 Some(old_addr) if enabled && old_addr != new_addr => {
-                    self.mapped[index] = Some(new_addr);
                     moves.push(BarReprogram {
                         bar,
                         old_addr,
@@ -435,8 +452,14 @@ mod tests {
         assert_eq!(moves.len(), 1);
         assert_eq!(moves[0].old_addr, 0xc000_0000);
         assert_eq!(moves[0].new_addr, 0xd000_0000);
-        // Same address again: nothing.
+        // Until the bus confirms, the BAR is still where it was.
+        assert_eq!(write32(&mut c, 5, 0xd000_0000).len(), 1);
+        c.bar_moved(1, 0xd000_0000);
         assert!(write32(&mut c, 5, 0xd000_0000).is_empty());
+        // A refused move reads back the mapped address.
+        write32(&mut c, 5, 0xe000_0000);
+        c.restore_bar(1);
+        assert_eq!(c.bar_addr(1), 0xd000_0000);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::io;
 
 use vmm_sys_util::eventfd::EventFd;
 
-pub use bus::{PciBus, PciConfigIo, PciConfigMmio, PciRoot};
+pub use bus::{BarWindows, PciBus, PciConfigIo, PciConfigMmio, PciRoot};
 pub use config::{
     BarReprogram, PciBar, PciBarRange, PciBarRegionType, PciConfiguration, PciHeader,
 };
@@ -50,6 +50,17 @@ pub enum PciError {
     /// An ioeventfd could not be (un)registered.
     #[error("ioeventfd registration")]
     IoEvent(#[source] io::Error),
+    /// The bus has no mapping for that BAR.
+    #[error("BAR {0} is not mapped")]
+    BarNotMapped(usize),
+    /// The range wraps around or lies outside the BAR windows.
+    #[error("BAR range {addr:#x}+{size:#x} is outside the BAR windows")]
+    BarOutOfRange {
+        /// Requested address.
+        addr: u64,
+        /// BAR size.
+        size: u64,
+    },
 }
 
 /// Places BARs in the guest address space. The VMM implements it over its
@@ -102,8 +113,12 @@ pub trait PciDevice: Send {
     ) -> Result<Vec<PciBarRange>, PciError>;
     /// The BARs as currently placed.
     fn bar_ranges(&self) -> Vec<PciBarRange>;
-    /// The BAR mapped at `old_addr` now lives at `new_addr`.
-    fn move_bar(&mut self, old_addr: u64, new_addr: u64);
+    /// The bus moved `mv.bar` to `mv.new_addr` (mapping and ioeventfds):
+    /// record it.
+    fn move_bar(&mut self, mv: &BarReprogram);
+    /// The bus refused to move `mv.bar` (overlap, outside the window,
+    /// overflow): the BAR must read back where it is still mapped.
+    fn refuse_bar_move(&mut self, mv: &BarReprogram);
     /// A read at `offset` in the BAR based at `base`.
     fn read_bar(&mut self, base: u64, offset: u64, data: &mut [u8]);
     /// A write at `offset` in the BAR based at `base`.

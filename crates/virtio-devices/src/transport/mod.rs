@@ -546,10 +546,15 @@ impl PciDevice for VirtioPciDevice {
             .collect()
     }
 
-    fn move_bar(&mut self, old_addr: u64, new_addr: u64) {
-        if old_addr == self.bar_addr {
-            self.bar_addr = new_addr;
+    fn move_bar(&mut self, mv: &BarReprogram) {
+        self.config.bar_moved(mv.bar.index, mv.new_addr);
+        if mv.bar.index == 0 {
+            self.bar_addr = mv.new_addr;
         }
+    }
+
+    fn refuse_bar_move(&mut self, mv: &BarReprogram) {
+        self.config.restore_bar(mv.bar.index);
     }
 
     fn read_bar(&mut self, _base: u64, offset: u64, data: &mut [u8]) {

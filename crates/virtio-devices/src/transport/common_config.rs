@@ -209,7 +209,10 @@ impl CommonConfig {
         match (offset, data.len()) {
             (reg::DEVICE_FEATURE_SELECT, 4) => self.device_feature_select = v as u32,
             (reg::DRIVER_FEATURE_SELECT, 4) => self.driver_feature_select = v as u32,
-            (reg::DRIVER_FEATURE, 4) if self.status & status::FEATURES_OK == 0 => {
+            // Frozen once accepted (or once the driver said it is ready).
+            (reg::DRIVER_FEATURE, 4)
+                if self.status & (status::FEATURES_OK | status::DRIVER_OK) == 0 =>
+            {
                 match self.driver_feature_select {
                     0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v,
                     1 => self.driver_features = (self.driver_features & 0xffff_ffff) | v << 32,
@@ -241,7 +244,11 @@ impl CommonConfig {
         if new == 0 {
             return StatusAction::Reset;
         }
+        // Only a reset clears status bits (the driver must not, 2.1.2):
+        // a driver clearing FEATURES_OK to renegotiate is ignored, and
+        // DEVICE_NEEDS_RESET is the device's to set.
         let old = self.status;
+        let new = (old | new) & !status::DEVICE_NEEDS_RESET | old & status::DEVICE_NEEDS_RESET;
         self.status = new;
         let set = new & !old;
         if set & status::FEATURES_OK != 0 {

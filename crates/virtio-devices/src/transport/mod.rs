@@ -334,6 +334,9 @@ impl VirtioPciDevice {
     }
 
     fn features_ok(&mut self) {
+        if self.active {
+            return;
+        }
         let f = self.common.driver_features;
         if f & !self.offered_features != 0 || f & (1 << VIRTIO_F_VERSION_1) == 0 {
             log::warn!(

@@ -266,3 +266,61 @@ fn multi_queue_device_uses_each_queues_vector() {
     d.dev.config_changed();
     assert!(d.group.fired.lock().unwrap().contains(&3));
 }
+
+/// Records what the transport tells it.
+#[derive(Default)]
+struct Probe {
+    acks: Arc<Mutex<Vec<u64>>>,
+}
+
+impl VirtioDevice for Probe {
+    fn device_type(&self) -> u32 {
+        4
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[16]
+    }
+    fn features(&self) -> u64 {
+        crate::device::RING_FEATURES
+    }
+    fn ack_features(&mut self, features: u64) {
+        self.acks.lock().unwrap().push(features);
+    }
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn activate(
+        &mut self,
+        _mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        _interrupt: Arc<dyn VirtioInterrupt>,
+        _queues: Vec<ActiveQueue>,
+    ) -> Result<(), crate::device::ActivateError> {
+        Ok(())
+    }
+    fn reset(&mut self) -> bool {
+        true
+    }
+}
+
+/// Once the features are accepted, the driver cannot change them: not by
+/// clearing FEATURES_OK and setting it again, not after DRIVER_OK.
+#[test]
+fn features_cannot_be_renegotiated_on_an_active_device() {
+    let mem = single_region_mem(0x10_0000);
+    let probe = Probe::default();
+    let acks = probe.acks.clone();
+    let mut d = Driver::with_device(&mem, Arc::new(Mutex::new(probe)));
+    assert!(d.negotiate(1 << 32));
+    let tq = TestQueue::new(&mem, 0x1000, 16, 0x2_0000);
+    d.setup_queue(0, &tq, 0);
+    d.w(0x14, 0xf, 1);
+    assert!(d.dev.is_active());
+    // Clear FEATURES_OK, write new features, set it again.
+    d.w(0x14, 0x7, 1);
+    d.w(0x08, 0, 4);
+    d.w(0x0c, 1 << 29, 4);
+    d.w(0x14, 0xf, 1);
+    assert_eq!(*acks.lock().unwrap(), vec![1 << 32], "acked once");
+    assert_eq!(d.r(0x0c, 4), 0, "driver features unchanged");
+    assert_eq!(d.status() & 0xf, 0xf, "FEATURES_OK and DRIVER_OK stay set");
+}

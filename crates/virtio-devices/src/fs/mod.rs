@@ -199,6 +199,9 @@ impl Fs {
                 log_addr: None,
             };
             let i = q.index;
+            // From its first message on, the ring counts as started: a
+            // failure below stops it again.
+            self.started.push(i);
             fe.set_vring_num(i, queue.size())
                 .map_err(ActivateError::VhostUser)?;
             fe.set_vring_addr(i, &ring)
@@ -263,22 +266,38 @@ impl VirtioDevice for Fs {
                 }
             }
         }
-        self.setup_backend(&mem.memory(), &queues, &calls)?;
-        self.started = queues.iter().map(|q| q.index).collect();
         let handler = CallForwarder {
             interrupt,
             calls: forwarded,
         };
-        let worker = spawn_worker("virtio-fs", handler)?;
-        self.worker = Some(worker);
-        Ok(())
+        let started = self
+            .setup_backend(&mem.memory(), &queues, &calls)
+            .and_then(|()| Ok(spawn_worker("virtio-fs", handler)?));
+        match started {
+            Ok(worker) => {
+                self.worker = Some(worker);
+                Ok(())
+            }
+            Err(e) => {
+                self.stop_rings();
+                Err(e)
+            }
+        }
     }
     fn reset(&mut self) -> bool {
         if let Some(mut w) = self.worker.take() {
             w.stop();
         }
-        // Stop the backend's rings; it keeps its state for the next
-        // activation, which sends everything again.
+        self.stop_rings();
+        self.acked_features = 0;
+        true
+    }
+}
+
+impl Fs {
+    /// Stops the backend's started rings; it keeps its state for the next
+    /// activation, which sends everything again.
+    fn stop_rings(&mut self) {
         for i in std::mem::take(&mut self.started) {
             if self.protocol {
                 if let Err(e) = self.frontend.set_vring_enable(i, false) {
@@ -289,8 +308,6 @@ impl VirtioDevice for Fs {
                 log::warn!("virtio-fs: stop ring {i}: {e}");
             }
         }
-        self.acked_features = 0;
-        true
     }
 }
 

@@ -309,3 +309,43 @@ fn irqfds_go_straight_to_the_backend() {
     );
     assert!(irqfds.0[0].read().is_err(), "queue 0's was not");
 }
+
+/// Queue 0 is fully handed to the backend, queue 1's ring is outside guest
+/// memory: activation fails and the started ring is stopped again (a
+/// later reset has nothing left to stop), and the device can be activated
+/// afterwards.
+#[test]
+fn failed_activation_stops_the_rings_it_started() {
+    let mut fx = fixture(1);
+    let mem = memfd_mem(0x100_0000);
+    let q0 = TestQueue::new(&mem, 0x1000, 16, 0x10_0000);
+    let q1 = TestQueue::new(&mem, 0x2000, 16, 0x20_0000);
+    let mut bad = q1.active(1);
+    bad.queue.set_desc_table_address(Some(0), Some(0x40));
+    fx.fs.ack_features(1 << 32);
+    let r = fx
+        .fs
+        .activate(atomic_mem(&mem), recorder(), vec![q0.active(0), bad]);
+    assert!(matches!(r, Err(ActivateError::BadQueueAddress(_))), "{r:?}");
+    let per_queue = [
+        SET_VRING_NUM,
+        SET_VRING_ADDR,
+        SET_VRING_BASE,
+        SET_VRING_CALL,
+        SET_VRING_KICK,
+        SET_VRING_ENABLE,
+    ];
+    let mut expect = vec![SET_FEATURES, SET_MEM_TABLE];
+    expect.extend(per_queue);
+    expect.extend([SET_VRING_ENABLE, GET_VRING_BASE]);
+    assert!(wait_until(|| requests(&fx.log).len() >= 5 + expect.len()));
+    assert_eq!(requests(&fx.log)[5..], expect[..]);
+    assert!(fx.fs.reset());
+    fx.fs
+        .activate(
+            atomic_mem(&mem),
+            recorder(),
+            vec![q0.active(0), q1.active(1)],
+        )
+        .unwrap();
+}

@@ -5,6 +5,7 @@
 //! failure removes the work directory. So a rootfs that exists is complete.
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -218,10 +219,14 @@ fn build_then_rename(
     progress: Option<LayerProgress>,
     wait: Wait,
 ) -> Result<(), BundleError> {
-    fs::create_dir(work).map_err(|source| BundleError::Io {
-        path: work.to_path_buf(),
-        source,
-    })?;
+    // The guest's `/`: 0755 whatever the umask; the image cannot change it
+    // (see the policy in `unpack`).
+    fs::create_dir(work)
+        .and_then(|()| fs::set_permissions(work, fs::Permissions::from_mode(0o755)))
+        .map_err(|source| BundleError::Io {
+            path: work.to_path_buf(),
+            source,
+        })?;
     let r = apply_layers(store, rec, work, opts, progress, wait).and_then(|()| {
         fs::rename(work, dest).map_err(|source| match source.raw_os_error() {
             Some(libc::EEXIST) | Some(libc::ENOTEMPTY) => BundleError::Exists(dest.to_path_buf()),
@@ -281,17 +286,20 @@ pub fn write_bundle(
 }
 
 /// Checks that `dest/rootfs` and `dest/config.json` do not exist, and
-/// creates `dest`.
+/// creates `dest` with mode 0700 (made so if it exists): the rootfs inside
+/// holds the image's setuid files, which no other host user may reach.
 fn prepare_dest(dest: &Path) -> Result<(), BundleError> {
     for p in [dest.join("rootfs"), dest.join("config.json")] {
         if fs::symlink_metadata(&p).is_ok() {
             return Err(BundleError::Exists(p));
         }
     }
-    fs::create_dir_all(dest).map_err(|source| BundleError::Io {
-        path: dest.to_path_buf(),
-        source,
-    })
+    fs::create_dir_all(dest)
+        .and_then(|()| fs::set_permissions(dest, fs::Permissions::from_mode(0o700)))
+        .map_err(|source| BundleError::Io {
+            path: dest.to_path_buf(),
+            source,
+        })
 }
 
 /// Writes `config.json` beside an unpacked `rootfs`; on failure removes
@@ -404,3 +412,7 @@ pub async fn pull_bundle(
     let rs = finish_bundle(store, &report.record, dest, over)?;
     Ok((report, rs))
 }
+
+#[cfg(test)]
+#[path = "bundle_tests.rs"]
+mod tests;

@@ -151,8 +151,13 @@ pub struct Store {
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 impl Store {
-    /// Opens (creating if needed) a store at `root`.
+    /// Opens (creating if needed) a store at `root`. The store and its
+    /// top directories are made mode 0700 (owned by whoever runs this,
+    /// root for the daemon): the rootfs caches and work dirs below hold the
+    /// images' setuid files and device nodes, which no other host user may
+    /// reach.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        use std::os::unix::fs::PermissionsExt;
         let root = root.into();
         for d in [
             "blobs/sha256",
@@ -165,6 +170,11 @@ impl Store {
         ] {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(io_err("create", &p))?;
+        }
+        for d in ["", "blobs", "ingest", "images", "rootfs", "uses", "tmp"] {
+            let p = root.join(d);
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o700))
+                .map_err(io_err("make private (mode 0700)", &p))?;
         }
         Ok(Self { root })
     }
@@ -720,5 +730,22 @@ mod tests {
         assert!(!s.rootfs_path(&rec.manifest).exists());
         assert_eq!(s.prune(false).unwrap().blobs, 3);
         assert!(s.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn store_directories_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        // An existing, world-traversable store is tightened on open.
+        fs::create_dir_all(root.join("rootfs")).unwrap();
+        for p in [&root, &root.join("rootfs")] {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let s = Store::open(&root).unwrap();
+        for p in ["", "rootfs", "tmp", "blobs", "ingest"] {
+            let m = fs::metadata(s.root().join(p)).unwrap();
+            assert_eq!(m.permissions().mode() & 0o777, 0o700, "{p:?}");
+        }
     }
 }

@@ -14,22 +14,93 @@
 //! (`.wh..wh..opq`) empties its directory of everything lower layers put
 //! there, but keeps what the same layer adds, wherever in the stream.
 //! Directory times are applied at the end, after their children are in.
+//!
+//! # Hostile sizes
+//!
+//! What an image declares is capped before it is allocated or written: a
+//! GNU long name or link over [`MAX_LONG_NAME`] (64 KiB), a PAX header over
+//! [`MAX_PAX`] (1 MiB) or a sparse map over [`MAX_SPARSE_MAP`] (1 MiB) is
+//! refused before it is read; an entry path over [`MAX_PATH`]; an entry
+//! over [`UnpackOptions::max_entry_size`] (64 GiB); a layer whose tar
+//! stream, or whose files at their apparent size (sparse holes count),
+//! pass [`UnpackOptions::max_layer_size`] (256 GiB); a layer of more than
+//! [`UnpackOptions::max_entries`] entries ([`DEFAULT_MAX_ENTRIES`], one
+//! million, directories made for their paths included).
+//!
+//! # What the host sees: the policy
+//!
+//! The rootfs belongs to the guest: a VM mounts it through virtiofsd and
+//! owns everything in it. So the guest gets its files as the image says,
+//! and the host is protected by *where* they are, not by changing them:
+//!
+//! * Owners (as root), modes including setuid, setgid and sticky bits,
+//!   and times are applied as the image says: in the guest `su`, `sudo`
+//!   and `ping` must work. No unprivileged host user can reach them: the
+//!   store ([`crate::store::Store::open`]) and bundle directories
+//!   ([`crate::bundle::write_bundle`]) are mode 0700, and the storage
+//!   layer mounts instance roots `nosuid,nodev`.
+//! * The rootfs directory itself is never changed by the image: a `./`
+//!   entry (mode, owner, times) is ignored; the bundle code makes it 0755
+//!   (the guest's `/`).
+//! * Device nodes: only the harmless character devices of
+//!   [`HARMLESS_DEVICES`] (null, zero, full, random, urandom, tty, console,
+//!   ptmx) are created, and only as root; any other character device
+//!   (`/dev/mem`, `/dev/kmsg`, disks) and every block device is skipped
+//!   with a warning. The guest mounts its own `/dev` (devtmpfs) anyway.
+//!   FIFOs are created.
+//! * Xattrs: `user.*`, POSIX ACLs (`system.posix_acl_*`) and
+//!   `security.capability` (file capabilities: the guest's `ping`; the same
+//!   risk as a setuid file, under the same 0700 directories) are applied;
+//!   `trusted.*` (overlayfs keeps `trusted.overlay.*` state there, and a
+//!   cached rootfs is an overlay's lower layer on the host) and the other
+//!   `security.*` (SELinux, Smack, IMA/EVM: host policy, not image
+//!   content) are dropped and counted in a log line per layer.
 
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use crate::manifest::Compression;
 
+mod fsops;
+mod guard;
+mod root;
+use fsops::{copy_entry, cstr, remove_any, set_times, set_xattr};
+pub use guard::{MAX_LONG_NAME, MAX_PAX, MAX_SPARSE_MAP};
+pub use root::{clean, read_in_root, resolve_in_root};
+
 const WHITEOUT: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
 const MAX_SYMLINKS: u32 = 40;
+/// Longest entry path (after cleaning): `PATH_MAX`; a longer one cannot be
+/// created through the rootfs anyway.
+pub const MAX_PATH: usize = 4096;
+/// Default most entries in one layer (directories created for their paths
+/// included): 1,000,000, about ten times the file count of the largest
+/// common images (a full TeX Live or CUDA image).
+pub const DEFAULT_MAX_ENTRIES: u64 = 1_000_000;
+/// Most bytes of paths remembered for one layer (for opaque directories)
+/// and for the whole image (for directory times): 256 MiB each.
+pub const MAX_TRACKED_PATHS: u64 = 256 << 20;
+/// The character devices created (as root): `(major, minor)` of null,
+/// zero, full, random, urandom, tty, console and ptmx. They reach nothing
+/// of the host's; any other device node is skipped.
+pub const HARMLESS_DEVICES: [(u32, u32); 8] = [
+    (1, 3),
+    (1, 5),
+    (1, 7),
+    (1, 8),
+    (1, 9),
+    (5, 0),
+    (5, 1),
+    (5, 2),
+];
 
 /// Why a layer could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -66,11 +137,43 @@ pub enum UnpackError {
         /// The limit.
         limit: u64,
     },
-    /// The layer expands to more than the limit.
+    /// The layer expands to more than the limit (read, or written: sparse
+    /// files count at their apparent size).
     #[error("layer expands to more than {limit} bytes")]
     LayerTooLarge {
         /// The limit.
         limit: u64,
+    },
+    /// A GNU long name or link, a PAX extended header or a sparse map is
+    /// larger than its limit; refused before it is read.
+    #[error("{what} of {size} bytes, over the {limit}-byte limit")]
+    HeaderTooLarge {
+        /// Which header.
+        what: &'static str,
+        /// Its declared size (bytes read so far for a sparse map).
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The layer has more entries than the limit.
+    #[error("layer has more than {limit} entries (directories created for their paths included)")]
+    TooManyEntries {
+        /// The limit.
+        limit: u64,
+    },
+    /// An entry path longer than [`MAX_PATH`].
+    #[error("entry {entry:?}…: path of {len} bytes, over the {MAX_PATH}-byte limit")]
+    PathTooLong {
+        /// The start of the entry name.
+        entry: String,
+        /// Its length.
+        len: usize,
+    },
+    /// The paths to remember take more than [`MAX_TRACKED_PATHS`].
+    #[error("{what} take more than {MAX_TRACKED_PATHS} bytes of memory")]
+    TooManyPaths {
+        /// Which paths.
+        what: &'static str,
     },
     /// A hard link that cannot be made.
     #[error("entry {entry:?}: hard link to {target:?}: {reason}")]
@@ -103,8 +206,12 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Unp
 pub struct UnpackOptions {
     /// Largest size an entry may declare.
     pub max_entry_size: u64,
-    /// Largest uncompressed size of one layer.
+    /// Largest uncompressed size of one layer, and most bytes it may write
+    /// (sparse files count at their apparent size).
     pub max_layer_size: u64,
+    /// Most entries in one layer, directories created for their paths
+    /// included.
+    pub max_entries: u64,
     /// Apply uid/gid from the archive (needs root).
     pub preserve_owners: bool,
     /// Create block and character devices (needs root); skipped otherwise.
@@ -118,6 +225,7 @@ impl Default for UnpackOptions {
         Self {
             max_entry_size: 64 << 30,
             max_layer_size: 256 << 30,
+            max_entries: DEFAULT_MAX_ENTRIES,
             preserve_owners: root,
             create_devices: root,
         }
@@ -144,6 +252,7 @@ pub struct Unpacker {
     root: PathBuf,
     opts: UnpackOptions,
     dir_times: HashMap<PathBuf, i64>,
+    dir_times_bytes: u64,
 }
 
 impl Unpacker {
@@ -153,6 +262,7 @@ impl Unpacker {
             root: root.into(),
             opts,
             dir_times: HashMap::new(),
+            dir_times_bytes: 0,
         }
     }
 
@@ -167,31 +277,39 @@ impl Unpacker {
             }
             Compression::None => Box::new(br),
         };
-        let limited = Limit {
+        let limited = guard::Limit {
             inner: r,
             left: self.opts.max_layer_size,
             read: Rc::new(Cell::new(0)),
             hasher: crate::digest::Hasher::new(crate::digest::Algorithm::Sha256),
+            guard: guard::Guard::new(),
         };
         self.apply_tar(limited)
     }
 
-    fn apply_tar<R: Read>(&mut self, r: Limit<R>) -> Result<LayerStats, UnpackError> {
+    fn apply_tar<R: Read>(&mut self, r: guard::Limit<R>) -> Result<LayerStats, UnpackError> {
         let limit = self.opts.max_layer_size;
         let pos = r.read.clone();
+        let guard = r.guard.clone();
         let mut ar = tar::Archive::new(r);
         let mut stats = LayerStats::default();
         let mut layer = LayerState::default();
         let mut last_end = 0u64;
-        let entries = ar.entries().map_err(|e| archive_err(e, limit))?;
-        for entry in entries {
+        let mut entries = ar.entries().map_err(|e| archive_err(e, limit))?;
+        loop {
+            // Only the parser's search for the next entry is guarded.
+            guard.borrow_mut().begin(pos.get());
+            let next = entries.next();
+            guard.borrow_mut().end();
+            let Some(entry) = next else { break };
             let mut entry = match entry {
                 Ok(e) => e,
                 // The stream ends right after the last entry's data, with
                 // no padding or end-of-archive blocks (umoci 0.4 writes such
                 // layers; Go's reader accepts them). The data is complete.
-                Err(_)
-                    if last_end > 0
+                Err(e)
+                    if guard::hit(&e).is_none()
+                        && last_end > 0
                         && pos.get() >= last_end
                         && pos.get() <= last_end.next_multiple_of(512) =>
                 {
@@ -200,12 +318,23 @@ impl Unpacker {
                 }
                 Err(e) => return Err(archive_err(e, limit)),
             };
+            layer.count(1, self.opts.max_entries)?;
             last_end = entry.raw_file_position() + entry.size();
+            let archive = |e| match e {
+                UnpackError::Archive(e) => archive_err(e, limit),
+                other => other,
+            };
             self.entry(&mut entry, &mut layer, &mut stats)
-                .map_err(|e| match e {
-                    UnpackError::Archive(e) => archive_err(e, limit),
-                    other => other,
-                })?;
+                .map_err(archive)?;
+            // What the entry did not use (a directory's data, say) is read
+            // here, so the parser's next search starts at the next header.
+            io::copy(&mut entry, &mut io::sink()).map_err(|e| archive_err(e, limit))?;
+        }
+        if layer.xattrs_dropped > 0 {
+            log::info!(
+                "{} xattrs in host namespaces (trusted.*, security.* but security.capability) not applied",
+                layer.xattrs_dropped
+            );
         }
         // Opaque markers seen before the entries they keep are applied now.
         for dir in std::mem::take(&mut layer.opaque) {
@@ -250,6 +379,13 @@ impl Unpacker {
             entry: raw.clone(),
             what: "path",
         })?;
+        let len = clean.as_os_str().len();
+        if len > MAX_PATH {
+            return Err(UnpackError::PathTooLong {
+                entry: raw.to_string_lossy().chars().take(64).collect(),
+                len,
+            });
+        }
         let kind = entry.header().entry_type();
         let size = entry.size();
         if size > self.opts.max_entry_size {
@@ -260,17 +396,14 @@ impl Unpacker {
             });
         }
         let Some(name) = clean.file_name().map(OsStr::to_os_string) else {
-            // The rootfs itself ("./"): only its metadata applies.
-            if kind.is_dir() {
-                let root = self.root.clone();
-                self.metadata(entry, &root, Path::new(""))?;
-            }
+            // The rootfs itself ("./"): its mode, owner and times stay ours.
+            log::debug!("entry {raw:?} names the rootfs itself; not applied");
             return Ok(());
         };
         let parent_rel = self.resolve(&raw, clean.parent().unwrap_or(Path::new("")), true)?;
         let name_str = name.as_bytes();
         if name_str == OPAQUE.as_bytes() {
-            self.mkdirs(&parent_rel)?;
+            self.mkdirs(&parent_rel, layer)?;
             layer.opaque.push(parent_rel);
             stats.whiteouts += 1;
             return Ok(());
@@ -286,7 +419,7 @@ impl Unpacker {
         }
         let rel = parent_rel.join(&name);
         let path = self.root.join(&rel);
-        self.mkdirs(&parent_rel)?;
+        self.mkdirs(&parent_rel, layer)?;
         self.dir_times.remove(&rel);
         use tar::EntryType as T;
         match kind {
@@ -299,6 +432,14 @@ impl Unpacker {
                 Err(_) => fs::create_dir(&path).map_err(io_err("create directory", &path))?,
             },
             T::Regular | T::Continuous | T::GNUSparse => {
+                // Counted at the apparent size: a sparse entry's holes are
+                // written out as zeros.
+                layer.bytes = layer.bytes.saturating_add(size);
+                if layer.bytes > self.opts.max_layer_size {
+                    return Err(UnpackError::LayerTooLarge {
+                        limit: self.opts.max_layer_size,
+                    });
+                }
                 remove_any(&path)?;
                 let mut f = OpenOptions::new()
                     .write(true)
@@ -332,26 +473,34 @@ impl Unpacker {
                     .unwrap_or_default()
                     .into_owned();
                 self.hard_link(&raw, &target, &path)?;
-                layer.note(&rel);
+                layer.note(&rel)?;
                 stats.entries += 1;
                 // A hard link shares the metadata of its target.
                 return Ok(());
             }
             T::Char | T::Block | T::Fifo => {
+                let h = entry.header();
+                let major = h.device_major().ok().flatten().unwrap_or(0);
+                let minor = h.device_minor().ok().flatten().unwrap_or(0);
                 if kind != T::Fifo && !self.opts.create_devices {
                     log::warn!("skipping device {raw:?}: creating devices needs root");
                     stats.skipped += 1;
                     return Ok(());
                 }
+                if kind == T::Block
+                    || (kind == T::Char && !HARMLESS_DEVICES.contains(&(major, minor)))
+                {
+                    log::warn!(
+                        "skipping device {raw:?} ({major}:{minor}): only null, zero, full, random, urandom, tty, console and ptmx are created"
+                    );
+                    stats.skipped += 1;
+                    return Ok(());
+                }
                 remove_any(&path)?;
-                let h = entry.header();
                 let fmt = match kind {
                     T::Char => libc::S_IFCHR,
-                    T::Block => libc::S_IFBLK,
                     _ => libc::S_IFIFO,
                 };
-                let major = h.device_major().ok().flatten().unwrap_or(0);
-                let minor = h.device_minor().ok().flatten().unwrap_or(0);
                 let c = cstr(&path)?;
                 // SAFETY: c is a valid NUL-terminated path; mknod reads it only.
                 let rc =
@@ -370,8 +519,8 @@ impl Unpacker {
                 return Ok(());
             }
         }
-        self.metadata(entry, &path, &rel)?;
-        layer.note(&rel);
+        self.metadata(entry, &path, &rel, layer)?;
+        layer.note(&rel)?;
         stats.entries += 1;
         Ok(())
     }
@@ -410,6 +559,7 @@ impl Unpacker {
         entry: &mut tar::Entry<'_, R>,
         path: &Path,
         rel: &Path,
+        layer: &mut LayerState,
     ) -> Result<(), UnpackError> {
         let h = entry.header();
         let kind = h.entry_type();
@@ -426,6 +576,15 @@ impl Unpacker {
                 let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") else {
                     continue;
                 };
+                if !xattr_applies(name) {
+                    log::debug!(
+                        "{}: xattr {} not applied (host namespace)",
+                        path.display(),
+                        String::from_utf8_lossy(name)
+                    );
+                    layer.xattrs_dropped += 1;
+                    continue;
+                }
                 set_xattr(path, name, ext.value_bytes())?;
             }
         }
@@ -434,7 +593,14 @@ impl Unpacker {
                 .map_err(io_err("chmod", path))?;
         }
         if kind.is_dir() {
-            self.dir_times.insert(rel.to_path_buf(), mtime);
+            if self.dir_times.insert(rel.to_path_buf(), mtime).is_none() {
+                self.dir_times_bytes += rel.as_os_str().len() as u64;
+                if self.dir_times_bytes > MAX_TRACKED_PATHS {
+                    return Err(UnpackError::TooManyPaths {
+                        what: "the image's directories",
+                    });
+                }
+            }
         } else {
             set_times(path, mtime)?;
         }
@@ -452,8 +618,9 @@ impl Unpacker {
         })
     }
 
-    /// Creates the missing directories of a resolved relative path.
-    fn mkdirs(&self, rel: &Path) -> Result<(), UnpackError> {
+    /// Creates the missing directories of a resolved relative path; each
+    /// counts as an entry of the layer.
+    fn mkdirs(&self, rel: &Path, layer: &mut LayerState) -> Result<(), UnpackError> {
         let mut p = self.root.clone();
         for c in rel.iter() {
             p.push(c);
@@ -466,7 +633,10 @@ impl Unpacker {
                         source: io::Error::from_raw_os_error(libc::ENOTDIR),
                     })
                 }
-                Err(_) => fs::create_dir(&p).map_err(io_err("create directory", &p))?,
+                Err(_) => {
+                    layer.count(1, self.opts.max_entries)?;
+                    fs::create_dir(&p).map_err(io_err("create directory", &p))?
+                }
             }
         }
         Ok(())
@@ -515,231 +685,78 @@ impl Unpacker {
 struct LayerState {
     /// Paths this layer wrote, and their ancestors.
     written: HashSet<PathBuf>,
+    /// Bytes of the paths in `written`.
+    written_bytes: u64,
     /// Directories made opaque by this layer.
     opaque: Vec<PathBuf>,
+    /// Entries seen and directories created.
+    entries: u64,
+    /// Bytes of regular files (at their apparent size).
+    bytes: u64,
+    /// Xattrs not applied (host namespaces).
+    xattrs_dropped: u64,
 }
 
 impl LayerState {
-    fn note(&mut self, rel: &Path) {
+    fn note(&mut self, rel: &Path) -> Result<(), UnpackError> {
         let mut p = rel;
         loop {
             if !self.written.insert(p.to_path_buf()) {
                 break;
+            }
+            self.written_bytes += p.as_os_str().len() as u64;
+            if self.written_bytes > MAX_TRACKED_PATHS {
+                return Err(UnpackError::TooManyPaths {
+                    what: "the paths this layer wrote",
+                });
             }
             match p.parent() {
                 Some(q) if !q.as_os_str().is_empty() => p = q,
                 _ => break,
             }
         }
+        Ok(())
+    }
+
+    /// Counts `n` more entries against `limit`.
+    fn count(&mut self, n: u64, limit: u64) -> Result<(), UnpackError> {
+        self.entries += n;
+        if self.entries > limit {
+            return Err(UnpackError::TooManyEntries { limit });
+        }
+        Ok(())
     }
 }
 
-/// Resolves `rel` inside `root`, following symlinks as if `root` were `/`
-/// (absolute targets and `..` are clamped to `root`); the last component is
-/// followed only when `follow_last`. Returns a path relative to `root` whose
-/// components are not symlinks (they may not exist yet). `ELOOP` after
-/// 40 links.
-pub fn resolve_in_root(root: &Path, rel: &Path, follow_last: bool) -> io::Result<PathBuf> {
-    let mut pending: Vec<OsString> = rel.iter().rev().map(OsStr::to_os_string).collect();
-    let mut out = PathBuf::new();
-    let mut links = 0;
-    while let Some(c) = pending.pop() {
-        if c == ".." {
-            out.pop();
-            continue;
-        }
-        if c == "." || c.is_empty() || c == "/" {
-            continue;
-        }
-        let cand = out.join(&c);
-        let full = root.join(&cand);
-        let is_last = pending.is_empty();
-        match fs::symlink_metadata(&full) {
-            Ok(m) if m.file_type().is_symlink() && (follow_last || !is_last) => {
-                links += 1;
-                if links > MAX_SYMLINKS {
-                    return Err(io::Error::from_raw_os_error(libc::ELOOP));
-                }
-                let target = fs::read_link(&full)?;
-                if target.is_absolute() {
-                    out = PathBuf::new();
-                }
-                for tc in target.components().rev() {
-                    match tc {
-                        Component::Normal(x) => pending.push(x.to_os_string()),
-                        Component::ParentDir => pending.push("..".into()),
-                        _ => {}
-                    }
-                }
-            }
-            _ => out = cand,
-        }
-    }
-    Ok(out)
-}
-
-/// Reads a text file of a rootfs, resolving its path inside the rootfs.
-pub fn read_in_root(root: &Path, rel: &Path) -> io::Result<String> {
-    let p = resolve_in_root(root, rel, true)?;
-    fs::read_to_string(root.join(p))
-}
-
-/// Lexically cleans an archive path; `None` if `..` climbs above the top.
-pub fn clean(p: &Path) -> Option<PathBuf> {
-    let mut out = PathBuf::new();
-    for c in p.components() {
-        match c {
-            Component::Normal(x) => out.push(x),
-            Component::ParentDir => {
-                if !out.pop() {
-                    return None;
-                }
-            }
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
-        }
-    }
-    Some(out)
+/// Whether an xattr from the image is applied: `user.*`, POSIX ACLs and
+/// `security.capability` are the image's; `trusted.*` (overlayfs keeps its
+/// `trusted.overlay.*` state there, and the rootfs cache is an overlay's
+/// lower layer) and the other `security.*` (SELinux, Smack, IMA/EVM labels
+/// are host policy) are the host's and dropped.
+fn xattr_applies(name: &[u8]) -> bool {
+    name.starts_with(b"user.")
+        || name == b"security.capability"
+        || name == b"system.posix_acl_access"
+        || name == b"system.posix_acl_default"
 }
 
 fn archive_err(e: io::Error, limit: u64) -> UnpackError {
-    if e.get_ref().is_some_and(|i| i.is::<LimitHit>()) {
-        UnpackError::LayerTooLarge { limit }
-    } else {
-        UnpackError::Archive(e)
-    }
-}
-
-fn copy_entry(r: &mut impl Read, f: &mut fs::File, path: &Path) -> Result<u64, UnpackError> {
-    let mut buf = vec![0u8; 128 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = match r.read(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(UnpackError::Archive(e)),
-        };
-        io::Write::write_all(f, &buf[..n]).map_err(io_err("write", path))?;
-        total += n as u64;
-    }
-}
-
-/// Removes whatever is at `p` (a whole tree for a directory); absent is fine.
-fn remove_any(p: &Path) -> Result<(), UnpackError> {
-    match fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(p).map_err(io_err("remove", p)),
-        Ok(_) => fs::remove_file(p).map_err(io_err("remove", p)),
-        Err(_) => Ok(()),
-    }
-}
-
-fn cstr(p: &Path) -> Result<CString, UnpackError> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| UnpackError::Io {
-        op: "encode",
-        path: p.to_path_buf(),
-        source: io::Error::from_raw_os_error(libc::EINVAL),
-    })
-}
-
-fn set_times(p: &Path, mtime: i64) -> Result<(), UnpackError> {
-    let c = cstr(p)?;
-    let ts = libc::timespec {
-        tv_sec: mtime as libc::time_t,
-        tv_nsec: 0,
-    };
-    let times = [ts, ts];
-    // SAFETY: c is NUL-terminated, times points to two valid timespecs; the
-    // call reads both and does not keep them.
-    let rc = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if rc != 0 {
-        return Err(UnpackError::Io {
-            op: "set times of",
-            path: p.to_path_buf(),
-            source: io::Error::last_os_error(),
-        });
-    }
-    Ok(())
-}
-
-fn set_xattr(p: &Path, name: &[u8], value: &[u8]) -> Result<(), UnpackError> {
-    let c = cstr(p)?;
-    let Ok(n) = CString::new(name) else {
-        return Ok(());
-    };
-    // SAFETY: both strings are NUL-terminated and value is a valid slice of
-    // value.len() bytes; lsetxattr only reads them.
-    let rc = unsafe {
-        libc::lsetxattr(
-            c.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            // Not supported here, or a namespace we may not write: the
-            // rootfs is still usable; say so and go on.
-            Some(libc::ENOTSUP) | Some(libc::EPERM) => {
-                log::warn!(
-                    "{}: xattr {} not set: {e}",
-                    p.display(),
-                    String::from_utf8_lossy(name)
-                );
-            }
-            _ => {
-                return Err(UnpackError::Io {
-                    op: "set xattr on",
-                    path: p.to_path_buf(),
-                    source: e,
-                })
-            }
-        }
-    }
-    Ok(())
-}
-
-#[derive(Debug)]
-struct LimitHit;
-
-impl std::fmt::Display for LimitHit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("layer size limit reached")
-    }
-}
-
-impl std::error::Error for LimitHit {}
-
-/// A reader that fails once more than `left` bytes have come through.
-struct Limit<R> {
-    inner: R,
-    left: u64,
-    read: Rc<Cell<u64>>,
-    hasher: crate::digest::Hasher,
-}
-
-impl<R: Read> Read for Limit<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if n as u64 > self.left {
-            return Err(io::Error::other(LimitHit));
-        }
-        self.left -= n as u64;
-        self.read.set(self.read.get() + n as u64);
-        self.hasher.update(&buf[..n]);
-        Ok(n)
+    match guard::hit(&e) {
+        Some(guard::Hit::LayerSize) => UnpackError::LayerTooLarge { limit },
+        Some(guard::Hit::Header { what, size, limit }) => UnpackError::HeaderTooLarge {
+            what,
+            size: *size,
+            limit: *limit,
+        },
+        Some(guard::Hit::Step) => UnpackError::HeaderTooLarge {
+            what: "the headers of one entry",
+            size: guard::MAX_STEP + 1,
+            limit: guard::MAX_STEP,
+        },
+        None => UnpackError::Archive(e),
     }
 }
 
 #[cfg(test)]
 #[path = "unpack_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -1,10 +1,11 @@
 //! Unpack tests on crafted (and hostile) layers.
 
 use super::*;
+use std::ffi::{CString, OsString};
 use std::os::unix::fs::FileTypeExt;
 
 #[path = "../tests/common/layer.rs"]
-mod layer;
+pub(crate) mod layer;
 use layer::{gzip, zstd, Layer};
 
 struct Fixture {
@@ -513,4 +514,221 @@ fn deferred_dir_times_do_not_follow_a_swapped_parent() {
     unpack(&f.root, &[l1, l2]).unwrap();
     assert_eq!(fs::metadata(f.outside.join("b")).unwrap().mtime(), before);
     assert_ne!(before, 1000);
+}
+
+/// An xattr of `p` (not following a symlink), if set.
+fn xattr(p: &Path, name: &str) -> Option<Vec<u8>> {
+    let c = cstr(p).unwrap();
+    let n = CString::new(name).unwrap();
+    let mut buf = vec![0u8; 256];
+    // SAFETY: valid NUL-terminated strings and a buffer of buf.len() bytes.
+    let r = unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    (r >= 0).then(|| buf[..r as usize].to_vec())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn oversized_extension_headers_are_refused_before_they_are_read() {
+    use tar::EntryType as T;
+    let f = fixture();
+    for (kind, what) in [
+        (T::GNULongName, "GNU long name"),
+        (T::GNULongLink, "GNU long link"),
+        (T::XHeader, "PAX extended header"),
+    ] {
+        // 8 MiB present (a few KB compressed), then a 1 TiB declaration
+        // with nothing behind it: both stop at the header.
+        let present = zstd(
+            &Layer::new()
+                .extension(kind, 8 << 20, &vec![b'a'; 8 << 20])
+                .file("x", 0o644, b"x")
+                .finish(),
+        );
+        assert!(present.len() < 64 << 10);
+        let declared = Layer::new()
+            .extension(kind, 1 << 40, b"")
+            .file("x", 0o644, b"x")
+            .finish();
+        for l in [present, declared] {
+            let mut u = Unpacker::new(&f.root, UnpackOptions::default());
+            let e = u.apply(&l[..]).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains(what) && msg.contains("limit"), "{msg}");
+            assert!(matches!(e, UnpackError::HeaderTooLarge { .. }), "{e:?}");
+        }
+    }
+    assert_outside_untouched(&f);
+    // Long names within the limits still work (tar writes them as `L`).
+    let mut b = tar::Builder::new(Vec::new());
+    let long = format!("{}/file", "d".repeat(200));
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1);
+    h.set_size(2);
+    b.append_data(&mut h, &long, &b"ok"[..]).unwrap();
+    unpack(&f.root, &[b.into_inner().unwrap()]).unwrap();
+    assert_eq!(fs::read(f.root.join(&long)).unwrap(), b"ok");
+}
+
+#[test]
+fn sparse_files_count_at_their_apparent_size() {
+    let f = fixture();
+    // Five 32 MiB sparse files in a layer of a few KB: 160 MiB to write.
+    let mut l = Layer::new();
+    for i in 0..5 {
+        l.sparse(&format!("s{i}"), 32 << 20);
+    }
+    let l = gzip(&l.finish());
+    assert!(l.len() < 16 << 10);
+    let opts = UnpackOptions {
+        max_entry_size: 64 << 20,
+        max_layer_size: 64 << 20,
+        ..UnpackOptions::default()
+    };
+    let e = unpack_with(&f.root, &[l], opts).unwrap_err();
+    assert!(e.to_string().contains("expands to more than"), "{e}");
+    // One of them is fine, and reads back at its full size.
+    let one = Layer::new().sparse("s", 32 << 20).finish();
+    let opts = UnpackOptions {
+        max_entry_size: 64 << 20,
+        max_layer_size: 64 << 20,
+        ..UnpackOptions::default()
+    };
+    unpack_with(&f.root, &[one], opts).unwrap();
+    assert_eq!(fs::metadata(f.root.join("s")).unwrap().len(), 32 << 20);
+}
+
+#[test]
+fn entry_count_is_capped() {
+    let opts = UnpackOptions {
+        max_entries: 10,
+        ..UnpackOptions::default()
+    };
+    let f = fixture();
+    let mut l = Layer::new();
+    for i in 0..11 {
+        l.file(&format!("f{i}"), 0o644, b"");
+    }
+    let e = unpack_with(&f.root, &[l.finish()], opts.clone()).unwrap_err();
+    assert!(
+        matches!(e, UnpackError::TooManyEntries { limit: 10 }),
+        "{e}"
+    );
+    // Directories made for an entry's path count too.
+    let f = fixture();
+    let deep = format!("{}f", "d/".repeat(20));
+    let e = unpack_with(
+        &f.root,
+        &[Layer::new().file(&deep, 0o644, b"").finish()],
+        opts.clone(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, UnpackError::TooManyEntries { .. }), "{e}");
+    // Ten are fine.
+    let f = fixture();
+    let mut l = Layer::new();
+    for i in 0..10 {
+        l.file(&format!("f{i}"), 0o644, b"");
+    }
+    unpack_with(&f.root, &[l.finish()], opts).unwrap();
+}
+
+#[test]
+fn dot_entry_leaves_the_rootfs_directory_alone() {
+    let f = fixture();
+    fs::set_permissions(&f.root, fs::Permissions::from_mode(0o755)).unwrap();
+    set_times(&f.root, 1_234_567).unwrap();
+    let before = fs::metadata(&f.root).unwrap();
+    let l = Layer::new()
+        .owner(1234, 1234)
+        .mtime(42)
+        .dir("./", 0o7777)
+        .dir("/", 0o777)
+        .file("x", 0o644, b"x")
+        .finish();
+    unpack(&f.root, &[l]).unwrap();
+    let after = fs::metadata(&f.root).unwrap();
+    assert_eq!(
+        (after.mode(), after.uid(), after.gid()),
+        (before.mode(), before.uid(), before.gid())
+    );
+    // Adding x moved the time on; the entry's time is not applied either.
+    assert_ne!(after.mtime(), 42);
+}
+
+#[test]
+fn only_harmless_device_nodes_are_created() {
+    if !is_root() {
+        eprintln!("skipped: creating device nodes needs root");
+        return;
+    }
+    let f = fixture();
+    let l = Layer::new()
+        .dir("dev", 0o755)
+        .chardev("dev/null", 0o666, 1, 3)
+        .chardev("dev/urandom", 0o666, 1, 9)
+        .chardev("dev/tty", 0o666, 5, 0)
+        .chardev("dev/mem", 0o666, 1, 1)
+        .chardev("dev/kmsg", 0o666, 1, 11)
+        .chardev("etc/null-looking", 0o666, 1, 2)
+        .blockdev("dev/sda", 0o666, 8, 0)
+        .finish();
+    let mut u = Unpacker::new(&f.root, UnpackOptions::default());
+    let stats = u.apply(&l[..]).unwrap();
+    u.finish().unwrap();
+    for (p, dev) in [
+        ("dev/null", (1, 3)),
+        ("dev/urandom", (1, 9)),
+        ("dev/tty", (5, 0)),
+    ] {
+        let m = fs::symlink_metadata(f.root.join(p)).unwrap();
+        assert!(m.file_type().is_char_device(), "{p}");
+        assert_eq!(m.rdev(), libc::makedev(dev.0, dev.1), "{p}");
+    }
+    for p in ["dev/mem", "dev/kmsg", "etc/null-looking", "dev/sda"] {
+        assert!(fs::symlink_metadata(f.root.join(p)).is_err(), "{p} made");
+    }
+    assert_eq!(stats.skipped, 4);
+}
+
+#[test]
+fn host_xattr_namespaces_are_dropped() {
+    let f = fixture();
+    // VFS_CAP_REVISION_2, effective; permitted CAP_NET_RAW.
+    let cap: &[u8] = &[
+        1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    let l = Layer::new()
+        .file_xattrs(
+            "x",
+            0o755,
+            b"x",
+            &[
+                ("user.kept", b"1"),
+                ("trusted.overlay.opaque", b"y"),
+                ("trusted.other", b"z"),
+                ("security.selinux", b"system_u:object_r:shadow_t:s0"),
+                ("security.capability", cap),
+            ],
+        )
+        .finish();
+    unpack(&f.root, &[l]).unwrap();
+    let x = f.root.join("x");
+    assert_eq!(xattr(&x, "user.kept").as_deref(), Some(&b"1"[..]));
+    for gone in [
+        "trusted.overlay.opaque",
+        "trusted.other",
+        "security.selinux",
+    ] {
+        assert_eq!(xattr(&x, gone), None, "{gone} was set");
+    }
+    if is_root() {
+        assert_eq!(xattr(&x, "security.capability").as_deref(), Some(cap));
+    }
 }

@@ -144,6 +144,48 @@ impl Layer {
         self
     }
 
+    /// A block device.
+    pub fn blockdev(&mut self, name: &str, mode: u32, major: u32, minor: u32) -> &mut Self {
+        self.chardev(name, mode, major, minor);
+        // Re-type the header just appended (the last 512-byte block).
+        let mut b = std::mem::replace(&mut self.b, tar::Builder::new(Vec::new()))
+            .into_inner()
+            .expect("tar in memory");
+        let at = b.len() - 512;
+        let mut h = tar::Header::from_byte_slice(&b[at..]).clone();
+        h.set_entry_type(tar::EntryType::Block);
+        h.set_cksum();
+        b[at..].copy_from_slice(h.as_bytes());
+        self.b = tar::Builder::new(b);
+        self
+    }
+
+    /// An extension header (GNU long name `L`, long link `K`, PAX `x`)
+    /// declaring `size` bytes and carrying `data`, as hostile archives do.
+    pub fn extension(&mut self, kind: tar::EntryType, size: u64, data: &[u8]) -> &mut Self {
+        self.raw("././@LongLink", kind, 0o644, "", size, data)
+    }
+
+    /// A GNU sparse file of apparent size `size` whose only data is one
+    /// byte `x` at its end.
+    pub fn sparse(&mut self, name: &str, size: u64) -> &mut Self {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::GNUSparse);
+        h.set_path(name).expect("sparse name");
+        h.set_mode(0o644);
+        h.set_uid(self.uid);
+        h.set_gid(self.gid);
+        h.set_mtime(self.mtime);
+        h.set_size(1);
+        let gnu = h.as_gnu_mut().expect("gnu header");
+        gnu.sparse[0].offset = octal12(size - 1);
+        gnu.sparse[0].numbytes = octal12(1);
+        gnu.realsize = octal12(size);
+        h.set_cksum();
+        self.b.append(&h, &b"x"[..]).expect("append to memory");
+        self
+    }
+
     /// A whiteout hiding `dir/name`.
     pub fn whiteout(&mut self, dir: &str, name: &str) -> &mut Self {
         let p = if dir.is_empty() {
@@ -164,6 +206,11 @@ impl Layer {
         let b = std::mem::replace(&mut self.b, tar::Builder::new(Vec::new()));
         b.into_inner().expect("finish tar")
     }
+}
+
+fn octal12(n: u64) -> [u8; 12] {
+    let s = format!("{n:011o}\0");
+    s.as_bytes().try_into().expect("fits 12 bytes")
 }
 
 /// gzip-compresses.

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod fixture;
 pub mod qemu;
 pub mod thin;
 
@@ -214,16 +215,6 @@ impl Drop for RunningVm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Sends one request line to a VMM control socket and returns the reply.
-pub fn api_request(socket: &Path, request: &str) -> Result<serde_json::Value> {
-    let mut s = UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    writeln!(s, "{request}")?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line)?;
-    serde_json::from_str(&line).with_context(|| format!("bad API reply {line:?}"))
 }
 
 /// Connects to guest vsock `port` through skiff-vmm's hybrid vsock socket

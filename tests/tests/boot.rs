@@ -7,7 +7,8 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use skiff_tests::{api_request, artifact, scratch, Outcome, RunningVm, VmSpec};
+use skiff_tests::{artifact, scratch, Outcome, RunningVm, VmSpec};
+use skiff_vmm_client::{Client, ClientError};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
@@ -90,12 +91,21 @@ fn pvh_vmlinux_serves_api_and_stops_on_sigterm() -> Result<()> {
     spec.api_socket = Some(sock.clone());
     let mut vm = RunningVm::start(&spec)?;
     vm.wait_for_serial("SKIFF-END=wait", BOOT_TIMEOUT)?;
-    let ping = api_request(&sock, r#"{"op":"ping"}"#)?;
-    ensure!(ping["ok"] == true, "ping: {ping}");
-    let info = api_request(&sock, r#"{"op":"info"}"#)?;
-    ensure!(info["cpus"] == 2 && info["memory_mib"] == 512, "info: {info}");
-    let bad = api_request(&sock, r#"{"op":"explode"}"#)?;
-    ensure!(bad["ok"] == false, "unknown op accepted: {bad}");
+    let api = Client::new(&sock);
+    let ping = api.ping()?;
+    ensure!(ping.pid == vm.pid(), "ping: {ping:?}");
+    let info = api.info()?;
+    ensure!(info.cpus.boot == 2 && info.cpus.present == 2 && info.memory.boot_mib == 512, "info: {info:?}");
+    let counters = api.counters()?;
+    ensure!(counters.vm_exits.values().sum::<u64>() > 0, "no VM exits counted: {counters:?}");
+    // A bad request gets a clear error, and the VM goes on.
+    match api.resize(&skiff_vmm_client::types::Resize { vcpus: Some(9), memory_mib: None }) {
+        Err(ClientError::Refused { status: 409, message, .. }) => ensure!(message.contains("1 to 2"), "{message}"),
+        other => anyhow::bail!("a resize beyond max should be refused with 409: {other:?}"),
+    }
+    api.pause()?;
+    ensure!(api.info()?.state == skiff_vmm_client::types::VmState::Paused, "not paused");
+    api.resume()?;
     vm.signal(libc::SIGTERM)?;
     let out = vm.wait(Duration::from_secs(30))?;
     println!("--- serial ---\n{}\n--- stderr ---\n{}", out.serial, out.stderr);

@@ -17,20 +17,19 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use sha2::{Digest, Sha256};
-use skiff_guest_tools::{hash_to_eof, read_line, recv_framed, send_framed, Pattern};
-use skiff_tests::{artifact, guest_exec, guest_values, scratch, vsock_connect, GuestOutput, RunningVm, VmSpec};
+use skiff_guest_tools::{hash_to_eof, read_line, recv_framed, send_framed};
+use skiff_tests::fixture::{
+    disk_by_serial, field, host, iface_by_mac, random_bytes, sha256, virtiofsd, Checks, Guest, Network, GUEST_PORT,
+};
+use skiff_tests::{artifact, guest_values, scratch, vsock_connect, RunningVm, VmSpec};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
-/// The guest's `skiff-guest-tools serve` port.
-const GUEST_PORT: u32 = 1024;
 const MIB: u64 = 1 << 20;
 /// Each way, host- and guest-initiated (issue 3: 64 MiB with matching sha256).
 const VSOCK_BULK: u64 = 64 * MIB;
@@ -44,135 +43,6 @@ const MAC1: &str = "52:54:00:77:08:02";
 const HOST0: Ipv4Addr = Ipv4Addr::new(10, 77, 7, 1);
 const HOST1: Ipv4Addr = Ipv4Addr::new(10, 77, 8, 1);
 const GUEST1: &str = "10.77.8.2";
-
-fn sha256(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
-}
-
-fn random_bytes(n: usize) -> Vec<u8> {
-    let mut v = vec![0u8; n];
-    Pattern::new().fill(&mut v);
-    v
-}
-
-/// Runs a host command; fails with its output unless it succeeds.
-fn host(cmd: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(cmd).args(args).output().with_context(|| format!("cannot run {cmd}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd} {}: {}\n{}{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A program from PATH or cargo's bin directory.
-fn program(name: &str) -> Result<PathBuf> {
-    let home = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin"));
-    let dirs = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default();
-    dirs.into_iter()
-        .chain(home)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .with_context(|| format!("{name} not found (scripts/setup installs it)"))
-}
-
-fn wait_for_path(p: &Path, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !p.exists() {
-        ensure!(Instant::now() < deadline, "{} did not appear within {timeout:?}", p.display());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
-/// A child process killed on drop.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn virtiofsd(dir: &Path, socket: &Path, log: &Path) -> Result<Daemon> {
-    let child = Command::new(program("virtiofsd")?)
-        .arg(format!("--socket-path={}", socket.display()))
-        .arg(format!("--shared-dir={}", dir.display()))
-        .arg("--cache=never")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(log)?)
-        .spawn()
-        .context("cannot start virtiofsd")?;
-    let d = Daemon(child);
-    wait_for_path(socket, Duration::from_secs(20))
-        .with_context(|| format!("virtiofsd: {}", fs::read_to_string(log).unwrap_or_default()))?;
-    Ok(d)
-}
-
-/// Two bridges in the box: `br0` (10.77.7.1/24, dnsmasq serving DHCP) with
-/// the tap `tap0` created here, and `br1` (10.77.8.1/24, static) that the
-/// tap skiff-vmm creates itself (`tap1`) joins once the VM runs.
-struct Network {
-    br0: String,
-    br1: String,
-    tap0: String,
-    tap1: String,
-    leases: PathBuf,
-    _dnsmasq: Option<Daemon>,
-}
-
-impl Network {
-    fn setup(dir: &Path) -> Result<Self> {
-        let id = std::process::id() % 100_000;
-        let mut net = Self {
-            br0: format!("skb{id}a"),
-            br1: format!("skb{id}b"),
-            tap0: format!("skt{id}a"),
-            tap1: format!("skt{id}b"),
-            leases: dir.join("dnsmasq.leases"),
-            _dnsmasq: None,
-        };
-        for (br, ip) in [(&net.br0, HOST0), (&net.br1, HOST1)] {
-            host("ip", &["link", "add", br, "type", "bridge"])?;
-            host("ip", &["addr", "add", &format!("{ip}/24"), "dev", br])?;
-            host("ip", &["link", "set", br, "up"])?;
-        }
-        host("ip", &["tuntap", "add", &net.tap0, "mode", "tap"])?;
-        host("ip", &["link", "set", &net.tap0, "master", &net.br0, "up"])?;
-        let log = dir.join("dnsmasq.log");
-        let child = Command::new(program("dnsmasq")?)
-            .args(["--keep-in-foreground", "--conf-file=/dev/null", "--port=0", "--bind-interfaces", "--user=root"])
-            .arg(format!("--interface={}", net.br0))
-            .arg("--except-interface=lo")
-            .arg("--dhcp-range=10.77.7.100,10.77.7.150,255.255.255.0,1h")
-            .arg(format!("--dhcp-leasefile={}", net.leases.display()))
-            .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
-            .arg("--log-dhcp")
-            .arg(format!("--log-facility={}", log.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("cannot start dnsmasq")?;
-        net._dnsmasq = Some(Daemon(child));
-        Ok(net)
-    }
-}
-
-impl Drop for Network {
-    fn drop(&mut self) {
-        for l in [&self.tap0, &self.tap1, &self.br0, &self.br1] {
-            let _ = Command::new("ip").args(["link", "del", l]).stderr(Stdio::null()).status();
-        }
-    }
-}
 
 /// The host side of guest-initiated vsock connections: Unix listeners at
 /// `<vsock socket>_<port>` (Firecracker's hybrid model).
@@ -245,44 +115,6 @@ fn echo_one(conn: UnixStream) -> Result<()> {
     Ok(())
 }
 
-/// The guest, reached through its vsock command server.
-struct Guest {
-    vm: RunningVm,
-    vsock: PathBuf,
-}
-
-impl Guest {
-    fn exec(&self, cmd: &str) -> Result<GuestOutput> {
-        guest_exec(&self.vsock, GUEST_PORT, cmd)
-    }
-
-    /// Runs `cmd` in the guest; fails unless it exits 0. Returns its output.
-    fn run(&self, cmd: &str) -> Result<String> {
-        let out = self.exec(cmd)?;
-        ensure!(out.code == 0, "guest command {cmd:?} exited {}:\n{}", out.code, out.output);
-        Ok(out.output)
-    }
-}
-
-/// Runs named checks, records failures, and reports them all at the end.
-#[derive(Default)]
-struct Checks {
-    failed: Vec<String>,
-}
-
-impl Checks {
-    fn run(&mut self, name: &str, f: impl FnOnce() -> Result<()>) {
-        let t = Instant::now();
-        match f() {
-            Ok(()) => println!("check {name}: ok ({:.1} s)", t.elapsed().as_secs_f64()),
-            Err(e) => {
-                println!("check {name}: FAILED ({:.1} s): {e:#}", t.elapsed().as_secs_f64());
-                self.failed.push(format!("{name}: {e:#}"));
-            }
-        }
-    }
-}
-
 /// The host-side files the test prepares and later inspects.
 struct Fixture {
     rw: PathBuf,
@@ -320,26 +152,6 @@ fn prepare(dir: &Path) -> Result<Fixture> {
     fs::write(share1.join("big.bin"), &big)?;
     fs::write(share2.join("only-in-share2.txt"), "second share\n")?;
     Ok(Fixture { rw, ro, share1, share2, rw_head_sha: sha256(&head), ro_sha: sha256(&ro_data), big_sha: sha256(&big) })
-}
-
-/// The guest's block device whose serial is `serial` (`vda`, `vdb`, ...).
-fn disk_by_serial(g: &Guest, serial: &str) -> Result<String> {
-    let out = g.run("for d in /sys/block/vd*; do echo \"${d##*/} $(cat $d/serial)\"; done")?;
-    out.lines()
-        .find_map(|l| l.split_once(' ').filter(|(_, s)| *s == serial).map(|(d, _)| d.to_string()))
-        .with_context(|| format!("no disk with serial {serial:?}: {out}"))
-}
-
-/// The guest's interface with `mac`.
-fn iface_by_mac(g: &Guest, mac: &str) -> Result<String> {
-    let out = g.run("for i in /sys/class/net/*; do echo \"${i##*/} $(cat $i/address)\"; done")?;
-    out.lines()
-        .find_map(|l| l.split_once(' ').filter(|(_, m)| *m == mac).map(|(i, _)| i.to_string()))
-        .with_context(|| format!("no interface with MAC {mac}: {out}"))
-}
-
-fn field(out: &str, n: usize) -> &str {
-    out.split_whitespace().nth(n).unwrap_or("")
 }
 
 fn check_pci(serial: &str, g: &Guest) -> Result<()> {
@@ -655,7 +467,7 @@ fn every_device_in_one_guest() -> Result<()> {
     let fx = prepare(d)?;
     let _fsd1 = virtiofsd(&fx.share1, &d.join("fs1.sock"), &d.join("virtiofsd1.log"))?;
     let _fsd2 = virtiofsd(&fx.share2, &d.join("fs2.sock"), &d.join("virtiofsd2.log"))?;
-    let net = Network::setup(d)?;
+    let net = Network::setup(d, HOST0, HOST1)?;
     let vsock = d.join("v.sock");
     let hv = HostVsock::listen(&vsock)?;
     let console = d.join("hvc0.log");

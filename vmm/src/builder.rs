@@ -17,12 +17,14 @@ use crate::config::{SerialConfig, VmConfig};
 use crate::device_manager::{DeviceError, PciDevices};
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::boot_timer::BootTimer;
+use crate::devices::ged::{event, ged_aml, Ged, GED_SIZE};
 use crate::devices::i8042::I8042;
+use crate::devices::pci_hotplug::{PciHotplug, PCI_HOTPLUG_SIZE};
 use crate::devices::serial::{SerialDevice, SerialOutput};
 use crate::exit::ExitState;
 use crate::memory::{create_guest_memory, MemoryError};
-use crate::vmm::Vmm;
-use crate::vstate::vcpu::{Vcpu, VcpuError};
+use crate::vmm::{Vmm, VmmParts};
+use crate::vstate::vcpu::{ExitCounters, Vcpu, VcpuContext, VcpuError};
 use crate::vstate::vm::{open_kvm, Vm, VmError};
 
 /// Why the VM could not be built.
@@ -88,14 +90,29 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     let cmdline_size = load_command_line(&ram.mem, &config.cmdline).map_err(BuildError::Boot)?;
 
     let exit = Arc::new(ExitState::new().map_err(BuildError::EventFd)?);
+    let counters = Arc::new(ExitCounters::default());
     let io_bus = Arc::new(Bus::new());
     let mmio_bus = Arc::new(Bus::new());
     let mut pci = PciDevices::new(vm.fd().clone(), io_bus.clone(), mmio_bus.clone(), &ram.mem, config.memory_mib << 20)
         .map_err(BuildError::Device)?;
-    pci.attach_all(&config.devices).map_err(BuildError::Device)?;
+    for dev in config.devices.all() {
+        pci.add(dev, false).map_err(BuildError::Device)?;
+    }
     step("PCI devices");
 
-    let rsdp = create_acpi_tables(&ram.mem, config.cpus, &pci.acpi()).map_err(BuildError::Acpi)?;
+    // The Generic Event Device and the PCI hot-plug registers on the MMIO bus.
+    let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.register_irqfd(&ged_irq, GED_IRQ).map_err(BuildError::Vm)?;
+    let ged = Arc::new(Mutex::new(Ged::new(ged_irq)));
+    let pci_hotplug = Arc::new(Mutex::new(PciHotplug::new().map_err(BuildError::EventFd)?));
+    let place_mmio =
+        |name, dev, base: u64, len| mmio_bus.insert(dev, base, len).map_err(|source| BuildError::Bus { name, source });
+    place_mmio("GED", ged.clone(), GED_START, GED_SIZE)?;
+    place_mmio("PCI hot-plug", pci_hotplug.clone(), PCI_HOTPLUG_START, PCI_HOTPLUG_SIZE)?;
+
+    let mut acpi = pci.acpi(PCI_HOTPLUG_START);
+    acpi.sb_aml.extend(ged_aml(GED_START, GED_IRQ, &[(event::PCI, "\\_SB_.PCI0.PSCN")]));
+    let rsdp = create_acpi_tables(&ram.mem, config.cpus, &acpi).map_err(BuildError::Acpi)?;
     write_boot_params(&ram.mem, &kernel, cmdline_size, initramfs, rsdp).map_err(BuildError::Boot)?;
     step("initramfs, command line, ACPI and boot parameters");
 
@@ -108,18 +125,38 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     };
     place("COM1", serial.clone(), COM1_PORT, 8)?;
     place("i8042", Arc::new(Mutex::new(I8042::new(exit.clone()))), I8042_PORT, 5)?;
-    place("boot timer", Arc::new(Mutex::new(BootTimer::new(start))), BOOT_DEBUG_PORT, 1)?;
+    place("boot timer", Arc::new(Mutex::new(BootTimer::new(start, counters.clone()))), BOOT_DEBUG_PORT, 1)?;
     place("ACPI PM", Arc::new(Mutex::new(AcpiPm::new(exit.clone()))), ACPI_PM_PORT, ACPI_PM_LEN)?;
 
+    let ctx = VcpuContext {
+        io_bus: io_bus.clone(),
+        mmio_bus: mmio_bus.clone(),
+        exit: exit.clone(),
+        counters: counters.clone(),
+        mem: ram.mem.clone(),
+    };
     let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
     for id in 0..config.cpus {
-        let vcpu = Vcpu::new(&vm, id, io_bus.clone(), mmio_bus.clone(), exit.clone(), ram.mem.clone())
-            .map_err(BuildError::Vcpu)?;
+        let vcpu = Vcpu::new(&vm, id, ctx.clone()).map_err(BuildError::Vcpu)?;
         let entry = (id == 0).then_some(kernel.entry);
         vcpu.configure(vm.supported_cpuid(), config.cpus, &ram.mem, entry).map_err(BuildError::Vcpu)?;
         vcpus.push(vcpu);
     }
 
     step("devices and vCPUs");
-    Ok(Vmm::new(config.clone(), start, vm, ram, vcpus, exit, serial, io_bus, mmio_bus, pci))
+    Ok(Vmm::new(VmmParts {
+        config: config.clone(),
+        start,
+        vm,
+        ram,
+        vcpus,
+        exit,
+        serial,
+        io_bus,
+        mmio_bus,
+        pci,
+        ged,
+        pci_hotplug,
+        counters,
+    }))
 }

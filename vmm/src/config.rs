@@ -42,7 +42,10 @@ pub struct VmConfig {
     pub kernel: PathBuf,
     pub initramfs: Option<PathBuf>,
     pub cmdline: String,
+    /// vCPUs at boot.
     pub cpus: u8,
+    /// Most vCPUs the VM can have (vCPU hot-plug); at least `cpus`.
+    pub max_cpus: u8,
     pub memory_mib: u64,
     pub serial: SerialConfig,
     pub api_socket: Option<PathBuf>,
@@ -54,6 +57,8 @@ pub struct VmConfig {
 pub enum ConfigError {
     #[error("--cpus must be between 1 and {MAX_CPUS}, got {0}")]
     Cpus(u64),
+    #[error("--cpus max={max} is less than boot={boot}")]
+    MaxCpus { boot: u8, max: u8 },
     #[error("--memory must be at least {MIN_MEMORY_MIB} MiB, got {0} MiB")]
     MemoryTooSmall(u64),
     #[error("--memory {asked} MiB is more than this host's {host} MiB of RAM")]
@@ -74,6 +79,8 @@ pub enum ConfigError {
     },
     #[error("the vhost-user socket {0} of virtio-fs tag '{1}' does not exist (is virtiofsd running?)")]
     FsSocket(PathBuf, String),
+    #[error("device id '{0}' is given twice")]
+    IdTwice(String),
     #[error("virtio-fs tag '{0}' is given twice")]
     FsTagTwice(String),
     #[error("the API socket {0} already exists and a VMM answers on it")]
@@ -97,6 +104,12 @@ impl VmConfig {
         if self.cpus == 0 || self.cpus > MAX_CPUS {
             return Err(ConfigError::Cpus(u64::from(self.cpus)));
         }
+        if self.max_cpus > MAX_CPUS {
+            return Err(ConfigError::Cpus(u64::from(self.max_cpus)));
+        }
+        if self.max_cpus < self.cpus {
+            return Err(ConfigError::MaxCpus { boot: self.cpus, max: self.max_cpus });
+        }
         if self.memory_mib < MIN_MEMORY_MIB {
             return Err(ConfigError::MemoryTooSmall(self.memory_mib));
         }
@@ -114,7 +127,16 @@ impl VmConfig {
                 return Err(ConfigError::InitramfsTooBig { size: size >> 20, memory: self.memory_mib });
             }
         }
-        for disk in &self.devices.disks {
+        let mut ids = std::collections::HashSet::new();
+        let given = self.devices.disks.iter().filter_map(|d| d.id.as_deref());
+        let given = given.chain(self.devices.nets.iter().filter_map(|n| n.id.as_deref()));
+        let given = given.chain(self.devices.fs.iter().filter_map(|f| f.id.as_deref()));
+        for id in given.chain(self.devices.vsock.iter().filter_map(|v| v.id.as_deref())) {
+            if !ids.insert(id) {
+                return Err(ConfigError::IdTwice(id.to_string()));
+            }
+        }
+        for disk in self.devices.disks.iter().map(|d| &d.config) {
             std::fs::OpenOptions::new()
                 .read(true)
                 .write(!disk.readonly)
@@ -122,7 +144,7 @@ impl VmConfig {
                 .map_err(|source| ConfigError::Disk { path: disk.path.clone(), source })?;
         }
         let mut tags = std::collections::HashSet::new();
-        for fs in &self.devices.fs {
+        for fs in self.devices.fs.iter().map(|f| &f.config) {
             if !tags.insert(fs.tag.as_str()) {
                 return Err(ConfigError::FsTagTwice(fs.tag.clone()));
             }
@@ -149,6 +171,7 @@ mod tests {
             initramfs: None,
             cmdline: DEFAULT_CMDLINE.into(),
             cpus: 1,
+            max_cpus: 1,
             memory_mib: 256,
             serial: SerialConfig::Stdout,
             api_socket: None,

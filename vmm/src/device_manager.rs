@@ -3,9 +3,11 @@
 //! command line, plus what the guest needs in ACPI to find them (the host
 //! bridge in the DSDT, the MCFG table).
 //!
-//! Devices are attached to slots at build time; the bus, its allocator and
-//! the interrupt manager stay in [`PciDevices`] so devices can be attached
-//! or detached later (hot-plug) with the same calls.
+//! Every device has an id (given with `id=` or generated from its kind) and
+//! is created through [`PciDevices::add`], at boot and when hot-plugged
+//! alike; removal is two steps, because the guest must let go first:
+//! [`PciDevices::begin_remove`] (the VMM then asks the guest to eject the
+//! slot) and [`PciDevices::finish_remove`] once it has.
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
@@ -14,13 +16,13 @@ use acpi_tables::aml::{self, AddressSpace, AddressSpaceCacheable};
 use acpi_tables::sdt::Sdt;
 use acpi_tables::Aml;
 use kvm_ioctls::VmFd;
-use virtio_devices::block::{Block, BlockConfig};
-use virtio_devices::config::{NetBackend, NetConfig, VsockConfig};
+use skiff_vmm_client::types::{DeviceAdded, DeviceInfo, DeviceKind};
+use virtio_devices::block::Block;
 use virtio_devices::console::{Console, ConsoleOutput};
-use virtio_devices::fs::{Fs, FsConfig};
+use virtio_devices::fs::Fs;
 use virtio_devices::net::Net;
 use virtio_devices::pci::bus::{RangeAllocator, PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_SIZE};
-use virtio_devices::pci::{PciConfigIo, PciConfigMmio};
+use virtio_devices::pci::{PciConfigIo, PciConfigMmio, PciError};
 use virtio_devices::rng::Rng;
 use virtio_devices::vsock::Vsock;
 use virtio_devices::{PciBus, PciDevice, VirtioDevice, VirtioPciDevice};
@@ -29,17 +31,19 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::arch::acpi::AcpiExtras;
 use crate::arch::layout::*;
+use crate::devices::pci_hotplug::pci_hotplug_aml;
 use crate::interrupt::{KvmIoEvents, KvmMsiManager};
+use crate::options::{ConsoleOption, DiskOption, FsOption, NetBackend, NetOption, VsockOption};
 
 /// The virtio devices of a VM, as given on the command line.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceConfig {
-    pub disks: Vec<BlockConfig>,
-    pub nets: Vec<NetConfig>,
-    pub vsock: Option<VsockConfig>,
-    pub fs: Vec<FsConfig>,
+    pub disks: Vec<DiskOption>,
+    pub nets: Vec<NetOption>,
+    pub vsock: Option<VsockOption>,
+    pub fs: Vec<FsOption>,
     pub rng: bool,
-    pub console: Option<ConsoleOutput>,
+    pub console: Option<ConsoleOption>,
 }
 
 impl DeviceConfig {
@@ -47,9 +51,68 @@ impl DeviceConfig {
     pub fn needs_shared_memory(&self) -> bool {
         !self.fs.is_empty()
     }
+
+    /// Every device, in the order they get slots.
+    pub fn all(&self) -> Vec<NewDevice> {
+        let mut v: Vec<NewDevice> = self.disks.iter().cloned().map(NewDevice::Disk).collect();
+        v.extend(self.nets.iter().cloned().map(NewDevice::Net));
+        v.extend(self.vsock.iter().cloned().map(NewDevice::Vsock));
+        v.extend(self.fs.iter().cloned().map(NewDevice::Fs));
+        if self.rng {
+            v.push(NewDevice::Rng);
+        }
+        v.extend(self.console.iter().map(|c| NewDevice::Console(c.0.clone())));
+        v
+    }
 }
 
-/// Why a device could not be set up.
+/// A device to create: from the command line at boot, or from the API.
+#[derive(Debug, Clone)]
+pub enum NewDevice {
+    Disk(DiskOption),
+    Net(NetOption),
+    Vsock(VsockOption),
+    Fs(FsOption),
+    Rng,
+    Console(ConsoleOutput),
+}
+
+impl NewDevice {
+    fn kind(&self) -> DeviceKind {
+        match self {
+            NewDevice::Disk(_) => DeviceKind::Disk,
+            NewDevice::Net(_) => DeviceKind::Net,
+            NewDevice::Vsock(_) => DeviceKind::Vsock,
+            NewDevice::Fs(_) => DeviceKind::Fs,
+            NewDevice::Rng => DeviceKind::Rng,
+            NewDevice::Console(_) => DeviceKind::Console,
+        }
+    }
+
+    fn id(&self) -> Option<&str> {
+        match self {
+            NewDevice::Disk(d) => d.id.as_deref(),
+            NewDevice::Net(n) => n.id.as_deref(),
+            NewDevice::Vsock(v) => v.id.as_deref(),
+            NewDevice::Fs(f) => f.id.as_deref(),
+            NewDevice::Rng | NewDevice::Console(_) => None,
+        }
+    }
+}
+
+fn kind_name(kind: DeviceKind) -> &'static str {
+    match kind {
+        DeviceKind::Disk => "disk",
+        DeviceKind::Net => "net",
+        DeviceKind::Fs => "fs",
+        DeviceKind::Vsock => "vsock",
+        DeviceKind::Rng => "rng",
+        DeviceKind::Console => "console",
+        DeviceKind::Mem => "mem",
+    }
+}
+
+/// Why a device could not be set up or removed.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     #[error("disk {path}")]
@@ -88,10 +151,46 @@ pub enum DeviceError {
     Attach {
         name: String,
         #[source]
-        source: virtio_devices::pci::PciError,
+        source: PciError,
     },
     #[error("cannot place the PCI configuration space on the bus")]
     Bus(#[source] vm_device::BusError),
+    #[error("a device with id '{0}' exists already")]
+    DuplicateId(String),
+    #[error("no device has id '{0}'")]
+    UnknownId(String),
+    #[error("the VM has a vsock device already ('{0}'); it can have one")]
+    SecondVsock(String),
+    #[error("virtio-fs tag '{tag}' is used by device '{id}' already")]
+    DuplicateTag { tag: String, id: String },
+    #[error("the vhost-user socket {0} does not exist (is virtiofsd running?)")]
+    NoFsSocket(String),
+    #[error("device '{0}' is being removed already")]
+    Removing(String),
+}
+
+impl DeviceError {
+    /// Whether the request conflicts with the VM's state (rather than being
+    /// malformed or failing on the host): maps to HTTP 409.
+    pub fn is_conflict(&self) -> bool {
+        matches!(
+            self,
+            DeviceError::DuplicateId(_)
+                | DeviceError::SecondVsock(_)
+                | DeviceError::DuplicateTag { .. }
+                | DeviceError::Removing(_)
+                | DeviceError::Attach { source: PciError::NoFreeSlot | PciError::SlotUnavailable(_), .. }
+        )
+    }
+}
+
+/// A device on the bus.
+struct Entry {
+    info: DeviceInfo,
+    /// The fs tag, for duplicate checks.
+    tag: Option<String>,
+    removing: bool,
+    _device: Arc<Mutex<dyn VirtioDevice>>,
 }
 
 /// The PCI bus and what attaching devices to it needs.
@@ -101,7 +200,7 @@ pub struct PciDevices {
     msi: KvmMsiManager,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     mmio64: (u64, u64),
-    attached: Vec<(u8, String)>,
+    entries: Vec<Entry>,
 }
 
 fn random_mac() -> [u8; 6] {
@@ -114,6 +213,64 @@ fn random_mac() -> [u8; 6] {
     }
     mac[0] = 0x02; // locally administered, unicast
     mac
+}
+
+/// A built device model and how to describe it.
+struct Model {
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    backend: String,
+    tag: Option<String>,
+}
+
+fn build_model(new: &NewDevice) -> Result<Model, DeviceError> {
+    fn shared<D: VirtioDevice + 'static>(d: D) -> Arc<Mutex<dyn VirtioDevice>> {
+        Arc::new(Mutex::new(d))
+    }
+    Ok(match new {
+        NewDevice::Disk(d) => {
+            let path = d.config.path.display().to_string();
+            let dev = Block::new(&d.config).map_err(|source| DeviceError::Block { path: path.clone(), source })?;
+            Model { device: shared(dev), backend: path, tag: None }
+        }
+        NewDevice::Net(n) => {
+            let mac = n.mac.unwrap_or_else(random_mac);
+            let (name, dev) = match &n.backend {
+                NetBackend::Tap(tap) => (format!("tap {tap}"), Net::with_tap_name(tap, mac)),
+                NetBackend::Fd(fd) => {
+                    // SAFETY: the fd was handed to this process for this NIC
+                    // (`--net fd=N`); nothing else in the VMM owns it.
+                    let owned = unsafe { OwnedFd::from_raw_fd(*fd) };
+                    (format!("fd {fd}"), Net::with_tap_fd(owned, mac))
+                }
+            };
+            let dev = dev.map_err(|source| DeviceError::Net { name: name.clone(), source })?;
+            let m = mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+            Model { device: shared(dev), backend: format!("{name} mac {m}"), tag: None }
+        }
+        NewDevice::Vsock(v) => {
+            let path = v.socket.display().to_string();
+            let dev =
+                Vsock::new(v.cid, &v.socket).map_err(|source| DeviceError::Vsock { path: path.clone(), source })?;
+            Model { device: shared(dev), backend: format!("cid {} socket {path}", v.cid), tag: None }
+        }
+        NewDevice::Fs(f) => {
+            if !f.config.socket.exists() {
+                return Err(DeviceError::NoFsSocket(f.config.socket.display().to_string()));
+            }
+            let dev = Fs::new(&f.config).map_err(|source| DeviceError::Fs { tag: f.config.tag.clone(), source })?;
+            let backend = format!("tag {} socket {}", f.config.tag, f.config.socket.display());
+            Model { device: shared(dev), backend, tag: Some(f.config.tag.clone()) }
+        }
+        NewDevice::Rng => Model { device: shared(Rng::new()), backend: "getrandom".into(), tag: None },
+        NewDevice::Console(out) => {
+            let dev = Console::new(out).map_err(DeviceError::Console)?;
+            let backend = match out {
+                ConsoleOutput::File(p) => format!("file {}", p.display()),
+                ConsoleOutput::Socket(p) => format!("socket {}", p.display()),
+            };
+            Model { device: shared(dev), backend, tag: None }
+        }
+    })
 }
 
 impl PciDevices {
@@ -140,83 +297,108 @@ impl PciDevices {
             msi: KvmMsiManager::new(vm),
             mem: GuestMemoryAtomic::new(mem.clone()),
             mmio64,
-            attached: Vec::new(),
+            entries: Vec::new(),
         })
     }
 
     /// Wraps `device` in the virtio-pci transport and plugs it in.
-    pub fn attach_virtio(&mut self, name: String, device: Arc<Mutex<dyn VirtioDevice>>) -> Result<u8, DeviceError> {
+    fn attach_virtio(&mut self, name: &str, device: Arc<Mutex<dyn VirtioDevice>>) -> Result<u8, DeviceError> {
         let transport = VirtioPciDevice::new(device, self.mem.clone(), &self.msi)
-            .map_err(|source| DeviceError::Transport { name: name.clone(), source })?;
+            .map_err(|source| DeviceError::Transport { name: name.to_string(), source })?;
         let pci: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(transport));
         let mut allocator = self.allocator.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = self
-            .bus
+        self.bus
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .attach(None, pci, &mut *allocator)
-            .map_err(|source| DeviceError::Attach { name: name.clone(), source })?;
-        log::debug!("PCI slot {slot}: {name}");
-        self.attached.push((slot, name));
-        Ok(slot)
+            .map_err(|source| DeviceError::Attach { name: name.to_string(), source })
     }
 
-    /// Creates and attaches every device in `cfg`.
-    pub fn attach_all(&mut self, cfg: &DeviceConfig) -> Result<(), DeviceError> {
-        for disk in &cfg.disks {
-            let path = disk.path.display().to_string();
-            let dev = Block::new(disk).map_err(|source| DeviceError::Block { path: path.clone(), source })?;
-            self.attach_virtio(format!("virtio-blk {path}"), Arc::new(Mutex::new(dev)))?;
-        }
-        for net in &cfg.nets {
-            let mac = net.mac.unwrap_or_else(random_mac);
-            let (name, dev) = match &net.backend {
-                NetBackend::Tap(tap) => (tap.clone(), Net::with_tap_name(tap, mac)),
-                NetBackend::Fd(fd) => {
-                    // SAFETY: the fd was handed to this process for this NIC
-                    // (`--net fd=N`); nothing else in the VMM owns it.
-                    let owned = unsafe { OwnedFd::from_raw_fd(*fd) };
-                    (format!("fd {fd}"), Net::with_tap_fd(owned, mac))
-                }
-            };
-            let dev = dev.map_err(|source| DeviceError::Net { name: name.clone(), source })?;
-            self.attach_virtio(format!("virtio-net {name}"), Arc::new(Mutex::new(dev)))?;
-        }
-        if let Some(v) = &cfg.vsock {
-            let path = v.socket.display().to_string();
-            let dev =
-                Vsock::new(v.cid, &v.socket).map_err(|source| DeviceError::Vsock { path: path.clone(), source })?;
-            self.attach_virtio(format!("virtio-vsock cid {} {path}", v.cid), Arc::new(Mutex::new(dev)))?;
-        }
-        for fs in &cfg.fs {
-            let dev = Fs::new(fs).map_err(|source| DeviceError::Fs { tag: fs.tag.clone(), source })?;
-            self.attach_virtio(format!("virtio-fs {}", fs.tag), Arc::new(Mutex::new(dev)))?;
-        }
-        if cfg.rng {
-            self.attach_virtio("virtio-rng".into(), Arc::new(Mutex::new(Rng::new())))?;
-        }
-        if let Some(out) = &cfg.console {
-            let dev = Console::new(out).map_err(DeviceError::Console)?;
-            self.attach_virtio("virtio-console".into(), Arc::new(Mutex::new(dev)))?;
-        }
-        Ok(())
+    fn find(&self, id: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.info.id == id)
     }
 
-    /// The devices attached so far, by slot.
-    pub fn attached(&self) -> &[(u8, String)] {
-        &self.attached
+    fn generated_id(&self, kind: DeviceKind) -> String {
+        let base = kind_name(kind);
+        (0..).map(|n| format!("{base}{n}")).find(|id| self.find(id).is_none()).unwrap_or_default()
+    }
+
+    /// Creates `new` and plugs it into a free slot. Nothing is left behind
+    /// if it fails.
+    pub fn add(&mut self, new: NewDevice, hotplugged: bool) -> Result<DeviceAdded, DeviceError> {
+        let kind = new.kind();
+        let id = match new.id() {
+            Some(id) if self.find(id).is_some() => return Err(DeviceError::DuplicateId(id.to_string())),
+            Some(id) => id.to_string(),
+            None => self.generated_id(kind),
+        };
+        if let Some(v) =
+            self.entries.iter().find(|e| e.info.kind == DeviceKind::Vsock).filter(|_| kind == DeviceKind::Vsock)
+        {
+            return Err(DeviceError::SecondVsock(v.info.id.clone()));
+        }
+        if let NewDevice::Fs(f) = &new {
+            if let Some(e) = self.entries.iter().find(|e| e.tag.as_deref() == Some(f.config.tag.as_str())) {
+                return Err(DeviceError::DuplicateTag { tag: f.config.tag.clone(), id: e.info.id.clone() });
+            }
+        }
+        let model = build_model(&new)?;
+        let name = format!("{} '{id}' ({})", kind_name(kind), model.backend);
+        let slot = self.attach_virtio(&name, model.device.clone())?;
+        log::info!("PCI slot {slot}: {name}{}", if hotplugged { ", hot-plugged" } else { "" });
+        let info = DeviceInfo { id: id.clone(), kind, slot, backend: model.backend, hotplugged };
+        self.entries.push(Entry { info, tag: model.tag, removing: false, _device: model.device });
+        self.entries.sort_by_key(|e| e.info.slot);
+        Ok(DeviceAdded { id, slot })
+    }
+
+    /// Marks device `id` as being removed; returns its slot, for the guest
+    /// to be asked to eject it.
+    pub fn begin_remove(&mut self, id: &str) -> Result<u8, DeviceError> {
+        let e = self.entries.iter_mut().find(|e| e.info.id == id).ok_or_else(|| DeviceError::UnknownId(id.into()))?;
+        if e.removing {
+            return Err(DeviceError::Removing(id.into()));
+        }
+        e.removing = true;
+        Ok(e.info.slot)
+    }
+
+    /// The guest did not eject device `id` in time: it stays.
+    pub fn abort_remove(&mut self, id: &str) {
+        if let Some(e) = self.entries.iter_mut().find(|e| e.info.id == id) {
+            e.removing = false;
+        }
+    }
+
+    /// Unplugs whatever is in `slot` (the guest ejected it): unmaps it,
+    /// stops it, closes its backend. Returns its id.
+    pub fn finish_remove(&mut self, slot: u8) -> Option<String> {
+        let pos = self.entries.iter().position(|e| e.info.slot == slot)?;
+        let mut allocator = self.allocator.lock().unwrap_or_else(|e| e.into_inner());
+        let detached = self.bus.lock().unwrap_or_else(|e| e.into_inner()).detach(slot, &mut *allocator);
+        if let Err(e) = detached {
+            log::warn!("PCI slot {slot}: {e}");
+        }
+        let entry = self.entries.remove(pos);
+        log::info!("PCI slot {slot}: {} '{}' removed", kind_name(entry.info.kind), entry.info.id);
+        Some(entry.info.id)
+    }
+
+    /// Every device, in slot order.
+    pub fn infos(&self) -> Vec<DeviceInfo> {
+        self.entries.iter().map(|e| e.info.clone()).collect()
     }
 
     /// The ACPI pieces for the bus: the host bridge in `\_SB` with its
-    /// windows, and MCFG for ECAM.
-    pub fn acpi(&self) -> AcpiExtras {
-        AcpiExtras { sb_aml: pci_host_bridge(self.mmio64), tables: vec![mcfg()] }
+    /// windows and hot-plug slots (registers at `hotplug_base`), and MCFG.
+    pub fn acpi(&self, hotplug_base: u64) -> AcpiExtras {
+        AcpiExtras { sb_aml: pci_host_bridge(self.mmio64, &pci_hotplug_aml(hotplug_base)), tables: vec![mcfg()] }
     }
 }
 
 /// `\_SB.PCI0`: a PCI Express host bridge for bus 0 with the config ports,
 /// the I/O window and both memory windows in `_CRS`.
-fn pci_host_bridge(mmio64: (u64, u64)) -> Vec<u8> {
+fn pci_host_bridge(mmio64: (u64, u64), hotplug: &[u8]) -> Vec<u8> {
     let (m32_start, m32_size) = PCI_MMIO32;
     let bus = AddressSpace::new_bus_number(0u16, 0u16);
     let cfg_io = aml::IO::new(PCI_CONFIG_IO_PORT as u16, PCI_CONFIG_IO_PORT as u16, 1, PCI_CONFIG_IO_SIZE as u8);
@@ -242,7 +424,9 @@ fn pci_host_bridge(mmio64: (u64, u64)) -> Vec<u8> {
         aml::Name::new("_BBN".into(), &zero),
         aml::Name::new("_CRS".into(), &crs),
     ];
-    let children: Vec<&dyn Aml> = fields.iter().map(|f| f as &dyn Aml).collect();
+    let hotplug = crate::arch::acpi::RawAml(hotplug);
+    let mut children: Vec<&dyn Aml> = fields.iter().map(|f| f as &dyn Aml).collect();
+    children.push(&hotplug);
     let mut out = Vec::new();
     aml::Device::new("PCI0".into(), children).to_aml_bytes(&mut out);
     out
@@ -275,14 +459,17 @@ mod tests {
 
     #[test]
     fn host_bridge_is_pnp0a08() {
-        let aml = pci_host_bridge(pci_mmio64(1 << 30));
-        assert!(aml.windows(4).any(|w| w == b"PCI0"));
-        assert!(aml.windows(4).any(|w| w == b"_CRS"));
+        let aml = pci_host_bridge(pci_mmio64(1 << 30), b"HPLG");
+        let has = |s: &[u8]| aml.windows(s.len()).any(|w| w == s);
+        assert!(has(b"PCI0") && has(b"_CRS") && has(b"HPLG"));
+        // _HID and _CID are the EISA ids of PNP0A08 and PNP0A03.
+        assert!(has(&[0x41, 0xd0, 0x0a, 0x08]) && has(&[0x41, 0xd0, 0x0a, 0x03]));
     }
 
     #[test]
-    fn macs_are_local_unicast() {
-        let m = random_mac();
-        assert_eq!(m[0], 0x02);
+    fn macs_are_local_unicast_and_random() {
+        let macs: Vec<[u8; 6]> = (0..8).map(|_| random_mac()).collect();
+        assert!(macs.iter().all(|m| m[0] == 0x02));
+        assert!(macs.windows(2).any(|w| w[0] != w[1]), "eight equal MACs: {macs:?}");
     }
 }

@@ -3,15 +3,19 @@
 //! through PVH or the 64-bit boot protocol, ACPI tables, legacy devices.
 //!
 //! Where things live:
-//! * [`config`]: the VM configuration and its validation;
+//! * [`config`]: the VM configuration and its validation; [`options`]: the
+//!   command-line grammar of devices and sizes;
 //! * [`builder`]: `build_vm`, which assembles everything;
-//! * [`vmm`]: the running VM and its event loop; [`exit`]: why it stops;
-//! * [`vstate`]: the KVM VM and vCPUs; [`memory`]: guest RAM;
+//! * [`vmm`]: the running VM and its event loop, which owns the VM and
+//!   handles control requests; [`exit`]: why it stops;
+//! * [`vstate`]: the KVM VM, vCPUs and their threads; [`memory`]: guest RAM;
 //! * [`arch`]: layout, CPUID, MSRs, registers, boot protocols, ACPI;
-//! * [`devices`]: serial, i8042, boot-complete port, ACPI power;
+//! * [`devices`]: serial, i8042, boot-complete port, ACPI power, the ACPI
+//!   Generic Event Device and the hot-plug controllers;
 //! * [`device_manager`]: the PCI bus and virtio devices; [`interrupt`]: MSI
 //!   routing and ioeventfds through KVM;
-//! * [`api`]: the control socket.
+//! * [`api`]: the control socket (HTTP/1.1 + JSON; wire types in the
+//!   `skiff-vmm-client` crate).
 
 pub mod api;
 pub mod arch;
@@ -22,5 +26,6 @@ pub mod devices;
 pub mod exit;
 pub mod interrupt;
 pub mod memory;
+pub mod options;
 pub mod vmm;
 pub mod vstate;

@@ -9,15 +9,12 @@ use clap::Parser;
 use skiff_vmm::builder::build_vm;
 use skiff_vmm::config::{SerialConfig, VmConfig, DEFAULT_CMDLINE};
 use skiff_vmm::device_manager::DeviceConfig;
-use virtio_devices::block::BlockConfig;
-use virtio_devices::config::{NetConfig, VsockConfig};
-use virtio_devices::console::ConsoleOutput;
-use virtio_devices::fs::FsConfig;
+use skiff_vmm::options::{ConsoleOption, CpusOption, DiskOption, FsOption, NetOption, VsockOption};
 
 /// Skiff's virtual machine monitor: boots one Linux VM on KVM.
 ///
 /// Exit status: 0 when the guest powers off or reboots, or the VMM is
-/// stopped (SIGTERM, SIGINT, API `stop`); 1 when the VM fails (triple fault,
+/// stopped (SIGTERM, SIGINT, the API's `vm.power-off`); 1 when the VM fails (triple fault,
 /// unhandled exit, KVM error); 2 for bad arguments or files, before any VM
 /// is created; 3 when the guest kernel panics.
 #[derive(Parser, Debug)]
@@ -33,9 +30,10 @@ struct Args {
     /// Kernel command line.
     #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
     cmdline: String,
-    /// Number of vCPUs (1–254).
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    cpus: u8,
+    /// vCPUs (1–254): `N`, or `boot=N,max=M` to allow hot-plugging up to
+    /// M through the API's `vm.resize`.
+    #[arg(long, value_name = "N|boot=N,max=M", default_value = "1")]
+    cpus: CpusOption,
     /// Guest memory in MiB (at least 32, at most the host's RAM).
     #[arg(long, value_name = "MIB", default_value_t = 512)]
     memory: u64,
@@ -43,33 +41,36 @@ struct Args {
     /// (appended), or `off`.
     #[arg(long, value_name = "stdout|file=PATH|off", default_value = "stdout")]
     serial: SerialConfig,
-    /// Unix socket for the control API (JSON lines: ping, info, stop).
+    /// Unix socket for the control API: HTTP/1.1 with JSON bodies (info,
+    /// pause, resume, shutdown, power-off, device hot-plug, resize,
+    /// counters); `skiff-vmm-ctl` is its command-line client.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
     /// A virtio-blk disk backed by a raw image; repeatable. Keys: `path=`
-    /// (required), `readonly=on|off`, `serial=` (the ID the guest reads).
-    #[arg(long = "disk", value_name = "path=P[,readonly=on][,serial=S]")]
-    disks: Vec<BlockConfig>,
+    /// (required), `readonly=on|off`, `serial=` (the ID the guest reads),
+    /// `id=` (the device's id in the API; default diskN).
+    #[arg(long = "disk", value_name = "path=P[,readonly=on][,serial=S][,id=ID]")]
+    disks: Vec<DiskOption>,
     /// A virtio-net NIC on a tap device (created if missing) or an inherited
-    /// tap fd; repeatable. Keys: `tap=NAME` or `fd=N`, `mac=MAC`.
-    #[arg(long = "net", value_name = "tap=NAME|fd=N[,mac=MAC]")]
-    nets: Vec<NetConfig>,
+    /// tap fd; repeatable. Keys: `tap=NAME` or `fd=N`, `mac=MAC`, `id=`.
+    #[arg(long = "net", value_name = "tap=NAME|fd=N[,mac=MAC][,id=ID]")]
+    nets: Vec<NetOption>,
     /// A virtio-vsock device for guest context ID `cid`, with the host side
     /// on a Unix socket (Firecracker's hybrid model: connect and send
     /// `CONNECT <port>\n`; guest connections to port P go to `PATH_P`).
-    #[arg(long, value_name = "cid=N,socket=PATH")]
-    vsock: Option<VsockConfig>,
+    #[arg(long, value_name = "cid=N,socket=PATH[,id=ID]")]
+    vsock: Option<VsockOption>,
     /// A virtio-fs share served by virtiofsd on a vhost-user socket;
     /// repeatable (one per tag). The guest mounts it with
     /// `mount -t virtiofs TAG DIR`.
-    #[arg(long = "fs", value_name = "tag=T,socket=PATH")]
-    fs: Vec<FsConfig>,
+    #[arg(long = "fs", value_name = "tag=T,socket=PATH[,id=ID]")]
+    fs: Vec<FsOption>,
     /// A virtio-rng device fed from the host's getrandom.
     #[arg(long)]
     rng: bool,
     /// A virtio-console (the guest's hvc0) to a file or a Unix socket.
     #[arg(long, value_name = "file=PATH|socket=PATH")]
-    console: Option<ConsoleOutput>,
+    console: Option<ConsoleOption>,
 }
 
 fn print_error(prefix: &str, err: &dyn std::error::Error) {
@@ -92,7 +93,8 @@ fn main() -> ExitCode {
         kernel: args.kernel,
         initramfs: args.initramfs,
         cmdline: args.cmdline,
-        cpus: args.cpus,
+        cpus: args.cpus.boot,
+        max_cpus: args.cpus.max,
         memory_mib: args.memory,
         serial: args.serial,
         api_socket: args.api_socket,
@@ -126,8 +128,7 @@ fn main() -> ExitCode {
                 log::error!("{reason}");
             }
             let _ = std::io::stdout().flush();
-            // Exit without unwinding: vCPU threads may still be inside KVM_RUN.
-            std::process::exit(code)
+            ExitCode::from(code as u8)
         }
         Err(e) => {
             print_error("", &e);

@@ -1,31 +1,48 @@
-//! The running VMM: vCPU threads plus the main thread's event loop.
+//! The running VMM: vCPU threads plus the main thread's event loop, which
+//! owns the VM and is the only place that changes it.
 //!
 //! The main thread waits (epoll, no polling) on:
 //! * the [`ExitState`] eventfd: a vCPU or device decided the VM stops;
 //! * a signalfd for SIGTERM, SIGINT and SIGHUP: the host stops the VM;
-//! * stdin, when the serial console is on stdout: input for the guest.
+//! * stdin, when the serial console is on stdout: input for the guest;
+//! * the control API's eventfd: a request is waiting on the channel
+//!   ([`crate::api`]);
+//! * the PCI hot-plug controller's eventfd: the guest ejected a slot.
 //!
-//! The API socket, if any, is served by its own thread ([`crate::api`]).
+//! When the VM stops, the loop ends in order: every vCPU thread is told to
+//! finish and joined, then devices and sockets are dropped (their workers
+//! stop, the API socket file is removed), and `run` returns why.
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use skiff_vmm_client::types::{self as api_types, VmState};
 use vm_device::Bus;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::{ApiCall, ApiServer, VmReply, VmRequest};
 use crate::config::{SerialConfig, VmConfig};
-use crate::device_manager::PciDevices;
+use crate::device_manager::{DeviceError, NewDevice, PciDevices};
+use crate::devices::ged::{event, Ged};
+use crate::devices::pci_hotplug::PciHotplug;
 use crate::devices::serial::SerialDevice;
 use crate::exit::{ExitReason, ExitState};
 use crate::memory::GuestRam;
-use crate::vstate::vcpu::Vcpu;
+use crate::options::OptionError;
+use crate::vstate::vcpu::{ExitCounters, Vcpu};
+use crate::vstate::vcpu_thread::{VcpuHandle, VcpuState, VcpuThreadError};
 use crate::vstate::vm::Vm;
 
 /// How long a panicking guest may keep printing before the VMM ends.
 const PANIC_GRACE: Duration = Duration::from_millis(500);
+/// How long a vCPU may take to answer pause, resume or finish.
+const VCPU_ANSWER: Duration = Duration::from_secs(2);
+/// How long the guest has to eject a device the VMM asked it to.
+pub const EJECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 #[repr(u64)]
@@ -33,6 +50,14 @@ enum Token {
     Exit = 1,
     Signal = 2,
     Stdin = 3,
+    Api = 4,
+    Eject = 5,
+}
+
+impl Token {
+    fn from_u64(v: u64) -> Option<Self> {
+        [Token::Exit, Token::Signal, Token::Stdin, Token::Api, Token::Eject].into_iter().find(|t| *t as u64 == v)
+    }
 }
 
 /// Errors of the event loop itself (not of the guest).
@@ -42,25 +67,43 @@ pub enum RunError {
     Epoll(#[source] std::io::Error),
     #[error("cannot set up signal handling")]
     Signals(#[source] std::io::Error),
-    #[error("cannot start a vCPU thread")]
-    Thread(#[source] std::io::Error),
+    #[error("cannot start a vCPU")]
+    Vcpu(#[source] VcpuThreadError),
     #[error("cannot start the API server")]
-    Api(#[source] crate::api::ApiError),
+    Api(#[source] crate::api::ApiServerError),
+}
+
+/// Everything `build_vm` makes, handed to [`Vmm::new`].
+pub struct VmmParts {
+    pub config: VmConfig,
+    pub start: Instant,
+    pub vm: Vm,
+    pub ram: GuestRam,
+    pub vcpus: Vec<Vcpu>,
+    pub exit: Arc<ExitState>,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub io_bus: Arc<Bus>,
+    pub mmio_bus: Arc<Bus>,
+    pub pci: PciDevices,
+    pub ged: Arc<Mutex<Ged>>,
+    pub pci_hotplug: Arc<Mutex<PciHotplug>>,
+    pub counters: Arc<ExitCounters>,
+}
+
+/// A device removal waiting for the guest to eject the slot.
+struct Removal {
+    id: String,
+    slot: u8,
+    reply: Sender<VmReply>,
+    deadline: Instant,
 }
 
 /// A built VM, ready to run.
 pub struct Vmm {
-    config: VmConfig,
-    start: Instant,
-    // Kept alive for the VM's lifetime: the memory slots point into `ram`.
-    _vm: Vm,
-    _ram: GuestRam,
-    vcpus: Vec<Vcpu>,
-    exit: Arc<ExitState>,
-    serial: Arc<Mutex<SerialDevice>>,
-    _io_bus: Arc<Bus>,
-    _mmio_bus: Arc<Bus>,
-    _pci: PciDevices,
+    p: VmmParts,
+    handles: Vec<VcpuHandle>,
+    paused: bool,
+    removals: Vec<Removal>,
 }
 
 fn signal_fd() -> Result<OwnedFd, std::io::Error> {
@@ -107,21 +150,31 @@ fn signal_name(sig: i32) -> &'static str {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn option_error(e: OptionError) -> VmReply {
+    VmReply::error(400, format!("bad device: {e}"))
+}
+
+fn device_error(e: DeviceError) -> VmReply {
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    match e {
+        DeviceError::UnknownId(_) => VmReply::error(404, msg),
+        e if e.is_conflict() => VmReply::error(409, msg),
+        _ => VmReply::error(400, msg),
+    }
+}
+
 impl Vmm {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        config: VmConfig,
-        start: Instant,
-        vm: Vm,
-        ram: GuestRam,
-        vcpus: Vec<Vcpu>,
-        exit: Arc<ExitState>,
-        serial: Arc<Mutex<SerialDevice>>,
-        io_bus: Arc<Bus>,
-        mmio_bus: Arc<Bus>,
-        pci: PciDevices,
-    ) -> Self {
-        Self { config, start, _vm: vm, _ram: ram, vcpus, exit, serial, _io_bus: io_bus, _mmio_bus: mmio_bus, _pci: pci }
+    pub(crate) fn new(parts: VmmParts) -> Self {
+        Self { p: parts, handles: Vec::new(), paused: false, removals: Vec::new() }
     }
 
     /// Runs the VM until it stops; returns why.
@@ -131,74 +184,284 @@ impl Vmm {
         let add = |fd: RawFd, token: Token| {
             epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token as u64)).map_err(RunError::Epoll)
         };
-        add(self.exit.eventfd().as_raw_fd(), Token::Exit)?;
+        add(self.p.exit.eventfd().as_raw_fd(), Token::Exit)?;
         add(signals.as_raw_fd(), Token::Signal)?;
-        let mut stdin_open = self.config.serial == SerialConfig::Stdout && add(0, Token::Stdin).is_ok();
-
-        let _api = match &self.config.api_socket {
-            Some(path) => Some(
-                crate::api::ApiServer::start(
-                    path,
-                    crate::api::VmInfo::new(&self.config, self.start),
-                    self.exit.clone(),
-                )
-                .map_err(RunError::Api)?,
-            ),
+        add(lock(&self.p.pci_hotplug).eventfd().as_raw_fd(), Token::Eject)?;
+        if self.p.config.serial == SerialConfig::Stdout {
+            let _ = add(0, Token::Stdin);
+        }
+        let (api_tx, api_rx) = channel::<ApiCall>();
+        let api_wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(RunError::Epoll)?);
+        add(api_wake.as_raw_fd(), Token::Api)?;
+        let _api = match &self.p.config.api_socket {
+            Some(path) => Some(ApiServer::start(path, api_tx, api_wake.clone()).map_err(RunError::Api)?),
             None => None,
         };
 
-        let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        for (i, vcpu) in self.vcpus.drain(..).enumerate() {
-            let t = std::thread::Builder::new()
-                .name(format!("vcpu{i}"))
-                .spawn(move || vcpu.run())
-                .map_err(RunError::Thread)?;
-            threads.push(t);
+        for vcpu in std::mem::take(&mut self.p.vcpus) {
+            let h = VcpuHandle::spawn(vcpu, VcpuState::Running).map_err(RunError::Vcpu)?;
+            self.handles.push(h);
         }
 
+        let result = self.event_loop(&epoll, &signals, &api_rx, &api_wake);
+        self.finish_vcpus();
+        for r in self.removals.drain(..) {
+            let _ = r.reply.send(VmReply::error(503, "the VM stopped before the guest ejected the device"));
+        }
+        if let Ok(reason) = &result {
+            log::debug!("VM ended ({reason}); vCPUs joined, devices stopping");
+        }
+        result
+    }
+
+    fn event_loop(
+        &mut self,
+        epoll: &Epoll,
+        signals: &OwnedFd,
+        api_rx: &Receiver<ApiCall>,
+        api_wake: &EventFd,
+    ) -> Result<ExitReason, RunError> {
         let mut events = vec![EpollEvent::default(); 8];
-        let mut deadline: Option<Instant> = None;
+        let mut panic_deadline: Option<Instant> = None;
         loop {
-            let timeout = deadline.map_or(-1, |d| d.saturating_duration_since(Instant::now()).as_millis() as i32);
+            let next = self.removals.iter().map(|r| r.deadline).chain(panic_deadline).min();
+            let timeout = next.map_or(-1, |d| d.saturating_duration_since(Instant::now()).as_millis() as i32);
             let n = match epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(RunError::Epoll(e)),
             };
             for ev in &events[..n] {
-                match ev.data() {
-                    t if t == Token::Signal as u64 => {
-                        if let Some(sig) = read_signal(&signals) {
-                            self.exit.request(ExitReason::Stopped(format!("received {}", signal_name(sig))));
+                match Token::from_u64(ev.data()) {
+                    Some(Token::Signal) => {
+                        if let Some(sig) = read_signal(signals) {
+                            self.p.exit.request(ExitReason::Stopped(format!("received {}", signal_name(sig))));
                         }
                     }
-                    t if t == Token::Stdin as u64 => {
+                    Some(Token::Stdin) => {
                         let mut buf = [0u8; 64];
                         match std::io::stdin().lock().read(&mut buf) {
                             Ok(0) | Err(_) => {
                                 let _ = epoll.ctl(ControlOperation::Delete, 0, EpollEvent::default());
-                                stdin_open = false;
                             }
                             Ok(k) => {
-                                self.serial.lock().unwrap_or_else(|e| e.into_inner()).enqueue_input(&buf[..k]);
+                                lock(&self.p.serial).enqueue_input(&buf[..k]);
                             }
                         }
                     }
-                    _ => {
-                        let _ = self.exit.eventfd().read();
+                    Some(Token::Api) => {
+                        let _ = api_wake.read();
+                        while let Ok(call) = api_rx.try_recv() {
+                            if let Some(reply) = self.handle(call.request, &call.reply) {
+                                let _ = call.reply.send(reply);
+                            }
+                        }
+                    }
+                    Some(Token::Eject) => self.on_eject(),
+                    Some(Token::Exit) | None => {
+                        let _ = self.p.exit.eventfd().read();
                     }
                 }
             }
-            let _ = stdin_open;
-            match (self.exit.reason(), deadline) {
-                (Some(ExitReason::GuestPanic(_)), None) => deadline = Some(Instant::now() + PANIC_GRACE),
+            self.expire_removals();
+            match (self.p.exit.reason(), panic_deadline) {
+                (Some(ExitReason::GuestPanic(_)), None) => panic_deadline = Some(Instant::now() + PANIC_GRACE),
                 (Some(ExitReason::GuestPanic(_)), Some(d)) if Instant::now() < d => {}
                 (Some(reason), _) => {
-                    self.serial.lock().unwrap_or_else(|e| e.into_inner()).flush();
+                    lock(&self.p.serial).flush();
                     return Ok(reason);
                 }
                 (None, _) => {}
             }
         }
+    }
+
+    /// Tells every vCPU thread to end and joins it.
+    fn finish_vcpus(&mut self) {
+        for h in self.handles.drain(..) {
+            let id = h.id();
+            if let Err(e) = h.finish(VCPU_ANSWER) {
+                log::warn!("vCPU {id}: {e}; leaving its thread to the process's end");
+            }
+        }
+    }
+
+    /// Handles one API request; `None` when the answer comes later on
+    /// `reply` (a removal waits for the guest).
+    fn handle(&mut self, request: VmRequest, reply: &Sender<VmReply>) -> Option<VmReply> {
+        let busy = |what: &str| VmReply::error(409, format!("the VM is paused; resume it before {what}"));
+        Some(match request {
+            VmRequest::Ping => {
+                VmReply::json(&api_types::Ping { version: env!("CARGO_PKG_VERSION").into(), pid: std::process::id() })
+            }
+            VmRequest::Info => VmReply::json(&self.info()),
+            VmRequest::Counters => VmReply::json(&api_types::Counters {
+                vm_exits: self.p.counters.snapshot(),
+                devices: Default::default(),
+            }),
+            VmRequest::Pause => self.pause(),
+            VmRequest::Resume => self.resume(),
+            VmRequest::Shutdown if self.paused => busy("a shutdown"),
+            VmRequest::Shutdown => match lock(&self.p.ged).notify(event::POWER_BUTTON) {
+                Ok(()) => VmReply::done(),
+                Err(e) => VmReply::error(500, format!("cannot interrupt the guest: {e}")),
+            },
+            VmRequest::PowerOff => {
+                self.p.exit.request(ExitReason::Stopped("API power-off".into()));
+                VmReply::done()
+            }
+            VmRequest::AddDisk(_) | VmRequest::AddNet(_) | VmRequest::AddFs(_) | VmRequest::AddVsock(_)
+                if self.paused =>
+            {
+                busy("adding a device")
+            }
+            VmRequest::AddDisk(d) => self.hot_add(d.try_into().map(NewDevice::Disk)),
+            VmRequest::AddNet(n) => self.hot_add(n.try_into().map(NewDevice::Net)),
+            VmRequest::AddFs(f) => self.hot_add(f.try_into().map(NewDevice::Fs)),
+            VmRequest::AddVsock(v) => self.hot_add(v.try_into().map(NewDevice::Vsock)),
+            VmRequest::RemoveDevice(_) if self.paused => busy("removing a device"),
+            VmRequest::RemoveDevice(id) => return self.begin_removal(id, reply),
+            VmRequest::Resize(r) => self.resize(r),
+        })
+    }
+
+    fn info(&self) -> api_types::VmInfo {
+        let c = &self.p.config;
+        api_types::VmInfo {
+            version: env!("CARGO_PKG_VERSION").into(),
+            state: if self.paused { VmState::Paused } else { VmState::Running },
+            uptime_ms: self.p.start.elapsed().as_millis() as u64,
+            cpus: api_types::CpuInfo { boot: c.cpus, max: c.max_cpus, present: self.handles.len() as u8 },
+            memory: api_types::MemoryInfo {
+                boot_mib: c.memory_mib,
+                hotplug_mib: 0,
+                requested_mib: c.memory_mib,
+                plugged_mib: c.memory_mib,
+            },
+            devices: self.p.pci.infos(),
+        }
+    }
+
+    fn pause(&mut self) -> VmReply {
+        if self.paused {
+            return VmReply::done();
+        }
+        for i in 0..self.handles.len() {
+            if let Err(e) = self.handles[i].pause(VCPU_ANSWER) {
+                // Leave the VM as it was: running.
+                for h in &mut self.handles[..i] {
+                    let _ = h.resume(VCPU_ANSWER);
+                }
+                return VmReply::error(500, format!("cannot pause: {e}"));
+            }
+        }
+        self.paused = true;
+        log::info!("VM paused");
+        VmReply::done()
+    }
+
+    fn resume(&mut self) -> VmReply {
+        if !self.paused {
+            return VmReply::done();
+        }
+        for h in &mut self.handles {
+            if let Err(e) = h.resume(VCPU_ANSWER) {
+                return VmReply::error(500, format!("cannot resume: {e}"));
+            }
+        }
+        self.paused = false;
+        log::info!("VM resumed");
+        VmReply::done()
+    }
+
+    fn notify_pci(&self) -> Result<(), VmReply> {
+        lock(&self.p.ged)
+            .notify(event::PCI)
+            .map_err(|e| VmReply::error(500, format!("cannot interrupt the guest: {e}")))
+    }
+
+    fn hot_add(&mut self, new: Result<NewDevice, OptionError>) -> VmReply {
+        let new = match new {
+            Ok(n) => n,
+            Err(e) => return option_error(e),
+        };
+        let added = match self.p.pci.add(new, true) {
+            Ok(a) => a,
+            Err(e) => return device_error(e),
+        };
+        lock(&self.p.pci_hotplug).announce(added.slot);
+        if let Err(reply) = self.notify_pci() {
+            return reply;
+        }
+        VmReply::json(&added)
+    }
+
+    fn begin_removal(&mut self, id: String, reply: &Sender<VmReply>) -> Option<VmReply> {
+        let slot = match self.p.pci.begin_remove(&id) {
+            Ok(s) => s,
+            Err(e) => return Some(device_error(e)),
+        };
+        lock(&self.p.pci_hotplug).request_eject(slot);
+        if let Err(r) = self.notify_pci() {
+            self.p.pci.abort_remove(&id);
+            return Some(r);
+        }
+        log::info!("asked the guest to eject '{id}' (slot {slot})");
+        let deadline = Instant::now() + EJECT_TIMEOUT;
+        self.removals.push(Removal { id, slot, reply: reply.clone(), deadline });
+        None
+    }
+
+    /// The guest ejected one or more slots: unplug them, answer waiters.
+    fn on_eject(&mut self) {
+        let mut hp = lock(&self.p.pci_hotplug);
+        let _ = hp.eventfd().read();
+        let slots = hp.take_ejected();
+        drop(hp);
+        for slot in (1..32u8).filter(|s| slots & (1 << s) != 0) {
+            let removed = self.p.pci.finish_remove(slot);
+            let waiting = self.removals.iter().position(|r| r.slot == slot);
+            match (removed, waiting) {
+                (_, Some(i)) => {
+                    let _ = self.removals.swap_remove(i).reply.send(VmReply::done());
+                }
+                (Some(id), None) => log::info!("the guest ejected '{id}' (slot {slot}) by itself"),
+                (None, None) => log::debug!("the guest ejected empty slot {slot}"),
+            }
+        }
+    }
+
+    fn expire_removals(&mut self) {
+        let now = Instant::now();
+        while let Some(i) = self.removals.iter().position(|r| r.deadline <= now) {
+            let r = self.removals.swap_remove(i);
+            self.p.pci.abort_remove(&r.id);
+            let msg = format!(
+                "the guest did not eject '{}' (slot {}) within {} s; the device stays",
+                r.id,
+                r.slot,
+                EJECT_TIMEOUT.as_secs()
+            );
+            log::warn!("{msg}");
+            let _ = r.reply.send(VmReply::error(504, msg));
+        }
+    }
+
+    fn resize(&mut self, r: api_types::Resize) -> VmReply {
+        let c = &self.p.config;
+        if let Some(n) = r.vcpus {
+            if n == 0 || n > c.max_cpus {
+                return VmReply::error(409, format!("{n} vCPUs: this VM can have 1 to {} (--cpus max=)", c.max_cpus));
+            }
+            if usize::from(n) != self.handles.len() {
+                return VmReply::error(409, "vCPU hot-plug is not available in this build");
+            }
+        }
+        if let Some(m) = r.memory_mib {
+            if m != c.memory_mib {
+                return VmReply::error(409, format!("{m} MiB: this VM has no memory hot-plug region"));
+            }
+        }
+        VmReply::done()
     }
 }

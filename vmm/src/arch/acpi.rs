@@ -50,7 +50,8 @@ pub struct AcpiExtras {
     pub tables: Vec<Vec<u8>>,
 }
 
-struct RawAml<'a>(&'a [u8]);
+/// AML bytes made elsewhere, placed as they are.
+pub(crate) struct RawAml<'a>(pub &'a [u8]);
 
 impl Aml for RawAml<'_> {
     fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {

@@ -70,6 +70,16 @@ pub fn pci_mmio64(mem_size: u64) -> (u64, u64) {
     (ram_end.next_multiple_of(1 << 30), PCI_MMIO64_SIZE)
 }
 
+/// Platform devices of the VMM (below the IOAPIC): the ACPI Generic Event
+/// Device's register.
+pub const GED_START: u64 = 0xfe00_0000;
+/// The ACPI PCI hot-plug registers.
+pub const PCI_HOTPLUG_START: u64 = 0xfe00_1000;
+/// The ACPI CPU hot-plug registers.
+pub const CPU_HOTPLUG_START: u64 = 0xfe00_2000;
+/// GSI of the Generic Event Device (an IOAPIC pin nothing else uses).
+pub const GED_IRQ: u32 = 5;
+
 /// The IOAPIC's MMIO base.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// The local APICs' MMIO base.

@@ -2,22 +2,24 @@
 //! [`BOOT_COMPLETE_MAGIC`] to [`crate::arch::layout::BOOT_DEBUG_PORT`] when
 //! it considers itself booted, and the VMM logs the time since it started.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use vm_device::BusDevice;
 
 use crate::arch::layout::BOOT_COMPLETE_MAGIC;
-use crate::vstate::vcpu::exit_count;
+use crate::vstate::vcpu::ExitCounters;
 
 /// Logs the boot time once per magic write.
 pub struct BootTimer {
     start: Instant,
+    counters: Arc<ExitCounters>,
 }
 
 impl BootTimer {
     /// `start` is when the VMM process started.
-    pub fn new(start: Instant) -> Self {
-        Self { start }
+    pub fn new(start: Instant, counters: Arc<ExitCounters>) -> Self {
+        Self { start, counters }
     }
 }
 
@@ -33,7 +35,7 @@ impl BusDevice for BootTimer {
                 "guest boot complete: {}.{:03} ms after VMM start, {} VM exits to the VMM",
                 us / 1000,
                 us % 1000,
-                exit_count()
+                self.counters.total()
             );
         }
     }

@@ -1,5 +1,6 @@
-//! Legacy devices on the port-I/O bus: COM1, the i8042 reset line, the
-//! boot-complete debug port and the ACPI power registers.
+//! Platform devices: on the port-I/O bus COM1, the i8042 reset line, the
+//! boot-complete debug port and the ACPI power registers; on the MMIO bus
+//! the ACPI Generic Event Device and the hot-plug controllers.
 //!
 //! Each is a [`vm_device::BusDevice`]. None of them blocks: what they must
 //! tell the rest of the VMM (the guest powered off, asked for a reset,
@@ -7,5 +8,7 @@
 
 pub mod acpi_pm;
 pub mod boot_timer;
+pub mod ged;
 pub mod i8042;
+pub mod pci_hotplug;
 pub mod serial;

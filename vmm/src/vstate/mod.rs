@@ -3,4 +3,5 @@
 
 pub mod report;
 pub mod vcpu;
+pub mod vcpu_thread;
 pub mod vm;

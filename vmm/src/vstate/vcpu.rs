@@ -1,10 +1,9 @@
-//! vCPUs: creation, initial state, and the run loop on each vCPU's thread.
-//!
-//! A vCPU thread runs `KVM_RUN` until an exit needs the VMM: port and MMIO
-//! accesses go to the buses, system events and failures end the VM through
-//! [`ExitState`]. The loop returns when the vCPU cannot go on; the main
-//! loop ends the process, which stops the other vCPUs.
+//! vCPUs: creation, initial state, and one `KVM_RUN` with the dispatch of
+//! its exit. Port and MMIO accesses go to the buses; system events and
+//! failures become an [`ExitReason`]. The thread that runs a vCPU, and how
+//! the VMM pauses, resumes and stops it, is [`super::vcpu_thread`].
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -20,12 +19,51 @@ use crate::arch::msr::boot_msrs;
 use crate::arch::regs::{boot_fpu, boot_regs, set_lint, setup_sregs, BootEntry, RegsError};
 use crate::exit::{ExitReason, ExitState};
 
-static EXITS: AtomicU64 = AtomicU64::new(0);
+/// VM exits handled by the VMM, by kind, all vCPUs of a VM together. Exits
+/// KVM handles in the kernel are not counted.
+#[derive(Debug, Default)]
+pub struct ExitCounters {
+    io_in: AtomicU64,
+    io_out: AtomicU64,
+    mmio_read: AtomicU64,
+    mmio_write: AtomicU64,
+    other: AtomicU64,
+}
 
-/// VM exits handled by the VMM (port/MMIO accesses and events) so far, all
-/// vCPUs together. Exits KVM handles in the kernel are not counted.
-pub fn exit_count() -> u64 {
-    EXITS.load(Ordering::Relaxed)
+impl ExitCounters {
+    /// The counts by name, for the control API.
+    pub fn snapshot(&self) -> BTreeMap<String, u64> {
+        [
+            ("io_in", &self.io_in),
+            ("io_out", &self.io_out),
+            ("mmio_read", &self.mmio_read),
+            ("mmio_write", &self.mmio_write),
+            ("other", &self.other),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.load(Ordering::Relaxed)))
+        .collect()
+    }
+
+    /// All exits together.
+    pub fn total(&self) -> u64 {
+        self.snapshot().values().sum()
+    }
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What one `KVM_RUN` came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// The exit was handled; run again.
+    Continue,
+    /// `KVM_RUN` was interrupted (a kick): look at the thread's requests.
+    Interrupted,
+    /// The VM must stop.
+    Stop(ExitReason),
 }
 
 /// Errors while creating or configuring a vCPU.
@@ -44,29 +82,50 @@ pub enum VcpuError {
     Regs(#[source] RegsError),
 }
 
+/// What every vCPU of a VM shares: the buses its exits go to, the exit
+/// slot, the counters, and guest RAM (to tell in a failure report whether
+/// an address is RAM).
+#[derive(Clone)]
+pub struct VcpuContext {
+    pub io_bus: Arc<Bus>,
+    pub mmio_bus: Arc<Bus>,
+    pub exit: Arc<ExitState>,
+    pub counters: Arc<ExitCounters>,
+    pub mem: GuestMemoryMmap,
+}
+
 /// One vCPU and what its exits are dispatched to.
 pub struct Vcpu {
     id: u8,
     fd: VcpuFd,
-    io_bus: Arc<Bus>,
-    mmio_bus: Arc<Bus>,
-    exit: Arc<ExitState>,
-    /// Guest RAM, to tell in a failure report whether an address is RAM.
-    mem: GuestMemoryMmap,
+    ctx: VcpuContext,
 }
 
 impl Vcpu {
     /// Creates vCPU `id`.
-    pub fn new(
-        vm: &Vm,
-        id: u8,
-        io_bus: Arc<Bus>,
-        mmio_bus: Arc<Bus>,
-        exit: Arc<ExitState>,
-        mem: GuestMemoryMmap,
-    ) -> Result<Self, VcpuError> {
+    pub fn new(vm: &Vm, id: u8, ctx: VcpuContext) -> Result<Self, VcpuError> {
         let fd = vm.fd().create_vcpu(u64::from(id)).map_err(|source| VcpuError::Kvm { id, what: "create", source })?;
-        Ok(Self { id, fd, io_bus, mmio_bus, exit, mem })
+        Ok(Self { id, fd, ctx })
+    }
+
+    /// The vCPU's id (its APIC ID).
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// The `kvm_run` area, for the kick signal handler.
+    pub(super) fn kvm_run_ptr(&mut self) -> *mut kvm_bindings::kvm_run {
+        self.fd.get_kvm_run()
+    }
+
+    /// Records why the VM must stop and wakes the main loop.
+    pub(super) fn request_exit(&self, reason: ExitReason) {
+        self.ctx.exit.request(reason);
+    }
+
+    /// Clears `immediate_exit` after a kick was seen.
+    pub(super) fn clear_immediate_exit(&mut self) {
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     fn kvm(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError + '_ {
@@ -104,59 +163,66 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Runs the vCPU until it cannot go on; the reason is in `ExitState`.
-    pub fn run(mut self) {
-        loop {
-            if let Some(reason) = self.run_once() {
-                self.exit.request(reason);
-                return;
-            }
+    /// One `KVM_RUN` and the handling of its exit.
+    pub fn run_once(&mut self) -> RunOutcome {
+        match self.step() {
+            Ok(None) => RunOutcome::Continue,
+            Ok(Some(reason)) => RunOutcome::Stop(reason),
+            Err(()) => RunOutcome::Interrupted,
         }
     }
 
-    /// One `KVM_RUN`. Returns why the VM must stop, if it must.
-    fn run_once(&mut self) -> Option<ExitReason> {
+    /// `Err(())`: interrupted; `Ok(Some(_))`: the VM must stop.
+    fn step(&mut self) -> Result<Option<ExitReason>, ()> {
         let id = self.id;
         let exit = match self.fd.run() {
             Ok(exit) => exit,
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return None,
-            Err(e) => return Some(ExitReason::Error(format!("vCPU {id}: KVM_RUN failed: {e}"))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Err(()),
+            Err(e) => return Ok(Some(ExitReason::Error(format!("vCPU {id}: KVM_RUN failed: {e}")))),
         };
-        EXITS.fetch_add(1, Ordering::Relaxed);
-        match exit {
+        let c = &self.ctx.counters;
+        Ok(match exit {
             VcpuExit::IoIn(port, data) => {
-                if !self.io_bus.read(u64::from(port), data) {
+                bump(&c.io_in);
+                if !self.ctx.io_bus.read(u64::from(port), data) {
                     data.fill(0xff);
                 }
                 None
             }
             VcpuExit::IoOut(port, data) => {
-                if !self.io_bus.write(u64::from(port), data) {
+                bump(&c.io_out);
+                if !self.ctx.io_bus.write(u64::from(port), data) {
                     log::trace!("vCPU {id}: write to unclaimed port {port:#x}");
                 }
                 None
             }
             VcpuExit::MmioRead(addr, data) => {
-                if !self.mmio_bus.read(addr, data) {
+                bump(&c.mmio_read);
+                if !self.ctx.mmio_bus.read(addr, data) {
                     data.fill(0xff);
                 }
                 None
             }
             VcpuExit::MmioWrite(addr, data) => {
-                if !self.mmio_bus.write(addr, data) {
+                bump(&c.mmio_write);
+                if !self.ctx.mmio_bus.write(addr, data) {
                     log::debug!("vCPU {id}: write to unclaimed MMIO address {addr:#x}");
                 }
                 None
             }
             // With the in-kernel LAPIC, HLT is handled by KVM; an exit here
             // only means the vCPU may run again.
-            VcpuExit::Hlt | VcpuExit::IrqWindowOpen => None,
+            VcpuExit::Hlt | VcpuExit::IrqWindowOpen => {
+                bump(&c.other);
+                None
+            }
             VcpuExit::Shutdown => {
+                bump(&c.other);
                 let (regs, sregs) = (self.fd.get_regs().ok(), self.fd.get_sregs().ok());
                 let mut text = describe_shutdown(id, regs.as_ref(), sregs.as_ref());
                 if let (Some(r), Some(sr)) = (&regs, &sregs) {
                     text.push_str("\n  ");
-                    text.push_str(&describe_code_at(&self.mem, sr, r.rip));
+                    text.push_str(&describe_code_at(&self.ctx.mem, sr, r.rip));
                 }
                 Some(ExitReason::Error(text))
             }
@@ -166,10 +232,10 @@ impl Vcpu {
             VcpuExit::InternalError => {
                 let err = InternalError::from_run(self.fd.get_kvm_run());
                 let (regs, sregs) = (self.fd.get_regs().ok(), self.fd.get_sregs().ok());
-                let mut text = describe_internal_error(id, &err, regs.as_ref(), sregs.as_ref(), &self.mem);
+                let mut text = describe_internal_error(id, &err, regs.as_ref(), sregs.as_ref(), &self.ctx.mem);
                 if let (Some(r), Some(sr)) = (&regs, &sregs) {
                     text.push_str("\n  ");
-                    text.push_str(&describe_code_at(&self.mem, sr, r.rip));
+                    text.push_str(&describe_code_at(&self.ctx.mem, sr, r.rip));
                 }
                 if crate::vstate::vm::host_is_pvm() {
                     text.push_str(
@@ -185,6 +251,6 @@ impl Vcpu {
                 other => Some(ExitReason::Error(format!("vCPU {id}: unknown system event {other}"))),
             },
             other => Some(ExitReason::Error(format!("vCPU {id}: unhandled VM exit {other:?}"))),
-        }
+        })
     }
 }

@@ -59,3 +59,50 @@ fn bundle_directory_is_private_and_rootfs_is_the_guests() {
     let cached = cached_rootfs(&store, &rec, &opts).unwrap();
     assert_eq!(mode(&cached), 0o755);
 }
+
+#[test]
+fn a_special_or_huge_passwd_is_a_clear_error_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "fifo",
+            Layer::new()
+                .dir("etc", 0o755)
+                .fifo("etc/passwd", 0o644)
+                .finish(),
+        ),
+        (
+            "huge",
+            Layer::new()
+                .dir("etc", 0o755)
+                .sparse("etc/group", 1 << 30)
+                .finish(),
+        ),
+    ];
+    for (i, (what, l)) in cases.into_iter().enumerate() {
+        let (store, rec) = image(&dir.path().join(what), &[l], "www");
+        let dest = dir.path().join(format!("bundle{i}"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let opts = UnpackOptions::default();
+            let r = write_bundle(&store, &rec, &dest, &Overrides::default(), &opts, None);
+            let _ = tx.send(r.map(|_| ()).map_err(|e| {
+                let mut s = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(x) = src {
+                    s += &format!(": {x}");
+                    src = x.source();
+                }
+                s
+            }));
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("{what}: bundle creation hung"));
+        let e = r.unwrap_err();
+        assert!(
+            e.contains("etc/") && (e.contains("not a regular file") || e.contains("limit")),
+            "{what}: {e}"
+        );
+    }
+}

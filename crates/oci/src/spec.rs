@@ -28,6 +28,16 @@ pub enum SpecError {
     /// A `user` field that is not `user`, `uid`, `user:group` or `uid:gid`.
     #[error("malformed user {0:?}")]
     BadUser(String),
+    /// The image's `/etc/passwd` or `/etc/group` exists but cannot be used
+    /// (not a regular file, too large, not UTF-8, a symlink loop).
+    #[error("reading the image's /{path}")]
+    ImageFile {
+        /// `etc/passwd` or `etc/group`.
+        path: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// An environment entry without `=`.
     #[error("malformed environment entry {0:?} (KEY=value expected)")]
     BadEnv(String),
@@ -176,6 +186,16 @@ pub fn resolve_user(spec: &str, passwd: &str, group: &str) -> Result<User, SpecE
     Ok(user)
 }
 
+/// A file of the image read safely ([`crate::unpack::read_in_root`]); one
+/// that is absent reads as empty.
+fn image_file(rootfs: &Path, path: &'static str) -> Result<String, SpecError> {
+    match crate::unpack::read_in_root(rootfs, Path::new(path)) {
+        Ok(s) => Ok(s),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(source) => Err(SpecError::ImageFile { path, source }),
+    }
+}
+
 fn parse_db(text: &str, fields: usize) -> Vec<Vec<&str>> {
     text.lines()
         .map(str::trim)
@@ -199,8 +219,8 @@ pub fn run_spec(
         other => other?,
     };
     let user_spec = over.user.clone().or(cc.user.clone()).unwrap_or_default();
-    let passwd = crate::unpack::read_in_root(rootfs, Path::new("etc/passwd")).unwrap_or_default();
-    let group = crate::unpack::read_in_root(rootfs, Path::new("etc/group")).unwrap_or_default();
+    let passwd = image_file(rootfs, "etc/passwd")?;
+    let group = image_file(rootfs, "etc/group")?;
     let user = resolve_user(&user_spec, &passwd, &group)?;
     let mut env: Vec<String> = Vec::new();
     for e in cc.env.iter().flatten().chain(&over.env) {
@@ -468,6 +488,15 @@ mod tests {
         // A passwd that is a symlink out of the rootfs is read inside it.
         std::fs::remove_file(dir.path().join("etc/passwd")).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", dir.path().join("etc/passwd")).unwrap();
+        // Inside the rootfs that link points at itself: a loop, said so.
+        let e = run_spec(&cfg, dir.path(), &over).unwrap_err();
+        assert!(
+            matches!(&e, SpecError::ImageFile { source, .. } if source.raw_os_error() == Some(libc::ELOOP)),
+            "{e:?}"
+        );
+        // One to a host file the rootfs lacks finds nothing.
+        std::fs::remove_file(dir.path().join("etc/passwd")).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", dir.path().join("etc/passwd")).unwrap();
         let e = run_spec(&cfg, dir.path(), &over).unwrap_err();
         assert!(matches!(e, SpecError::NoUser(_)), "{e}");
     }

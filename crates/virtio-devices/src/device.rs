@@ -103,13 +103,12 @@ pub trait VirtioDevice: Send {
     /// Reads device-specific configuration at `offset`; bytes beyond the
     /// configuration read as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Writes device-specific configuration. Most devices ignore writes.
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        log::warn!(
-            "virtio device type {}: ignored config write at {offset:#x} ({} bytes)",
-            self.device_type(),
-            data.len()
-        );
+    /// Writes device-specific configuration; returns whether the device
+    /// took the write (the transport logs ignored ones, rate-limited). Most
+    /// devices ignore writes.
+    fn write_config(&mut self, offset: u64, data: &[u8]) -> bool {
+        let _ = (offset, data);
+        false
     }
     /// Starts the device with the queues the driver made ready.
     fn activate(

@@ -18,6 +18,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
 
 use crate::block::request::{handle_request, Disk};
 use crate::pci::PciDevice;
+use crate::ratelimit::LogLimiter;
 use crate::rng::Rng;
 use crate::transport::VirtioPciDevice;
 use crate::vsock::muxer::Muxer;
@@ -71,7 +72,8 @@ fn memfd(len: u64) -> File {
 
 /// virtio-rng request queue.
 pub fn rng(data: &[u8]) {
-    run_chains(data, crate::rng::fill_chain);
+    let log = LogLimiter::new("fuzz");
+    run_chains(data, |mem, chain| crate::rng::fill_chain(mem, chain, &log));
 }
 
 /// virtio-blk request queue against a 64 KiB disk.
@@ -82,20 +84,23 @@ pub fn block(data: &[u8]) {
         readonly: data.first().is_some_and(|b| b & 1 != 0),
         serial: Some(b"fuzz".to_vec()),
     };
-    run_chains(data, |mem, chain| handle_request(mem, chain, &disk));
+    let log = LogLimiter::new("fuzz");
+    run_chains(data, |mem, chain| handle_request(mem, chain, &disk, &log));
 }
 
 /// virtio-net transmit queue.
 pub fn net_tx(data: &[u8]) {
+    let log = LogLimiter::new("fuzz");
     run_chains(data, |mem, chain| {
-        crate::net::read_tx_frame(mem, chain).map_or(0, |f| f.len() as u32)
+        crate::net::read_tx_frame(mem, chain, &log).map_or(0, |f| f.len() as u32)
     });
 }
 
 /// virtio-console transmit queue.
 pub fn console_tx(data: &[u8]) {
+    let log = LogLimiter::new("fuzz");
     run_chains(data, |mem, chain| {
-        crate::console::read_tx_chain(mem, chain).map_or(0, |t| t.len() as u32)
+        crate::console::read_tx_chain(mem, chain, &log).map_or(0, |t| t.len() as u32)
     });
 }
 

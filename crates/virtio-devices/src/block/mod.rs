@@ -22,6 +22,7 @@ use vmm_sys_util::epoll::EventSet;
 use crate::device::{
     read_config_bytes, take_queue, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
 };
+use crate::ratelimit::LogLimiter;
 use crate::worker::{
     drain_eventfd, spawn_worker, EpollCtx, EpollHandler, WorkerError, WorkerHandle, WorkerQueue,
 };
@@ -68,6 +69,7 @@ pub struct BlockConfig {
 /// The virtio-blk device.
 pub struct Block {
     disk: Arc<Disk>,
+    log: Arc<LogLimiter>,
     config: [u8; 24],
     acked_features: u64,
     worker: Option<WorkerHandle>,
@@ -119,6 +121,10 @@ impl Block {
                 readonly: cfg.readonly,
                 serial: cfg.serial.as_ref().map(|s| s.as_bytes().to_vec()),
             }),
+            log: Arc::new(LogLimiter::new(format!(
+                "virtio-blk {}",
+                cfg.path.display()
+            ))),
             config,
             acked_features: 0,
             worker: None,
@@ -170,6 +176,7 @@ impl VirtioDevice for Block {
             interrupt,
             queue: queue.into(),
             disk: self.disk.clone(),
+            log: self.log.clone(),
         };
         let worker = spawn_worker("virtio-blk", handler)?;
         self.worker = Some(worker);
@@ -202,6 +209,7 @@ struct BlockHandler {
     interrupt: Arc<dyn VirtioInterrupt>,
     queue: WorkerQueue,
     disk: Arc<Disk>,
+    log: Arc<LogLimiter>,
 }
 
 impl EpollHandler for BlockHandler {
@@ -223,10 +231,10 @@ impl EpollHandler for BlockHandler {
             Some(Token::Queue) => {
                 drain_eventfd(&self.queue.event);
                 let mem = self.mem.memory();
-                let disk = &self.disk;
+                let (disk, log) = (&self.disk, &*self.log);
                 let irq = self.interrupt.as_ref();
                 self.queue.serve(ctx, "virtio-blk", irq, |q| {
-                    q.process(&mem, irq, |chain| handle_request(&mem, chain, disk))
+                    q.process(&mem, irq, |chain| handle_request(&mem, chain, disk, log))
                         .map(drop)
                 })?;
             }

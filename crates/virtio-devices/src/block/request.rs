@@ -89,36 +89,55 @@ pub fn handle_request(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
     disk: &Disk,
+    log: &crate::ratelimit::LogLimiter,
 ) -> u32 {
     let reader = Reader::new(mem, chain.clone());
     let writer = Writer::new(mem, chain);
     let (mut reader, mut writer) = match (reader, writer) {
         (Ok(r), Ok(w)) => (r, w),
         (Err(e), _) | (_, Err(e)) => {
-            log::warn!("virtio-blk: {}", RequestError::Chain(e));
+            crate::guest_log!(
+                log,
+                log::Level::Warn,
+                "virtio-blk: {}",
+                RequestError::Chain(e)
+            );
             return 0;
         }
     };
     if writer.available_bytes() == 0 {
-        log::warn!("virtio-blk: request without status byte");
+        crate::guest_log!(
+            log,
+            log::Level::Warn,
+            "virtio-blk: request without status byte"
+        );
         return 0;
     }
     let data_len = writer.available_bytes() - 1;
     let mut status_writer = match writer.split_at(data_len) {
         Ok(s) => s,
         Err(e) => {
-            log::warn!("virtio-blk: {}", RequestError::Chain(e));
+            crate::guest_log!(
+                log,
+                log::Level::Warn,
+                "virtio-blk: {}",
+                RequestError::Chain(e)
+            );
             return 0;
         }
     };
     let status = match execute(&mut reader, &mut writer, disk) {
         Ok(()) => VIRTIO_BLK_S_OK,
         Err(RequestError::Unsupported(t)) => {
-            log::debug!("virtio-blk: unsupported request type {t}");
+            crate::guest_log!(
+                log,
+                log::Level::Debug,
+                "virtio-blk: unsupported request type {t}"
+            );
             VIRTIO_BLK_S_UNSUPP
         }
         Err(e) => {
-            log::warn!("virtio-blk: {e}");
+            crate::guest_log!(log, log::Level::Warn, "virtio-blk: {e}");
             VIRTIO_BLK_S_IOERR
         }
     };

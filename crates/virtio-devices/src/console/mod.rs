@@ -20,6 +20,7 @@ use vmm_sys_util::epoll::EventSet;
 use crate::device::{
     read_config_bytes, take_queue, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
 };
+use crate::ratelimit::LogLimiter;
 use crate::worker::{
     drain_eventfd, next_chain, signal_used_queue, spawn_worker, EpollCtx, EpollHandler,
     WorkerError, WorkerHandle, WorkerQueue, CHAIN_BUDGET,
@@ -75,6 +76,7 @@ enum Backend {
 
 /// The virtio-console device.
 pub struct Console {
+    log: Arc<LogLimiter>,
     backend: Backend,
     acked_features: u64,
     worker: Option<WorkerHandle>,
@@ -97,6 +99,7 @@ impl Console {
             ConsoleOutput::Socket(path) => Backend::Socket(bind(path)?),
         };
         Ok(Console {
+            log: Arc::new(LogLimiter::new("virtio-console")),
             backend,
             acked_features: 0,
             worker: None,
@@ -129,6 +132,7 @@ impl Console {
             out,
             input: Vec::new(),
             client_events: EventSet::empty(),
+            log: self.log.clone(),
         })
     }
 }
@@ -222,17 +226,18 @@ struct ConsoleHandler {
     /// Client input not yet given to the guest.
     input: Vec<u8>,
     client_events: EventSet,
+    log: Arc<LogLimiter>,
 }
 
 impl ConsoleHandler {
     fn process_tx(&mut self, ctx: &EpollCtx) -> Result<(), WorkerError> {
         let mem = self.mem.memory();
-        let out = &mut self.out;
+        let (out, log) = (&mut self.out, &*self.log);
         let irq = self.interrupt.as_ref();
         self.tx.serve(ctx, "virtio-console", irq, |q| {
             q.process(&mem, irq, |chain| {
-                if let Some(text) = read_tx_chain(&mem, chain) {
-                    write_output(out, &text);
+                if let Some(text) = read_tx_chain(&mem, chain, log) {
+                    write_output(out, &text, log);
                 }
                 0
             })
@@ -248,7 +253,7 @@ impl ConsoleHandler {
         }
         let mem = self.mem.memory();
         let irq = self.interrupt.as_ref();
-        let input = &mut self.input;
+        let (input, log) = (&mut self.input, &*self.log);
         self.rx.serve(ctx, "virtio-console", irq, |q| {
             let mut used = 0;
             while !input.is_empty() {
@@ -260,7 +265,7 @@ impl ConsoleHandler {
                     break;
                 };
                 let head = chain.head_index();
-                let len = write_input(&mem, chain, input);
+                let len = write_input(&mem, chain, input, log);
                 q.queue
                     .add_used(&*mem, head, len)
                     .map_err(WorkerError::Queue)?;
@@ -366,17 +371,18 @@ fn write_input(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
     input: &mut Vec<u8>,
+    log: &LogLimiter,
 ) -> u32 {
     let mut w = match Writer::new(mem, chain) {
         Ok(w) => w,
         Err(e) => {
-            log::warn!("virtio-console: bad rx chain: {e}");
+            crate::guest_log!(log, log::Level::Warn, "virtio-console: bad rx chain: {e}");
             return 0;
         }
     };
     let n = w.available_bytes().min(input.len());
     if let Err(e) = w.write_all(&input[..n]) {
-        log::warn!("virtio-console: {e}");
+        crate::guest_log!(log, log::Level::Warn, "virtio-console: {e}");
         return 0;
     }
     input.drain(..n);
@@ -387,11 +393,12 @@ fn write_input(
 pub fn read_tx_chain(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
+    log: &LogLimiter,
 ) -> Option<Vec<u8>> {
     let mut reader = match Reader::new(mem, chain) {
         Ok(r) => r,
         Err(e) => {
-            log::warn!("virtio-console: bad tx chain: {e}");
+            crate::guest_log!(log, log::Level::Warn, "virtio-console: bad tx chain: {e}");
             return None;
         }
     };
@@ -399,7 +406,7 @@ pub fn read_tx_chain(
     match reader.read_exact(&mut buf) {
         Ok(()) => Some(buf),
         Err(e) => {
-            log::warn!("virtio-console: {e}");
+            crate::guest_log!(log, log::Level::Warn, "virtio-console: {e}");
             None
         }
     }
@@ -421,11 +428,11 @@ fn flush_pending(stream: &mut UnixStream, pending: &mut VecDeque<u8>) -> io::Res
     Ok(())
 }
 
-fn write_output(out: &mut Output, data: &[u8]) {
+fn write_output(out: &mut Output, data: &[u8], log: &LogLimiter) {
     match out {
         Output::File(f) => {
             if let Err(e) = f.write_all(data) {
-                log::warn!("virtio-console: output file: {e}");
+                crate::guest_log!(log, log::Level::Warn, "virtio-console: output file: {e}");
             }
         }
         Output::Socket {
@@ -434,7 +441,9 @@ fn write_output(out: &mut Output, data: &[u8]) {
             let Some(stream) = client else { return };
             let room = MAX_PENDING_OUTPUT - pending.len();
             if data.len() > room {
-                log::debug!(
+                crate::guest_log!(
+                    log,
+                    log::Level::Debug,
                     "virtio-console: client too slow, {} bytes dropped",
                     data.len() - room
                 );

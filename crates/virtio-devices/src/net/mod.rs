@@ -17,6 +17,7 @@ use vmm_sys_util::epoll::EventSet;
 use crate::device::{
     read_config_bytes, take_queue, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
 };
+use crate::ratelimit::LogLimiter;
 use crate::worker::{
     drain_eventfd, next_chain, signal_used_queue, spawn_worker, EpollCtx, EpollHandler,
     WorkerError, WorkerHandle, WorkerQueue, CHAIN_BUDGET,
@@ -67,6 +68,7 @@ pub fn generated_mac(seed: u32) -> [u8; 6] {
 
 /// The virtio-net device.
 pub struct Net {
+    log: Arc<LogLimiter>,
     backend: File,
     mac: [u8; 6],
     acked_features: u64,
@@ -94,6 +96,7 @@ impl Net {
     /// 12-byte virtio-net header) per read and write.
     pub fn with_backend(backend: File, mac: [u8; 6]) -> Self {
         Net {
+            log: Arc::new(LogLimiter::new("virtio-net")),
             backend,
             mac,
             acked_features: 0,
@@ -124,6 +127,7 @@ impl Net {
             tap_watched: true,
             tap_gone: false,
             dropped: 0,
+            log: self.log.clone(),
         })
     }
 }
@@ -198,6 +202,7 @@ struct NetHandler {
     /// The backend returned end-of-file.
     tap_gone: bool,
     dropped: u64,
+    log: Arc<LogLimiter>,
 }
 
 /// The frame (with its virtio-net header) in a TX chain, if the chain is
@@ -205,22 +210,27 @@ struct NetHandler {
 pub fn read_tx_frame(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
+    log: &LogLimiter,
 ) -> Option<Vec<u8>> {
     let mut reader = match Reader::new(mem, chain) {
         Ok(r) => r,
         Err(e) => {
-            log::warn!("virtio-net: bad tx chain: {e}");
+            crate::guest_log!(log, log::Level::Warn, "virtio-net: bad tx chain: {e}");
             return None;
         }
     };
     let len = reader.available_bytes();
     if !(VNET_HDR_LEN..=MAX_FRAME).contains(&len) {
-        log::debug!("virtio-net: tx frame of {len} bytes dropped");
+        crate::guest_log!(
+            log,
+            log::Level::Debug,
+            "virtio-net: tx frame of {len} bytes dropped"
+        );
         return None;
     }
     let mut frame = vec![0u8; len];
     if let Err(e) = reader.read_exact(&mut frame) {
-        log::warn!("virtio-net: {e}");
+        crate::guest_log!(log, log::Level::Warn, "virtio-net: {e}");
         return None;
     }
     Some(frame)
@@ -232,22 +242,28 @@ fn write_frame(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
     frame: &[u8],
+    log: &LogLimiter,
 ) -> u32 {
     let mut w = match Writer::new(mem, chain) {
         Ok(w) => w,
         Err(e) => {
-            log::warn!("virtio-net: bad rx chain: {e}");
+            crate::guest_log!(log, log::Level::Warn, "virtio-net: bad rx chain: {e}");
             return 0;
         }
     };
     if w.available_bytes() < frame.len() {
-        log::debug!("virtio-net: rx buffer too small for {} bytes", frame.len());
+        crate::guest_log!(
+            log,
+            log::Level::Debug,
+            "virtio-net: rx buffer too small for {} bytes",
+            frame.len()
+        );
         return 0;
     }
     match w.write_all(frame) {
         Ok(()) => frame.len() as u32,
         Err(e) => {
-            log::warn!("virtio-net: {e}");
+            crate::guest_log!(log, log::Level::Warn, "virtio-net: {e}");
             0
         }
     }
@@ -300,17 +316,17 @@ enum Delivery {
 impl NetHandler {
     fn process_tx(&mut self, ctx: &EpollCtx) -> Result<(), WorkerError> {
         let mem = self.mem.memory();
-        let (tap, dropped) = (&mut self.tap, &mut self.dropped);
+        let (tap, dropped, log) = (&mut self.tap, &mut self.dropped, &*self.log);
         let irq = self.interrupt.as_ref();
         self.tx.serve(ctx, "virtio-net", irq, |q| {
             q.process(&mem, irq, |chain| {
-                let Some(frame) = read_tx_frame(&mem, chain) else {
+                let Some(frame) = read_tx_frame(&mem, chain, log) else {
                     *dropped += 1;
                     return 0;
                 };
                 if let Err(e) = tap.write(&frame) {
                     // A full tap queue drops the frame, as a NIC would.
-                    log::debug!("virtio-net: tap write: {e}");
+                    crate::guest_log!(log, log::Level::Debug, "virtio-net: tap write: {e}");
                     *dropped += 1;
                 }
                 0
@@ -325,12 +341,13 @@ impl NetHandler {
         mem: &GuestMemoryMmap,
         frame: &mut Vec<u8>,
         dropped: &mut u64,
+        log: &LogLimiter,
     ) -> Result<Delivery, WorkerError> {
         let Some(chain) = next_chain(&mut queue.queue, mem)? else {
             return Ok(Delivery::NoBuffer);
         };
         let head = chain.head_index();
-        let len = write_frame(mem, chain, frame);
+        let len = write_frame(mem, chain, frame, log);
         if len == 0 {
             *dropped += 1;
         }
@@ -349,7 +366,7 @@ impl NetHandler {
         let mem = self.mem.memory();
         let irq = self.interrupt.as_ref();
         let (tap, frame, dropped) = (&mut self.tap, &mut self.frame, &mut self.dropped);
-        let tap_gone = &mut self.tap_gone;
+        let (tap_gone, log) = (&mut self.tap_gone, &*self.log);
         self.rx.serve(ctx, "virtio-net", irq, |q| {
             let mut used = 0;
             while used < CHAIN_BUDGET && !*tap_gone {
@@ -364,7 +381,7 @@ impl NetHandler {
                         }
                     }
                 }
-                match Self::deliver(q, &mem, frame, dropped)? {
+                match Self::deliver(q, &mem, frame, dropped, log)? {
                     Delivery::Delivered => used += 1,
                     Delivery::NoBuffer => break,
                 }
@@ -653,6 +670,40 @@ mod tests {
         tx_kick.write(1).unwrap();
         el.run_until_idle(10).unwrap();
         assert_eq!(txq.used_idx(), 1);
+    }
+
+    /// Bad transmit chains by the hundred log a bounded number of lines.
+    #[test]
+    fn bad_tx_chains_are_logged_at_a_bounded_rate() {
+        let (a, _b) = UnixDatagram::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let mem = single_region_mem(0x40_0000);
+        let rxq = TestQueue::new(&mem, 0, 16, 0x1_0000);
+        let mut txq = TestQueue::new(&mem, 0x1000, 16, 0x20_0000);
+        let (rx, tx) = (rxq.active(0), txq.active(1));
+        let tx_kick = tx.event.try_clone().unwrap();
+        let net = Net::with_backend(tap::raw_backend(OwnedFd::from(a)), generated_mac(5));
+        let handler = net
+            .handler(atomic_mem(&mem), recorder(), vec![rx, tx])
+            .unwrap();
+        let mut el = EventLoop::new(handler).unwrap();
+        let ((), logs) = capture_logs(|| {
+            for _ in 0..20 {
+                for _ in 0..10 {
+                    txq.add_raw_chain(&[(0x4000_0000, 64, Readable)]);
+                }
+                tx_kick.write(1).unwrap();
+                el.run_until_idle(10).unwrap();
+            }
+        });
+        assert_eq!(txq.used_idx(), 200);
+        let limit = crate::ratelimit::LINES_PER_SECOND as usize;
+        assert!(
+            logs.len() <= limit + 1,
+            "{} lines: {:?}",
+            logs.len(),
+            &logs[..3]
+        );
     }
 
     #[test]

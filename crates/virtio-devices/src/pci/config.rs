@@ -122,6 +122,7 @@ pub struct PciConfiguration {
     mapped: [Option<u64>; NUM_BARS],
     last_cap: Option<usize>,
     next_cap: usize,
+    log: crate::ratelimit::LogLimiter,
 }
 
 impl PciConfiguration {
@@ -151,6 +152,7 @@ impl PciConfiguration {
             mapped: [None; NUM_BARS],
             last_cap: None,
             next_cap: FIRST_CAP_OFFSET,
+            log: crate::ratelimit::LogLimiter::new("pci config"),
         }
     }
 
@@ -311,7 +313,9 @@ impl PciConfiguration {
         };
         let offset = offset as usize;
         if offset + data.len() > 4 || data.is_empty() {
-            log::warn!(
+            crate::guest_log!(
+                self.log,
+                log::Level::Warn,
                 "pci: bad config write at reg {reg} offset {offset} len {}",
                 data.len()
             );

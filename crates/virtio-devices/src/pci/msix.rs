@@ -8,6 +8,8 @@
 
 use std::sync::Arc;
 
+use crate::ratelimit::LogLimiter;
+
 use vm_device::interrupt::{InterruptGroup, MsiMessage};
 
 /// PCI capability id of MSI-X.
@@ -77,6 +79,7 @@ pub struct MsixConfig {
     enabled: bool,
     function_masked: bool,
     group: Arc<dyn InterruptGroup>,
+    log: LogLimiter,
 }
 
 impl MsixConfig {
@@ -90,6 +93,7 @@ impl MsixConfig {
             enabled: false,
             function_masked: false,
             group,
+            log: LogLimiter::new("msix"),
         }
     }
 
@@ -158,7 +162,11 @@ impl MsixConfig {
             .group
             .update(index, e.msg(), self.effectively_masked(index))
         {
-            log::warn!("msix: cannot program vector {index}: {err}");
+            crate::guest_log!(
+                self.log,
+                log::Level::Warn,
+                "msix: cannot program vector {index}: {err}"
+            );
         }
     }
 
@@ -179,7 +187,7 @@ impl MsixConfig {
         if self.pending(index) && !self.effectively_masked(index) {
             self.set_pending(index, false);
             if let Err(e) = self.group.trigger(index) {
-                log::warn!("msix: vector {index}: {e}");
+                crate::guest_log!(self.log, log::Level::Warn, "msix: vector {index}: {e}");
             }
         }
     }
@@ -196,7 +204,7 @@ impl MsixConfig {
             return;
         }
         if let Err(e) = self.group.trigger(index) {
-            log::warn!("msix: vector {index}: {e}");
+            crate::guest_log!(self.log, log::Level::Warn, "msix: vector {index}: {e}");
         }
     }
 
@@ -216,7 +224,12 @@ impl MsixConfig {
                 let v = u64::from(words[w + 1]) << 32 | u64::from(words[w]);
                 data.copy_from_slice(&v.to_le_bytes());
             }
-            _ => log::warn!("msix: bad table read at {offset:#x} len {}", data.len()),
+            _ => crate::guest_log!(
+                self.log,
+                log::Level::Warn,
+                "msix: bad table read at {offset:#x} len {}",
+                data.len()
+            ),
         }
     }
 
@@ -238,7 +251,12 @@ impl MsixConfig {
                 ]
             }
             _ => {
-                log::warn!("msix: bad table write at {offset:#x} len {}", data.len());
+                crate::guest_log!(
+                    self.log,
+                    log::Level::Warn,
+                    "msix: bad table write at {offset:#x} len {}",
+                    data.len()
+                );
                 return;
             }
         };

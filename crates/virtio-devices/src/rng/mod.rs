@@ -17,6 +17,7 @@ use vmm_sys_util::epoll::EventSet;
 use crate::device::{
     take_queue, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, RING_FEATURES,
 };
+use crate::ratelimit::LogLimiter;
 use crate::worker::{
     drain_eventfd, spawn_worker, EpollCtx, EpollHandler, WorkerError, WorkerHandle, WorkerQueue,
 };
@@ -57,6 +58,7 @@ pub fn getrandom(buf: &mut [u8]) -> Result<(), RngError> {
 
 /// The virtio-rng device.
 pub struct Rng {
+    log: Arc<LogLimiter>,
     acked_features: u64,
     worker: Option<WorkerHandle>,
 }
@@ -65,6 +67,7 @@ impl Rng {
     /// A new, inactive rng device.
     pub fn new() -> Self {
         Rng {
+            log: Arc::new(LogLimiter::new("virtio-rng")),
             acked_features: 0,
             worker: None,
         }
@@ -107,6 +110,7 @@ impl VirtioDevice for Rng {
             mem,
             interrupt,
             queue: queue.into(),
+            log: self.log.clone(),
         };
         let worker = spawn_worker("virtio-rng", handler)?;
         self.worker = Some(worker);
@@ -138,14 +142,23 @@ struct RngHandler {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     interrupt: Arc<dyn VirtioInterrupt>,
     queue: WorkerQueue,
+    log: Arc<LogLimiter>,
 }
 
 /// Fills the writable part of `chain` with random bytes; returns the count.
-pub fn fill_chain(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+pub fn fill_chain(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    log: &LogLimiter,
+) -> u32 {
     let mut writer = match chain.writer(mem) {
         Ok(w) => w,
         Err(e) => {
-            log::warn!("virtio-rng: bad descriptor chain: {e}");
+            crate::guest_log!(
+                log,
+                log::Level::Warn,
+                "virtio-rng: bad descriptor chain: {e}"
+            );
             return 0;
         }
     };
@@ -158,7 +171,11 @@ pub fn fill_chain(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap
     match writer.write_all(&buf) {
         Ok(()) => len as u32,
         Err(e) => {
-            log::warn!("virtio-rng: cannot write guest buffer: {e}");
+            crate::guest_log!(
+                log,
+                log::Level::Warn,
+                "virtio-rng: cannot write guest buffer: {e}"
+            );
             writer.bytes_written() as u32
         }
     }
@@ -184,8 +201,9 @@ impl EpollHandler for RngHandler {
                 drain_eventfd(&self.queue.event);
                 let mem = self.mem.memory();
                 let irq = self.interrupt.as_ref();
+                let log = &*self.log;
                 self.queue.serve(ctx, "virtio-rng", irq, |q| {
-                    q.process(&mem, irq, |chain| fill_chain(&mem, chain))
+                    q.process(&mem, irq, |chain| fill_chain(&mem, chain, log))
                         .map(drop)
                 })?;
             }

@@ -1,7 +1,13 @@
 //! The virtio-pci common configuration structure (virtio 1.x, 4.1.4.3):
 //! feature negotiation, device status, queue set-up.
 
+use std::sync::Arc;
+
+use log::Level;
 use virtio_queue::{Queue, QueueT};
+
+use crate::guest_log;
+use crate::ratelimit::LogLimiter;
 
 /// `device_status` bits.
 pub mod status {
@@ -68,6 +74,8 @@ pub struct QueueSlot {
 
 /// The driver-visible state of the common configuration.
 pub struct CommonConfig {
+    /// Where odd accesses are logged (the device's limiter).
+    log: Arc<LogLimiter>,
     /// `device_status`.
     pub status: u8,
     /// Bumped when device configuration changes.
@@ -86,7 +94,15 @@ pub struct CommonConfig {
 
 impl Default for CommonConfig {
     fn default() -> Self {
+        Self::new(Arc::new(LogLimiter::new("virtio-pci")))
+    }
+}
+
+impl CommonConfig {
+    /// The reset state, logging odd accesses through `log`.
+    pub fn new(log: Arc<LogLimiter>) -> Self {
         CommonConfig {
+            log,
             status: 0,
             generation: 0,
             device_feature_select: 0,
@@ -178,7 +194,12 @@ impl CommonConfig {
                 _ => q.map_or(0, |q| q.queue.used_ring()),
             },
             _ => {
-                log::debug!("virtio-pci: common config read {offset:#x}/{}", data.len());
+                guest_log!(
+                    self.log,
+                    Level::Debug,
+                    "virtio-pci: common config read {offset:#x}/{}",
+                    data.len()
+                );
                 0
             }
         };
@@ -232,7 +253,9 @@ impl CommonConfig {
             (reg::QUEUE_DESC_LO..=reg::QUEUE_USED_HI, 4 | 8) if queue_writable => {
                 write_queue_addr(&mut queues[qsel].queue, offset, v, data.len())
             }
-            _ => log::debug!(
+            _ => guest_log!(
+                self.log,
+                Level::Debug,
                 "virtio-pci: ignored common config write {offset:#x}/{}",
                 data.len()
             ),

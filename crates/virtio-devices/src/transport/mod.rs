@@ -20,6 +20,8 @@ pub mod common_config;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
+use log::Level;
+
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
@@ -33,7 +35,8 @@ use crate::pci::config::{
 };
 use crate::pci::msix::{msix_capability, MsixConfig};
 use crate::pci::{allocate_config_bars, config_bar_ranges, BarAllocator, PciDevice, PciError};
-use crate::GuestMemoryMmap;
+use crate::ratelimit::LogLimiter;
+use crate::{guest_log, GuestMemoryMmap};
 use common_config::{status, CommonConfig, QueueSlot, StatusAction, NO_VECTOR};
 
 /// PCI vendor id of virtio devices.
@@ -178,6 +181,7 @@ pub struct VirtioPciDevice {
     bar_addr: u64,
     active: bool,
     offered_features: u64,
+    log: Arc<LogLimiter>,
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -205,6 +209,9 @@ impl VirtioPciDevice {
             .create_msi_group(vectors)
             .map_err(TransportError::Interrupts)?;
         let msix = MsixConfig::new(vectors as u16, group);
+        let log = Arc::new(LogLimiter::new(format!(
+            "virtio-pci (device type {device_type})"
+        )));
         let (class, subclass) = pci_class(device_type);
         let mut config = PciConfiguration::new(&PciHeader {
             vendor_id: VIRTIO_PCI_VENDOR_ID,
@@ -280,7 +287,7 @@ impl VirtioPciDevice {
         Ok(VirtioPciDevice {
             config,
             device,
-            common: CommonConfig::default(),
+            common: CommonConfig::new(log.clone()),
             queues,
             queue_evts,
             interrupt,
@@ -290,6 +297,7 @@ impl VirtioPciDevice {
             bar_addr: 0,
             active: false,
             offered_features,
+            log,
         })
     }
 
@@ -326,7 +334,7 @@ impl VirtioPciDevice {
             slot.queue.reset();
             slot.vector = NO_VECTOR;
         }
-        self.common = CommonConfig::default();
+        self.common = CommonConfig::new(self.log.clone());
         self.interrupt.isr.store(0, Ordering::Release);
         self.interrupt.needs_reset.store(false, Ordering::Release);
         self.sync_vectors();
@@ -339,7 +347,9 @@ impl VirtioPciDevice {
         }
         let f = self.common.driver_features;
         if f & !self.offered_features != 0 || f & (1 << VIRTIO_F_VERSION_1) == 0 {
-            log::warn!(
+            guest_log!(
+                self.log,
+                Level::Warn,
                 "virtio-pci: driver features {f:#x} refused (offered {:#x})",
                 self.offered_features
             );
@@ -366,7 +376,11 @@ impl VirtioPciDevice {
                 continue;
             }
             if !slot.queue.is_valid(&*mem) {
-                log::warn!("virtio-pci: queue {index} has invalid rings");
+                guest_log!(
+                    self.log,
+                    Level::Warn,
+                    "virtio-pci: queue {index} has invalid rings"
+                );
                 self.needs_reset();
                 return;
             }
@@ -392,7 +406,7 @@ impl VirtioPciDevice {
         match result {
             Ok(()) => self.active = true,
             Err(e) => {
-                log::error!("virtio-pci: activation failed: {e}");
+                guest_log!(self.log, Level::Error, "virtio-pci: activation failed: {e}");
                 self.needs_reset();
             }
         }
@@ -450,7 +464,15 @@ impl VirtioPciDevice {
         match offset {
             o if o < COMMON_CONFIG_OFFSET + REGION_SIZE => self.write_common(o, data),
             o if (DEVICE_CONFIG_OFFSET..DEVICE_CONFIG_OFFSET + REGION_SIZE).contains(&o) => {
-                lock(&self.device).write_config(o - DEVICE_CONFIG_OFFSET, data)
+                if !lock(&self.device).write_config(o - DEVICE_CONFIG_OFFSET, data) {
+                    guest_log!(
+                        self.log,
+                        Level::Warn,
+                        "virtio-pci: ignored device config write at {:#x} ({} bytes)",
+                        o - DEVICE_CONFIG_OFFSET,
+                        data.len()
+                    );
+                }
             }
             o if (NOTIFY_OFFSET..NOTIFY_OFFSET + REGION_SIZE).contains(&o) => {
                 let index = ((o - NOTIFY_OFFSET) / u64::from(NOTIFY_OFF_MULTIPLIER)) as usize;
@@ -463,7 +485,11 @@ impl VirtioPciDevice {
             o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
                 lock(&self.interrupt.msix).write_table(o - MSIX_TABLE_OFFSET, data)
             }
-            _ => log::debug!("virtio-pci: ignored BAR write at {offset:#x}"),
+            _ => guest_log!(
+                self.log,
+                Level::Debug,
+                "virtio-pci: ignored BAR write at {offset:#x}"
+            ),
         }
     }
 

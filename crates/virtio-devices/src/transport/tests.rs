@@ -324,3 +324,24 @@ fn features_cannot_be_renegotiated_on_an_active_device() {
     assert_eq!(d.r(0x0c, 4), 0, "driver features unchanged");
     assert_eq!(d.status() & 0xf, 0xf, "FEATURES_OK and DRIVER_OK stay set");
 }
+
+/// A guest hammering a device's read-only configuration, or the common
+/// configuration with nonsense, logs a bounded number of lines.
+#[test]
+fn guest_config_floods_are_rate_limited() {
+    let mem = single_region_mem(0x10_0000);
+    let mut d = Driver::new(&mem);
+    let ((), logs) = capture_logs(|| {
+        for i in 0..200u64 {
+            d.w(DEVICE_CONFIG_OFFSET + i % 8, i, 4);
+            d.w(0x38 + i % 16, i, 2);
+        }
+    });
+    let limit = crate::ratelimit::LINES_PER_SECOND as usize;
+    assert!(
+        logs.len() <= limit + 1,
+        "{} lines: {:?}",
+        logs.len(),
+        &logs[..3]
+    );
+}

@@ -208,7 +208,10 @@ impl VsockHandler {
             q.process(&mem, irq, |chain| {
                 match read_tx_packet(&mem, chain) {
                     Ok((hdr, payload)) => muxer.handle_tx_packet(ctx, &hdr, &payload),
-                    Err(e) => log::warn!("vsock: bad tx packet: {e}"),
+                    Err(e) => {
+                        let log = muxer.log();
+                        crate::guest_log!(log, log::Level::Warn, "vsock: bad tx packet: {e}")
+                    }
                 }
                 0
             })
@@ -264,13 +267,15 @@ fn fill_rx_buffer(
     let buf = match RxBuffer::new(mem, chain) {
         Ok(buf) => buf,
         Err(e) => {
-            log::warn!("vsock: bad rx buffer: {e}");
+            let log = muxer.log();
+            crate::guest_log!(log, log::Level::Warn, "vsock: bad rx buffer: {e}");
             return Some(0);
         }
     };
     let (hdr, data) = muxer.next_rx_packet(ctx, buf.payload_capacity())?;
     Some(buf.write(hdr, &data).unwrap_or_else(|e| {
-        log::warn!("vsock: rx packet lost: {e}");
+        let log = muxer.log();
+        crate::guest_log!(log, log::Level::Warn, "vsock: rx packet lost: {e}");
         0
     }))
 }

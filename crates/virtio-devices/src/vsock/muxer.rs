@@ -23,6 +23,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::connection::{ConnState, Connection, RxPacket};
 use super::packet::{op, Header, HOST_CID, TYPE_STREAM};
+use crate::ratelimit::LogLimiter;
 use crate::worker::EpollCtx;
 
 /// Token of the listening socket.
@@ -144,6 +145,7 @@ pub struct Muxer {
     rsts: VecDeque<Header>,
     next_token: u64,
     next_local_port: u32,
+    log: LogLimiter,
 }
 
 impl Muxer {
@@ -160,7 +162,13 @@ impl Muxer {
             rsts: VecDeque::new(),
             next_token: FIRST_CONN_TOKEN,
             next_local_port: FIRST_LOCAL_PORT,
+            log: LogLimiter::new(format!("vsock cid {guest_cid}")),
         }
+    }
+
+    /// The limiter for log lines the guest triggers.
+    pub fn log(&self) -> &LogLimiter {
+        &self.log
     }
 
     /// Number of live connections.
@@ -403,7 +411,13 @@ impl Muxer {
     /// A packet from the guest's transmit queue.
     pub fn handle_tx_packet(&mut self, ctx: &EpollCtx, hdr: &Header, payload: &[u8]) {
         if hdr.src_cid != self.guest_cid || hdr.dst_cid != HOST_CID {
-            log::debug!("vsock: dropped packet {} -> {}", hdr.src_cid, hdr.dst_cid);
+            crate::guest_log!(
+                self.log,
+                log::Level::Debug,
+                "vsock: dropped packet {} -> {}",
+                hdr.src_cid,
+                hdr.dst_cid
+            );
             return;
         }
         if hdr.type_ != TYPE_STREAM {
@@ -428,7 +442,12 @@ impl Muxer {
             op::RESPONSE if c.state == ConnState::LocalInit => c.guest_accepted(),
             op::RW if c.state == ConnState::Established => {
                 if let Err(e) = c.guest_data(payload) {
-                    log::debug!("vsock: port {}: {e}", c.local_port);
+                    crate::guest_log!(
+                        self.log,
+                        log::Level::Debug,
+                        "vsock: port {}: {e}",
+                        c.local_port
+                    );
                     c.reset();
                 }
             }
@@ -453,7 +472,12 @@ impl Muxer {
         let stream = match connect_nonblocking(&target) {
             Ok(s) => s,
             Err(e) => {
-                log::debug!("vsock: guest connect to {}: {e}", target.display());
+                crate::guest_log!(
+                    self.log,
+                    log::Level::Debug,
+                    "vsock: guest connect to {}: {e}",
+                    target.display()
+                );
                 self.queue_rst(hdr);
                 return;
             }

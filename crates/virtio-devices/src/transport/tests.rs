@@ -232,6 +232,21 @@ fn garbage_accesses_are_harmless() {
         d.dev.write_config_register(reg, 0, &[0xff; 4]);
         d.dev.read_config_register(reg);
     }
+    // Still the same device, and a driver can bring it up and use it.
+    assert_eq!(d.dev.read_config_register(0), 0x1044_1af4);
+    assert_eq!(d.dev.read_config_register(80), 0xffff_ffff);
+    d.w(0x14, 0, 1);
+    assert_eq!(d.status(), 0);
+    assert_eq!(d.r(0x12, 2), 1, "num_queues");
+    assert!(d.negotiate(1 << 32));
+    let mut tq = TestQueue::new(&mem, 0x1000, 16, 0x2_0000);
+    d.setup_queue(0, &tq, 0);
+    d.w(0x14, 0xf, 1);
+    assert!(d.dev.is_active());
+    tq.add_chain(&[(Writable, 16)]);
+    d.w(NOTIFY_OFFSET, 0, 2);
+    assert!(wait_until(|| tq.used_idx() == 1));
+    assert_eq!(tq.used_entry(0).1, 16);
 }
 
 #[test]

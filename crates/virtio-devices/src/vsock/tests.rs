@@ -30,6 +30,8 @@ struct Guest {
     tx_sent: u16,
     irq: Arc<RecordingInterrupt>,
     dev: Vsock,
+    /// Driven on the test thread instead of a worker thread (`direct`).
+    el: Option<crate::worker::EventLoop<VsockHandler>>,
 }
 
 impl Guest {
@@ -38,12 +40,25 @@ impl Guest {
     }
 
     fn with_cid(cid: u64) -> Guest {
-        Self::with_options(cid, false)
+        Self::with_options(cid, false, false)
+    }
+
+    /// A guest whose device runs only when the test settles it, so that
+    /// "nothing arrived" means the device had nothing to send.
+    fn direct() -> Guest {
+        Self::with_options(CID, false, true)
+    }
+
+    /// Lets a direct device handle everything pending.
+    fn settle(&mut self) {
+        if let Some(el) = &mut self.el {
+            el.run_until_idle(1000).unwrap();
+        }
     }
 
     /// A guest with context id `cid`; `event_idx` negotiates
     /// `VIRTIO_RING_F_EVENT_IDX` on the queues (as Linux does).
-    fn with_options(cid: u64, event_idx: bool) -> Guest {
+    fn with_options(cid: u64, event_idx: bool, direct: bool) -> Guest {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.sock");
         let mem = single_region_mem(0x100_0000);
@@ -57,8 +72,16 @@ impl Guest {
         let tx_kick = tx.event.try_clone().unwrap();
         let mut dev = Vsock::new(cid, &path).unwrap();
         let irq = recorder();
-        dev.activate(atomic_mem(&mem), irq.clone(), vec![rx, tx, ev])
-            .unwrap();
+        let el = if direct {
+            let h = dev
+                .handler(atomic_mem(&mem), irq.clone(), vec![rx, tx, ev])
+                .unwrap();
+            Some(crate::worker::EventLoop::new(h).unwrap())
+        } else {
+            dev.activate(atomic_mem(&mem), irq.clone(), vec![rx, tx, ev])
+                .unwrap();
+            None
+        };
         Guest {
             _dir: dir,
             path,
@@ -71,6 +94,7 @@ impl Guest {
             tx_sent: 0,
             irq,
             dev,
+            el,
         }
     }
 
@@ -80,12 +104,22 @@ impl Guest {
             self.rx_bufs.insert(head, addrs[0]);
         }
         self.rx_kick.write(1).unwrap();
+        self.settle();
     }
 
     fn try_recv(&mut self, wait: bool) -> Option<(Header, Vec<u8>)> {
         let seen = self.rx_seen;
+        self.settle();
         if wait {
-            wait_until(|| self.rxq.used_idx() != seen);
+            // A direct device is settled again while waiting (host data may
+            // come from another thread).
+            for _ in 0..400 {
+                if self.rxq.used_idx() != seen {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+                self.settle();
+            }
         }
         if self.rxq.used_idx() == seen {
             return None;
@@ -108,6 +142,7 @@ impl Guest {
         self.txq.write(addrs[0], bytes);
         self.tx_sent += 1;
         self.tx_kick.write(1).unwrap();
+        self.settle();
         let sent = self.tx_sent;
         assert!(wait_until(|| self.txq.used_idx() == sent));
     }
@@ -219,7 +254,7 @@ fn guest_initiated_to_listening_and_missing_ports() {
 
 #[test]
 fn host_to_guest_respects_credit() {
-    let mut g = Guest::new();
+    let mut g = Guest::direct();
     g.post_rx(64);
     let listener = UnixListener::bind(format!("{}_7", g.path.display())).unwrap();
     // Guest advertises 64 KiB of buffer (see `send`).
@@ -239,7 +274,6 @@ fn host_to_guest_respects_credit() {
     // Out of credit with data waiting: the device asks, once.
     let (h, _) = g.recv();
     assert_eq!((h.op, h.dst_port), (op::CREDIT_REQUEST, 6000));
-    std::thread::sleep(Duration::from_millis(50));
     assert!(
         g.try_recv(false).is_none(),
         "no data beyond the guest's credit"
@@ -292,7 +326,7 @@ fn guest_overrunning_credit_is_reset_and_credit_requests_answered() {
 
 #[test]
 fn malformed_packets_are_dropped() {
-    let mut g = Guest::new();
+    let mut g = Guest::direct();
     g.post_rx(8);
     // Shorter than a header.
     g.send_raw(&[1, 2, 3]);
@@ -312,7 +346,6 @@ fn malformed_packets_are_dropped() {
     h.len = 0;
     h.src_cid = 9;
     g.send_raw(&h.to_bytes());
-    std::thread::sleep(Duration::from_millis(20));
     assert!(g.try_recv(false).is_none());
     // Data for an unknown connection, and an unknown type: RST.
     h.src_cid = CID;
@@ -326,12 +359,14 @@ fn malformed_packets_are_dropped() {
     g.txq.add_raw_chain(&[(0x4000_0000, 64, Readable)]);
     g.tx_sent += 1;
     g.tx_kick.write(1).unwrap();
+    g.settle();
     let sent = g.tx_sent;
     assert!(wait_until(|| g.txq.used_idx() == sent));
     // Garbage CONNECT lines close the host client.
     let mut s = UnixStream::connect(&g.path).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     s.write_all(b"HELLO there\n").unwrap();
+    g.settle();
     let mut b = [0u8; 1];
     assert_eq!(s.read(&mut b).unwrap(), 0);
     // Still works.
@@ -374,11 +409,10 @@ fn many_connections_at_once() {
 
 #[test]
 fn rx_waits_for_buffers_without_spinning() {
-    let mut g = Guest::new();
+    let mut g = Guest::direct();
     // No receive buffers yet: the REQUEST waits.
     let mut s = UnixStream::connect(&g.path).unwrap();
     s.write_all(b"CONNECT 9\n").unwrap();
-    std::thread::sleep(Duration::from_millis(50));
     assert!(g.try_recv(false).is_none());
     g.post_rx(1);
     let (h, _) = g.recv();
@@ -668,11 +702,12 @@ fn bulk_transfer_both_ways_with_flow_control() {
 /// asks again only after new credit information.
 #[test]
 fn device_asks_for_credit_when_out_with_data_waiting() {
-    let mut g = Guest::new();
+    let mut g = Guest::direct();
     g.post_rx(64);
     let (mut s, host_port) = g.host_connect(61);
-    // Credit from the RESPONSE: 64 KiB (see `send`).
-    s.write_all(&vec![3u8; 200 * 1024]).unwrap();
+    // Credit from the RESPONSE: 64 KiB (see `send`). The device reads the
+    // host side only when settled, so a thread writes it.
+    let writer = std::thread::spawn(move || s.write_all(&vec![3u8; 200 * 1024]).map(|()| s));
     let mut got = 0;
     while got < 64 * 1024 {
         let (h, data) = g.recv();
@@ -683,7 +718,6 @@ fn device_asks_for_credit_when_out_with_data_waiting() {
     assert_eq!((h.op, h.src_port), (op::CREDIT_REQUEST, host_port));
     // The same (stale) credit again: no new request, no data.
     g.send(61, host_port, op::CREDIT_UPDATE, 0, &[]);
-    std::thread::sleep(Duration::from_millis(50));
     assert!(g.try_recv(false).is_none(), "asked again without news");
     // The answer with what the guest consumed lets data flow again.
     let mut h = Header {
@@ -714,6 +748,7 @@ fn device_asks_for_credit_when_out_with_data_waiting() {
         got += data.len();
     }
     assert_eq!(got, 200 * 1024);
+    drop(writer.join().unwrap().unwrap());
 }
 
 /// A receive buffer with room for a header only cannot carry data: it is

@@ -63,7 +63,7 @@ struct LinuxGuest {
 
 impl LinuxGuest {
     fn new() -> Self {
-        let mut g = Guest::with_options(CID, true);
+        let mut g = Guest::with_options(CID, true, false);
         let rx_slots = (0..RING).map(|_| g.rxq.alloc(LINUX_RX_BUF)).collect();
         let tx_slots = (0..RING).map(|_| g.txq.alloc(HDR_SIZE as u32)).collect();
         let mut lg = LinuxGuest {

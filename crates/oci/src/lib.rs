@@ -13,6 +13,9 @@
 pub mod auth;
 pub mod bundle;
 pub mod digest;
+#[cfg(test)]
+mod fake_registry;
+pub mod fetch;
 pub mod import;
 pub mod manifest;
 pub mod pull;

@@ -14,9 +14,11 @@ use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
+use oci_client::RegistryOperation;
 
 use crate::auth::{self, AuthError, Credentials};
 use crate::digest::Digest;
+use crate::fetch::{self, FetchError, Fetcher};
 use crate::manifest::{self, Descriptor, Document, ManifestError, Platform};
 use crate::reference::Reference;
 use crate::store::{ImageRecord, Store, StoreError};
@@ -67,6 +69,26 @@ pub enum PullCause {
         /// The I/O error.
         #[source]
         source: std::io::Error,
+    },
+    /// A manifest, index or config could not be read (too large, longer
+    /// than declared, an error answer).
+    #[error("registry {registry}")]
+    Fetch {
+        /// The registry.
+        registry: String,
+        /// Why.
+        #[source]
+        source: FetchError,
+    },
+    /// The registry announces a blob longer than its descriptor says.
+    #[error("blob {digest}: the registry announces {announced} bytes, more than the {declared} its descriptor declares")]
+    BlobTooLong {
+        /// The blob.
+        digest: Digest,
+        /// The descriptor's size (less what was resumed).
+        declared: u64,
+        /// The `Content-Length`.
+        announced: u64,
     },
     /// The manifest or config is unusable.
     #[error("manifest")]
@@ -163,6 +185,8 @@ pub struct Registry {
     client: oci_client::Client,
     auth: RegistryAuth,
     image: Reference,
+    scheme: &'static str,
+    fetcher: std::sync::OnceLock<Fetcher>,
 }
 
 fn install_crypto() {
@@ -177,7 +201,8 @@ impl Registry {
     /// A client for `image`'s registry with credentials resolved.
     pub fn new(image: &Reference, opts: &PullOptions) -> Result<Self, PullCause> {
         install_crypto();
-        let protocol = if opts.insecure || image.is_local() {
+        let plain = opts.insecure || image.is_local();
+        let protocol = if plain {
             ClientProtocol::HttpsExcept(vec![image.registry().to_string()])
         } else {
             ClientProtocol::Https
@@ -199,7 +224,37 @@ impl Registry {
             client,
             auth: creds.map_or(RegistryAuth::Anonymous, |c| c.to_client()),
             image: image.clone(),
+            scheme: if plain { "http" } else { "https" },
+            fetcher: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The capped reader of manifests and configs, with the credentials
+    /// `oci-client` negotiates (and keeps for the layer downloads).
+    async fn fetcher(&self) -> Result<&Fetcher, PullCause> {
+        if let Some(f) = self.fetcher.get() {
+            return Ok(f);
+        }
+        let r = self.image.to_client();
+        let token = self
+            .client
+            .auth(&r, &self.auth, RegistryOperation::Pull)
+            .await
+            .map_err(|e| self.registry_err(e))?;
+        let auth = match (token, &self.auth) {
+            (Some(t), _) => fetch::Auth::Bearer(t),
+            (None, RegistryAuth::Basic(u, p)) => fetch::Auth::Basic(u.clone(), p.clone()),
+            _ => fetch::Auth::Anonymous,
+        };
+        let f = Fetcher::new(self.scheme, r.resolve_registry(), r.repository(), auth);
+        Ok(self.fetcher.get_or_init(|| f))
+    }
+
+    fn fetch_err(&self, source: FetchError) -> PullCause {
+        PullCause::Fetch {
+            registry: self.image.registry().to_string(),
+            source,
+        }
     }
 
     fn registry_err(&self, source: OciDistributionError) -> PullCause {
@@ -209,21 +264,35 @@ impl Registry {
         }
     }
 
-    /// Fetches a manifest or index; pinned to `digest` when given (and then
-    /// verified against it).
+    /// Fetches a manifest or index (at most [`fetch::MAX_MANIFEST`]);
+    /// pinned to `digest` when given (and then verified against it), of at
+    /// most `size` bytes when a descriptor says.
     async fn document(
         &self,
         digest: Option<&Digest>,
+        size: Option<u64>,
     ) -> Result<(Document, Vec<u8>, Digest), PullCause> {
         let r = match digest {
             Some(d) => self.image.with_digest(d.clone()),
             None => self.image.clone(),
         };
-        let (bytes, _) = self
-            .client
-            .pull_manifest_raw(&r.to_client(), &self.auth, manifest::ACCEPTED_MANIFESTS)
+        let at = match (r.digest(), r.tag()) {
+            (Some(d), _) => d.to_string(),
+            (None, t) => t.unwrap_or(crate::reference::DEFAULT_TAG).to_string(),
+        };
+        let body = self
+            .fetcher()
+            .await?
+            .get(
+                &format!("manifests/{at}"),
+                manifest::ACCEPTED_MANIFESTS,
+                "manifest",
+                fetch::MAX_MANIFEST,
+                size,
+            )
             .await
-            .map_err(|e| self.registry_err(e))?;
+            .map_err(|e| self.fetch_err(e))?;
+        let bytes = body.bytes;
         let actual = Digest::sha256_of(&bytes);
         if let Some(expected) = r.digest() {
             let check = match expected.algorithm() {
@@ -241,15 +310,16 @@ impl Registry {
                 });
             }
         }
-        let doc = manifest::parse_document(&bytes, None).map_err(PullCause::Manifest)?;
+        let doc = manifest::parse_document(&bytes, body.content_type.as_deref())
+            .map_err(PullCause::Manifest)?;
         let digest = r.digest().cloned().unwrap_or(actual);
-        Ok((doc, bytes.to_vec(), digest))
+        Ok((doc, bytes, digest))
     }
 
     /// Resolves the image to one platform's manifest: `(index digest and
     /// bytes if any, manifest digest, manifest bytes, manifest)`.
     pub async fn resolve(&self, platform: &Platform) -> Result<Resolved, PullCause> {
-        let (doc, bytes, digest) = self.document(self.image.digest()).await?;
+        let (doc, bytes, digest) = self.document(self.image.digest(), None).await?;
         match doc {
             Document::Manifest(m) => Ok(Resolved {
                 index: None,
@@ -259,7 +329,7 @@ impl Registry {
             }),
             Document::Index(ix) => {
                 let d = manifest::select_platform(&ix, platform).map_err(PullCause::Manifest)?;
-                let (doc2, bytes2, digest2) = self.document(Some(&d.digest)).await?;
+                let (doc2, bytes2, digest2) = self.document(Some(&d.digest), Some(d.size)).await?;
                 let Document::Manifest(m) = doc2 else {
                     return Err(PullCause::Manifest(ManifestError::MediaType(
                         "nested index".into(),
@@ -275,17 +345,22 @@ impl Registry {
         }
     }
 
-    /// Downloads a small blob into memory (configs).
+    /// Downloads a config into memory: at most [`fetch::MAX_CONFIG`] and
+    /// its descriptor's size. The caller checks the digest.
     pub async fn small_blob(&self, d: &Descriptor) -> Result<Vec<u8>, PullCause> {
-        let mut out = Vec::new();
-        self.client
-            .pull_blob(&self.image.to_client(), &client_desc(d), &mut out)
+        let body = self
+            .fetcher()
+            .await?
+            .get(
+                &format!("blobs/{}", d.digest),
+                &[],
+                "image config",
+                fetch::MAX_CONFIG,
+                Some(d.size),
+            )
             .await
-            .map_err(|source| PullCause::Blob {
-                digest: d.digest.clone(),
-                source,
-            })?;
-        Ok(out)
+            .map_err(|e| self.fetch_err(e))?;
+        Ok(body.bytes)
     }
 
     /// Downloads a blob into the store, resuming a partial download.
@@ -354,6 +429,18 @@ impl Registry {
                 .await
                 .map_err(blob_err)?
         };
+        // More than the descriptor leaves is refused before it is read
+        // (and cut off by the store's writer if no length is announced).
+        if let Some(announced) = stream.content_length {
+            let declared = d.size.saturating_sub(resumed);
+            if announced > declared {
+                return Err(PullCause::BlobTooLong {
+                    digest: d.digest.clone(),
+                    declared,
+                    announced,
+                });
+            }
+        }
         let mut stream = stream.into_stream();
         let mut fetched = 0u64;
         loop {
@@ -598,3 +685,7 @@ pub async fn fetch_config(
     let cfg = manifest::parse_config(&bytes).map_err(|e| wrap(PullCause::Manifest(e)))?;
     Ok((res, cfg))
 }
+
+#[cfg(test)]
+#[path = "pull_tests.rs"]
+mod tests;

@@ -16,14 +16,29 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_device::interrupt::{EventFd, InterruptError, InterruptGroup, InterruptManager, MsiMessage};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
 
+use std::io::Write;
+use std::os::unix::io::OwnedFd;
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use vm_device::{Bus, BusDevice};
+use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
 use crate::block::request::{handle_request, Disk};
+use crate::console::{Console, ConsoleOutput};
+use crate::device::{ActiveQueue, VirtioInterrupt, VirtioInterruptType};
+use crate::net::Net;
+use crate::pci::bus::RangeAllocator;
 use crate::pci::PciDevice;
+use crate::pci::{IoEventRegistrar, PciBus, PciConfigMmio};
 use crate::ratelimit::LogLimiter;
 use crate::rng::Rng;
 use crate::transport::VirtioPciDevice;
 use crate::vsock::muxer::Muxer;
 use crate::vsock::packet::{read_tx_packet, Header, HDR_SIZE};
+use crate::vsock::Vsock;
 use crate::worker::EpollCtx;
+use crate::worker::{EpollHandler, EventLoop};
 use crate::{GuestMemoryMmap, VirtioDevice};
 
 const MEM_SIZE: usize = 1 << 20;
@@ -232,6 +247,248 @@ pub fn pci(data: &[u8]) {
     }
 }
 
+/// Turns a receive loop may take to go idle; more means it spins.
+const MAX_TURNS: usize = 64;
+
+struct NullIrq;
+
+impl VirtioInterrupt for NullIrq {
+    fn trigger(&self, _t: VirtioInterruptType) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn notifier(&self, _t: VirtioInterruptType) -> Option<EventFd> {
+        None
+    }
+}
+
+/// The guest image of `data` with queue 0 (receive) as [`guest`] lays it
+/// out, whose device-side avail and used positions also come from the
+/// input, and an empty queue 1 (descriptors at 0x800).
+fn rx_guest(
+    data: &[u8],
+) -> (
+    GuestMemoryAtomic<GuestMemoryMmap>,
+    Vec<ActiveQueue>,
+    EventFd,
+) {
+    let (mem, mut q) = guest(data);
+    let word = |at: usize| u16::from_le_bytes([byte(data, at), byte(data, at + 1)]);
+    q.set_next_avail(word(0x300));
+    q.set_next_used(word(0x302));
+    let mut q1 = Queue::new(QUEUE_SIZE).expect("queue size");
+    q1.set_size(QUEUE_SIZE);
+    q1.set_desc_table_address(Some(0x800), Some(0));
+    q1.set_avail_ring_address(Some(0x900), Some(0));
+    q1.set_used_ring_address(Some(0xa00), Some(0));
+    q1.set_ready(true);
+    let kick = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+    let queues = vec![
+        ActiveQueue {
+            index: 0,
+            queue: q,
+            event: kick.try_clone().expect("eventfd"),
+        },
+        ActiveQueue {
+            index: 1,
+            queue: q1,
+            event: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+        },
+    ];
+    (GuestMemoryAtomic::new(mem), queues, kick)
+}
+
+fn byte(data: &[u8], at: usize) -> u8 {
+    data.get(at).copied().unwrap_or(0)
+}
+
+/// Kicks the receive queue and asserts the handler goes idle.
+fn settle<H: EpollHandler>(handler: H, kick: &EventFd) -> EventLoop<H> {
+    let mut el = EventLoop::new(handler).expect("event loop");
+    for _ in 0..2 {
+        kick.write(1).expect("kick");
+        let turns = el.run_until_idle(MAX_TURNS).expect("worker error");
+        assert!(turns < MAX_TURNS, "the receive loop does not go idle");
+    }
+    el
+}
+
+/// virtio-net receive: frames from the tap into receive buffers of a
+/// fuzzed ring (avail and used indices included).
+pub fn net_rx(data: &[u8]) {
+    let (mem, mut queues, kick) = rx_guest(data);
+    let (tap, peer) = UnixDatagram::pair().expect("socketpair");
+    tap.set_nonblocking(true).expect("nonblocking");
+    for i in 0..4 {
+        let len = 12 + usize::from(byte(data, 0x310 + i)) * 8;
+        let _ = peer.send(&vec![i as u8; len]);
+    }
+    let net = Net::with_backend(crate::net::tap::raw_backend(OwnedFd::from(tap)), [2; 6]);
+    queues.truncate(2);
+    let handler = net
+        .handler(mem, Arc::new(NullIrq), queues)
+        .expect("handler");
+    settle(handler, &kick);
+}
+
+fn scratch_dir() -> tempfile_dir::Dir {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("skiff-rx-fuzz-{}-{n}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    tempfile_dir::Dir(dir)
+}
+
+/// virtio-console receive: a client's input into receive buffers of a
+/// fuzzed ring.
+pub fn console_rx(data: &[u8]) {
+    let dir = scratch_dir();
+    let path = dir.0.join("c.sock");
+    let Ok(console) = Console::new(&ConsoleOutput::Socket(path.clone())) else {
+        return;
+    };
+    let (mem, queues, kick) = rx_guest(data);
+    let handler = console
+        .handler(mem, Arc::new(NullIrq), queues)
+        .expect("handler");
+    let mut el = EventLoop::new(handler).expect("event loop");
+    let Ok(mut client) = UnixStream::connect(&path) else {
+        return;
+    };
+    el.run_until_idle(MAX_TURNS).expect("accept");
+    let _ = client.write_all(&data[..data.len().min(300)]);
+    for _ in 0..2 {
+        kick.write(1).expect("kick");
+        let turns = el.run_until_idle(MAX_TURNS).expect("worker error");
+        assert!(turns < MAX_TURNS, "the receive loop does not go idle");
+    }
+}
+
+/// virtio-vsock receive: a host connection request into receive buffers
+/// of a fuzzed ring.
+pub fn vsock_rx(data: &[u8]) {
+    let dir = scratch_dir();
+    let path = dir.0.join("v.sock");
+    let Ok(vsock) = Vsock::new(3, &path) else {
+        return;
+    };
+    let (mem, mut queues, kick) = rx_guest(data);
+    let event = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+    queues.push(ActiveQueue {
+        index: 2,
+        queue: Queue::new(QUEUE_SIZE).expect("queue size"),
+        event,
+    });
+    let handler = vsock
+        .handler(mem, Arc::new(NullIrq), queues)
+        .expect("handler");
+    let mut hosts = Vec::new();
+    for port in 0..u32::from(byte(data, 0x320) % 4 + 1) {
+        if let Ok(mut s) = UnixStream::connect(&path) {
+            let _ = writeln!(s, "CONNECT {port}");
+            hosts.push(s);
+        }
+    }
+    settle(handler, &kick);
+}
+
+/// Records the ioeventfd addresses, like KVM would hold them.
+#[derive(Default)]
+struct IoEvents(Mutex<Vec<u64>>);
+
+impl IoEventRegistrar for IoEvents {
+    fn register_ioevent(&self, _fd: &EventFd, addr: u64) -> std::io::Result<()> {
+        self.0.lock().expect("lock").push(addr);
+        Ok(())
+    }
+    fn unregister_ioevent(&self, _fd: &EventFd, addr: u64) -> std::io::Result<()> {
+        let mut v = self.0.lock().expect("lock");
+        if let Some(i) = v.iter().position(|a| *a == addr) {
+            v.remove(i);
+        }
+        Ok(())
+    }
+}
+
+struct Neighbour;
+
+impl BusDevice for Neighbour {
+    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+        data.fill(0xec);
+    }
+    fn write(&mut self, _base: u64, _offset: u64, _data: &[u8]) {}
+}
+
+/// Base of the neighbour mapping (the VMM's ECAM window, say).
+pub const NEIGHBOUR_BASE: u64 = 0xe000_0000;
+const NEIGHBOUR_SIZE: u64 = 0x10_0000;
+
+/// BAR relocation through ECAM config writes (6 bytes each: register
+/// selector, offset within it, value) to a virtio-pci device on a bus
+/// with a neighbour mapping. After every write the neighbour is intact,
+/// the device's BAR is mapped exactly where it reads back, and its
+/// ioeventfds are inside that range.
+pub fn pci_bar_moves(data: &[u8]) {
+    let mmio = Arc::new(Bus::new());
+    mmio.insert(
+        Arc::new(Mutex::new(Neighbour)),
+        NEIGHBOUR_BASE,
+        NEIGHBOUR_SIZE,
+    )
+    .expect("neighbour");
+    let ioevents = Arc::new(IoEvents::default());
+    let bus = Arc::new(Mutex::new(PciBus::new(
+        mmio.clone(),
+        Arc::new(Bus::new()),
+        ioevents.clone(),
+    )));
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).expect("memory");
+    let rng: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(Rng::new()));
+    let Ok(dev) = VirtioPciDevice::new(rng, GuestMemoryAtomic::new(mem), &NullManager) else {
+        return;
+    };
+    let dev = Arc::new(Mutex::new(dev));
+    let mut alloc = RangeAllocator::new((0xc000_0000, 0x1000_0000), (1 << 40, 1 << 30), (0, 0));
+    if byte(data, 0) & 1 != 0 {
+        lock(&bus).set_bar_windows(alloc.windows());
+    }
+    let shared: Arc<Mutex<dyn PciDevice>> = dev.clone();
+    lock(&bus)
+        .attach(Some(1), shared, &mut alloc)
+        .expect("attach");
+    let mut ecam = PciConfigMmio::new(bus.clone());
+    for op in data.chunks_exact(6) {
+        // Mostly the command register and BAR0/BAR1, sometimes anything.
+        let reg: u64 = match op[0] % 8 {
+            0 | 1 => 1,
+            2 | 3 => 4,
+            4 | 5 => 5,
+            _ => u64::from(op[0]) % 64,
+        };
+        let within = u64::from(op[1] % 4);
+        let len = [1usize, 2, 4][usize::from(op[1] >> 2) % 3].min(4 - within as usize);
+        ecam.write(0, (1 << 15) | (reg * 4 + within), &op[2..2 + len]);
+        let (range, _) = mmio.resolve(NEIGHBOUR_BASE).expect("neighbour mapped");
+        assert_eq!((range.base, range.len), (NEIGHBOUR_BASE, NEIGHBOUR_SIZE));
+        let ranges = lock(&dev).bar_ranges();
+        for r in ranges {
+            let (m, _) = mmio
+                .resolve(r.addr)
+                .expect("BAR mapped where it reads back");
+            assert_eq!((m.base, m.len), (r.addr, r.bar.size));
+            for a in lock(&ioevents.0).iter() {
+                assert!(
+                    (r.addr..r.addr + r.bar.size).contains(a),
+                    "stray ioeventfd {a:#x}"
+                );
+            }
+        }
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     //! A poor man's fuzzer run by `cargo test`: structured random guest
@@ -319,6 +576,44 @@ mod tests {
             let img = image(&mut r, true);
             vsock(&img);
             vsock_header(&img[0x1000..]);
+        }
+    }
+
+    /// The receive loops on random rings, with random device-side avail
+    /// and used positions (often far from the driver's index).
+    #[test]
+    fn receive_loops_go_idle_on_random_rings() {
+        let mut r = XorShift(0x1dea_f00d);
+        for i in 0..150 {
+            let mut img = image(&mut r, false);
+            if i % 3 == 0 {
+                let idx = r.next() as u16;
+                img[0x102..0x104].copy_from_slice(&idx.to_le_bytes());
+            }
+            for b in &mut img[0x300..0x330] {
+                *b = if i % 2 == 0 { 0 } else { r.next() as u8 };
+            }
+            net_rx(&img);
+            console_rx(&img);
+            vsock_rx(&img);
+        }
+    }
+
+    #[test]
+    fn bar_moves_never_disturb_the_neighbour() {
+        let mut r = XorShift(77);
+        for _ in 0..100 {
+            let mut ops: Vec<u8> = (0..6 * 60).map(|_| r.next() as u8).collect();
+            // Sometimes aim at the neighbour or the top of the space.
+            for op in ops.chunks_exact_mut(6) {
+                match r.below(6) {
+                    0 => op[2..6].copy_from_slice(&(NEIGHBOUR_BASE as u32).to_le_bytes()),
+                    1 => op[2..6].copy_from_slice(&0xffff_f000u32.to_le_bytes()),
+                    2 => op[2..6].copy_from_slice(&0xd000_0000u32.to_le_bytes()),
+                    _ => {}
+                }
+            }
+            pci_bar_moves(&ops);
         }
     }
 

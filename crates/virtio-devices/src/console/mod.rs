@@ -108,7 +108,7 @@ impl Console {
 }
 
 impl Console {
-    fn handler(
+    pub(crate) fn handler(
         &self,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
         interrupt: Arc<dyn VirtioInterrupt>,
@@ -217,7 +217,7 @@ impl Token {
     }
 }
 
-struct ConsoleHandler {
+pub(crate) struct ConsoleHandler {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     interrupt: Arc<dyn VirtioInterrupt>,
     rx: WorkerQueue,

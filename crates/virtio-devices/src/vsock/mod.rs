@@ -88,7 +88,7 @@ impl Vsock {
         self.cid
     }
 
-    fn handler(
+    pub(crate) fn handler(
         &self,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
         interrupt: Arc<dyn VirtioInterrupt>,
@@ -188,7 +188,7 @@ impl Token {
     }
 }
 
-struct VsockHandler {
+pub(crate) struct VsockHandler {
     timer: TimerFd,
     timer_armed: bool,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,

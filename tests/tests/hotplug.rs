@@ -1,0 +1,256 @@
+//! skiff-vmm at runtime (issue 11), in ONE guest: the control API, pause
+//! and resume, and hot-plug of a disk, a NIC and a virtio-fs share through
+//! ACPI (the Generic Event Device and `acpiphp`), each added, used from
+//! both sides, removed, and added again; bad requests get clear errors and
+//! the VM goes on. The guest is Debian's cloud kernel with the
+//! devices-test initramfs (`tests/guest/devices-init.sh`), driven through
+//! `skiff-guest-tools serve` on vsock. Every check runs; the test fails at
+//! the end listing the failed ones.
+
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use skiff_tests::fixture::{disk_by_serial, iface_by_mac, random_bytes, sha256, virtiofsd, Checks, Guest, Network};
+use skiff_tests::{artifact, scratch, RunningVm, VmSpec};
+use skiff_vmm_client::types::{DiskSpec, FsSpec, NetSpec, Resize, VmState};
+use skiff_vmm_client::{Client, ClientError};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+const MIB: u64 = 1 << 20;
+const HOST0: Ipv4Addr = Ipv4Addr::new(10, 78, 7, 1);
+const HOST1: Ipv4Addr = Ipv4Addr::new(10, 78, 8, 1);
+const HP_MAC: &str = "52:54:00:78:07:09";
+
+/// Polls `f` until it returns `Ok(Some(_))` or `timeout` passes.
+fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        match f() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        ensure!(Instant::now() < deadline, "{what}: not within {timeout:?} {last}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn refused(r: Result<impl std::fmt::Debug, ClientError>, status: u16, needle: &str) -> Result<()> {
+    match r {
+        Err(ClientError::Refused { status: s, message, .. }) if s == status && message.contains(needle) => {
+            println!("  refused as expected ({s}): {message}");
+            Ok(())
+        }
+        other => bail!("expected a {status} error mentioning {needle:?}, got {other:?}"),
+    }
+}
+
+/// CPU seconds of skiff-vmm's vCPU threads.
+fn vcpu_seconds(pid: u32) -> Result<f64> {
+    let mut total = 0u64;
+    for t in fs::read_dir(format!("/proc/{pid}/task"))? {
+        let t = t?.path();
+        if !fs::read_to_string(t.join("comm"))?.starts_with("vcpu") {
+            continue;
+        }
+        let stat = fs::read_to_string(t.join("stat"))?;
+        let after = stat.rsplit_once(')').context("stat")?.1;
+        let f: Vec<&str> = after.split_whitespace().collect();
+        total += f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    }
+    // SAFETY: sysconf has no preconditions.
+    Ok(total as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
+}
+
+fn counter(g: &Guest) -> Result<u64> {
+    // The loop rewrites the file; read until a whole number shows.
+    let out = g.run("while :; do c=$(cat /tmp/count); [ -n \"$c\" ] && break; done; echo $c")?;
+    Ok(out.trim().parse()?)
+}
+
+fn check_pause(g: &Guest, api: &Client) -> Result<()> {
+    g.run("(i=0; while :; do i=$((i+1)); echo $i > /tmp/count; done) </dev/null >/dev/null 2>&1 & echo $! > /tmp/counter.pid")?;
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = g.vm.pid();
+    let c0 = counter(g)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let c1 = counter(g)?;
+    api.pause()?;
+    ensure!(api.info()?.state == VmState::Paused, "info does not say paused");
+    let cpu0 = vcpu_seconds(pid)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let cpu1 = vcpu_seconds(pid)?;
+    api.resume()?;
+    let c2 = counter(g)?;
+    let (running, paused) = (c1 - c0, c2 - c1);
+    println!(
+        "  counter: +{running} in 2 s running, +{paused} across 2 s paused; vCPU CPU while paused {:.3} s",
+        cpu1 - cpu0
+    );
+    ensure!(running > 0, "the guest's counter did not move while running");
+    ensure!(paused * 3 < running, "the guest made progress while paused: +{paused} vs +{running} running");
+    ensure!(cpu1 - cpu0 < 0.2, "vCPU threads used {:.3} s of CPU while paused", cpu1 - cpu0);
+    let t = Instant::now();
+    for i in 0..100 {
+        api.pause().with_context(|| format!("pause {i}"))?;
+        api.resume().with_context(|| format!("resume {i}"))?;
+    }
+    println!("  100 pause/resume rounds in {:.1} s", t.elapsed().as_secs_f64());
+    g.run("kill $(cat /tmp/counter.pid)")?;
+    ensure!(g.run("echo alive")?.trim() == "alive", "the guest does not answer after 100 pauses");
+    Ok(())
+}
+
+fn vmm_has_open(pid: u32, file: &Path) -> Result<bool> {
+    for fd in fs::read_dir(format!("/proc/{pid}/fd"))? {
+        if fs::read_link(fd?.path()).ok().as_deref() == Some(file) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn check_disk(g: &Guest, api: &Client, dir: &Path) -> Result<()> {
+    let image = dir.join("hot.raw");
+    fs::File::create(&image)?.set_len(32 * MIB)?;
+    let spec =
+        DiskSpec { id: Some("hot".into()), path: image.clone(), readonly: false, serial: Some("skiff-hot".into()) };
+    let t = Instant::now();
+    let added = api.add_disk(&spec)?;
+    let dev =
+        poll("the hot-plugged disk in the guest", Duration::from_secs(60), || Ok(disk_by_serial(g, "skiff-hot").ok()))?;
+    println!("  /dev/{dev} (slot {}) visible {:.1} s after the request", added.slot, t.elapsed().as_secs_f64());
+    let sectors: u64 = g.run(&format!("cat /sys/block/{dev}/size"))?.trim().parse()?;
+    ensure!(sectors * 512 == 32 * MIB, "/dev/{dev} has {sectors} sectors");
+    let data = random_bytes(MIB as usize);
+    fs::write(dir.join("pattern.bin"), &data)?;
+    // The guest writes a pattern made in the guest; the host reads it back.
+    let out = g.run(&format!(
+        "dd if=/dev/urandom of=/tmp/p.bin bs=1M count=1 2>/dev/null && dd if=/tmp/p.bin of=/dev/{dev} bs=1M oflag=direct 2>/dev/null && sha256sum /tmp/p.bin"
+    ))?;
+    let want = out.split_whitespace().next().unwrap_or_default().to_string();
+    let mut head = fs::read(&image)?;
+    head.truncate(MIB as usize);
+    ensure!(sha256(&head) == want, "the host does not see what the guest wrote");
+
+    api.remove_device("hot")?;
+    let gone = g.run(&format!("test -e /sys/block/{dev} && echo present || echo gone"))?;
+    ensure!(gone.trim() == "gone", "/dev/{dev} is still in the guest after removal");
+    ensure!(!vmm_has_open(g.vm.pid(), &image)?, "skiff-vmm still has the image open");
+    ensure!(!api.info()?.devices.iter().any(|d| d.id == "hot"), "info still lists the removed disk");
+    let again = api.add_disk(&spec)?;
+    ensure!(again.slot == added.slot, "re-added on slot {} instead of the freed {}", again.slot, added.slot);
+    poll("the re-added disk", Duration::from_secs(60), || Ok(disk_by_serial(g, "skiff-hot").ok()))?;
+    api.remove_device("hot")?;
+    Ok(())
+}
+
+fn check_net(g: &Guest, api: &Client, net: &Network) -> Result<()> {
+    let t = Instant::now();
+    api.add_net(&NetSpec { id: Some("lan".into()), tap: net.tap0.clone(), mac: Some(HP_MAC.into()) })?;
+    let eth = poll("the hot-plugged NIC", Duration::from_secs(60), || Ok(iface_by_mac(g, HP_MAC).ok()))?;
+    println!("  {eth} visible {:.1} s after the request", t.elapsed().as_secs_f64());
+    let dhcp = g.run(&format!("ip link set {eth} up && udhcpc -i {eth} -f -q -n -t 10 -T 2 -s /etc/udhcpc.sh"))?;
+    ensure!(dhcp.contains("bound 10.78.7."), "no DHCP lease on the hot-plugged NIC: {dhcp}");
+    let ping = g.run(&format!("ping -c 2 -W 5 {HOST0}"))?;
+    ensure!(ping.contains("2 packets received"), "ping: {ping}");
+    api.remove_device("lan")?;
+    let gone = g.run(&format!("test -e /sys/class/net/{eth} && echo present || echo gone"))?;
+    ensure!(gone.trim() == "gone", "{eth} is still in the guest");
+    Ok(())
+}
+
+fn check_fs(g: &Guest, api: &Client, dir: &Path) -> Result<()> {
+    let share = dir.join("hot-share");
+    fs::create_dir_all(&share)?;
+    fs::write(share.join("from-host.txt"), "hot share\n")?;
+    let _fsd = virtiofsd(&share, &dir.join("hot-fs.sock"), &dir.join("hot-virtiofsd.log"))?;
+    api.add_fs(&FsSpec { id: Some("share".into()), tag: "hotshare".into(), socket: dir.join("hot-fs.sock") })?;
+    poll("mounting the hot-plugged share", Duration::from_secs(60), || {
+        Ok(g.exec("mkdir -p /mnt/hot && mount -t virtiofs hotshare /mnt/hot")?.code.eq(&0).then_some(()))
+    })?;
+    ensure!(g.run("cat /mnt/hot/from-host.txt")? == "hot share\n", "cannot read the host's file");
+    g.run("echo from guest > /mnt/hot/from-guest.txt && sync")?;
+    ensure!(fs::read_to_string(share.join("from-guest.txt"))? == "from guest\n", "the host does not see the file");
+    g.run("umount /mnt/hot")?;
+    api.remove_device("share")?;
+    Ok(())
+}
+
+fn check_bad_requests(g: &Guest, api: &Client, dir: &Path) -> Result<()> {
+    refused(api.remove_device("nope"), 404, "nope")?;
+    let spec =
+        |id: &str, path: &Path| DiskSpec { id: Some(id.into()), path: path.into(), readonly: false, serial: None };
+    refused(api.add_disk(&spec("bad", &dir.join("missing.raw"))), 400, "missing.raw")?;
+    let img = dir.join("dup.raw");
+    fs::File::create(&img)?.set_len(MIB)?;
+    refused(api.add_disk(&spec("vsock0", &img)), 409, "vsock0")?;
+    refused(api.resize(&Resize { vcpus: Some(3), memory_mib: None }), 409, "1 to 2")?;
+    refused(api.resize(&Resize { vcpus: None, memory_mib: Some(4096) }), 409, "hot-plug")?;
+    api.pause()?;
+    refused(api.add_disk(&spec("p", &img)), 409, "paused")?;
+    api.resume()?;
+    ensure!(g.run("echo alive")?.trim() == "alive", "the guest does not answer after the bad requests");
+    Ok(())
+}
+
+#[test]
+#[ignore = "boots a guest: needs hardware KVM and root; run through tests/run"]
+fn runtime_control_and_hotplug() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    ensure!(unsafe { libc::geteuid() } == 0, "needs root (bridges, taps, virtiofsd): run through tests/run");
+    let dir = scratch()?;
+    let d = dir.path();
+    let net = Network::setup(d, HOST0, HOST1)?;
+    let vsock = d.join("v.sock");
+    let api_sock = d.join("api.sock");
+    let spec = VmSpec {
+        kernel: artifact("vmlinux")?,
+        initramfs: Some(artifact("devices-test.cpio")?),
+        cmdline: "console=ttyS0 reboot=k panic=-1 quiet".into(),
+        cpus: 2,
+        memory_mib: 512,
+        api_socket: Some(api_sock.clone()),
+    };
+    let mut vm = RunningVm::start_with(&spec, &["--vsock".into(), format!("cid=3,socket={}", vsock.display())])?;
+    vm.wait_for_serial("serving on vsock port", BOOT_TIMEOUT)?;
+    let g = Guest { vm, vsock };
+    let api = Client::new(&api_sock);
+
+    let mut checks = Checks::default();
+    checks.run("info", || {
+        let info = api.info()?;
+        ensure!(info.devices.iter().any(|d| d.id == "vsock0" && !d.hotplugged), "devices: {:?}", info.devices);
+        ensure!(info.state == VmState::Running && info.cpus.present == 2, "info: {info:?}");
+        Ok(())
+    });
+    checks.run("pause and resume", || check_pause(&g, &api));
+    checks.run("disk hot-plug", || check_disk(&g, &api, d));
+    checks.run("nic hot-plug", || check_net(&g, &api, &net));
+    checks.run("virtio-fs hot-plug", || check_fs(&g, &api, d));
+    checks.run("bad requests", || check_bad_requests(&g, &api, d));
+    checks.run("counters", || {
+        let c = api.counters()?;
+        ensure!(c.vm_exits.get("mmio_write").copied().unwrap_or(0) > 0, "counters: {c:?}");
+        Ok(())
+    });
+
+    api.power_off()?;
+    let out = g.vm.wait(Duration::from_secs(60))?;
+    println!("--- stderr ---\n{}", out.stderr);
+    checks.run("power-off", || {
+        ensure!(out.status.code() == Some(0), "power-off should end the VMM with 0, got {}", out.status);
+        ensure!(out.stderr.contains("API power-off"), "no power-off message");
+        ensure!(!api_sock.exists(), "the API socket was left behind");
+        Ok(())
+    });
+    if !checks.failed.is_empty() {
+        println!("--- serial ---\n{}", out.serial);
+        bail!("{} check(s) failed:\n  {}", checks.failed.len(), checks.failed.join("\n  "));
+    }
+    Ok(())
+}

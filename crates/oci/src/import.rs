@@ -12,9 +12,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Deserialize;
 
 use crate::digest::Digest;
+use crate::fetch::{MAX_CONFIG, MAX_MANIFEST};
 use crate::manifest::{self, Compression, Descriptor, Document, ManifestError, Platform};
 use crate::reference::Reference;
 use crate::store::{ImageRecord, Store, StoreError};
+use crate::unpack::guard;
 
 /// An import that failed; names the source, the cause follows.
 #[derive(Debug, thiserror::Error)]
@@ -42,12 +44,61 @@ pub enum ImportCause {
     /// A JSON document is malformed.
     #[error("parsing {0}")]
     Json(String, #[source] serde_json::Error),
+    /// A document larger than its limit (the same as for a registry:
+    /// [`MAX_MANIFEST`] for indexes and manifests, [`MAX_CONFIG`] for
+    /// configs).
+    #[error("{what}: {size} bytes, over the {limit}-byte limit")]
+    TooLarge {
+        /// Which document.
+        what: String,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A docker-archive with more symlinks than [`MAX_ARCHIVE_LINKS`].
+    #[error("more than {MAX_ARCHIVE_LINKS} symlinks in the archive")]
+    TooManyLinks,
     /// A manifest or config is unusable.
     #[error("manifest")]
     Manifest(#[source] ManifestError),
     /// Storing failed (digest mismatch, disk full, …).
     #[error("store")]
     Store(#[source] StoreError),
+}
+
+/// Most symlinks remembered from a docker-archive (one per layer in the
+/// legacy format; an image has at most 127 layers).
+pub const MAX_ARCHIVE_LINKS: usize = 10_000;
+
+/// Reads a whole file of at most `limit` bytes.
+fn read_capped(path: &Path, what: &str, limit: u64) -> Result<Vec<u8>, ImportCause> {
+    let io = |e| ImportCause::Io(path.to_path_buf(), e);
+    let f = File::open(path).map_err(io)?;
+    let size = f.metadata().map_err(io)?.len();
+    let mut out = Vec::new();
+    f.take(limit + 1).read_to_end(&mut out).map_err(io)?;
+    let size = size.max(out.len() as u64);
+    if size > limit {
+        return Err(ImportCause::TooLarge {
+            what: what.to_string(),
+            size,
+            limit,
+        });
+    }
+    Ok(out)
+}
+
+/// Refuses a document whose declared size is over `limit`.
+fn check_size(what: impl std::fmt::Display, size: u64, limit: u64) -> Result<(), ImportCause> {
+    if size > limit {
+        return Err(ImportCause::TooLarge {
+            what: what.to_string(),
+            size,
+            limit,
+        });
+    }
+    Ok(())
 }
 
 /// Imports the image at `source` (`DIR`, `DIR:TAG` or `FILE.tar`) under
@@ -121,7 +172,8 @@ fn import_layout(
     name: Option<&str>,
     platform: &Platform,
 ) -> Result<ImageRecord, ImportCause> {
-    let blob = |d: &Descriptor| -> Result<Vec<u8>, ImportCause> {
+    let blob = |d: &Descriptor, what: &str, limit: u64| -> Result<Vec<u8>, ImportCause> {
+        check_size(format_args!("{what} {}", d.digest), d.size, limit)?;
         let p = dir
             .join("blobs")
             .join(d.digest.algorithm().name())
@@ -131,7 +183,7 @@ fn import_layout(
         store.read_blob(&d.digest).map_err(ImportCause::Store)
     };
     let ip = dir.join("index.json");
-    let ib = std::fs::read(&ip).map_err(|e| ImportCause::Io(ip.clone(), e))?;
+    let ib = read_capped(&ip, "index.json", MAX_MANIFEST)?;
     let index: manifest::Index =
         serde_json::from_slice(&ib).map_err(|e| ImportCause::Json(ip.display().to_string(), e))?;
     const REF: &str = "org.opencontainers.image.ref.name";
@@ -163,7 +215,7 @@ fn import_layout(
     let tag_name = tag
         .map(str::to_string)
         .or_else(|| top.annotations.get(REF).cloned());
-    let top_bytes = blob(top)?;
+    let top_bytes = blob(top, "manifest", MAX_MANIFEST)?;
     let (index_digest, mdesc) = match manifest::parse_document(&top_bytes, Some(&top.media_type))
         .map_err(ImportCause::Manifest)?
     {
@@ -175,7 +227,7 @@ fn import_layout(
                 .clone(),
         ),
     };
-    let mbytes = blob(&mdesc)?;
+    let mbytes = blob(&mdesc, "manifest", MAX_MANIFEST)?;
     let Document::Manifest(m) = manifest::parse_document(&mbytes, Some(&mdesc.media_type))
         .map_err(ImportCause::Manifest)?
     else {
@@ -183,7 +235,8 @@ fn import_layout(
             "nested index".into(),
         )));
     };
-    let cfg = manifest::parse_config(&blob(&m.config)?).map_err(ImportCause::Manifest)?;
+    let cfg = manifest::parse_config(&blob(&m.config, "image config", MAX_CONFIG)?)
+        .map_err(ImportCause::Manifest)?;
     for l in &m.layers {
         Compression::from_media_type(&l.media_type).map_err(ImportCause::Manifest)?;
         let p = dir
@@ -226,20 +279,25 @@ fn import_archive(
     file: &Path,
     name: Option<&str>,
 ) -> Result<ImageRecord, ImportCause> {
-    let open = || -> Result<tar::Archive<File>, ImportCause> {
-        Ok(tar::Archive::new(
-            File::open(file).map_err(|e| ImportCause::Io(file.to_path_buf(), e))?,
-        ))
+    // The archive's headers are read through the unpacker's guard: a GNU
+    // long name or PAX header is capped as in a layer.
+    type Archive = tar::Archive<guard::Limit<File>>;
+    let open = || -> Result<(Archive, guard::Handles), ImportCause> {
+        let f = File::open(file).map_err(|e| ImportCause::Io(file.to_path_buf(), e))?;
+        let r = guard::Limit::new(f, u64::MAX, false);
+        let h = r.handles();
+        Ok((tar::Archive::new(r), h))
     };
     let io = |e| ImportCause::Io(file.to_path_buf(), e);
     // Pass 1: manifest.json (docker writes it last) and symlinked layers.
     let mut manifest_json = None;
     let mut links: HashMap<String, String> = HashMap::new();
-    let mut ar = open()?;
-    for e in ar.entries().map_err(|_| ImportCause::Unknown)? {
+    let (mut ar, h) = open()?;
+    for e in guard::Entries::new(&mut ar, h).map_err(|_| ImportCause::Unknown)? {
         let mut e = e.map_err(io)?;
         let p = entry_name(&e).map_err(io)?;
         if p == "manifest.json" {
+            check_size("manifest.json", e.size(), MAX_MANIFEST)?;
             let mut s = Vec::new();
             e.read_to_end(&mut s).map_err(io)?;
             manifest_json = Some(s);
@@ -247,10 +305,15 @@ fn import_archive(
             if let Some(t) = e.link_name().map_err(io)? {
                 let base = Path::new(&p).parent().unwrap_or(Path::new(""));
                 if let Some(c) = crate::unpack::clean(&base.join(t)) {
+                    if links.len() >= MAX_ARCHIVE_LINKS {
+                        return Err(ImportCause::TooManyLinks);
+                    }
                     links.insert(p, c.to_string_lossy().into_owned());
                 }
             }
         }
+        // The rest of the entry, outside the guarded header search.
+        std::io::copy(&mut e, &mut std::io::sink()).map_err(io)?;
     }
     let mj = manifest_json.ok_or(ImportCause::Unknown)?;
     let entries: Vec<ArchiveEntry> =
@@ -266,10 +329,14 @@ fn import_archive(
         wanted.insert(resolve(l), None);
     }
     // Pass 2: hash the wanted files into the store.
-    let mut ar = open()?;
-    for e in ar.entries().map_err(io)? {
+    let config_path = resolve(&entry.config);
+    let (mut ar, h) = open()?;
+    for e in guard::Entries::new(&mut ar, h).map_err(io)? {
         let mut e = e.map_err(io)?;
         let p = entry_name(&e).map_err(io)?;
+        if p == config_path {
+            check_size(&p, e.size(), MAX_CONFIG)?;
+        }
         if let Some(slot) = wanted.get_mut(&p) {
             if slot.is_none() && e.header().entry_type().is_file() {
                 *slot = Some(
@@ -279,6 +346,7 @@ fn import_archive(
                 );
             }
         }
+        std::io::copy(&mut e, &mut std::io::sink()).map_err(io)?;
     }
     let get = |p: &str| -> Result<(Digest, u64), ImportCause> {
         wanted.get(&resolve(p)).cloned().flatten().ok_or_else(|| {
@@ -357,4 +425,87 @@ fn entry_name<R: Read>(e: &tar::Entry<'_, R>) -> std::io::Result<String> {
         .unwrap_or_default()
         .to_string_lossy()
         .into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::unpack::tests::layer::Layer;
+
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut s = e.to_string();
+        let mut src = e.source();
+        while let Some(x) = src {
+            s += &format!(": {x}");
+            src = x.source();
+        }
+        s
+    }
+
+    fn import_err(store: &Store, path: &Path) -> String {
+        let e = import(store, path.to_str().unwrap(), None, &Platform::host()).unwrap_err();
+        chain(&e)
+    }
+
+    /// Valid JSON padded to `size` bytes.
+    fn padded(json: &str, size: usize) -> Vec<u8> {
+        let mut v = json.as_bytes().to_vec();
+        v.resize(size, b' ');
+        v
+    }
+
+    #[test]
+    fn oversized_layout_documents_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store")).unwrap();
+        let lay = dir.path().join("layout");
+        std::fs::create_dir_all(lay.join("blobs/sha256")).unwrap();
+        std::fs::write(lay.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        let index = padded(r#"{"schemaVersion":2,"manifests":[]}"#, 5 << 20);
+        std::fs::write(lay.join("index.json"), &index).unwrap();
+        let e = import_err(&store, &lay);
+        assert!(
+            e.contains("index.json") && e.contains("4194304-byte limit"),
+            "{e}"
+        );
+        // A manifest blob of 5 MiB, honestly described.
+        let m = padded(
+            r#"{"schemaVersion":2,"config":{"digest":"sha256:00","size":1}}"#,
+            5 << 20,
+        );
+        let d = Digest::sha256_of(&m);
+        std::fs::write(lay.join("blobs/sha256").join(d.hex()), &m).unwrap();
+        let index = format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{}","digest":"{d}","size":{}}}]}}"#,
+            manifest::OCI_MANIFEST,
+            m.len()
+        );
+        std::fs::write(lay.join("index.json"), index).unwrap();
+        let e = import_err(&store, &lay);
+        assert!(
+            e.contains("manifest") && e.contains("4194304-byte limit"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn oversized_archive_documents_and_headers_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store")).unwrap();
+        let ar = dir.path().join("a.tar");
+        let mj = padded("[]", 5 << 20);
+        std::fs::write(&ar, Layer::new().file("manifest.json", 0o644, &mj).finish()).unwrap();
+        let e = import_err(&store, &ar);
+        assert!(
+            e.contains("manifest.json") && e.contains("4194304-byte limit"),
+            "{e}"
+        );
+        let l = Layer::new()
+            .extension(tar::EntryType::GNULongName, 8 << 20, &vec![b'a'; 8 << 20])
+            .file("x", 0o644, b"x")
+            .finish();
+        std::fs::write(&ar, l).unwrap();
+        let e = import_err(&store, &ar);
+        assert!(e.contains("GNU long name") && e.contains("limit"), "{e}");
+    }
 }

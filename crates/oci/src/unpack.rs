@@ -56,7 +56,6 @@
 //!   `security.*` (SELinux, Smack, IMA/EVM: host policy, not image
 //!   content) are dropped and counted in a log line per layer.
 
-use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
@@ -64,12 +63,11 @@ use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 
 use crate::manifest::Compression;
 
 mod fsops;
-mod guard;
+pub(crate) mod guard;
 mod root;
 use fsops::{copy_entry, cstr, remove_any, set_times, set_xattr};
 pub use guard::{MAX_LONG_NAME, MAX_PAX, MAX_SPARSE_MAP};
@@ -277,31 +275,20 @@ impl Unpacker {
             }
             Compression::None => Box::new(br),
         };
-        let limited = guard::Limit {
-            inner: r,
-            left: self.opts.max_layer_size,
-            read: Rc::new(Cell::new(0)),
-            hasher: crate::digest::Hasher::new(crate::digest::Algorithm::Sha256),
-            guard: guard::Guard::new(),
-        };
-        self.apply_tar(limited)
+        self.apply_tar(guard::Limit::new(r, self.opts.max_layer_size, true))
     }
 
     fn apply_tar<R: Read>(&mut self, r: guard::Limit<R>) -> Result<LayerStats, UnpackError> {
         let limit = self.opts.max_layer_size;
-        let pos = r.read.clone();
-        let guard = r.guard.clone();
+        let handles = r.handles();
         let mut ar = tar::Archive::new(r);
         let mut stats = LayerStats::default();
         let mut layer = LayerState::default();
         let mut last_end = 0u64;
-        let mut entries = ar.entries().map_err(|e| archive_err(e, limit))?;
-        loop {
-            // Only the parser's search for the next entry is guarded.
-            guard.borrow_mut().begin(pos.get());
-            let next = entries.next();
-            guard.borrow_mut().end();
-            let Some(entry) = next else { break };
+        let mut entries =
+            guard::Entries::new(&mut ar, handles).map_err(|e| archive_err(e, limit))?;
+        while let Some(entry) = entries.next() {
+            let pos = entries.pos();
             let mut entry = match entry {
                 Ok(e) => e,
                 // The stream ends right after the last entry's data, with
@@ -310,8 +297,8 @@ impl Unpacker {
                 Err(e)
                     if guard::hit(&e).is_none()
                         && last_end > 0
-                        && pos.get() >= last_end
-                        && pos.get() <= last_end.next_multiple_of(512) =>
+                        && pos >= last_end
+                        && pos <= last_end.next_multiple_of(512) =>
                 {
                     log::debug!("layer ends without end-of-archive blocks; taken as complete");
                     break;
@@ -344,7 +331,7 @@ impl Unpacker {
         let mut rest = ar.into_inner();
         io::copy(&mut rest, &mut io::sink()).map_err(|e| archive_err(e, limit))?;
         stats.bytes = rest.read.get();
-        stats.diff_id = Some(rest.hasher.finish());
+        stats.diff_id = rest.hasher.map(crate::digest::Hasher::finish);
         Ok(stats)
     }
 

@@ -214,8 +214,8 @@ pub struct Limit<R> {
     pub left: u64,
     /// Bytes read so far (shared with the caller).
     pub read: Rc<Cell<u64>>,
-    /// The uncompressed digest.
-    pub hasher: Hasher,
+    /// The uncompressed digest, if wanted.
+    pub hasher: Option<Hasher>,
     /// The step guard (shared with the caller).
     pub guard: Rc<RefCell<Guard>>,
 }
@@ -232,7 +232,70 @@ impl<R: Read> Read for Limit<R> {
             .map_err(io::Error::other)?;
         self.left -= n as u64;
         self.read.set(self.read.get() + n as u64);
-        self.hasher.update(&buf[..n]);
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
         Ok(n)
+    }
+}
+
+impl<R: Read> Limit<R> {
+    /// A guarded reader of at most `left` bytes, hashing with SHA-256 when
+    /// `hash`.
+    pub fn new(inner: R, left: u64, hash: bool) -> Self {
+        Self {
+            inner,
+            left,
+            read: Rc::new(Cell::new(0)),
+            hasher: hash.then(|| Hasher::new(crate::digest::Algorithm::Sha256)),
+            guard: Guard::new(),
+        }
+    }
+}
+
+/// Iterates a tar archive read through a [`Limit`], guarding each search
+/// for the next entry. Read each entry's data to its end (or drop it
+/// after reading it) before asking for the next: what is left is read in
+/// the guarded search.
+pub struct Entries<'a, R: Read> {
+    inner: tar::Entries<'a, Limit<R>>,
+    guard: Rc<RefCell<Guard>>,
+    pos: Rc<Cell<u64>>,
+}
+
+/// What [`Entries`] shares with the [`Limit`] under the archive.
+pub struct Handles(Rc<RefCell<Guard>>, Rc<Cell<u64>>);
+
+impl<R> Limit<R> {
+    /// Take before wrapping the reader in a `tar::Archive`.
+    pub fn handles(&self) -> Handles {
+        Handles(self.guard.clone(), self.read.clone())
+    }
+}
+
+impl<'a, R: Read> Entries<'a, R> {
+    /// The entries of `ar`, whose reader gave `h`.
+    pub fn new(ar: &'a mut tar::Archive<Limit<R>>, h: Handles) -> io::Result<Self> {
+        Ok(Self {
+            inner: ar.entries()?,
+            guard: h.0,
+            pos: h.1,
+        })
+    }
+
+    /// Bytes read so far.
+    pub fn pos(&self) -> u64 {
+        self.pos.get()
+    }
+}
+
+impl<'a, R: Read> Iterator for Entries<'a, R> {
+    type Item = io::Result<tar::Entry<'a, Limit<R>>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.guard.borrow_mut().begin(self.pos.get());
+        let next = self.inner.next();
+        self.guard.borrow_mut().end();
+        next
     }
 }

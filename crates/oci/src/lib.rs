@@ -16,6 +16,8 @@ pub mod digest;
 #[cfg(test)]
 mod fake_registry;
 pub mod fetch;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod import;
 pub mod manifest;
 pub mod pull;

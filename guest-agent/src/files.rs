@@ -5,7 +5,7 @@ use std::io::{self, Read, Write};
 use std::path::Path;
 
 use skiff_agent_proto::frame::read_frame;
-use skiff_agent_proto::tree::{self, TreeError, TreeWriter};
+use skiff_agent_proto::tree::{self, TreeError, TreeWriter, WriteOptions};
 use skiff_agent_proto::{
     AgentMessage, Channel, ClientMessage, EntryKind, ErrorCode, ErrorReply, FileEntry, Frame,
     PullRequest, PushRequest, Reply, MAX_DATA_CHUNK,
@@ -16,7 +16,16 @@ use crate::sink::{code_of, Sink};
 fn tree_error(e: &TreeError) -> ErrorReply {
     let code = match e {
         TreeError::Io { source, .. } => code_of(source),
-        TreeError::UnsafePath(_) | TreeError::ThroughSymlink(_) => ErrorCode::BadRequest,
+        TreeError::UnsafePath(_)
+        | TreeError::ThroughSymlink(_)
+        | TreeError::RootTwice
+        | TreeError::OutOfOrder(_)
+        | TreeError::ReplacesDirectory(_)
+        | TreeError::TooManyEntries(_)
+        | TreeError::TooDeep(_)
+        | TreeError::SizeMismatch { .. }
+        | TreeError::TreeTooLarge(_) => ErrorCode::BadRequest,
+        TreeError::Changed(_) => ErrorCode::Io,
         TreeError::Unsupported(_) | TreeError::NotUtf8(_) => ErrorCode::Unsupported,
     };
     ErrorReply {
@@ -49,7 +58,16 @@ pub fn push<R: Read>(reader: &mut R, sink: &Sink, id: u64, req: &PushRequest) ->
             message: "push path must be absolute".into(),
         });
     }
-    let mut writer = TreeWriter::new(Path::new(&req.path), req.parents, true);
+    // The host is trusted here: its modes are kept whole (set-id bits
+    // included) and its trees are not capped.
+    let opts = WriteOptions {
+        parents: req.parents,
+        owners: true,
+        special_bits: true,
+        max_entries: u64::MAX,
+        max_bytes: u64::MAX,
+    };
+    let mut writer = TreeWriter::new(Path::new(&req.path), opts);
     let mut current: Option<(FileEntry, Option<File>, u64)> = None;
     loop {
         let frame = match read_frame::<ClientMessage, _>(reader) {

@@ -12,9 +12,10 @@ use tokio::time::{timeout, timeout_at, Instant};
 use skiff_agent_proto::frame::{body_len, decode_body, encode_control, encode_data, HEADER_LEN};
 use skiff_agent_proto::{
     AgentMessage, Channel, ClientMessage, Frame, Hello, Reply, Request, Welcome,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
-use crate::{ClientError, Timeouts, Transport};
+use crate::{agent_error, defang_welcome, describe, ClientError, Limits, Timeouts, Transport};
 
 /// The sending half, shared by an exec session and its controls.
 pub(crate) type Writer = Arc<Mutex<FrameWriter>>;
@@ -35,6 +36,7 @@ pub struct Connection {
     pub(crate) reader: BufReader<OwnedReadHalf>,
     pub(crate) writer: Writer,
     pub(crate) timeouts: Timeouts,
+    pub(crate) limits: Limits,
     pub(crate) welcome: Welcome,
     next_id: u64,
 }
@@ -52,6 +54,7 @@ impl Connection {
                 partial: 0,
             })),
             timeouts,
+            limits: Limits::default(),
             welcome: Welcome {
                 version: 0,
                 agent: String::new(),
@@ -63,14 +66,24 @@ impl Connection {
         conn.send_within(&hello, timeouts.connect, "handshake")
             .await?;
         match conn.recv_within(timeouts.connect, "handshake").await? {
-            Frame::Control(AgentMessage::Welcome(w)) => conn.welcome = w,
+            Frame::Control(AgentMessage::Welcome(w)) => {
+                // The agent must pick a version of the hello's range.
+                if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&w.version) {
+                    return Err(ClientError::Protocol(format!(
+                        "the agent chose protocol version {}, not one of {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}",
+                        w.version
+                    )));
+                }
+                conn.welcome = defang_welcome(w);
+            }
             Frame::Control(AgentMessage::Reply {
                 reply: Reply::Error(e),
                 ..
-            }) => return Err(ClientError::Agent(e)),
+            }) => return Err(agent_error(e)),
             other => {
                 return Err(ClientError::Protocol(format!(
-                    "expected welcome, got {other:?}"
+                    "expected welcome, got {}",
+                    describe(&other)
                 )))
             }
         }
@@ -158,10 +171,11 @@ impl Connection {
             Frame::Control(AgentMessage::Reply {
                 reply: Reply::Error(e),
                 ..
-            }) => Err(ClientError::Agent(e)),
+            }) => Err(agent_error(e)),
             Frame::Control(AgentMessage::Reply { id: rid, reply }) if rid == id => Ok(reply),
             other => Err(ClientError::Protocol(format!(
-                "expected reply to {id}, got {other:?}"
+                "expected reply to {id}, got {}",
+                describe(&other)
             ))),
         }
     }

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
+use tokio::time::{timeout_at, Instant};
 
 use skiff_agent_proto::frame::{encode_control, encode_data};
 use skiff_agent_proto::{
@@ -22,10 +23,17 @@ use skiff_agent_proto::{
 };
 
 use crate::conn::{write_frame, write_within, Connection, Writer};
-use crate::ClientError;
+use crate::{agent_error, describe, ClientError};
 
 /// Output chunks the session buffers for a reader that falls behind.
 const EVENT_BUFFER: usize = 8;
+/// Output the session buffers before the agent acknowledged the exec with
+/// `exec_started` (an agent sends none then, except a command-not-found
+/// message before `exec_exit`); beyond it the connection is dropped.
+pub const MAX_PRESTART_OUTPUT: usize = 1 << 20;
+/// What each buffered event counts on top of its bytes, so that a flood of
+/// empty chunks is capped as well.
+const EVENT_OVERHEAD: usize = 64;
 
 /// Something that happened to a running exec.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,15 +187,19 @@ fn classify(id: u64, frame: Frame<AgentMessage>) -> Result<Incoming, ClientError
         Frame::Control(AgentMessage::Reply { id: rid, reply }) if rid == id => match reply {
             Reply::ExecStarted { pid } => Ok(Incoming::Started(pid)),
             Reply::ExecExit { status } => Ok(Incoming::Event(ExecEvent::Exit(status))),
-            Reply::Error(e) => Err(ClientError::Agent(e)),
-            other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+            Reply::Error(e) => Err(agent_error(e)),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected reply {}",
+                describe(&Frame::Control(AgentMessage::Reply { id, reply: other }))
+            ))),
         },
         Frame::Control(AgentMessage::Reply {
             reply: Reply::Error(e),
             ..
-        }) => Err(ClientError::Agent(e)),
+        }) => Err(agent_error(e)),
         other => Err(ClientError::Protocol(format!(
-            "unexpected frame in exec: {other:?}"
+            "unexpected frame in exec: {}",
+            describe(&other)
         ))),
     }
 }
@@ -233,6 +245,15 @@ pub struct ExecSession {
     control: ExecControl,
     events: mpsc::Receiver<Result<ExecEvent, ClientError>>,
     reader: Option<JoinHandle<()>>,
+    /// Output bytes [`ExecSession::output`] collects ([`crate::Limits`]).
+    output_limit: u64,
+}
+
+fn event_len(ev: &ExecEvent) -> usize {
+    match ev {
+        ExecEvent::Stdout(b) | ExecEvent::Stderr(b) => b.len(),
+        ExecEvent::Exit(_) => 0,
+    }
 }
 
 impl Drop for ExecSession {
@@ -244,27 +265,39 @@ impl Drop for ExecSession {
 }
 
 impl ExecSession {
-    /// Sends the exec request on `conn` and waits (request timeout) until
-    /// the agent started it or answered that it could not.
+    /// Sends the exec request on `conn` and waits (request timeout, for
+    /// the whole wait) until the agent started it or answered that it
+    /// could not. Output before that is buffered up to
+    /// [`MAX_PRESTART_OUTPUT`]; beyond, the connection is dropped.
     pub(crate) async fn start(mut conn: Connection, request: Request) -> Result<Self, ClientError> {
         let id = conn.new_id();
         conn.send(&ClientMessage::Request { id, request }).await?;
         let limited = conn.welcome.version >= STDIN_CREDIT_VERSION;
         let window = Arc::new(StdinWindow::new(limited));
         let limit = conn.timeouts.request;
-        let (mut pid, mut pending, mut done) = (None, VecDeque::new(), false);
+        let deadline = Instant::now() + limit;
+        let (mut pid, mut pending, mut done, mut buffered) = (None, VecDeque::new(), false, 0);
         while pid.is_none() && !done {
-            let frame = conn.recv_within(limit, "waiting for exec to start").await?;
+            let frame = timeout_at(deadline, conn.recv())
+                .await
+                .map_err(|_| ClientError::Timeout("waiting for exec to start"))??;
             match classify(id, frame)? {
                 Incoming::Started(p) => pid = Some(p),
                 Incoming::Credit(n) => window.give(n),
                 Incoming::Event(ev) => {
                     done = matches!(ev, ExecEvent::Exit(_));
+                    buffered += EVENT_OVERHEAD + event_len(&ev);
+                    if buffered > MAX_PRESTART_OUTPUT {
+                        return Err(ClientError::Overflow(format!(
+                            "more than {MAX_PRESTART_OUTPUT} bytes of output before exec_started"
+                        )));
+                    }
                     pending.push_back(ev);
                 }
                 Incoming::Ignored => {}
             }
         }
+        let conn_limit = conn.limits.exec_output;
         let control = ExecControl {
             writer: conn.writer.clone(),
             id,
@@ -285,6 +318,7 @@ impl ExecSession {
             control,
             events,
             reader,
+            output_limit: conn_limit,
         })
     }
 
@@ -323,10 +357,20 @@ impl ExecSession {
         }
     }
 
-    /// Collects all output until the process ends.
+    /// Collects all output until the process ends; more than
+    /// [`crate::Limits::exec_output`] bytes is an error (the connection is
+    /// dropped).
     pub async fn output(mut self) -> Result<ExecOutput, ClientError> {
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let mut total: u64 = 0;
         while let Some(ev) = self.next_event().await? {
+            total = total.saturating_add(event_len(&ev) as u64);
+            if total > self.output_limit {
+                return Err(ClientError::Overflow(format!(
+                    "exec output over the limit of {} bytes",
+                    self.output_limit
+                )));
+            }
             match ev {
                 ExecEvent::Stdout(b) => stdout.extend_from_slice(&b),
                 ExecEvent::Stderr(b) => stderr.extend_from_slice(&b),

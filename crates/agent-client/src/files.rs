@@ -2,16 +2,17 @@
 
 use std::path::Path;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
 
-use skiff_agent_proto::tree::{self, TreeWriter};
+use skiff_agent_proto::tree::{self, TreeError, TreeReceiver, WriteOptions};
 use skiff_agent_proto::{
     AgentMessage, Channel, ClientMessage, EntryKind, FileEntry, Frame, PullRequest, PushRequest,
     Reply, Request, MAX_DATA_CHUNK,
 };
 
 use crate::conn::Connection;
-use crate::ClientError;
+use crate::{agent_error, describe, describe_reply, ClientError};
 
 /// How a push sets owners and modes in the guest.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -82,12 +83,45 @@ pub(crate) async fn push(
     match conn.reply(id, Some(conn.timeouts.request)).await? {
         Reply::Ok => Ok(()),
         other => Err(ClientError::Protocol(format!(
-            "unexpected reply to push: {other:?}"
+            "unexpected reply to push: {}",
+            describe_reply(&other)
         ))),
     }
 }
 
-/// Receives the tree at `remote` in the guest into `local`.
+/// What the pull's network side hands the tree writer.
+enum Item {
+    Entry(FileEntry),
+    Data(Vec<u8>),
+    /// The agent said the tree is complete.
+    Done,
+}
+
+/// Applies the received tree (blocking file I/O, on a thread of its own):
+/// whether the agent completed it, or the pull was abandoned.
+fn write_tree(
+    local: &Path,
+    opts: WriteOptions,
+    mut rx: mpsc::Receiver<Item>,
+) -> Result<bool, TreeError> {
+    let mut receiver = TreeReceiver::new(local, opts);
+    while let Some(item) = rx.blocking_recv() {
+        match item {
+            Item::Entry(e) => receiver.entry(e)?,
+            Item::Data(b) => receiver.data(&b)?,
+            Item::Done => {
+                receiver.finish()?;
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Receives the tree at `remote` in the guest into `local`. The guest is
+/// not trusted: the tree is written through a [`TreeReceiver`] (no symlink
+/// followed below `local`, sizes enforced as bytes arrive, set-id and
+/// sticky bits cleared, entries and bytes capped by [`crate::Limits`]).
 pub(crate) async fn pull(
     conn: &mut Connection,
     remote: &str,
@@ -99,63 +133,56 @@ pub(crate) async fn pull(
         path: remote.to_string(),
     });
     conn.send(&ClientMessage::Request { id, request }).await?;
-    let mut writer = TreeWriter::new(local, true, opts.owners);
-    let mut current: Option<(FileEntry, tokio::fs::File, u64)> = None;
+    let write_opts = WriteOptions {
+        parents: true,
+        owners: opts.owners,
+        special_bits: false,
+        max_entries: conn.limits.pull_entries,
+        max_bytes: conn.limits.pull_bytes,
+    };
+    let (tx, rx) = mpsc::channel(4);
+    let root = local.to_path_buf();
+    let writer = tokio::task::spawn_blocking(move || write_tree(&root, write_opts, rx));
     let limit = conn.timeouts.request;
-    loop {
-        match conn.recv_within(limit, "pulling").await? {
-            Frame::Control(AgentMessage::Entry { id: eid, entry }) if eid == id => {
-                if current.is_some() {
-                    return Err(ClientError::Protocol("entry inside a file".into()));
+    let received = async {
+        loop {
+            let item = match conn.recv_within(limit, "pulling").await? {
+                Frame::Control(AgentMessage::Entry { id: eid, entry }) if eid == id => {
+                    Item::Entry(entry)
                 }
-                if let Some(f) = writer.begin(&entry)? {
-                    current = Some((entry, tokio::fs::File::from_std(f), 0));
-                } else {
-                    writer.end(&entry)?;
+                Frame::Data(d) if d.id == id && d.channel == Channel::File => Item::Data(d.bytes),
+                Frame::Control(AgentMessage::Reply {
+                    reply: Reply::Error(e),
+                    ..
+                }) => return Err(agent_error(e)),
+                Frame::Control(AgentMessage::Reply {
+                    id: rid,
+                    reply: Reply::Ok,
+                }) if rid == id => Item::Done,
+                other => {
+                    return Err(ClientError::Protocol(format!(
+                        "unexpected frame in pull: {}",
+                        describe(&other)
+                    )))
                 }
-            }
-            Frame::Data(d) if d.id == id && d.channel == Channel::File => {
-                let Some((entry, f, written)) = current.as_mut() else {
-                    return Err(ClientError::Protocol("file data outside a file".into()));
-                };
-                let name = local.join(&entry.path);
-                if d.bytes.is_empty() {
-                    f.flush()
-                        .await
-                        .map_err(|e| ClientError::Local(name.clone(), e))?;
-                    let (entry, _f, written) = current.take().expect("checked above");
-                    if entry.kind != (EntryKind::File { size: written }) {
-                        return Err(ClientError::Protocol(format!(
-                            "{}: size mismatch ({written} bytes)",
-                            entry.path
-                        )));
-                    }
-                    writer.end(&entry)?;
-                } else {
-                    *written += d.bytes.len() as u64;
-                    f.write_all(&d.bytes)
-                        .await
-                        .map_err(|e| ClientError::Local(name, e))?;
-                }
-            }
-            Frame::Control(AgentMessage::Reply {
-                reply: Reply::Error(e),
-                ..
-            }) => return Err(ClientError::Agent(e)),
-            Frame::Control(AgentMessage::Reply {
-                id: rid,
-                reply: Reply::Ok,
-            }) if rid == id => break,
-            other => {
-                return Err(ClientError::Protocol(format!(
-                    "unexpected frame in pull: {other:?}"
-                )))
+            };
+            let done = matches!(item, Item::Done);
+            // A closed channel: the writer stopped at an error, below.
+            if tx.send(item).await.is_err() || done {
+                return Ok(());
             }
         }
     }
-    if current.is_some() {
-        return Err(ClientError::Protocol("pull ended inside a file".into()));
+    .await;
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| ClientError::Protocol(format!("tree writer task: {e}")))?;
+    // The writer's error explains why the stream stopped being read.
+    match (written, received) {
+        (Err(e), _) => Err(e.into()),
+        (Ok(_), Err(e)) => Err(e),
+        (Ok(true), Ok(())) => Ok(()),
+        (Ok(false), Ok(())) => Err(ClientError::Protocol("pull ended before the tree".into())),
     }
-    writer.finish()?;
-    Ok(())
 }

@@ -28,6 +28,11 @@ pub mod exec;
 pub mod files;
 pub mod transport;
 
+#[cfg(test)]
+mod fake_agent;
+#[cfg(test)]
+mod hostile_tests;
+
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -78,6 +83,10 @@ pub enum ClientError {
     /// The exec has ended: its stdin takes nothing more.
     #[error("the exec has ended")]
     ExecEnded,
+    /// The agent sent more than this client takes (see [`Limits`]); the
+    /// connection was dropped.
+    #[error("the agent sent too much: {0}")]
+    Overflow(String),
 }
 
 /// Time limits.
@@ -101,11 +110,37 @@ impl Default for Timeouts {
     }
 }
 
+/// Caps on what the agent (the guest, which may be hostile) can make this
+/// client hold in memory or write to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Output bytes [`ExecSession::output`] (and so
+    /// [`AgentClient::exec_output`]) collects, stdout and stderr together.
+    pub exec_output: u64,
+    /// Entries of a pulled tree.
+    pub pull_entries: u64,
+    /// File bytes of a pulled tree, all files together.
+    pub pull_bytes: u64,
+}
+
+impl Default for Limits {
+    /// 256 MiB of collected exec output; a million entries and 64 GiB for
+    /// a pull.
+    fn default() -> Self {
+        Limits {
+            exec_output: 256 << 20,
+            pull_entries: skiff_agent_proto::tree::DEFAULT_MAX_ENTRIES,
+            pull_bytes: 64 << 30,
+        }
+    }
+}
+
 /// A handle on one guest's agent; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AgentClient {
     transport: Transport,
     timeouts: Timeouts,
+    limits: Limits,
 }
 
 impl AgentClient {
@@ -114,7 +149,14 @@ impl AgentClient {
         AgentClient {
             transport,
             timeouts: Timeouts::default(),
+            limits: Limits::default(),
         }
+    }
+
+    /// The same client with other limits.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The same client with other timeouts.
@@ -130,7 +172,9 @@ impl AgentClient {
 
     /// Opens a connection (for several requests in a row).
     pub async fn connect(&self) -> Result<Connection, ClientError> {
-        Connection::open(&self.transport, self.timeouts).await
+        let mut conn = Connection::open(&self.transport, self.timeouts).await?;
+        conn.limits = self.limits;
+        Ok(conn)
     }
 
     async fn simple(&self, request: Request) -> Result<Reply, ClientError> {
@@ -140,16 +184,20 @@ impl AgentClient {
     async fn expect_ok(&self, request: Request) -> Result<(), ClientError> {
         match self.simple(request).await? {
             Reply::Ok => Ok(()),
-            other => Err(ClientError::Protocol(format!("expected ok, got {other:?}"))),
+            other => Err(ClientError::Protocol(format!(
+                "expected ok, got {}",
+                describe_reply(&other)
+            ))),
         }
     }
 
     /// Checks the agent answers; its identity.
     pub async fn ping(&self) -> Result<Welcome, ClientError> {
         match self.simple(Request::Ping).await? {
-            Reply::Pong(w) => Ok(w),
+            Reply::Pong(w) => Ok(defang_welcome(w)),
             other => Err(ClientError::Protocol(format!(
-                "expected pong, got {other:?}"
+                "expected pong, got {}",
+                describe_reply(&other)
             ))),
         }
     }
@@ -237,7 +285,8 @@ impl AgentClient {
         match self.simple(Request::StartMain(process)).await? {
             Reply::ExecStarted { pid } => Ok(pid),
             other => Err(ClientError::Protocol(format!(
-                "expected exec_started, got {other:?}"
+                "expected exec_started, got {}",
+                describe_reply(&other)
             ))),
         }
     }
@@ -273,11 +322,65 @@ impl AgentClient {
     }
 }
 
+/// Longest agent error message kept, in bytes.
+const MAX_AGENT_MESSAGE: usize = 4096;
+/// Longest agent name kept from a welcome, in bytes.
+const MAX_AGENT_NAME: usize = 128;
+
+/// Text from the agent, fit to show: at most `max` bytes, control
+/// characters (terminal escapes) replaced.
+pub(crate) fn defang(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max));
+    for c in text.chars() {
+        if out.len() + c.len_utf8() > max {
+            out.push_str("[...]");
+            break;
+        }
+        out.push(if c.is_control() { '\u{fffd}' } else { c });
+    }
+    out
+}
+
+/// An error reply from the agent as an error of this client, its message
+/// shortened and defanged.
+pub(crate) fn agent_error(mut e: ErrorReply) -> ClientError {
+    e.message = defang(&e.message, MAX_AGENT_MESSAGE);
+    ClientError::Agent(e)
+}
+
+/// A frame from the agent, briefly and defanged, for a protocol error (a
+/// data frame's bytes are not printed).
+pub(crate) fn describe(
+    frame: &skiff_agent_proto::Frame<skiff_agent_proto::AgentMessage>,
+) -> String {
+    match frame {
+        skiff_agent_proto::Frame::Data(d) => format!(
+            "data frame (id {}, {:?}, {} bytes)",
+            d.id,
+            d.channel,
+            d.bytes.len()
+        ),
+        skiff_agent_proto::Frame::Control(m) => defang(&format!("{m:?}"), 512),
+    }
+}
+
+/// A reply from the agent, briefly and defanged, for a protocol error.
+pub(crate) fn describe_reply(reply: &Reply) -> String {
+    defang(&format!("{reply:?}"), 512)
+}
+
+/// A welcome (or pong) from the agent with its name defanged.
+pub(crate) fn defang_welcome(mut w: Welcome) -> Welcome {
+    w.agent = defang(&w.agent, MAX_AGENT_NAME);
+    w
+}
+
 fn main_status(reply: Reply) -> Result<ExitStatus, ClientError> {
     match reply {
         Reply::MainExited { status } => Ok(status),
         other => Err(ClientError::Protocol(format!(
-            "expected main_exited, got {other:?}"
+            "expected main_exited, got {}",
+            describe_reply(&other)
         ))),
     }
 }

@@ -1,18 +1,33 @@
 //! File trees as streams of [`FileEntry`] headers, the same on both ends:
 //! [`list`] turns a local path into entries (the sender then streams each
 //! regular file's bytes), [`TreeWriter`] turns received entries back into
-//! files. Neither ever holds a whole file in memory.
+//! files, and [`TreeReceiver`] drives a writer from the received messages
+//! (entries and file chunks). None ever holds a whole file in memory.
 //!
-//! Received entries come from the other side of a trust boundary, so the
-//! writer refuses paths with `..`, absolute paths, and paths that would go
-//! through a symlink it (or anyone) created inside the tree.
+//! Received entries come from the other side of a trust boundary (for a
+//! pull on the host: a guest that may be hostile), so the writer refuses
+//! paths with `..`, absolute paths, a second root, entries outside the
+//! directories received, and never goes through a symlink: every component
+//! below the target is opened with `O_NOFOLLOW | O_DIRECTORY` relative to
+//! an open directory (see [`TreeWriter`]). Set-id and sticky bits are
+//! cleared unless the sender is trusted ([`WriteOptions::special_bits`]),
+//! a file gets no byte beyond its announced size, and the number of
+//! entries and the total size are capped ([`WriteOptions`]).
 
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 use crate::message::{EntryKind, FileEntry};
+
+#[cfg(test)]
+mod hostile_tests;
+mod receive;
+mod writer;
+
+pub use receive::TreeReceiver;
+pub use writer::{TreeWriter, WriteOptions, DEFAULT_MAX_ENTRIES, MAX_DEPTH};
 
 /// Errors of reading or writing a file tree.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +53,37 @@ pub enum TreeError {
     /// A non-UTF-8 name.
     #[error("{0:?} is not valid UTF-8")]
     NotUtf8(PathBuf),
+    /// A second root entry.
+    #[error("the tree's root entry came twice")]
+    RootTwice,
+    /// An entry or chunk where the stream has no place for it.
+    #[error("file tree stream out of order: {0}")]
+    OutOfOrder(String),
+    /// A file or symlink where a directory is.
+    #[error("{0} is a directory: only a directory can take its place")]
+    ReplacesDirectory(PathBuf),
+    /// More entries than [`WriteOptions::max_entries`].
+    #[error("the tree has more than {0} entries")]
+    TooManyEntries(u64),
+    /// An entry path deeper than [`MAX_DEPTH`].
+    #[error("entry path {0:?} is deeper than {MAX_DEPTH} levels")]
+    TooDeep(String),
+    /// A file whose data is not its announced size.
+    #[error("{path:?}: announced {announced} bytes, sent {sent}")]
+    SizeMismatch {
+        /// The entry path.
+        path: String,
+        /// The size in its entry.
+        announced: u64,
+        /// The bytes sent (so far, when over).
+        sent: u64,
+    },
+    /// More file bytes than [`WriteOptions::max_bytes`].
+    #[error("the tree is larger than the limit of {0} bytes")]
+    TreeTooLarge(u64),
+    /// A directory of the tree was replaced while it was written.
+    #[error("{0} changed while the tree was written")]
+    Changed(PathBuf),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> TreeError + '_ {
@@ -118,145 +164,19 @@ pub fn safe_join(root: &Path, rel: &str) -> Result<PathBuf, TreeError> {
     Ok(out)
 }
 
-/// Writes a received tree under a destination path.
-///
-/// Per entry: [`TreeWriter::begin`] (returns the open file for a regular
-/// file, which the caller fills from the data frames), then
-/// [`TreeWriter::end`]; finally [`TreeWriter::finish`], which applies the
-/// directories' modes last so a read-only directory can still be filled.
-#[derive(Debug)]
-pub struct TreeWriter {
-    root: PathBuf,
-    parents: bool,
-    owners: bool,
-    dirs: Vec<(PathBuf, FileEntry)>,
-}
-
-impl TreeWriter {
-    /// A writer for the tree whose root entry goes to `root`. `parents`:
-    /// create missing parents of `root`; `owners`: apply entries' uid/gid.
-    pub fn new(root: &Path, parents: bool, owners: bool) -> Self {
-        TreeWriter {
-            root: root.to_path_buf(),
-            parents,
-            owners,
-            dirs: Vec::new(),
-        }
-    }
-
-    /// Creates the entry; returns the file to write for a regular file.
-    pub fn begin(&mut self, entry: &FileEntry) -> Result<Option<File>, TreeError> {
-        let dest = safe_join(&self.root, &entry.path)?;
-        if entry.path.is_empty() {
-            if let Some(parent) = dest
-                .parent()
-                .filter(|p| self.parents && !p.as_os_str().is_empty())
-            {
-                fs::create_dir_all(parent).map_err(io_err(parent))?;
-            }
-        } else {
-            self.check_no_symlink_parent(&entry.path)?;
-        }
-        let existing = fs::symlink_metadata(&dest).ok();
-        match &entry.kind {
-            EntryKind::Dir => {
-                match existing {
-                    Some(md) if md.is_dir() => {}
-                    Some(_) => {
-                        remove(&dest)?;
-                        fs::create_dir(&dest).map_err(io_err(&dest))?;
-                    }
-                    None => fs::create_dir(&dest).map_err(io_err(&dest))?,
-                }
-                // Writable for now; the real mode comes in finish().
-                fs::set_permissions(&dest, fs::Permissions::from_mode(0o700))
-                    .map_err(io_err(&dest))?;
-                self.dirs.push((dest, entry.clone()));
-                Ok(None)
-            }
-            EntryKind::Symlink { target } => {
-                if existing.is_some() {
-                    remove(&dest)?;
-                }
-                std::os::unix::fs::symlink(target, &dest).map_err(io_err(&dest))?;
-                Ok(None)
-            }
-            EntryKind::File { .. } => {
-                if existing.is_some_and(|md| md.file_type().is_symlink()) {
-                    remove(&dest)?;
-                }
-                let f = OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&dest)
-                    .map_err(io_err(&dest))?;
-                Ok(Some(f))
-            }
-        }
-    }
-
-    /// Completes a non-directory entry: owner, then mode (chown clears
-    /// set-id bits, so the mode goes last).
-    pub fn end(&mut self, entry: &FileEntry) -> Result<(), TreeError> {
-        if entry.kind == EntryKind::Dir {
-            return Ok(());
-        }
-        let dest = safe_join(&self.root, &entry.path)?;
-        self.apply(&dest, entry)
-    }
-
-    /// Applies the directories' owners and modes, deepest first.
-    pub fn finish(mut self) -> Result<(), TreeError> {
-        while let Some((dest, entry)) = self.dirs.pop() {
-            self.apply(&dest, &entry)?;
-        }
-        Ok(())
-    }
-
-    fn apply(&self, dest: &Path, entry: &FileEntry) -> Result<(), TreeError> {
-        if self.owners && (entry.uid.is_some() || entry.gid.is_some()) {
-            std::os::unix::fs::lchown(dest, entry.uid, entry.gid).map_err(io_err(dest))?;
-        }
-        if !matches!(entry.kind, EntryKind::Symlink { .. }) {
-            let perm = fs::Permissions::from_mode(entry.mode & 0o7777);
-            fs::set_permissions(dest, perm).map_err(io_err(dest))?;
-        }
-        Ok(())
-    }
-
-    fn check_no_symlink_parent(&self, rel: &str) -> Result<(), TreeError> {
-        let mut p = self.root.clone();
-        let comps: Vec<_> = Path::new(rel).components().collect();
-        for c in &comps[..comps.len().saturating_sub(1)] {
-            p.push(c);
-            match fs::symlink_metadata(&p) {
-                Ok(md) if md.is_dir() => {}
-                _ => return Err(TreeError::ThroughSymlink(rel.to_string())),
-            }
-        }
-        Ok(())
-    }
-}
-
-fn remove(path: &Path) -> Result<(), TreeError> {
-    let md = fs::symlink_metadata(path).map_err(io_err(path))?;
-    if md.is_dir() {
-        fs::remove_dir_all(path).map_err(io_err(path))
-    } else {
-        fs::remove_file(path).map_err(io_err(path))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
     use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
 
     fn copy_tree(src: &Path, dst: &Path) {
-        let mut w = TreeWriter::new(dst, true, false);
+        let opts = WriteOptions {
+            parents: true,
+            ..Default::default()
+        };
+        let mut w = TreeWriter::new(dst, opts);
         for (local, entry) in list(src).unwrap() {
             if let Some(mut f) = w.begin(&entry).unwrap() {
                 let mut data = Vec::new();
@@ -321,7 +241,11 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let outside = t.path().join("outside");
         fs::create_dir(&outside).unwrap();
-        let mut w = TreeWriter::new(&t.path().join("dst"), true, false);
+        let opts = WriteOptions {
+            parents: true,
+            ..Default::default()
+        };
+        let mut w = TreeWriter::new(&t.path().join("dst"), opts);
         let dir = FileEntry {
             path: String::new(),
             kind: EntryKind::Dir,
@@ -340,6 +264,7 @@ mod tests {
             gid: None,
         };
         w.begin(&link).unwrap();
+        w.end(&link).unwrap();
         let file = FileEntry {
             path: "evil/pwned".into(),
             kind: EntryKind::File { size: 1 },
@@ -347,7 +272,10 @@ mod tests {
             uid: None,
             gid: None,
         };
-        assert!(matches!(w.begin(&file), Err(TreeError::ThroughSymlink(_))));
+        assert!(matches!(
+            w.begin(&file),
+            Err(TreeError::ThroughSymlink(_) | TreeError::OutOfOrder(_))
+        ));
         assert!(!outside.join("pwned").exists());
     }
 }

@@ -1,6 +1,7 @@
 //! The [`VirtioDevice`] trait every device model implements, and the
 //! [`VirtioInterrupt`] trait through which it signals the driver.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::Arc;
 
@@ -87,9 +88,11 @@ pub struct ActiveQueue {
 ///    └───────────────────────── reset ◄────────────────────────┘
 /// ```
 ///
-/// `activate` starts the device (normally a worker thread) with the ready
-/// queues; `reset` stops it and forgets everything negotiated, after which
-/// the device can be activated again.
+/// `activate` starts the device (normally a worker thread, see
+/// [`crate::lifecycle`]) with the ready queues; `reset` stops it and
+/// forgets everything negotiated, after which the device can be activated
+/// again. An active device can be paused (its worker parked, guest memory
+/// untouched) and resumed, for example while the VM is paused.
 pub trait VirtioDevice: Send {
     /// The virtio device type (`VIRTIO_ID_*`).
     fn device_type(&self) -> u32;
@@ -120,6 +123,19 @@ pub trait VirtioDevice: Send {
     /// Stops the device and forgets negotiated state. Returns `false` if the
     /// device cannot be reset (then it needs to be removed).
     fn reset(&mut self) -> bool;
+    /// Parks the device's worker(s): once this returns they touch no guest
+    /// memory until [`VirtioDevice::resume`]; notifications meanwhile are
+    /// handled after it. A paused device can still be reset. The default
+    /// does nothing (a device without workers).
+    fn pause(&mut self) {}
+    /// Lets paused workers go on. The default does nothing.
+    fn resume(&mut self) {}
+    /// The device's I/O counters (requests, bytes, notifications,
+    /// interrupts, ... whatever is natural for it), by name. Cumulative
+    /// over the device's life, resets included. The default is empty.
+    fn counters(&self) -> BTreeMap<&'static str, u64> {
+        BTreeMap::new()
+    }
 }
 
 /// Copies `config[offset..]` into `data`, zero-filling what lies outside.

@@ -24,9 +24,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use vm_device::{Bus, BusDevice};
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
-use crate::block::request::{handle_request, Disk};
+use crate::block::request::{handle_request, BlockCounters, Disk};
 use crate::console::{Console, ConsoleOutput};
 use crate::device::{ActiveQueue, VirtioInterrupt, VirtioInterruptType};
+use crate::lifecycle::WorkerDevice;
 use crate::net::Net;
 use crate::pci::bus::RangeAllocator;
 use crate::pci::PciDevice;
@@ -100,7 +101,10 @@ pub fn block(data: &[u8]) {
         serial: Some(b"fuzz".to_vec()),
     };
     let log = LogLimiter::new("fuzz");
-    run_chains(data, |mem, chain| handle_request(mem, chain, &disk, &log));
+    let counters = BlockCounters::default();
+    run_chains(data, |mem, chain| {
+        handle_request(mem, chain, &disk, &log, &counters)
+    });
 }
 
 /// virtio-net transmit queue.
@@ -120,7 +124,12 @@ pub fn console_tx(data: &[u8]) {
 }
 
 /// The long-lived muxer, its epoll set, its directory and host services.
-type VsockFixture = (Muxer, EpollCtx, tempfile_dir::Dir, Vec<UnixListener>);
+type VsockFixture = (
+    Muxer,
+    EpollCtx<crate::vsock::Token>,
+    tempfile_dir::Dir,
+    Vec<UnixListener>,
+);
 
 thread_local! {
     static MUXER: RefCell<Option<VsockFixture>> = const { RefCell::new(None) };

@@ -48,14 +48,17 @@
 //!    fills a slot; [`pci::PciBus::detach`] undoes it and resets the
 //!    device (hot-unplug; the ACPI side of hot-plug is the VMM's). If the
 //!    guest moves a BAR, the bus re-maps it and its ioeventfds itself.
-//! 5. **Devices.** For each device: parse its option with [`config`]
-//!    (`"path=disk.raw,readonly=on".parse::<BlockConfig>()`), build the model (e.g.
-//!    [`block::Block::new`]), wrap it as `Arc<Mutex<dyn VirtioDevice>>` in
+//! 5. **Devices.** For each device: build the model from its
+//!    configuration (e.g. [`block::Block::new`] with a
+//!    [`block::BlockConfig`]; parsing command-line options is the VMM's
+//!    job), wrap it as `Arc<Mutex<dyn VirtioDevice>>` in
 //!    [`transport::VirtioPciDevice::new`] with the guest memory and the
 //!    interrupt manager, then `attach` it as `Arc<Mutex<dyn PciDevice>>`.
 //!    Device activation, reset and feature negotiation are driven by the
 //!    guest through the transport; worker threads start on `DRIVER_OK`
-//!    and stop on reset or drop.
+//!    and stop on reset or drop ([`lifecycle`]). Pause the devices
+//!    ([`VirtioDevice::pause`]) after the vCPUs and resume them before;
+//!    [`VirtioDevice::counters`] reports each device's I/O counters.
 //! 6. **Memory for virtio-fs.** Guest RAM regions must be created from a
 //!    file (memfd) with a `FileOffset`, or [`fs::Fs`] activation fails with
 //!    [`ActivateError::MemoryNotShareable`]. If `InterruptGroup::notifier`
@@ -74,13 +77,13 @@
 //! register files.
 
 pub mod block;
-pub mod config;
 pub mod console;
 pub mod device;
 pub mod fs;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod lifecycle;
 pub mod net;
 pub mod pci;
 pub mod ratelimit;

@@ -1,22 +1,25 @@
-//! Device worker threads: an epoll loop over named event tokens with a kill
-//! eventfd, and the queue-draining helper every device uses.
+//! The event loop of device workers (an epoll set over typed event
+//! tokens, see [`EventToken`]) and the queue-draining helpers every device
+//! uses. The worker threads themselves, with stop and pause, are in
+//! [`crate::lifecycle`].
 
 use std::io;
+use std::marker::PhantomData;
 use std::os::unix::io::{AsRawFd, RawFd};
-use std::thread::JoinHandle;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{ActiveQueue, VirtioInterrupt, VirtioInterruptType};
 use crate::GuestMemoryMmap;
 
-/// The token the worker loop reserves for its kill eventfd.
-const KILL_TOKEN: u64 = u64::MAX;
+/// The raw token the worker loop reserves for its control eventfd (stop
+/// and pause requests); handler tokens must encode below it.
+pub(crate) const CONTROL_TOKEN: u64 = u64::MAX;
 
 /// Chains one wake-up processes on a queue before the worker goes back to
-/// epoll (where a kill or other events are seen); the rest waits for the
+/// epoll (where a stop or pause request or other events are seen); the rest waits for the
 /// next turn.
 pub const CHAIN_BUDGET: usize = 256;
 
@@ -35,31 +38,81 @@ pub enum WorkerError {
     /// The avail index announces buffers that cannot be read.
     #[error("avail index announces buffers that cannot be read")]
     CorruptRing,
+    /// The worker's control eventfd could not be written.
+    #[error("signal the worker thread")]
+    Signal(#[source] io::Error),
+    /// The worker thread panicked; its handler is lost.
+    #[error("worker thread panicked")]
+    Panicked,
 }
+
+/// An event token of one worker: what a ready fd means to its handler.
+/// Each device has its own type (normally an enum), so the epoll `u64` is
+/// an encoding detail of this module.
+pub trait EventToken: Copy + std::fmt::Debug + Send + 'static {
+    /// The epoll data for this token (below [`u64::MAX`], which the loop
+    /// reserves).
+    fn to_raw(self) -> u64;
+    /// The token `raw` encodes, if any.
+    fn from_raw(raw: u64) -> Option<Self>;
+}
+
+/// Implements [`EventToken`] for a field-less enum (raw value: the
+/// discriminant).
+macro_rules! enum_tokens {
+    ($t:ident: $($v:ident),+ $(,)?) => {
+        impl $crate::worker::EventToken for $t {
+            fn to_raw(self) -> u64 {
+                self as u64
+            }
+            fn from_raw(raw: u64) -> Option<Self> {
+                [$($t::$v),+].into_iter().find(|t| *t as u64 == raw)
+            }
+        }
+    };
+}
+pub(crate) use enum_tokens;
 
 /// The epoll set of a worker, handed to the handler so that it can add,
-/// modify and remove fds (for example one per vsock connection).
-pub struct EpollCtx {
+/// modify and remove fds (for example one per vsock connection), each
+/// reported with a token of type `T`.
+pub struct EpollCtx<T> {
     epoll: Epoll,
+    _token: PhantomData<fn(T) -> T>,
 }
 
-impl EpollCtx {
-    /// A new epoll set (workers get theirs from [`spawn_worker`]).
+impl<T: EventToken> EpollCtx<T> {
+    /// A new epoll set (workers get theirs from [`EventLoop::new`]).
     pub fn new() -> io::Result<Self> {
         Ok(EpollCtx {
             epoll: Epoll::new()?,
+            _token: PhantomData,
         })
     }
 
+    fn raw(token: T) -> io::Result<u64> {
+        match token.to_raw() {
+            CONTROL_TOKEN => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("event token {token:?} encodes to the reserved control token"),
+            )),
+            raw => Ok(raw),
+        }
+    }
+
     /// Watches `fd` for `events`, reported with `token`.
-    pub fn add(&self, fd: RawFd, token: u64, events: EventSet) -> io::Result<()> {
+    pub fn add(&self, fd: RawFd, token: T, events: EventSet) -> io::Result<()> {
+        self.add_raw(fd, Self::raw(token)?, events)
+    }
+    pub(crate) fn add_raw(&self, fd: RawFd, raw: u64, events: EventSet) -> io::Result<()> {
         self.epoll
-            .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(events, raw))
     }
     /// Changes the events watched on `fd`.
-    pub fn modify(&self, fd: RawFd, token: u64, events: EventSet) -> io::Result<()> {
+    pub fn modify(&self, fd: RawFd, token: T, events: EventSet) -> io::Result<()> {
+        let raw = Self::raw(token)?;
         self.epoll
-            .ctl(ControlOperation::Modify, fd, EpollEvent::new(events, token))
+            .ctl(ControlOperation::Modify, fd, EpollEvent::new(events, raw))
     }
     /// Stops watching `fd`.
     pub fn remove(&self, fd: RawFd) -> io::Result<()> {
@@ -70,14 +123,16 @@ impl EpollCtx {
 
 /// What a worker does with its events.
 pub trait EpollHandler: Send + 'static {
+    /// What the handler's fds are reported with.
+    type Token: EventToken;
     /// Registers the handler's fds (queue eventfds, sockets, ...).
-    fn register(&mut self, ctx: &EpollCtx) -> io::Result<()>;
+    fn register(&mut self, ctx: &EpollCtx<Self::Token>) -> io::Result<()>;
     /// Handles one event. Returning an error stops the worker (the device
     /// then stays silent until reset); guest mistakes must not be errors.
     fn handle_event(
         &mut self,
-        ctx: &EpollCtx,
-        token: u64,
+        ctx: &EpollCtx<Self::Token>,
+        token: Self::Token,
         events: EventSet,
     ) -> Result<(), WorkerError>;
 }
@@ -87,15 +142,17 @@ pub trait EpollHandler: Send + 'static {
 pub enum Turn {
     /// This many events were handled (0: none was ready in time).
     Handled(usize),
-    /// The kill eventfd fired; the loop must end.
-    Killed,
+    /// The control eventfd fired (a stop or pause request; only workers
+    /// from [`crate::lifecycle::Worker`] have one). Events after it in the
+    /// same batch are left for the next turn.
+    Control,
 }
 
 /// A handler with its epoll set: the body of a worker thread, and what
 /// tests drive directly (one [`EventLoop::turn`] at a time) so that "nothing
 /// happened" is a fact rather than a guess after a sleep.
-pub struct EventLoop<H> {
-    ctx: EpollCtx,
+pub struct EventLoop<H: EpollHandler> {
+    ctx: EpollCtx<H::Token>,
     handler: H,
     events: Vec<EpollEvent>,
 }
@@ -113,7 +170,7 @@ impl<H: EpollHandler> EventLoop<H> {
     }
 
     /// Waits up to `timeout_ms` (-1: forever) for events and handles the
-    /// ready ones, stopping at the kill token.
+    /// ready ones, stopping at the control token.
     pub fn turn(&mut self, timeout_ms: i32) -> Result<Turn, WorkerError> {
         let n = match self.ctx.epoll.wait(timeout_ms, &mut self.events) {
             Ok(n) => n,
@@ -121,11 +178,16 @@ impl<H: EpollHandler> EventLoop<H> {
             Err(e) => return Err(WorkerError::Epoll(e)),
         };
         for ev in &self.events[..n] {
-            if ev.data() == KILL_TOKEN {
-                return Ok(Turn::Killed);
+            if ev.data() == CONTROL_TOKEN {
+                return Ok(Turn::Control);
             }
-            self.handler
-                .handle_event(&self.ctx, ev.data(), ev.event_set())?;
+            match H::Token::from_raw(ev.data()) {
+                Some(token) => self
+                    .handler
+                    .handle_event(&self.ctx, token, ev.event_set())?,
+                // Only registered tokens come back; this is a bug of ours.
+                None => log::error!("worker: unknown event token {:#x}", ev.data()),
+            }
         }
         Ok(Turn::Handled(n))
     }
@@ -146,68 +208,19 @@ impl<H: EpollHandler> EventLoop<H> {
     pub fn handler(&mut self) -> &mut H {
         &mut self.handler
     }
-}
 
-/// A running worker thread; dropping it stops the thread.
-pub struct WorkerHandle {
-    kill: EventFd,
-    thread: Option<JoinHandle<()>>,
-}
+    /// The epoll set.
+    pub(crate) fn ctx(&self) -> &EpollCtx<H::Token> {
+        &self.ctx
+    }
 
-impl WorkerHandle {
-    /// Stops the worker and waits for its thread.
-    pub fn stop(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            if let Err(e) = self.kill.write(1) {
-                log::error!("cannot signal worker to stop: {e}");
-                return;
-            }
-            if thread.join().is_err() {
-                log::error!("device worker thread panicked");
-            }
-        }
+    /// Ends the loop, giving back the handler.
+    pub fn into_handler(self) -> H {
+        self.handler
     }
 }
 
-impl Drop for WorkerHandle {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// Runs `handler` on a new thread named `name` until the handle is stopped.
-pub fn spawn_worker<H: EpollHandler>(name: &str, handler: H) -> Result<WorkerHandle, WorkerError> {
-    let kill = EventFd::new(EFD_NONBLOCK).map_err(WorkerError::Epoll)?;
-    let mut event_loop = EventLoop::new(handler)?;
-    event_loop
-        .ctx
-        .add(
-            std::os::unix::io::AsRawFd::as_raw_fd(&kill),
-            KILL_TOKEN,
-            EventSet::IN,
-        )
-        .map_err(WorkerError::Epoll)?;
-    let thread_name = name.to_string();
-    let thread = std::thread::Builder::new()
-        .name(name.to_string())
-        .spawn(move || loop {
-            match event_loop.turn(-1) {
-                Ok(Turn::Handled(_)) => {}
-                Ok(Turn::Killed) => return,
-                Err(e) => {
-                    log::error!("{thread_name}: worker stopped: {e}");
-                    return;
-                }
-            }
-        })
-        .map_err(WorkerError::Spawn)?;
-    Ok(WorkerHandle {
-        kill,
-        thread: Some(thread),
-    })
-}
-
-/// Drains an eventfd (queue notification or kill), ignoring "nothing to read".
+/// Drains an eventfd (queue notification or control), ignoring "nothing to read".
 pub fn drain_eventfd(evt: &EventFd) {
     if let Err(e) = evt.read() {
         if e.kind() != io::ErrorKind::WouldBlock {
@@ -274,9 +287,9 @@ impl WorkerQueue {
     }
 
     /// Stops serving the queue after `err` (see the type's documentation).
-    pub fn mark_broken(
+    pub fn mark_broken<T: EventToken>(
         &mut self,
-        ctx: &EpollCtx,
+        ctx: &EpollCtx<T>,
         device: &str,
         err: &WorkerError,
         interrupt: &dyn VirtioInterrupt,
@@ -294,9 +307,9 @@ impl WorkerQueue {
 
     /// Runs `work` on the queue unless it is broken; a queue error from it
     /// marks the queue broken instead of stopping the worker.
-    pub fn serve(
+    pub fn serve<T: EventToken>(
         &mut self,
-        ctx: &EpollCtx,
+        ctx: &EpollCtx<T>,
         device: &str,
         interrupt: &dyn VirtioInterrupt,
         work: impl FnOnce(&mut Self) -> Result<(), WorkerError>,
@@ -314,7 +327,7 @@ impl WorkerQueue {
     }
 
     /// Comes back to this queue on the worker's next turn (after other
-    /// events, a kill included).
+    /// events, a stop or pause request included).
     pub fn rearm(&self) {
         rearm(&self.event);
     }
@@ -409,6 +422,7 @@ pub fn signal_used_queue(
 mod tests {
     use super::*;
     use crate::test_utils::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     /// A driver on another vCPU that republishes a buffer for every one
     /// the device completes: one wake-up must still end.

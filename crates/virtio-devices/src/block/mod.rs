@@ -6,6 +6,7 @@
 
 pub mod request;
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -22,12 +23,11 @@ use vmm_sys_util::epoll::EventSet;
 use crate::device::{
     read_config_bytes, take_queue, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
 };
+use crate::lifecycle::{with_interrupts, Lifecycle, WorkerDevice};
 use crate::ratelimit::LogLimiter;
-use crate::worker::{
-    drain_eventfd, spawn_worker, EpollCtx, EpollHandler, WorkerError, WorkerHandle, WorkerQueue,
-};
+use crate::worker::{drain_eventfd, enum_tokens, EpollCtx, EpollHandler, WorkerError, WorkerQueue};
 use crate::GuestMemoryMmap;
-use request::{handle_request, Disk, MAX_REQUEST_BYTES, SECTOR_SIZE};
+use request::{handle_request, BlockCounters, Disk, MAX_REQUEST_BYTES, SECTOR_SIZE};
 
 const QUEUE_SIZE: u16 = 256;
 /// Segments per request we announce (`seg_max`).
@@ -72,7 +72,8 @@ pub struct Block {
     log: Arc<LogLimiter>,
     config: [u8; 24],
     acked_features: u64,
-    worker: Option<WorkerHandle>,
+    life: Lifecycle<BlockHandler>,
+    counters: Arc<BlockCounters>,
 }
 
 fn open_image(path: &Path, readonly: bool) -> Result<File, BlockError> {
@@ -127,7 +128,8 @@ impl Block {
             ))),
             config,
             acked_features: 0,
-            worker: None,
+            life: Lifecycle::new("virtio-blk"),
+            counters: Arc::default(),
         })
     }
 
@@ -165,80 +167,93 @@ impl VirtioDevice for Block {
         &mut self,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
         interrupt: Arc<dyn VirtioInterrupt>,
-        mut queues: Vec<ActiveQueue>,
+        queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        let queue = take_queue(&mut queues, 0)?;
-        let handler = BlockHandler {
-            mem,
-            interrupt,
-            queue: queue.into(),
-            disk: self.disk.clone(),
-            log: self.log.clone(),
-        };
-        let worker = spawn_worker("virtio-blk", handler)?;
-        self.worker = Some(worker);
-        Ok(())
+        self.activate_worker(mem, interrupt, queues)
     }
     fn reset(&mut self) -> bool {
-        if let Some(mut w) = self.worker.take() {
-            w.stop();
-        }
+        self.reset_worker();
         self.acked_features = 0;
         true
+    }
+    fn pause(&mut self) {
+        self.life.pause();
+    }
+    fn resume(&mut self) {
+        self.life.resume();
+    }
+    fn counters(&self) -> BTreeMap<&'static str, u64> {
+        with_interrupts(self.counters.to_map(), &self.life)
+    }
+}
+
+impl WorkerDevice for Block {
+    type Handler = BlockHandler;
+    fn lifecycle(&mut self) -> &mut Lifecycle<BlockHandler> {
+        &mut self.life
+    }
+    fn handler(
+        &self,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        mut queues: Vec<ActiveQueue>,
+    ) -> Result<BlockHandler, ActivateError> {
+        Ok(BlockHandler {
+            mem,
+            interrupt,
+            queue: take_queue(&mut queues, 0)?.into(),
+            disk: self.disk.clone(),
+            log: self.log.clone(),
+            counters: self.counters.clone(),
+        })
     }
 }
 
 /// Events of the block worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Token {
+pub enum Token {
     /// The driver queued requests.
     Queue,
 }
+enum_tokens!(Token: Queue);
 
-impl Token {
-    fn from_u64(v: u64) -> Option<Token> {
-        (v == Token::Queue as u64).then_some(Token::Queue)
-    }
-}
-
-struct BlockHandler {
+/// The block worker's handler.
+pub struct BlockHandler {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     interrupt: Arc<dyn VirtioInterrupt>,
     queue: WorkerQueue,
     disk: Arc<Disk>,
     log: Arc<LogLimiter>,
+    counters: Arc<BlockCounters>,
 }
 
 impl EpollHandler for BlockHandler {
-    fn register(&mut self, ctx: &EpollCtx) -> std::io::Result<()> {
-        ctx.add(
-            self.queue.event.as_raw_fd(),
-            Token::Queue as u64,
-            EventSet::IN,
-        )
+    type Token = Token;
+
+    fn register(&mut self, ctx: &EpollCtx<Token>) -> std::io::Result<()> {
+        ctx.add(self.queue.event.as_raw_fd(), Token::Queue, EventSet::IN)
     }
 
     fn handle_event(
         &mut self,
-        ctx: &EpollCtx,
-        token: u64,
+        ctx: &EpollCtx<Token>,
+        token: Token,
         _events: EventSet,
     ) -> Result<(), WorkerError> {
-        match Token::from_u64(token) {
-            Some(Token::Queue) => {
+        match token {
+            Token::Queue => {
                 drain_eventfd(&self.queue.event);
+                self.counters.notifications.inc();
                 let mem = self.mem.memory();
-                let (disk, log) = (&self.disk, &*self.log);
+                let (disk, log, counters) = (&self.disk, &*self.log, &*self.counters);
                 let irq = self.interrupt.as_ref();
                 self.queue.serve(ctx, "virtio-blk", irq, |q| {
-                    q.process(&mem, irq, |chain| handle_request(&mem, chain, disk, log))
-                        .map(drop)
+                    q.process(&mem, irq, |chain| {
+                        handle_request(&mem, chain, disk, log, counters)
+                    })
+                    .map(drop)
                 })?;
             }
-            None => log::warn!("virtio-blk: unknown event token {token}"),
         }
         Ok(())
     }
@@ -374,6 +389,25 @@ mod tests {
         let (len, status, addr) = submit(&mut fx, VIRTIO_BLK_T_GET_ID, 0, Some((Writable, 20)));
         assert_eq!((len, status), (21, VIRTIO_BLK_S_OK));
         assert_eq!(&fx.tq.read(addr, 20)[..13], b"skiff-disk-0\0");
+    }
+
+    #[test]
+    fn counters_follow_requests() {
+        let mut fx = fixture(false);
+        submit(&mut fx, VIRTIO_BLK_T_IN, 1, Some((Writable, 512)));
+        submit(&mut fx, VIRTIO_BLK_T_OUT, 2, Some((Readable, 1024)));
+        submit(&mut fx, VIRTIO_BLK_T_FLUSH, 0, None);
+        submit(&mut fx, 77, 0, None);
+        // Past the end: an error, no bytes moved.
+        submit(&mut fx, VIRTIO_BLK_T_IN, 16, Some((Writable, 512)));
+        assert!(wait_until(|| fx.blk.counters()["interrupts"] == 5));
+        let c = fx.blk.counters();
+        assert_eq!(c["notifications"], 5);
+        assert_eq!(c["requests"], 5);
+        assert_eq!(c["errors"], 2);
+        assert_eq!(c["read_bytes"], 512);
+        assert_eq!(c["write_bytes"], 1024);
+        assert_eq!(c["flushes"], 1);
     }
 
     #[test]

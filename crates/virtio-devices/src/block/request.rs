@@ -70,6 +70,24 @@ pub enum RequestError {
     Unsupported(u32),
 }
 
+crate::lifecycle::device_counters! {
+    /// What the block device did.
+    pub struct BlockCounters {
+        /// Queue notifications handled.
+        notifications,
+        /// Requests completed (any type, failed ones included).
+        requests,
+        /// Requests completed with an error or unsupported status.
+        errors,
+        /// Bytes read from the disk into guest buffers.
+        read_bytes,
+        /// Bytes written from guest buffers to the disk.
+        write_bytes,
+        /// Flush requests.
+        flushes,
+    }
+}
+
 /// The disk a worker serves.
 pub struct Disk {
     /// The image.
@@ -90,7 +108,9 @@ pub fn handle_request(
     chain: DescriptorChain<&GuestMemoryMmap>,
     disk: &Disk,
     log: &crate::ratelimit::LogLimiter,
+    counters: &BlockCounters,
 ) -> u32 {
+    counters.requests.inc();
     let reader = Reader::new(mem, chain.clone());
     let writer = Writer::new(mem, chain);
     let (mut reader, mut writer) = match (reader, writer) {
@@ -126,7 +146,7 @@ pub fn handle_request(
             return 0;
         }
     };
-    let status = match execute(&mut reader, &mut writer, disk) {
+    let status = match execute(&mut reader, &mut writer, disk, counters) {
         Ok(()) => VIRTIO_BLK_S_OK,
         Err(RequestError::Unsupported(t)) => {
             crate::guest_log!(
@@ -141,6 +161,9 @@ pub fn handle_request(
             VIRTIO_BLK_S_IOERR
         }
     };
+    if status != VIRTIO_BLK_S_OK {
+        counters.errors.inc();
+    }
     if status_writer.write_all(&[status]).is_err() {
         return 0;
     }
@@ -151,6 +174,7 @@ fn execute(
     reader: &mut Reader<'_>,
     writer: &mut Writer<'_>,
     disk: &Disk,
+    counters: &BlockCounters,
 ) -> Result<(), RequestError> {
     let mut header = [0u8; 16];
     reader
@@ -164,7 +188,9 @@ fn execute(
         VIRTIO_BLK_T_IN => {
             let len = writer.available_bytes();
             let offset = check_range(disk, sector, len)?;
-            read_disk(disk, offset, len, writer)
+            read_disk(disk, offset, len, writer)?;
+            counters.read_bytes.add(len as u64);
+            Ok(())
         }
         VIRTIO_BLK_T_OUT => {
             if disk.readonly {
@@ -172,9 +198,12 @@ fn execute(
             }
             let len = reader.available_bytes();
             let offset = check_range(disk, sector, len)?;
-            write_disk(disk, offset, len, reader)
+            write_disk(disk, offset, len, reader)?;
+            counters.write_bytes.add(len as u64);
+            Ok(())
         }
         VIRTIO_BLK_T_FLUSH => {
+            counters.flushes.inc();
             if disk.readonly {
                 return Ok(());
             }

@@ -4,7 +4,7 @@
 //! Guest output never blocks the device: a slow socket client gets up to
 //! [`MAX_PENDING_OUTPUT`] bytes buffered, and output beyond that is dropped.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::io::AsRawFd;
@@ -20,10 +20,11 @@ use vmm_sys_util::epoll::EventSet;
 use crate::device::{
     read_config_bytes, take_queue, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
 };
+use crate::lifecycle::{device_counters, with_interrupts, Lifecycle, WorkerDevice};
 use crate::ratelimit::LogLimiter;
 use crate::worker::{
-    drain_eventfd, next_chain, signal_used_queue, spawn_worker, EpollCtx, EpollHandler,
-    WorkerError, WorkerHandle, WorkerQueue, CHAIN_BUDGET,
+    drain_eventfd, enum_tokens, next_chain, signal_used_queue, EpollCtx, EpollHandler, WorkerError,
+    WorkerQueue, CHAIN_BUDGET,
 };
 use crate::GuestMemoryMmap;
 
@@ -74,12 +75,27 @@ enum Backend {
     Socket(UnixListener),
 }
 
+device_counters! {
+    /// What the console did.
+    pub struct ConsoleCounters {
+        /// Queue notifications handled (receive and transmit).
+        notifications,
+        /// Output bytes the guest wrote.
+        tx_bytes,
+        /// Output bytes dropped (no client, or a client too slow).
+        tx_dropped_bytes,
+        /// Input bytes handed to the guest.
+        rx_bytes,
+    }
+}
+
 /// The virtio-console device.
 pub struct Console {
     log: Arc<LogLimiter>,
     backend: Backend,
     acked_features: u64,
-    worker: Option<WorkerHandle>,
+    life: Lifecycle<ConsoleHandler>,
+    counters: Arc<ConsoleCounters>,
 }
 
 impl Console {
@@ -102,13 +118,18 @@ impl Console {
             log: Arc::new(LogLimiter::new("virtio-console")),
             backend,
             acked_features: 0,
-            worker: None,
+            life: Lifecycle::new("virtio-console"),
+            counters: Arc::default(),
         })
     }
 }
 
-impl Console {
-    pub(crate) fn handler(
+impl WorkerDevice for Console {
+    type Handler = ConsoleHandler;
+    fn lifecycle(&mut self) -> &mut Lifecycle<ConsoleHandler> {
+        &mut self.life
+    }
+    fn handler(
         &self,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
         interrupt: Arc<dyn VirtioInterrupt>,
@@ -133,6 +154,7 @@ impl Console {
             input: Vec::new(),
             client_events: EventSet::empty(),
             log: self.log.clone(),
+            counters: self.counters.clone(),
         })
     }
 }
@@ -170,19 +192,21 @@ impl VirtioDevice for Console {
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        let handler = self.handler(mem, interrupt, queues)?;
-        self.worker = Some(spawn_worker("virtio-console", handler)?);
-        Ok(())
+        self.activate_worker(mem, interrupt, queues)
     }
     fn reset(&mut self) -> bool {
-        if let Some(mut w) = self.worker.take() {
-            w.stop();
-        }
+        self.reset_worker();
         self.acked_features = 0;
         true
+    }
+    fn pause(&mut self) {
+        self.life.pause();
+    }
+    fn resume(&mut self) {
+        self.life.resume();
+    }
+    fn counters(&self) -> BTreeMap<&'static str, u64> {
+        with_interrupts(self.counters.to_map(), &self.life)
     }
 }
 
@@ -197,27 +221,20 @@ enum Output {
 
 /// Events of the console worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Token {
-    RxQueue = 0,
-    TxQueue = 1,
-    Listener = 2,
-    Client = 3,
+pub enum Token {
+    /// The guest added receive buffers.
+    RxQueue,
+    /// The guest wrote output.
+    TxQueue,
+    /// A socket client connects.
+    Listener,
+    /// The socket client is readable or writable.
+    Client,
 }
+enum_tokens!(Token: RxQueue, TxQueue, Listener, Client);
 
-impl Token {
-    fn from_u64(v: u64) -> Option<Token> {
-        [
-            Token::RxQueue,
-            Token::TxQueue,
-            Token::Listener,
-            Token::Client,
-        ]
-        .into_iter()
-        .find(|t| *t as u64 == v)
-    }
-}
-
-pub(crate) struct ConsoleHandler {
+/// The console worker's handler.
+pub struct ConsoleHandler {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     interrupt: Arc<dyn VirtioInterrupt>,
     rx: WorkerQueue,
@@ -227,17 +244,20 @@ pub(crate) struct ConsoleHandler {
     input: Vec<u8>,
     client_events: EventSet,
     log: Arc<LogLimiter>,
+    counters: Arc<ConsoleCounters>,
 }
 
 impl ConsoleHandler {
-    fn process_tx(&mut self, ctx: &EpollCtx) -> Result<(), WorkerError> {
+    fn process_tx(&mut self, ctx: &EpollCtx<Token>) -> Result<(), WorkerError> {
         let mem = self.mem.memory();
-        let (out, log) = (&mut self.out, &*self.log);
+        let (out, log, counters) = (&mut self.out, &*self.log, &*self.counters);
         let irq = self.interrupt.as_ref();
         self.tx.serve(ctx, "virtio-console", irq, |q| {
             q.process(&mem, irq, |chain| {
                 if let Some(text) = read_tx_chain(&mem, chain, log) {
-                    write_output(out, &text, log);
+                    counters.tx_bytes.add(text.len() as u64);
+                    let dropped = write_output(out, &text, log);
+                    counters.tx_dropped_bytes.add(dropped as u64);
                 }
                 0
             })
@@ -247,13 +267,13 @@ impl ConsoleHandler {
 
     /// Hands client input to the guest's receive buffers, at most
     /// [`CHAIN_BUDGET`] of them per turn (then the queue re-arms itself).
-    fn fill_rx(&mut self, ctx: &EpollCtx) -> Result<(), WorkerError> {
+    fn fill_rx(&mut self, ctx: &EpollCtx<Token>) -> Result<(), WorkerError> {
         if self.input.is_empty() {
             return Ok(());
         }
         let mem = self.mem.memory();
         let irq = self.interrupt.as_ref();
-        let (input, log) = (&mut self.input, &*self.log);
+        let (input, log, counters) = (&mut self.input, &*self.log, &*self.counters);
         self.rx.serve(ctx, "virtio-console", irq, |q| {
             let mut used = 0;
             while !input.is_empty() {
@@ -266,6 +286,7 @@ impl ConsoleHandler {
                 };
                 let head = chain.head_index();
                 let len = write_input(&mem, chain, input, log);
+                counters.rx_bytes.add(u64::from(len));
                 q.queue
                     .add_used(&*mem, head, len)
                     .map_err(WorkerError::Queue)?;
@@ -278,7 +299,7 @@ impl ConsoleHandler {
         })
     }
 
-    fn accept(&mut self, ctx: &EpollCtx) {
+    fn accept(&mut self, ctx: &EpollCtx<Token>) {
         let Output::Socket {
             listener,
             client,
@@ -330,7 +351,7 @@ impl ConsoleHandler {
 
     /// Watches the client for what we can act on: input when the guest
     /// has taken the previous input, output when some is pending.
-    fn sync_client(&mut self, ctx: &EpollCtx) {
+    fn sync_client(&mut self, ctx: &EpollCtx<Token>) {
         let Output::Socket {
             client, pending, ..
         } = &self.out
@@ -352,7 +373,7 @@ impl ConsoleHandler {
             return;
         }
         let fd = stream.as_raw_fd();
-        let token = Token::Client as u64;
+        let token = Token::Client;
         let r = match (self.client_events.is_empty(), want.is_empty()) {
             (true, _) => ctx.add(fd, token, want),
             (false, true) => ctx.remove(fd),
@@ -428,17 +449,22 @@ fn flush_pending(stream: &mut UnixStream, pending: &mut VecDeque<u8>) -> io::Res
     Ok(())
 }
 
-fn write_output(out: &mut Output, data: &[u8], log: &LogLimiter) {
+/// Writes guest output; returns the bytes dropped.
+fn write_output(out: &mut Output, data: &[u8], log: &LogLimiter) -> usize {
     match out {
         Output::File(f) => {
             if let Err(e) = f.write_all(data) {
                 crate::guest_log!(log, log::Level::Warn, "virtio-console: output file: {e}");
+                return data.len();
             }
+            0
         }
         Output::Socket {
             client, pending, ..
         } => {
-            let Some(stream) = client else { return };
+            let Some(stream) = client else {
+                return data.len();
+            };
             let room = MAX_PENDING_OUTPUT - pending.len();
             if data.len() > room {
                 crate::guest_log!(
@@ -453,43 +479,41 @@ fn write_output(out: &mut Output, data: &[u8], log: &LogLimiter) {
                 *client = None;
                 pending.clear();
             }
+            data.len().saturating_sub(room)
         }
     }
 }
 
 impl EpollHandler for ConsoleHandler {
-    fn register(&mut self, ctx: &EpollCtx) -> io::Result<()> {
-        ctx.add(
-            self.rx.event.as_raw_fd(),
-            Token::RxQueue as u64,
-            EventSet::IN,
-        )?;
-        ctx.add(
-            self.tx.event.as_raw_fd(),
-            Token::TxQueue as u64,
-            EventSet::IN,
-        )?;
+    type Token = Token;
+
+    fn register(&mut self, ctx: &EpollCtx<Token>) -> io::Result<()> {
+        ctx.add(self.rx.event.as_raw_fd(), Token::RxQueue, EventSet::IN)?;
+        ctx.add(self.tx.event.as_raw_fd(), Token::TxQueue, EventSet::IN)?;
         if let Output::Socket { listener, .. } = &self.out {
-            ctx.add(listener.as_raw_fd(), Token::Listener as u64, EventSet::IN)?;
+            ctx.add(listener.as_raw_fd(), Token::Listener, EventSet::IN)?;
         }
         Ok(())
     }
 
     fn handle_event(
         &mut self,
-        ctx: &EpollCtx,
-        token: u64,
+        ctx: &EpollCtx<Token>,
+        token: Token,
         events: EventSet,
     ) -> Result<(), WorkerError> {
-        match Token::from_u64(token) {
-            Some(Token::RxQueue) => drain_eventfd(&self.rx.event),
-            Some(Token::TxQueue) => {
+        match token {
+            Token::RxQueue => {
+                drain_eventfd(&self.rx.event);
+                self.counters.notifications.inc();
+            }
+            Token::TxQueue => {
                 drain_eventfd(&self.tx.event);
+                self.counters.notifications.inc();
                 self.process_tx(ctx)?;
             }
-            Some(Token::Listener) => self.accept(ctx),
-            Some(Token::Client) => self.client_event(events),
-            None => log::warn!("virtio-console: unknown token {token}"),
+            Token::Listener => self.accept(ctx),
+            Token::Client => self.client_event(events),
         }
         self.fill_rx(ctx)?;
         if let Output::Socket { client: None, .. } = &self.out {
@@ -564,7 +588,7 @@ mod tests {
     fn socket_both_ways() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("console.sock");
-        let (_c, _mem, mut rxq, mut txq, k) = start(ConsoleOutput::Socket(path.clone()));
+        let (c, _mem, mut rxq, mut txq, k) = start(ConsoleOutput::Socket(path.clone()));
         // Output with no client is dropped, not blocking.
         guest_print(&mut txq, &k.tx, b"early\n");
         let mut client = UnixStream::connect(&path).unwrap();
@@ -584,10 +608,15 @@ mod tests {
         assert!(wait_until(|| rxq.used_idx() == 1));
         assert_eq!(rxq.used_entry(0).1, 3);
         assert_eq!(rxq.read(addrs[0], 3), b"ls\n");
+        let n = c.counters();
+        assert_eq!((n["tx_bytes"], n["tx_dropped_bytes"]), (12, 6));
+        assert_eq!(n["rx_bytes"], 3);
+        assert_eq!(n["notifications"], 3);
+        assert!(wait_until(|| c.counters()["interrupts"] == 3));
     }
 
     /// A corrupt receive ring while the client typed something: the
-    /// worker must not spin, so a reset (the kill event) still gets through.
+    /// worker must not spin, so a reset (the stop request) still gets through.
     #[test]
     fn corrupt_rx_ring_does_not_block_reset() {
         let dir = tempfile::tempdir().unwrap();

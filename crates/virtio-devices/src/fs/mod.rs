@@ -8,9 +8,14 @@
 //! worker forwards each call to [`VirtioInterrupt::trigger`]. With direct
 //! irqfds, MSI-X masking is up to the VMM's `InterruptGroup::update`.
 //!
+//! The device cannot be paused: the rings are served by virtiofsd's own
+//! threads, which vhost-user gives no way to park (see [`Fs`]'s
+//! `VirtioDevice::pause`). Its counters are the interrupts it forwarded.
+//!
 //! Guest memory must be file-backed (`GuestRegionMmap::file_offset()`),
 //! otherwise activation fails with [`ActivateError::MemoryNotShareable`].
 
+use std::collections::BTreeMap;
 use std::io;
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
@@ -33,9 +38,8 @@ use crate::device::{
     read_config_bytes, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
     VirtioInterruptType, RING_FEATURES,
 };
-use crate::worker::{
-    drain_eventfd, spawn_worker, EpollCtx, EpollHandler, WorkerError, WorkerHandle,
-};
+use crate::lifecycle::{with_interrupts, Lifecycle};
+use crate::worker::{drain_eventfd, EpollCtx, EpollHandler, EventToken, WorkerError};
 use crate::GuestMemoryMmap;
 
 /// Longest tag (the config field is 36 bytes).
@@ -101,7 +105,7 @@ pub struct Fs {
     acked_features: u64,
     queue_sizes: Vec<u16>,
     started: Vec<usize>,
-    worker: Option<WorkerHandle>,
+    life: Lifecycle<CallForwarder>,
 }
 
 fn backend_err(path: &std::path::Path) -> impl Fn(vhost::Error) -> FsError + '_ {
@@ -159,7 +163,7 @@ impl Fs {
             acked_features: 0,
             queue_sizes: vec![cfg.queue_size; num_queues],
             started: Vec::new(),
-            worker: None,
+            life: Lifecycle::new("virtio-fs"),
         })
     }
 
@@ -248,7 +252,7 @@ impl VirtioDevice for Fs {
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
+        if self.life.is_active() {
             return Err(ActivateError::AlreadyActive);
         }
         // Where the interrupt layer offers an eventfd per vector (an irqfd),
@@ -267,30 +271,35 @@ impl VirtioDevice for Fs {
             }
         }
         let handler = CallForwarder {
-            interrupt,
+            interrupt: self.life.counting(interrupt),
             calls: forwarded,
         };
         let started = self
             .setup_backend(&mem.memory(), &queues, &calls)
-            .and_then(|()| Ok(spawn_worker("virtio-fs", handler)?));
-        match started {
-            Ok(worker) => {
-                self.worker = Some(worker);
-                Ok(())
-            }
-            Err(e) => {
-                self.stop_rings();
-                Err(e)
-            }
+            .and_then(|()| self.life.start(handler));
+        if started.is_err() {
+            self.stop_rings();
         }
+        started
     }
     fn reset(&mut self) -> bool {
-        if let Some(mut w) = self.worker.take() {
-            w.stop();
-        }
+        self.life.stop();
         self.stop_rings();
         self.acked_features = 0;
         true
+    }
+    /// Does nothing: the rings are served by virtiofsd's threads, which
+    /// vhost-user cannot park (stopping the rings with `GET_VRING_BASE`
+    /// would lose in-flight requests), and parking only our call forwarder
+    /// would merely delay interrupts. The backend may touch guest memory
+    /// while the VM is paused.
+    fn pause(&mut self) {}
+    /// Does nothing (see [`Fs::pause`](VirtioDevice::pause)).
+    fn resume(&mut self) {}
+    /// `interrupts`: the backend's completions we forwarded (zero when the
+    /// backend signals the guest's irqfds directly).
+    fn counters(&self) -> BTreeMap<&'static str, u64> {
+        with_interrupts(BTreeMap::new(), &self.life)
     }
 }
 
@@ -311,28 +320,44 @@ impl Fs {
     }
 }
 
+/// The event of a [`CallForwarder`]: the call eventfd at this position in
+/// its list fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallSlot(usize);
+
+impl EventToken for CallSlot {
+    fn to_raw(self) -> u64 {
+        self.0 as u64
+    }
+    fn from_raw(raw: u64) -> Option<Self> {
+        usize::try_from(raw).ok().map(CallSlot)
+    }
+}
+
 /// Forwards the backend's "used buffers" eventfds to the guest interrupt.
-struct CallForwarder {
+pub struct CallForwarder {
     interrupt: Arc<dyn VirtioInterrupt>,
     calls: Vec<(u16, EventFd)>,
 }
 
 impl EpollHandler for CallForwarder {
-    fn register(&mut self, ctx: &EpollCtx) -> io::Result<()> {
+    type Token = CallSlot;
+
+    fn register(&mut self, ctx: &EpollCtx<CallSlot>) -> io::Result<()> {
         for (slot, (_, fd)) in self.calls.iter().enumerate() {
-            ctx.add(fd.as_raw_fd(), slot as u64, EventSet::IN)?;
+            ctx.add(fd.as_raw_fd(), CallSlot(slot), EventSet::IN)?;
         }
         Ok(())
     }
 
     fn handle_event(
         &mut self,
-        _ctx: &EpollCtx,
-        token: u64,
+        _ctx: &EpollCtx<CallSlot>,
+        CallSlot(slot): CallSlot,
         _events: EventSet,
     ) -> Result<(), WorkerError> {
-        let Some((queue, fd)) = self.calls.get(token as usize) else {
-            log::warn!("virtio-fs: unknown token {token}");
+        let Some((queue, fd)) = self.calls.get(slot) else {
+            log::error!("virtio-fs: unknown call slot {slot}");
             return Ok(());
         };
         drain_eventfd(fd);

@@ -218,6 +218,13 @@ fn activation_shares_memory_and_rings_then_reset_stops_them() {
         .lock()
         .unwrap()
         .contains(&VirtioInterruptType::Queue(1))));
+    assert_eq!(fx.fs.counters(), BTreeMap::from([("interrupts", 1)]));
+    // Pausing cannot park virtiofsd: the forwarder keeps forwarding.
+    fx.fs.pause();
+    (&call).write_all(&1u64.to_ne_bytes()).unwrap();
+    assert!(wait_until(|| irq.count() == 2));
+    fx.fs.resume();
+    assert_eq!(fx.fs.counters()["interrupts"], 2);
     let before = requests(&fx.log).len();
     assert!(fx.fs.reset());
     assert!(wait_until(|| requests(&fx.log).len() == before + 4));

@@ -3,6 +3,7 @@
 
 pub mod tap;
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::io::{AsRawFd, OwnedFd};
@@ -17,10 +18,11 @@ use vmm_sys_util::epoll::EventSet;
 use crate::device::{
     read_config_bytes, take_queue, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
 };
+use crate::lifecycle::{device_counters, with_interrupts, Lifecycle, WorkerDevice};
 use crate::ratelimit::LogLimiter;
 use crate::worker::{
-    drain_eventfd, next_chain, signal_used_queue, spawn_worker, EpollCtx, EpollHandler,
-    WorkerError, WorkerHandle, WorkerQueue, CHAIN_BUDGET,
+    drain_eventfd, enum_tokens, next_chain, signal_used_queue, EpollCtx, EpollHandler, WorkerError,
+    WorkerQueue, CHAIN_BUDGET,
 };
 use crate::GuestMemoryMmap;
 use tap::{TapError, VNET_HDR_LEN};
@@ -66,13 +68,32 @@ pub fn generated_mac(seed: u32) -> [u8; 6] {
     [0x52, 0x54, s[0], s[1], s[2], s[3]]
 }
 
+device_counters! {
+    /// What the net device did.
+    pub struct NetCounters {
+        /// Queue notifications handled (receive and transmit).
+        notifications,
+        /// Frames sent from the guest to the tap.
+        tx_frames,
+        /// Bytes of those frames (virtio-net headers included).
+        tx_bytes,
+        /// Frames delivered from the tap to the guest.
+        rx_frames,
+        /// Bytes of those frames (headers included).
+        rx_bytes,
+        /// Frames dropped either way (bad chains, small buffers, full tap).
+        dropped,
+    }
+}
+
 /// The virtio-net device.
 pub struct Net {
     log: Arc<LogLimiter>,
     backend: File,
     mac: [u8; 6],
     acked_features: u64,
-    worker: Option<WorkerHandle>,
+    life: Lifecycle<NetHandler>,
+    counters: Arc<NetCounters>,
 }
 
 impl Net {
@@ -100,7 +121,8 @@ impl Net {
             backend,
             mac,
             acked_features: 0,
-            worker: None,
+            life: Lifecycle::new("virtio-net"),
+            counters: Arc::default(),
         }
     }
 
@@ -108,8 +130,14 @@ impl Net {
     pub fn mac(&self) -> [u8; 6] {
         self.mac
     }
+}
 
-    pub(crate) fn handler(
+impl WorkerDevice for Net {
+    type Handler = NetHandler;
+    fn lifecycle(&mut self) -> &mut Lifecycle<NetHandler> {
+        &mut self.life
+    }
+    fn handler(
         &self,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
         interrupt: Arc<dyn VirtioInterrupt>,
@@ -126,7 +154,7 @@ impl Net {
             frame: Vec::new(),
             tap_watched: true,
             tap_gone: false,
-            dropped: 0,
+            counters: self.counters.clone(),
             log: self.log.clone(),
         })
     }
@@ -158,39 +186,38 @@ impl VirtioDevice for Net {
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        let handler = self.handler(mem, interrupt, queues)?;
-        self.worker = Some(spawn_worker("virtio-net", handler)?);
-        Ok(())
+        self.activate_worker(mem, interrupt, queues)
     }
     fn reset(&mut self) -> bool {
-        if let Some(mut w) = self.worker.take() {
-            w.stop();
-        }
+        self.reset_worker();
         self.acked_features = 0;
         true
+    }
+    fn pause(&mut self) {
+        self.life.pause();
+    }
+    fn resume(&mut self) {
+        self.life.resume();
+    }
+    fn counters(&self) -> BTreeMap<&'static str, u64> {
+        with_interrupts(self.counters.to_map(), &self.life)
     }
 }
 
 /// Events of the net worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Token {
-    RxQueue = 0,
-    TxQueue = 1,
-    Tap = 2,
+pub enum Token {
+    /// The guest added receive buffers.
+    RxQueue,
+    /// The guest queued frames to send.
+    TxQueue,
+    /// The tap has frames.
+    Tap,
 }
+enum_tokens!(Token: RxQueue, TxQueue, Tap);
 
-impl Token {
-    fn from_u64(v: u64) -> Option<Token> {
-        [Token::RxQueue, Token::TxQueue, Token::Tap]
-            .into_iter()
-            .find(|t| *t as u64 == v)
-    }
-}
-
-pub(crate) struct NetHandler {
+/// The net worker's handler.
+pub struct NetHandler {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     interrupt: Arc<dyn VirtioInterrupt>,
     rx: WorkerQueue,
@@ -201,7 +228,7 @@ pub(crate) struct NetHandler {
     tap_watched: bool,
     /// The backend returned end-of-file.
     tap_gone: bool,
-    dropped: u64,
+    counters: Arc<NetCounters>,
     log: Arc<LogLimiter>,
 }
 
@@ -314,20 +341,26 @@ enum Delivery {
 }
 
 impl NetHandler {
-    fn process_tx(&mut self, ctx: &EpollCtx) -> Result<(), WorkerError> {
+    fn process_tx(&mut self, ctx: &EpollCtx<Token>) -> Result<(), WorkerError> {
         let mem = self.mem.memory();
-        let (tap, dropped, log) = (&mut self.tap, &mut self.dropped, &*self.log);
+        let (tap, counters, log) = (&mut self.tap, &*self.counters, &*self.log);
         let irq = self.interrupt.as_ref();
         self.tx.serve(ctx, "virtio-net", irq, |q| {
             q.process(&mem, irq, |chain| {
                 let Some(frame) = read_tx_frame(&mem, chain, log) else {
-                    *dropped += 1;
+                    counters.dropped.inc();
                     return 0;
                 };
-                if let Err(e) = tap.write(&frame) {
-                    // A full tap queue drops the frame, as a NIC would.
-                    crate::guest_log!(log, log::Level::Debug, "virtio-net: tap write: {e}");
-                    *dropped += 1;
+                match tap.write(&frame) {
+                    Ok(_) => {
+                        counters.tx_frames.inc();
+                        counters.tx_bytes.add(frame.len() as u64);
+                    }
+                    Err(e) => {
+                        // A full tap queue drops the frame, as a NIC would.
+                        crate::guest_log!(log, log::Level::Debug, "virtio-net: tap write: {e}");
+                        counters.dropped.inc();
+                    }
                 }
                 0
             })
@@ -340,7 +373,7 @@ impl NetHandler {
         queue: &mut WorkerQueue,
         mem: &GuestMemoryMmap,
         frame: &mut Vec<u8>,
-        dropped: &mut u64,
+        counters: &NetCounters,
         log: &LogLimiter,
     ) -> Result<Delivery, WorkerError> {
         let Some(chain) = next_chain(&mut queue.queue, mem)? else {
@@ -349,7 +382,10 @@ impl NetHandler {
         let head = chain.head_index();
         let len = write_frame(mem, chain, frame, log);
         if len == 0 {
-            *dropped += 1;
+            counters.dropped.inc();
+        } else {
+            counters.rx_frames.inc();
+            counters.rx_bytes.add(u64::from(len));
         }
         queue
             .queue
@@ -362,10 +398,10 @@ impl NetHandler {
     /// Reads frames from the tap into receive buffers until either runs
     /// out, or [`CHAIN_BUDGET`] frames were delivered (the tap, still
     /// readable, brings the worker back after its other events).
-    fn process_rx(&mut self, ctx: &EpollCtx) -> Result<(), WorkerError> {
+    fn process_rx(&mut self, ctx: &EpollCtx<Token>) -> Result<(), WorkerError> {
         let mem = self.mem.memory();
         let irq = self.interrupt.as_ref();
-        let (tap, frame, dropped) = (&mut self.tap, &mut self.frame, &mut self.dropped);
+        let (tap, frame, counters) = (&mut self.tap, &mut self.frame, &*self.counters);
         let (tap_gone, log) = (&mut self.tap_gone, &*self.log);
         self.rx.serve(ctx, "virtio-net", irq, |q| {
             let mut used = 0;
@@ -381,7 +417,7 @@ impl NetHandler {
                         }
                     }
                 }
-                match Self::deliver(q, &mem, frame, dropped, log)? {
+                match Self::deliver(q, &mem, frame, counters, log)? {
                     Delivery::Delivered => used += 1,
                     Delivery::NoBuffer => break,
                 }
@@ -398,7 +434,7 @@ impl NetHandler {
         if want != self.tap_watched {
             let fd = self.tap.as_raw_fd();
             let r = if want {
-                ctx.add(fd, Token::Tap as u64, EventSet::IN)
+                ctx.add(fd, Token::Tap, EventSet::IN)
             } else {
                 ctx.remove(fd)
             };
@@ -410,37 +446,32 @@ impl NetHandler {
 }
 
 impl EpollHandler for NetHandler {
-    fn register(&mut self, ctx: &EpollCtx) -> io::Result<()> {
-        ctx.add(
-            self.rx.event.as_raw_fd(),
-            Token::RxQueue as u64,
-            EventSet::IN,
-        )?;
-        ctx.add(
-            self.tx.event.as_raw_fd(),
-            Token::TxQueue as u64,
-            EventSet::IN,
-        )?;
-        ctx.add(self.tap.as_raw_fd(), Token::Tap as u64, EventSet::IN)
+    type Token = Token;
+
+    fn register(&mut self, ctx: &EpollCtx<Token>) -> io::Result<()> {
+        ctx.add(self.rx.event.as_raw_fd(), Token::RxQueue, EventSet::IN)?;
+        ctx.add(self.tx.event.as_raw_fd(), Token::TxQueue, EventSet::IN)?;
+        ctx.add(self.tap.as_raw_fd(), Token::Tap, EventSet::IN)
     }
 
     fn handle_event(
         &mut self,
-        ctx: &EpollCtx,
-        token: u64,
+        ctx: &EpollCtx<Token>,
+        token: Token,
         _events: EventSet,
     ) -> Result<(), WorkerError> {
-        match Token::from_u64(token) {
-            Some(Token::RxQueue) => {
+        match token {
+            Token::RxQueue => {
                 drain_eventfd(&self.rx.event);
+                self.counters.notifications.inc();
                 self.process_rx(ctx)?;
             }
-            Some(Token::TxQueue) => {
+            Token::TxQueue => {
                 drain_eventfd(&self.tx.event);
+                self.counters.notifications.inc();
                 self.process_tx(ctx)?;
             }
-            Some(Token::Tap) => self.process_rx(ctx)?,
-            None => log::warn!("virtio-net: unknown token {token}"),
+            Token::Tap => self.process_rx(ctx)?,
         }
         Ok(())
     }

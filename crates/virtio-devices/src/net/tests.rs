@@ -5,7 +5,7 @@ use std::os::unix::net::UnixDatagram;
 use vmm_sys_util::eventfd::EventFd;
 
 struct Fx {
-    _net: Net,
+    net: Net,
     peer: UnixDatagram,
     txq: TestQueue,
     tx_kick: EventFd,
@@ -28,7 +28,7 @@ fn fixture() -> Fx {
     net.activate(atomic_mem(&mem), recorder(), vec![rx, tx])
         .unwrap();
     Fx {
-        _net: net,
+        net,
         peer: b,
         txq,
         tx_kick,
@@ -83,6 +83,13 @@ fn tx_frames_reach_the_tap() {
     fx.txq.add_chain(&[(Readable, 4)]);
     fx.tx_kick.write(1).unwrap();
     assert!(wait_until(|| fx.txq.used_idx() == 2));
+    assert!(wait_until(|| fx.net.counters()["interrupts"] >= 1));
+    let c = fx.net.counters();
+    assert_eq!((c["tx_frames"], c["tx_bytes"]), (1, f.len() as u64));
+    assert_eq!(c["dropped"], 1);
+    // The second kick may find its chain already taken by the first turn.
+    assert!((1..=2).contains(&c["notifications"]), "{c:?}");
+    assert_eq!((c["rx_frames"], c["rx_bytes"]), (0, 0));
 }
 
 /// Driven directly, so "nothing was delivered" is a fact: frames wait
@@ -125,6 +132,10 @@ fn rx_frames_wait_for_buffers() {
     el.run_until_idle(10).unwrap();
     assert_eq!(rxq.used_idx(), 3);
     assert_eq!(rxq.used_entry(2).1, 0);
+    let c = net.counters();
+    assert_eq!(c["rx_frames"], 2);
+    assert_eq!(c["rx_bytes"], 2 * VNET_HDR_LEN as u64 + 11);
+    assert_eq!((c["dropped"], c["notifications"]), (1, 2));
 }
 
 #[test]

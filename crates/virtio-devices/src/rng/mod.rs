@@ -2,9 +2,11 @@
 //! `getrandom(2)`.
 //!
 //! This is the smallest device and the template for new ones: a struct that
-//! implements [`VirtioDevice`] and, once activated, a worker thread running
-//! an [`EpollHandler`] with named event tokens.
+//! implements [`VirtioDevice`] and [`WorkerDevice`] (it supplies the
+//! handler, [`crate::lifecycle`] runs it), an [`EpollHandler`] with a typed
+//! event token, and counters shared with the worker.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
@@ -17,10 +19,9 @@ use vmm_sys_util::epoll::EventSet;
 use crate::device::{
     take_queue, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, RING_FEATURES,
 };
+use crate::lifecycle::{device_counters, with_interrupts, Lifecycle, WorkerDevice};
 use crate::ratelimit::LogLimiter;
-use crate::worker::{
-    drain_eventfd, spawn_worker, EpollCtx, EpollHandler, WorkerError, WorkerHandle, WorkerQueue,
-};
+use crate::worker::{drain_eventfd, enum_tokens, EpollCtx, EpollHandler, WorkerError, WorkerQueue};
 use crate::GuestMemoryMmap;
 
 /// Queue size offered to the driver.
@@ -56,11 +57,24 @@ pub fn getrandom(buf: &mut [u8]) -> Result<(), RngError> {
     Ok(())
 }
 
+device_counters! {
+    /// What the rng device did.
+    pub struct RngCounters {
+        /// Queue notifications handled.
+        notifications,
+        /// Descriptor chains completed.
+        requests,
+        /// Random bytes written into guest buffers.
+        bytes,
+    }
+}
+
 /// The virtio-rng device.
 pub struct Rng {
     log: Arc<LogLimiter>,
     acked_features: u64,
-    worker: Option<WorkerHandle>,
+    life: Lifecycle<RngHandler>,
+    counters: Arc<RngCounters>,
 }
 
 impl Rng {
@@ -69,12 +83,17 @@ impl Rng {
         Rng {
             log: Arc::new(LogLimiter::new("virtio-rng")),
             acked_features: 0,
-            worker: None,
+            life: Lifecycle::new("virtio-rng"),
+            counters: Arc::default(),
         }
     }
 }
 
-impl Rng {
+impl WorkerDevice for Rng {
+    type Handler = RngHandler;
+    fn lifecycle(&mut self) -> &mut Lifecycle<RngHandler> {
+        &mut self.life
+    }
     fn handler(
         &self,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
@@ -86,6 +105,7 @@ impl Rng {
             interrupt,
             queue: take_queue(&mut queues, 0)?.into(),
             log: self.log.clone(),
+            counters: self.counters.clone(),
         })
     }
 }
@@ -118,40 +138,46 @@ impl VirtioDevice for Rng {
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        let handler = self.handler(mem, interrupt, queues)?;
-        self.worker = Some(spawn_worker("virtio-rng", handler)?);
-        Ok(())
+        self.activate_worker(mem, interrupt, queues)
     }
     fn reset(&mut self) -> bool {
-        if let Some(mut w) = self.worker.take() {
-            w.stop();
-        }
+        self.reset_worker();
         self.acked_features = 0;
         true
+    }
+    fn pause(&mut self) {
+        self.life.pause();
+    }
+    fn resume(&mut self) {
+        self.life.resume();
+    }
+    fn counters(&self) -> BTreeMap<&'static str, u64> {
+        with_interrupts(self.counters.to_map(), &self.life)
     }
 }
 
 /// Events of the rng worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Token {
+pub enum Token {
     /// The driver added buffers to the request queue.
     Queue,
 }
+enum_tokens!(Token: Queue);
 
-impl Token {
-    fn from_u64(v: u64) -> Option<Token> {
-        (v == Token::Queue as u64).then_some(Token::Queue)
-    }
-}
-
-struct RngHandler {
+/// The rng worker's handler.
+pub struct RngHandler {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     interrupt: Arc<dyn VirtioInterrupt>,
     queue: WorkerQueue,
     log: Arc<LogLimiter>,
+    counters: Arc<RngCounters>,
+}
+
+impl RngHandler {
+    /// The request queue (its state after the worker stopped, say).
+    pub fn queue(&self) -> &WorkerQueue {
+        &self.queue
+    }
 }
 
 /// Fills the writable part of `chain` with random bytes; returns the count.
@@ -191,32 +217,35 @@ pub fn fill_chain(
 }
 
 impl EpollHandler for RngHandler {
-    fn register(&mut self, ctx: &EpollCtx) -> std::io::Result<()> {
-        ctx.add(
-            self.queue.event.as_raw_fd(),
-            Token::Queue as u64,
-            EventSet::IN,
-        )
+    type Token = Token;
+
+    fn register(&mut self, ctx: &EpollCtx<Token>) -> std::io::Result<()> {
+        ctx.add(self.queue.event.as_raw_fd(), Token::Queue, EventSet::IN)
     }
 
     fn handle_event(
         &mut self,
-        ctx: &EpollCtx,
-        token: u64,
+        ctx: &EpollCtx<Token>,
+        token: Token,
         _events: EventSet,
     ) -> Result<(), WorkerError> {
-        match Token::from_u64(token) {
-            Some(Token::Queue) => {
+        match token {
+            Token::Queue => {
                 drain_eventfd(&self.queue.event);
+                self.counters.notifications.inc();
                 let mem = self.mem.memory();
                 let irq = self.interrupt.as_ref();
-                let log = &*self.log;
+                let (log, counters) = (&*self.log, &*self.counters);
                 self.queue.serve(ctx, "virtio-rng", irq, |q| {
-                    q.process(&mem, irq, |chain| fill_chain(&mem, chain, log))
-                        .map(drop)
+                    q.process(&mem, irq, |chain| {
+                        let len = fill_chain(&mem, chain, log);
+                        counters.requests.inc();
+                        counters.bytes.add(u64::from(len));
+                        len
+                    })
+                    .map(drop)
                 })?;
             }
-            None => log::warn!("virtio-rng: unknown event token {token}"),
         }
         Ok(())
     }
@@ -257,6 +286,35 @@ mod tests {
         assert!(bytes.iter().any(|&b| b != 0), "random bytes expected");
         assert!(wait_until(|| irq.count() >= 1));
         assert!(rng.reset());
+    }
+
+    #[test]
+    fn counters_follow_the_guest() {
+        let mem = single_region_mem(0x10_0000);
+        let (mut rng, mut tq, irq, kick) = activate(&mem);
+        assert_eq!(rng.counters()["requests"], 0);
+        tq.add_chain(&[(Writable, 64), (Writable, 64)]);
+        tq.add_chain(&[(Writable, 32)]);
+        kick.write(1).unwrap();
+        assert!(wait_until(|| tq.used_idx() == 2));
+        assert!(wait_until(|| irq.count() >= 1));
+        let c = rng.counters();
+        assert_eq!(c["requests"], 2);
+        assert_eq!(c["bytes"], 160);
+        assert_eq!(c["notifications"], 1);
+        assert_eq!(c["interrupts"], irq.count() as u64);
+        // Counters survive a reset and keep counting after re-activation.
+        assert!(rng.reset());
+        let mut tq = TestQueue::new(&mem, 0x4000, 16, 0x8_0000);
+        let aq = tq.active(0);
+        let kick = aq.event.try_clone().unwrap();
+        rng.activate(atomic_mem(&mem), irq.clone(), vec![aq])
+            .unwrap();
+        tq.add_chain(&[(Writable, 8)]);
+        kick.write(1).unwrap();
+        assert!(wait_until(|| tq.used_idx() == 1));
+        assert_eq!(rng.counters()["requests"], 3);
+        assert_eq!(rng.counters()["bytes"], 168);
     }
 
     #[test]

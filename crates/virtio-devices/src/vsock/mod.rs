@@ -9,6 +9,7 @@ pub mod connection;
 pub mod muxer;
 pub mod packet;
 
+use std::collections::BTreeMap;
 use std::io;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixListener;
@@ -22,12 +23,14 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::device::{take_queue, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt};
+use crate::lifecycle::{device_counters, with_interrupts, Lifecycle, WorkerDevice};
 use crate::worker::{
-    drain_eventfd, next_chain, signal_used_queue, spawn_worker, EpollCtx, EpollHandler,
-    WorkerError, WorkerHandle, WorkerQueue, CHAIN_BUDGET,
+    drain_eventfd, next_chain, signal_used_queue, EpollCtx, EpollHandler, WorkerError, WorkerQueue,
+    CHAIN_BUDGET,
 };
 use crate::GuestMemoryMmap;
-use muxer::{Muxer, LISTENER_TOKEN};
+use muxer::Muxer;
+pub use muxer::Token;
 use packet::{read_tx_packet, RxBuffer};
 
 const QUEUE_SIZE: u16 = 256;
@@ -52,13 +55,32 @@ pub enum VsockError {
     },
 }
 
+device_counters! {
+    /// What the vsock device did.
+    pub struct VsockCounters {
+        /// Queue notifications handled (all three queues).
+        notifications,
+        /// Packets the guest sent (malformed ones included).
+        tx_packets,
+        /// Payload bytes of well-formed packets the guest sent.
+        tx_bytes,
+        /// Packets the guest sent that could not be parsed.
+        tx_malformed,
+        /// Packets delivered to the guest.
+        rx_packets,
+        /// Payload bytes of those packets.
+        rx_bytes,
+    }
+}
+
 /// The virtio-vsock device.
 pub struct Vsock {
     cid: u64,
     path: PathBuf,
     listener: UnixListener,
     acked_features: u64,
-    worker: Option<WorkerHandle>,
+    life: Lifecycle<VsockHandler>,
+    counters: Arc<VsockCounters>,
 }
 
 impl Vsock {
@@ -79,7 +101,8 @@ impl Vsock {
             path: path.to_path_buf(),
             listener,
             acked_features: 0,
-            worker: None,
+            life: Lifecycle::new(format!("vsock-{cid}")),
+            counters: Arc::default(),
         })
     }
 
@@ -87,8 +110,14 @@ impl Vsock {
     pub fn cid(&self) -> u64 {
         self.cid
     }
+}
 
-    pub(crate) fn handler(
+impl WorkerDevice for Vsock {
+    type Handler = VsockHandler;
+    fn lifecycle(&mut self) -> &mut Lifecycle<VsockHandler> {
+        &mut self.life
+    }
+    fn handler(
         &self,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
         interrupt: Arc<dyn VirtioInterrupt>,
@@ -109,6 +138,7 @@ impl Vsock {
             tx: tx.into(),
             event,
             muxer: Muxer::new(self.cid, self.path.clone(), listener),
+            counters: self.counters.clone(),
         })
     }
 }
@@ -141,54 +171,26 @@ impl VirtioDevice for Vsock {
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        let handler = self.handler(mem, interrupt, queues)?;
-        self.worker = Some(spawn_worker(&format!("vsock-{}", self.cid), handler)?);
-        Ok(())
+        self.activate_worker(mem, interrupt, queues)
     }
     fn reset(&mut self) -> bool {
-        if let Some(mut w) = self.worker.take() {
-            w.stop();
-        }
+        self.reset_worker();
         self.acked_features = 0;
         true
     }
-}
-
-/// Events of the vsock worker; host sockets use tokens from
-/// [`LISTENER_TOKEN`] up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Token {
-    /// The guest added receive buffers.
-    RxQueue,
-    /// The guest sent packets.
-    TxQueue,
-    /// The guest added event buffers (unused: we send no events).
-    EventQueue,
-    /// Connection set-up timeouts (armed only while set-ups are pending).
-    Timer,
-    /// A host client connects.
-    Listener,
-    /// A host socket is ready.
-    Conn(u64),
-}
-
-impl Token {
-    fn from_u64(v: u64) -> Token {
-        match v {
-            0 => Token::RxQueue,
-            1 => Token::TxQueue,
-            2 => Token::EventQueue,
-            3 => Token::Timer,
-            LISTENER_TOKEN => Token::Listener,
-            t => Token::Conn(t),
-        }
+    fn pause(&mut self) {
+        self.life.pause();
+    }
+    fn resume(&mut self) {
+        self.life.resume();
+    }
+    fn counters(&self) -> BTreeMap<&'static str, u64> {
+        with_interrupts(self.counters.to_map(), &self.life)
     }
 }
 
-pub(crate) struct VsockHandler {
+/// The vsock worker's handler.
+pub struct VsockHandler {
     timer: TimerFd,
     timer_armed: bool,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
@@ -197,18 +199,24 @@ pub(crate) struct VsockHandler {
     tx: WorkerQueue,
     event: ActiveQueue,
     muxer: Muxer,
+    counters: Arc<VsockCounters>,
 }
 
 impl VsockHandler {
-    fn process_tx(&mut self, ctx: &EpollCtx) -> Result<(), WorkerError> {
+    fn process_tx(&mut self, ctx: &EpollCtx<Token>) -> Result<(), WorkerError> {
         let mem = self.mem.memory();
-        let muxer = &mut self.muxer;
+        let (muxer, counters) = (&mut self.muxer, &*self.counters);
         let irq = self.interrupt.as_ref();
         self.tx.serve(ctx, "vsock", irq, |q| {
             q.process(&mem, irq, |chain| {
+                counters.tx_packets.inc();
                 match read_tx_packet(&mem, chain) {
-                    Ok((hdr, payload)) => muxer.handle_tx_packet(ctx, &hdr, &payload),
+                    Ok((hdr, payload)) => {
+                        counters.tx_bytes.add(payload.len() as u64);
+                        muxer.handle_tx_packet(ctx, &hdr, &payload)
+                    }
                     Err(e) => {
+                        counters.tx_malformed.inc();
                         let log = muxer.log();
                         crate::guest_log!(log, log::Level::Warn, "vsock: bad tx packet: {e}")
                     }
@@ -221,10 +229,10 @@ impl VsockHandler {
 
     /// Moves the muxer's packets into receive buffers, at most
     /// [`CHAIN_BUDGET`] per turn (then the queue re-arms itself).
-    fn fill_rx(&mut self, ctx: &EpollCtx) -> Result<(), WorkerError> {
+    fn fill_rx(&mut self, ctx: &EpollCtx<Token>) -> Result<(), WorkerError> {
         let mem = self.mem.memory();
         let irq = self.interrupt.as_ref();
-        let muxer = &mut self.muxer;
+        let (muxer, counters) = (&mut self.muxer, &*self.counters);
         self.rx.serve(ctx, "vsock", irq, |q| {
             let mut used = 0;
             while muxer.has_rx_work() {
@@ -238,7 +246,7 @@ impl VsockHandler {
                     break;
                 };
                 let head = chain.head_index();
-                let Some(len) = fill_rx_buffer(muxer, ctx, &mem, chain) else {
+                let Some(len) = fill_rx_buffer(muxer, ctx, &mem, chain, counters) else {
                     // Nothing to send after all: give the buffer back.
                     q.queue.go_to_previous_position();
                     break;
@@ -260,9 +268,10 @@ impl VsockHandler {
 /// or `None` when the muxer had nothing after all.
 fn fill_rx_buffer(
     muxer: &mut Muxer,
-    ctx: &EpollCtx,
+    ctx: &EpollCtx<Token>,
     mem: &GuestMemoryMmap,
     chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    counters: &VsockCounters,
 ) -> Option<u32> {
     let buf = match RxBuffer::new(mem, chain) {
         Ok(buf) => buf,
@@ -273,11 +282,18 @@ fn fill_rx_buffer(
         }
     };
     let (hdr, data) = muxer.next_rx_packet(ctx, buf.payload_capacity())?;
-    Some(buf.write(hdr, &data).unwrap_or_else(|e| {
-        let log = muxer.log();
-        crate::guest_log!(log, log::Level::Warn, "vsock: rx packet lost: {e}");
-        0
-    }))
+    match buf.write(hdr, &data) {
+        Ok(len) => {
+            counters.rx_packets.inc();
+            counters.rx_bytes.add(data.len() as u64);
+            Some(len)
+        }
+        Err(e) => {
+            let log = muxer.log();
+            crate::guest_log!(log, log::Level::Warn, "vsock: rx packet lost: {e}");
+            Some(0)
+        }
+    }
 }
 
 impl VsockHandler {
@@ -302,21 +318,30 @@ impl VsockHandler {
 }
 
 impl EpollHandler for VsockHandler {
-    fn register(&mut self, ctx: &EpollCtx) -> io::Result<()> {
-        ctx.add(self.rx.event.as_raw_fd(), 0, EventSet::IN)?;
-        ctx.add(self.tx.event.as_raw_fd(), 1, EventSet::IN)?;
-        ctx.add(self.event.event.as_raw_fd(), 2, EventSet::IN)?;
-        ctx.add(self.timer.as_raw_fd(), 3, EventSet::IN)?;
+    type Token = Token;
+
+    fn register(&mut self, ctx: &EpollCtx<Token>) -> io::Result<()> {
+        ctx.add(self.rx.event.as_raw_fd(), Token::RxQueue, EventSet::IN)?;
+        ctx.add(self.tx.event.as_raw_fd(), Token::TxQueue, EventSet::IN)?;
+        ctx.add(
+            self.event.event.as_raw_fd(),
+            Token::EventQueue,
+            EventSet::IN,
+        )?;
+        ctx.add(self.timer.as_raw_fd(), Token::Timer, EventSet::IN)?;
         self.muxer.register(ctx)
     }
 
     fn handle_event(
         &mut self,
-        ctx: &EpollCtx,
-        token: u64,
+        ctx: &EpollCtx<Token>,
+        token: Token,
         events: EventSet,
     ) -> Result<(), WorkerError> {
-        match Token::from_u64(token) {
+        if matches!(token, Token::RxQueue | Token::TxQueue | Token::EventQueue) {
+            self.counters.notifications.inc();
+        }
+        match token {
             Token::RxQueue => drain_eventfd(&self.rx.event),
             Token::TxQueue => {
                 drain_eventfd(&self.tx.event);

@@ -24,12 +24,54 @@ use vmm_sys_util::epoll::EventSet;
 use super::connection::{ConnState, Connection, RxPacket};
 use super::packet::{op, Header, HOST_CID, TYPE_STREAM};
 use crate::ratelimit::LogLimiter;
-use crate::worker::EpollCtx;
+use crate::worker::{EpollCtx, EventToken};
 
-/// Token of the listening socket.
-pub const LISTENER_TOKEN: u64 = 1 << 32;
-/// First token handed to host sockets.
+/// Raw token of the listening socket.
+const LISTENER_TOKEN: u64 = 1 << 32;
+/// First raw token handed to host sockets.
 const FIRST_CONN_TOKEN: u64 = LISTENER_TOKEN + 1;
+
+/// Events of the vsock worker: its queues and timer, and the host sockets
+/// the muxer watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Token {
+    /// The guest added receive buffers.
+    RxQueue,
+    /// The guest sent packets.
+    TxQueue,
+    /// The guest added event buffers (unused: we send no events).
+    EventQueue,
+    /// Connection set-up timeouts (armed only while set-ups are pending).
+    Timer,
+    /// A host client connects.
+    Listener,
+    /// A host socket is ready (the muxer's id for it).
+    Conn(u64),
+}
+
+impl EventToken for Token {
+    fn to_raw(self) -> u64 {
+        match self {
+            Token::RxQueue => 0,
+            Token::TxQueue => 1,
+            Token::EventQueue => 2,
+            Token::Timer => 3,
+            Token::Listener => LISTENER_TOKEN,
+            Token::Conn(t) => t,
+        }
+    }
+    fn from_raw(raw: u64) -> Option<Self> {
+        Some(match raw {
+            0 => Token::RxQueue,
+            1 => Token::TxQueue,
+            2 => Token::EventQueue,
+            3 => Token::Timer,
+            LISTENER_TOKEN => Token::Listener,
+            t if t >= FIRST_CONN_TOKEN => Token::Conn(t),
+            _ => return None,
+        })
+    }
+}
 /// Most simultaneous connections (each may buffer 256 KiB).
 pub const MAX_CONNECTIONS: usize = 256;
 /// Most RSTs queued for the guest while its receive queue is full.
@@ -177,8 +219,8 @@ impl Muxer {
     }
 
     /// Registers the listening socket.
-    pub fn register(&self, ctx: &EpollCtx) -> io::Result<()> {
-        ctx.add(self.listener.as_raw_fd(), LISTENER_TOKEN, EventSet::IN)
+    pub fn register(&self, ctx: &EpollCtx<Token>) -> io::Result<()> {
+        ctx.add(self.listener.as_raw_fd(), Token::Listener, EventSet::IN)
     }
 
     /// Whether a connection is being set up (a host client before its
@@ -195,7 +237,7 @@ impl Muxer {
     /// Drops set-ups older than [`SETUP_TIMEOUT`]: silent host clients are
     /// closed, unanswered REQUESTs are reset (RST to the guest, the host
     /// client sees its socket close).
-    pub fn expire(&mut self, ctx: &EpollCtx, now: Instant) {
+    pub fn expire(&mut self, ctx: &EpollCtx<Token>, now: Instant) {
         let old = |t: Instant| now.saturating_duration_since(t) >= SETUP_TIMEOUT;
         let stale: Vec<u64> = self
             .pending_hosts
@@ -264,7 +306,7 @@ impl Muxer {
 
     /// Registers, modifies or removes the connection's fd so epoll reports
     /// exactly what it can act on.
-    fn sync_interest(&mut self, ctx: &EpollCtx, key: ConnKey) {
+    fn sync_interest(&mut self, ctx: &EpollCtx<Token>, key: ConnKey) {
         let Some(c) = self.conns.get_mut(&key) else {
             return;
         };
@@ -276,9 +318,9 @@ impl Muxer {
         let r = if want.is_empty() {
             ctx.remove(fd)
         } else if c.registered.is_empty() {
-            ctx.add(fd, c.token, want)
+            ctx.add(fd, Token::Conn(c.token), want)
         } else {
-            ctx.modify(fd, c.token, want)
+            ctx.modify(fd, Token::Conn(c.token), want)
         };
         match r {
             Ok(()) => c.registered = want,
@@ -286,7 +328,7 @@ impl Muxer {
         }
     }
 
-    fn remove_conn(&mut self, ctx: &EpollCtx, key: ConnKey) {
+    fn remove_conn(&mut self, ctx: &EpollCtx<Token>, key: ConnKey) {
         if let Some(c) = self.conns.remove(&key) {
             if !c.registered.is_empty() {
                 let _ = ctx.remove(c.stream.as_raw_fd());
@@ -295,13 +337,13 @@ impl Muxer {
         }
     }
 
-    fn after_change(&mut self, ctx: &EpollCtx, key: ConnKey) {
+    fn after_change(&mut self, ctx: &EpollCtx<Token>, key: ConnKey) {
         self.schedule_rx(key);
         self.sync_interest(ctx, key);
     }
 
     /// Accepts host clients.
-    pub fn handle_listener(&mut self, ctx: &EpollCtx) {
+    pub fn handle_listener(&mut self, ctx: &EpollCtx<Token>) {
         loop {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
@@ -321,7 +363,7 @@ impl Muxer {
                 continue;
             }
             let token = self.alloc_token();
-            if let Err(e) = ctx.add(stream.as_raw_fd(), token, EventSet::IN) {
+            if let Err(e) = ctx.add(stream.as_raw_fd(), Token::Conn(token), EventSet::IN) {
                 log::warn!("vsock: epoll add: {e}");
                 continue;
             }
@@ -337,7 +379,7 @@ impl Muxer {
     }
 
     /// An event on a host socket.
-    pub fn handle_conn_event(&mut self, ctx: &EpollCtx, token: u64, events: EventSet) {
+    pub fn handle_conn_event(&mut self, ctx: &EpollCtx<Token>, token: u64, events: EventSet) {
         if self.pending_hosts.contains_key(&token) {
             self.read_connect_line(ctx, token);
             return;
@@ -363,7 +405,7 @@ impl Muxer {
         self.after_change(ctx, key);
     }
 
-    fn read_connect_line(&mut self, ctx: &EpollCtx, token: u64) {
+    fn read_connect_line(&mut self, ctx: &EpollCtx<Token>, token: u64) {
         let Some(p) = self.pending_hosts.get_mut(&token) else {
             return;
         };
@@ -409,7 +451,7 @@ impl Muxer {
     }
 
     /// A packet from the guest's transmit queue.
-    pub fn handle_tx_packet(&mut self, ctx: &EpollCtx, hdr: &Header, payload: &[u8]) {
+    pub fn handle_tx_packet(&mut self, ctx: &EpollCtx<Token>, hdr: &Header, payload: &[u8]) {
         if hdr.src_cid != self.guest_cid || hdr.dst_cid != HOST_CID {
             crate::guest_log!(
                 self.log,
@@ -461,7 +503,7 @@ impl Muxer {
         self.after_change(ctx, key);
     }
 
-    fn guest_connect(&mut self, ctx: &EpollCtx, hdr: &Header, key: ConnKey) {
+    fn guest_connect(&mut self, ctx: &EpollCtx<Token>, hdr: &Header, key: ConnKey) {
         if self.conns.contains_key(&key)
             || self.conns.len() + self.pending_hosts.len() >= MAX_CONNECTIONS
         {
@@ -493,7 +535,11 @@ impl Muxer {
 
     /// The next packet for a guest receive buffer with room for `capacity`
     /// payload bytes, or `None` if nothing is ready.
-    pub fn next_rx_packet(&mut self, ctx: &EpollCtx, capacity: usize) -> Option<(Header, Vec<u8>)> {
+    pub fn next_rx_packet(
+        &mut self,
+        ctx: &EpollCtx<Token>,
+        capacity: usize,
+    ) -> Option<(Header, Vec<u8>)> {
         if let Some(h) = self.rsts.pop_front() {
             return Some((h, Vec::new()));
         }

@@ -13,6 +13,7 @@ use super::packet::*;
 use super::*;
 use crate::test_utils::*;
 
+mod counters;
 mod linux_guest;
 mod robustness;
 

@@ -1,0 +1,398 @@
+//! The device lifecycle, shared by every in-process device: a [`Worker`]
+//! thread that owns its handler (stop gives it back, pause parks it), the
+//! [`Lifecycle`] a device keeps it in, the [`WorkerDevice`] trait through
+//! which a device supplies only its handler, and the I/O counters devices
+//! report through [`crate::VirtioDevice::counters`].
+//!
+//! ```text
+//!   activate ─► Worker::spawn(handler) ─► running ◄─► paused (pause/resume)
+//!                                            │           │
+//!   reset ◄──── Worker::stop() -> handler ◄──┴───────────┘
+//! ```
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+
+use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::device::{ActivateError, ActiveQueue, VirtioInterrupt, VirtioInterruptType};
+use crate::worker::{drain_eventfd, EpollHandler, EventLoop, Turn, WorkerError, CONTROL_TOKEN};
+use crate::GuestMemoryMmap;
+
+/// What the owner asked of a worker thread.
+#[derive(Debug, Default)]
+struct State {
+    /// End the thread.
+    stop: bool,
+    /// Park between turns until cleared.
+    pause: bool,
+    /// The thread is parked (touches nothing until resumed or stopped).
+    parked: bool,
+    /// The thread has ended (stopped, failed or panicked).
+    exited: bool,
+}
+
+/// The state shared by a [`Worker`] and its thread.
+struct Control {
+    /// Wakes the thread out of epoll to look at `state`.
+    event: EventFd,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Control {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wait<'a>(&self, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.changed
+            .wait(guard)
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Called by the thread on a control event: parks while paused.
+    /// Returns whether the thread goes on.
+    fn park_if_paused(&self) -> bool {
+        let mut s = self.lock();
+        if s.pause && !s.stop {
+            s.parked = true;
+            self.changed.notify_all();
+            while s.pause && !s.stop {
+                s = self.wait(s);
+            }
+            s.parked = false;
+        }
+        !s.stop
+    }
+}
+
+/// Marks the thread as ended however it ends (a panic included), so that
+/// [`Worker::pause`] never waits for a thread that is gone.
+struct ExitGuard(Arc<Control>);
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        self.0.lock().exited = true;
+        self.0.changed.notify_all();
+    }
+}
+
+/// A worker thread running an [`EventLoop`] over its handler `H`. The
+/// thread owns the handler while it runs; [`Worker::stop`] gives it back.
+/// Dropping a worker stops it (and drops the handler).
+pub struct Worker<H: EpollHandler> {
+    name: String,
+    control: Arc<Control>,
+    thread: Option<JoinHandle<EventLoop<H>>>,
+}
+
+impl<H: EpollHandler> Worker<H> {
+    /// Runs `handler` on a new thread named `name`.
+    pub fn spawn(name: &str, handler: H) -> Result<Self, WorkerError> {
+        let control = Arc::new(Control {
+            event: EventFd::new(EFD_NONBLOCK).map_err(WorkerError::Epoll)?,
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+        });
+        let mut event_loop = EventLoop::new(handler)?;
+        event_loop
+            .ctx()
+            .add_raw(control.event.as_raw_fd(), CONTROL_TOKEN, EventSet::IN)
+            .map_err(WorkerError::Epoll)?;
+        let thread_control = control.clone();
+        let thread_name = name.to_string();
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                let _exit = ExitGuard(thread_control.clone());
+                run(&mut event_loop, &thread_control, &thread_name);
+                event_loop
+            })
+            .map_err(WorkerError::Spawn)?;
+        Ok(Worker {
+            name: name.to_string(),
+            control,
+            thread: Some(thread),
+        })
+    }
+
+    /// Parks the worker between two turns and returns once it is parked
+    /// (or has ended): from then on it touches neither guest memory nor
+    /// its fds. Events that arrive meanwhile (queue notifications) stay
+    /// pending and are handled after [`Worker::resume`].
+    pub fn pause(&self) {
+        let mut s = self.control.lock();
+        if !s.pause {
+            s.pause = true;
+            if let Err(e) = self.control.event.write(1) {
+                log::error!("{}: cannot signal pause: {e}", self.name);
+                s.pause = false;
+                return;
+            }
+        }
+        while !s.parked && !s.exited {
+            s = self.control.wait(s);
+        }
+    }
+
+    /// Lets a paused worker go on (nothing if it is not paused).
+    pub fn resume(&self) {
+        let mut s = self.control.lock();
+        s.pause = false;
+        self.control.changed.notify_all();
+    }
+
+    /// Whether the worker is parked by [`Worker::pause`].
+    pub fn is_parked(&self) -> bool {
+        self.control.lock().parked
+    }
+
+    /// Stops the worker (paused or not), waits for its thread and gives
+    /// back the handler with the state it ended in.
+    pub fn stop(mut self) -> Result<H, WorkerError> {
+        self.shutdown().map(EventLoop::into_handler)
+    }
+
+    fn shutdown(&mut self) -> Result<EventLoop<H>, WorkerError> {
+        let Some(thread) = self.thread.take() else {
+            return Err(WorkerError::Panicked);
+        };
+        {
+            let mut s = self.control.lock();
+            s.stop = true;
+            self.control.changed.notify_all();
+        }
+        // A parked thread sees `stop` through the condvar; a running one
+        // needs the wake-up. Without it the thread is left behind rather
+        // than joined forever.
+        self.control.event.write(1).map_err(WorkerError::Signal)?;
+        thread.join().map_err(|_| WorkerError::Panicked)
+    }
+}
+
+impl<H: EpollHandler> Drop for Worker<H> {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            if let Err(e) = self.shutdown() {
+                log::error!("{}: stop: {e}", self.name);
+            }
+        }
+    }
+}
+
+/// The body of a worker thread.
+fn run<H: EpollHandler>(event_loop: &mut EventLoop<H>, control: &Control, name: &str) {
+    loop {
+        match event_loop.turn(-1) {
+            Ok(Turn::Handled(_)) => {}
+            Ok(Turn::Control) => {
+                drain_eventfd(&control.event);
+                if !control.park_if_paused() {
+                    return;
+                }
+            }
+            Err(e) => {
+                log::error!("{name}: worker stopped: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// An event counter, shared between a device and its worker.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    /// Adds one.
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Declares a device's counter struct (every field a [`Counter`]) with a
+/// `to_map` that names each value after its field.
+macro_rules! device_counters {
+    ($(#[$m:meta])* $vis:vis struct $name:ident { $($(#[$fm:meta])* $field:ident),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Default)]
+        $vis struct $name {
+            $($(#[$fm])* pub $field: $crate::lifecycle::Counter,)+
+        }
+
+        impl $name {
+            /// The counters by name.
+            pub fn to_map(&self) -> std::collections::BTreeMap<&'static str, u64> {
+                [$((stringify!($field), self.$field.get())),+].into_iter().collect()
+            }
+        }
+    };
+}
+pub(crate) use device_counters;
+
+/// Counts the interrupts a device raises on the way to the transport.
+struct CountingInterrupt {
+    inner: Arc<dyn VirtioInterrupt>,
+    raised: Arc<Counter>,
+}
+
+impl VirtioInterrupt for CountingInterrupt {
+    fn trigger(&self, int_type: VirtioInterruptType) -> io::Result<()> {
+        self.raised.inc();
+        self.inner.trigger(int_type)
+    }
+    fn notifier(&self, int_type: VirtioInterruptType) -> Option<EventFd> {
+        self.inner.notifier(int_type)
+    }
+    fn device_needs_reset(&self) {
+        self.inner.device_needs_reset()
+    }
+}
+
+/// Where a device keeps its worker: at most one, started on activation,
+/// stopped (giving the handler back) on reset, paused with the VM. It also
+/// counts the interrupts the worker raises.
+pub struct Lifecycle<H: EpollHandler> {
+    name: String,
+    worker: Option<Worker<H>>,
+    interrupts: Arc<Counter>,
+}
+
+impl<H: EpollHandler> Lifecycle<H> {
+    /// No worker yet; `name` names its thread.
+    pub fn new(name: impl Into<String>) -> Self {
+        Lifecycle {
+            name: name.into(),
+            worker: None,
+            interrupts: Arc::default(),
+        }
+    }
+
+    /// Whether a worker runs (or is paused).
+    pub fn is_active(&self) -> bool {
+        self.worker.is_some()
+    }
+
+    /// `interrupt`, counted in [`Lifecycle::interrupts`].
+    pub fn counting(&self, interrupt: Arc<dyn VirtioInterrupt>) -> Arc<dyn VirtioInterrupt> {
+        Arc::new(CountingInterrupt {
+            inner: interrupt,
+            raised: self.interrupts.clone(),
+        })
+    }
+
+    /// Interrupts raised through [`Lifecycle::counting`] interrupts.
+    pub fn interrupts(&self) -> u64 {
+        self.interrupts.get()
+    }
+
+    /// Starts a worker for `handler`.
+    pub fn start(&mut self, handler: H) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        self.worker = Some(Worker::spawn(&self.name, handler)?);
+        Ok(())
+    }
+
+    /// Stops the worker, if any, and gives back its handler (`None` if
+    /// there was no worker or its thread panicked).
+    pub fn stop(&mut self) -> Option<H> {
+        match self.worker.take()?.stop() {
+            Ok(handler) => Some(handler),
+            Err(e) => {
+                log::error!("{}: stop: {e}", self.name);
+                None
+            }
+        }
+    }
+
+    /// Pauses the worker, if any (see [`Worker::pause`]).
+    pub fn pause(&self) {
+        if let Some(w) = &self.worker {
+            w.pause();
+        }
+    }
+
+    /// Resumes the worker, if any.
+    pub fn resume(&self) {
+        if let Some(w) = &self.worker {
+            w.resume();
+        }
+    }
+
+    /// Whether the worker is parked.
+    pub fn is_paused(&self) -> bool {
+        self.worker.as_ref().is_some_and(Worker::is_parked)
+    }
+}
+
+/// A device whose activation is one worker over one handler: it supplies
+/// the handler, the provided methods do the rest. Its
+/// [`crate::VirtioDevice`] implementation forwards `activate` to
+/// [`WorkerDevice::activate_worker`], `reset` to
+/// [`WorkerDevice::reset_worker`], and `pause`/`resume` to the
+/// [`Lifecycle`].
+pub trait WorkerDevice {
+    /// The worker's handler.
+    type Handler: EpollHandler;
+
+    /// Where the device keeps its worker.
+    fn lifecycle(&mut self) -> &mut Lifecycle<Self::Handler>;
+
+    /// The handler for the queues the driver made ready (fails with
+    /// [`ActivateError::MissingQueue`] for one it needs and did not get).
+    fn handler(
+        &self,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<Self::Handler, ActivateError>;
+
+    /// Builds the handler (its interrupts counted) and starts its worker.
+    fn activate_worker(
+        &mut self,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        if self.lifecycle().is_active() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let interrupt = self.lifecycle().counting(interrupt);
+        let handler = self.handler(mem, interrupt, queues)?;
+        self.lifecycle().start(handler)
+    }
+
+    /// Stops the worker and gives back its handler, if there was one.
+    fn reset_worker(&mut self) -> Option<Self::Handler> {
+        self.lifecycle().stop()
+    }
+}
+
+/// Adds the interrupt count of `lifecycle` to a device's counters.
+pub fn with_interrupts<H: EpollHandler>(
+    mut counters: BTreeMap<&'static str, u64>,
+    lifecycle: &Lifecycle<H>,
+) -> BTreeMap<&'static str, u64> {
+    counters.insert("interrupts", lifecycle.interrupts());
+    counters
+}
+
+#[cfg(test)]
+mod tests;

@@ -128,8 +128,11 @@ impl RunningVm {
             .arg(&spec.kernel)
             .arg("--cmdline")
             .arg(&spec.cmdline)
-            .arg("--cpus")
-            .arg(spec.cpus.to_string())
+            .args(if extra.iter().any(|a| a == "--cpus") {
+                vec![] // `extra` says it, e.g. `boot=2,max=6`
+            } else {
+                vec!["--cpus".to_string(), spec.cpus.to_string()]
+            })
             .arg("--memory")
             .arg(spec.memory_mib.to_string())
             .arg("--serial")

@@ -52,12 +52,15 @@ fn refused(r: Result<impl std::fmt::Debug, ClientError>, status: u16, needle: &s
 /// CPU seconds of skiff-vmm's vCPU threads.
 fn vcpu_seconds(pid: u32) -> Result<f64> {
     let mut total = 0u64;
-    for t in fs::read_dir(format!("/proc/{pid}/task"))? {
-        let t = t?.path();
-        if !fs::read_to_string(t.join("comm"))?.starts_with("vcpu") {
+    for t in fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+        let t = t.path();
+        // Threads come and go (API connections): skip those gone meanwhile.
+        let (Ok(comm), Ok(stat)) = (fs::read_to_string(t.join("comm")), fs::read_to_string(t.join("stat"))) else {
+            continue;
+        };
+        if !comm.starts_with("vcpu") {
             continue;
         }
-        let stat = fs::read_to_string(t.join("stat"))?;
         let after = stat.rsplit_once(')').context("stat")?.1;
         let f: Vec<&str> = after.split_whitespace().collect();
         total += f[11].parse::<u64>()? + f[12].parse::<u64>()?;
@@ -80,11 +83,14 @@ fn check_pause(g: &Guest, api: &Client) -> Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     let c1 = counter(g)?;
     api.pause()?;
-    ensure!(api.info()?.state == VmState::Paused, "info does not say paused");
-    let cpu0 = vcpu_seconds(pid)?;
-    std::thread::sleep(Duration::from_secs(2));
-    let cpu1 = vcpu_seconds(pid)?;
+    let paused = (|| {
+        ensure!(api.info()?.state == VmState::Paused, "info does not say paused");
+        let cpu0 = vcpu_seconds(pid)?;
+        std::thread::sleep(Duration::from_secs(2));
+        Ok((cpu0, vcpu_seconds(pid)?))
+    })();
     api.resume()?;
+    let (cpu0, cpu1) = paused?;
     let c2 = counter(g)?;
     let (running, paused) = (c1 - c0, c2 - c1);
     println!(
@@ -181,6 +187,52 @@ fn check_fs(g: &Guest, api: &Client, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// vCPUs online in the guest.
+fn online(g: &Guest) -> Result<usize> {
+    Ok(g.run("grep -c ^processor /proc/cpuinfo")?.trim().parse()?)
+}
+
+fn check_vcpus(g: &Guest, api: &Client) -> Result<()> {
+    ensure!(online(g)? == 2, "the guest does not start with 2 vCPUs");
+    let possible = g.run("cat /sys/devices/system/cpu/possible")?;
+    ensure!(possible.trim() == "0-5", "the guest's possible CPUs are {possible:?}, not 0-5");
+    let t = Instant::now();
+    api.resize(&Resize { vcpus: Some(6), memory_mib: None })?;
+    poll("the guest to see 6 vCPUs", Duration::from_secs(60), || {
+        Ok(g.exec("test -e /sys/devices/system/cpu/cpu5/online")?.code.eq(&0).then_some(()))
+    })?;
+    // What the agent does in a thin VM: online what was added.
+    g.run("for c in 2 3 4 5; do echo 1 > /sys/devices/system/cpu/cpu$c/online; done")?;
+    ensure!(online(g)? == 6, "nproc does not follow the resize to 6");
+    ensure!(api.info()?.cpus.present == 6, "info does not show 6 vCPUs");
+    println!("  2 → 6 vCPUs online in {:.1} s", t.elapsed().as_secs_f64());
+    api.resize(&Resize { vcpus: Some(3), memory_mib: None })?;
+    let ejected = poll("the guest to eject 3 vCPUs", Duration::from_secs(30), || {
+        Ok((api.info()?.cpus.present == 3).then_some(()))
+    });
+    if let Err(e) = ejected {
+        let dmesg = g.run("dmesg | tail -40; cat /sys/devices/system/cpu/online")?;
+        bail!("{e:#}\n--- guest dmesg ---\n{dmesg}");
+    }
+    ensure!(online(g)? == 3, "nproc does not follow the resize to 3");
+    let threads = fs::read_dir(format!("/proc/{}/task", g.vm.pid()))?
+        .filter(|t| {
+            t.as_ref()
+                .ok()
+                .and_then(|t| fs::read_to_string(t.path().join("comm")).ok())
+                .is_some_and(|c| c.starts_with("vcpu"))
+        })
+        .count();
+    ensure!(threads == 3, "skiff-vmm has {threads} vCPU threads after the resize to 3");
+    // A removed vCPU comes back.
+    api.resize(&Resize { vcpus: Some(4), memory_mib: None })?;
+    poll("vCPU 3 back", Duration::from_secs(60), || {
+        Ok(g.exec("echo 1 > /sys/devices/system/cpu/cpu3/online")?.code.eq(&0).then_some(()))
+    })?;
+    ensure!(online(g)? == 4, "the re-added vCPU is not online");
+    Ok(())
+}
+
 fn check_bad_requests(g: &Guest, api: &Client, dir: &Path) -> Result<()> {
     refused(api.remove_device("nope"), 404, "nope")?;
     let spec =
@@ -189,7 +241,8 @@ fn check_bad_requests(g: &Guest, api: &Client, dir: &Path) -> Result<()> {
     let img = dir.join("dup.raw");
     fs::File::create(&img)?.set_len(MIB)?;
     refused(api.add_disk(&spec("vsock0", &img)), 409, "vsock0")?;
-    refused(api.resize(&Resize { vcpus: Some(3), memory_mib: None }), 409, "1 to 2")?;
+    refused(api.resize(&Resize { vcpus: Some(7), memory_mib: None }), 409, "1 to 6")?;
+    refused(api.resize(&Resize { vcpus: Some(0), memory_mib: None }), 409, "1 to 6")?;
     refused(api.resize(&Resize { vcpus: None, memory_mib: Some(4096) }), 409, "hot-plug")?;
     api.pause()?;
     refused(api.add_disk(&spec("p", &img)), 409, "paused")?;
@@ -216,7 +269,8 @@ fn runtime_control_and_hotplug() -> Result<()> {
         memory_mib: 512,
         api_socket: Some(api_sock.clone()),
     };
-    let mut vm = RunningVm::start_with(&spec, &["--vsock".into(), format!("cid=3,socket={}", vsock.display())])?;
+    let args = ["--cpus".into(), "boot=2,max=6".into(), "--vsock".into(), format!("cid=3,socket={}", vsock.display())];
+    let mut vm = RunningVm::start_with(&spec, &args)?;
     vm.wait_for_serial("serving on vsock port", BOOT_TIMEOUT)?;
     let g = Guest { vm, vsock };
     let api = Client::new(&api_sock);
@@ -225,13 +279,14 @@ fn runtime_control_and_hotplug() -> Result<()> {
     checks.run("info", || {
         let info = api.info()?;
         ensure!(info.devices.iter().any(|d| d.id == "vsock0" && !d.hotplugged), "devices: {:?}", info.devices);
-        ensure!(info.state == VmState::Running && info.cpus.present == 2, "info: {info:?}");
+        ensure!(info.state == VmState::Running && info.cpus.present == 2 && info.cpus.max == 6, "info: {info:?}");
         Ok(())
     });
     checks.run("pause and resume", || check_pause(&g, &api));
     checks.run("disk hot-plug", || check_disk(&g, &api, d));
     checks.run("nic hot-plug", || check_net(&g, &api, &net));
     checks.run("virtio-fs hot-plug", || check_fs(&g, &api, d));
+    checks.run("vCPU hot-plug", || check_vcpus(&g, &api));
     checks.run("bad requests", || check_bad_requests(&g, &api, d));
     checks.run("counters", || {
         let c = api.counters()?;

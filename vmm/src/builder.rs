@@ -17,6 +17,7 @@ use crate::config::{SerialConfig, VmConfig};
 use crate::device_manager::{DeviceError, PciDevices};
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::boot_timer::BootTimer;
+use crate::devices::cpu_hotplug::{cpu_hotplug_aml, CpuHotplug, CPU_HOTPLUG_SIZE};
 use crate::devices::ged::{event, ged_aml, Ged, GED_SIZE};
 use crate::devices::i8042::I8042;
 use crate::devices::pci_hotplug::{PciHotplug, PCI_HOTPLUG_SIZE};
@@ -111,8 +112,20 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     place_mmio("PCI hot-plug", pci_hotplug.clone(), PCI_HOTPLUG_START, PCI_HOTPLUG_SIZE)?;
 
     let mut acpi = pci.acpi(PCI_HOTPLUG_START);
-    acpi.sb_aml.extend(ged_aml(GED_START, GED_IRQ, &[(event::PCI, "\\_SB_.PCI0.PSCN")]));
-    let rsdp = create_acpi_tables(&ram.mem, config.cpus, &acpi).map_err(BuildError::Acpi)?;
+    let mut ged_handlers = vec![(event::PCI, "\\_SB_.PCI0.PSCN")];
+    // CPU hot-plug only when vCPUs can be added: its processor devices are
+    // evaluated by the guest at boot.
+    let cpu_hotplug = if config.max_cpus > config.cpus {
+        let hp = Arc::new(Mutex::new(CpuHotplug::new(config.cpus, config.max_cpus).map_err(BuildError::EventFd)?));
+        place_mmio("CPU hot-plug", hp.clone(), CPU_HOTPLUG_START, CPU_HOTPLUG_SIZE)?;
+        acpi.sb_aml.extend(cpu_hotplug_aml(CPU_HOTPLUG_START, config.max_cpus));
+        ged_handlers.push((event::CPU, "\\_SB_.CPUS.CSCN"));
+        Some(hp)
+    } else {
+        None
+    };
+    acpi.sb_aml.extend(ged_aml(GED_START, GED_IRQ, &ged_handlers));
+    let rsdp = create_acpi_tables(&ram.mem, config.cpus, config.max_cpus, &acpi).map_err(BuildError::Acpi)?;
     write_boot_params(&ram.mem, &kernel, cmdline_size, initramfs, rsdp).map_err(BuildError::Boot)?;
     step("initramfs, command line, ACPI and boot parameters");
 
@@ -139,7 +152,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     for id in 0..config.cpus {
         let vcpu = Vcpu::new(&vm, id, ctx.clone()).map_err(BuildError::Vcpu)?;
         let entry = (id == 0).then_some(kernel.entry);
-        vcpu.configure(vm.supported_cpuid(), config.cpus, &ram.mem, entry).map_err(BuildError::Vcpu)?;
+        vcpu.configure(vm.supported_cpuid(), config.max_cpus, &ram.mem, entry).map_err(BuildError::Vcpu)?;
         vcpus.push(vcpu);
     }
 
@@ -157,6 +170,8 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
         pci,
         ged,
         pci_hotplug,
+        cpu_hotplug,
         counters,
+        vcpu_ctx: ctx,
     }))
 }

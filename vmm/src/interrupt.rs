@@ -4,7 +4,15 @@
 //! `KVM_SET_GSI_ROUTING` replaces the whole table, so [`KvmMsiManager`]
 //! keeps it: the default irqchip routes of GSIs 0–23 (PIC and IOAPIC pins,
 //! which legacy devices such as COM1 use) plus one MSI route per unmasked
-//! vector. A masked vector has no route, so its irqfd cannot fire.
+//! vector.
+//!
+//! A masked vector has no route and its irqfd is *deassigned*: a signal on
+//! the eventfd then (a vhost-user backend such as virtiofsd signals it
+//! directly, not knowing about the mask) stays in the eventfd's counter.
+//! On unmask the route is set and the irqfd assigned again, and KVM, which
+//! looks for a pending count when an irqfd is assigned, delivers it: the
+//! interrupt is pended while masked and delivered on unmask, as MSI-X says,
+//! not lost.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -107,11 +115,8 @@ impl InterruptManager for KvmMsiManager {
                     return Err(InterruptError::Exhausted);
                 }
             };
+            // The irqfd is assigned when the guest unmasks the vector.
             let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(InterruptError::Hypervisor)?;
-            if let Err(e) = inner.vm.register_irqfd(&evt, gsi) {
-                table.free.push(gsi);
-                return Err(InterruptError::Hypervisor(std::io::Error::from_raw_os_error(e.errno())));
-            }
             vectors.push((gsi, evt));
         }
         drop(table);
@@ -140,11 +145,31 @@ impl InterruptGroup for KvmMsiGroup {
     }
 
     fn update(&self, index: usize, msg: MsiMessage, masked: bool) -> Result<(), InterruptError> {
-        let (gsi, _) = self.vectors.get(index).ok_or(InterruptError::InvalidVector(index))?;
+        let (gsi, evt) = self.vectors.get(index).ok_or(InterruptError::InvalidVector(index))?;
+        let kvm = |e: kvm_ioctls::Error| InterruptError::Hypervisor(std::io::Error::from_raw_os_error(e.errno()));
         let mut table = self.mgr.lock();
-        let changed = if masked { table.msi.remove(gsi).is_some() } else { table.msi.insert(*gsi, msg) != Some(msg) };
-        if changed {
-            self.mgr.commit(&table)?;
+        if masked {
+            // A routed vector has its irqfd assigned; take both away, so
+            // signals wait in the eventfd until the vector is unmasked.
+            if table.msi.remove(gsi).is_some() {
+                self.mgr.vm.unregister_irqfd(evt, *gsi).map_err(kvm)?;
+                self.mgr.commit(&table)?;
+            }
+            return Ok(());
+        }
+        match table.msi.insert(*gsi, msg) {
+            Some(old) if old == msg => {}
+            Some(_) => self.mgr.commit(&table)?,
+            None => {
+                self.mgr.commit(&table)?;
+                // Assigning the irqfd delivers a signal that arrived while
+                // the vector was masked.
+                if let Err(e) = self.mgr.vm.register_irqfd(evt, *gsi) {
+                    table.msi.remove(gsi);
+                    let _ = self.mgr.commit(&table);
+                    return Err(kvm(e));
+                }
+            }
         }
         Ok(())
     }
@@ -154,8 +179,9 @@ impl Drop for KvmMsiGroup {
     fn drop(&mut self) {
         let mut table = self.mgr.lock();
         for (gsi, evt) in &self.vectors {
-            let _ = self.mgr.vm.unregister_irqfd(evt, *gsi);
-            table.msi.remove(gsi);
+            if table.msi.remove(gsi).is_some() {
+                let _ = self.mgr.vm.unregister_irqfd(evt, *gsi);
+            }
             table.free.push(*gsi);
         }
         let _ = self.mgr.commit(&table);

@@ -7,7 +7,8 @@
 //! * stdin, when the serial console is on stdout: input for the guest;
 //! * the control API's eventfd: a request is waiting on the channel
 //!   ([`crate::api`]);
-//! * the PCI hot-plug controller's eventfd: the guest ejected a slot.
+//! * the PCI hot-plug controller's eventfd: the guest ejected a slot;
+//! * the CPU hot-plug controller's eventfd: the guest ejected a vCPU.
 //!
 //! When the VM stops, the loop ends in order: every vCPU thread is told to
 //! finish and joined, then devices and sockets are dropped (their workers
@@ -27,13 +28,14 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::api::{ApiCall, ApiServer, VmReply, VmRequest};
 use crate::config::{SerialConfig, VmConfig};
 use crate::device_manager::{DeviceError, NewDevice, PciDevices};
+use crate::devices::cpu_hotplug::CpuHotplug;
 use crate::devices::ged::{event, Ged};
 use crate::devices::pci_hotplug::PciHotplug;
 use crate::devices::serial::SerialDevice;
 use crate::exit::{ExitReason, ExitState};
 use crate::memory::GuestRam;
 use crate::options::OptionError;
-use crate::vstate::vcpu::{ExitCounters, Vcpu};
+use crate::vstate::vcpu::{ExitCounters, Vcpu, VcpuContext};
 use crate::vstate::vcpu_thread::{VcpuHandle, VcpuState, VcpuThreadError};
 use crate::vstate::vm::Vm;
 
@@ -52,11 +54,14 @@ enum Token {
     Stdin = 3,
     Api = 4,
     Eject = 5,
+    CpuEject = 6,
 }
 
 impl Token {
     fn from_u64(v: u64) -> Option<Self> {
-        [Token::Exit, Token::Signal, Token::Stdin, Token::Api, Token::Eject].into_iter().find(|t| *t as u64 == v)
+        [Token::Exit, Token::Signal, Token::Stdin, Token::Api, Token::Eject, Token::CpuEject]
+            .into_iter()
+            .find(|t| *t as u64 == v)
     }
 }
 
@@ -87,7 +92,11 @@ pub struct VmmParts {
     pub pci: PciDevices,
     pub ged: Arc<Mutex<Ged>>,
     pub pci_hotplug: Arc<Mutex<PciHotplug>>,
+    /// Present when vCPUs can be hot-plugged (`--cpus max=` above boot).
+    pub cpu_hotplug: Option<Arc<Mutex<CpuHotplug>>>,
     pub counters: Arc<ExitCounters>,
+    /// What a vCPU created at runtime is given.
+    pub vcpu_ctx: VcpuContext,
 }
 
 /// A device removal waiting for the guest to eject the slot.
@@ -102,6 +111,9 @@ struct Removal {
 pub struct Vmm {
     p: VmmParts,
     handles: Vec<VcpuHandle>,
+    /// Hot-removed vCPUs: KVM cannot destroy them, so a later hot-add
+    /// starts them again.
+    parked: std::collections::BTreeMap<u8, Vcpu>,
     paused: bool,
     removals: Vec<Removal>,
 }
@@ -174,7 +186,7 @@ fn device_error(e: DeviceError) -> VmReply {
 
 impl Vmm {
     pub(crate) fn new(parts: VmmParts) -> Self {
-        Self { p: parts, handles: Vec::new(), paused: false, removals: Vec::new() }
+        Self { p: parts, handles: Vec::new(), parked: Default::default(), paused: false, removals: Vec::new() }
     }
 
     /// Runs the VM until it stops; returns why.
@@ -187,13 +199,16 @@ impl Vmm {
         add(self.p.exit.eventfd().as_raw_fd(), Token::Exit)?;
         add(signals.as_raw_fd(), Token::Signal)?;
         add(lock(&self.p.pci_hotplug).eventfd().as_raw_fd(), Token::Eject)?;
+        if let Some(hp) = &self.p.cpu_hotplug {
+            add(lock(hp).eventfd().as_raw_fd(), Token::CpuEject)?;
+        }
         if self.p.config.serial == SerialConfig::Stdout {
             let _ = add(0, Token::Stdin);
         }
         let (api_tx, api_rx) = channel::<ApiCall>();
         let api_wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(RunError::Epoll)?);
         add(api_wake.as_raw_fd(), Token::Api)?;
-        let _api = match &self.p.config.api_socket {
+        let api = match &self.p.config.api_socket {
             Some(path) => Some(ApiServer::start(path, api_tx, api_wake.clone()).map_err(RunError::Api)?),
             None => None,
         };
@@ -204,6 +219,10 @@ impl Vmm {
         }
 
         let result = self.event_loop(&epoll, &signals, &api_rx, &api_wake);
+        // Requests not handled get a closed channel; the server then waits
+        // for connections still writing an answer (power-off's own).
+        drop(api_rx);
+        drop(api);
         self.finish_vcpus();
         for r in self.removals.drain(..) {
             let _ = r.reply.send(VmReply::error(503, "the VM stopped before the guest ejected the device"));
@@ -258,6 +277,7 @@ impl Vmm {
                         }
                     }
                     Some(Token::Eject) => self.on_eject(),
+                    Some(Token::CpuEject) => self.on_cpu_eject(),
                     Some(Token::Exit) | None => {
                         let _ = self.p.exit.eventfd().read();
                     }
@@ -321,6 +341,7 @@ impl Vmm {
             VmRequest::AddVsock(v) => self.hot_add(v.try_into().map(NewDevice::Vsock)),
             VmRequest::RemoveDevice(_) if self.paused => busy("removing a device"),
             VmRequest::RemoveDevice(id) => return self.begin_removal(id, reply),
+            VmRequest::Resize(_) if self.paused => busy("a resize"),
             VmRequest::Resize(r) => self.resize(r),
         })
     }
@@ -449,19 +470,81 @@ impl Vmm {
 
     fn resize(&mut self, r: api_types::Resize) -> VmReply {
         let c = &self.p.config;
-        if let Some(n) = r.vcpus {
-            if n == 0 || n > c.max_cpus {
-                return VmReply::error(409, format!("{n} vCPUs: this VM can have 1 to {} (--cpus max=)", c.max_cpus));
-            }
-            if usize::from(n) != self.handles.len() {
-                return VmReply::error(409, "vCPU hot-plug is not available in this build");
-            }
-        }
         if let Some(m) = r.memory_mib {
             if m != c.memory_mib {
                 return VmReply::error(409, format!("{m} MiB: this VM has no memory hot-plug region"));
             }
         }
-        VmReply::done()
+        match r.vcpus {
+            Some(n) if n == 0 || n > c.max_cpus => {
+                VmReply::error(409, format!("{n} vCPUs: this VM can have 1 to {} (--cpus max=)", c.max_cpus))
+            }
+            Some(n) => self.resize_vcpus(n),
+            None => VmReply::done(),
+        }
+    }
+
+    /// Starts vCPUs up to `n` or asks the guest to eject those above it.
+    /// Adding returns once the vCPUs run (the guest onlines them); removing
+    /// returns once the guest was asked (`vm.info` shows when they are gone).
+    fn resize_vcpus(&mut self, n: u8) -> VmReply {
+        let Some(hp) = self.p.cpu_hotplug.clone() else {
+            return VmReply::done(); // n == max == boot here
+        };
+        if lock(&hp).removal_pending() {
+            return VmReply::error(409, "the guest has not ejected the vCPUs of the last resize yet");
+        }
+        let present = self.handles.len() as u8;
+        if n > present {
+            for id in present..n {
+                let vcpu = match self.parked.remove(&id) {
+                    Some(v) => v,
+                    None => match self.new_vcpu(id) {
+                        Ok(v) => v,
+                        Err(e) => return VmReply::error(500, format!("cannot create vCPU {id}: {e}")),
+                    },
+                };
+                match VcpuHandle::spawn(vcpu, VcpuState::Running) {
+                    Ok(h) => self.handles.push(h),
+                    Err(e) => return VmReply::error(500, format!("cannot start vCPU {id}: {e}")),
+                }
+                lock(&hp).insert(id);
+            }
+            log::info!("vCPUs {present}..{n} added");
+        } else {
+            for id in (n..present).rev() {
+                lock(&hp).request_remove(id);
+            }
+            log::info!("asked the guest to eject vCPUs {n}..{present}");
+        }
+        match lock(&self.p.ged).notify(event::CPU) {
+            Ok(()) => VmReply::done(),
+            Err(e) => VmReply::error(500, format!("cannot interrupt the guest: {e}")),
+        }
+    }
+
+    fn new_vcpu(&self, id: u8) -> Result<Vcpu, crate::vstate::vcpu::VcpuError> {
+        let vcpu = Vcpu::new(&self.p.vm, id, self.p.vcpu_ctx.clone())?;
+        vcpu.configure(self.p.vm.supported_cpuid(), self.p.config.max_cpus, &self.p.vcpu_ctx.mem, None)?;
+        Ok(vcpu)
+    }
+
+    /// The guest ejected vCPUs: end their threads and keep them parked.
+    fn on_cpu_eject(&mut self) {
+        let Some(hp) = self.p.cpu_hotplug.clone() else { return };
+        let mut hp = lock(&hp);
+        let _ = hp.eventfd().read();
+        let ids = hp.take_ejected();
+        drop(hp);
+        for id in ids {
+            let Some(i) = self.handles.iter().position(|h| h.id() == id) else { continue };
+            match self.handles.remove(i).finish(VCPU_ANSWER) {
+                Ok(vcpu) => {
+                    self.parked.insert(id, vcpu);
+                    log::info!("vCPU {id} ejected by the guest; its thread ended");
+                }
+                Err(e) => log::warn!("vCPU {id}: {e}"),
+            }
+        }
     }
 }

@@ -50,10 +50,15 @@ pub enum ApiServerError {
     Thread(#[source] std::io::Error),
 }
 
-/// The listening socket; dropping it removes the socket file.
+/// The listening socket; dropping it removes the socket file and waits
+/// (up to [`DRAIN_TIMEOUT`]) for answers still being written.
 pub struct ApiServer {
     path: PathBuf,
+    active: Arc<AtomicUsize>,
 }
+
+/// How long dropping the server waits for connections to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Removes a stale socket at `path`; refuses anything else.
 fn clear_stale(path: &Path) -> Result<(), ApiServerError> {
@@ -74,6 +79,7 @@ impl ApiServer {
         let listener = UnixListener::bind(path)
             .map_err(|source| ApiServerError::Bind { path: path.display().to_string(), source })?;
         let active = Arc::new(AtomicUsize::new(0));
+        let counted = active.clone();
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
@@ -97,13 +103,17 @@ impl ApiServer {
                 }
             })
             .map_err(ApiServerError::Thread)?;
-        Ok(Self { path: path.to_path_buf() })
+        Ok(Self { path: path.to_path_buf(), active: counted })
     }
 }
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
+        while self.active.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 

@@ -99,16 +99,22 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
     out
 }
 
-fn madt(cpus: u8) -> Vec<u8> {
+/// MADT local APIC flags: enabled, or online-capable (can be hot-added;
+/// ACPI 6.3, MADT revision 5).
+const LAPIC_ENABLED: u8 = 1;
+const LAPIC_ONLINE_CAPABLE: u8 = 2;
+
+fn madt(cpus: u8, max_cpus: u8) -> Vec<u8> {
     let mut t = Sdt::new(*b"APIC", 44, 5, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     t.write_u32(36, APIC_START as u32);
     t.write_u32(40, 0); // flags: no dual 8259 set-up to disable
-    for id in 0..cpus {
-        // Processor local APIC: type 0, length 8, UID, APIC ID, enabled.
-        t.append_slice(&[0, 8, id, id, 1, 0, 0, 0]);
+    for id in 0..max_cpus.max(cpus) {
+        // Processor local APIC: type 0, length 8, UID, APIC ID, flags.
+        let flags = if id < cpus { LAPIC_ENABLED } else { LAPIC_ONLINE_CAPABLE };
+        t.append_slice(&[0, 8, id, id, flags, 0, 0, 0]);
     }
     // I/O APIC: type 1, length 12, ID (after the CPUs'), address, GSI base 0.
-    let mut ioapic = vec![1, 12, cpus, 0];
+    let mut ioapic = vec![1, 12, max_cpus.max(cpus), 0];
     ioapic.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     ioapic.extend_from_slice(&0u32.to_le_bytes());
     t.append_slice(&ioapic);
@@ -123,9 +129,14 @@ fn align8(x: u64) -> u64 {
     (x + 7) & !7
 }
 
-/// Builds the tables for `cpus` vCPUs and writes them at [`ACPI_START`].
-/// Returns the RSDP's address.
-pub fn create_acpi_tables(mem: &GuestMemoryMmap, cpus: u8, extras: &AcpiExtras) -> Result<GuestAddress, AcpiError> {
+/// Builds the tables for `cpus` vCPUs at boot (and `max_cpus` possible
+/// ones) and writes them at [`ACPI_START`]. Returns the RSDP's address.
+pub fn create_acpi_tables(
+    mem: &GuestMemoryMmap,
+    cpus: u8,
+    max_cpus: u8,
+    extras: &AcpiExtras,
+) -> Result<GuestAddress, AcpiError> {
     let rsdp_addr = ACPI_START;
     let mut next = align8(rsdp_addr + Rsdp::len() as u64);
     let mut place = |bytes: &[u8]| {
@@ -135,7 +146,7 @@ pub fn create_acpi_tables(mem: &GuestMemoryMmap, cpus: u8, extras: &AcpiExtras) 
     };
     let dsdt = place(&dsdt(extras));
     let fadt = place(&fadt(dsdt.0));
-    let madt = place(&madt(cpus));
+    let madt = place(&madt(cpus, max_cpus));
     let extra: Vec<(u64, Vec<u8>)> = extras.tables.iter().map(|t| place(t)).collect();
 
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
@@ -169,12 +180,16 @@ mod tests {
 
     #[test]
     fn tables_have_valid_checksums_and_cpus() {
-        let m = madt(4);
+        let m = madt(4, 6);
         assert!(checksum_ok(&m));
         assert_eq!(&m[0..4], b"APIC");
         assert_eq!(u32::from_le_bytes(m[4..8].try_into().unwrap()) as usize, m.len());
-        let lapics = m[44..].chunks(8).take_while(|c| c[0] == 0).count();
-        assert_eq!(lapics, 4);
+        let lapics: Vec<&[u8]> = m[44..].chunks(8).take_while(|c| c[0] == 0).collect();
+        assert_eq!(lapics.len(), 6);
+        assert!(lapics[..4].iter().all(|l| l[4] == LAPIC_ENABLED));
+        assert!(lapics[4..].iter().all(|l| l[4] == LAPIC_ONLINE_CAPABLE));
+        // The IOAPIC's ID comes after every possible CPU's.
+        assert_eq!(m[44 + 6 * 8 + 2], 6);
         let f = fadt(0x1234);
         assert!(checksum_ok(&f));
         assert_eq!(&f[0..4], b"FACP");
@@ -187,7 +202,7 @@ mod tests {
     #[test]
     fn written_tables_are_linked() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
-        let rsdp = create_acpi_tables(&mem, 2, &AcpiExtras::default()).unwrap();
+        let rsdp = create_acpi_tables(&mem, 2, 2, &AcpiExtras::default()).unwrap();
         let mut sig = [0u8; 8];
         mem.read_slice(&mut sig, rsdp).unwrap();
         assert_eq!(&sig, b"RSD PTR ");

@@ -8,6 +8,7 @@
 
 pub mod acpi_pm;
 pub mod boot_timer;
+pub mod cpu_hotplug;
 pub mod ged;
 pub mod i8042;
 pub mod pci_hotplug;

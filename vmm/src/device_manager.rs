@@ -9,6 +9,7 @@
 //! [`PciDevices::begin_remove`] (the VMM then asks the guest to eject the
 //! slot) and [`PciDevices::finish_remove`] once it has.
 
+use std::collections::BTreeMap;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
@@ -190,7 +191,7 @@ struct Entry {
     /// The fs tag, for duplicate checks.
     tag: Option<String>,
     removing: bool,
-    _device: Arc<Mutex<dyn VirtioDevice>>,
+    device: Arc<Mutex<dyn VirtioDevice>>,
 }
 
 /// The PCI bus and what attaching devices to it needs.
@@ -283,17 +284,21 @@ impl PciDevices {
         mem_size: u64,
     ) -> Result<Self, DeviceError> {
         let ioevents = Arc::new(KvmIoEvents::new(vm.clone()));
-        let bus = Arc::new(Mutex::new(PciBus::new(mmio_bus.clone(), io_bus.clone(), ioevents)));
+        let mmio64 = pci_mmio64(mem_size);
+        let allocator = RangeAllocator::new(PCI_MMIO32, mmio64, PCI_IO);
+        let mut pci_bus = PciBus::new(mmio_bus.clone(), io_bus.clone(), ioevents);
+        // Guest BAR moves stay inside the windows the DSDT's `_CRS` announces.
+        pci_bus.set_bar_windows(allocator.windows());
+        let bus = Arc::new(Mutex::new(pci_bus));
         io_bus
             .insert(Arc::new(Mutex::new(PciConfigIo::new(bus.clone()))), PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_SIZE)
             .map_err(DeviceError::Bus)?;
         mmio_bus
             .insert(Arc::new(Mutex::new(PciConfigMmio::new(bus.clone()))), PCI_ECAM_START, PCI_ECAM_SIZE)
             .map_err(DeviceError::Bus)?;
-        let mmio64 = pci_mmio64(mem_size);
         Ok(Self {
             bus,
-            allocator: Mutex::new(RangeAllocator::new(PCI_MMIO32, mmio64, PCI_IO)),
+            allocator: Mutex::new(allocator),
             msi: KvmMsiManager::new(vm),
             mem: GuestMemoryAtomic::new(mem.clone()),
             mmio64,
@@ -347,7 +352,7 @@ impl PciDevices {
         let slot = self.attach_virtio(&name, model.device.clone())?;
         log::info!("PCI slot {slot}: {name}{}", if hotplugged { ", hot-plugged" } else { "" });
         let info = DeviceInfo { id: id.clone(), kind, slot, backend: model.backend, hotplugged };
-        self.entries.push(Entry { info, tag: model.tag, removing: false, _device: model.device });
+        self.entries.push(Entry { info, tag: model.tag, removing: false, device: model.device });
         self.entries.sort_by_key(|e| e.info.slot);
         Ok(DeviceAdded { id, slot })
     }
@@ -387,6 +392,33 @@ impl PciDevices {
     /// Every device, in slot order.
     pub fn infos(&self) -> Vec<DeviceInfo> {
         self.entries.iter().map(|e| e.info.clone()).collect()
+    }
+
+    /// Each device's I/O counters, by device id.
+    pub fn counters(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
+        self.entries
+            .iter()
+            .map(|e| {
+                let counters = e.device.lock().unwrap_or_else(|e| e.into_inner()).counters();
+                (e.info.id.clone(), counters.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+            })
+            .collect()
+    }
+
+    /// Parks every device's workers (call with the vCPUs paused): they
+    /// touch no guest memory until [`PciDevices::resume_all`]. virtio-fs
+    /// cannot be paused (virtiofsd's threads are its own).
+    pub fn pause_all(&self) {
+        for e in &self.entries {
+            e.device.lock().unwrap_or_else(|e| e.into_inner()).pause();
+        }
+    }
+
+    /// Lets every device's workers go on (call before resuming the vCPUs).
+    pub fn resume_all(&self) {
+        for e in &self.entries {
+            e.device.lock().unwrap_or_else(|e| e.into_inner()).resume();
+        }
     }
 
     /// The ACPI pieces for the bus: the host bridge in `\_SB` with its

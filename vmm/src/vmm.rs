@@ -317,7 +317,7 @@ impl Vmm {
             VmRequest::Info => VmReply::json(&self.info()),
             VmRequest::Counters => VmReply::json(&api_types::Counters {
                 vm_exits: self.p.counters.snapshot(),
-                devices: Default::default(),
+                devices: self.p.pci.counters(),
             }),
             VmRequest::Pause => self.pause(),
             VmRequest::Resume => self.resume(),
@@ -376,6 +376,7 @@ impl Vmm {
                 return VmReply::error(500, format!("cannot pause: {e}"));
             }
         }
+        self.p.pci.pause_all();
         self.paused = true;
         log::info!("VM paused");
         VmReply::done()
@@ -385,6 +386,7 @@ impl Vmm {
         if !self.paused {
             return VmReply::done();
         }
+        self.p.pci.resume_all();
         for h in &mut self.handles {
             if let Err(e) = h.resume(VCPU_ANSWER) {
                 return VmReply::error(500, format!("cannot resume: {e}"));

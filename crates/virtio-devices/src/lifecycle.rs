@@ -265,11 +265,13 @@ impl VirtioInterrupt for CountingInterrupt {
 }
 
 /// Where a device keeps its worker: at most one, started on activation,
-/// stopped (giving the handler back) on reset, paused with the VM. It also
-/// counts the interrupts the worker raises.
+/// stopped (giving the handler back) on reset, paused with the VM (a
+/// worker started while paused starts parked). It also counts the
+/// interrupts the worker raises.
 pub struct Lifecycle<H: EpollHandler> {
     name: String,
     worker: Option<Worker<H>>,
+    paused: bool,
     interrupts: Arc<Counter>,
 }
 
@@ -279,6 +281,7 @@ impl<H: EpollHandler> Lifecycle<H> {
         Lifecycle {
             name: name.into(),
             worker: None,
+            paused: false,
             interrupts: Arc::default(),
         }
     }
@@ -306,7 +309,11 @@ impl<H: EpollHandler> Lifecycle<H> {
         if self.worker.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        self.worker = Some(Worker::spawn(&self.name, handler)?);
+        let worker = Worker::spawn(&self.name, handler)?;
+        if self.paused {
+            worker.pause();
+        }
+        self.worker = Some(worker);
         Ok(())
     }
 
@@ -322,15 +329,18 @@ impl<H: EpollHandler> Lifecycle<H> {
         }
     }
 
-    /// Pauses the worker, if any (see [`Worker::pause`]).
-    pub fn pause(&self) {
+    /// Pauses the worker, if any (see [`Worker::pause`]), and the ones
+    /// started until [`Lifecycle::resume`].
+    pub fn pause(&mut self) {
+        self.paused = true;
         if let Some(w) = &self.worker {
             w.pause();
         }
     }
 
     /// Resumes the worker, if any.
-    pub fn resume(&self) {
+    pub fn resume(&mut self) {
+        self.paused = false;
         if let Some(w) = &self.worker {
             w.resume();
         }

@@ -64,16 +64,16 @@ fn a_paused_worker_stops_and_gives_back_its_handler() {
 fn device_pause_reset_and_reactivate() {
     let mem = single_region_mem(0x10_0000);
     let mut rng = Rng::new();
-    rng.pause(); // inactive: nothing to pause
+    // Paused before activation: the worker starts parked.
+    rng.pause();
     let mut tq = TestQueue::new(&mem, 0, 16, 0x1_0000);
     let aq = tq.active(0);
     let kick = aq.event.try_clone().unwrap();
     rng.activate(atomic_mem(&mem), recorder(), vec![aq])
         .unwrap();
+    assert!(rng.lifecycle().is_paused());
     let again = rng.activate(atomic_mem(&mem), recorder(), vec![tq.active(0)]);
     assert!(matches!(again, Err(ActivateError::AlreadyActive)));
-    rng.pause();
-    assert!(rng.lifecycle().is_paused());
     tq.add_chain(&[(Writable, 16)]);
     kick.write(1).unwrap();
     std::thread::sleep(Duration::from_millis(50));
@@ -82,19 +82,22 @@ fn device_pause_reset_and_reactivate() {
     assert!(wait_until(|| tq.used_idx() == 1));
     assert_eq!(rng.counters()["notifications"], 1);
     rng.pause();
-    let handler = within(5, move || (rng.reset_worker(), rng));
-    let (handler, mut rng) = handler;
+    let (handler, mut rng) = within(5, move || (rng.reset_worker(), rng));
     assert_eq!(handler.unwrap().queue().queue.next_avail(), 1);
     assert!(!rng.lifecycle().is_active());
     assert!(rng.reset_worker().is_none(), "nothing left to stop");
-    // Activated again on fresh rings.
+    // Activated again on fresh rings, still paused: parked until resumed.
     let mut tq = TestQueue::new(&mem, 0x4000, 16, 0x8_0000);
     let aq = tq.active(0);
     let kick = aq.event.try_clone().unwrap();
     rng.activate(atomic_mem(&mem), recorder(), vec![aq])
         .unwrap();
+    assert!(rng.lifecycle().is_paused());
     tq.add_chain(&[(Writable, 16)]);
     kick.write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(tq.used_idx(), 0);
+    rng.resume();
     assert!(wait_until(|| tq.used_idx() == 1));
 }
 

@@ -2,11 +2,11 @@
 //! structures, legacy devices, vCPUs. Each step is a function with a typed
 //! error; nothing runs until [`crate::vmm::Vmm::run`].
 
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use virtio_devices::rotating_log::{RotatingLog, DEFAULT_LOG_CAP};
 use vm_device::Bus;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -63,11 +63,9 @@ fn serial_sink(cfg: &SerialConfig) -> Result<Box<dyn Write + Send>, BuildError> 
     Ok(match cfg {
         SerialConfig::Stdout => Box::new(std::io::stdout()),
         SerialConfig::Off => Box::new(std::io::sink()),
+        // Rotated at 16 MiB: a guest printing without end cannot fill the disk.
         SerialConfig::File(path) => Box::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
+            RotatingLog::open(path, DEFAULT_LOG_CAP)
                 .map_err(|source| BuildError::SerialFile { path: path.display().to_string(), source })?,
         ),
     })

@@ -88,6 +88,7 @@ pub mod net;
 pub mod pci;
 pub mod ratelimit;
 pub mod rng;
+pub mod rotating_log;
 pub mod socket;
 pub mod transport;
 pub mod vsock;

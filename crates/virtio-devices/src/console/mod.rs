@@ -5,12 +5,12 @@
 //! [`MAX_PENDING_OUTPUT`] bytes buffered, and output beyond that is dropped.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::fs::{File, OpenOptions};
+
 use std::io::{self, Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_queue::{DescriptorChain, QueueT, Reader, Writer};
@@ -22,6 +22,7 @@ use crate::device::{
 };
 use crate::lifecycle::{device_counters, with_interrupts, Lifecycle, WorkerDevice};
 use crate::ratelimit::LogLimiter;
+use crate::rotating_log::{RotatingLog, DEFAULT_LOG_CAP};
 use crate::worker::{
     drain_eventfd, enum_tokens, next_chain, signal_used_queue, EpollCtx, EpollHandler, WorkerError,
     WorkerQueue, CHAIN_BUDGET,
@@ -64,14 +65,15 @@ pub enum ConsoleError {
 /// Where the console goes.
 #[derive(Debug, Clone)]
 pub enum ConsoleOutput {
-    /// Appended to a file.
+    /// Appended to a file, rotated to `PATH.1` at 16 MiB
+    /// ([`crate::rotating_log`]).
     File(PathBuf),
     /// Served on a Unix socket (one client at a time; a new one replaces it).
     Socket(PathBuf),
 }
 
 enum Backend {
-    File(File),
+    File(Arc<Mutex<RotatingLog>>),
     Socket(UnixListener),
 }
 
@@ -102,16 +104,12 @@ impl Console {
     /// Opens the file or binds the socket.
     pub fn new(output: &ConsoleOutput) -> Result<Self, ConsoleError> {
         let backend = match output {
-            ConsoleOutput::File(path) => Backend::File(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| ConsoleError::File {
-                        path: path.clone(),
-                        source,
-                    })?,
-            ),
+            ConsoleOutput::File(path) => Backend::File(Arc::new(Mutex::new(
+                RotatingLog::open(path, DEFAULT_LOG_CAP).map_err(|source| ConsoleError::File {
+                    path: path.clone(),
+                    source,
+                })?,
+            ))),
             ConsoleOutput::Socket(path) => Backend::Socket(bind(path)?),
         };
         Ok(Console {
@@ -138,7 +136,7 @@ impl WorkerDevice for Console {
         let rx = take_queue(&mut queues, RX_QUEUE)?;
         let tx = take_queue(&mut queues, TX_QUEUE)?;
         let out = match &self.backend {
-            Backend::File(f) => Output::File(f.try_clone().map_err(ActivateError::Io)?),
+            Backend::File(f) => Output::File(f.clone()),
             Backend::Socket(l) => Output::Socket {
                 listener: l.try_clone().map_err(ActivateError::Io)?,
                 client: None,
@@ -211,7 +209,7 @@ impl VirtioDevice for Console {
 }
 
 enum Output {
-    File(File),
+    File(Arc<Mutex<RotatingLog>>),
     Socket {
         listener: UnixListener,
         client: Option<UnixStream>,
@@ -453,6 +451,7 @@ fn flush_pending(stream: &mut UnixStream, pending: &mut VecDeque<u8>) -> io::Res
 fn write_output(out: &mut Output, data: &[u8], log: &LogLimiter) -> usize {
     match out {
         Output::File(f) => {
+            let mut f = f.lock().unwrap_or_else(|e| e.into_inner());
             if let Err(e) = f.write_all(data) {
                 crate::guest_log!(log, log::Level::Warn, "virtio-console: output file: {e}");
                 return data.len();

@@ -119,7 +119,7 @@ impl Drop for ApiServer {
 
 /// One parsed request.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) struct Request {
+pub(crate) struct Request {
     pub method: String,
     pub path: String,
     pub body: Vec<u8>,
@@ -128,7 +128,7 @@ pub(super) struct Request {
 
 /// What reading a request came to.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Incoming {
+pub(crate) enum Incoming {
     Request(Request),
     /// The peer closed the connection between requests.
     Closed,
@@ -137,7 +137,7 @@ pub(super) enum Incoming {
 }
 
 /// Reads one request from `s`; `buf` keeps bytes that belong to the next.
-pub(super) fn read_request(s: &mut impl Read, buf: &mut Vec<u8>) -> Incoming {
+pub(crate) fn read_request(s: &mut impl Read, buf: &mut Vec<u8>) -> Incoming {
     let mut chunk = [0u8; 4096];
     loop {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -208,7 +208,7 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-pub(super) fn write_reply(s: &mut impl Write, reply: &VmReply, close: bool) -> std::io::Result<()> {
+pub(crate) fn write_reply(s: &mut impl Write, reply: &VmReply, close: bool) -> std::io::Result<()> {
     let body = reply.body.as_deref().unwrap_or("");
     let mut head = format!("HTTP/1.1 {} {}\r\nServer: skiff-vmm\r\n", reply.status, reason(reply.status));
     if reply.body.is_some() {

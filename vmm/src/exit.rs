@@ -19,8 +19,14 @@ pub enum ExitReason {
     Stopped(String),
     /// The guest kernel panicked; the panic line.
     GuestPanic(String),
-    /// The VM cannot go on: triple fault, unhandled exit, KVM error.
-    Error(String),
+    /// A vCPU cannot go on: triple fault, unhandled exit, KVM error.
+    Vcpu(crate::vstate::vcpu::VcpuRunError),
+}
+
+impl From<crate::vstate::vcpu::VcpuRunError> for ExitReason {
+    fn from(e: crate::vstate::vcpu::VcpuRunError) -> Self {
+        ExitReason::Vcpu(e)
+    }
 }
 
 impl ExitReason {
@@ -28,7 +34,7 @@ impl ExitReason {
     pub fn code(&self) -> i32 {
         match self {
             ExitReason::PowerOff | ExitReason::Reset | ExitReason::Stopped(_) => 0,
-            ExitReason::Error(_) => 1,
+            ExitReason::Vcpu(_) => 1,
             ExitReason::GuestPanic(_) => 3,
         }
     }
@@ -41,7 +47,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::Reset => write!(f, "guest reset"),
             ExitReason::Stopped(why) => write!(f, "stopped: {why}"),
             ExitReason::GuestPanic(line) => write!(f, "guest kernel panicked: {line}"),
-            ExitReason::Error(e) => write!(f, "VM failed: {e}"),
+            ExitReason::Vcpu(e) => write!(f, "VM failed: {e}"),
         }
     }
 }

@@ -55,6 +55,27 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Why a vCPU cannot go on. The reports carry the registers and the code
+/// at the instruction pointer where KVM gives them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VcpuRunError {
+    #[error("vCPU {id}: KVM_RUN failed: {}", std::io::Error::from_raw_os_error(*errno))]
+    KvmRun { id: u8, errno: i32 },
+    /// A triple fault (KVM's shutdown exit).
+    #[error("{report}")]
+    TripleFault { id: u8, report: String },
+    #[error("vCPU {id}: VM entry failed on host CPU {cpu} (hardware reason {reason:#x})")]
+    FailEntry { id: u8, reason: u64, cpu: u32 },
+    /// KVM could not emulate or deliver something (emulation failure,
+    /// delivery of an event during event delivery, ...).
+    #[error("{report}")]
+    Internal { id: u8, report: String },
+    #[error("vCPU {id}: unknown system event {kind}")]
+    UnknownSystemEvent { id: u8, kind: u32 },
+    #[error("vCPU {id}: unhandled VM exit {exit}")]
+    UnhandledExit { id: u8, exit: String },
+}
+
 /// What one `KVM_RUN` came to.
 #[derive(Debug, PartialEq, Eq)]
 pub enum RunOutcome {
@@ -178,7 +199,7 @@ impl Vcpu {
         let exit = match self.fd.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Err(()),
-            Err(e) => return Ok(Some(ExitReason::Error(format!("vCPU {id}: KVM_RUN failed: {e}")))),
+            Err(e) => return Ok(Some(VcpuRunError::KvmRun { id, errno: e.errno() }.into())),
         };
         let c = &self.ctx.counters;
         Ok(match exit {
@@ -224,11 +245,9 @@ impl Vcpu {
                     text.push_str("\n  ");
                     text.push_str(&describe_code_at(&self.ctx.mem, sr, r.rip));
                 }
-                Some(ExitReason::Error(text))
+                Some(VcpuRunError::TripleFault { id, report: text }.into())
             }
-            VcpuExit::FailEntry(reason, cpu) => Some(ExitReason::Error(format!(
-                "vCPU {id}: VM entry failed on host CPU {cpu} (hardware reason {reason:#x})"
-            ))),
+            VcpuExit::FailEntry(reason, cpu) => Some(VcpuRunError::FailEntry { id, reason, cpu }.into()),
             VcpuExit::InternalError => {
                 let err = InternalError::from_run(self.fd.get_kvm_run());
                 let (regs, sregs) = (self.fd.get_regs().ok(), self.fd.get_sregs().ok());
@@ -242,15 +261,15 @@ impl Vcpu {
                         "\n  (this host's KVM is KVM-PVM, which cannot run stock guest kernels; see tests/box/kvm-box)",
                     );
                 }
-                Some(ExitReason::Error(text))
+                Some(VcpuRunError::Internal { id, report: text }.into())
             }
             VcpuExit::SystemEvent(kind, _) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitReason::PowerOff),
                 KVM_SYSTEM_EVENT_RESET => Some(ExitReason::Reset),
                 KVM_SYSTEM_EVENT_CRASH => Some(ExitReason::GuestPanic("crash event from the guest".into())),
-                other => Some(ExitReason::Error(format!("vCPU {id}: unknown system event {other}"))),
+                kind => Some(VcpuRunError::UnknownSystemEvent { id, kind }.into()),
             },
-            other => Some(ExitReason::Error(format!("vCPU {id}: unhandled VM exit {other:?}"))),
+            other => Some(VcpuRunError::UnhandledExit { id, exit: format!("{other:?}") }.into()),
         })
     }
 }

@@ -12,7 +12,7 @@
 //!                                                           │ common cfg, notify, ISR, MSI-X
 //!                                                           ▼
 //!                                                   dyn VirtioDevice (rng, block, net, vsock,
-//!                                                   console, fs) ─► worker thread (epoll)
+//!                                                   console, fs, mem) ─► worker thread (epoll)
 //! ```
 //!
 //! Device models see guest memory ([`GuestMemoryMmap`] behind a
@@ -66,6 +66,13 @@
 //!    masked then is up to the VMM (with notifiers absent, calls are
 //!    forwarded through [`VirtioInterrupt::trigger`] and MSI-X pending
 //!    bits apply).
+//! 7. **Memory hot-plug.** [`mem::VirtioMem`] manages a region of guest
+//!    physical memory the VMM maps (lazily backed) and registers but keeps
+//!    out of the e820 map; implement [`mem::MemoryBackend`] to free what
+//!    the guest unplugs (punch a hole in the memfd). Change the target
+//!    with [`mem::MemHandle::set_requested_size`], then call the
+//!    transport's `config_changed`; the guest plugs and onlines memory
+//!    itself.
 //!
 //! # Guest input
 //!
@@ -84,6 +91,7 @@ pub mod fs;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod lifecycle;
+pub mod mem;
 pub mod net;
 pub mod pci;
 pub mod ratelimit;

@@ -32,6 +32,8 @@ const CONSOLE_TAIL: usize = 25;
 const CONSOLE_DIAG_TAIL: usize = 60;
 /// skiff-vmm log lines in [`ThinVm::diagnostics`].
 const VMM_DIAG_TAIL: usize = 60;
+/// How much of the end of a log [`tail`] reads.
+pub const TAIL_BYTES: u64 = 64 * 1024;
 
 /// Errors of running a thin VM.
 #[derive(Debug, thiserror::Error)]
@@ -217,11 +219,30 @@ fn before_exec(cmd: &mut Command) {
     }
 }
 
-/// The last `lines` lines of a text file (empty if it cannot be read).
+/// The last `lines` lines of a log (empty if it cannot be read), from its
+/// last [`TAIL_BYTES`] only: a guest fills its console as it likes. Not
+/// UTF-8 is shown lossily, and control characters other than tabs (a
+/// guest's terminal escapes) are replaced.
 pub fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(TAIL_BYTES);
+    let mut buf = Vec::new();
+    if f.seek(SeekFrom::Start(start)).is_err() || f.take(TAIL_BYTES).read_to_end(&mut buf).is_err() {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&buf);
+    // Reading from the middle of the file: its first line is cut.
+    let text = if start > 0 { text.split_once('\n').map_or("", |(_, rest)| rest) } else { &text };
     let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    let shown: Vec<String> = all[all.len().saturating_sub(lines)..]
+        .iter()
+        .map(|l| l.chars().map(|c| if c.is_control() && c != '\t' { '\u{fffd}' } else { c }).collect())
+        .collect();
+    shown.join("\n")
 }
 
 impl ThinVm {
@@ -592,5 +613,34 @@ impl Drop for ThinVm {
             kill_now(c);
         }
         self.remove_dir();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn tail_reads_only_the_end_of_a_big_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let mut f = std::fs::File::create(&path).unwrap();
+        // 32 MiB of bytes that are not text, then the lines that matter.
+        let junk = vec![0xffu8; 1 << 20];
+        for _ in 0..32 {
+            f.write_all(&junk).unwrap();
+        }
+        for i in 1..=30 {
+            writeln!(f, "line {i}").unwrap();
+        }
+        drop(f);
+        assert_eq!(tail(&path, 3), "line 28\nline 29\nline 30");
+        // A guest's terminal escapes do not reach the terminal.
+        std::fs::write(&path, b"ok\n\x1b]52;c;cHduZWQ=\x07evil\r\n").unwrap();
+        let t = tail(&path, 2);
+        assert!(!t.chars().any(|c| c.is_control() && c != '\n'), "{t:?}");
+        assert!(t.starts_with("ok\n"), "{t:?}");
+        assert_eq!(tail(&dir.path().join("missing"), 5), "");
     }
 }

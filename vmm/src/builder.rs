@@ -75,7 +75,7 @@ fn serial_sink(cfg: &SerialConfig) -> Result<Box<dyn Write + Send>, BuildError> 
 pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     let step = |what: &str| log::debug!("{what}: {} µs after start", start.elapsed().as_micros());
     let kvm = open_kvm(config.cpus).map_err(BuildError::Vm)?;
-    let ram = create_guest_memory(config.memory_mib << 20).map_err(BuildError::Memory)?;
+    let ram = create_guest_memory(config.memory_mib << 20, config.hotplug_mib << 20).map_err(BuildError::Memory)?;
     step("guest memory");
     let vm = Vm::new(&kvm, &ram.mem).map_err(BuildError::Vm)?;
     step("KVM VM");
@@ -92,10 +92,13 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     let counters = Arc::new(ExitCounters::default());
     let io_bus = Arc::new(Bus::new());
     let mmio_bus = Arc::new(Bus::new());
-    let mut pci = PciDevices::new(vm.fd().clone(), io_bus.clone(), mmio_bus.clone(), &ram.mem, config.memory_mib << 20)
-        .map_err(BuildError::Device)?;
+    let mut pci =
+        PciDevices::new(vm.fd().clone(), io_bus.clone(), mmio_bus.clone(), &ram).map_err(BuildError::Device)?;
     for dev in config.devices.all() {
         pci.add(dev, false).map_err(BuildError::Device)?;
+    }
+    if let Some(backend) = ram.hotplug_backend().map_err(BuildError::Memory)? {
+        pci.add_memory_device(&ram, backend).map_err(BuildError::Device)?;
     }
     step("PCI devices");
 
@@ -124,7 +127,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     };
     acpi.sb_aml.extend(ged_aml(GED_START, GED_IRQ, &ged_handlers));
     let rsdp = create_acpi_tables(&ram.mem, config.cpus, config.max_cpus, &acpi).map_err(BuildError::Acpi)?;
-    write_boot_params(&ram.mem, &kernel, cmdline_size, initramfs, rsdp).map_err(BuildError::Boot)?;
+    write_boot_params(&ram.mem, ram.boot_size, &kernel, cmdline_size, initramfs, rsdp).map_err(BuildError::Boot)?;
     step("initramfs, command line, ACPI and boot parameters");
 
     let serial_irq = EventFd::new(0).map_err(BuildError::EventFd)?;

@@ -46,7 +46,10 @@ pub struct VmConfig {
     pub cpus: u8,
     /// Most vCPUs the VM can have (vCPU hot-plug); at least `cpus`.
     pub max_cpus: u8,
+    /// Boot memory (in the e820 map).
     pub memory_mib: u64,
+    /// Size of the virtio-mem hot-plug region above it; 0 for none.
+    pub hotplug_mib: u64,
     pub serial: SerialConfig,
     pub api_socket: Option<PathBuf>,
     pub devices: DeviceConfig,
@@ -61,7 +64,7 @@ pub enum ConfigError {
     MaxCpus { boot: u8, max: u8 },
     #[error("--memory must be at least {MIN_MEMORY_MIB} MiB, got {0} MiB")]
     MemoryTooSmall(u64),
-    #[error("--memory {asked} MiB is more than this host's {host} MiB of RAM")]
+    #[error("--memory {asked} MiB (boot and hot-plug region) is more than this host's {host} MiB of RAM")]
     MemoryTooLarge { asked: u64, host: u64 },
     #[error("bad kernel")]
     Kernel(#[source] BootError),
@@ -114,8 +117,9 @@ impl VmConfig {
             return Err(ConfigError::MemoryTooSmall(self.memory_mib));
         }
         let host = host_memory_mib();
-        if self.memory_mib > host {
-            return Err(ConfigError::MemoryTooLarge { asked: self.memory_mib, host });
+        let asked = self.memory_mib.saturating_add(self.hotplug_mib);
+        if asked > host {
+            return Err(ConfigError::MemoryTooLarge { asked, host });
         }
         if self.cmdline.len() >= crate::arch::layout::CMDLINE_MAX_SIZE {
             return Err(ConfigError::Cmdline(self.cmdline.len()));
@@ -173,6 +177,7 @@ mod tests {
             cpus: 1,
             max_cpus: 1,
             memory_mib: 256,
+            hotplug_mib: 0,
             serial: SerialConfig::Stdout,
             api_socket: None,
             devices: DeviceConfig::default(),
@@ -194,6 +199,10 @@ mod tests {
         assert!(matches!(VmConfig { memory_mib: 1, ..cfg() }.validate(), Err(ConfigError::MemoryTooSmall(1))));
         assert!(matches!(
             VmConfig { memory_mib: u64::MAX >> 21, ..cfg() }.validate(),
+            Err(ConfigError::MemoryTooLarge { .. })
+        ));
+        assert!(matches!(
+            VmConfig { hotplug_mib: u64::MAX >> 21, ..cfg() }.validate(),
             Err(ConfigError::MemoryTooLarge { .. })
         ));
         assert!(matches!(cfg().validate(), Err(ConfigError::Kernel(_))));

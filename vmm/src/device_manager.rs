@@ -21,6 +21,7 @@ use skiff_vmm_client::types::{DeviceAdded, DeviceInfo, DeviceKind};
 use virtio_devices::block::Block;
 use virtio_devices::console::{Console, ConsoleOutput};
 use virtio_devices::fs::Fs;
+use virtio_devices::mem::{MemError, MemGeometry, MemHandle, VirtioMem};
 use virtio_devices::net::Net;
 use virtio_devices::pci::bus::{RangeAllocator, PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_SIZE};
 use virtio_devices::pci::{PciConfigIo, PciConfigMmio, PciError};
@@ -34,6 +35,7 @@ use crate::arch::acpi::AcpiExtras;
 use crate::arch::layout::*;
 use crate::devices::pci_hotplug::pci_hotplug_aml;
 use crate::interrupt::{KvmIoEvents, KvmMsiManager};
+use crate::memory::{GuestRam, MemfdBackend};
 use crate::options::{ConsoleOption, DiskOption, FsOption, NetBackend, NetOption, VsockOption};
 
 /// The virtio devices of a VM, as given on the command line.
@@ -168,6 +170,10 @@ pub enum DeviceError {
     NoFsSocket(String),
     #[error("device '{0}' is being removed already")]
     Removing(String),
+    #[error("device '{0}' cannot be removed (resize the memory to 0 instead)")]
+    NotRemovable(String),
+    #[error("virtio-mem device")]
+    Mem(#[source] MemError),
 }
 
 impl DeviceError {
@@ -180,6 +186,7 @@ impl DeviceError {
                 | DeviceError::SecondVsock(_)
                 | DeviceError::DuplicateTag { .. }
                 | DeviceError::Removing(_)
+                | DeviceError::NotRemovable(_)
                 | DeviceError::Attach { source: PciError::NoFreeSlot | PciError::SlotUnavailable(_), .. }
         )
     }
@@ -194,6 +201,35 @@ struct Entry {
     device: Arc<Mutex<dyn VirtioDevice>>,
 }
 
+/// The virtio-mem device of the memory hot-plug region.
+pub struct MemoryDevice {
+    handle: MemHandle,
+    transport: Arc<Mutex<VirtioPciDevice>>,
+}
+
+impl MemoryDevice {
+    /// Size of the hot-plug region in bytes.
+    pub fn region_size(&self) -> u64 {
+        self.handle.geometry().region_size
+    }
+    /// Bytes of the region the guest was asked to plug.
+    pub fn requested(&self) -> u64 {
+        self.handle.requested_size()
+    }
+    /// Bytes of the region the guest has plugged.
+    pub fn plugged(&self) -> u64 {
+        self.handle.plugged_size()
+    }
+    /// Asks the guest to plug or unplug towards `bytes` of the region (a
+    /// multiple of the block size): sets the requested size and signals a
+    /// configuration change. The guest does the rest in its own time.
+    pub fn request(&self, bytes: u64) -> Result<(), MemError> {
+        self.handle.set_requested_size(bytes)?;
+        self.transport.lock().unwrap_or_else(|e| e.into_inner()).config_changed();
+        Ok(())
+    }
+}
+
 /// The PCI bus and what attaching devices to it needs.
 pub struct PciDevices {
     bus: Arc<Mutex<PciBus>>,
@@ -202,6 +238,7 @@ pub struct PciDevices {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     mmio64: (u64, u64),
     entries: Vec<Entry>,
+    memory: Option<MemoryDevice>,
 }
 
 fn random_mac() -> [u8; 6] {
@@ -276,15 +313,9 @@ fn build_model(new: &NewDevice) -> Result<Model, DeviceError> {
 
 impl PciDevices {
     /// Creates the root bus and its configuration-space windows.
-    pub fn new(
-        vm: Arc<VmFd>,
-        io_bus: Arc<Bus>,
-        mmio_bus: Arc<Bus>,
-        mem: &GuestMemoryMmap,
-        mem_size: u64,
-    ) -> Result<Self, DeviceError> {
+    pub fn new(vm: Arc<VmFd>, io_bus: Arc<Bus>, mmio_bus: Arc<Bus>, ram: &GuestRam) -> Result<Self, DeviceError> {
         let ioevents = Arc::new(KvmIoEvents::new(vm.clone()));
-        let mmio64 = pci_mmio64(mem_size);
+        let mmio64 = pci_mmio64(ram.boot_size, ram.hotplug.map_or(0, |h| h.size));
         let allocator = RangeAllocator::new(PCI_MMIO32, mmio64, PCI_IO);
         let mut pci_bus = PciBus::new(mmio_bus.clone(), io_bus.clone(), ioevents);
         // Guest BAR moves stay inside the windows the DSDT's `_CRS` announces.
@@ -300,23 +331,58 @@ impl PciDevices {
             bus,
             allocator: Mutex::new(allocator),
             msi: KvmMsiManager::new(vm),
-            mem: GuestMemoryAtomic::new(mem.clone()),
+            mem: GuestMemoryAtomic::new(ram.mem.clone()),
             mmio64,
             entries: Vec::new(),
+            memory: None,
         })
     }
 
-    /// Wraps `device` in the virtio-pci transport and plugs it in.
-    fn attach_virtio(&mut self, name: &str, device: Arc<Mutex<dyn VirtioDevice>>) -> Result<u8, DeviceError> {
+    /// Wraps `device` in the virtio-pci transport and plugs it in; returns
+    /// the slot and the transport.
+    fn attach_virtio(
+        &mut self,
+        name: &str,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+    ) -> Result<(u8, Arc<Mutex<VirtioPciDevice>>), DeviceError> {
         let transport = VirtioPciDevice::new(device, self.mem.clone(), &self.msi)
             .map_err(|source| DeviceError::Transport { name: name.to_string(), source })?;
-        let pci: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(transport));
+        let transport = Arc::new(Mutex::new(transport));
+        let pci: Arc<Mutex<dyn PciDevice>> = transport.clone();
         let mut allocator = self.allocator.lock().unwrap_or_else(|e| e.into_inner());
-        self.bus
+        let slot = self
+            .bus
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .attach(None, pci, &mut *allocator)
-            .map_err(|source| DeviceError::Attach { name: name.to_string(), source })
+            .map_err(|source| DeviceError::Attach { name: name.to_string(), source })?;
+        Ok((slot, transport))
+    }
+
+    /// Creates the virtio-mem device (`mem0`) for the hot-plug region of
+    /// `ram`, nothing requested yet. Boot time only: the guest must find it
+    /// while it boots to use the region.
+    pub fn add_memory_device(&mut self, ram: &GuestRam, backend: MemfdBackend) -> Result<(), DeviceError> {
+        let Some(region) = ram.hotplug else { return Ok(()) };
+        let geometry = MemGeometry { addr: region.addr, region_size: region.size, block_size: HOTPLUG_BLOCK_SIZE };
+        let dev = VirtioMem::new(geometry, Arc::new(backend)).map_err(DeviceError::Mem)?;
+        let handle = dev.handle();
+        let id = self.generated_id(DeviceKind::Mem);
+        let backend = format!("memfd, {} MiB at {:#x}", region.size >> 20, region.addr);
+        let name = format!("mem '{id}' ({backend})");
+        let device: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(dev));
+        let (slot, transport) = self.attach_virtio(&name, device.clone())?;
+        log::info!("PCI slot {slot}: {name}");
+        let info = DeviceInfo { id, kind: DeviceKind::Mem, slot, backend, hotplugged: false };
+        self.entries.push(Entry { info, tag: None, removing: false, device });
+        self.entries.sort_by_key(|e| e.info.slot);
+        self.memory = Some(MemoryDevice { handle, transport });
+        Ok(())
+    }
+
+    /// The virtio-mem device, if the VM has a hot-plug region.
+    pub fn memory(&self) -> Option<&MemoryDevice> {
+        self.memory.as_ref()
     }
 
     fn find(&self, id: &str) -> Option<&Entry> {
@@ -349,7 +415,7 @@ impl PciDevices {
         }
         let model = build_model(&new)?;
         let name = format!("{} '{id}' ({})", kind_name(kind), model.backend);
-        let slot = self.attach_virtio(&name, model.device.clone())?;
+        let (slot, _) = self.attach_virtio(&name, model.device.clone())?;
         log::info!("PCI slot {slot}: {name}{}", if hotplugged { ", hot-plugged" } else { "" });
         let info = DeviceInfo { id: id.clone(), kind, slot, backend: model.backend, hotplugged };
         self.entries.push(Entry { info, tag: model.tag, removing: false, device: model.device });
@@ -363,6 +429,9 @@ impl PciDevices {
         let e = self.entries.iter_mut().find(|e| e.info.id == id).ok_or_else(|| DeviceError::UnknownId(id.into()))?;
         if e.removing {
             return Err(DeviceError::Removing(id.into()));
+        }
+        if e.info.kind == DeviceKind::Mem {
+            return Err(DeviceError::NotRemovable(id.into()));
         }
         e.removing = true;
         Ok(e.info.slot)
@@ -491,7 +560,7 @@ mod tests {
 
     #[test]
     fn host_bridge_is_pnp0a08() {
-        let aml = pci_host_bridge(pci_mmio64(1 << 30), b"HPLG");
+        let aml = pci_host_bridge(pci_mmio64(1 << 30, 0), b"HPLG");
         let has = |s: &[u8]| aml.windows(s.len()).any(|w| w == s);
         assert!(has(b"PCI0") && has(b"_CRS") && has(b"HPLG"));
         // _HID and _CID are the EISA ids of PNP0A08 and PNP0A03.

@@ -9,7 +9,7 @@ use clap::Parser;
 use skiff_vmm::builder::build_vm;
 use skiff_vmm::config::{SerialConfig, VmConfig, DEFAULT_CMDLINE};
 use skiff_vmm::device_manager::DeviceConfig;
-use skiff_vmm::options::{ConsoleOption, CpusOption, DiskOption, FsOption, NetOption, VsockOption};
+use skiff_vmm::options::{ConsoleOption, CpusOption, DiskOption, FsOption, MemoryOption, NetOption, VsockOption};
 
 /// Skiff's virtual machine monitor: boots one Linux VM on KVM.
 ///
@@ -34,9 +34,14 @@ struct Args {
     /// M through the API's `vm.resize`.
     #[arg(long, value_name = "N|boot=N,max=M", default_value = "1")]
     cpus: CpusOption,
-    /// Guest memory in MiB (at least 32, at most the host's RAM).
-    #[arg(long, value_name = "MIB", default_value_t = 512)]
-    memory: u64,
+    /// Guest memory in MiB (at least 32, at most the host's RAM): `MIB`, or
+    /// `size=MIB,hotplug=MIB` to add a hot-plug region (a multiple of 128
+    /// MiB) that `vm.resize` plugs into and unplugs from through virtio-mem.
+    /// The guest needs the virtio_mem driver and must online hot-plugged
+    /// memory itself: boot Linux with `memhp_default_state=online_movable`
+    /// (movable, so that it can be unplugged again) or a udev rule.
+    #[arg(long, value_name = "MIB|size=MIB,hotplug=MIB", default_value = "512")]
+    memory: MemoryOption,
     /// Where COM1 goes: `stdout` (stdin is fed to the guest), `file=PATH`
     /// (appended), or `off`.
     #[arg(long, value_name = "stdout|file=PATH|off", default_value = "stdout")]
@@ -95,7 +100,8 @@ fn main() -> ExitCode {
         cmdline: args.cmdline,
         cpus: args.cpus.boot,
         max_cpus: args.cpus.max,
-        memory_mib: args.memory,
+        memory_mib: args.memory.size_mib,
+        hotplug_mib: args.memory.hotplug_mib,
         serial: args.serial,
         api_socket: args.api_socket,
         devices: DeviceConfig {

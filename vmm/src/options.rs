@@ -6,6 +6,7 @@
 //! | option      | syntax                                                          |
 //! |-------------|-----------------------------------------------------------------|
 //! | `--cpus`    | `N` or `boot=N[,max=M]`                                         |
+//! | `--memory`  | `MIB` or `size=MIB[,hotplug=MIB]`                               |
 //! | `--disk`    | `path=P[,readonly=on\|off][,serial=S][,id=ID]`                  |
 //! | `--net`     | `tap=NAME[,mac=MAC][,id=ID]` or `fd=N[,mac=MAC][,id=ID]`        |
 //! | `--vsock`   | `cid=N,socket=PATH[,id=ID]`                                     |
@@ -120,6 +121,34 @@ impl FromStr for CpusOption {
             return Err(invalid("max", max));
         }
         Ok(Self { boot, max })
+    }
+}
+
+/// Granularity of the memory hot-plug region in MiB: Linux onlines hot-plugged
+/// memory in memory blocks of 128 MiB.
+pub const HOTPLUG_ALIGN_MIB: u64 = 128;
+
+/// `--memory`: boot memory and the size of the hot-plug region (0 for none),
+/// in MiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryOption {
+    pub size_mib: u64,
+    pub hotplug_mib: u64,
+}
+
+impl FromStr for MemoryOption {
+    type Err = OptionError;
+    fn from_str(s: &str) -> Result<Self, OptionError> {
+        if let Ok(n) = s.parse::<u64>() {
+            return Ok(Self { size_mib: n, hotplug_mib: 0 });
+        }
+        let o = Options::parse(s, &["size", "hotplug"])?;
+        let size_mib = o.number("size")?.ok_or(OptionError::Missing("size"))?;
+        let hotplug_mib: u64 = o.number("hotplug")?.unwrap_or(0);
+        if !hotplug_mib.is_multiple_of(HOTPLUG_ALIGN_MIB) || hotplug_mib > 1 << 30 {
+            return Err(invalid("hotplug", hotplug_mib));
+        }
+        Ok(Self { size_mib, hotplug_mib })
     }
 }
 
@@ -306,6 +335,21 @@ impl FromStr for ConsoleOption {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory() {
+        let m = |size_mib, hotplug_mib| Ok(MemoryOption { size_mib, hotplug_mib });
+        assert_eq!("512".parse::<MemoryOption>(), m(512, 0));
+        assert_eq!("size=512".parse::<MemoryOption>(), m(512, 0));
+        assert_eq!("size=512,hotplug=4096".parse::<MemoryOption>(), m(512, 4096));
+        assert_eq!("hotplug=256,size=1024".parse::<MemoryOption>(), m(1024, 256));
+        assert_eq!("hotplug=256".parse::<MemoryOption>(), Err(OptionError::Missing("size")));
+        assert_eq!("size=512,hotplug=100".parse::<MemoryOption>(), Err(invalid("hotplug", 100)));
+        assert!("size=512,hotplug=-128".parse::<MemoryOption>().is_err());
+        assert!("size=512,hotplug=137438953472".parse::<MemoryOption>().is_err());
+        assert!("size=512,max=4096".parse::<MemoryOption>().is_err());
+        assert!("512M".parse::<MemoryOption>().is_err());
+    }
 
     #[test]
     fn cpus() {

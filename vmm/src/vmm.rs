@@ -353,11 +353,16 @@ impl Vmm {
             state: if self.paused { VmState::Paused } else { VmState::Running },
             uptime_ms: self.p.start.elapsed().as_millis() as u64,
             cpus: api_types::CpuInfo { boot: c.cpus, max: c.max_cpus, present: self.handles.len() as u8 },
-            memory: api_types::MemoryInfo {
-                boot_mib: c.memory_mib,
-                hotplug_mib: 0,
-                requested_mib: c.memory_mib,
-                plugged_mib: c.memory_mib,
+            memory: {
+                let m = self.p.pci.memory();
+                let (region, requested, plugged) =
+                    m.map_or((0, 0, 0), |m| (m.region_size(), m.requested(), m.plugged()));
+                api_types::MemoryInfo {
+                    boot_mib: c.memory_mib,
+                    hotplug_mib: region >> 20,
+                    requested_mib: c.memory_mib + (requested >> 20),
+                    plugged_mib: c.memory_mib + (plugged >> 20),
+                }
             },
             devices: self.p.pci.infos(),
         }
@@ -471,19 +476,43 @@ impl Vmm {
     }
 
     fn resize(&mut self, r: api_types::Resize) -> VmReply {
-        let c = &self.p.config;
+        let max = self.p.config.max_cpus;
+        if let Some(n) = r.vcpus.filter(|n| *n == 0 || *n > max) {
+            return VmReply::error(409, format!("{n} vCPUs: this VM can have 1 to {max} (--cpus max=)"));
+        }
         if let Some(m) = r.memory_mib {
-            if m != c.memory_mib {
-                return VmReply::error(409, format!("{m} MiB: this VM has no memory hot-plug region"));
+            if let Err(reply) = self.resize_memory(m) {
+                return reply;
             }
         }
         match r.vcpus {
-            Some(n) if n == 0 || n > c.max_cpus => {
-                VmReply::error(409, format!("{n} vCPUs: this VM can have 1 to {} (--cpus max=)", c.max_cpus))
-            }
             Some(n) => self.resize_vcpus(n),
             None => VmReply::done(),
         }
+    }
+
+    /// Asks the guest (virtio-mem) to plug or unplug hot-plug memory until
+    /// it has `mib` in all; returns at once (`vm.info` shows progress).
+    fn resize_memory(&self, mib: u64) -> Result<(), VmReply> {
+        let boot = self.p.config.memory_mib;
+        let Some(m) = self.p.pci.memory() else {
+            return match mib == boot {
+                true => Ok(()),
+                false => Err(VmReply::error(409, format!("{mib} MiB: this VM has no memory hot-plug region"))),
+            };
+        };
+        let max = boot + (m.region_size() >> 20);
+        let block_mib = crate::arch::layout::HOTPLUG_BLOCK_SIZE >> 20;
+        if mib < boot || mib > max {
+            let msg = format!("{mib} MiB: this VM can have {boot} to {max} MiB (boot memory plus the hot-plug region)");
+            return Err(VmReply::error(409, msg));
+        }
+        if !(mib - boot).is_multiple_of(block_mib) {
+            return Err(VmReply::error(409, format!("{mib} MiB: memory hot-plug goes in steps of {block_mib} MiB")));
+        }
+        m.request((mib - boot) << 20).map_err(|e| VmReply::error(409, format!("{mib} MiB: {e}")))?;
+        log::info!("memory: the guest is asked to have {mib} MiB ({} MiB hot-plugged)", mib - boot);
+        Ok(())
     }
 
     /// Starts vCPUs up to `n` or asks the guest to eject those above it.

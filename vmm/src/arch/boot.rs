@@ -211,15 +211,18 @@ pub fn load_command_line(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize, 
 
 /// Writes the protocol's boot structures: `hvm_start_info` with its memory
 /// map and module list for PVH, or the zero page for the Linux protocol.
+/// The e820 map describes `ram_size` bytes of boot RAM; the memory
+/// hot-plug region, also in `mem`, stays out of it (virtio-mem tells the
+/// guest about it).
 pub fn write_boot_params(
     mem: &GuestMemoryMmap,
+    ram_size: u64,
     kernel: &LoadedKernel,
     cmdline_size: usize,
     initramfs: Option<InitramfsRegion>,
     rsdp: GuestAddress,
 ) -> Result<(), BootError> {
-    let mem_size: u64 = mem.iter().map(|r| r.len()).sum();
-    let e820 = e820_map(mem_size);
+    let e820 = e820_map(ram_size);
     match kernel.entry {
         BootEntry::Pvh(_) => {
             let mut info = hvm_start_info {
@@ -330,7 +333,8 @@ mod tests {
         let region = load_initramfs(&mem, &k, initrd.path()).unwrap();
         assert_eq!(region.addr.raw_value() % 4096, 0);
         assert!(region.addr.raw_value() + 5000 <= 64 << 20);
-        write_boot_params(&mem, &k, 10, Some(region), GuestAddress(ACPI_START)).unwrap();
+        write_boot_params(&mem, mem.iter().map(|r| r.len()).sum(), &k, 10, Some(region), GuestAddress(ACPI_START))
+            .unwrap();
         assert_eq!(read_u32(&mem, PVH_INFO_START), 0x336e_c578);
         let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
         assert_eq!(info.nr_modules, 1);

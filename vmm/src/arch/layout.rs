@@ -12,6 +12,9 @@
 //! 0x0010_0000  ┼ RAM: kernel at 1 MiB, initramfs at the top of low RAM
 //! 0xc000_0000  ┼ 32-bit MMIO hole (1 GiB): PCI BARs, ECAM, IOAPIC, LAPIC
 //! 0x1_0000_0000┼ RAM above 4 GiB when the guest has more than 3 GiB
+//!              ┼ memory hot-plug region (virtio-mem; not in e820), from
+//!              │   4 GiB or the end of RAM, 128 MiB aligned
+//!              ┼ 64-bit PCI BAR window (1 GiB aligned)
 //! ```
 
 use vm_memory::GuestAddress;
@@ -64,10 +67,31 @@ pub const PCI_IO: (u64, u64) = (0x1000, 0xf000);
 /// Size of the 64-bit PCI BAR window placed above RAM.
 pub const PCI_MMIO64_SIZE: u64 = 64 << 30;
 
-/// The 64-bit PCI BAR window (start, size): above all RAM, 1 GiB aligned.
-pub fn pci_mmio64(mem_size: u64) -> (u64, u64) {
-    let ram_end = ram_ranges(mem_size).last().map_or(0, |(a, s)| a.0 + s).max(MMIO_HOLE_END);
-    (ram_end.next_multiple_of(1 << 30), PCI_MMIO64_SIZE)
+/// Alignment of the memory hot-plug region: Linux's memory block size (the
+/// unit it adds and onlines memory in) on small x86 guests.
+pub const HOTPLUG_ALIGN: u64 = 128 << 20;
+/// The virtio-mem block size: what the guest plugs and unplugs at a time
+/// (a huge page; Linux then works in sub-blocks of its memory blocks).
+pub const HOTPLUG_BLOCK_SIZE: u64 = 2 << 20;
+
+/// End of boot RAM.
+fn ram_end(mem_size: u64) -> u64 {
+    ram_ranges(mem_size).last().map_or(0, |(a, s)| a.0 + s)
+}
+
+/// The memory hot-plug region (start, size) for `hotplug_size` bytes, if
+/// any: above boot RAM and above 4 GiB, [`HOTPLUG_ALIGN`]ed. Never in the
+/// gap below the 32-bit hole, which Linux hands out to PCI resources
+/// (`e820: [mem ...] available for PCI devices`).
+pub fn hotplug_region(mem_size: u64, hotplug_size: u64) -> Option<(u64, u64)> {
+    (hotplug_size > 0).then(|| (ram_end(mem_size).max(MMIO_HOLE_END).next_multiple_of(HOTPLUG_ALIGN), hotplug_size))
+}
+
+/// The 64-bit PCI BAR window (start, size): above all RAM and the memory
+/// hot-plug region, 1 GiB aligned.
+pub fn pci_mmio64(mem_size: u64, hotplug_size: u64) -> (u64, u64) {
+    let end = hotplug_region(mem_size, hotplug_size).map_or(ram_end(mem_size), |(a, s)| a + s);
+    (end.max(MMIO_HOLE_END).next_multiple_of(1 << 30), PCI_MMIO64_SIZE)
 }
 
 /// Platform devices of the VMM (below the IOAPIC): the ACPI Generic Event
@@ -162,6 +186,21 @@ mod tests {
         let map = e820_map(256 << 20);
         assert_eq!(map.len(), 4);
         assert_eq!(map[2], E820Entry { addr: HIMEM_START, size: (256 << 20) - HIMEM_START, kind: E820Kind::Ram });
+    }
+
+    #[test]
+    fn hotplug_region_is_above_4g_and_ram_and_below_the_pci_window() {
+        assert_eq!(hotplug_region(512 << 20, 0), None);
+        assert_eq!(pci_mmio64(512 << 20, 0), (MMIO_HOLE_END, PCI_MMIO64_SIZE));
+        assert_eq!(hotplug_region(512 << 20, 2 << 30), Some((MMIO_HOLE_END, 2 << 30)));
+        assert_eq!(pci_mmio64(512 << 20, 2 << 30).0, MMIO_HOLE_END + (2 << 30));
+        // Boot RAM above 4 GiB: the region follows it, 128 MiB aligned.
+        let boot = (3 << 30) + (100 << 20);
+        assert_eq!(hotplug_region(boot, 256 << 20), Some((MMIO_HOLE_END + (128 << 20), 256 << 20)));
+        assert_eq!(pci_mmio64(boot, 256 << 20).0, 5 << 30);
+        // The region is never RAM in the e820 map.
+        let (start, size) = hotplug_region(boot, 256 << 20).unwrap();
+        assert!(e820_map(boot).iter().all(|e| e.addr + e.size <= start || e.addr >= start + size));
     }
 
     #[test]

@@ -133,8 +133,11 @@ impl RunningVm {
             } else {
                 vec!["--cpus".to_string(), spec.cpus.to_string()]
             })
-            .arg("--memory")
-            .arg(spec.memory_mib.to_string())
+            .args(if extra.iter().any(|a| a == "--memory") {
+                vec![] // `extra` says it, e.g. `size=512,hotplug=2048`
+            } else {
+                vec!["--memory".to_string(), spec.memory_mib.to_string()]
+            })
             .arg("--serial")
             .arg(format!("file={}", serial.display()));
         if let Some(i) = &spec.initramfs {

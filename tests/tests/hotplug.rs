@@ -233,6 +233,88 @@ fn check_vcpus(g: &Guest, api: &Client) -> Result<()> {
     Ok(())
 }
 
+/// The guest's MemTotal in KiB.
+fn mem_total_kib(g: &Guest) -> Result<u64> {
+    let line = g.run("grep MemTotal /proc/meminfo")?;
+    Ok(line.split_whitespace().nth(1).context("MemTotal")?.parse()?)
+}
+
+/// Bytes of the guest-RAM memfd that hold pages on the host.
+fn memfd_allocated(pid: u32) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    for fd in fs::read_dir(format!("/proc/{pid}/fd"))?.flatten() {
+        let target = fs::read_link(fd.path()).unwrap_or_default();
+        if target.to_string_lossy().starts_with("/memfd:skiff-guest-ram") {
+            return Ok(fs::metadata(fd.path())?.blocks() * 512);
+        }
+    }
+    bail!("skiff-vmm has no skiff-guest-ram memfd open")
+}
+
+/// virtio-mem: 512 MiB boot memory and a 2 GiB hot-plug region; the guest
+/// (memhp_default_state=online_movable) follows 512 → 2048 → 1024 MiB, and
+/// what it unplugs leaves the host's memfd.
+fn check_memory(g: &Guest, api: &Client) -> Result<()> {
+    let m = api.info()?.memory;
+    ensure!(
+        (m.boot_mib, m.hotplug_mib, m.requested_mib, m.plugged_mib) == (512, 2048, 512, 512),
+        "memory info at boot: {m:?}"
+    );
+    ensure!(g.exec("test -d /sys/bus/virtio/drivers/virtio_mem")?.code == 0, "the guest has no virtio_mem driver");
+    let base = mem_total_kib(g)?;
+    let pid = g.vm.pid();
+    let (mut before, mut dirty) = (512, None);
+    for target in [2048u64, 1024] {
+        if target < before {
+            // Dirty the hot-plugged memory first (anonymous, movable), so
+            // the host has pages to get back when the guest unplugs.
+            g.run("dd if=/dev/zero of=/dev/null bs=1200M count=1 2>/dev/null; true")?;
+            let held = memfd_allocated(pid)? >> 20;
+            println!("  memfd holds {held} MiB after the guest touched its memory");
+            dirty = Some(held);
+        }
+        let t = Instant::now();
+        api.resize(&Resize { vcpus: None, memory_mib: Some(target) })?;
+        let want = base + (target - 512) * 1024;
+        let got = poll(&format!("MemTotal to follow {target} MiB"), Duration::from_secs(120), || {
+            let kib = mem_total_kib(g)?;
+            Ok((kib.abs_diff(want) <= 4096).then_some(kib))
+        });
+        let got = match got {
+            Ok(kib) => kib,
+            Err(e) => {
+                let dmesg = g.run("dmesg | grep -i -e virtio_mem -e memory | tail -20")?;
+                bail!(
+                    "{e:#} (MemTotal {} KiB, info {:?})\n--- guest dmesg ---\n{dmesg}",
+                    mem_total_kib(g)?,
+                    api.info()?.memory
+                );
+            }
+        };
+        let m = poll("vm.info to agree", Duration::from_secs(10), || {
+            let m = api.info()?.memory;
+            Ok((m.plugged_mib == target).then_some(m))
+        })?;
+        ensure!(m.requested_mib == target, "requested {} MiB, not {target}", m.requested_mib);
+        let held = memfd_allocated(pid)? >> 20;
+        println!(
+            "  {before} → {target} MiB in {:.1} s: guest MemTotal {got} KiB (boot {base} KiB), vm.info plugged {} MiB, memfd holds {held} MiB",
+            t.elapsed().as_secs_f64(),
+            m.plugged_mib
+        );
+        ensure!(held <= target + 16, "the memfd holds {held} MiB for a {target} MiB guest");
+        if let Some(d) = dirty {
+            ensure!(d >= held + 256, "unplugging 1 GiB gave back only {} MiB of {d} MiB", d.saturating_sub(held));
+        }
+        before = target;
+    }
+    refused(api.resize(&Resize { vcpus: None, memory_mib: Some(2561) }), 409, "512 to 2560")?;
+    refused(api.resize(&Resize { vcpus: None, memory_mib: Some(256) }), 409, "512 to 2560")?;
+    refused(api.remove_device("mem0"), 409, "cannot be removed")?;
+    ensure!(api.info()?.memory.requested_mib == 1024, "a refused resize changed the request");
+    Ok(())
+}
+
 fn check_bad_requests(g: &Guest, api: &Client, dir: &Path) -> Result<()> {
     refused(api.remove_device("nope"), 404, "nope")?;
     let spec =
@@ -264,12 +346,19 @@ fn runtime_control_and_hotplug() -> Result<()> {
     let spec = VmSpec {
         kernel: artifact("vmlinux")?,
         initramfs: Some(artifact("devices-test.cpio")?),
-        cmdline: "console=ttyS0 reboot=k panic=-1 quiet".into(),
+        cmdline: "console=ttyS0 reboot=k panic=-1 quiet memhp_default_state=online_movable".into(),
         cpus: 2,
         memory_mib: 512,
         api_socket: Some(api_sock.clone()),
     };
-    let args = ["--cpus".into(), "boot=2,max=6".into(), "--vsock".into(), format!("cid=3,socket={}", vsock.display())];
+    let args = [
+        "--cpus".into(),
+        "boot=2,max=6".into(),
+        "--memory".into(),
+        "size=512,hotplug=2048".into(),
+        "--vsock".into(),
+        format!("cid=3,socket={}", vsock.display()),
+    ];
     let mut vm = RunningVm::start_with(&spec, &args)?;
     vm.wait_for_serial("serving on vsock port", BOOT_TIMEOUT)?;
     let g = Guest { vm, vsock };
@@ -287,6 +376,7 @@ fn runtime_control_and_hotplug() -> Result<()> {
     checks.run("nic hot-plug", || check_net(&g, &api, &net));
     checks.run("virtio-fs hot-plug", || check_fs(&g, &api, d));
     checks.run("vCPU hot-plug", || check_vcpus(&g, &api));
+    checks.run("memory hot-plug", || check_memory(&g, &api));
     checks.run("bad requests", || check_bad_requests(&g, &api, d));
     checks.run("counters", || {
         let c = api.counters()?;

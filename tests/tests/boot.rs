@@ -103,6 +103,12 @@ fn pvh_vmlinux_serves_api_and_stops_on_sigterm() -> Result<()> {
         Err(ClientError::Refused { status: 409, message, .. }) => ensure!(message.contains("1 to 2"), "{message}"),
         other => anyhow::bail!("a resize beyond max should be refused with 409: {other:?}"),
     }
+    match api.resize(&skiff_vmm_client::types::Resize { vcpus: None, memory_mib: Some(1024) }) {
+        Err(ClientError::Refused { status: 409, message, .. }) => {
+            ensure!(message.contains("no memory hot-plug region"), "{message}")
+        }
+        other => anyhow::bail!("a memory resize without a region should be refused with 409: {other:?}"),
+    }
     api.pause()?;
     ensure!(api.info()?.state == skiff_vmm_client::types::VmState::Paused, "not paused");
     api.resume()?;

@@ -428,14 +428,10 @@ impl ThinVm {
             Some(Err(ClientError::Timeout(_))) | None => return Err(timeout(self)),
             Some(Err(e)) => return Err(e.into()),
         };
-        loop {
-            match stream.next(limit).await {
-                Ok(Some(Event::Ready(_))) => break,
-                Ok(Some(_)) => continue,
-                Ok(None) => return Err(ClientError::Closed.into()),
-                Err(ClientError::Timeout(_)) => return Err(timeout(self)),
-                Err(e) => return Err(e.into()),
-            }
+        match until_ready(&mut stream, limit).await {
+            Ok(()) => {}
+            Err(ClientError::Timeout(_)) => return Err(timeout(self)),
+            Err(e) => return Err(e.into()),
         }
         self.events = Some(stream);
         self.listener = Some(events);
@@ -575,6 +571,20 @@ impl ThinVm {
     }
 }
 
+/// Reads the agent's events until `ready`, all of them within `limit` (a
+/// guest that sends other events does not stretch it).
+async fn until_ready(stream: &mut EventStream, limit: Duration) -> Result<(), ClientError> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match stream.next(left).await? {
+            Some(Event::Ready(_)) => return Ok(()),
+            Some(_) => continue,
+            None => return Err(ClientError::Closed),
+        }
+    }
+}
+
 /// The agent's events, taken out of a [`ThinVm`]. The agent reconnects when
 /// its event connection broke, so a closed connection is followed by
 /// accepting the next one.
@@ -620,6 +630,31 @@ impl Drop for ThinVm {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[tokio::test]
+    async fn events_other_than_ready_do_not_stretch_the_boot_timeout() {
+        use skiff_agent_proto::frame::encode_control;
+        use skiff_agent_proto::{AgentMessage, ExitStatus};
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.sock");
+        let listener = EventListener::bind(&path).unwrap();
+        let mut guest = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let mut stream = listener.accept(Duration::from_secs(1)).await.unwrap();
+        let event = Event::MainExited { status: ExitStatus::Exited { code: 0 }, restarting: true };
+        let frame = encode_control(&AgentMessage::Event { event }).unwrap();
+        let chatter = tokio::spawn(async move {
+            while guest.write_all(&frame).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let started = Instant::now();
+        let r =
+            tokio::time::timeout(Duration::from_secs(3), until_ready(&mut stream, Duration::from_millis(300))).await;
+        assert!(matches!(r, Ok(Err(ClientError::Timeout(_)))), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        chatter.abort();
+    }
 
     #[test]
     fn tail_reads_only_the_end_of_a_big_log() {

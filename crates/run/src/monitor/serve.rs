@@ -9,15 +9,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use skiff_agent_proto::Event;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, Semaphore};
 
 use super::proto::{
     now_secs, BootReport, ControlReply, ControlRequest, EndReason, ExitInfo, LaunchSpec, Launched, MonitorEvent,
     MonitorState, MonitorStatus,
 };
 use super::{error_chain, MonitorError, CONTROL_SOCKET};
+use crate::control::{read_request_line, ServeLimits};
 use crate::kernel::KernelSearch;
 use crate::runtime::{self, VSOCK_SOCKET};
 use crate::vm::{self, ThinVm, VmExtras, VmOptions};
@@ -29,8 +30,11 @@ const FAREWELL: Duration = Duration::from_secs(3);
 const POWEROFF_GRACE: Duration = Duration::from_secs(15);
 /// Slack on top of the main process's stop timeout for the agent to answer.
 const STOP_SLACK: Duration = Duration::from_secs(15);
-/// Longest accepted control request line.
-const MAX_LINE: u64 = 64 * 1024;
+/// The control socket's limits: 64 KiB request lines, 5 s to send one, and
+/// 64 connections at once (an `events` subscription holds one for the
+/// VM's life).
+const SERVE_LIMITS: ServeLimits =
+    ServeLimits { max_line: 64 * 1024, max_connections: 64, read_timeout: Duration::from_secs(5) };
 
 /// State shared between the monitor's loop and its control connections.
 struct Shared {
@@ -209,7 +213,7 @@ async fn supervise(spec: &LaunchSpec, mut vm: ThinVm, launched: &Launched, liste
         end: Mutex::new(None),
         farewell: Mutex::new(Some(farewell_tx)),
     });
-    let acceptor = tokio::spawn(accept_loop(listener, shared.clone()));
+    let acceptor = tokio::spawn(accept_loop(listener, shared.clone(), SERVE_LIMITS));
     let (ev_tx, mut ev_rx) = mpsc::channel(16);
     let mut agent_events = vm.take_events();
     let reader = tokio::spawn(async move {
@@ -276,7 +280,8 @@ fn on_agent_event(shared: &Shared, ev: Event) {
         st.main_pid = None;
         st.last_main_exit = Some(status);
         if restarting {
-            st.restarts += 1;
+            // Counted from the guest's events: never trusted not to wrap.
+            st.restarts = st.restarts.saturating_add(1);
         }
         st.restarts
     };
@@ -345,10 +350,28 @@ pub fn write_exit_file(path: &Path, info: &ExitInfo) {
     }
 }
 
-async fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
+/// Serves connections, at most `limits.max_connections` at once (more are
+/// answered with an error and closed).
+async fn accept_loop(listener: UnixListener, shared: Arc<Shared>, limits: ServeLimits) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     while let Ok((s, _)) = listener.accept().await {
-        tokio::spawn(serve_conn(s, shared.clone()));
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            let busy = serde_json::to_string(&ControlReply::Error { message: "busy".into() }).unwrap_or_default();
+            // Best effort, never waiting: the socket buffer takes it.
+            let _ = s.try_write(format!("{busy}\n").as_bytes());
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            serve_conn(s, shared, limits).await;
+            drop(slot);
+        });
     }
+}
+
+/// Parses a control request line.
+pub fn parse_request(line: &str) -> Result<ControlRequest, String> {
+    serde_json::from_str::<ControlRequest>(line.trim()).map_err(|e| format!("bad request: {e}"))
 }
 
 async fn write_line<T: serde::Serialize>(w: &mut tokio::net::unix::OwnedWriteHalf, v: &T) -> std::io::Result<()> {
@@ -356,17 +379,20 @@ async fn write_line<T: serde::Serialize>(w: &mut tokio::net::unix::OwnedWriteHal
     w.write_all(line.as_bytes()).await
 }
 
-async fn serve_conn(stream: UnixStream, shared: Arc<Shared>) {
+async fn serve_conn(stream: UnixStream, shared: Arc<Shared>, limits: ServeLimits) {
     let (r, mut w) = stream.into_split();
-    let mut line = String::new();
-    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(r, MAX_LINE));
-    if reader.read_line(&mut line).await.is_err() {
-        return;
-    }
-    let request = match serde_json::from_str::<ControlRequest>(line.trim()) {
-        Ok(r) => r,
+    let line = match read_request_line(r, limits.max_line, limits.read_timeout).await {
+        Ok(Some(line)) => line,
+        Ok(None) => return,
         Err(e) => {
-            let _ = write_line(&mut w, &ControlReply::Error { message: format!("bad request: {e}") }).await;
+            let _ = write_line(&mut w, &ControlReply::Error { message: e.to_string() }).await;
+            return;
+        }
+    };
+    let request = match parse_request(&line) {
+        Ok(r) => r,
+        Err(message) => {
+            let _ = write_line(&mut w, &ControlReply::Error { message }).await;
             return;
         }
     };
@@ -425,5 +451,68 @@ async fn wait_end(rx: &mut broadcast::Receiver<MonitorEvent>) -> Option<ExitInfo
             Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
             Err(broadcast::error::RecvError::Closed) => return None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    fn shared() -> Arc<Shared> {
+        let status = MonitorStatus {
+            name: "t".into(),
+            state: MonitorState::Running,
+            monitor_pid: 1,
+            vmm_pid: 2,
+            main_pid: Some(3),
+            restarts: 0,
+            last_main_exit: None,
+            started_at: 0,
+        };
+        Arc::new(Shared {
+            status: Mutex::new(status),
+            events: broadcast::channel(4).0,
+            stop: mpsc::channel(1).0,
+            end: Mutex::new(None),
+            farewell: Mutex::new(None),
+        })
+    }
+
+    async fn answer(mut s: UnixStream) -> Option<String> {
+        let mut out = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut out)).await;
+        r.ok().map(|_| String::from_utf8_lossy(&out).into_owned())
+    }
+
+    #[tokio::test]
+    async fn the_control_socket_caps_lines_connections_and_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CONTROL_SOCKET);
+        let limits = ServeLimits { max_line: 1024, max_connections: 3, read_timeout: Duration::from_millis(300) };
+        let task = tokio::spawn(accept_loop(UnixListener::bind(&path).unwrap(), shared(), limits));
+
+        let mut s = UnixStream::connect(&path).await.unwrap();
+        s.write_all(b"{\"op\":\"status\"}\n").await.unwrap();
+        assert!(answer(s).await.unwrap().contains("\"reply\":\"status\""));
+
+        let mut s = UnixStream::connect(&path).await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_millis(300), s.write_all(&vec![b' '; 1 << 20])).await;
+        let a = answer(s).await.expect("closed after a line over the limit");
+        assert!(a.contains("request line over 1024 bytes"), "{a}");
+
+        let silent = UnixStream::connect(&path).await.unwrap();
+        let a = answer(silent).await.expect("closed after the read timeout");
+        assert!(a.contains("no request line"), "{a}");
+
+        let mut idle = Vec::new();
+        for _ in 0..limits.max_connections {
+            idle.push(UnixStream::connect(&path).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let s = UnixStream::connect(&path).await.unwrap();
+        let a = tokio::time::timeout(Duration::from_millis(200), answer(s)).await.ok().flatten();
+        assert!(a.as_deref().is_some_and(|a| a.contains("busy")), "{a:?}");
+        task.abort();
     }
 }

@@ -18,6 +18,7 @@ mod power;
 mod reaper;
 mod server;
 mod sink;
+mod socket;
 mod stdin;
 mod sys;
 
@@ -112,13 +113,16 @@ fn run(args: Args) -> Result<()> {
         pid1,
         main: Arc::new(MainSupervisor::default()),
     });
-    let listener = server::listen(&listen_addr)?;
+    let listener = socket::listen(&listen_addr)?;
     if let Some(addr) = notify {
         let ready = agent.welcome(skiff_agent_proto::PROTOCOL_VERSION);
         agent.main.announce(addr, ready);
     }
     if let Some(spec) = main_spec {
-        if let Err(e) = agent.main.start(&agent, spec) {
+        if let Err(e) = agent
+            .main
+            .start(&agent.reaper, &agent.sys, agent.pid1, spec)
+        {
             eprintln!("skiff-agent: main process: {}", files::error_chain(&e));
             if pid1 {
                 let status = skiff_agent_proto::ExitStatus::Exited { code: 127 };

@@ -23,8 +23,8 @@ use crate::exec::{environment, set_identity};
 use crate::files::error_chain;
 use crate::power;
 use crate::reaper::Reaper;
-use crate::server::{connect, Agent};
 use crate::sink::Sink;
+use crate::socket::connect;
 use crate::sys::Syscall;
 
 /// Pause before a restart, so a crash loop does not spin.
@@ -141,13 +141,20 @@ impl MainSupervisor {
         }
     }
 
-    /// Starts the main process; returns its pid.
-    pub fn start(self: &Arc<Self>, agent: &Agent, spec: MainProcess) -> Result<i32, MainError> {
+    /// Starts the main process through `reaper`; returns its pid. When it
+    /// ends for good, PID 1 (`pid1`) powers the guest off through `sys`.
+    pub fn start(
+        self: &Arc<Self>,
+        reaper: &Arc<Reaper>,
+        sys: &Arc<dyn Syscall>,
+        pid1: bool,
+        spec: MainProcess,
+    ) -> Result<i32, MainError> {
         let mut st = self.lock();
         if st.pid.is_some() || st.restarting {
             return Err(MainError::Running);
         }
-        let (pid, exited) = spawn(&agent.reaper, &spec)?;
+        let (pid, exited) = spawn(reaper, &spec)?;
         *st = State {
             pid: Some(pid),
             spec: Some(spec),
@@ -157,7 +164,7 @@ impl MainSupervisor {
         };
         drop(st);
         let me = self.clone();
-        let (reaper, sys, pid1) = (agent.reaper.clone(), agent.sys.clone(), agent.pid1);
+        let (reaper, sys) = (reaper.clone(), sys.clone());
         std::thread::Builder::new()
             .name("main-process".into())
             .spawn(move || me.monitor(exited, &reaper, sys.as_ref(), pid1))

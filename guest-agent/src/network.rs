@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 use skiff_agent_proto::{Addressing, ErrorCode, HostEntry, NetworkConfig};
 
 use crate::dhcp::{self, Client, DhcpError, Identity, Lease, Transport};
-use crate::server::Agent;
 use crate::sys::{SysError, Syscall};
 
 /// How long a Network request waits for a lease.
@@ -124,8 +123,9 @@ pub fn render_hosts(hostname: Option<&str>, extra: &[HostEntry]) -> String {
     s
 }
 
-/// Serves a network request; files go under `etc`.
-pub fn apply(agent: &Agent, cfg: &NetworkConfig, etc: &Path) -> Result<(), NetError> {
+/// Serves a network request: the interface with its own ioctls and DHCP
+/// client, names through `sys`; files go under `etc`.
+pub fn apply(sys: &Arc<dyn Syscall>, cfg: &NetworkConfig, etc: &Path) -> Result<(), NetError> {
     let iface = cfg.interface.clone().unwrap_or_else(|| "eth0".into());
     match &cfg.addressing {
         Addressing::Unchanged => {}
@@ -150,34 +150,33 @@ pub fn apply(agent: &Agent, cfg: &NetworkConfig, etc: &Path) -> Result<(), NetEr
                 sock.add_default_route(gw)?;
             }
         }
-        Addressing::Dhcp => dhcp(agent, cfg, &iface, etc)?,
+        Addressing::Dhcp => dhcp(sys, cfg, &iface, etc)?,
     }
     if let Some(h) = &cfg.hostname {
-        agent.sys.sethostname(h).map_err(NetError::Sys)?;
-        agent
-            .sys
-            .write_file(&etc.join("hostname"), format!("{h}\n").as_bytes())
+        sys.sethostname(h).map_err(NetError::Sys)?;
+        sys.write_file(&etc.join("hostname"), format!("{h}\n").as_bytes())
             .map_err(NetError::Sys)?;
     }
     if cfg.hostname.is_some() || !cfg.hosts.is_empty() {
         let hosts = render_hosts(cfg.hostname.as_deref(), &cfg.hosts);
-        agent
-            .sys
-            .write_file(&etc.join("hosts"), hosts.as_bytes())
+        sys.write_file(&etc.join("hosts"), hosts.as_bytes())
             .map_err(NetError::Sys)?;
     }
     if !cfg.dns.is_empty() {
         let resolv = render_resolv(&cfg.dns, &cfg.search);
-        agent
-            .sys
-            .write_file(&etc.join("resolv.conf"), resolv.as_bytes())
+        sys.write_file(&etc.join("resolv.conf"), resolv.as_bytes())
             .map_err(NetError::Sys)?;
     }
     Ok(())
 }
 
 /// Takes a lease on `iface`, configures it and starts its renewal.
-fn dhcp(agent: &Agent, cfg: &NetworkConfig, iface: &str, etc: &Path) -> Result<(), NetError> {
+fn dhcp(
+    sys: &Arc<dyn Syscall>,
+    cfg: &NetworkConfig,
+    iface: &str,
+    etc: &Path,
+) -> Result<(), NetError> {
     let _one_at_a_time = DHCP_REQUESTS.lock().unwrap_or_else(PoisonError::into_inner);
     stop_renewal(iface);
     let _ = Ifaces::open("lo").and_then(|lo| lo.up());
@@ -195,7 +194,7 @@ fn dhcp(agent: &Agent, cfg: &NetworkConfig, iface: &str, etc: &Path) -> Result<(
     let setup = LeaseSetup {
         iface: iface.into(),
         etc: etc.into(),
-        sys: agent.sys.clone(),
+        sys: sys.clone(),
         mtu: cfg.mtu.is_none(),
         resolv: cfg.dns.is_empty(),
         search: cfg.search.clone(),
@@ -663,6 +662,81 @@ mod tests {
         assert!(h.starts_with("127.0.0.1\tlocalhost\n"));
         assert!(h.contains("127.0.1.1\tweb\n"));
         assert!(h.ends_with("10.0.0.9\tdb db.local\n"));
+    }
+
+    use crate::sys::fake::{Call, Recording};
+
+    fn recording() -> (Arc<Recording>, Arc<dyn Syscall>) {
+        let rec = Arc::new(Recording::new());
+        let sys: Arc<dyn Syscall> = rec.clone();
+        (rec, sys)
+    }
+
+    #[test]
+    fn names_are_set_through_the_syscalls() {
+        let (rec, sys) = recording();
+        let cfg = NetworkConfig {
+            hostname: Some("web".into()),
+            dns: vec!["10.0.0.1".into()],
+            search: vec!["skiff".into()],
+            hosts: vec![HostEntry {
+                address: "10.0.0.9".into(),
+                names: vec!["db".into()],
+            }],
+            ..Default::default()
+        };
+        apply(&sys, &cfg, Path::new("/x/etc")).unwrap();
+        let hosts = render_hosts(Some("web"), &cfg.hosts);
+        let resolv = render_resolv(&cfg.dns, &cfg.search);
+        assert_eq!(
+            rec.calls(),
+            [
+                Call::Hostname("web".into()),
+                Call::Write("/x/etc/hostname".into(), "web\n".into()),
+                Call::Write("/x/etc/hosts".into(), hosts),
+                Call::Write("/x/etc/resolv.conf".into(), resolv),
+            ]
+        );
+        // Nothing asked, nothing done.
+        let (rec, sys) = recording();
+        apply(&sys, &NetworkConfig::default(), Path::new("/etc")).unwrap();
+        assert!(rec.calls().is_empty());
+    }
+
+    #[test]
+    fn a_bad_static_address_is_refused_before_anything_changes() {
+        let (rec, sys) = recording();
+        let cfg = NetworkConfig {
+            interface: Some("skiff-test0".into()),
+            addressing: Addressing::Static {
+                address: "10.0.0.300/24".into(),
+                gateway: None,
+            },
+            hostname: Some("web".into()),
+            ..Default::default()
+        };
+        let e = apply(&sys, &cfg, Path::new("/etc")).unwrap_err();
+        assert!(matches!(e, NetError::BadAddress(_)), "{e}");
+        assert_eq!(e.code(), ErrorCode::BadRequest);
+        assert!(rec.calls().is_empty(), "{:?}", rec.calls());
+    }
+
+    #[test]
+    fn a_failed_sethostname_stops_the_request() {
+        let (rec, sys) = recording();
+        rec.fail
+            .lock()
+            .unwrap()
+            .insert("sethostname".into(), libc::EPERM);
+        let cfg = NetworkConfig {
+            hostname: Some("web".into()),
+            dns: vec!["10.0.0.1".into()],
+            ..Default::default()
+        };
+        let e = apply(&sys, &cfg, Path::new("/etc")).unwrap_err();
+        assert!(matches!(e, NetError::Sys(_)), "{e}");
+        assert_eq!(e.code(), ErrorCode::Io);
+        assert_eq!(rec.calls(), [Call::Hostname("web".into())]);
     }
 
     #[test]

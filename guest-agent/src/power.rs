@@ -6,12 +6,12 @@
 
 use std::io;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
 use skiff_agent_proto::PowerAction;
 
-use crate::server::Agent;
 use crate::sys::Syscall;
 
 /// How long processes get between SIGTERM and SIGKILL on power-off.
@@ -30,15 +30,24 @@ pub enum PowerError {
     Thread(#[source] io::Error),
 }
 
-/// Serves a power request: acts shortly after the reply went out.
-pub fn request(agent: &Agent, action: PowerAction) -> Result<(), PowerError> {
-    if agent.pid1 {
-        let sys = agent.sys.clone();
+/// Serves a power request: acts shortly after the reply went out. As PID 1
+/// (`pid1`) the agent brings the guest down itself through `sys`
+/// ([`shutdown`] with `grace`); otherwise it runs `systemctl` through
+/// `spawn` (the agent passes its reaper's).
+pub fn request(
+    sys: &Arc<dyn Syscall>,
+    pid1: bool,
+    action: PowerAction,
+    grace: Duration,
+    spawn: impl FnOnce(&mut Command) -> io::Result<()>,
+) -> Result<(), PowerError> {
+    if pid1 {
+        let sys = sys.clone();
         thread::Builder::new()
             .name("power".into())
             .spawn(move || {
                 thread::sleep(REPLY_DELAY);
-                shutdown(sys.as_ref(), action, GRACE);
+                shutdown(sys.as_ref(), action, grace);
             })
             .map(drop)
             .map_err(PowerError::Thread)
@@ -49,11 +58,7 @@ pub fn request(agent: &Agent, action: PowerAction) -> Result<(), PowerError> {
         };
         let mut cmd = Command::new("systemctl");
         cmd.arg(verb).stdin(Stdio::null());
-        agent
-            .reaper
-            .spawn(&mut cmd)
-            .map(drop)
-            .map_err(PowerError::Systemctl)
+        spawn(&mut cmd).map_err(PowerError::Systemctl)
     }
 }
 
@@ -94,5 +99,47 @@ mod tests {
         let sys = Recording::new();
         shutdown(&sys, PowerAction::Reboot, Duration::ZERO);
         assert_eq!(sys.calls().last(), Some(&Call::Reboot(libc::RB_AUTOBOOT)));
+    }
+
+    #[test]
+    fn as_pid1_a_request_answers_first_then_brings_the_guest_down() {
+        let rec = Arc::new(Recording::new());
+        let sys: Arc<dyn Syscall> = rec.clone();
+        let spawn = |_: &mut Command| -> io::Result<()> { panic!("PID 1 runs no systemctl") };
+        request(&sys, true, PowerAction::Reboot, Duration::ZERO, spawn).unwrap();
+        // The request returned before anything happened (the reply goes
+        // out first).
+        assert!(rec.calls().is_empty(), "{:?}", rec.calls());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while rec.calls().len() < 4 && std::time::Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            rec.calls(),
+            [
+                Call::Kill(-1, libc::SIGTERM),
+                Call::Kill(-1, libc::SIGKILL),
+                Call::Sync,
+                Call::Reboot(libc::RB_AUTOBOOT)
+            ]
+        );
+    }
+
+    #[test]
+    fn as_a_service_a_request_asks_systemd() {
+        let rec = Arc::new(Recording::new());
+        let sys: Arc<dyn Syscall> = rec.clone();
+        let mut ran = Vec::new();
+        let spawn = |cmd: &mut Command| {
+            ran.push(format!("{cmd:?}"));
+            Ok(())
+        };
+        request(&sys, false, PowerAction::Poweroff, Duration::ZERO, spawn).unwrap();
+        assert_eq!(ran, [r#""systemctl" "poweroff""#]);
+        let failing = |_: &mut Command| Err(io::ErrorKind::NotFound.into());
+        let e = request(&sys, false, PowerAction::Reboot, Duration::ZERO, failing).unwrap_err();
+        assert!(matches!(e, PowerError::Systemctl(_)), "{e}");
+        thread::sleep(Duration::from_millis(300));
+        assert!(rec.calls().is_empty(), "{:?}", rec.calls());
     }
 }

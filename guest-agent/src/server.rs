@@ -6,8 +6,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -18,25 +16,14 @@ use skiff_agent_proto::{
     Welcome, STDIN_CREDIT_VERSION,
 };
 
-use crate::cli::Address;
 use crate::exec::{self, ExecHandle, Started};
 use crate::files::{self, error_chain};
 use crate::mainproc::MainSupervisor;
 use crate::reaper::Reaper;
 use crate::sink::Sink;
+use crate::socket::Listener;
 use crate::sys::Syscall;
 use crate::{mount, network, power};
-
-/// Errors of setting up a listener or the event connection.
-#[derive(Debug, thiserror::Error)]
-pub enum ServerError {
-    /// socket, bind or listen failed.
-    #[error("listening on {0}")]
-    Listen(String, #[source] io::Error),
-    /// connect failed.
-    #[error("connecting to {0}")]
-    Connect(String, #[source] io::Error),
-}
 
 /// What every connection shares.
 pub struct Agent {
@@ -57,101 +44,6 @@ impl Agent {
             version,
             agent: env!("CARGO_PKG_VERSION").into(),
             pid1: self.pid1,
-        }
-    }
-}
-
-/// A bound listener.
-#[derive(Debug)]
-pub enum Listener {
-    /// A Unix socket.
-    Unix(UnixListener),
-    /// An AF_VSOCK socket.
-    Vsock(OwnedFd),
-}
-
-/// Binds `addr`.
-pub fn listen(addr: &Address) -> Result<Listener, ServerError> {
-    match addr {
-        Address::Unix(path) => {
-            let _ = std::fs::remove_file(path);
-            UnixListener::bind(path)
-                .map(Listener::Unix)
-                .map_err(|e| ServerError::Listen(path.display().to_string(), e))
-        }
-        Address::Vsock(port) => vsock_socket(libc::VMADDR_CID_ANY, *port, true)
-            .map(Listener::Vsock)
-            .map_err(|e| ServerError::Listen(format!("vsock port {port}"), e)),
-    }
-}
-
-/// Connects to `addr` (a vsock port means the host, CID 2).
-pub fn connect(addr: &Address) -> Result<File, ServerError> {
-    match addr {
-        Address::Unix(path) => UnixStream::connect(path)
-            .map(|s| File::from(OwnedFd::from(s)))
-            .map_err(|e| ServerError::Connect(path.display().to_string(), e)),
-        Address::Vsock(port) => vsock_socket(libc::VMADDR_CID_HOST, *port, false)
-            .map(File::from)
-            .map_err(|e| ServerError::Connect(format!("vsock port {port}"), e)),
-    }
-}
-
-fn vsock_socket(cid: u32, port: u32, listen: bool) -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall; the fd is owned right below.
-    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh socket nobody else owns.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sockaddr_vm is plain data; all-zero is valid.
-    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-    addr.svm_port = port;
-    addr.svm_cid = cid;
-    let ptr = &addr as *const libc::sockaddr_vm as *const libc::sockaddr;
-    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
-    // SAFETY: `ptr`/`len` describe `addr`, which outlives the calls.
-    let r = unsafe {
-        if listen {
-            if libc::bind(fd, ptr, len) < 0 {
-                -1
-            } else {
-                libc::listen(fd, 128)
-            }
-        } else {
-            libc::connect(fd, ptr, len)
-        }
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(owned)
-}
-
-impl Listener {
-    fn accept(&self) -> io::Result<File> {
-        match self {
-            Listener::Unix(l) => l.accept().map(|(s, _)| File::from(OwnedFd::from(s))),
-            Listener::Vsock(fd) => {
-                let raw = std::os::fd::AsRawFd::as_raw_fd(fd);
-                // SAFETY: accepts on a listening socket we own; no address
-                // is asked for.
-                let c = unsafe {
-                    libc::accept4(
-                        raw,
-                        std::ptr::null_mut(),
-                        std::ptr::null_mut(),
-                        libc::SOCK_CLOEXEC,
-                    )
-                };
-                if c < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // SAFETY: `c` is a fresh fd nobody else owns.
-                Ok(unsafe { File::from_raw_fd(c) })
-            }
         }
     }
 }
@@ -350,18 +242,27 @@ fn handle_simple(agent: &Agent, request: Request) -> Reply {
             Ok(()) => Reply::Ok,
             Err(e) => err(e.code(), &e),
         },
-        Request::Network(cfg) => match network::apply(agent, &cfg, Path::new("/etc")) {
+        Request::Network(cfg) => match network::apply(&agent.sys, &cfg, Path::new("/etc")) {
             Ok(()) => Reply::Ok,
             Err(e) => err(e.code(), &e),
         },
-        Request::Power(req) => match power::request(agent, req.action) {
-            Ok(()) => Reply::Ok,
-            Err(e) => err(ErrorCode::Unsupported, &e),
-        },
-        Request::StartMain(spec) => match agent.main.start(agent, spec) {
-            Ok(pid) => Reply::ExecStarted { pid },
-            Err(e) => err(e.code(), &e),
-        },
+        Request::Power(req) => {
+            match power::request(&agent.sys, agent.pid1, req.action, power::GRACE, |cmd| {
+                agent.reaper.spawn(cmd).map(drop)
+            }) {
+                Ok(()) => Reply::Ok,
+                Err(e) => err(ErrorCode::Unsupported, &e),
+            }
+        }
+        Request::StartMain(spec) => {
+            match agent
+                .main
+                .start(&agent.reaper, &agent.sys, agent.pid1, spec)
+            {
+                Ok(pid) => Reply::ExecStarted { pid },
+                Err(e) => err(e.code(), &e),
+            }
+        }
         Request::StopMain { timeout_secs } => match agent
             .main
             .stop(std::time::Duration::from_secs(timeout_secs))

@@ -10,6 +10,7 @@ mod cli;
 mod dhcp;
 mod exec;
 mod files;
+mod hotplug;
 mod init;
 mod mainproc;
 mod mount;
@@ -113,6 +114,19 @@ fn run(args: Args) -> Result<()> {
         pid1,
         main: Arc::new(MainSupervisor::default()),
     });
+    // Hot-plugged vCPUs and memory come online; as init, the ACPI power
+    // button (skiff-vmm's vm.shutdown) shuts the guest down.
+    let shutdown: Option<Box<dyn Fn() + Send>> = pid1.then(|| {
+        let sys = agent.sys.clone();
+        Box::new(move || {
+            power::shutdown(
+                sys.as_ref(),
+                skiff_agent_proto::PowerAction::Poweroff,
+                power::GRACE,
+            )
+        }) as Box<dyn Fn() + Send>
+    });
+    hotplug::start(agent.sys.clone(), shutdown);
     let listener = socket::listen(&listen_addr)?;
     if let Some(addr) = notify {
         let ready = agent.welcome(skiff_agent_proto::PROTOCOL_VERSION);

@@ -56,6 +56,8 @@
 //! process ends.
 
 pub mod frame;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod message;
 pub mod oci;
 pub mod tree;

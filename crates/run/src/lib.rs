@@ -11,6 +11,10 @@
 pub mod attach;
 pub mod bundle;
 pub mod control;
+// Always built: the fuzz crate (crates/agent-proto/fuzz) calls it, and this
+// crate has no `fuzzing` feature to gate it on.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod initramfs;
 pub mod kernel;
 pub mod monitor;

@@ -60,7 +60,7 @@ pub use proto::{
     BootReport, ControlReply, ControlRequest, EndReason, ExitInfo, LaunchSpec, Launched, MonitorEvent, MonitorState,
     MonitorStatus,
 };
-pub use serve::{run, vm_options, write_exit_file};
+pub use serve::{parse_request, run, vm_options, write_exit_file};
 
 use crate::runtime::{self, RuntimeError, VSOCK_SOCKET};
 use crate::vm::{find_program, tail, VmError};

@@ -1,0 +1,8 @@
+#![no_main]
+//! cargo-fuzz target: see `skiff_agent_proto::fuzzing::frames`.
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    skiff_agent_proto::fuzzing::frames(data);
+});

@@ -20,7 +20,10 @@ use skiff_agent_proto::{Event, PowerAction};
 use tokio::process::{Child, Command};
 
 use crate::kernel::Kernel;
+
+mod hotplug;
 use crate::runtime::{self, RuntimeError, VmState, CONSOLE_LOG, VSOCK_SOCKET};
+pub use hotplug::{vmm_api_socket, HotplugError, VMM_API_SOCKET};
 
 /// The guest's vsock context id (the hybrid vsock needs no unique one).
 const GUEST_CID: u32 = 3;
@@ -140,6 +143,10 @@ pub struct VmExtras {
     pub console_log: Option<PathBuf>,
     /// A network device.
     pub nic: Option<Nic>,
+    /// Most vCPUs the VM may grow to at runtime (`None`: the boot count).
+    pub max_cpus: Option<u8>,
+    /// MiB the memory may grow by at runtime (0: none); a multiple of 128.
+    pub memory_hotplug_mib: u64,
 }
 
 /// A program: `$ENV`, next to this executable, in PATH, or in `extra`.
@@ -193,6 +200,8 @@ pub struct ThinVm {
     events: Option<EventStream>,
     agent: AgentClient,
     state: Option<VmState>,
+    /// Devices added at runtime ([`hotplug`]).
+    hot: Vec<hotplug::HotDevice>,
 }
 
 /// Kills a child at once, without waiting (tokio reaps it).
@@ -268,6 +277,18 @@ impl ThinVm {
         }
         let events = EventListener::bind_for_vsock(&vsock)?;
         let mut cmdline = "console=ttyS0 reboot=k panic=-1 quiet".to_string();
+        if extras.memory_hotplug_mib > 0 {
+            // Hot-plugged memory comes online movable, so it can be taken back.
+            cmdline.push_str(" memhp_default_state=online_movable");
+        }
+        let cpus = match extras.max_cpus.filter(|m| *m > opts.cpus) {
+            Some(max) => format!("boot={},max={max}", opts.cpus),
+            None => opts.cpus.to_string(),
+        };
+        let memory = match extras.memory_hotplug_mib {
+            0 => opts.memory_mib.to_string(),
+            h => format!("size={},hotplug={h}", opts.memory_mib),
+        };
         if let Some(h) = &opts.hostname {
             cmdline.push_str(&format!(" skiff.hostname={h}"));
         }
@@ -282,9 +303,11 @@ impl ThinVm {
             .arg("--cmdline")
             .arg(&cmdline)
             .arg("--cpus")
-            .arg(opts.cpus.to_string())
+            .arg(cpus)
             .arg("--memory")
-            .arg(opts.memory_mib.to_string())
+            .arg(memory)
+            .arg("--api-socket")
+            .arg(dir.join(VMM_API_SOCKET))
             .arg("--serial")
             .arg(format!("file={}", vm.console.display()))
             .arg("--vsock")
@@ -331,6 +354,7 @@ impl ThinVm {
             listener: None,
             vmm: None,
             virtiofsd: Vec::new(),
+            hot: Vec::new(),
             events: None,
             agent: AgentClient::new(Transport::Unix(PathBuf::new())),
             state: None,
@@ -543,6 +567,7 @@ impl ThinVm {
                 vmm.wait().await.map_err(|e| VmError::Wait("skiff-vmm", e))?
             }
         };
+        self.stop_hot_devices();
         self.stop_virtiofsd().await;
         let diagnostics = self.diagnostics();
         self.remove_dir();

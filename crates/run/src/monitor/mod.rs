@@ -57,8 +57,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 pub use proto::{
-    BootReport, ControlReply, ControlRequest, EndReason, ExitInfo, LaunchSpec, Launched, MonitorEvent, MonitorState,
-    MonitorStatus,
+    BootReport, ControlReply, ControlRequest, DeviceSpec, EndReason, ExitInfo, LaunchSpec, Launched, MonitorEvent,
+    MonitorState, MonitorStatus,
 };
 pub use serve::{parse_request, run, vm_options, write_exit_file};
 
@@ -102,6 +102,9 @@ pub enum MonitorError {
     /// The agent refused the network set-up.
     #[error("configuring the guest's network")]
     Network(#[source] ClientError),
+    /// A device of the spec could not be added.
+    #[error("adding device {0}")]
+    Device(String, #[source] Box<crate::vm::HotplugError>),
     /// The main process did not start.
     #[error("starting the main process {0:?}\n{2}")]
     MainStart(String, #[source] Box<ClientError>, String),

@@ -46,8 +46,18 @@ pub struct LaunchSpec {
     pub monitor_program: Option<PathBuf>,
     /// vCPUs.
     pub cpus: u8,
+    /// Most vCPUs the VM may grow to (`resize`); `None`: `cpus`.
+    #[serde(default)]
+    pub max_cpus: Option<u8>,
     /// Memory in MiB.
     pub memory_mib: u64,
+    /// MiB the memory may grow by (`resize`); a multiple of 128, 0: none.
+    #[serde(default)]
+    pub memory_hotplug_mib: u64,
+    /// Devices added once the agent is up, before the main process starts
+    /// (removable later with `remove_device`).
+    #[serde(default)]
+    pub devices: Vec<DeviceSpec>,
     /// Hostname on the kernel command line.
     #[serde(default)]
     pub hostname: Option<String>,
@@ -73,6 +83,45 @@ pub struct LaunchSpec {
     /// A free-form label for `skiff-run list` (e.g. the bundle or image).
     #[serde(default)]
     pub label: String,
+}
+
+/// A device a running thin VM gets through hot-plug.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum DeviceSpec {
+    /// Host directory `source` shared with virtio-fs (tag `name`) and
+    /// mounted by the agent at `path`.
+    Share {
+        /// The device name.
+        name: String,
+        /// The host directory.
+        source: PathBuf,
+        /// The guest path.
+        path: String,
+        /// Mount it read-only.
+        #[serde(default)]
+        readonly: bool,
+    },
+    /// An image or block device attached as virtio-blk, serial `name`
+    /// (`/dev/disk/by-id/virtio-NAME` in the guest).
+    Disk {
+        /// The device name.
+        name: String,
+        /// The image or block device.
+        source: PathBuf,
+        /// Refuse guest writes.
+        #[serde(default)]
+        readonly: bool,
+    },
+}
+
+impl DeviceSpec {
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        match self {
+            DeviceSpec::Share { name, .. } | DeviceSpec::Disk { name, .. } => name,
+        }
+    }
 }
 
 /// A VM the monitor booted: the agent is ready and the main process runs.
@@ -128,6 +177,31 @@ pub enum ControlRequest {
     /// Answered with [`ControlReply::Subscribed`], then one
     /// [`MonitorEvent`] per line until [`MonitorEvent::Stopped`].
     Events,
+    /// Parks the VM's vCPUs and devices; [`ControlReply::Done`].
+    Pause,
+    /// Lets a paused VM run again; [`ControlReply::Done`].
+    Resume,
+    /// Adds a device; [`ControlReply::Done`] once the guest has it
+    /// (a share: mounted).
+    AddDevice {
+        /// The device.
+        device: DeviceSpec,
+    },
+    /// Removes a device added with `add_device` or through the spec's
+    /// `devices`; [`ControlReply::Done`] once the guest let go of it.
+    RemoveDevice {
+        /// The device name.
+        name: String,
+    },
+    /// Changes vCPUs and/or memory; [`ControlReply::Done`].
+    Resize {
+        /// vCPUs wanted.
+        #[serde(default)]
+        cpus: Option<u8>,
+        /// Memory wanted, MiB.
+        #[serde(default)]
+        memory_mib: Option<u64>,
+    },
 }
 
 fn default_stop_timeout() -> u64 {
@@ -144,6 +218,8 @@ pub enum ControlReply {
     Stopped(ExitInfo),
     /// Events follow.
     Subscribed,
+    /// A runtime change was made.
+    Done,
     /// The request failed.
     Error {
         /// Why.
@@ -261,7 +337,14 @@ mod tests {
             virtiofsd: None,
             monitor_program: None,
             cpus: 2,
+            max_cpus: Some(4),
             memory_mib: 1024,
+            memory_hotplug_mib: 1024,
+            devices: vec![DeviceSpec::Disk {
+                name: "scratch".into(),
+                source: "/srv/scratch.img".into(),
+                readonly: false,
+            }],
             hostname: Some("web".into()),
             boot_timeout_secs: 60,
             nic: Some(Nic { tap: "skt0123abcd".into(), mac: "52:54:00:12:34:56".into() }),
@@ -310,6 +393,15 @@ mod tests {
         let r: ControlRequest = serde_json::from_str(r#"{"op":"stop","timeout_secs":3,"force":true}"#).unwrap();
         assert_eq!(r, ControlRequest::Stop { timeout_secs: 3, force: true });
         assert_eq!(serde_json::to_string(&ControlRequest::Status).unwrap(), r#"{"op":"status"}"#);
+        let r: ControlRequest = serde_json::from_str(
+            r#"{"op":"add_device","device":{"type":"share","name":"d","source":"/x","path":"/data"}}"#,
+        )
+        .unwrap();
+        let share = DeviceSpec::Share { name: "d".into(), source: "/x".into(), path: "/data".into(), readonly: false };
+        assert_eq!(r, ControlRequest::AddDevice { device: share });
+        let r: ControlRequest = serde_json::from_str(r#"{"op":"resize","cpus":3}"#).unwrap();
+        assert_eq!(r, ControlRequest::Resize { cpus: Some(3), memory_mib: None });
+        assert_eq!(serde_json::to_string(&ControlReply::Done).unwrap(), r#"{"reply":"done"}"#);
         let ev = MonitorEvent::MainExited { status: ExitStatus::Exited { code: 7 }, restarting: true, restarts: 1 };
         assert_eq!(
             serde_json::to_string(&ev).unwrap(),

@@ -11,11 +11,11 @@ use std::time::Duration;
 use skiff_agent_proto::Event;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{broadcast, mpsc, Semaphore};
+use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
 
 use super::proto::{
-    now_secs, BootReport, ControlReply, ControlRequest, EndReason, ExitInfo, LaunchSpec, Launched, MonitorEvent,
-    MonitorState, MonitorStatus,
+    now_secs, BootReport, ControlReply, ControlRequest, DeviceSpec, EndReason, ExitInfo, LaunchSpec, Launched,
+    MonitorEvent, MonitorState, MonitorStatus,
 };
 use super::{error_chain, MonitorError, CONTROL_SOCKET};
 use crate::control::{read_request_line, ServeLimits};
@@ -41,6 +41,8 @@ struct Shared {
     status: Mutex<MonitorStatus>,
     events: broadcast::Sender<MonitorEvent>,
     stop: mpsc::Sender<(u64, bool)>,
+    /// Runtime changes (pause, devices, resize) for the loop that owns the VM.
+    changes: mpsc::Sender<(ControlRequest, oneshot::Sender<ControlReply>)>,
     /// Set once the VM ended.
     end: Mutex<Option<ExitInfo>>,
     /// Held (cloned) by connections that wait for the end; dropped by the
@@ -88,7 +90,13 @@ pub fn vm_options(spec: &LaunchSpec) -> Result<(VmOptions, VmExtras), MonitorErr
         boot_timeout: Duration::from_secs(spec.boot_timeout_secs),
         bundle: if spec.label.is_empty() { spec.name.clone() } else { spec.label.clone() },
     };
-    Ok((opts, VmExtras { console_log: Some(spec.console_log.clone()), nic: spec.nic.clone() }))
+    let extras = VmExtras {
+        console_log: Some(spec.console_log.clone()),
+        nic: spec.nic.clone(),
+        max_cpus: spec.max_cpus,
+        memory_hotplug_mib: spec.memory_hotplug_mib,
+    };
+    Ok((opts, extras))
 }
 
 /// The status pipe: one [`BootReport`] line, then closed.
@@ -157,8 +165,8 @@ fn read_spec(path: &Path) -> Result<LaunchSpec, MonitorError> {
 async fn boot(spec: &LaunchSpec) -> Result<(ThinVm, Launched, UnixListener), MonitorError> {
     let (opts, extras) = vm_options(spec)?;
     let kernel = opts.kernel.to_string();
-    let vm = ThinVm::boot_with(&opts, &extras).await?;
-    match start(spec, &vm).await {
+    let mut vm = ThinVm::boot_with(&opts, &extras).await?;
+    match start(spec, &mut vm).await {
         Ok((main_pid, listener)) => {
             let launched = Launched {
                 name: spec.name.clone(),
@@ -179,7 +187,10 @@ async fn boot(spec: &LaunchSpec) -> Result<(ThinVm, Launched, UnixListener), Mon
     }
 }
 
-async fn start(spec: &LaunchSpec, vm: &ThinVm) -> Result<(i32, UnixListener), MonitorError> {
+async fn start(spec: &LaunchSpec, vm: &mut ThinVm) -> Result<(i32, UnixListener), MonitorError> {
+    for device in &spec.devices {
+        add_device(spec, vm, device).await.map_err(|e| MonitorError::Device(device.name().to_string(), Box::new(e)))?;
+    }
     let agent = vm.agent();
     if let Some(net) = &spec.network {
         agent.configure_network(net.clone()).await.map_err(MonitorError::Network)?;
@@ -192,10 +203,40 @@ async fn start(spec: &LaunchSpec, vm: &ThinVm) -> Result<(i32, UnixListener), Mo
     Ok((pid, listener))
 }
 
+async fn add_device(spec: &LaunchSpec, vm: &mut ThinVm, device: &DeviceSpec) -> Result<(), vm::HotplugError> {
+    match device {
+        DeviceSpec::Share { name, source, path, readonly } => {
+            let virtiofsd = match &spec.virtiofsd {
+                Some(p) => p.clone(),
+                None => vm::find_virtiofsd().map_err(|e| vm::HotplugError::Virtiofsd(name.clone(), Box::new(e)))?,
+            };
+            vm.add_share(&virtiofsd, name, source, path, *readonly).await
+        }
+        DeviceSpec::Disk { name, source, readonly } => vm.add_disk(name, source, *readonly).await,
+    }
+}
+
+/// A runtime change, made by the loop that owns the VM.
+async fn change(spec: &LaunchSpec, vm: &mut ThinVm, request: ControlRequest) -> ControlReply {
+    let result = match request {
+        ControlRequest::Pause => vm.pause().await,
+        ControlRequest::Resume => vm.resume().await,
+        ControlRequest::AddDevice { device } => add_device(spec, vm, &device).await,
+        ControlRequest::RemoveDevice { name } => vm.remove_device(&name).await,
+        ControlRequest::Resize { cpus, memory_mib } => vm.resize(cpus, memory_mib).await,
+        other => return ControlReply::Error { message: format!("{other:?} is not a runtime change") },
+    };
+    match result {
+        Ok(()) => ControlReply::Done,
+        Err(e) => ControlReply::Error { message: error_chain(&e) },
+    }
+}
+
 /// Follows the VM until it ends; the exit info (also written to the exit
 /// file and sent to every subscriber).
 async fn supervise(spec: &LaunchSpec, mut vm: ThinVm, launched: &Launched, listener: UnixListener) -> ExitInfo {
     let (stop_tx, mut stop_rx) = mpsc::channel(8);
+    let (changes_tx, mut changes_rx) = mpsc::channel::<(ControlRequest, oneshot::Sender<ControlReply>)>(8);
     let (farewell_tx, mut farewell_rx) = mpsc::channel::<()>(1);
     let shared = Arc::new(Shared {
         status: Mutex::new(MonitorStatus {
@@ -210,6 +251,7 @@ async fn supervise(spec: &LaunchSpec, mut vm: ThinVm, launched: &Launched, liste
         }),
         events: broadcast::channel(64).0,
         stop: stop_tx,
+        changes: changes_tx,
         end: Mutex::new(None),
         farewell: Mutex::new(Some(farewell_tx)),
     });
@@ -234,6 +276,9 @@ async fn supervise(spec: &LaunchSpec, mut vm: ThinVm, launched: &Launched, liste
             st = vm.vmm_exited() => break Err(st.ok()),
             Some(ev) = ev_rx.recv() => on_agent_event(&shared, ev),
             Some(req) = stop_rx.recv() => break Ok(req),
+            Some((req, reply)) = changes_rx.recv() => {
+                let _ = reply.send(change(spec, &mut vm, req).await);
+            }
             Some(()) = recv_signal(&mut term) => break Ok((default_stop, false)),
             Some(()) = recv_signal(&mut int) => break Ok((default_stop, false)),
         }
@@ -420,6 +465,23 @@ async fn serve_conn(stream: UnixStream, shared: Arc<Shared>, limits: ServeLimits
                 let _ = write_line(&mut w, &ControlReply::Stopped(info)).await;
             }
         }
+        ControlRequest::Pause
+        | ControlRequest::Resume
+        | ControlRequest::AddDevice { .. }
+        | ControlRequest::RemoveDevice { .. }
+        | ControlRequest::Resize { .. } => {
+            let reply = match ended {
+                Some(_) => ControlReply::Error { message: "the VM has ended".into() },
+                None => {
+                    let (tx, rx) = oneshot::channel();
+                    match shared.changes.send((request, tx)).await {
+                        Ok(()) => rx.await.unwrap_or(ControlReply::Error { message: "the VM ended meanwhile".into() }),
+                        Err(_) => ControlReply::Error { message: "the VM is stopping".into() },
+                    }
+                }
+            };
+            let _ = write_line(&mut w, &reply).await;
+        }
         ControlRequest::Events => {
             if write_line(&mut w, &ControlReply::Subscribed).await.is_err() {
                 return;
@@ -474,6 +536,7 @@ mod tests {
             status: Mutex::new(status),
             events: broadcast::channel(4).0,
             stop: mpsc::channel(1).0,
+            changes: mpsc::channel(1).0,
             end: Mutex::new(None),
             farewell: Mutex::new(None),
         })

@@ -453,6 +453,56 @@ fn daemon_end_to_end() -> Result<()> {
         })(),
     );
 
+    // Devices and limits changed while the VM runs (hot-plug).
+    check(
+        "live devices and limits",
+        (|| {
+            let share = env.dir.join("live-share");
+            std::fs::create_dir_all(&share)?;
+            std::fs::write(share.join("hello"), "from the host\n")?;
+            let src = format!("source={}", share.display());
+            env.ok(&["config", "device", "add", "web", "data", "disk", &src, "path=/data"])?;
+            let out = env.ok(&["exec", "web", "--", "cat", "/data/hello"])?;
+            ensure!(out == "from the host\n", "the hot-plugged share reads {out:?}");
+            env.ok(&["exec", "web", "--", "sh", "-c", "echo from the guest > /data/back"])?;
+            ensure!(
+                std::fs::read_to_string(share.join("back"))? == "from the guest\n",
+                "the host does not see the write"
+            );
+            let devices = env.ok(&["config", "device", "list", "web"])?;
+            ensure!(devices.lines().any(|l| l == "data"), "device list: {devices}");
+            let (c, _, e) =
+                env.skiff(&["config", "device", "add", "web", "bad", "disk", "source=/nonexistent", "path=/x"])?;
+            ensure!(c != 0 && e.contains("/nonexistent"), "a missing source: {c} {e}");
+            env.ok(&["config", "device", "remove", "web", "data"])?;
+            let (c, _, _) = env.skiff(&["exec", "web", "--", "test", "-e", "/data/hello"])?;
+            ensure!(c != 0, "/data/hello is still there after the device was removed");
+
+            let nproc = || -> Result<usize> {
+                Ok(env.ok(&["exec", "web", "--", "grep", "-c", "^processor", "/proc/cpuinfo"])?.trim().parse()?)
+            };
+            ensure!(nproc()? == 1, "web does not start with 1 vCPU");
+            env.ok(&["config", "set", "web", "limits.cpu=2"])?;
+            // The agent onlines the new vCPU when the kernel adds it.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while nproc()? != 2 {
+                ensure!(Instant::now() < deadline, "limits.cpu=2 did not reach the guest");
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            env.ok(&["config", "set", "web", "limits.cpu=1"])?;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while nproc()? != 1 {
+                ensure!(Instant::now() < deadline, "limits.cpu=1 did not reach the guest");
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            let (c, _, e) = env.skiff(&["config", "set", "web", "limits.memory=1GiB"])?;
+            ensure!(c != 0 && e.contains("hot-plug"), "a memory change without limits.memory.hotplug: {c} {e}");
+            let ip = env.ipv4("web")?;
+            http_get(&ip, 80)?;
+            Ok(())
+        })(),
+    );
+
     // Snapshot, change, restore.
     check(
         "snapshot restore",

@@ -415,6 +415,51 @@ pub enum ConfigCmd {
         /// The instance.
         name: String,
     },
+    /// Manage an instance's devices (applied live to a running VM).
+    #[command(subcommand)]
+    Device(DeviceCmd),
+}
+
+/// `config device`.
+#[derive(Debug, Subcommand)]
+pub enum DeviceCmd {
+    /// Add a device; a running VM gets it at once (hot-plug).
+    #[command(after_long_help = "Examples:\n  skiff config device add web data disk source=/srv/data path=/data\n  \
+skiff config device add web scratch disk source=/var/lib/images/scratch.img\n\n\
+A disk whose source is a directory is shared with virtio-fs and mounted at path;\n\
+one whose source is a file or block device is attached as a disk\n\
+(/dev/disk/by-id/virtio-NAME in the guest). readonly=true makes either read-only.")]
+    Add {
+        /// The instance.
+        name: String,
+        /// The device's name.
+        device: String,
+        /// Its type (disk).
+        #[arg(value_name = "TYPE")]
+        kind: String,
+        /// KEY=VALUE settings (source=, path=, readonly=).
+        args: Vec<String>,
+    },
+    /// Remove a device; a running VM lets go of it first (unmount, eject).
+    #[command(visible_alias = "rm", after_long_help = "Example:\n  skiff config device remove web data")]
+    Remove {
+        /// The instance.
+        name: String,
+        /// The device's name.
+        device: String,
+    },
+    /// List an instance's devices.
+    #[command(visible_alias = "ls", after_long_help = "Example:\n  skiff config device list web")]
+    List {
+        /// The instance.
+        name: String,
+    },
+    /// Show an instance's devices with their settings (YAML).
+    #[command(after_long_help = "Example:\n  skiff config device show web")]
+    Show {
+        /// The instance.
+        name: String,
+    },
 }
 
 /// `image`.

@@ -116,6 +116,7 @@ pub fn spec(d: &Daemon, r: &InstanceRow) -> Result<InstanceSpec, InstanceError> 
         image_rootfs: rootfs,
         image_config,
         nic,
+        devices: r.devices.clone(),
         dir,
     })
 }
@@ -160,7 +161,7 @@ pub fn begin_create(d: &Daemon, req: &mut InstancesPost) -> Result<InstanceRow, 
         return Err(InstanceError::BadRequest(format!("config key {k:?} is set by skiffd, not by clients")));
     }
     d.driver.validate_config(&req.config).map_err(|e| InstanceError::BadRequest(chain(&e)))?;
-    check_devices(&req.devices)?;
+    check_devices(d, &req.devices)?;
     let now = skiff_api::time::now();
     let mut config = req.config.clone();
     let id = uuid::Uuid::new_v4().to_string();
@@ -200,21 +201,18 @@ fn generated_name(d: &Daemon) -> String {
     }
 }
 
-/// Devices Skiff knows: the NIC on the managed bridge and the root disk.
-fn check_devices(devs: &BTreeMap<String, BTreeMap<String, String>>) -> Result<(), InstanceError> {
+/// Devices Skiff knows: the NIC on the managed bridge, the root disk, and
+/// what the driver takes (disk shares and disks, see `skiff_driver::devices`).
+fn check_devices(d: &Daemon, devs: &BTreeMap<String, BTreeMap<String, String>>) -> Result<(), InstanceError> {
     for (name, dev) in devs {
         let kind = dev.get("type").map(String::as_str).unwrap_or("");
-        let ok = match kind {
-            "nic" => dev.get("network").is_none_or(|n| n == crate::daemon::BRIDGE),
-            "disk" => dev.get("path").is_some_and(|p| p == "/"),
-            _ => false,
-        };
-        if !ok {
+        if kind == "nic" && dev.get("network").is_some_and(|n| n != crate::daemon::BRIDGE) {
             return Err(InstanceError::BadRequest(format!(
-                "device {name:?} ({kind}): Skiff supports a nic on {} and the root disk so far",
+                "device {name:?} (nic): Skiff has one network, {}",
                 crate::daemon::BRIDGE
             )));
         }
+        d.driver.validate_device(name, dev).map_err(|e| InstanceError::BadRequest(chain(&e)))?;
     }
     Ok(())
 }
@@ -598,9 +596,12 @@ pub async fn snapshot_rename(d: &Arc<Daemon>, name: &str, old: &str, new: &str) 
     Ok(())
 }
 
-/// Applies a PUT/PATCH of config, devices, description, ephemeral.
-pub fn update(d: &Daemon, name: &str, put: skiff_api::InstancePut, replace: bool) -> Result<(), InstanceError> {
-    let mut r = row(d, name)?;
+/// Applies a PUT/PATCH of config, devices, description, ephemeral. On a
+/// running instance, device and `limits.cpu`/`limits.memory` changes are
+/// applied live first (hot-plug); if that fails nothing is stored.
+pub async fn update(d: &Daemon, name: &str, put: skiff_api::InstancePut, replace: bool) -> Result<(), InstanceError> {
+    let old = row(d, name)?;
+    let mut r = old.clone();
     if let Some(mut config) = put.config {
         let volatile: BTreeMap<_, _> =
             r.config.iter().filter(|(k, _)| k.starts_with("volatile.")).map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -621,7 +622,7 @@ pub fn update(d: &Daemon, name: &str, put: skiff_api::InstancePut, replace: bool
         r.config = merged;
     }
     if let Some(devices) = put.devices {
-        check_devices(&devices)?;
+        check_devices(d, &devices)?;
         r.devices = devices;
     }
     if let Some(e) = put.ephemeral {
@@ -630,7 +631,58 @@ pub fn update(d: &Daemon, name: &str, put: skiff_api::InstancePut, replace: bool
     if let Some(desc) = put.description {
         r.description = desc;
     }
+    if old.status.is_up() {
+        apply_live(d, &old, &r).await?;
+    }
     commit(d, &r)?;
     d.events.lifecycle("instance-updated", &source(name), Value::Null);
+    Ok(())
+}
+
+/// Hot-plugs what changed between `old` and `new` of a running instance:
+/// devices removed or changed go first, then those added or changed, then
+/// the new size.
+async fn apply_live(d: &Daemon, old: &InstanceRow, new: &InstanceRow) -> Result<(), InstanceError> {
+    let size = |r: &InstanceRow| {
+        skiff_driver::config::vm_size(&Daemon::expanded(&r.config))
+            .map_err(|e| InstanceError::BadRequest(e.to_string()))
+    };
+    let (was, will) = (size(old)?, size(new)?);
+    let own = |dev: &BTreeMap<String, String>| !skiff_driver::devices::is_builtin(dev);
+    let removed: Vec<&String> =
+        old.devices.iter().filter(|(n, dev)| own(dev) && new.devices.get(*n) != Some(*dev)).map(|(n, _)| n).collect();
+    let added: Vec<(&String, &BTreeMap<String, String>)> =
+        new.devices.iter().filter(|(n, dev)| own(dev) && old.devices.get(*n) != Some(*dev)).collect();
+    if removed.is_empty() && added.is_empty() && was == will {
+        return Ok(());
+    }
+    if old.status == Status::Frozen {
+        return Err(InstanceError::Conflict(format!(
+            "instance {} is frozen: unfreeze it before changing its devices or limits",
+            old.name
+        )));
+    }
+    if was.memory_mib != will.memory_mib {
+        let region = skiff_driver::config::memory_hotplug_mib(&Daemon::expanded(&old.config)).map_err(drv)?;
+        if region == 0 {
+            return Err(InstanceError::Conflict(format!(
+                "instance {} started without memory hot-plug: set limits.memory.hotplug (the most limits.memory may \
+                 grow to while it runs) and restart it, or restart it to apply limits.memory",
+                old.name
+            )));
+        }
+    }
+    let spec = spec(d, new)?;
+    for name in removed {
+        d.driver.device_remove(&spec, name).await.map_err(drv)?;
+    }
+    for (name, dev) in added {
+        d.driver.device_add(&spec, name, dev).await.map_err(drv)?;
+    }
+    if was != will {
+        let cpus = (was.cpus != will.cpus).then_some(will.cpus);
+        let memory = (was.memory_mib != will.memory_mib).then_some(will.memory_mib);
+        d.driver.resize(&spec, cpus, memory).await.map_err(drv)?;
+    }
     Ok(())
 }

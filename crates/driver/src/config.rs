@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `limits.cpu` | vCPUs (1-255; default 1) |
 //! | `limits.memory` | memory: `512MiB`, `1GiB`, `256MB`, `1073741824` (bytes); default 512 MiB |
+//! | `limits.memory.hotplug` | the most `limits.memory` may grow to while the VM runs (virtio-mem; the guest could touch this much); unset: memory changes need a restart |
 //! | `environment.NAME` | environment variable, over the image's |
 //! | `oci.entrypoint` | shell-words command line replacing the image's entrypoint and cmd |
 //! | `oci.cwd` | working directory (absolute) |
@@ -190,6 +191,9 @@ fn validate_key(key: &str, v: &str) -> Result<(), ConfigError> {
         "limits.memory" => {
             memory_mib(v)?;
         }
+        "limits.memory.hotplug" => {
+            parse_memory(v)?;
+        }
         "oci.entrypoint" => {
             let words = split_words(v).map_err(|e| bad(key, e))?;
             if words.is_empty() {
@@ -237,6 +241,31 @@ pub struct VmSize {
     pub cpus: u8,
     /// Memory in MiB.
     pub memory_mib: u64,
+}
+
+/// MiB the memory may grow by at runtime: `limits.memory.hotplug` less the
+/// boot memory, rounded up to virtio-mem's 128 MiB; 0 without the key.
+pub fn memory_hotplug_mib(config: &BTreeMap<String, String>) -> Result<u64, DriverError> {
+    let Some(v) = config.get("limits.memory.hotplug") else { return Ok(0) };
+    let max = parse_memory(v)? >> 20;
+    let boot = vm_size(config)?.memory_mib;
+    if max < boot {
+        return Err(bad("limits.memory.hotplug", format!("{v:?} is below limits.memory ({boot} MiB)")).into());
+    }
+    Ok((max - boot).div_ceil(128) * 128)
+}
+
+/// Possible vCPUs a VM always has room for, whatever the host: a small
+/// host can still give a VM a second vCPU while it runs.
+const MIN_MAX_CPUS: usize = 4;
+
+/// The most vCPUs a VM may grow to at runtime (`limits.cpu` applied live):
+/// the host's CPUs, at least [`MIN_MAX_CPUS`], at most 64, and never fewer
+/// than it boots with. Each possible vCPU costs the guest an ACPI entry,
+/// not a thread: threads start when the vCPU is added.
+pub fn max_cpus(boot: u8) -> u8 {
+    let host = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    (host.clamp(MIN_MAX_CPUS, 64) as u8).max(boot)
 }
 
 /// `(vCPUs, memory MiB)` from `limits.cpu` and `limits.memory`, or the defaults.

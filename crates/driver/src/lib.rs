@@ -7,6 +7,7 @@
 //! later behind the same trait. VM specifics stay out of this module.
 
 pub mod config;
+pub mod devices;
 pub mod vm;
 
 use std::collections::BTreeMap;
@@ -54,6 +55,9 @@ pub enum DriverError {
     /// The VM's monitor failed (booting, stopping, talking to it).
     #[error("VM")]
     Monitor(#[from] skiff_run::monitor::MonitorError),
+    /// A device is unusable.
+    #[error(transparent)]
+    Device(#[from] devices::DeviceError),
     /// A host operation failed.
     #[error("{0}")]
     Host(String),
@@ -85,6 +89,8 @@ pub struct InstanceSpec {
     pub image_config: serde_json::Value,
     /// Its network interface, if it has one.
     pub nic: Option<Nic>,
+    /// Its devices (Incus's `devices:` map; see [`devices`]).
+    pub devices: BTreeMap<String, BTreeMap<String, String>>,
     /// The daemon's directory for it (console log, exit record, logs).
     pub dir: PathBuf,
 }
@@ -148,6 +154,20 @@ pub trait Driver: Send + Sync {
     async fn stop(&self, inst: &InstanceSpec, timeout: Duration, force: bool) -> Result<(), DriverError>;
     /// Pauses (`true`) or resumes (`false`) a running instance.
     async fn freeze(&self, inst: &InstanceSpec, frozen: bool) -> Result<(), DriverError>;
+    /// Checks a device (see [`devices`]); `Ok` for the daemon's own.
+    fn validate_device(&self, name: &str, device: &BTreeMap<String, String>) -> Result<(), DriverError>;
+    /// Adds device `name` to a running instance (hot-plug).
+    async fn device_add(
+        &self,
+        inst: &InstanceSpec,
+        name: &str,
+        device: &BTreeMap<String, String>,
+    ) -> Result<(), DriverError>;
+    /// Removes device `name` from a running instance; it must have been
+    /// added by [`Driver::device_add`] or at start.
+    async fn device_remove(&self, inst: &InstanceSpec, name: &str) -> Result<(), DriverError>;
+    /// Applies new `limits.cpu` / `limits.memory` to a running instance.
+    async fn resize(&self, inst: &InstanceSpec, cpus: Option<u8>, memory_mib: Option<u64>) -> Result<(), DriverError>;
     /// How it is now.
     async fn status(&self, inst: &InstanceSpec) -> Result<RunStatus, DriverError>;
     /// Its agent (exec, files); an error when it is not running.

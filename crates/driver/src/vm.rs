@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use skiff_agent_client::{AgentClient, Transport};
 use skiff_agent_proto::{Addressing, NetworkConfig};
-use skiff_run::monitor::{self, EndReason, ExitInfo, LaunchSpec, MonitorEvent};
+use skiff_run::monitor::{self, ControlRequest, EndReason, ExitInfo, LaunchSpec, MonitorEvent};
 use skiff_storage::{Pool, StorageError};
 use tokio::sync::broadcast;
 
@@ -107,6 +107,11 @@ impl VmDriver {
     }
 
     /// The runtime directory of an instance's VM (short: unix sockets).
+    /// The monitor of a running instance.
+    fn monitor(&self, inst: &InstanceSpec) -> Result<monitor::MonitorHandle, DriverError> {
+        monitor::attach(&self.runtime_dir(inst)).map_err(|_| DriverError::NotRunning(inst.name.clone()))
+    }
+
     fn runtime_dir(&self, inst: &InstanceSpec) -> PathBuf {
         let short: String = inst.id.chars().filter(|c| c.is_ascii_hexdigit()).take(12).collect();
         self.cfg.runtime_root.join("vm").join(format!("i{short}"))
@@ -146,9 +151,9 @@ impl VmDriver {
             monitor_program: self.cfg.monitor_program.clone(),
             cpus,
             memory_mib,
-            max_cpus: None,
-            memory_hotplug_mib: 0,
-            devices: vec![],
+            max_cpus: Some(config::max_cpus(cpus)),
+            memory_hotplug_mib: config::memory_hotplug_mib(&inst.config)?,
+            devices: crate::devices::device_specs(&inst.devices)?,
             hostname: Some(inst.name.clone()),
             boot_timeout_secs: BOOT_TIMEOUT_SECS,
             nic: inst.nic.as_ref().map(|n| skiff_run::Nic { tap: n.tap.clone(), mac: n.mac.clone() }),
@@ -285,21 +290,35 @@ impl Driver for VmDriver {
     }
 
     async fn freeze(&self, inst: &InstanceSpec, frozen: bool) -> Result<(), DriverError> {
-        // Until skiff-vmm has a pause request (its runtime control API),
-        // stopping the whole VMM process pauses every vCPU and device
-        // thread at once; virtiofsd and the monitor keep running.
-        let handle =
-            monitor::attach(&self.runtime_dir(inst)).map_err(|_| DriverError::NotRunning(inst.name.clone()))?;
-        let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
-        // SAFETY: a plain signal to the VMM of this instance's live monitor.
-        if unsafe { libc::kill(handle.vmm_pid() as i32, sig) } != 0 {
-            return Err(DriverError::Host(format!(
-                "signalling skiff-vmm ({}): {}",
-                handle.vmm_pid(),
-                std::io::Error::last_os_error()
-            )));
-        }
+        // skiff-vmm parks every vCPU and device worker (its vm.pause).
+        let req = if frozen { ControlRequest::Pause } else { ControlRequest::Resume };
+        self.monitor(inst)?.change(req).await.map_err(DriverError::Monitor)
+    }
+
+    fn validate_device(&self, name: &str, device: &BTreeMap<String, String>) -> Result<(), DriverError> {
+        crate::devices::device_spec(name, device)?;
         Ok(())
+    }
+
+    async fn device_add(
+        &self,
+        inst: &InstanceSpec,
+        name: &str,
+        device: &BTreeMap<String, String>,
+    ) -> Result<(), DriverError> {
+        let Some(device) = crate::devices::device_spec(name, device)? else {
+            return Err(DriverError::Running(inst.name.clone()));
+        };
+        self.monitor(inst)?.change(ControlRequest::AddDevice { device }).await.map_err(DriverError::Monitor)
+    }
+
+    async fn device_remove(&self, inst: &InstanceSpec, name: &str) -> Result<(), DriverError> {
+        let req = ControlRequest::RemoveDevice { name: name.to_string() };
+        self.monitor(inst)?.change(req).await.map_err(DriverError::Monitor)
+    }
+
+    async fn resize(&self, inst: &InstanceSpec, cpus: Option<u8>, memory_mib: Option<u64>) -> Result<(), DriverError> {
+        self.monitor(inst)?.change(ControlRequest::Resize { cpus, memory_mib }).await.map_err(DriverError::Monitor)
     }
 
     async fn status(&self, inst: &InstanceSpec) -> Result<RunStatus, DriverError> {

@@ -66,6 +66,7 @@ fn instance(d: &Path, config: &[(&str, &str)]) -> InstanceSpec {
         image_rootfs: image,
         image_config: serde_json::json!({"process": {"args": ["nginx"], "cwd": "/"}}),
         nic: None,
+        devices: BTreeMap::new(),
         dir: d.join("instances/web"),
     }
 }

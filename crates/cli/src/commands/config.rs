@@ -12,7 +12,7 @@ use hyper::Method;
 use serde_json::{json, Map, Value};
 
 use super::{instance_path, Ctx};
-use crate::cli::ConfigCmd;
+use crate::cli::{ConfigCmd, DeviceCmd};
 use crate::client::{Client, ClientError};
 use crate::term;
 
@@ -105,8 +105,57 @@ pub async fn run(ctx: &Ctx, c: ConfigCmd) -> anyhow::Result<i32> {
             put(client, &name, &etag, &body).await?;
         }
         ConfigCmd::Edit { name } => edit(client, &name).await?,
+        ConfigCmd::Device(cmd) => device(client, cmd).await?,
     }
     Ok(0)
+}
+
+/// `config device`: changes the instance's `devices` map and PUTs it.
+async fn device(client: &Client, cmd: DeviceCmd) -> anyhow::Result<()> {
+    match cmd {
+        DeviceCmd::List { name } => {
+            let (inst, _) = read(client, &name).await?;
+            let devices = inst.get("devices").and_then(Value::as_object).cloned().unwrap_or_default();
+            let names: String = devices.keys().map(|k| format!("{k}\n")).collect();
+            crate::format::emit(names);
+        }
+        DeviceCmd::Show { name } => {
+            let (inst, _) = read(client, &name).await?;
+            crate::format::emit(serde_yaml::to_string(inst.get("devices").unwrap_or(&json!({})))?);
+        }
+        DeviceCmd::Add { name, device, kind, args } => {
+            let (inst, etag) = read(client, &name).await?;
+            let mut body = editable(&inst, false);
+            let devices = body
+                .as_object_mut()
+                .context("the instance is not an object")?
+                .entry("devices")
+                .or_insert_with(|| json!({}));
+            let devices = devices.as_object_mut().context("devices is not a map")?;
+            if devices.contains_key(&device) {
+                bail!("Failed to add device \"{device}\" to \"{name}\": the device exists already");
+            }
+            let mut settings = Map::new();
+            settings.insert("type".into(), Value::String(kind));
+            for a in &args {
+                let (k, v) =
+                    a.split_once('=').with_context(|| format!("Bad device setting {a:?}: expected KEY=VALUE"))?;
+                settings.insert(k.into(), Value::String(v.into()));
+            }
+            devices.insert(device.clone(), Value::Object(settings));
+            put(client, &name, &etag, &body).await.with_context(|| format!("Failed to add device \"{device}\""))?;
+        }
+        DeviceCmd::Remove { name, device } => {
+            let (inst, etag) = read(client, &name).await?;
+            let mut body = editable(&inst, false);
+            let removed = body.get_mut("devices").and_then(Value::as_object_mut).and_then(|d| d.remove(&device));
+            if removed.is_none() {
+                bail!("Failed to remove device \"{device}\" from \"{name}\": no such device");
+            }
+            put(client, &name, &etag, &body).await.with_context(|| format!("Failed to remove device \"{device}\""))?;
+        }
+    }
+    Ok(())
 }
 
 async fn put(client: &Client, name: &str, etag: &Option<String>, body: &Value) -> anyhow::Result<()> {

@@ -237,7 +237,7 @@ pub async fn put(
         return accepted(&op);
     }
     check_etag(&d, &name, &h)?;
-    inst::update(&d, &name, req, true)?;
+    inst::update(&d, &name, req, true).await?;
     let (op, _) = d.ops.create(OperationClass::Task, "Updating instance", Some(&name), Value::Null, false, &[]);
     d.ops.run(&op, async { Ok(None) });
     accepted(&op)
@@ -251,7 +251,7 @@ pub async fn patch(
     Body(req): Body<InstancePut>,
 ) -> ApiResult {
     check_etag(&d, &name, &h)?;
-    inst::update(&d, &name, req, false)?;
+    inst::update(&d, &name, req, false).await?;
     sync(Value::Null)
 }
 

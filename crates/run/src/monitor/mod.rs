@@ -60,6 +60,10 @@ pub use proto::{
     BootReport, ControlReply, ControlRequest, DeviceSpec, EndReason, ExitInfo, LaunchSpec, Launched, MonitorEvent,
     MonitorState, MonitorStatus,
 };
+/// How long a runtime change may take (a device removal waits up to 10 s
+/// for the guest, a share's mount up to 15 s for its driver).
+pub const CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
+
 pub use serve::{parse_request, run, vm_options, write_exit_file};
 
 use crate::runtime::{self, RuntimeError, VSOCK_SOCKET};
@@ -397,6 +401,24 @@ impl MonitorHandle {
         let line = serde_json::to_string(req).map_err(|e| MonitorError::Protocol(e.to_string()))? + "\n";
         s.write_all(line.as_bytes()).await.map_err(io(format!("writing to {}", path.display())))?;
         Ok(BufReader::new(s))
+    }
+
+    /// A runtime change (pause, resume, add_device, remove_device,
+    /// resize), made by the monitor; returns once done. Hot-plug waits for
+    /// the guest, so this allows [`CHANGE_TIMEOUT`].
+    pub async fn change(&self, req: ControlRequest) -> Result<(), MonitorError> {
+        let fut = async {
+            let mut r = self.request(&req).await?;
+            match read_line::<ControlReply>(&mut r).await? {
+                Some(ControlReply::Done) => Ok(()),
+                Some(ControlReply::Stopped(_)) | None => Err(MonitorError::NotRunning(self.dir.clone())),
+                Some(ControlReply::Error { message }) => Err(MonitorError::Refused(message)),
+                Some(other) => Err(MonitorError::Protocol(format!("unexpected {other:?}"))),
+            }
+        };
+        tokio::time::timeout(CHANGE_TIMEOUT, fut)
+            .await
+            .map_err(|_| MonitorError::Protocol(format!("no answer to {req:?} within {CHANGE_TIMEOUT:?}")))?
     }
 
     /// The VM's state. A VM that ended meanwhile answers

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use skiff_tests::fixture::{disk_by_serial, iface_by_mac, random_bytes, sha256, virtiofsd, Checks, Guest, Network};
 use skiff_tests::{artifact, scratch, RunningVm, VmSpec};
-use skiff_vmm_client::types::{DiskSpec, FsSpec, NetSpec, Resize, VmState};
+use skiff_vmm_client::types::{DiskSpec, FsSpec, NetSpec, Resize, VmState, VsockSpec};
 use skiff_vmm_client::{Client, ClientError};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -315,6 +315,21 @@ fn check_memory(g: &Guest, api: &Client) -> Result<()> {
     Ok(())
 }
 
+/// The vsock device the test talks to the guest through goes and comes
+/// back on a new host socket; the guest's server is reachable again.
+fn check_vsock(g: &Guest, api: &Client, dir: &Path) -> Result<()> {
+    api.remove_device("vsock0")?;
+    ensure!(g.exec("true").is_err(), "the guest still answers on the removed vsock device");
+    let sock = dir.join("v2.sock");
+    let added = api.add_vsock(&VsockSpec { id: Some("vsock1".into()), cid: 3, socket: sock.clone() })?;
+    let out = poll("the guest's server on the re-added vsock", Duration::from_secs(60), || {
+        Ok(skiff_tests::guest_exec(&sock, skiff_tests::fixture::GUEST_PORT, "echo back").ok())
+    })?;
+    ensure!(out.output.trim() == "back", "exec over the new vsock: {out:?}");
+    println!("  vsock re-added on slot {} and answering", added.slot);
+    Ok(())
+}
+
 fn check_bad_requests(g: &Guest, api: &Client, dir: &Path) -> Result<()> {
     refused(api.remove_device("nope"), 404, "nope")?;
     let spec =
@@ -378,6 +393,7 @@ fn runtime_control_and_hotplug() -> Result<()> {
     checks.run("vCPU hot-plug", || check_vcpus(&g, &api));
     checks.run("memory hot-plug", || check_memory(&g, &api));
     checks.run("bad requests", || check_bad_requests(&g, &api, d));
+    checks.run("vsock hot-plug", || check_vsock(&g, &api, d));
     checks.run("counters", || {
         let c = api.counters()?;
         ensure!(c.vm_exits.get("mmio_write").copied().unwrap_or(0) > 0, "counters: {c:?}");

@@ -639,6 +639,21 @@ fn daemon_end_to_end() -> Result<()> {
             for i in 1..=5 {
                 env.ok(&["exec", &format!("p{i}"), "--", "true"])?;
             }
+            // skiff-vmm's vm.shutdown presses the ACPI power button: the
+            // agent (PID 1) shuts the guest down and the instance stops.
+            let uuid = env.ok(&["config", "get", "p1", "volatile.uuid"])?;
+            let short: String = uuid.chars().filter(|c| c.is_ascii_hexdigit()).take(12).collect();
+            let sock = env.run.join(format!("vm/i{short}/vmm.sock"));
+            skiff_vmm_client::Client::new(&sock).shutdown().context("pressing p1's power button")?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let out = env.ok(&["list", "--format", "csv"])?;
+                if out.lines().any(|l| l.starts_with("p1,") && l.contains("STOPPED")) {
+                    break;
+                }
+                ensure!(Instant::now() < deadline, "p1 did not stop 60 s after its power button: {out}");
+                std::thread::sleep(Duration::from_millis(500));
+            }
             env.ok(&["delete", "--force", "p1", "p2", "p3", "p4", "p5"])?;
             Ok(())
         })(),

@@ -344,6 +344,23 @@ fn check_bad_requests(g: &Guest, api: &Client, dir: &Path) -> Result<()> {
     api.pause()?;
     refused(api.add_disk(&spec("p", &img)), 409, "paused")?;
     api.resume()?;
+    // No free slot: fill the bus, then take everything out again.
+    let mut filled = Vec::new();
+    let full = loop {
+        ensure!(filled.len() < 32, "the bus took {} disks", filled.len());
+        let id = format!("fill{}", filled.len());
+        let img = dir.join(format!("{id}.raw"));
+        fs::File::create(&img)?.set_len(MIB)?;
+        match api.add_disk(&spec(&id, &img)) {
+            Ok(_) => filled.push(id),
+            Err(e) => break e,
+        }
+    };
+    refused(Err::<(), _>(full), 409, "no free PCI slot")?;
+    println!("  the bus was full after {} more disks", filled.len());
+    for id in &filled {
+        api.remove_device(id).with_context(|| format!("removing {id}"))?;
+    }
     ensure!(g.run("echo alive")?.trim() == "alive", "the guest does not answer after the bad requests");
     Ok(())
 }

@@ -115,8 +115,24 @@ pub async fn get(
         meta_headers(resp.headers_mut(), m.uid(), m.gid(), m.mode(), "directory");
         return Ok(resp);
     }
-    let bytes = tokio::fs::read(&local).await.map_err(|e| ApiErr::new(500, format!("{path}: {e}")))?;
-    let mut resp = bytes.into_response();
+    // Streamed from the scratch copy (open, so it outlives the scratch
+    // directory's removal): a guest's big file never sits in memory whole.
+    let file = tokio::fs::File::open(&local).await.map_err(|e| ApiErr::new(500, format!("{path}: {e}")))?;
+    let stream = futures::stream::unfold(Some(file), |state| async move {
+        use tokio::io::AsyncReadExt;
+        let mut f = state?;
+        let mut buf = vec![0u8; 64 << 10];
+        match f.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(Bytes::from(buf)), Some(f)))
+            }
+            Err(e) => Some((Err(e), None)),
+        }
+    });
+    let mut resp = axum::body::Body::from_stream(stream).into_response();
+    resp.headers_mut().insert("Content-Length", HeaderValue::from(m.len()));
     resp.headers_mut().insert("Content-Type", HeaderValue::from_static("application/octet-stream"));
     meta_headers(resp.headers_mut(), m.uid(), m.gid(), m.mode(), "file");
     Ok(resp)

@@ -224,8 +224,9 @@ fn watch_power_button(sys: Arc<dyn Syscall>, shutdown: Box<dyn Fn() + Send>) {
     }
 }
 
-/// Starts the uevent watcher and, when `shutdown` is given (PID 1), the
-/// power-button watcher.
+/// Starts the uevent watcher and, when `shutdown` is given, the
+/// power-button watcher. Only for the agent as a VM's init: it changes the
+/// machine's CPUs and memory.
 pub fn start(sys: Arc<dyn Syscall>, shutdown: Option<Box<dyn Fn() + Send>>) {
     let s = sys.clone();
     if let Err(e) = std::thread::Builder::new()

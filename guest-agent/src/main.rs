@@ -126,7 +126,11 @@ fn run(args: Args) -> Result<()> {
             )
         }) as Box<dyn Fn() + Send>
     });
-    hotplug::start(agent.sys.clone(), shutdown);
+    // Only in a VM the agent runs as init: as a service (or in the host's
+    // tests) it must not touch the machine's CPUs and memory.
+    if pid1 {
+        hotplug::start(agent.sys.clone(), shutdown);
+    }
     let listener = socket::listen(&listen_addr)?;
     if let Some(addr) = notify {
         let ready = agent.welcome(skiff_agent_proto::PROTOCOL_VERSION);

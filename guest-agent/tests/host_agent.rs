@@ -55,11 +55,13 @@ impl HostAgent {
             .spawn()
             .expect("start skiff-agent");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
+        // The file appears at bind(), a moment before listen(): wait until
+        // a connection is accepted, not only for the file.
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
             if child.try_wait().expect("try_wait").is_some() {
                 return None;
             }
-            assert!(Instant::now() < deadline, "agent socket never appeared");
+            assert!(Instant::now() < deadline, "agent socket never answered");
             std::thread::sleep(Duration::from_millis(10));
         }
         let client = AgentClient::new(Transport::Unix(sock));

@@ -395,6 +395,35 @@ pub trait WorkerDevice {
     }
 }
 
+/// The [`crate::VirtioDevice`] methods a [`WorkerDevice`] forwards to its
+/// lifecycle: `activate` (to [`WorkerDevice::activate_worker`]), `pause`,
+/// `resume`, and `counters` (its `counters` field's map plus the
+/// interrupts). Expands inside `impl VirtioDevice for ...` of a device that
+/// keeps its [`Lifecycle`] in a field `life` and its counters (made with
+/// `device_counters!`) in a field `counters`.
+macro_rules! lifecycle_methods {
+    () => {
+        fn activate(
+            &mut self,
+            mem: vm_memory::GuestMemoryAtomic<$crate::GuestMemoryMmap>,
+            interrupt: std::sync::Arc<dyn $crate::VirtioInterrupt>,
+            queues: Vec<$crate::ActiveQueue>,
+        ) -> Result<(), $crate::ActivateError> {
+            $crate::lifecycle::WorkerDevice::activate_worker(self, mem, interrupt, queues)
+        }
+        fn pause(&mut self) {
+            self.life.pause();
+        }
+        fn resume(&mut self) {
+            self.life.resume();
+        }
+        fn counters(&self) -> std::collections::BTreeMap<&'static str, u64> {
+            $crate::lifecycle::with_interrupts(self.counters.to_map(), &self.life)
+        }
+    };
+}
+pub(crate) use lifecycle_methods;
+
 /// Adds the interrupt count of `lifecycle` to a device's counters.
 pub fn with_interrupts<H: EpollHandler>(
     mut counters: BTreeMap<&'static str, u64>,

@@ -4,7 +4,7 @@
 //! Guest output never blocks the device: a slow socket client gets up to
 //! [`MAX_PENDING_OUTPUT`] bytes buffered, and output beyond that is dropped.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 
 use std::io::{self, Read, Write};
 use std::os::unix::io::AsRawFd;
@@ -20,7 +20,7 @@ use vmm_sys_util::epoll::EventSet;
 use crate::device::{
     read_config_bytes, take_queue, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
 };
-use crate::lifecycle::{device_counters, with_interrupts, Lifecycle, WorkerDevice};
+use crate::lifecycle::{device_counters, Lifecycle, WorkerDevice};
 use crate::ratelimit::LogLimiter;
 use crate::rotating_log::{RotatingLog, DEFAULT_LOG_CAP};
 use crate::worker::{
@@ -184,27 +184,11 @@ impl VirtioDevice for Console {
         cfg[4..8].copy_from_slice(&1u32.to_le_bytes());
         read_config_bytes(&cfg, offset, data);
     }
-    fn activate(
-        &mut self,
-        mem: GuestMemoryAtomic<GuestMemoryMmap>,
-        interrupt: Arc<dyn VirtioInterrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        self.activate_worker(mem, interrupt, queues)
-    }
+    crate::lifecycle::lifecycle_methods!();
     fn reset(&mut self) -> bool {
         self.reset_worker();
         self.acked_features = 0;
         true
-    }
-    fn pause(&mut self) {
-        self.life.pause();
-    }
-    fn resume(&mut self) {
-        self.life.resume();
-    }
-    fn counters(&self) -> BTreeMap<&'static str, u64> {
-        with_interrupts(self.counters.to_map(), &self.life)
     }
 }
 

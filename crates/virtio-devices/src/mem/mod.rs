@@ -21,7 +21,6 @@
 
 mod state;
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -40,7 +39,7 @@ use crate::device::{
     read_config_bytes, take_queue, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
     RING_FEATURES,
 };
-use crate::lifecycle::{device_counters, with_interrupts, Lifecycle, WorkerDevice};
+use crate::lifecycle::{device_counters, Lifecycle, WorkerDevice};
 use crate::ratelimit::LogLimiter;
 use crate::worker::{drain_eventfd, enum_tokens, EpollCtx, EpollHandler, WorkerError, WorkerQueue};
 use crate::GuestMemoryMmap;
@@ -165,28 +164,12 @@ impl VirtioDevice for VirtioMem {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&lock(&self.state).config(), offset, data);
     }
-    fn activate(
-        &mut self,
-        mem: GuestMemoryAtomic<GuestMemoryMmap>,
-        interrupt: Arc<dyn VirtioInterrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        self.activate_worker(mem, interrupt, queues)
-    }
+    crate::lifecycle::lifecycle_methods!();
     fn reset(&mut self) -> bool {
         // Plugged blocks stay plugged (see the module documentation).
         self.reset_worker();
         self.acked_features = 0;
         true
-    }
-    fn pause(&mut self) {
-        self.life.pause();
-    }
-    fn resume(&mut self) {
-        self.life.resume();
-    }
-    fn counters(&self) -> BTreeMap<&'static str, u64> {
-        with_interrupts(self.counters.to_map(), &self.life)
     }
 }
 

@@ -3,7 +3,6 @@
 
 pub mod tap;
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::io::{AsRawFd, OwnedFd};
@@ -18,7 +17,7 @@ use vmm_sys_util::epoll::EventSet;
 use crate::device::{
     read_config_bytes, take_queue, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
 };
-use crate::lifecycle::{device_counters, with_interrupts, Lifecycle, WorkerDevice};
+use crate::lifecycle::{device_counters, Lifecycle, WorkerDevice};
 use crate::ratelimit::LogLimiter;
 use crate::worker::{
     drain_eventfd, enum_tokens, next_chain, signal_used_queue, EpollCtx, EpollHandler, WorkerError,
@@ -180,27 +179,11 @@ impl VirtioDevice for Net {
         cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
         read_config_bytes(&cfg, offset, data);
     }
-    fn activate(
-        &mut self,
-        mem: GuestMemoryAtomic<GuestMemoryMmap>,
-        interrupt: Arc<dyn VirtioInterrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        self.activate_worker(mem, interrupt, queues)
-    }
+    crate::lifecycle::lifecycle_methods!();
     fn reset(&mut self) -> bool {
         self.reset_worker();
         self.acked_features = 0;
         true
-    }
-    fn pause(&mut self) {
-        self.life.pause();
-    }
-    fn resume(&mut self) {
-        self.life.resume();
-    }
-    fn counters(&self) -> BTreeMap<&'static str, u64> {
-        with_interrupts(self.counters.to_map(), &self.life)
     }
 }
 

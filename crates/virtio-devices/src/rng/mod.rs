@@ -6,7 +6,6 @@
 //! handler, [`crate::lifecycle`] runs it), an [`EpollHandler`] with a typed
 //! event token, and counters shared with the worker.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
@@ -19,7 +18,7 @@ use vmm_sys_util::epoll::EventSet;
 use crate::device::{
     take_queue, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, RING_FEATURES,
 };
-use crate::lifecycle::{device_counters, with_interrupts, Lifecycle, WorkerDevice};
+use crate::lifecycle::{device_counters, Lifecycle, WorkerDevice};
 use crate::ratelimit::LogLimiter;
 use crate::worker::{drain_eventfd, enum_tokens, EpollCtx, EpollHandler, WorkerError, WorkerQueue};
 use crate::GuestMemoryMmap;
@@ -132,27 +131,11 @@ impl VirtioDevice for Rng {
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
-    fn activate(
-        &mut self,
-        mem: GuestMemoryAtomic<GuestMemoryMmap>,
-        interrupt: Arc<dyn VirtioInterrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        self.activate_worker(mem, interrupt, queues)
-    }
+    crate::lifecycle::lifecycle_methods!();
     fn reset(&mut self) -> bool {
         self.reset_worker();
         self.acked_features = 0;
         true
-    }
-    fn pause(&mut self) {
-        self.life.pause();
-    }
-    fn resume(&mut self) {
-        self.life.resume();
-    }
-    fn counters(&self) -> BTreeMap<&'static str, u64> {
-        with_interrupts(self.counters.to_map(), &self.life)
     }
 }
 

@@ -9,7 +9,6 @@ pub mod connection;
 pub mod muxer;
 pub mod packet;
 
-use std::collections::BTreeMap;
 use std::io;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixListener;
@@ -23,7 +22,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::device::{take_queue, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt};
-use crate::lifecycle::{device_counters, with_interrupts, Lifecycle, WorkerDevice};
+use crate::lifecycle::{device_counters, Lifecycle, WorkerDevice};
 use crate::worker::{
     drain_eventfd, next_chain, signal_used_queue, EpollCtx, EpollHandler, WorkerError, WorkerQueue,
     CHAIN_BUDGET,
@@ -165,27 +164,11 @@ impl VirtioDevice for Vsock {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         crate::device::read_config_bytes(&self.cid.to_le_bytes(), offset, data);
     }
-    fn activate(
-        &mut self,
-        mem: GuestMemoryAtomic<GuestMemoryMmap>,
-        interrupt: Arc<dyn VirtioInterrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        self.activate_worker(mem, interrupt, queues)
-    }
+    crate::lifecycle::lifecycle_methods!();
     fn reset(&mut self) -> bool {
         self.reset_worker();
         self.acked_features = 0;
         true
-    }
-    fn pause(&mut self) {
-        self.life.pause();
-    }
-    fn resume(&mut self) {
-        self.life.resume();
-    }
-    fn counters(&self) -> BTreeMap<&'static str, u64> {
-        with_interrupts(self.counters.to_map(), &self.life)
     }
 }
 

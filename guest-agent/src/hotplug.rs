@@ -86,14 +86,26 @@ pub fn power_pressed(data: &[u8]) -> bool {
     })
 }
 
+/// Writes `value` to a vCPU's `online` or a memory block's `state` file
+/// if it says the device is offline (`0`, `offline`).
+fn online_if_offline(sys: &dyn Syscall, path: &Path, value: &[u8]) {
+    let offline = sys
+        .read_file(path)
+        .is_ok_and(|v| matches!(v.trim_ascii(), b"0" | b"offline"));
+    if offline {
+        if let Err(e) = sys.write_file(path, value) {
+            eprintln!("skiff-agent: onlining {}: {e}", path.display());
+        }
+    }
+}
+
 /// Onlines whatever is present but offline: vCPUs, then memory blocks.
 pub fn online_present(sys: &dyn Syscall) {
-    for (dir, file, offline, value) in [
-        ("/sys/devices/system/cpu", "online", &b"0"[..], &b"1"[..]),
+    for (dir, file, value) in [
+        ("/sys/devices/system/cpu", "online", &b"1"[..]),
         (
             "/sys/devices/system/memory",
             "state",
-            &b"offline"[..],
             &b"online_movable"[..],
         ),
     ] {
@@ -101,15 +113,7 @@ pub fn online_present(sys: &dyn Syscall) {
             continue;
         };
         for e in entries {
-            let path = e.join(file);
-            let is_offline = sys
-                .read_file(&path)
-                .is_ok_and(|v| v.trim_ascii() == offline);
-            if is_offline {
-                if let Err(err) = sys.write_file(&path, value) {
-                    eprintln!("skiff-agent: onlining {}: {err}", e.display());
-                }
-            }
+            online_if_offline(sys, &e.join(file), value);
         }
     }
 }
@@ -171,18 +175,10 @@ fn watch_uevents(sys: Arc<dyn Syscall>) {
             }
             return eprintln!("skiff-agent: kernel uevents: {e}");
         }
-        let Some((path, value)) =
+        if let Some((path, value)) =
             parse_uevent(&buf[..n as usize]).and_then(|ev| online_action(&ev))
-        else {
-            continue;
-        };
-        let offline = sys
-            .read_file(&path)
-            .is_ok_and(|v| matches!(v.trim_ascii(), b"0" | b"offline"));
-        if offline {
-            if let Err(e) = sys.write_file(&path, value) {
-                eprintln!("skiff-agent: onlining {}: {e}", path.display());
-            }
+        {
+            online_if_offline(sys.as_ref(), &path, value);
         }
     }
 }

@@ -71,6 +71,15 @@ pub struct VmSpec {
     pub api_socket: Option<PathBuf>,
 }
 
+/// `[flag, value]`, or nothing when `extra` has `flag` already.
+fn unless_given(extra: &[String], flag: &str, value: String) -> Vec<String> {
+    if extra.iter().any(|a| a == flag) {
+        vec![]
+    } else {
+        vec![flag.to_string(), value]
+    }
+}
+
 /// A `skiff-vmm` process; killed when dropped.
 pub struct RunningVm {
     child: Child,
@@ -128,16 +137,10 @@ impl RunningVm {
             .arg(&spec.kernel)
             .arg("--cmdline")
             .arg(&spec.cmdline)
-            .args(if extra.iter().any(|a| a == "--cpus") {
-                vec![] // `extra` says it, e.g. `boot=2,max=6`
-            } else {
-                vec!["--cpus".to_string(), spec.cpus.to_string()]
-            })
-            .args(if extra.iter().any(|a| a == "--memory") {
-                vec![] // `extra` says it, e.g. `size=512,hotplug=2048`
-            } else {
-                vec!["--memory".to_string(), spec.memory_mib.to_string()]
-            })
+            // The spec's sizes, unless `extra` gives them (`boot=2,max=6`,
+            // `size=512,hotplug=2048`).
+            .args(unless_given(extra, "--cpus", spec.cpus.to_string()))
+            .args(unless_given(extra, "--memory", spec.memory_mib.to_string()))
             .arg("--serial")
             .arg(format!("file={}", serial.display()));
         if let Some(i) = &spec.initramfs {

@@ -29,3 +29,15 @@ pub mod memory;
 pub mod options;
 pub mod vmm;
 pub mod vstate;
+
+/// An error with its causes, `: `-separated, as the VMM prints and answers
+/// errors.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    msg
+}

@@ -79,13 +79,7 @@ struct Args {
 }
 
 fn print_error(prefix: &str, err: &dyn std::error::Error) {
-    let mut msg = format!("skiff-vmm: {prefix}{err}");
-    let mut source = err.source();
-    while let Some(s) = source {
-        msg.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    eprintln!("{msg}");
+    eprintln!("skiff-vmm: {prefix}{}", skiff_vmm::error_chain(err));
 }
 
 fn main() -> ExitCode {

@@ -171,12 +171,7 @@ fn option_error(e: OptionError) -> VmReply {
 }
 
 fn device_error(e: DeviceError) -> VmReply {
-    let mut msg = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        msg.push_str(&format!(": {s}"));
-        source = s.source();
-    }
+    let msg = crate::error_chain(&e);
     match e {
         DeviceError::UnknownId(_) => VmReply::error(404, msg),
         e if e.is_conflict() => VmReply::error(409, msg),
@@ -322,10 +317,7 @@ impl Vmm {
             VmRequest::Pause => self.pause(),
             VmRequest::Resume => self.resume(),
             VmRequest::Shutdown if self.paused => busy("a shutdown"),
-            VmRequest::Shutdown => match lock(&self.p.ged).notify(event::POWER_BUTTON) {
-                Ok(()) => VmReply::done(),
-                Err(e) => VmReply::error(500, format!("cannot interrupt the guest: {e}")),
-            },
+            VmRequest::Shutdown => self.notify_guest(event::POWER_BUTTON).err().unwrap_or_else(VmReply::done),
             VmRequest::PowerOff => {
                 self.p.exit.request(ExitReason::Stopped("API power-off".into()));
                 VmReply::done()
@@ -402,10 +394,9 @@ impl Vmm {
         VmReply::done()
     }
 
-    fn notify_pci(&self) -> Result<(), VmReply> {
-        lock(&self.p.ged)
-            .notify(event::PCI)
-            .map_err(|e| VmReply::error(500, format!("cannot interrupt the guest: {e}")))
+    /// Raises the Generic Event Device's `bits` for the guest.
+    fn notify_guest(&self, bits: u32) -> Result<(), VmReply> {
+        lock(&self.p.ged).notify(bits).map_err(|e| VmReply::error(500, format!("cannot interrupt the guest: {e}")))
     }
 
     fn hot_add(&mut self, new: Result<NewDevice, OptionError>) -> VmReply {
@@ -418,7 +409,7 @@ impl Vmm {
             Err(e) => return device_error(e),
         };
         lock(&self.p.pci_hotplug).announce(added.slot);
-        if let Err(reply) = self.notify_pci() {
+        if let Err(reply) = self.notify_guest(event::PCI) {
             return reply;
         }
         VmReply::json(&added)
@@ -430,7 +421,7 @@ impl Vmm {
             Err(e) => return Some(device_error(e)),
         };
         lock(&self.p.pci_hotplug).request_eject(slot);
-        if let Err(r) = self.notify_pci() {
+        if let Err(r) = self.notify_guest(event::PCI) {
             self.p.pci.abort_remove(&id);
             return Some(r);
         }
@@ -548,10 +539,7 @@ impl Vmm {
             }
             log::info!("asked the guest to eject vCPUs {n}..{present}");
         }
-        match lock(&self.p.ged).notify(event::CPU) {
-            Ok(()) => VmReply::done(),
-            Err(e) => VmReply::error(500, format!("cannot interrupt the guest: {e}")),
-        }
+        self.notify_guest(event::CPU).err().unwrap_or_else(VmReply::done)
     }
 
     fn new_vcpu(&self, id: u8) -> Result<Vcpu, crate::vstate::vcpu::VcpuError> {

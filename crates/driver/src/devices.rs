@@ -40,9 +40,7 @@ pub fn device_spec(name: &str, dev: &BTreeMap<String, String>) -> Result<Option<
     if is_builtin(dev) {
         return Ok(None);
     }
-    let valid_name =
-        (1..=32).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if !valid_name {
+    if !skiff_run::vm::valid_device_name(name) {
         return Err(bad(name, "names are 1-32 characters of a-z, A-Z, 0-9, '-' and '_'"));
     }
     match dev.get("type").map(String::as_str) {

@@ -23,7 +23,7 @@ use crate::kernel::Kernel;
 
 mod hotplug;
 use crate::runtime::{self, RuntimeError, VmState, CONSOLE_LOG, VSOCK_SOCKET};
-pub use hotplug::{vmm_api_socket, HotplugError, VMM_API_SOCKET};
+pub use hotplug::{valid_device_name, HotplugError, VMM_API_SOCKET};
 
 /// The guest's vsock context id (the hybrid vsock needs no unique one).
 const GUEST_CID: u32 = 3;

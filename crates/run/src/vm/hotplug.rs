@@ -10,14 +10,14 @@
 //! is its name (the guest finds it as `/dev/disk/by-id/virtio-NAME`). Every
 //! step that fails undoes the steps before it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use skiff_agent_proto::{MountRequest, UnmountRequest};
 use skiff_vmm_client::types::{DiskSpec, FsSpec, Resize};
 use skiff_vmm_client::{Client, ClientError};
 
-use super::{kill_now, Share, ThinVm};
+use super::{Share, ThinVm};
 
 /// skiff-vmm's control socket in the runtime directory.
 pub const VMM_API_SOCKET: &str = "vmm.sock";
@@ -62,13 +62,19 @@ pub(crate) struct HotDevice {
     name: String,
     /// Where the agent mounted it (shares).
     mount: Option<String>,
-    virtiofsd: Option<tokio::process::Child>,
+    /// A share's virtiofsd: started with `kill_on_drop`, so dropping the
+    /// device (removal, a failed add, the VM's end) stops it.
+    _virtiofsd: Option<tokio::process::Child>,
+}
+
+/// Whether `name` can name a device: 1-32 characters of a-z, A-Z, 0-9,
+/// '-' and '_' (it becomes a virtio-fs tag, a disk serial, a socket name).
+pub fn valid_device_name(name: &str) -> bool {
+    (1..=32).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 fn check_name(name: &str) -> Result<(), HotplugError> {
-    let ok =
-        (1..=32).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if ok {
+    if valid_device_name(name) {
         Ok(())
     } else {
         Err(HotplugError::BadName(name.into()))
@@ -124,20 +130,11 @@ impl ThinVm {
         let share = Share { tag: name.into(), dir: dir.to_path_buf() };
         let started = self.start_virtiofsd(virtiofsd, &share, &socket, &log).await;
         // start_virtiofsd keeps the child with the boot-time ones: take it.
-        let mut child = self.virtiofsd.pop();
-        if let Err(e) = started {
-            if let Some(c) = child.as_mut() {
-                kill_now(c);
-            }
-            return Err(HotplugError::Virtiofsd(name.into(), Box::new(e)));
-        }
+        // Every early return below drops it, which stops it.
+        let device = HotDevice { name: name.into(), mount: Some(path.into()), _virtiofsd: self.virtiofsd.pop() };
+        started.map_err(|e| HotplugError::Virtiofsd(name.into(), Box::new(e)))?;
         let spec = FsSpec { id: Some(name.into()), tag: name.into(), socket: socket.clone() };
-        if let Err(e) = self.api(move |c| c.add_fs(&spec)).await {
-            if let Some(c) = child.as_mut() {
-                kill_now(c);
-            }
-            return Err(e);
-        }
+        self.api(move |c| c.add_fs(&spec)).await?;
         let mut options = vec!["nosuid".to_string(), "nodev".to_string()];
         if readonly {
             options.push("ro".into());
@@ -155,12 +152,9 @@ impl ThinVm {
         if let Err(source) = mounted {
             let id = name.to_string();
             let _ = self.api(move |c| c.remove_device(&id)).await;
-            if let Some(c) = child.as_mut() {
-                kill_now(c);
-            }
             return Err(HotplugError::Mount { name: name.into(), path: path.into(), source });
         }
-        self.hot.push(HotDevice { name: name.into(), mount: Some(path.into()), virtiofsd: child });
+        self.hot.push(device);
         Ok(())
     }
 
@@ -170,7 +164,7 @@ impl ThinVm {
         check_name(name)?;
         let spec = DiskSpec { id: Some(name.into()), path: source.to_path_buf(), readonly, serial: Some(name.into()) };
         self.api(move |c| c.add_disk(&spec).map(drop)).await?;
-        self.hot.push(HotDevice { name: name.into(), mount: None, virtiofsd: None });
+        self.hot.push(HotDevice { name: name.into(), mount: None, _virtiofsd: None });
         Ok(())
     }
 
@@ -189,32 +183,14 @@ impl ThinVm {
         }
         let id = name.to_string();
         self.api(move |c| c.remove_device(&id)).await?;
-        let mut dev = self.hot.remove(i);
-        if let Some(c) = dev.virtiofsd.as_mut() {
-            kill_now(c);
-        }
+        self.hot.remove(i);
         Ok(())
-    }
-
-    /// The names of the devices added at runtime.
-    pub fn hot_devices(&self) -> Vec<String> {
-        self.hot.iter().map(|d| d.name.clone()).collect()
     }
 
     /// Stops the virtiofsd of every share added at runtime (the VM ended).
     pub(crate) fn stop_hot_devices(&mut self) {
-        for d in &mut self.hot {
-            if let Some(c) = d.virtiofsd.as_mut() {
-                kill_now(c);
-            }
-        }
         self.hot.clear();
     }
-}
-
-/// The path of skiff-vmm's control socket in runtime directory `dir`.
-pub fn vmm_api_socket(dir: &Path) -> PathBuf {
-    dir.join(VMM_API_SOCKET)
 }
 
 #[cfg(test)]

@@ -117,9 +117,13 @@ impl Drop for Stdin {
 }
 
 /// The writer thread: writes chunks in order until the handle is dropped.
-/// After a write error (the process closed its stdin) or, on pipes, end
-/// of input, later chunks are dropped but still credited.
+/// After end of input on pipes, later chunks are dropped but still
+/// credited. After a write error (the process closed its stdin, usually
+/// because it ended) chunks are dropped and no longer credited: the
+/// client's writer then waits for the exit and learns that the exec
+/// ended, instead of racing the exit with credit for stdin nobody read.
 fn writer(shared: &Shared, mut target: Option<File>, tty: bool, credit: Option<&Credit>) {
+    let mut broken = false;
     loop {
         let chunk = {
             let mut q = shared.lock();
@@ -138,6 +142,7 @@ fn writer(shared: &Shared, mut target: Option<File>, tty: bool, credit: Option<&
                 if let Some(f) = target.as_mut() {
                     if f.write_all(&bytes).is_err() {
                         target = None;
+                        broken = true;
                     }
                 }
                 bytes.len()
@@ -146,6 +151,7 @@ fn writer(shared: &Shared, mut target: Option<File>, tty: bool, credit: Option<&
                 if let Some(f) = target.as_mut() {
                     if f.write_all(&[EOT]).is_err() {
                         target = None;
+                        broken = true;
                     }
                 }
                 0
@@ -157,7 +163,7 @@ fn writer(shared: &Shared, mut target: Option<File>, tty: bool, credit: Option<&
         };
         shared.lock().queued -= len;
         shared.changed.notify_all();
-        if let (Some(c), true) = (credit, len > 0) {
+        if let (Some(c), true) = (credit, len > 0 && !broken) {
             let exited = c.exited.lock().unwrap_or_else(|e| e.into_inner());
             if !*exited {
                 let msg = AgentMessage::StdinCredit {

@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use skiff_agent_client::{AgentClient, Transport};
-use skiff_agent_proto::{Addressing, NetworkConfig};
 use skiff_run::monitor::{self, ControlRequest, EndReason, ExitInfo, LaunchSpec, MonitorEvent};
 use skiff_storage::{Pool, StorageError};
 use tokio::sync::broadcast;
@@ -129,15 +128,7 @@ impl VmDriver {
     fn launch_spec(&self, inst: &InstanceSpec, rootfs: PathBuf) -> Result<LaunchSpec, DriverError> {
         let (cpus, memory_mib) = config::resources(&inst.config)?;
         let main = config::main_process(inst)?;
-        let network = inst.nic.as_ref().map(|nic| NetworkConfig {
-            interface: Some("eth0".into()),
-            addressing: Addressing::Dhcp,
-            mtu: None,
-            dns: vec![nic.gateway.to_string()],
-            search: vec!["skiff".into()],
-            hostname: Some(inst.name.clone()),
-            hosts: vec![],
-        });
+        let network = crate::network_config(inst);
         Ok(LaunchSpec {
             name: inst.name.clone(),
             runtime_dir: self.runtime_dir(inst),
@@ -317,8 +308,21 @@ impl Driver for VmDriver {
         self.monitor(inst)?.change(req).await.map_err(DriverError::Monitor)
     }
 
-    async fn resize(&self, inst: &InstanceSpec, cpus: Option<u8>, memory_mib: Option<u64>) -> Result<(), DriverError> {
-        self.monitor(inst)?.change(ControlRequest::Resize { cpus, memory_mib }).await.map_err(DriverError::Monitor)
+    async fn update_limits(&self, old: &InstanceSpec, new: &InstanceSpec) -> Result<(), DriverError> {
+        let (was, will) = (config::vm_size(&old.config)?, config::vm_size(&new.config)?);
+        if was == will {
+            return Ok(());
+        }
+        if was.memory_mib != will.memory_mib && config::memory_hotplug_mib(&old.config)? == 0 {
+            return Err(DriverError::NeedsRestart(format!(
+                "instance {} started without memory hot-plug: set limits.memory.hotplug (the most limits.memory may \
+                 grow to while it runs) and restart it, or restart it to apply limits.memory",
+                old.name
+            )));
+        }
+        let cpus = (was.cpus != will.cpus).then_some(will.cpus);
+        let memory_mib = (was.memory_mib != will.memory_mib).then_some(will.memory_mib);
+        self.monitor(new)?.change(ControlRequest::Resize { cpus, memory_mib }).await.map_err(DriverError::Monitor)
     }
 
     async fn status(&self, inst: &InstanceSpec) -> Result<RunStatus, DriverError> {

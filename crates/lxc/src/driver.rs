@@ -382,6 +382,39 @@ async fn next_event(s: Option<&mut EventStream>) -> Option<Event> {
     }
 }
 
+/// The host's memory (MemTotal) in MiB.
+fn host_memory_mib() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib >> 10)
+}
+
+/// Whether root's subordinate ids in `file` (`/etc/subuid`, `/etc/subgid`) cover `map`.
+fn subids_cover(file: &str, map: IdMap) -> bool {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    text.lines().any(|l| {
+        let f: Vec<&str> = l.trim().split(':').collect();
+        match (
+            f.first(),
+            f.get(1).and_then(|v| v.parse::<u64>().ok()),
+            f.get(2).and_then(|v| v.parse::<u64>().ok()),
+        ) {
+            (Some(&"root") | Some(&"0"), Some(start), Some(count)) => {
+                start <= u64::from(map.host_base)
+                    && u64::from(map.host_base) + u64::from(map.count) <= start + count
+            }
+            _ => false,
+        }
+    })
+}
+
 /// A disk device as a bind mount; `None` for the daemon's own devices.
 fn bind_mount(
     name: &str,
@@ -446,7 +479,16 @@ impl Driver for LxcDriver {
     }
 
     fn validate_config(&self, config: &BTreeMap<String, String>) -> Result<(), DriverError> {
-        config::validate_for(InstanceKind::Container, config)
+        config::validate_for(InstanceKind::Container, config)?;
+        if let (Some(mib), Some(host)) = (conf::limits(config).memory_mib, host_memory_mib()) {
+            if mib > host {
+                return Err(DriverError::Config {
+                    key: "limits.memory".into(),
+                    why: format!("{mib} MiB is more than this host has ({host} MiB)"),
+                });
+            }
+        }
+        Ok(())
     }
 
     async fn create(&self, inst: &InstanceSpec) -> Result<(), DriverError> {
@@ -477,6 +519,18 @@ impl Driver for LxcDriver {
             ImageKind::System => None,
         };
         let idmap = Self::idmap(inst, self.cfg.idmap)?;
+        if let Some(m) = idmap {
+            for file in ["/etc/subuid", "/etc/subgid"] {
+                if !subids_cover(file, m) {
+                    return Err(DriverError::Host(format!(
+                        "{file} gives root no ids {}-{}, which unprivileged containers map to (scripts/setup adds \
+                         them), or set security.privileged=true",
+                        m.host_base,
+                        m.host_base + m.count - 1
+                    )));
+                }
+            }
+        }
         let volume = self.pool.open_volume(&inst.name)?;
         let rootfs = blocking(move || volume.mount_mapped(idmap)).await?;
         let result = async {
@@ -791,6 +845,24 @@ mod tests {
         ] {
             assert!(bind_mount("d", &bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn subordinate_ids_must_cover_the_map() {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("subuid");
+        let map = DEFAULT_IDMAP;
+        for (text, ok) in [
+            ("root:1000000:1000000000\n", true),
+            ("alice:1000000:1000000000\nroot:100000:65536\n", false),
+            ("root:1000000:65535\n", false),
+            ("0:900000:200000\n", true),
+            ("garbage\n", false),
+        ] {
+            std::fs::write(&f, text).unwrap();
+            assert_eq!(subids_cover(f.to_str().unwrap(), map), ok, "{text}");
+        }
+        assert!(host_memory_mib().unwrap() > 0);
     }
 
     #[test]

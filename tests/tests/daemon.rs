@@ -197,6 +197,25 @@ fn daemon_end_to_end() -> Result<()> {
         })(),
     );
 
+    // The same image as a native container beside the VMs, on the same
+    // bridge: each reaches the other by name. Privileged here: the box's
+    // kernel (6.1) cannot id-map the tmpfs the scratch directory is on;
+    // unprivileged containers are tested on the host (tests/containers.rs).
+    check(
+        "a container beside the VM, reached by name both ways",
+        (|| {
+            env.ok(&["launch", "localhost/skiff-demo", "ct", "-c", "security.privileged=true"])?;
+            let out = env.ok(&["list", "--format", "csv", "-c", "nst"])?;
+            ensure!(out.lines().any(|l| l == "ct,RUNNING,CONTAINER"), "{out}");
+            let out = env.ok(&["exec", "ct", "--", "wget", "-qO-", "http://web/"])?;
+            ensure!(out.contains("Hello from web"), "ct → web: {out}");
+            let out = env.ok(&["exec", "web", "--", "wget", "-qO-", "http://ct/"])?;
+            ensure!(out.contains("Hello from ct"), "web → ct: {out}");
+            env.ok(&["delete", "--force", "ct"])?;
+            Ok(())
+        })(),
+    );
+
     // A TTY (through a pty from util-linux's script) and the event stream.
     check(
         "exec with a TTY",

@@ -334,6 +334,12 @@ impl Driver for VmDriver {
                     restarts: s.restarts,
                     started_at: s.started_at,
                 }),
+                // A monitor that lives but is slow to answer (a loaded
+                // host) still keeps a running VM: never report it stopped,
+                // or a daemon restart would clean up (its tap, say) under it.
+                Err(_) if h.alive() => {
+                    Ok(RunStatus::Running { pid: h.pid(), main_pid: None, restarts: 0, started_at: 0 })
+                }
                 Err(_) => Ok(RunStatus::Stopped { last: Self::last_exit(inst) }),
             },
             Err(_) => Ok(RunStatus::Stopped { last: Self::last_exit(inst) }),

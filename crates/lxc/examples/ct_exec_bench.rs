@@ -33,16 +33,16 @@ fn attach_true(lxc: &Lxc, name: &str, runs: usize) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(runs);
     for i in 0..runs + 10 {
         let t = Instant::now();
-        let st = Command::new("lxc-attach")
+        let o = Command::new("lxc-attach")
             .arg("-n")
             .arg(name)
             .arg("-P")
             .arg(lxc.path())
             .args(["--clear-env", "--", "/bin/true"])
             .stdin(Stdio::null())
-            .status()?;
+            .output()?;
         let us = t.elapsed().as_secs_f64() * 1e6;
-        ensure!(st.success(), "lxc-attach: {st}");
+        ensure!(o.status.success(), "lxc-attach: {}: {}", o.status, String::from_utf8_lossy(&o.stderr));
         if i >= 10 {
             out.push(us);
         }
@@ -67,9 +67,7 @@ async fn main() -> Result<()> {
         }
     }
     let agent_bin = skiff_run::initramfs::find_agent(agent_path.as_deref())?;
-    let tmp = tempfile::Builder::new()
-        .prefix("skiff-ct-bench-")
-        .tempdir()?;
+    let tmp = tempfile::Builder::new().prefix("skiff-ct-bench-").tempdir()?;
     let dir = tmp.path();
     make_rootfs(&dir.join("rootfs"))?;
     let sockets = dir.join("sock");
@@ -93,7 +91,8 @@ async fn main() -> Result<()> {
     std::fs::create_dir_all(lxc.dir(&name))?;
     std::fs::write(lxc.dir(&name).join("config"), conf::render(&spec)?)?;
     lxc.start(&name).await.with_context(|| {
-        std::fs::read_to_string(lxc.dir(&name).join("lxc.log")).unwrap_or_default()
+        let read = |f: &str| std::fs::read_to_string(lxc.dir(&name).join(f)).unwrap_or_default();
+        format!("config:\n{}\nlog:\n{}", read("config"), read("lxc.log"))
     })?;
     let result = async {
         let mut events = listener.accept(Duration::from_secs(60)).await?;
@@ -117,18 +116,9 @@ async fn main() -> Result<()> {
     for v in [&mut a, &mut b] {
         v.sort_by(|x, y| x.total_cmp(y));
     }
-    println!(
-        "\n{:<28} {:>8} {:>12} {:>12}",
-        "container exec", "execs", "p50 (µs)", "p99 (µs)"
-    );
+    println!("\n{:<28} {:>8} {:>12} {:>12}", "container exec", "execs", "p50 (µs)", "p99 (µs)");
     for (label, v) in [("skiff agent (unix socket)", &a), ("lxc-attach", &b)] {
-        println!(
-            "{:<28} {:>8} {:>12.0} {:>12.0}",
-            label,
-            v.len(),
-            percentile(v, 50.0),
-            percentile(v, 99.0)
-        );
+        println!("{:<28} {:>8} {:>12.0} {:>12.0}", label, v.len(), percentile(v, 50.0), percentile(v, 99.0));
     }
     println!(
         "ratio agent/lxc-attach: p50 {:.2}, p99 {:.2}",

@@ -66,7 +66,7 @@ async fn main() -> Result<()> {
             other => bail!("unknown argument {other}"),
         }
     }
-    let agent_bin = skiff_run::initramfs::find_agent(agent_path.as_deref())?;
+    let agent_bin = std::fs::canonicalize(skiff_run::initramfs::find_agent(agent_path.as_deref())?)?;
     let tmp = tempfile::Builder::new().prefix("skiff-ct-bench-").tempdir()?;
     let dir = tmp.path();
     make_rootfs(&dir.join("rootfs"))?;

@@ -100,6 +100,8 @@ impl LxcDriver {
     pub fn new(cfg: LxcDriverConfig) -> Result<LxcDriver, DriverError> {
         Lxc::available().map_err(boxed)?;
         let agent = skiff_run::initramfs::find_agent(cfg.agent.as_deref()).map_err(boxed)?;
+        // LXC resolves mount sources from its own working directory.
+        let agent = std::fs::canonicalize(&agent).map_err(host("the agent's path"))?;
         let pool = Pool::open(&cfg.storage_root)?;
         let lxc = Lxc::new(cfg.runtime_root.join("lxc"));
         for d in [lxc.path().to_path_buf(), cfg.runtime_root.join("ct")] {

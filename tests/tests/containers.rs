@@ -258,34 +258,9 @@ fn oci_containers_end_to_end() -> Result<()> {
     // Real clients nobody here wrote: Debian's lxc and pylxd.
     check(
         "lxc client drives the container",
-        (|| {
-            env.ok(&["launch", IMAGE, "other"])?;
-            let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/lxc-client.sh"))
-                .args(["web", "other"])
-                .env("SKIFF_DIR", &dir)
-                .output()?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            eprintln!("lxc client:\n{text}{}", String::from_utf8_lossy(&out.stderr));
-            ensure!(out.status.success(), "{text}");
-            Ok(())
-        })(),
+        env.ok(&["launch", IMAGE, "other"]).and_then(|_| skiff_tests::daemon_env::lxc_client(&dir, "web", "other")),
     );
-    check(
-        "pylxd drives the container",
-        (|| {
-            let venv = std::env::var("SKIFF_VENV").unwrap_or_else(|_| "/var/lib/skiff/venv".into());
-            let out = Command::new(format!("{venv}/bin/python"))
-                .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/pylxd-client.py"))
-                .arg(dir.join("unix.socket"))
-                .arg("web")
-                .output()
-                .context("the pylxd venv (scripts/setup makes it)")?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            eprintln!("pylxd:\n{text}{}", String::from_utf8_lossy(&out.stderr));
-            ensure!(out.status.success(), "{text}");
-            Ok(())
-        })(),
-    );
+    check("pylxd drives the container", skiff_tests::daemon_env::pylxd(&dir, "web"));
     check(
         "delete leaves no cgroup, mount, veth, LXC directory or volume",
         (|| {

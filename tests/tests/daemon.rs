@@ -521,35 +521,8 @@ fn daemon_end_to_end() -> Result<()> {
     );
 
     // Real clients nobody here wrote: Debian's lxc and pylxd.
-    check(
-        "lxc client",
-        (|| {
-            let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/lxc-client.sh"))
-                .args(["web", "web2"])
-                .env("SKIFF_DIR", &dir)
-                .output()?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            eprintln!("lxc client:\n{text}{}", String::from_utf8_lossy(&out.stderr));
-            ensure!(out.status.success(), "{text}");
-            Ok(())
-        })(),
-    );
-    check(
-        "pylxd",
-        (|| {
-            let venv = std::env::var("SKIFF_VENV").unwrap_or_else(|_| "/var/lib/skiff/venv".into());
-            let out = Command::new(format!("{venv}/bin/python"))
-                .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/pylxd-client.py"))
-                .arg(dir.join("unix.socket"))
-                .arg("web")
-                .output()
-                .context("the pylxd venv (scripts/setup makes it)")?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            eprintln!("pylxd:\n{text}{}", String::from_utf8_lossy(&out.stderr));
-            ensure!(out.status.success(), "{text}");
-            Ok(())
-        })(),
-    );
+    check("lxc client", skiff_tests::daemon_env::lxc_client(&dir, "web", "web2"));
+    check("pylxd", skiff_tests::daemon_env::pylxd(&dir, "web"));
 
     // skiffd killed in the middle of a launch: after a restart the
     // half-made instance is gone (or, if it got far enough, whole).

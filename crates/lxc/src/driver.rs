@@ -10,10 +10,10 @@ use skiff_agent_client::events::{EventListener, EventStream};
 use skiff_agent_client::{AgentClient, Transport};
 use skiff_agent_proto::{Event, ExitStatus};
 use skiff_driver::{
-    config, devices, Driver, DriverError, DriverEvent, ImageKind, InstanceKind, InstanceSpec, RunStatus,
+    config, devices, volumes, Driver, DriverError, DriverEvent, ImageKind, InstanceKind, InstanceSpec, RunStatus,
 };
 use skiff_storage::idmap::IdMap;
-use skiff_storage::{Pool, StorageError};
+use skiff_storage::Pool;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::broadcast;
 
@@ -63,15 +63,6 @@ fn boxed(e: impl std::error::Error + Send + Sync + 'static) -> DriverError {
 
 fn host(what: &str) -> impl FnOnce(std::io::Error) -> DriverError + '_ {
     move |e| DriverError::Host(format!("{what}: {e}"))
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
-) -> Result<T, DriverError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| DriverError::Host(format!("storage task: {e}")))?
-        .map_err(Into::into)
 }
 
 /// A pidfd that becomes readable when the process ends.
@@ -289,11 +280,7 @@ impl LxcDriver {
             t.abort();
         }
         let _ = std::fs::remove_dir_all(self.sockets(inst));
-        match self.pool.open_volume(&inst.name) {
-            Ok(v) => blocking(move || v.unmount()).await,
-            Err(StorageError::VolumeNotFound(_)) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        volumes::unmount(&self.pool, &inst.name).await
     }
 
     async fn running_pid(&self, inst: &InstanceSpec) -> Result<i32, DriverError> {
@@ -401,15 +388,10 @@ impl Driver for LxcDriver {
     }
 
     async fn create(&self, inst: &InstanceSpec) -> Result<(), DriverError> {
-        if !inst.image_rootfs.is_dir() {
-            return Err(DriverError::Image(format!("no unpacked rootfs at {}", inst.image_rootfs.display())));
-        }
         if inst.image_kind == ImageKind::Oci {
             config::main_process(inst)?;
         }
-        std::fs::create_dir_all(&inst.dir).map_err(host("creating the instance directory"))?;
-        let (pool, name, image) = (self.pool.clone(), inst.name.clone(), inst.image_rootfs.clone());
-        blocking(move || pool.create(&name, &image).map(drop)).await
+        volumes::create(&self.pool, inst).await
     }
 
     async fn start(&self, inst: &InstanceSpec) -> Result<(), DriverError> {
@@ -434,7 +416,7 @@ impl Driver for LxcDriver {
             }
         }
         let volume = self.pool.open_volume(&inst.name)?;
-        let rootfs = blocking(move || volume.mount_mapped(idmap)).await?;
+        let rootfs = volumes::blocking(move || volume.mount_mapped(idmap)).await?;
         let result = async {
             let sockets = self.prepare_sockets(inst, idmap)?;
             let events = sockets.join(EVENT_SOCKET);
@@ -590,40 +572,28 @@ impl Driver for LxcDriver {
         }
         self.cleanup(inst).await?;
         let _ = std::fs::remove_dir_all(self.lxc.dir(&inst.name));
-        match self.pool.open_volume(&inst.name) {
-            Ok(v) => blocking(move || v.delete()).await?,
-            Err(StorageError::VolumeNotFound(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
+        volumes::delete(&self.pool, &inst.name).await?;
         let _ = std::fs::remove_file(Self::last_exit_file(inst));
         Ok(())
     }
 
     async fn snapshot_create(&self, inst: &InstanceSpec, snap: &str) -> Result<(), DriverError> {
-        let (v, s) = (self.pool.open_volume(&inst.name)?, snap.to_string());
-        blocking(move || v.snapshot_create(&s)).await
+        volumes::snapshot_create(&self.pool, &inst.name, snap).await
     }
 
     async fn snapshot_restore(&self, inst: &InstanceSpec, snap: &str) -> Result<(), DriverError> {
         if self.lxc.state(&inst.name).await.map_err(boxed)? != State::Stopped {
             return Err(DriverError::Running(inst.name.clone()));
         }
-        let (v, s) = (self.pool.open_volume(&inst.name)?, snap.to_string());
-        blocking(move || {
-            v.unmount()?;
-            v.snapshot_restore(&s)
-        })
-        .await
+        volumes::snapshot_restore(&self.pool, &inst.name, snap).await
     }
 
     async fn snapshot_delete(&self, inst: &InstanceSpec, snap: &str) -> Result<(), DriverError> {
-        let (v, s) = (self.pool.open_volume(&inst.name)?, snap.to_string());
-        blocking(move || v.snapshot_delete(&s)).await
+        volumes::snapshot_delete(&self.pool, &inst.name, snap).await
     }
 
     async fn snapshot_rename(&self, inst: &InstanceSpec, old: &str, new: &str) -> Result<(), DriverError> {
-        let (v, o, n) = (self.pool.open_volume(&inst.name)?, old.to_string(), new.to_string());
-        blocking(move || v.snapshot_rename(&o, &n)).await
+        volumes::snapshot_rename(&self.pool, &inst.name, old, new).await
     }
 
     async fn adopt(&self, inst: &InstanceSpec) -> Result<RunStatus, DriverError> {

@@ -472,6 +472,11 @@ impl Driver for LxcDriver {
         if self.lxc.state(&inst.name).await.map_err(boxed)? == State::Stopped {
             return Err(DriverError::NotRunning(inst.name.clone()));
         }
+        // A stop the daemon asked for needs no Stopped event; the cleanup
+        // the watcher would do is done below.
+        if let Some(t) = self.watching.lock().unwrap_or_else(|e| e.into_inner()).remove(&inst.name) {
+            t.abort();
+        }
         let mut stopped = false;
         if !force {
             match inst.image_kind {
@@ -491,6 +496,8 @@ impl Driver for LxcDriver {
             self.lxc.stop(&inst.name, Duration::ZERO, true).await.map_err(boxed)?;
             self.wait_stopped(&inst.name, END_GRACE).await;
         }
+        let how = if stopped { "stopped" } else { "killed (forced stop)" };
+        let _ = std::fs::write(Self::last_exit_file(inst), how);
         self.cleanup(inst).await
     }
 

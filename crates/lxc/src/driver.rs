@@ -98,6 +98,13 @@ impl LxcDriver {
         for d in [lxc.path().to_path_buf(), cfg.runtime_root.join("ct")] {
             std::fs::create_dir_all(&d).map_err(host("creating the runtime directory"))?;
         }
+        // An unprivileged container's root walks down to its rootfs and
+        // its agent's socket directory: every directory above them needs
+        // search permission for others (as Incus gives its own, 0711).
+        for d in [cfg.storage_root.join("volumes"), cfg.runtime_root.join("ct")] {
+            std::fs::create_dir_all(&d).map_err(host("creating the storage directory"))?;
+            searchable(&d).map_err(host("giving others search permission"))?;
+        }
         Ok(LxcDriver {
             cfg,
             pool,
@@ -317,6 +324,20 @@ async fn next_event(s: Option<&mut EventStream>) -> Option<Event> {
         Some(s) => s.next(Duration::from_secs(u64::from(u32::MAX))).await.ok().flatten(),
         None => std::future::pending().await,
     }
+}
+
+/// Adds search permission for others (`o+x`, not read) to `dir` and each
+/// directory above it that lacks it.
+fn searchable(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for d in dir.ancestors().filter(|d| d.parent().is_some()) {
+        let mode = std::fs::metadata(d)?.permissions().mode();
+        if mode & 0o001 == 0 {
+            log::info!("giving others search permission on {} (unprivileged containers pass it)", d.display());
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode((mode | 0o001) & 0o7777))?;
+        }
+    }
+    Ok(())
 }
 
 /// The host's memory (MemTotal) in MiB.
@@ -673,6 +694,20 @@ mod tests {
             assert_eq!(subids_cover(f.to_str().unwrap(), map), ok, "{text}");
         }
         assert!(host_memory_mib().unwrap() > 0);
+    }
+
+    #[test]
+    fn searchable_adds_only_search_permission_where_missing() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let a = t.path().join("a");
+        let b = a.join("b");
+        std::fs::create_dir_all(&b).unwrap();
+        std::fs::set_permissions(&a, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::set_permissions(&b, std::fs::Permissions::from_mode(0o750)).unwrap();
+        searchable(&b).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&a), mode(&b)), (0o701, 0o751));
     }
 
     #[test]

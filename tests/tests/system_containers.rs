@@ -59,8 +59,12 @@ fn sh(env: &Env, name: &str, script: &str) -> Result<(i32, String)> {
 /// `systemctl is-system-running --wait` (time-limited): running or degraded.
 fn systemd_up(env: &Env, name: &str) -> Result<()> {
     let t = Instant::now();
-    let (_, state) =
-        sh(env, name, &format!("timeout {BOOT_LIMIT_SECS} systemctl is-system-running --wait 2>&1; true"))?;
+    // Right after a start systemd may not listen on its bus yet.
+    let script = format!(
+        "for i in $(seq 100); do [ -S /run/systemd/private ] && break; sleep 0.1; done; \
+         timeout {BOOT_LIMIT_SECS} systemctl is-system-running --wait 2>&1; true"
+    );
+    let (_, state) = sh(env, name, &script)?;
     let state = state.trim();
     eprintln!("{name}: systemctl is-system-running answered {state:?} after {:.1} s", t.elapsed().as_secs_f64());
     if state == "degraded" {
@@ -73,7 +77,7 @@ fn systemd_up(env: &Env, name: &str) -> Result<()> {
 
 /// The image store's work directory holds nothing.
 fn store_tmp_empty(env: &Env) -> Result<()> {
-    let tmp = env.dir.join("images/tmp");
+    let tmp = env.dir.join("oci/tmp");
     let left: Vec<_> = std::fs::read_dir(&tmp).into_iter().flatten().flatten().map(|e| e.file_name()).collect();
     ensure!(left.is_empty(), "left in {}: {left:?}", tmp.display());
     Ok(())
@@ -284,7 +288,7 @@ fn debian_system_container() -> Result<()> {
             ensure!(left.is_empty(), "left behind: {left:?}");
             env.ok(&["image", "delete", "deb12"])?;
             ensure!(images(&env)?.is_empty(), "the image is still listed");
-            let sys = dir.join("images/system");
+            let sys = dir.join("oci/system");
             let n = std::fs::read_dir(&sys).map(|d| d.count()).unwrap_or(0);
             ensure!(n == 0, "{} still holds {n} entries", sys.display());
             Ok(())

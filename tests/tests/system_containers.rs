@@ -119,6 +119,50 @@ fn refuses_broken_tarballs(env: &Env, dir: &Path) -> Result<()> {
     store_tmp_empty(env)
 }
 
+/// `systemctl reboot` in the container: LXC boots it again on the same
+/// volume, the driver starts the agent in the new boot; it stays running.
+fn reboot(env: &Env) -> Result<()> {
+    ensure!(sh(env, "sys1", "touch /run/this-boot")?.0 == 0, "marking this boot");
+    let t = Instant::now();
+    // The exec may end with the boot it runs in.
+    let _ = env.skiff(&["exec", "sys1", "--", "systemctl", "reboot"])?;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Ok((0, out)) = sh(env, "sys1", "test -e /run/this-boot || echo new-boot") {
+            if out.trim() == "new-boot" {
+                break;
+            }
+        }
+        ensure!(Instant::now() < deadline, "no new boot answered within 90 s");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    eprintln!("reboot: the new boot's agent answered after {:.1} s", t.elapsed().as_secs_f64());
+    systemd_up(env, "sys1")?;
+    let (_, f) = sh(env, "sys1", "cat /root/hello.txt")?;
+    ensure!(f == "hello from the host\n", "the pushed file is gone after the reboot: {f:?}");
+    let list = env.ok(&["list", "--format", "csv"])?;
+    ensure!(list.lines().any(|l| l.starts_with("sys1,RUNNING")), "after the reboot: {list}");
+    env.ipv4("sys1").map(|a| eprintln!("sys1 has {a} after the reboot"))
+}
+
+/// A system image without `/sbin/init` imports, but is refused at launch
+/// with a clear error, leaving no instance.
+fn refuses_an_image_without_init(env: &Env, dir: &Path) -> Result<()> {
+    let img = dir.join("noinit");
+    std::fs::create_dir_all(img.join("rootfs/etc"))?;
+    std::fs::write(img.join("rootfs/etc/os-release"), "ID=none\n")?;
+    std::fs::write(img.join("metadata.yaml"), "architecture: x86_64\ncreation_date: 1\n")?;
+    let tarball = dir.join("noinit.tar.gz");
+    run(Command::new("tar").arg("-C").arg(&img).arg("-czf").arg(&tarball).args(["metadata.yaml", "rootfs"]))?;
+    env.ok(&["image", "import", tarball.to_str().context("path")?, "--alias", "noinit"])?;
+    let err = fails(env, &["launch", "noinit", "bad1"])?;
+    ensure!(err.contains("no executable /sbin/init"), "{err}");
+    ensure!(!env.ok(&["list", "--format", "csv"])?.contains("bad1"), "bad1 was left");
+    ensure!(!env.run.join("lxc/bad1").exists(), "an LXC directory was left");
+    env.ok(&["image", "delete", "noinit"])?;
+    Ok(())
+}
+
 /// What a container leaves on the host while (or after) it runs.
 fn traces(env: &Env, name: &str, veth: &str) -> Vec<String> {
     let mut left = Vec::new();
@@ -141,6 +185,26 @@ fn traces(env: &Env, name: &str, veth: &str) -> Vec<String> {
     left
 }
 
+/// Ends the dnsmasq that skiffd started for its bridge (skiffd leaves it
+/// running for the next skiffd to adopt; the test's is the last).
+struct Dnsmasq(PathBuf);
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let mine = self.0.to_string_lossy().into_owned();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            if cmd.starts_with("dnsmasq") && cmd.contains(&mine) {
+                if let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() {
+                    // SAFETY: kill has no memory effects; pid is a dnsmasq of this test's skiffd.
+                    unsafe { libc::kill(pid, libc::SIGTERM) };
+                }
+            }
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs root, LXC and debootstrap: tests/run runs it on the host"]
 fn debian_system_container() -> Result<()> {
@@ -149,6 +213,8 @@ fn debian_system_container() -> Result<()> {
     // The container's root (an unprivileged id) walks to its rootfs.
     std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let dir = tmp.path().join("skiff");
+    // Declared before env, so dropped after it: skiffd is gone by then.
+    let _dnsmasq = Dnsmasq(dir.clone());
     let mut env = Env {
         dir: dir.clone(),
         run: tmp.path().join("run"),
@@ -170,6 +236,7 @@ fn debian_system_container() -> Result<()> {
         }
     };
     check("broken tarballs are refused", refuses_broken_tarballs(&env, tmp.path()));
+    check("an image without /sbin/init is refused at launch", refuses_an_image_without_init(&env, tmp.path()));
 
     let t = Instant::now();
     let imported = env.ok(&["image", "import", image.to_str().context("path")?, "--alias", "deb12"]);
@@ -280,6 +347,7 @@ fn debian_system_container() -> Result<()> {
             Ok(())
         })(),
     );
+    check("reboot from inside", reboot(&env));
     check(
         "delete leaves nothing",
         (|| {

@@ -272,8 +272,17 @@ pub async fn create(
         };
         let o = op.clone();
         let image = d.images.resolve(&req.source, alias_target, Arc::new(move |m| o.set_metadata(m))).await?;
-        if image.kind == ImageKind::System && row.kind != "container" {
-            return Err(system_image_vm(&image.name));
+        if image.kind == ImageKind::System {
+            if row.kind != "container" {
+                return Err(system_image_vm(&image.name));
+            }
+            let rootfs = image.rootfs.clone();
+            if !tokio::task::spawn_blocking(move || crate::sysimages::has_init(&rootfs)).await.unwrap_or(false) {
+                return Err(InstanceError::BadRequest(format!(
+                    "image {:?} has no executable /sbin/init: a system container boots its image's own init",
+                    image.name
+                )));
+            }
         }
         let dir = instance_dir(d, &row.name);
         std::fs::create_dir_all(&dir).map_err(|e| InstanceError::Host(format!("creating {}: {e}", dir.display())))?;

@@ -172,6 +172,15 @@ fn parse_metadata(text: &str) -> Result<(String, u64, BTreeMap<String, String>),
     Ok((arch, created, props))
 }
 
+/// Whether a system image's rootfs has an executable `/sbin/init`
+/// (resolved inside the rootfs: Debian's is a link to systemd).
+pub fn has_init(rootfs: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    skiff_oci::unpack::resolve_in_root(rootfs, Path::new("sbin/init"), true)
+        .and_then(|p| fs::symlink_metadata(rootfs.join(p)))
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
 /// An upload on its way to the store: a temporary file and its hash.
 #[derive(Debug)]
 pub struct Upload {

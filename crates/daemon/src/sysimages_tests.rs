@@ -149,6 +149,24 @@ async fn bad_tarballs_get_clear_errors_and_leave_nothing() {
 }
 
 #[test]
+fn init_is_found_inside_the_rootfs() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path();
+    assert!(!has_init(root));
+    fs::create_dir_all(root.join("usr/lib/systemd")).unwrap();
+    fs::create_dir_all(root.join("usr/sbin")).unwrap();
+    std::os::unix::fs::symlink("usr/sbin", root.join("sbin")).unwrap();
+    // Absolute, as Debian's: resolved in the rootfs, not on the host.
+    std::os::unix::fs::symlink("/usr/lib/systemd/systemd", root.join("usr/sbin/init")).unwrap();
+    assert!(!has_init(root), "a dangling link");
+    fs::write(root.join("usr/lib/systemd/systemd"), b"#!").unwrap();
+    assert!(!has_init(root), "not executable");
+    fs::set_permissions(root.join("usr/lib/systemd/systemd"), fs::Permissions::from_mode(0o755)).unwrap();
+    assert!(has_init(root));
+}
+
+#[test]
 fn metadata_fields() {
     let (arch, created, props) = parse_metadata(META).unwrap();
     assert_eq!((arch.as_str(), created), ("x86_64", 1_700_000_000));

@@ -183,3 +183,33 @@ pub fn processes(name: &str) -> usize {
         })
         .unwrap_or(0)
 }
+
+/// Debian's `lxc` client (`tests/clients/lxc-client.sh`) against the
+/// skiffd of `dir`: `name` must run, `other` is stopped, started and
+/// deleted by it.
+pub fn lxc_client(dir: &std::path::Path, name: &str, other: &str) -> Result<()> {
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/lxc-client.sh"))
+        .args([name, other])
+        .env("SKIFF_DIR", dir)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("lxc client:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+    ensure!(out.status.success(), "{text}");
+    Ok(())
+}
+
+/// pylxd (`tests/clients/pylxd-client.py`, in the venv scripts/setup
+/// makes) against the skiffd of `dir`, on the running instance `name`.
+pub fn pylxd(dir: &std::path::Path, name: &str) -> Result<()> {
+    let venv = std::env::var("SKIFF_VENV").unwrap_or_else(|_| "/var/lib/skiff/venv".into());
+    let out = Command::new(format!("{venv}/bin/python"))
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/pylxd-client.py"))
+        .arg(dir.join("unix.socket"))
+        .arg(name)
+        .output()
+        .context("the pylxd venv (scripts/setup makes it)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("pylxd:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+    ensure!(out.status.success(), "{text}");
+    Ok(())
+}

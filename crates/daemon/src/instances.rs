@@ -250,6 +250,12 @@ fn check_devices(driver: &dyn Driver, devs: &BTreeMap<String, BTreeMap<String, S
                 crate::daemon::BRIDGE
             )));
         }
+        if kind == "nic" && name != "eth0" {
+            return Err(InstanceError::BadRequest(format!(
+                "device {name:?} (nic): an instance has one NIC (eth0 on {}); more are not supported yet",
+                crate::daemon::BRIDGE
+            )));
+        }
         driver.validate_device(name, dev).map_err(|e| InstanceError::BadRequest(chain(&e)))?;
     }
     Ok(())
@@ -508,7 +514,13 @@ pub async fn adopt(d: &Arc<Daemon>, r: &InstanceRow) -> bool {
             }
             true
         }
-        Ok(_) | Err(_) => {
+        // Not known (the driver could not tell): leave it as recorded
+        // rather than clean up under an instance that may run.
+        Err(e) => {
+            log::warn!("reconcile: cannot tell whether {} runs: {}", r.name, chain(&e));
+            r.status.is_up()
+        }
+        Ok(_) => {
             if r.status.is_up() {
                 let mut r = r.clone();
                 log::warn!("reconcile: {} is no longer running", r.name);

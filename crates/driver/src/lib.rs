@@ -9,6 +9,7 @@
 pub mod config;
 pub mod devices;
 pub mod vm;
+pub mod volumes;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;

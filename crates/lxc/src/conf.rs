@@ -170,35 +170,20 @@ pub enum ConfError {
 
 fn safe<'a>(what: &'static str, v: &'a str) -> Result<&'a str, ConfError> {
     if v.is_empty() || v.contains(['\n', '\r', '\0', ' ', '\t']) {
-        return Err(ConfError::Unsafe {
-            what,
-            value: v.to_string(),
-        });
+        return Err(ConfError::Unsafe { what, value: v.to_string() });
     }
     Ok(v)
 }
 
 fn path_str<'a>(what: &'static str, p: &'a Path) -> Result<&'a str, ConfError> {
-    safe(
-        what,
-        p.to_str().ok_or_else(|| ConfError::Unsafe {
-            what,
-            value: p.to_string_lossy().into_owned(),
-        })?,
-    )
+    safe(what, p.to_str().ok_or_else(|| ConfError::Unsafe { what, value: p.to_string_lossy().into_owned() })?)
 }
 
 /// A path that may go into a shell command between single quotes.
 fn shell_safe<'a>(what: &'static str, p: &'a Path) -> Result<&'a str, ConfError> {
     let s = path_str(what, p)?;
-    if !s
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"/._-+@:".contains(&b))
-    {
-        return Err(ConfError::Unsafe {
-            what,
-            value: s.to_string(),
-        });
+    if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+@:".contains(&b)) {
+        return Err(ConfError::Unsafe { what, value: s.to_string() });
     }
     Ok(s)
 }
@@ -220,6 +205,24 @@ pub fn agent_service_command() -> Vec<String> {
     ]
 }
 
+/// LXC's generated AppArmor profile where AppArmor confines processes
+/// here and LXC can build the profile (the parser is installed and its
+/// cache writable); otherwise none (`unconfined`), as on hosts without
+/// AppArmor: the user namespace, seccomp and capabilities still apply.
+fn apparmor_profile() -> &'static str {
+    let enabled = std::fs::read_to_string("/sys/module/apparmor/parameters/enabled").is_ok_and(|v| v.trim() == "Y");
+    let parser = ["/sbin/apparmor_parser", "/usr/sbin/apparmor_parser"].iter().any(|p| Path::new(p).is_file());
+    let cache = std::fs::create_dir_all("/var/cache/lxc/apparmor").is_ok() && {
+        // SAFETY: access reads a NUL-terminated string literal.
+        unsafe { libc::access(c"/var/cache/lxc/apparmor".as_ptr(), libc::W_OK) == 0 }
+    };
+    if enabled && parser && cache {
+        "generated"
+    } else {
+        "unconfined"
+    }
+}
+
 /// The config text.
 pub fn render(spec: &Spec) -> Result<String, ConfError> {
     let mut c = String::new();
@@ -233,21 +236,10 @@ pub fn render(spec: &Spec) -> Result<String, ConfError> {
         line("lxc.idmap", &format!("g 0 {} {}", map.host_base, map.count));
     }
     line("lxc.uts.name", safe("name", &spec.name)?);
-    line(
-        "lxc.rootfs.path",
-        &format!("dir:{}", path_str("rootfs", &spec.rootfs)?),
-    );
+    line("lxc.rootfs.path", &format!("dir:{}", path_str("rootfs", &spec.rootfs)?));
     line("lxc.autodev", "1");
-    let apparmor = if Path::new("/sys/module/apparmor").exists() {
-        "generated"
-    } else {
-        "unconfined"
-    };
-    line("lxc.apparmor.profile", apparmor);
-    line(
-        "lxc.console.logfile",
-        path_str("console log", &spec.console_log)?,
-    );
+    line("lxc.apparmor.profile", apparmor_profile());
+    line("lxc.console.logfile", path_str("console log", &spec.console_log)?);
     line("lxc.console.size", "auto");
     line("lxc.console.buffer.size", "auto");
     match &spec.nic {
@@ -267,28 +259,16 @@ pub fn render(spec: &Spec) -> Result<String, ConfError> {
     }
     line(
         "lxc.mount.entry",
-        &format!(
-            "{} .skiff/skiff-agent none bind,ro,create=file 0 0",
-            path_str("agent", &spec.agent)?
-        ),
+        &format!("{} .skiff/skiff-agent none bind,ro,create=file 0 0", path_str("agent", &spec.agent)?),
     );
-    line(
-        "lxc.mount.entry",
-        &format!(
-            "{} .skiff/sock none bind,create=dir 0 0",
-            path_str("sockets", &spec.sockets)?
-        ),
-    );
+    line("lxc.mount.entry", &format!("{} .skiff/sock none bind,create=dir 0 0", path_str("sockets", &spec.sockets)?));
     for m in &spec.mounts {
         let target = safe("mount path", m.target.trim_start_matches('/'))?;
         let create = if m.file { "file" } else { "dir" };
         let ro = if m.readonly { ",ro" } else { "" };
         line(
             "lxc.mount.entry",
-            &format!(
-                "{} {target} none bind,create={create}{ro} 0 0",
-                path_str("mount source", &m.source)?
-            ),
+            &format!("{} {target} none bind,create={create}{ro} 0 0", path_str("mount source", &m.source)?),
         );
     }
     // LXC's stop hook runs on the host when the init has ended, with
@@ -296,10 +276,7 @@ pub fn render(spec: &Spec) -> Result<String, ConfError> {
     // the driver reads it to tell a reboot from the end.
     line(
         "lxc.hook.stop",
-        &format!(
-            "/bin/sh -c 'echo \"$LXC_TARGET\" > {}'",
-            shell_safe("stop target", &spec.stop_target)?
-        ),
+        &format!("/bin/sh -c 'echo \"$LXC_TARGET\" > {}'", shell_safe("stop target", &spec.stop_target)?),
     );
     match spec.init {
         Init::Agent => {
@@ -321,10 +298,7 @@ pub fn render(spec: &Spec) -> Result<String, ConfError> {
 
 /// Limits from an instance's expanded config.
 pub fn limits(config: &BTreeMap<String, String>) -> Limits {
-    let memory_mib = config
-        .get("limits.memory")
-        .and_then(|v| skiff_driver::parse_memory(v).ok())
-        .map(|b| b >> 20);
+    let memory_mib = config.get("limits.memory").and_then(|v| skiff_driver::parse_memory(v).ok()).map(|b| b >> 20);
     Limits {
         cpus: config.get("limits.cpu").and_then(|v| v.trim().parse().ok()),
         memory_mib,
@@ -340,28 +314,12 @@ mod tests {
         Spec {
             name: "web".into(),
             rootfs: "/var/lib/skiff/storage/volumes/web/rootfs".into(),
-            idmap: Some(IdMap {
-                host_base: 1_000_000,
-                count: 65536,
-            }),
-            nic: Some(Veth {
-                bridge: "skiffbr0".into(),
-                host_name: "skf1234".into(),
-                mac: "0a:00:00:00:00:01".into(),
-            }),
-            limits: Limits {
-                cpus: Some(2),
-                memory_mib: Some(256),
-                processes: Some(100),
-            },
+            idmap: Some(IdMap { host_base: 1_000_000, count: 65536 }),
+            nic: Some(Veth { bridge: "skiffbr0".into(), host_name: "skf1234".into(), mac: "0a:00:00:00:00:01".into() }),
+            limits: Limits { cpus: Some(2), memory_mib: Some(256), processes: Some(100) },
             agent: "/usr/lib/skiff/skiff-agent".into(),
             sockets: "/run/skiff/ct/i1/sock".into(),
-            mounts: vec![BindMount {
-                source: "/srv/data".into(),
-                target: "/data".into(),
-                readonly: true,
-                file: false,
-            }],
+            mounts: vec![BindMount { source: "/srv/data".into(), target: "/data".into(), readonly: true, file: false }],
             init: Init::Agent,
             console_log: "/var/lib/skiff/instances/web/console.log".into(),
             stop_target: "/var/lib/skiff/instances/web/stop-target".into(),

@@ -10,11 +10,10 @@ use skiff_agent_client::events::{EventListener, EventStream};
 use skiff_agent_client::{AgentClient, Transport};
 use skiff_agent_proto::{Event, ExitStatus};
 use skiff_driver::{
-    config, devices, Driver, DriverError, DriverEvent, ImageKind, InstanceKind, InstanceSpec,
-    RunStatus,
+    config, devices, volumes, Driver, DriverError, DriverEvent, ImageKind, InstanceKind, InstanceSpec, RunStatus,
 };
 use skiff_storage::idmap::IdMap;
-use skiff_storage::{Pool, StorageError};
+use skiff_storage::Pool;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::broadcast;
 
@@ -31,10 +30,7 @@ const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
 const END_GRACE: Duration = Duration::from_secs(10);
 /// The id range of unprivileged containers: the set-up gives root
 /// `/etc/subuid` and `/etc/subgid` ranges from here.
-pub const DEFAULT_IDMAP: IdMap = IdMap {
-    host_base: 1_000_000,
-    count: 65536,
-};
+pub const DEFAULT_IDMAP: IdMap = IdMap { host_base: 1_000_000, count: 65536 };
 
 /// Where the LXC driver finds things.
 #[derive(Debug, Clone)]
@@ -70,15 +66,6 @@ fn host(what: &str) -> impl FnOnce(std::io::Error) -> DriverError + '_ {
     move |e| DriverError::Host(format!("{what}: {e}"))
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
-) -> Result<T, DriverError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| DriverError::Host(format!("storage task: {e}")))?
-        .map_err(Into::into)
-}
-
 /// A pidfd that becomes readable when the process ends.
 fn pidfd(pid: i32) -> std::io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: pidfd_open takes a pid and flags; the result is a new fd or -1.
@@ -105,6 +92,8 @@ impl LxcDriver {
     pub fn new(cfg: LxcDriverConfig) -> Result<LxcDriver, DriverError> {
         Lxc::available().map_err(boxed)?;
         let agent = skiff_run::initramfs::find_agent(cfg.agent.as_deref()).map_err(boxed)?;
+        // LXC resolves mount sources from its own working directory.
+        let agent = std::fs::canonicalize(&agent).map_err(host("the agent's path"))?;
         let pool = Pool::open(&cfg.storage_root)?;
         let lxc = Lxc::new(cfg.runtime_root.join("lxc"));
         for d in [lxc.path().to_path_buf(), cfg.runtime_root.join("ct")] {
@@ -123,12 +112,7 @@ impl LxcDriver {
 
     /// The host directory mounted at `/.skiff/sock` (short: Unix sockets).
     fn sockets(&self, inst: &InstanceSpec) -> PathBuf {
-        let short: String = inst
-            .id
-            .chars()
-            .filter(|c| c.is_ascii_hexdigit())
-            .take(12)
-            .collect();
+        let short: String = inst.id.chars().filter(|c| c.is_ascii_hexdigit()).take(12).collect();
         self.cfg.runtime_root.join("ct").join(format!("i{short}"))
     }
 
@@ -149,9 +133,7 @@ impl LxcDriver {
     }
 
     fn last_exit(inst: &InstanceSpec) -> Option<String> {
-        std::fs::read_to_string(Self::last_exit_file(inst))
-            .ok()
-            .map(|s| s.trim().to_string())
+        std::fs::read_to_string(Self::last_exit_file(inst)).ok().map(|s| s.trim().to_string())
     }
 
     /// Disk devices as bind mounts (the root disk and NIC are the daemon's).
@@ -165,12 +147,7 @@ impl LxcDriver {
         Ok(out)
     }
 
-    fn conf_spec(
-        &self,
-        inst: &InstanceSpec,
-        rootfs: PathBuf,
-        idmap: Option<IdMap>,
-    ) -> Result<conf::Spec, DriverError> {
+    fn conf_spec(&self, inst: &InstanceSpec, rootfs: PathBuf, idmap: Option<IdMap>) -> Result<conf::Spec, DriverError> {
         Ok(conf::Spec {
             name: inst.name.clone(),
             rootfs,
@@ -195,11 +172,7 @@ impl LxcDriver {
     }
 
     /// Makes the socket directory, owned by the container's root.
-    fn prepare_sockets(
-        &self,
-        inst: &InstanceSpec,
-        idmap: Option<IdMap>,
-    ) -> Result<PathBuf, DriverError> {
+    fn prepare_sockets(&self, inst: &InstanceSpec, idmap: Option<IdMap>) -> Result<PathBuf, DriverError> {
         let dir = self.sockets(inst);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(host("creating the socket directory"))?;
@@ -233,9 +206,7 @@ impl LxcDriver {
                 match s.next(AGENT_TIMEOUT).await.map_err(boxed)? {
                     Some(Event::Ready(_)) => {}
                     other => {
-                        return Err(DriverError::Host(format!(
-                            "the agent's first event was {other:?}, not ready"
-                        )))
+                        return Err(DriverError::Host(format!("the agent's first event was {other:?}, not ready")))
                     }
                 }
                 Some(s)
@@ -257,13 +228,7 @@ impl LxcDriver {
     /// Watches a running container: the agent's events become
     /// [`DriverEvent`]s; when its init ends for good (not a reboot of a
     /// system container), its volume is unmounted.
-    fn watch(
-        &self,
-        inst: &InstanceSpec,
-        pid: i32,
-        listener: Option<EventListener>,
-        stream: Option<EventStream>,
-    ) {
+    fn watch(&self, inst: &InstanceSpec, pid: i32, listener: Option<EventListener>, stream: Option<EventStream>) {
         let (name, tx) = (inst.name.clone(), self.events.clone());
         let volume = self.pool.open_volume(&inst.name).ok();
         let (sockets, last_file) = (self.sockets(inst), Self::last_exit_file(inst));
@@ -307,10 +272,7 @@ impl LxcDriver {
                 }
             }
             let detail = match last_main {
-                Some(s) => format!(
-                    "the container ended; the entrypoint last ended with {}",
-                    s.code()
-                ),
+                Some(s) => format!("the container ended; the entrypoint last ended with {}", s.code()),
                 None => "the container ended".to_string(),
             };
             let _ = std::fs::write(&last_file, &detail);
@@ -318,42 +280,21 @@ impl LxcDriver {
             if let Some(v) = volume {
                 let _ = tokio::task::spawn_blocking(move || v.unmount()).await;
             }
-            let _ = tx.send(DriverEvent::Stopped {
-                name: name.clone(),
-                clean: true,
-                detail,
-            });
-            watching
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&name);
+            let _ = tx.send(DriverEvent::Stopped { name: name.clone(), clean: true, detail });
+            watching.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
         });
-        if let Some(old) = self
-            .watching
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(inst.name.clone(), task)
-        {
+        if let Some(old) = self.watching.lock().unwrap_or_else(|e| e.into_inner()).insert(inst.name.clone(), task) {
             old.abort();
         }
     }
 
     /// What a stopped container leaves: sockets, the mounted volume.
     async fn cleanup(&self, inst: &InstanceSpec) -> Result<(), DriverError> {
-        if let Some(t) = self
-            .watching
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&inst.name)
-        {
+        if let Some(t) = self.watching.lock().unwrap_or_else(|e| e.into_inner()).remove(&inst.name) {
             t.abort();
         }
         let _ = std::fs::remove_dir_all(self.sockets(inst));
-        match self.pool.open_volume(&inst.name) {
-            Ok(v) => blocking(move || v.unmount()).await,
-            Err(StorageError::VolumeNotFound(_)) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        volumes::unmount(&self.pool, &inst.name).await
     }
 
     async fn running_pid(&self, inst: &InstanceSpec) -> Result<i32, DriverError> {
@@ -387,70 +328,58 @@ async fn accept(l: Option<&EventListener>) -> Option<EventStream> {
 
 async fn next_event(s: Option<&mut EventStream>) -> Option<Event> {
     match s {
-        Some(s) => s
-            .next(Duration::from_secs(u64::from(u32::MAX)))
-            .await
-            .ok()
-            .flatten(),
+        Some(s) => s.next(Duration::from_secs(u64::from(u32::MAX))).await.ok().flatten(),
         None => std::future::pending().await,
     }
 }
 
+/// The host's memory (MemTotal) in MiB.
+fn host_memory_mib() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 =
+        info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kib >> 10)
+}
+
+/// Whether root's subordinate ids in `file` (`/etc/subuid`, `/etc/subgid`) cover `map`.
+fn subids_cover(file: &str, map: IdMap) -> bool {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    text.lines().any(|l| {
+        let f: Vec<&str> = l.trim().split(':').collect();
+        match (f.first(), f.get(1).and_then(|v| v.parse::<u64>().ok()), f.get(2).and_then(|v| v.parse::<u64>().ok())) {
+            (Some(&"root") | Some(&"0"), Some(start), Some(count)) => {
+                start <= u64::from(map.host_base) && u64::from(map.host_base) + u64::from(map.count) <= start + count
+            }
+            _ => false,
+        }
+    })
+}
+
 /// A disk device as a bind mount; `None` for the daemon's own devices.
-fn bind_mount(
-    name: &str,
-    dev: &BTreeMap<String, String>,
-) -> Result<Option<BindMount>, DriverError> {
+fn bind_mount(name: &str, dev: &BTreeMap<String, String>) -> Result<Option<BindMount>, DriverError> {
     if devices::is_builtin(dev) {
         return Ok(None);
     }
-    let bad = |why: String| {
-        DriverError::Device(devices::DeviceError::Bad {
-            name: name.into(),
-            why,
-        })
-    };
+    let bad = |why: String| DriverError::Device(devices::DeviceError::Bad { name: name.into(), why });
     match dev.get("type").map(String::as_str) {
         Some("disk") => {}
-        Some(t) => {
-            return Err(bad(format!(
-                "type {t:?}: containers take disk devices (and the managed nic)"
-            )))
-        }
+        Some(t) => return Err(bad(format!("type {t:?}: containers take disk devices (and the managed nic)"))),
         None => return Err(bad("no type".into())),
     }
-    if let Some(k) = dev
-        .keys()
-        .find(|k| !["type", "source", "path", "readonly"].contains(&k.as_str()))
-    {
-        return Err(bad(format!(
-            "unknown key {k:?} (disk devices take source, path and readonly)"
-        )));
+    if let Some(k) = dev.keys().find(|k| !["type", "source", "path", "readonly"].contains(&k.as_str())) {
+        return Err(bad(format!("unknown key {k:?} (disk devices take source, path and readonly)")));
     }
-    let source = PathBuf::from(
-        dev.get("source")
-            .ok_or_else(|| bad("no source (a host path)".into()))?,
-    );
-    let meta =
-        std::fs::metadata(&source).map_err(|e| bad(format!("source {}: {e}", source.display())))?;
-    let target = dev
-        .get("path")
-        .ok_or_else(|| bad("no path (where it appears in the container)".into()))?;
+    let source = PathBuf::from(dev.get("source").ok_or_else(|| bad("no source (a host path)".into()))?);
+    let meta = std::fs::metadata(&source).map_err(|e| bad(format!("source {}: {e}", source.display())))?;
+    let target = dev.get("path").ok_or_else(|| bad("no path (where it appears in the container)".into()))?;
     if !target.starts_with('/') || target == "/" || target.split('/').any(|c| c == "..") {
-        return Err(bad(format!(
-            "path {target:?} is not an absolute path below /"
-        )));
+        return Err(bad(format!("path {target:?} is not an absolute path below /")));
     }
     let readonly = match dev.get("readonly") {
         Some(v) => config::parse_bool("readonly", v).map_err(|e| bad(e.to_string()))?,
         None => false,
     };
-    Ok(Some(BindMount {
-        source,
-        target: target.clone(),
-        readonly,
-        file: !meta.is_dir(),
-    }))
+    Ok(Some(BindMount { source, target: target.clone(), readonly, file: !meta.is_dir() }))
 }
 
 #[async_trait::async_trait]
@@ -460,26 +389,23 @@ impl Driver for LxcDriver {
     }
 
     fn validate_config(&self, config: &BTreeMap<String, String>) -> Result<(), DriverError> {
-        config::validate_for(InstanceKind::Container, config)
+        config::validate_for(InstanceKind::Container, config)?;
+        if let (Some(mib), Some(host)) = (conf::limits(config).memory_mib, host_memory_mib()) {
+            if mib > host {
+                return Err(DriverError::Config {
+                    key: "limits.memory".into(),
+                    why: format!("{mib} MiB is more than this host has ({host} MiB)"),
+                });
+            }
+        }
+        Ok(())
     }
 
     async fn create(&self, inst: &InstanceSpec) -> Result<(), DriverError> {
-        if !inst.image_rootfs.is_dir() {
-            return Err(DriverError::Image(format!(
-                "no unpacked rootfs at {}",
-                inst.image_rootfs.display()
-            )));
-        }
         if inst.image_kind == ImageKind::Oci {
             config::main_process(inst)?;
         }
-        std::fs::create_dir_all(&inst.dir).map_err(host("creating the instance directory"))?;
-        let (pool, name, image) = (
-            self.pool.clone(),
-            inst.name.clone(),
-            inst.image_rootfs.clone(),
-        );
-        blocking(move || pool.create(&name, &image).map(drop)).await
+        volumes::create(&self.pool, inst).await
     }
 
     async fn start(&self, inst: &InstanceSpec) -> Result<(), DriverError> {
@@ -491,8 +417,20 @@ impl Driver for LxcDriver {
             ImageKind::System => None,
         };
         let idmap = Self::idmap(inst, self.cfg.idmap)?;
+        if let Some(m) = idmap {
+            for file in ["/etc/subuid", "/etc/subgid"] {
+                if !subids_cover(file, m) {
+                    return Err(DriverError::Host(format!(
+                        "{file} gives root no ids {}-{}, which unprivileged containers map to (scripts/setup adds \
+                         them), or set security.privileged=true",
+                        m.host_base,
+                        m.host_base + m.count - 1
+                    )));
+                }
+            }
+        }
         let volume = self.pool.open_volume(&inst.name)?;
-        let rootfs = blocking(move || volume.mount_mapped(idmap)).await?;
+        let rootfs = volumes::blocking(move || volume.mount_mapped(idmap)).await?;
         let result = async {
             let sockets = self.prepare_sockets(inst, idmap)?;
             let events = sockets.join(EVENT_SOCKET);
@@ -510,18 +448,14 @@ impl Driver for LxcDriver {
             let _ = std::fs::remove_file(system::stop_target(inst));
             if let Err(e) = self.lxc.start(&inst.name).await {
                 let log = log_errors(&dir.join("lxc.log"));
-                return Err(DriverError::Host(format!(
-                    "{}\n{log}",
-                    skiff_run::monitor::error_chain(&e)
-                )));
+                return Err(DriverError::Host(format!("{}\n{log}", skiff_run::monitor::error_chain(&e))));
             }
             let up = self.bring_up(inst, &listener, main).await;
             let stream = match up {
                 Ok(s) => s,
                 Err(e) => {
                     let _ = self.lxc.stop(&inst.name, Duration::ZERO, true).await;
-                    let console =
-                        std::fs::read_to_string(inst.dir.join("console.log")).unwrap_or_default();
+                    let console = std::fs::read_to_string(inst.dir.join("console.log")).unwrap_or_default();
                     let tail: String = console
                         .lines()
                         .rev()
@@ -549,14 +483,14 @@ impl Driver for LxcDriver {
         result
     }
 
-    async fn stop(
-        &self,
-        inst: &InstanceSpec,
-        timeout: Duration,
-        force: bool,
-    ) -> Result<(), DriverError> {
+    async fn stop(&self, inst: &InstanceSpec, timeout: Duration, force: bool) -> Result<(), DriverError> {
         if self.lxc.state(&inst.name).await.map_err(boxed)? == State::Stopped {
             return Err(DriverError::NotRunning(inst.name.clone()));
+        }
+        // A stop the daemon asked for needs no Stopped event; the cleanup
+        // the watcher would do is done below.
+        if let Some(t) = self.watching.lock().unwrap_or_else(|e| e.into_inner()).remove(&inst.name) {
+            t.abort();
         }
         let mut stopped = false;
         if !force {
@@ -574,12 +508,11 @@ impl Driver for LxcDriver {
             }
         }
         if !stopped {
-            self.lxc
-                .stop(&inst.name, Duration::ZERO, true)
-                .await
-                .map_err(boxed)?;
+            self.lxc.stop(&inst.name, Duration::ZERO, true).await.map_err(boxed)?;
             self.wait_stopped(&inst.name, END_GRACE).await;
         }
+        let how = if stopped { "stopped" } else { "killed (forced stop)" };
+        let _ = std::fs::write(Self::last_exit_file(inst), how);
         self.cleanup(inst).await
     }
 
@@ -588,11 +521,7 @@ impl Driver for LxcDriver {
         self.lxc.freeze(&inst.name, frozen).await.map_err(boxed)
     }
 
-    fn validate_device(
-        &self,
-        name: &str,
-        device: &BTreeMap<String, String>,
-    ) -> Result<(), DriverError> {
+    fn validate_device(&self, name: &str, device: &BTreeMap<String, String>) -> Result<(), DriverError> {
         bind_mount(name, device).map(drop)
     }
 
@@ -612,17 +541,12 @@ impl Driver for LxcDriver {
             }));
         }
         let pid = self.running_pid(inst).await?;
-        nsmount::add(pid, &m.source, &m.target, m.readonly)
-            .await
-            .map_err(boxed)
+        nsmount::add(pid, &m.source, &m.target, m.readonly).await.map_err(boxed)
     }
 
     async fn device_remove(&self, inst: &InstanceSpec, name: &str) -> Result<(), DriverError> {
         let dev = inst.devices.get(name).ok_or_else(|| {
-            DriverError::Device(devices::DeviceError::Bad {
-                name: name.into(),
-                why: "no such device".into(),
-            })
+            DriverError::Device(devices::DeviceError::Bad { name: name.into(), why: "no such device".into() })
         })?;
         let Some(m) = bind_mount(name, dev)? else {
             return Err(DriverError::Running(inst.name.clone()));
@@ -631,39 +555,25 @@ impl Driver for LxcDriver {
         nsmount::remove(pid, &m.target).await.map_err(boxed)
     }
 
-    async fn update_limits(
-        &self,
-        _old: &InstanceSpec,
-        new: &InstanceSpec,
-    ) -> Result<(), DriverError> {
+    async fn update_limits(&self, _old: &InstanceSpec, new: &InstanceSpec) -> Result<(), DriverError> {
         self.running_pid(new).await?;
         let limits = conf::limits(&new.config);
         for (key, value) in self.cgroups.limits(&limits) {
-            self.lxc
-                .cgroup_set(&new.name, key, &value)
-                .await
-                .map_err(boxed)?;
+            self.lxc.cgroup_set(&new.name, key, &value).await.map_err(boxed)?;
         }
         Ok(())
     }
 
     async fn status(&self, inst: &InstanceSpec) -> Result<RunStatus, DriverError> {
-        match self.lxc.init_pid(&inst.name).await {
-            Ok(Some(pid)) => {
+        match self.lxc.init_pid(&inst.name).await.map_err(boxed)? {
+            Some(pid) => {
                 let started_at = std::fs::read_to_string(self.sockets(inst).join("started"))
                     .ok()
                     .and_then(|s| s.trim().parse().ok())
                     .unwrap_or(0);
-                Ok(RunStatus::Running {
-                    pid: pid as u32,
-                    main_pid: None,
-                    restarts: 0,
-                    started_at,
-                })
+                Ok(RunStatus::Running { pid: pid as u32, main_pid: None, restarts: 0, started_at })
             }
-            _ => Ok(RunStatus::Stopped {
-                last: Self::last_exit(inst),
-            }),
+            _ => Ok(RunStatus::Stopped { last: Self::last_exit(inst) }),
         }
     }
 
@@ -684,53 +594,32 @@ impl Driver for LxcDriver {
         }
         self.cleanup(inst).await?;
         let _ = std::fs::remove_dir_all(self.lxc.dir(&inst.name));
-        match self.pool.open_volume(&inst.name) {
-            Ok(v) => blocking(move || v.delete()).await?,
-            Err(StorageError::VolumeNotFound(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
+        volumes::delete(&self.pool, &inst.name).await?;
         let _ = std::fs::remove_file(Self::last_exit_file(inst));
         Ok(())
     }
 
     async fn snapshot_create(&self, inst: &InstanceSpec, snap: &str) -> Result<(), DriverError> {
-        let (v, s) = (self.pool.open_volume(&inst.name)?, snap.to_string());
-        blocking(move || v.snapshot_create(&s)).await
+        volumes::snapshot_create(&self.pool, &inst.name, snap).await
     }
 
     async fn snapshot_restore(&self, inst: &InstanceSpec, snap: &str) -> Result<(), DriverError> {
         if self.lxc.state(&inst.name).await.map_err(boxed)? != State::Stopped {
             return Err(DriverError::Running(inst.name.clone()));
         }
-        let (v, s) = (self.pool.open_volume(&inst.name)?, snap.to_string());
-        blocking(move || {
-            v.unmount()?;
-            v.snapshot_restore(&s)
-        })
-        .await
+        volumes::snapshot_restore(&self.pool, &inst.name, snap).await
     }
 
     async fn snapshot_delete(&self, inst: &InstanceSpec, snap: &str) -> Result<(), DriverError> {
-        let (v, s) = (self.pool.open_volume(&inst.name)?, snap.to_string());
-        blocking(move || v.snapshot_delete(&s)).await
+        volumes::snapshot_delete(&self.pool, &inst.name, snap).await
     }
 
-    async fn snapshot_rename(
-        &self,
-        inst: &InstanceSpec,
-        old: &str,
-        new: &str,
-    ) -> Result<(), DriverError> {
-        let (v, o, n) = (
-            self.pool.open_volume(&inst.name)?,
-            old.to_string(),
-            new.to_string(),
-        );
-        blocking(move || v.snapshot_rename(&o, &n)).await
+    async fn snapshot_rename(&self, inst: &InstanceSpec, old: &str, new: &str) -> Result<(), DriverError> {
+        volumes::snapshot_rename(&self.pool, &inst.name, old, new).await
     }
 
     async fn adopt(&self, inst: &InstanceSpec) -> Result<RunStatus, DriverError> {
-        if let Ok(Some(pid)) = self.lxc.init_pid(&inst.name).await {
+        if let Some(pid) = self.lxc.init_pid(&inst.name).await.map_err(boxed)? {
             // The agent reconnects to a new listener with its next event.
             let listener = match inst.image_kind {
                 ImageKind::Oci => EventListener::bind(&self.sockets(inst).join(EVENT_SOCKET)).ok(),
@@ -747,9 +636,7 @@ impl Driver for LxcDriver {
             return self.status(inst).await;
         }
         self.cleanup(inst).await?;
-        Ok(RunStatus::Stopped {
-            last: Self::last_exit(inst),
-        })
+        Ok(RunStatus::Stopped { last: Self::last_exit(inst) })
     }
 
     fn events(&self) -> broadcast::Receiver<DriverEvent> {
@@ -762,46 +649,23 @@ mod tests {
     use super::*;
 
     fn dev(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
-        kv.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
     fn disk_devices_become_bind_mounts() {
         let t = tempfile::tempdir().unwrap();
         let src = t.path().to_str().unwrap();
-        let m = bind_mount(
-            "data",
-            &dev(&[
-                ("type", "disk"),
-                ("source", src),
-                ("path", "/data"),
-                ("readonly", "true"),
-            ]),
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!(
-            (m.target.as_str(), m.readonly, m.file),
-            ("/data", true, false)
-        );
-        assert!(bind_mount(
-            "root",
-            &dev(&[("type", "disk"), ("path", "/"), ("pool", "default")])
-        )
-        .unwrap()
-        .is_none());
+        let m = bind_mount("data", &dev(&[("type", "disk"), ("source", src), ("path", "/data"), ("readonly", "true")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!((m.target.as_str(), m.readonly, m.file), ("/data", true, false));
+        assert!(bind_mount("root", &dev(&[("type", "disk"), ("path", "/"), ("pool", "default")])).unwrap().is_none());
         for bad in [
             dev(&[("type", "disk"), ("source", "/no/such/dir"), ("path", "/x")]),
             dev(&[("type", "disk"), ("source", src), ("path", "relative")]),
             dev(&[("type", "disk"), ("source", src), ("path", "/a/../b")]),
-            dev(&[
-                ("type", "disk"),
-                ("source", src),
-                ("path", "/x"),
-                ("shift", "true"),
-            ]),
+            dev(&[("type", "disk"), ("source", src), ("path", "/x"), ("shift", "true")]),
             dev(&[("type", "gpu")]),
         ] {
             assert!(bind_mount("d", &bad).is_err(), "{bad:?}");
@@ -809,22 +673,30 @@ mod tests {
     }
 
     #[test]
+    fn subordinate_ids_must_cover_the_map() {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("subuid");
+        let map = DEFAULT_IDMAP;
+        for (text, ok) in [
+            ("root:1000000:1000000000\n", true),
+            ("alice:1000000:1000000000\nroot:100000:65536\n", false),
+            ("root:1000000:65535\n", false),
+            ("0:900000:200000\n", true),
+            ("garbage\n", false),
+        ] {
+            std::fs::write(&f, text).unwrap();
+            assert_eq!(subids_cover(f.to_str().unwrap(), map), ok, "{text}");
+        }
+        assert!(host_memory_mib().unwrap() > 0);
+    }
+
+    #[test]
     fn pidfd_becomes_readable_when_the_process_ends() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
-            let mut child = tokio::process::Command::new("sleep")
-                .arg("0.2")
-                .spawn()
-                .unwrap();
+            let mut child = tokio::process::Command::new("sleep").arg("0.2").spawn().unwrap();
             let fd = pidfd(child.id().unwrap() as i32).unwrap();
-            tokio::time::timeout(Duration::from_secs(5), fd.readable())
-                .await
-                .unwrap()
-                .unwrap()
-                .retain_ready();
+            tokio::time::timeout(Duration::from_secs(5), fd.readable()).await.unwrap().unwrap().retain_ready();
             let _ = child.wait().await;
         });
     }

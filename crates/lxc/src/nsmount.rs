@@ -88,35 +88,21 @@ async fn in_namespace(
             inside()
         });
     }
-    let inside_err = |source| NsMountError::Inside {
-        what,
-        target: target.to_string(),
-        source,
-    };
+    let inside_err = |source| NsMountError::Inside { what, target: target.to_string(), source };
     let status = cmd.status().await.map_err(inside_err)?;
     drop(ns);
     if !status.success() {
-        return Err(inside_err(io::Error::other(format!(
-            "helper ended with {status}"
-        ))));
+        return Err(inside_err(io::Error::other(format!("helper ended with {status}"))));
     }
     Ok(())
 }
 
 /// Bind-mounts host directory `source` at `target` in the container whose init is `pid`.
-pub async fn add(
-    pid: i32,
-    source: &Path,
-    target: &str,
-    readonly: bool,
-) -> Result<(), NsMountError> {
+pub async fn add(pid: i32, source: &Path, target: &str, readonly: bool) -> Result<(), NsMountError> {
     let dirs = prefixes(target)?;
-    let detached = Detached::clone_of(source)
-        .map_err(|e| NsMountError::Clone(source.display().to_string(), e))?;
+    let detached = Detached::clone_of(source).map_err(|e| NsMountError::Clone(source.display().to_string(), e))?;
     if readonly {
-        detached
-            .set_readonly()
-            .map_err(|e| NsMountError::Clone(source.display().to_string(), e))?;
+        detached.set_readonly().map_err(|e| NsMountError::Clone(source.display().to_string(), e))?;
     }
     let ns = mount_ns(pid)?;
     let fd = detached.raw_fd();
@@ -158,13 +144,7 @@ mod tests {
     #[test]
     fn targets_are_clean_absolute_paths() {
         let p = prefixes("/srv/data").unwrap();
-        assert_eq!(
-            p,
-            [
-                CString::new("/srv").unwrap(),
-                CString::new("/srv/data").unwrap()
-            ]
-        );
+        assert_eq!(p, [CString::new("/srv").unwrap(), CString::new("/srv/data").unwrap()]);
         for bad in ["relative", "/", "/a/../b", "/a\0b"] {
             assert!(prefixes(bad).is_err(), "{bad:?}");
         }

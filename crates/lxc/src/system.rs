@@ -52,11 +52,7 @@ fn boxed(e: impl std::error::Error + Send + Sync + 'static) -> DriverError {
 
 /// Starts the agent beside the init and waits until it answers; then
 /// asks it for DHCP on eth0 when the container has a NIC.
-pub(crate) async fn start_agent(
-    lxc: &Lxc,
-    inst: &InstanceSpec,
-    agent: &AgentClient,
-) -> Result<(), DriverError> {
+pub(crate) async fn start_agent(lxc: &Lxc, inst: &InstanceSpec, agent: &AgentClient) -> Result<(), DriverError> {
     let cmd = conf::agent_service_command();
     let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
     lxc.attach(&inst.name, &args).await.map_err(boxed)?;
@@ -155,10 +151,7 @@ mod tests {
         let f = t.path().join("stop-target");
         assert_eq!(hook_target(&f, Duration::from_millis(100)).await, None);
         std::fs::write(&f, "reboot\n").unwrap();
-        assert_eq!(
-            hook_target(&f, Duration::from_secs(1)).await.as_deref(),
-            Some("reboot")
-        );
+        assert_eq!(hook_target(&f, Duration::from_secs(1)).await.as_deref(), Some("reboot"));
         assert!(!f.exists());
         let lxc = Lxc::new(t.path().join("lxc"));
         std::fs::write(&f, "stop\n").unwrap();

@@ -61,9 +61,7 @@ fn tail(bytes: &[u8]) -> String {
     let s = String::from_utf8_lossy(bytes);
     let s = s.trim();
     let cut = s.len().saturating_sub(MAX_OUTPUT);
-    let cut = (cut..=s.len())
-        .find(|i| s.is_char_boundary(*i))
-        .unwrap_or(s.len());
+    let cut = (cut..=s.len()).find(|i| s.is_char_boundary(*i)).unwrap_or(s.len());
     s[cut..].to_string()
 }
 
@@ -107,22 +105,11 @@ impl Lxc {
         let deadline = deadline.unwrap_or(DEFAULT_DEADLINE);
         let mut cmd = Command::new(tool);
         cmd.arg("-n").arg(name).arg("-P").arg(&self.path).args(args);
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
         let shown = args.join(" ");
         let out = match tokio::time::timeout(deadline, cmd.output()).await {
-            Err(_) => {
-                return Err(ToolError::Timeout(
-                    tool,
-                    format!("-n {name} {shown}"),
-                    deadline,
-                ))
-            }
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(ToolError::Missing(tool))
-            }
+            Err(_) => return Err(ToolError::Timeout(tool, format!("-n {name} {shown}"), deadline)),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return Err(ToolError::Missing(tool)),
             Ok(Err(e)) => return Err(ToolError::Spawn(tool, e)),
             Ok(Ok(o)) => o,
         };
@@ -145,14 +132,7 @@ impl Lxc {
     pub async fn start(&self, name: &str) -> Result<(), ToolError> {
         let log = self.dir(name).join("lxc.log");
         let log = log.to_string_lossy().into_owned();
-        self.run(
-            "lxc-start",
-            name,
-            &["-d", "-o", &log, "-l", "INFO"],
-            Some(Duration::from_secs(60)),
-        )
-        .await
-        .map(drop)
+        self.run("lxc-start", name, &["-d", "-o", &log, "-l", "INFO"], Some(Duration::from_secs(60))).await.map(drop)
     }
 
     /// Its state; `Stopped` when LXC does not know it.
@@ -185,9 +165,7 @@ impl Lxc {
         }
         let secs = timeout.as_secs().max(1).to_string();
         let deadline = timeout + Duration::from_secs(30);
-        self.run("lxc-stop", name, &["-t", &secs], Some(deadline))
-            .await
-            .map(drop)
+        self.run("lxc-stop", name, &["-t", &secs], Some(deadline)).await.map(drop)
     }
 
     /// Freezes or thaws it.
@@ -198,16 +176,12 @@ impl Lxc {
 
     /// Sets a cgroup value of the running container (`memory.limit_in_bytes`, `pids.max`...).
     pub async fn cgroup_set(&self, name: &str, key: &str, value: &str) -> Result<(), ToolError> {
-        self.run("lxc-cgroup", name, &[key, value], None)
-            .await
-            .map(drop)
+        self.run("lxc-cgroup", name, &[key, value], None).await.map(drop)
     }
 
     /// Reads a cgroup value of the running container.
     pub async fn cgroup_get(&self, name: &str, key: &str) -> Result<String, ToolError> {
-        self.run("lxc-cgroup", name, &[key], None)
-            .await
-            .map(|s| s.trim().to_string())
+        self.run("lxc-cgroup", name, &[key], None).await.map(|s| s.trim().to_string())
     }
 
     /// Runs a command in the running container (for starting its agent).

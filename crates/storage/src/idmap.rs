@@ -79,28 +79,20 @@ impl Detached {
     /// through it as id `n` lands as `host_base + n`.
     pub fn idmap(&self, map: IdMap) -> io::Result<()> {
         let userns = userns_fd(map)?;
-        let attr =
-            MountAttr { attr_set: MOUNT_ATTR_IDMAP, attr_clr: 0, propagation: 0, userns_fd: userns.as_raw_fd() as u64 };
-        // SAFETY: the empty path and `attr` outlive the call, and the size passed is attr's.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_mount_setattr,
-                self.0.as_raw_fd(),
-                c"".as_ptr(),
-                libc::AT_EMPTY_PATH,
-                &attr as *const MountAttr,
-                std::mem::size_of::<MountAttr>(),
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        self.set_attr(&MountAttr {
+            attr_set: MOUNT_ATTR_IDMAP,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: userns.as_raw_fd() as u64,
+        })
     }
 
     /// Makes the mount read-only.
     pub fn set_readonly(&self) -> io::Result<()> {
-        let attr = MountAttr { attr_set: MOUNT_ATTR_RDONLY, attr_clr: 0, propagation: 0, userns_fd: 0 };
+        self.set_attr(&MountAttr { attr_set: MOUNT_ATTR_RDONLY, attr_clr: 0, propagation: 0, userns_fd: 0 })
+    }
+
+    fn set_attr(&self, attr: &MountAttr) -> io::Result<()> {
         // SAFETY: the empty path and `attr` outlive the call, and the size passed is attr's.
         let r = unsafe {
             libc::syscall(
@@ -108,7 +100,7 @@ impl Detached {
                 self.0.as_raw_fd(),
                 c"".as_ptr(),
                 libc::AT_EMPTY_PATH,
-                &attr as *const MountAttr,
+                attr as *const MountAttr,
                 std::mem::size_of::<MountAttr>(),
             )
         };

@@ -107,10 +107,13 @@ async fn a_plain_tarball_is_taken_too() {
     assert!(tmp_is_empty(&f));
 }
 
+/// Whether an error is the expected one.
+type Expect = fn(&SystemImageError) -> bool;
+
 #[tokio::test]
 async fn bad_tarballs_get_clear_errors_and_leave_nothing() {
     let f = fixture();
-    let cases: Vec<(&str, Vec<u8>, fn(&SystemImageError) -> bool)> = vec![
+    let cases: Vec<(&str, Vec<u8>, Expect)> = vec![
         ("text", b"hello, this is not a tarball at all".repeat(20), |e| matches!(e, SystemImageError::NotTarball(_))),
         ("bzip2", b"BZh91AY&SY".repeat(40), |e| matches!(e, SystemImageError::NotTarball(_))),
         ("truncated xz", xz(&good())[..40].to_vec(), |e| matches!(e, SystemImageError::Unpack(_))),

@@ -185,26 +185,6 @@ fn traces(env: &Env, name: &str, veth: &str) -> Vec<String> {
     left
 }
 
-/// Ends the dnsmasq that skiffd started for its bridge (skiffd leaves it
-/// running for the next skiffd to adopt; the test's is the last).
-struct Dnsmasq(PathBuf);
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        let mine = self.0.to_string_lossy().into_owned();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd);
-            if cmd.starts_with("dnsmasq") && cmd.contains(&mine) {
-                if let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() {
-                    // SAFETY: kill has no memory effects; pid is a dnsmasq of this test's skiffd.
-                    unsafe { libc::kill(pid, libc::SIGTERM) };
-                }
-            }
-        }
-    }
-}
-
 #[test]
 #[ignore = "needs root, LXC and debootstrap: tests/run runs it on the host"]
 fn debian_system_container() -> Result<()> {
@@ -213,8 +193,6 @@ fn debian_system_container() -> Result<()> {
     // The container's root (an unprivileged id) walks to its rootfs.
     std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let dir = tmp.path().join("skiff");
-    // Declared before env, so dropped after it: skiffd is gone by then.
-    let _dnsmasq = Dnsmasq(dir.clone());
     let mut env = Env {
         dir: dir.clone(),
         run: tmp.path().join("run"),

@@ -119,6 +119,18 @@ fn refuses_broken_tarballs(env: &Env, dir: &Path) -> Result<()> {
     store_tmp_empty(env)
 }
 
+/// skiffd killed and started again: the running system container is
+/// adopted (its agent is still there), and a reboot is still followed.
+fn adopted(env: &mut Env) -> Result<()> {
+    env.kill_daemon();
+    env.start_daemon()?;
+    let list = env.ok(&["list", "--format", "csv"])?;
+    ensure!(list.lines().any(|l| l.starts_with("sys1,RUNNING")), "after the restart: {list}");
+    let (code, host) = sh(env, "sys1", "hostname")?;
+    ensure!(code == 0 && host.trim() == "sys1", "exec after the restart: {code} {host:?}");
+    Ok(())
+}
+
 /// `systemctl reboot` in the container: LXC boots it again on the same
 /// volume, the driver starts the agent in the new boot; it stays running.
 fn reboot(env: &Env) -> Result<()> {
@@ -325,6 +337,7 @@ fn debian_system_container() -> Result<()> {
             Ok(())
         })(),
     );
+    check("skiffd restarted: the container is adopted", adopted(&mut env));
     check("reboot from inside", reboot(&env));
     check(
         "delete leaves nothing",

@@ -49,9 +49,9 @@ pub enum SystemImageError {
     /// Nothing was uploaded.
     #[error("the image upload is empty")]
     Empty,
-    /// The upload is over [`MAX_TARBALL`].
-    #[error("the image is larger than {MAX_TARBALL} bytes")]
-    TooLarge,
+    /// The upload is over its limit ([`MAX_TARBALL`]).
+    #[error("the image is larger than {0} bytes")]
+    TooLarge(u64),
     /// Not a tarball Skiff can read.
     #[error("not an image tarball ({0}): a system image is a tar (xz, gzip or zstd) with metadata.yaml and rootfs/")]
     NotTarball(&'static str),
@@ -102,8 +102,13 @@ impl SystemImageError {
     pub fn status(&self) -> u16 {
         use SystemImageError as E;
         match self {
-            E::Empty | E::NotTarball(_) | E::Unpack(_) | E::NoMetadata | E::NoRootfs | E::BadMetadata(_) => 400,
-            E::TooLarge => 413,
+            E::Empty
+            | E::TooLarge(_)
+            | E::NotTarball(_)
+            | E::Unpack(_)
+            | E::NoMetadata
+            | E::NoRootfs
+            | E::BadMetadata(_) => 400,
             E::NotFound(_) => 404,
             E::Exists(_) | E::InUse { .. } => 409,
             E::Io { .. } | E::Store(_) => 500,
@@ -208,13 +213,22 @@ impl Drop for Upload {
 pub struct SystemImages {
     store: Store,
     root: PathBuf,
+    max_tarball: u64,
+    max_unpacked: u64,
 }
 
 impl SystemImages {
     /// The system images of `store` (made on first use).
     pub fn new(store: Store) -> SystemImages {
         let root = store.root().join("system");
-        SystemImages { store, root }
+        SystemImages { store, root, max_tarball: MAX_TARBALL, max_unpacked: MAX_UNPACKED }
+    }
+
+    /// Other limits than [`MAX_TARBALL`] and [`MAX_UNPACKED`] (tests).
+    pub fn with_limits(mut self, max_tarball: u64, max_unpacked: u64) -> SystemImages {
+        self.max_tarball = max_tarball;
+        self.max_unpacked = max_unpacked;
+        self
     }
 
     fn dir(&self, fingerprint: &str) -> PathBuf {
@@ -258,7 +272,7 @@ impl SystemImages {
     }
 
     /// Streams an upload to a temporary file, hashing it; refuses an empty
-    /// one and one over [`MAX_TARBALL`].
+    /// one and one over [`MAX_TARBALL`] (as soon as it is).
     pub async fn receive<S, B, E>(&self, mut body: S) -> Result<Upload, SystemImageError>
     where
         S: Stream<Item = Result<B, E>> + Unpin,
@@ -278,8 +292,8 @@ impl SystemImages {
             })?;
             let chunk = chunk.as_ref();
             up.size += chunk.len() as u64;
-            if up.size > MAX_TARBALL {
-                return Err(SystemImageError::TooLarge);
+            if up.size > self.max_tarball {
+                return Err(SystemImageError::TooLarge(self.max_tarball));
             }
             hash.update(chunk);
             tokio::io::AsyncWriteExt::write_all(&mut file, chunk).await.map_err(io_err("write", &up.path))?;
@@ -358,7 +372,11 @@ impl SystemImages {
         let is_xz = br.fill_buf().map_err(io_err("read", &up.path))?.starts_with(XZ_MAGIC);
         let reader: Box<dyn Read> =
             if is_xz { Box::new(xz2::bufread::XzDecoder::new_multi_decoder(br)) } else { Box::new(br) };
-        let opts = UnpackOptions { max_entry_size: MAX_UNPACKED, max_layer_size: MAX_UNPACKED, ..Default::default() };
+        let opts = UnpackOptions {
+            max_entry_size: self.max_unpacked,
+            max_layer_size: self.max_unpacked,
+            ..Default::default()
+        };
         Unpacker::new(&image, opts).apply(reader).map_err(SystemImageError::Unpack)?;
 
         let meta_path = image.join("metadata.yaml");

@@ -151,6 +151,25 @@ async fn bad_tarballs_get_clear_errors_and_leave_nothing() {
     assert!(tmp_is_empty(&f));
 }
 
+#[tokio::test]
+async fn sizes_are_capped() {
+    let f = fixture();
+    let small = f.images.clone().with_limits(1024, 64 << 10);
+    let big = xz(&tar(&[("metadata.yaml", META.as_bytes()), ("rootfs/", b""), ("rootfs/big", &[7u8; 100_000])]));
+    assert!(big.len() < 1024, "xz makes 100 kB of sevens small");
+    let up = upload(&small, big).await.unwrap();
+    let e = small.import(&up, "big.tar.xz", BTreeMap::new()).unwrap_err();
+    assert!(matches!(e, SystemImageError::Unpack(_)), "{e}");
+    assert!(format!("{:?}", e).contains("LayerTooLarge") || format!("{:?}", e).contains("EntryTooLarge"), "{e:?}");
+    assert_eq!(e.status(), 400);
+    drop(up);
+    let e = upload(&small, vec![0u8; 4096]).await.unwrap_err();
+    assert!(matches!(e, SystemImageError::TooLarge(1024)), "{e}");
+    assert_eq!(e.status(), 400);
+    assert!(tmp_is_empty(&f));
+    assert!(f.images.list().is_empty());
+}
+
 #[test]
 fn init_is_found_inside_the_rootfs() {
     use std::os::unix::fs::PermissionsExt;

@@ -224,7 +224,8 @@ impl SystemImages {
         SystemImages { store, root, max_tarball: MAX_TARBALL, max_unpacked: MAX_UNPACKED }
     }
 
-    /// Other limits than [`MAX_TARBALL`] and [`MAX_UNPACKED`] (tests).
+    /// Other limits than [`MAX_TARBALL`] and [`MAX_UNPACKED`].
+    #[cfg(test)]
     pub fn with_limits(mut self, max_tarball: u64, max_unpacked: u64) -> SystemImages {
         self.max_tarball = max_tarball;
         self.max_unpacked = max_unpacked;

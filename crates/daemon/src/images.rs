@@ -158,7 +158,10 @@ impl Images {
             return None;
         }
         let fp = src.fingerprint.as_deref().filter(|f| !f.is_empty());
-        fp.and_then(|f| self.system.find(f)).or_else(|| alias_target.and_then(|t| self.system.find(t)))
+        fp.and_then(|f| self.system.find(f))
+            .or_else(|| alias_target.and_then(|t| self.system.find(t)))
+            // `skiff launch 3f2a1b0c9d8e sys1`: a fingerprint prefix given as the name.
+            .or_else(|| src.alias.as_deref().and_then(|a| self.system.find(a)))
     }
 
     /// Whether a source names a system image (for checks before a create).

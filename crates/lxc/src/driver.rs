@@ -212,6 +212,7 @@ impl LxcDriver {
                 Some(s)
             }
             ImageKind::System => {
+                system::settle(self.running_pid(inst).await?).await;
                 system::start_agent(&self.lxc, inst, &agent).await?;
                 return Ok(None);
             }

@@ -8,6 +8,7 @@
 //! in the new boot and asks it for DHCP again.
 //!
 //! ```text
+//! start: init runs → systemd's bus (settle) → agent (lxc-attach) → ping → DHCP
 //! init ends ─► stop hook writes stop-target ─► "stop":   unmount, Stopped
 //!                                           └► "reboot": new init pid
 //!                                                 → agent (lxc-attach) → ping → DHCP → watch again
@@ -28,6 +29,8 @@ const HOOK_WAIT: Duration = Duration::from_secs(10);
 const REBOOT_WAIT: Duration = Duration::from_secs(60);
 /// How long the agent may take to answer once started.
 const PING_WAIT: Duration = Duration::from_secs(10);
+/// How long a start waits for systemd's bus (see [`settle`]).
+const SETTLE_WAIT: Duration = Duration::from_secs(10);
 /// Tries at starting the agent in a new boot (the first can come while
 /// LXC still sets the container up, and the agent is lost).
 const REBOOT_TRIES: u32 = 3;
@@ -68,6 +71,23 @@ pub(crate) async fn start_agent(lxc: &Lxc, inst: &InstanceSpec, agent: &AgentCli
         agent.configure_network(net).await.map_err(boxed)?;
     }
     Ok(())
+}
+
+/// When the init is systemd, waits (at most [`SETTLE_WAIT`]) until its
+/// private bus socket exists, so that `systemctl` works in an exec that
+/// comes right after the start (`systemctl is-system-running --wait`
+/// then waits for the rest of the boot). Other inits: at once.
+pub(crate) async fn settle(pid: i32) {
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    if std::fs::read_to_string(proc.join("comm")).map(|c| c.trim() != "systemd").unwrap_or(true) {
+        return;
+    }
+    // Seen through the init's root; only its existence is looked at.
+    let bus = proc.join("root/run/systemd/private");
+    let deadline = tokio::time::Instant::now() + SETTLE_WAIT;
+    while !bus.exists() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Reads (and removes) what the stop hook wrote, waiting for it.
@@ -125,6 +145,7 @@ impl Reboots {
             Ended::Stopped => None,
             Ended::Rebooted(pid) => {
                 log::info!("{name}: rebooted (init {old} -> {pid}); starting its agent again");
+                settle(pid).await;
                 for attempt in 1..=REBOOT_TRIES {
                     match start_agent(&self.lxc, &self.inst, &self.agent).await {
                         Ok(()) => break,

@@ -79,13 +79,18 @@ pub(crate) async fn start_agent(lxc: &Lxc, inst: &InstanceSpec, agent: &AgentCli
 /// then waits for the rest of the boot). Other inits: at once.
 pub(crate) async fn settle(pid: i32) {
     let proc = PathBuf::from(format!("/proc/{pid}"));
-    if std::fs::read_to_string(proc.join("comm")).map(|c| c.trim() != "systemd").unwrap_or(true) {
-        return;
-    }
     // Seen through the init's root; only its existence is looked at.
     let bus = proc.join("root/run/systemd/private");
     let deadline = tokio::time::Instant::now() + SETTLE_WAIT;
-    while !bus.exists() && tokio::time::Instant::now() < deadline {
+    while tokio::time::Instant::now() < deadline {
+        // The init's binary (its name changes: systemd starts as `init`);
+        // LXC's own until it has executed the image's.
+        let exe = std::fs::read_link(proc.join("exe")).unwrap_or_default();
+        let exe = exe.to_string_lossy();
+        let lxc = exe.contains("lxc");
+        if !exe.ends_with("/systemd") && !lxc || exe.ends_with("/systemd") && bus.exists() {
+            return;
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

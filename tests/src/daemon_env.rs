@@ -143,6 +143,20 @@ impl Drop for Env {
             }
         }
         self.kill_daemon();
+        // skiffd leaves its bridge's dnsmasq running for the next skiffd to
+        // adopt; a test's is the last, and the next test's skiffd on this
+        // host could not bind the bridge address while it runs.
+        let mine = self.dir.to_string_lossy().into_owned();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            if cmd.starts_with("dnsmasq") && cmd.contains(&mine) {
+                if let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() {
+                    // SAFETY: kill has no memory effects; pid is the dnsmasq of this test's skiffd.
+                    unsafe { libc::kill(pid, libc::SIGTERM) };
+                }
+            }
+        }
     }
 }
 

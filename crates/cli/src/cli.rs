@@ -485,6 +485,21 @@ pub enum ImageCmd {
         #[arg(required = true)]
         images: Vec<String>,
     },
+    /// Import a system image: a unified tarball (xz, gzip, zstd or plain
+    /// tar) holding metadata.yaml and rootfs/. `skiff launch ALIAS NAME`
+    /// then boots it as a system container.
+    #[command(after_long_help = "Examples:\n  skiff image import debian12.tar.xz --alias debian12\n  \
+                                 skiff image import img.tar.gz --alias a --alias b --property description=\"my image\"")]
+    Import {
+        /// The tarball.
+        file: PathBuf,
+        /// Aliases to give it.
+        #[arg(long = "alias")]
+        aliases: Vec<String>,
+        /// Properties that override the image's (KEY=VALUE).
+        #[arg(long = "property", value_parser = parse_kv)]
+        properties: Vec<(String, String)>,
+    },
     /// Manage image aliases.
     #[command(subcommand)]
     Alias(AliasCmd),

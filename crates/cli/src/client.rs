@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Either, Full, StreamBody};
 use hyper::body::Bytes;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, StatusCode};
@@ -122,7 +122,7 @@ fn text_or_status(body: &[u8], status: StatusCode) -> String {
     }
 }
 
-/// A request body: nothing, JSON or raw bytes.
+/// A request body: nothing, JSON, raw bytes or a file streamed as it is read.
 pub enum Body<'a> {
     /// No body.
     Empty,
@@ -130,6 +130,23 @@ pub enum Body<'a> {
     Json(&'a Value),
     /// Raw bytes (file contents).
     Raw(Bytes),
+    /// A file, sent in chunks (image tarballs).
+    File(tokio::fs::File),
+}
+
+/// A file as a stream of body frames.
+fn file_frames(
+    file: tokio::fs::File,
+) -> impl futures::Stream<Item = std::io::Result<hyper::body::Frame<Bytes>>> + Send {
+    futures::stream::try_unfold(file, |mut f| async move {
+        let mut buf = vec![0u8; 1 << 20];
+        let n = tokio::io::AsyncReadExt::read(&mut f, &mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.truncate(n);
+        Ok(Some((hyper::body::Frame::data(Bytes::from(buf)), f)))
+    })
 }
 
 /// The client of one skiffd.
@@ -180,15 +197,20 @@ impl Client {
             let _ = conn.await;
         });
         let mut req = Request::builder().method(method).uri(path).header(HOST, "skiff");
-        let bytes = match body {
-            Body::Empty => Bytes::new(),
+        let body = match body {
+            Body::Empty => Either::Left(Full::new(Bytes::new())),
             Body::Json(v) => {
                 req = req.header(CONTENT_TYPE, "application/json");
-                Bytes::from(serde_json::to_vec(v).map_err(|e| ClientError::Decode(e.to_string()))?)
+                let b = serde_json::to_vec(v).map_err(|e| ClientError::Decode(e.to_string()))?;
+                Either::Left(Full::new(Bytes::from(b)))
             }
             Body::Raw(b) => {
                 req = req.header(CONTENT_TYPE, "application/octet-stream");
-                b
+                Either::Left(Full::new(b))
+            }
+            Body::File(f) => {
+                req = req.header(CONTENT_TYPE, "application/octet-stream");
+                Either::Right(StreamBody::new(Box::pin(file_frames(f))))
             }
         };
         for (k, v) in headers {
@@ -196,7 +218,7 @@ impl Client {
             let value = HeaderValue::from_str(v).map_err(hyper::http::Error::from)?;
             req = req.header(name, value);
         }
-        let resp = sender.send_request(req.body(Full::new(bytes))?).await?;
+        let resp = sender.send_request(req.body(body)?).await?;
         let (parts, body) = resp.into_parts();
         let body = body.collect().await?.to_bytes();
         Ok(RawResponse { status: parts.status, headers: parts.headers, body })

@@ -2,7 +2,8 @@
 //! fingerprint, or an OCI reference on a registry), pulling what is
 //! missing with progress, and the unpacked rootfs and run spec the
 //! drivers start from. Blobs and unpacked trees live in the OCI store
-//! (`$SKIFF_DIR/images`); aliases live in the state database.
+//! (`$SKIFF_DIR/images`), imported system images beside them
+//! ([`crate::sysimages`]); aliases of both live in the state database.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -11,10 +12,13 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use serde_json::{json, Value};
 use skiff_api::InstanceSource;
+use skiff_driver::ImageKind;
 use skiff_oci::auth::Credentials;
 use skiff_oci::pull::{Progress, PullOptions};
 use skiff_oci::unpack::UnpackOptions;
-use skiff_oci::{ImageRecord, Reference, Store};
+use skiff_oci::{Digest, ImageRecord, Reference, Store};
+
+use crate::sysimages::{SystemImage, SystemImages};
 
 /// Errors of images.
 #[derive(Debug, thiserror::Error)]
@@ -57,14 +61,18 @@ pub enum ImageError {
 /// What an instance needs of its image.
 #[derive(Debug, Clone)]
 pub struct Resolved {
-    /// The store's record.
-    pub record: ImageRecord,
-    /// Its fingerprint (the manifest digest's hex).
+    /// An OCI image (its run spec starts it) or a system image (it boots its own init).
+    pub kind: ImageKind,
+    /// The OCI reference it was stored under, or the system image's file name.
+    pub name: String,
+    /// Its fingerprint (the manifest digest's hex, or the tarball's SHA-256).
     pub fingerprint: String,
     /// The unpacked, read-only rootfs.
     pub rootfs: PathBuf,
-    /// The OCI runtime config of its run spec.
+    /// The OCI runtime config of its run spec; a system image's record.
     pub config: Value,
+    /// A system image's properties (`os`, `release`, ...), for `image.*` keys.
+    pub properties: std::collections::BTreeMap<String, String>,
 }
 
 /// The full text of an error and its causes.
@@ -86,6 +94,13 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 #[derive(Clone)]
 pub struct Images {
     store: Store,
+    system: SystemImages,
+}
+
+/// The key an image's users are recorded under (OCI images: the manifest
+/// digest; system images: the tarball's), from a fingerprint.
+fn use_key(fingerprint: &str) -> Option<Digest> {
+    Digest::parse(&format!("sha256:{fingerprint}")).ok()
 }
 
 /// What a source resolves to before any pull.
@@ -100,12 +115,58 @@ impl Images {
     /// Opens the store at `root`.
     pub fn open(root: PathBuf) -> Result<Images, ImageError> {
         let store = Store::open(root).map_err(|e| ImageError::Store(chain(&e)))?;
-        Ok(Images { store })
+        Ok(Images { system: SystemImages::new(store.clone()), store })
     }
 
     /// The store.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The system images.
+    pub fn system(&self) -> &SystemImages {
+        &self.system
+    }
+
+    /// Records that an instance uses the image with this fingerprint.
+    pub fn add_use(&self, fingerprint: &str, instance: &str) {
+        if let Some(k) = use_key(fingerprint) {
+            let _ = self.store.add_use(&k, instance);
+        }
+    }
+
+    /// Removes an instance's use of the image with this fingerprint.
+    pub fn remove_use(&self, fingerprint: &str, instance: &str) {
+        if let Some(k) = use_key(fingerprint) {
+            let _ = self.store.remove_use(&k, instance);
+        }
+    }
+
+    /// The fingerprint of a system image or OCI image named by
+    /// fingerprint (prefix) or stored name.
+    pub fn fingerprint_of(&self, key: &str) -> Result<String, ImageError> {
+        if let Some(img) = self.system.find(key) {
+            return Ok(img.fingerprint);
+        }
+        Ok(self.find(key)?.manifest.hex().to_string())
+    }
+
+    /// The system image a source names: a fingerprint, or an alias (with
+    /// no server) whose target is one.
+    fn system_target(&self, src: &InstanceSource, alias_target: Option<&str>) -> Option<SystemImage> {
+        if src.kind != "image" || src.server.as_deref().is_some_and(|s| !s.is_empty()) {
+            return None;
+        }
+        let fp = src.fingerprint.as_deref().filter(|f| !f.is_empty());
+        fp.and_then(|f| self.system.find(f))
+            .or_else(|| alias_target.and_then(|t| self.system.find(t)))
+            // `skiff launch 3f2a1b0c9d8e sys1`: a fingerprint prefix given as the name.
+            .or_else(|| src.alias.as_deref().and_then(|a| self.system.find(a)))
+    }
+
+    /// Whether a source names a system image (for checks before a create).
+    pub fn is_system(&self, src: &InstanceSource, alias_target: Option<&str>) -> bool {
+        self.system_target(src, alias_target).is_some()
     }
 
     /// Every image in the store.
@@ -195,6 +256,20 @@ impl Images {
         alias_target: Option<String>,
         progress: Arc<dyn Fn(Value) + Send + Sync>,
     ) -> Result<Resolved, ImageError> {
+        if let Some(img) = self.system_target(src, alias_target.as_deref()) {
+            let rootfs = self.system.rootfs(&img.fingerprint);
+            if !rootfs.is_dir() {
+                return Err(ImageError::Store(format!("system image {}: no rootfs", img.fingerprint)));
+            }
+            return Ok(Resolved {
+                kind: ImageKind::System,
+                name: img.filename.clone(),
+                fingerprint: img.fingerprint.clone(),
+                rootfs,
+                config: serde_json::to_value(&img).unwrap_or(Value::Null),
+                properties: img.properties,
+            });
+        }
         let record = match self.target(src, alias_target)? {
             Target::Local(r) => r,
             Target::Remote { reference, insecure, credentials } => {
@@ -218,7 +293,14 @@ impl Images {
                 .to_runtime_spec(&rec.name)
                 .map_err(|e| ImageError::Store(format!("{}: runtime spec: {e}", rec.name)))?;
             let config = serde_json::to_value(runtime).map_err(|e| ImageError::Store(e.to_string()))?;
-            Ok(Resolved { fingerprint: rec.manifest.hex().to_string(), record: rec, rootfs, config })
+            Ok(Resolved {
+                kind: ImageKind::Oci,
+                name: rec.name.clone(),
+                fingerprint: rec.manifest.hex().to_string(),
+                rootfs,
+                config,
+                properties: Default::default(),
+            })
         })
         .await
         .map_err(|e| ImageError::Store(format!("unpack task: {e}")))?

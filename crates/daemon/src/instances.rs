@@ -185,6 +185,13 @@ pub fn begin_create(d: &Daemon, req: &mut InstancesPost) -> Result<InstanceRow, 
     }
     driver.validate_config(&req.config).map_err(|e| InstanceError::BadRequest(chain(&e)))?;
     check_devices(driver.as_ref(), &req.devices)?;
+    if kind != InstanceType::Container {
+        let alias_target = req.source.alias.as_deref().and_then(|a| d.db().aliases().ok()?.get(a).map(|t| t.0.clone()));
+        if d.images.is_system(&req.source, alias_target.as_deref()) {
+            let name = req.source.alias.clone().or(req.source.fingerprint.clone()).unwrap_or_default();
+            return Err(system_image_vm(&name));
+        }
+    }
     let now = skiff_api::time::now();
     let mut config = req.config.clone();
     let id = uuid::Uuid::new_v4().to_string();
@@ -209,6 +216,14 @@ pub fn begin_create(d: &Daemon, req: &mut InstancesPost) -> Result<InstanceRow, 
         e => e.into(),
     })?;
     Ok(row)
+}
+
+/// A system image asked for as a VM.
+fn system_image_vm(image: &str) -> InstanceError {
+    InstanceError::BadRequest(format!(
+        "image {image:?} is a system container image (metadata.yaml + rootfs/): it runs as a container; \
+         launch it without --vm (full OS VMs from disk images are not supported yet)"
+    ))
 }
 
 fn generated_name(d: &Daemon) -> String {
@@ -263,6 +278,18 @@ pub async fn create(
         };
         let o = op.clone();
         let image = d.images.resolve(&req.source, alias_target, Arc::new(move |m| o.set_metadata(m))).await?;
+        if image.kind == ImageKind::System {
+            if row.kind != "container" {
+                return Err(system_image_vm(&image.name));
+            }
+            let rootfs = image.rootfs.clone();
+            if !tokio::task::spawn_blocking(move || crate::sysimages::has_init(&rootfs)).await.unwrap_or(false) {
+                return Err(InstanceError::BadRequest(format!(
+                    "image {:?} has no executable /sbin/init: a system container boots its image's own init",
+                    image.name
+                )));
+            }
+        }
         let dir = instance_dir(d, &row.name);
         std::fs::create_dir_all(&dir).map_err(|e| InstanceError::Host(format!("creating {}: {e}", dir.display())))?;
         let write = |f: &str, b: &[u8]| {
@@ -270,14 +297,25 @@ pub async fn create(
         };
         write("image-config.json", image.config.to_string().as_bytes())?;
         write("image-rootfs", image.rootfs.as_os_str().as_encoded_bytes())?;
+        write("image-kind", if image.kind == ImageKind::System { b"system" } else { b"oci" })?;
         row.image = image.fingerprint.clone();
         row.config.insert("volatile.base_image".into(), image.fingerprint.clone());
-        row.config.insert("image.oci.reference".into(), image.record.name.clone());
+        match image.kind {
+            ImageKind::Oci => {
+                row.config.insert("image.oci.reference".into(), image.name.clone());
+            }
+            // As Incus: the image's properties become image.* keys.
+            ImageKind::System => {
+                for (k, v) in &image.properties {
+                    row.config.insert(format!("image.{k}"), v.clone());
+                }
+            }
+        }
         if d.net.is_some() {
             row.config.insert("volatile.eth0.host_name".into(), skiff_net::ident::tap_name(&row.id));
             row.config.insert("volatile.eth0.hwaddr".into(), skiff_net::ident::guest_mac(&row.id));
         }
-        let _ = d.images.store().add_use(&image.record.manifest, &row.id);
+        d.images.add_use(&image.fingerprint, &row.id);
         driver(d, &row)?.create(&spec(d, &row)?).await.map_err(drv)?;
         row.status = Status::Stopped;
         d.db().tx(|tx| {
@@ -318,9 +356,7 @@ pub async fn discard(d: &Daemon, row: &InstanceRow) {
             }
         }
     }
-    if let Ok(rec) = d.images.by_fingerprint(&row.image) {
-        let _ = d.images.store().remove_use(&rec.manifest, &row.id);
-    }
+    d.images.remove_use(&row.image, &row.id);
     let _ = std::fs::remove_dir_all(instance_dir(d, &row.name));
     let _ = d.db().tx(|tx| write::delete(tx, &row.name));
 }

@@ -85,6 +85,7 @@ async fn main() -> Result<()> {
         mounts: vec![],
         init: Init::Agent,
         console_log: dir.join("console.log"),
+        stop_target: dir.join("stop-target"),
         cgroups: Cgroups::detect(),
     };
     let lxc = Lxc::new(dir.join("lxc"));

@@ -144,6 +144,9 @@ pub struct Spec {
     pub init: Init,
     /// The console log.
     pub console_log: PathBuf,
+    /// Where LXC's stop hook writes `stop` or `reboot` when the init ends
+    /// (a host-only path: never under the container's socket directory).
+    pub stop_target: PathBuf,
     /// The host's cgroup layout.
     pub cgroups: Cgroups,
 }
@@ -174,6 +177,15 @@ fn safe<'a>(what: &'static str, v: &'a str) -> Result<&'a str, ConfError> {
 
 fn path_str<'a>(what: &'static str, p: &'a Path) -> Result<&'a str, ConfError> {
     safe(what, p.to_str().ok_or_else(|| ConfError::Unsafe { what, value: p.to_string_lossy().into_owned() })?)
+}
+
+/// A path that may go into a shell command between single quotes.
+fn shell_safe<'a>(what: &'static str, p: &'a Path) -> Result<&'a str, ConfError> {
+    let s = path_str(what, p)?;
+    if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+@:".contains(&b)) {
+        return Err(ConfError::Unsafe { what, value: s.to_string() });
+    }
+    Ok(s)
 }
 
 /// The agent's command line as a container's init.
@@ -259,6 +271,13 @@ pub fn render(spec: &Spec) -> Result<String, ConfError> {
             &format!("{} {target} none bind,create={create}{ro} 0 0", path_str("mount source", &m.source)?),
         );
     }
+    // LXC's stop hook runs on the host when the init has ended, with
+    // LXC_TARGET `stop` or `reboot` (then LXC starts the container again):
+    // the driver reads it to tell a reboot from the end.
+    line(
+        "lxc.hook.stop",
+        &format!("/bin/sh -c 'echo \"$LXC_TARGET\" > {}'", shell_safe("stop target", &spec.stop_target)?),
+    );
     match spec.init {
         Init::Agent => {
             line("lxc.init.cmd", &agent_init_command());
@@ -268,6 +287,9 @@ pub fn render(spec: &Spec) -> Result<String, ConfError> {
             line("lxc.signal.halt", "SIGKILL");
         }
         Init::System => {
+            line("lxc.init.cmd", "/sbin/init");
+            // systemd halts on SIGRTMIN+3 (LXC's default, SIGPWR, only
+            // reaches its sigpwr.target); reboot from inside is LXC's.
             line("lxc.signal.halt", "SIGRTMIN+3");
         }
     }
@@ -300,6 +322,7 @@ mod tests {
             mounts: vec![BindMount { source: "/srv/data".into(), target: "/data".into(), readonly: true, file: false }],
             init: Init::Agent,
             console_log: "/var/lib/skiff/instances/web/console.log".into(),
+            stop_target: "/var/lib/skiff/instances/web/stop-target".into(),
             cgroups: Cgroups::V1,
         }
     }
@@ -332,7 +355,11 @@ mod tests {
         s.nic = None;
         let c = render(&s).unwrap();
         assert!(!c.contains("lxc.idmap"));
-        assert!(!c.contains("lxc.init.cmd"));
+        assert!(c.contains("lxc.init.cmd = /sbin/init\n"));
+        assert!(c.contains("lxc.signal.halt = SIGRTMIN+3\n"));
+        assert!(c.contains(
+            "lxc.hook.stop = /bin/sh -c 'echo \"$LXC_TARGET\" > /var/lib/skiff/instances/web/stop-target'\n"
+        ));
         assert!(c.contains("lxc.cgroup2.memory.max = 268435456\n"));
         assert!(c.contains("lxc.cgroup2.cpu.max = 200000 100000\n"));
         assert!(c.contains("lxc.net.0.type = empty\n"));
@@ -345,6 +372,9 @@ mod tests {
         assert!(matches!(render(&s), Err(ConfError::Unsafe { .. })));
         let mut s = spec();
         s.mounts[0].source = "/with space".into();
+        assert!(matches!(render(&s), Err(ConfError::Unsafe { .. })));
+        let mut s = spec();
+        s.stop_target = "/x/it's$(evil)".into();
         assert!(matches!(render(&s), Err(ConfError::Unsafe { .. })));
     }
 }

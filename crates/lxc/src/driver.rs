@@ -19,6 +19,7 @@ use tokio::sync::broadcast;
 
 use crate::conf::{self, BindMount, Cgroups, Init, Veth, AGENT_SOCKET, EVENT_SOCKET};
 use crate::nsmount;
+use crate::system::{self, Reboots};
 use crate::tools::{Lxc, State};
 
 /// Events buffered for a slow daemon.
@@ -172,6 +173,7 @@ impl LxcDriver {
                 ImageKind::System => Init::System,
             },
             console_log: inst.dir.join("console.log"),
+            stop_target: system::stop_target(inst),
             cgroups: self.cgroups,
         })
     }
@@ -217,11 +219,9 @@ impl LxcDriver {
                 Some(s)
             }
             ImageKind::System => {
-                let cmd = conf::agent_service_command();
-                let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
-                self.lxc.attach(&inst.name, &args).await.map_err(boxed)?;
-                agent.ping().await.map_err(boxed)?;
-                None
+                system::settle(self.running_pid(inst).await?).await;
+                system::start_agent(&self.lxc, inst, &agent).await?;
+                return Ok(None);
             }
         };
         if let Some(net) = skiff_driver::network_config(inst) {
@@ -234,34 +234,49 @@ impl LxcDriver {
     }
 
     /// Watches a running container: the agent's events become
-    /// [`DriverEvent`]s; when its init ends, its volume is unmounted.
+    /// [`DriverEvent`]s; when its init ends for good (not a reboot of a
+    /// system container), its volume is unmounted.
     fn watch(&self, inst: &InstanceSpec, pid: i32, listener: Option<EventListener>, stream: Option<EventStream>) {
         let (name, tx) = (inst.name.clone(), self.events.clone());
         let volume = self.pool.open_volume(&inst.name).ok();
         let (sockets, last_file) = (self.sockets(inst), Self::last_exit_file(inst));
         let watching = self.watching.clone();
+        let reboots = (inst.image_kind == ImageKind::System).then(|| Reboots {
+            lxc: self.lxc.clone(),
+            inst: inst.clone(),
+            agent: self.agent_client(inst),
+        });
         let task = tokio::spawn(async move {
-            let ended = pidfd(pid);
+            let mut pid = pid;
             let mut listener = listener;
             let mut stream = stream;
             let mut last_main: Option<ExitStatus> = None;
-            if let Ok(fd) = &ended {
-                loop {
-                    tokio::select! {
-                        _ = fd.readable() => break,
-                        s = accept(listener.as_ref()) => match s {
-                            Some(s) => stream = Some(s),
-                            None => listener = None,
-                        },
-                        ev = next_event(stream.as_mut()) => match ev {
-                            Some(Event::MainExited { status, restarting }) => {
-                                last_main = Some(status);
-                                let _ = tx.send(DriverEvent::MainExited { name: name.clone(), status, restarting });
-                            }
-                            Some(_) => {}
-                            None => stream = None,
-                        },
+            loop {
+                if let Ok(fd) = &pidfd(pid) {
+                    loop {
+                        tokio::select! {
+                            _ = fd.readable() => break,
+                            s = accept(listener.as_ref()) => match s {
+                                Some(s) => stream = Some(s),
+                                None => listener = None,
+                            },
+                            ev = next_event(stream.as_mut()) => match ev {
+                                Some(Event::MainExited { status, restarting }) => {
+                                    last_main = Some(status);
+                                    let _ = tx.send(DriverEvent::MainExited { name: name.clone(), status, restarting });
+                                }
+                                Some(_) => {}
+                                None => stream = None,
+                            },
+                        }
                     }
+                }
+                match &reboots {
+                    Some(r) => match r.follow(pid).await {
+                        Some(new) => pid = new,
+                        None => break,
+                    },
+                    None => break,
                 }
             }
             let detail = match last_main {
@@ -452,6 +467,7 @@ impl Driver for LxcDriver {
             std::fs::write(dir.join("config"), text).map_err(host("writing the LXC config"))?;
             let _ = std::fs::remove_file(dir.join("lxc.log"));
             let _ = std::fs::remove_file(Self::last_exit_file(inst));
+            let _ = std::fs::remove_file(system::stop_target(inst));
             if let Err(e) = self.lxc.start(&inst.name).await {
                 let log = log_errors(&dir.join("lxc.log"));
                 return Err(DriverError::Host(format!("{}\n{log}", skiff_run::monitor::error_chain(&e))));

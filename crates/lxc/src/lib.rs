@@ -11,7 +11,8 @@
 //!   with its env, cwd, user and restart policy, reports its exit, and ends
 //!   the container when it ends for good;
 //! - a **system container** boots its own init; the agent is started
-//!   beside it once it runs (`lxc-attach`, `skiff-agent --daemon`).
+//!   beside it once it runs (`lxc-attach`, `skiff-agent --daemon`), and
+//!   again after a reboot from inside (see `system.rs`).
 //!
 //! The agent listens on a Unix socket in a host directory bind-mounted at
 //! `/.skiff/sock` and sends its events to another one there. LXC's own
@@ -31,6 +32,7 @@
 pub mod conf;
 mod driver;
 pub mod nsmount;
+mod system;
 pub mod tools;
 
 pub use driver::{LxcDriver, LxcDriverConfig, DEFAULT_IDMAP};

@@ -1,5 +1,7 @@
-//! `image list|info|delete|alias`: `GET /1.0/images?recursion=1`,
+//! `image list|info|delete|import|alias`: `GET /1.0/images?recursion=1`,
 //! `GET /1.0/images/{fingerprint}`, `DELETE /1.0/images/{fingerprint}`,
+//! `POST /1.0/images` (the tarball as the body, as LXD's client sends it:
+//! `X-LXD-filename`, `X-LXD-properties`; then the aliases),
 //! `POST|DELETE|GET /1.0/images/aliases`. An image is named by an alias
 //! (`GET /1.0/images/aliases/{alias}`) or a fingerprint (prefix).
 
@@ -12,7 +14,7 @@ use skiff_api::{Image, ImageAliasesEntry, ImageAliasesPost};
 
 use super::Ctx;
 use crate::cli::{AliasCmd, ImageCmd};
-use crate::client::{self, encode_segment, Client};
+use crate::client::{self, encode_query, encode_segment, Body, Client};
 use crate::format::{self, Table};
 
 /// The description column: `description`, else the OCI reference.
@@ -74,6 +76,27 @@ pub fn render(i: &Image) -> String {
     o
 }
 
+/// Sends a tarball to `POST /1.0/images`, waits for the import; its fingerprint.
+async fn import(client: &Client, file: &std::path::Path, properties: &[(String, String)]) -> anyhow::Result<String> {
+    let f = tokio::fs::File::open(file).await.with_context(|| format!("opening {}", file.display()))?;
+    let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let props: Vec<String> =
+        properties.iter().map(|(k, v)| format!("{}={}", encode_query(k), encode_query(v))).collect();
+    let mut headers = vec![("X-LXD-filename", name), ("X-LXD-public", "0".to_string())];
+    if !props.is_empty() {
+        headers.push(("X-LXD-properties", props.join("&")));
+    }
+    let raw = client.raw(Method::POST, "/1.0/images", &headers, Body::File(f)).await?;
+    let env = raw.envelope()?;
+    if env.kind == skiff_api::ResponseType::Error {
+        let code = if env.error_code != 0 { env.error_code } else { raw.status.as_u16() };
+        return Err(client::ClientError::Remote { code, message: env.error }.into());
+    }
+    let op: skiff_api::Operation = client::decode(env.metadata)?;
+    let done = client.wait(&op.id).await?;
+    done.metadata["fingerprint"].as_str().map(str::to_string).context("the import's operation gave no fingerprint")
+}
+
 /// Runs an `image` command.
 pub async fn run(ctx: &Ctx, c: ImageCmd) -> anyhow::Result<i32> {
     let client = &ctx.client;
@@ -97,6 +120,18 @@ pub async fn run(ctx: &Ctx, c: ImageCmd) -> anyhow::Result<i32> {
                     .run(Method::DELETE, &format!("/1.0/images/{}", encode_segment(&fp)), None)
                     .await
                     .with_context(fail)?;
+            }
+        }
+        ImageCmd::Import { file, aliases, properties } => {
+            let fail = || format!("Failed to import {}", file.display());
+            let fp = import(client, &file, &properties).await.with_context(fail)?;
+            println!("Image imported with fingerprint: {fp}");
+            for alias in aliases {
+                let body = ImageAliasesPost { name: alias.clone(), description: String::new(), target: fp.clone() };
+                client
+                    .run(Method::POST, "/1.0/images/aliases", Some(&client::json(&body)))
+                    .await
+                    .with_context(|| format!("Failed to create the alias \"{alias}\""))?;
             }
         }
         ImageCmd::Alias(AliasCmd::Create { alias, fingerprint, description }) => {

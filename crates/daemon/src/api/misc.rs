@@ -1,5 +1,6 @@
 //! The rest of the API: the server, operations, events, console and logs,
-//! images, networks, and the fixed `default` profile and project.
+//! networks, and the fixed `default` profile and project (images are in
+//! `images.rs`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -9,13 +10,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, Method, Uri};
 use axum::response::IntoResponse;
 use serde_json::{json, Value};
-use skiff_api::image::ImageSource;
-use skiff_api::{
-    Image, ImageAlias, ImageAliasesEntry, ImageAliasesPost, Network, NetworkLease, Server, ServerEnvironment,
-};
+use skiff_api::{Network, NetworkLease, Server, ServerEnvironment};
 
 use super::{recursion, sync, ApiErr, ApiResult, App, Body};
-use crate::db::write;
 use crate::instances as inst;
 
 /// `GET /`.
@@ -252,143 +249,6 @@ pub async fn events(
             }
         }
     })
-}
-
-fn image_api(
-    d: &App,
-    recs: &[skiff_oci::ImageRecord],
-    aliases: &std::collections::BTreeMap<String, (String, String)>,
-) -> Vec<Image> {
-    let mut out: Vec<Image> = Vec::new();
-    for r in recs {
-        let fp = r.manifest.hex().to_string();
-        if let Some(img) = out.iter_mut().find(|i| i.fingerprint == fp) {
-            img.properties.entry("oci.references".into()).and_modify(|v| {
-                v.push(' ');
-                v.push_str(&r.name)
-            });
-            continue;
-        }
-        let when = std::time::UNIX_EPOCH + Duration::from_secs(r.stored_at);
-        let t = skiff_api::time::format(when);
-        let used = !d.images.store().users(&r.manifest).is_empty();
-        out.push(Image {
-            fingerprint: fp.clone(),
-            aliases: aliases
-                .iter()
-                .filter(|(_, (t, _))| *t == fp)
-                .map(|(n, (_, desc))| ImageAlias { name: n.clone(), description: desc.clone() })
-                .collect(),
-            architecture: "x86_64".into(),
-            cached: true,
-            public: false,
-            properties: [
-                ("oci.references".to_string(), r.name.clone()),
-                ("description".to_string(), r.name.clone()),
-                ("in_use".to_string(), used.to_string()),
-                ("format".to_string(), "oci".to_string()),
-            ]
-            .into(),
-            size: r.size(),
-            // OCI images run as thin VMs (LXD's clients check the type
-            // against --vm); `properties.format` says they are OCI.
-            kind: "virtual-machine".into(),
-            created_at: t.clone(),
-            uploaded_at: t.clone(),
-            last_used_at: t,
-            update_source: Some(ImageSource { alias: r.name.clone(), server: String::new(), protocol: "oci".into() }),
-            filename: r.name.clone(),
-        });
-    }
-    out
-}
-
-fn all_images(d: &App) -> Result<Vec<Image>, ApiErr> {
-    let recs = d.images.list().map_err(|e| ApiErr::new(500, e.to_string()))?;
-    let aliases = d.db().aliases()?;
-    Ok(image_api(d, &recs, &aliases))
-}
-
-/// `GET /1.0/images`.
-pub async fn images(State(d): State<App>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
-    let all = all_images(&d)?;
-    if recursion(&q) >= 1 {
-        sync(all)
-    } else {
-        sync(all.iter().map(|i| format!("/1.0/images/{}", i.fingerprint)).collect::<Vec<_>>())
-    }
-}
-
-fn find_image(d: &App, fp: &str) -> Result<Image, ApiErr> {
-    let rec = d.images.find(fp).map_err(|e| ApiErr::new(404, e.to_string()))?;
-    all_images(d)?.into_iter().find(|i| i.fingerprint == rec.manifest.hex()).ok_or_else(|| ApiErr::not_found("Image"))
-}
-
-/// `GET /1.0/images/{fp}`.
-pub async fn image(State(d): State<App>, Path(fp): Path<String>) -> ApiResult {
-    sync(find_image(&d, &fp)?)
-}
-
-/// `DELETE /1.0/images/{fp}`.
-pub async fn image_delete(State(d): State<App>, Path(fp): Path<String>) -> ApiResult {
-    let rec = d.images.find(&fp).map_err(|e| ApiErr::new(404, e.to_string()))?;
-    d.images.delete(&rec).map_err(|e| ApiErr::new(409, e.to_string()))?;
-    let hex = rec.manifest.hex().to_string();
-    d.db().tx(|tx| {
-        tx.execute("DELETE FROM image_aliases WHERE target = ?1", [&hex]).map_err(crate::db::DbError::from)?;
-        Ok::<_, crate::db::DbError>(())
-    })?;
-    let (op, _) = d.ops.create(skiff_api::OperationClass::Task, "Deleting image", None, Value::Null, false, &[]);
-    d.ops.run(&op, async { Ok(None) });
-    super::accepted(&op)
-}
-
-/// `GET /1.0/images/aliases`.
-pub async fn aliases(State(d): State<App>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
-    let a = d.db().aliases()?;
-    if recursion(&q) >= 1 {
-        sync(
-            a.into_iter()
-                .map(|(name, (target, description))| ImageAliasesEntry {
-                    name,
-                    description,
-                    target,
-                    kind: "virtual-machine".into(),
-                })
-                .collect::<Vec<_>>(),
-        )
-    } else {
-        sync(a.keys().map(|n| format!("/1.0/images/aliases/{n}")).collect::<Vec<_>>())
-    }
-}
-
-/// `POST /1.0/images/aliases`.
-pub async fn alias_post(State(d): State<App>, Body(req): Body<ImageAliasesPost>) -> ApiResult {
-    if req.name.is_empty() || req.name.contains('/') && !req.name.chars().all(|c| c.is_ascii_graphic()) {
-        return Err(ApiErr::bad(format!("invalid alias name {:?}", req.name)));
-    }
-    let rec = d.images.find(&req.target).map_err(|e| ApiErr::new(404, e.to_string()))?;
-    if d.db().aliases()?.contains_key(&req.name) {
-        return Err(ApiErr::new(409, format!("Alias {:?} already exists", req.name)));
-    }
-    let hex = rec.manifest.hex().to_string();
-    d.db().tx(|tx| write::set_alias(tx, &req.name, &hex, &req.description))?;
-    sync(Value::Null)
-}
-
-/// `GET /1.0/images/aliases/{alias}`.
-pub async fn alias_get(State(d): State<App>, Path(alias): Path<String>) -> ApiResult {
-    let a = d.db().aliases()?;
-    let (target, description) = a.get(&alias).cloned().ok_or_else(|| ApiErr::not_found("Alias"))?;
-    sync(ImageAliasesEntry { name: alias, description, target, kind: "virtual-machine".into() })
-}
-
-/// `DELETE /1.0/images/aliases/{alias}`.
-pub async fn alias_delete(State(d): State<App>, Path(alias): Path<String>) -> ApiResult {
-    if !d.db().tx(|tx| write::delete_alias(tx, &alias))? {
-        return Err(ApiErr::not_found("Alias"));
-    }
-    sync(Value::Null)
 }
 
 fn network_api(d: &App) -> Option<Network> {

@@ -5,6 +5,7 @@
 
 mod exec;
 mod files;
+mod images;
 mod instances;
 mod misc;
 
@@ -157,10 +158,10 @@ pub fn router(app: App) -> Router {
         .route("/1.0/operations/{id}/wait", get(misc::operation_wait))
         .route("/1.0/operations/{id}/websocket", get(misc::operation_websocket))
         .route("/1.0/events", get(misc::events))
-        .route("/1.0/images", get(misc::images))
-        .route("/1.0/images/aliases", get(misc::aliases).post(misc::alias_post))
-        .route("/1.0/images/aliases/{*alias}", get(misc::alias_get).delete(misc::alias_delete))
-        .route("/1.0/images/{*fp}", get(misc::image).delete(misc::image_delete))
+        .route("/1.0/images", get(images::images).post(images::image_post))
+        .route("/1.0/images/aliases", get(images::aliases).post(images::alias_post))
+        .route("/1.0/images/aliases/{*alias}", get(images::alias_get).delete(images::alias_delete))
+        .route("/1.0/images/{*fp}", get(images::image).delete(images::image_delete))
         .route("/1.0/networks", get(misc::networks))
         .route("/1.0/networks/{net}", get(misc::network))
         .route("/1.0/networks/{net}/leases", get(misc::leases))

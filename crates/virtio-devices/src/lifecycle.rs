@@ -22,6 +22,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{ActivateError, ActiveQueue, VirtioInterrupt, VirtioInterruptType};
+use crate::state::{QueueProgress, StateError};
 use crate::worker::{drain_eventfd, EpollHandler, EventLoop, Turn, WorkerError, CONTROL_TOKEN};
 use crate::GuestMemoryMmap;
 
@@ -350,6 +351,33 @@ impl<H: EpollHandler> Lifecycle<H> {
     pub fn is_paused(&self) -> bool {
         self.worker.as_ref().is_some_and(Worker::is_parked)
     }
+
+    /// The progress of the worker's queues, for a snapshot: the worker is
+    /// stopped (its handler comes back with the queues as it left them)
+    /// and started again over the same handler, parked if the lifecycle is
+    /// paused. Nothing without a worker.
+    pub fn queue_progress(&mut self) -> Result<Vec<QueueProgress>, StateError>
+    where
+        H: QueueOwner,
+    {
+        let Some(worker) = self.worker.take() else {
+            return Ok(Vec::new());
+        };
+        let handler = worker
+            .stop()
+            .map_err(|e| StateError::Worker(ActivateError::Worker(e)))?;
+        let progress = handler.queue_progress();
+        self.start(handler).map_err(StateError::Worker)?;
+        Ok(progress)
+    }
+}
+
+/// A handler that can tell where its queues are (see
+/// [`Lifecycle::queue_progress`]). Its `register` must add every fd it
+/// serves, so that a worker started again over it loses nothing.
+pub trait QueueOwner {
+    /// Each queue's progress.
+    fn queue_progress(&self) -> Vec<QueueProgress>;
 }
 
 /// A device whose activation is one worker over one handler: it supplies
@@ -398,7 +426,9 @@ pub trait WorkerDevice {
 /// The [`crate::VirtioDevice`] methods a [`WorkerDevice`] forwards to its
 /// lifecycle: `activate` (to [`WorkerDevice::activate_worker`]), `pause`,
 /// `resume`, and `counters` (its `counters` field's map plus the
-/// interrupts). Expands inside `impl VirtioDevice for ...` of a device that
+/// interrupts); `lifecycle_methods!(snapshot)` adds `queue_progress` for a
+/// device whose only state is its queues (its handler must be a
+/// [`QueueOwner`]). Expands inside `impl VirtioDevice for ...` of a device that
 /// keeps its [`Lifecycle`] in a field `life` and its counters (made with
 /// `device_counters!`) in a field `counters`.
 macro_rules! lifecycle_methods {
@@ -419,6 +449,14 @@ macro_rules! lifecycle_methods {
         }
         fn counters(&self) -> std::collections::BTreeMap<&'static str, u64> {
             $crate::lifecycle::with_interrupts(self.counters.to_map(), &self.life)
+        }
+    };
+    (snapshot) => {
+        $crate::lifecycle::lifecycle_methods!();
+        fn queue_progress(
+            &mut self,
+        ) -> Result<Vec<$crate::state::QueueProgress>, $crate::state::StateError> {
+            self.life.queue_progress()
         }
     };
 }

@@ -87,6 +87,28 @@ pub struct SerialDevice {
     inner: Serial<IrqLine, NoEvents, SerialOutput>,
 }
 
+/// The UART's registers and unread input, for a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+/// A saved UART that cannot be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    #[error("the saved serial input holds {0} bytes, more than the UART's FIFO")]
+    Fifo(usize),
+}
+
 impl SerialDevice {
     /// `irq` is written whenever the UART raises its interrupt.
     pub fn new(irq: EventFd, out: SerialOutput) -> Self {
@@ -96,6 +118,42 @@ impl SerialDevice {
     /// Queues host input for the guest to read. Returns how many bytes fit.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         self.inner.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+
+    /// A UART restored from `s`.
+    pub fn from_state(s: &SerialSnapshot, irq: EventFd, out: SerialOutput) -> Result<Self, SerialError> {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let inner = Serial::from_state(&state, IrqLine(irq), NoEvents, out)
+            .map_err(|_| SerialError::Fifo(s.in_buffer.len()))?;
+        Ok(Self { inner })
+    }
+
+    /// The registers and unread input.
+    pub fn state(&self) -> SerialSnapshot {
+        let s = self.inner.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
     }
 
     /// Flushes buffered output.

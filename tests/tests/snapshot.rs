@@ -71,7 +71,10 @@ fn prepare(g: &Guest, api: &Client) -> Result<Before> {
     let disk_sha = out.split_whitespace().next().unwrap_or_default().to_string();
     let eth = iface_by_mac(g, MAC)?;
     let dhcp = g.run(&format!("ip link set {eth} up && udhcpc -i {eth} -f -q -n -t 10 -T 2 -s /etc/udhcpc.sh"))?;
-    ensure!(dhcp.contains("bound 10.78.9."), "no DHCP lease: {dhcp}");
+    let ip = dhcp.split("bound ").nth(1).and_then(|r| r.split('/').next()).unwrap_or_default().to_string();
+    ensure!(ip.starts_with("10.78.9."), "no DHCP lease: {dhcp}");
+    let ping = g.exec(&format!("ping -c 1 -W 5 {HOST0}"))?.output;
+    ensure!(ping.contains("1 packets received"), "ping before the snapshot: {ping}");
     let marker = g.run("head -c 4096 /dev/urandom | sha256sum | tee /tmp/marker")?;
     g.run("(i=0; while :; do i=$((i+1)); echo $i > /tmp/count; done) </dev/null >/dev/null 2>&1 &")?;
     std::thread::sleep(Duration::from_secs(1));
@@ -164,8 +167,34 @@ fn check_bad_snapshots(root: &Path, snap: &Path) -> Result<()> {
 fn check_restored(g: &Guest, api: &Client, before: &Before, image: &Path) -> Result<()> {
     let t = Instant::now();
     let out = poll("the guest's server over a new vsock connection", Duration::from_secs(60), || {
-        Ok(guest_exec(&g.vsock, GUEST_PORT, "echo back").ok())
-    })?;
+        guest_exec(&g.vsock, GUEST_PORT, "echo back").map(Some)
+    });
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => {
+            let c0 = api.counters()?;
+            std::thread::sleep(Duration::from_secs(1));
+            let c1 = api.counters()?;
+            let cpu = |pid: u32| -> f64 {
+                let mut t = 0u64;
+                for task in fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+                    let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+                    let stat = fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+                    if comm.starts_with("vcpu") {
+                        let f: Vec<&str> =
+                            stat.rsplit_once(')').map(|x| x.1).unwrap_or("").split_whitespace().collect();
+                        t += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                        t += f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                    }
+                }
+                t as f64 / 100.0
+            };
+            let c = cpu(g.vm.pid());
+            std::thread::sleep(Duration::from_secs(2));
+            let c2 = cpu(g.vm.pid());
+            bail!("{e:#}\n  counters: {c0:?}\n  a second later: {c1:?}\n  vCPU CPU seconds over 2 s: {:.2}", c2 - c);
+        }
+    };
     ensure!(out.output.trim() == "back", "exec after restore: {out:?}");
     println!("  the guest answers exec {} ms after the restore began", t.elapsed().as_millis());
     let info = api.info()?;
@@ -188,8 +217,20 @@ fn check_restored(g: &Guest, api: &Client, before: &Before, image: &Path) -> Res
     second.drain(..MIB as usize);
     second.truncate(MIB as usize);
     ensure!(Some(sha256(&second).as_str()) == out.split_whitespace().next(), "the host does not see the new write");
-    let ping = g.run(&format!("ping -c 2 -W 5 {HOST0}"))?;
-    ensure!(ping.contains("2 packets received"), "ping on {} after the restore: {ping}", before.eth);
+    let ping = g.exec(&format!("ping -c 2 -W 5 {HOST0}"))?.output;
+    if !ping.contains("2 packets received") {
+        let snmp0 = g.run("cat /proc/net/snmp | grep -e Ip: -e Icmp: ; grep virtio /proc/interrupts")?;
+        let ping2 = g.exec(&format!("sleep 3; ping -c 3 -W 5 {HOST0}"))?.output;
+        let guest = g.run("cat /proc/net/snmp | grep -e Ip: -e Icmp: ; grep virtio /proc/interrupts; cat /proc/net/dev; ip neigh; ip addr")?;
+        let guest = format!("{snmp0}\nsecond ping: {ping2}\n{guest}");
+        let mut host = String::new();
+        for cmd in [&["-s", "link", "show"][..], &["neigh"], &["addr"]] {
+            host.push_str(&skiff_tests::fixture::host("ip", cmd).unwrap_or_default());
+        }
+        host.push_str(&skiff_tests::fixture::host("bridge", &["link"]).unwrap_or_default());
+        let c = api.counters()?;
+        bail!("ping on {} after the restore: {ping}\nguest: {guest}\nhost: {host}\ncounters: {c:?}", before.eth);
+    }
     let dmesg = g.run("dmesg | grep -i -e vsock -e 'clocksource' -e watchdog | tail -5; true")?;
     println!("  guest dmesg after restore:\n{dmesg}");
     Ok(())

@@ -97,9 +97,20 @@ pub struct Worker<H: EpollHandler> {
 impl<H: EpollHandler> Worker<H> {
     /// Runs `handler` on a new thread named `name`.
     pub fn spawn(name: &str, handler: H) -> Result<Self, WorkerError> {
+        Self::spawn_with(name, handler, false)
+    }
+
+    /// Runs `handler` on a new thread named `name`; with `paused` the
+    /// thread parks before its first turn, touching nothing until
+    /// [`Worker::resume`] (a worker started while the VM is paused, or
+    /// started again over a handler during a snapshot).
+    pub fn spawn_with(name: &str, handler: H, paused: bool) -> Result<Self, WorkerError> {
         let control = Arc::new(Control {
             event: EventFd::new(EFD_NONBLOCK).map_err(WorkerError::Epoll)?,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                pause: paused,
+                ..State::default()
+            }),
             changed: Condvar::new(),
         });
         let mut event_loop = EventLoop::new(handler)?;
@@ -190,6 +201,9 @@ impl<H: EpollHandler> Drop for Worker<H> {
 
 /// The body of a worker thread.
 fn run<H: EpollHandler>(event_loop: &mut EventLoop<H>, control: &Control, name: &str) {
+    if !control.park_if_paused() {
+        return;
+    }
     loop {
         match event_loop.turn(-1) {
             Ok(Turn::Handled(_)) => {}
@@ -310,7 +324,10 @@ impl<H: EpollHandler> Lifecycle<H> {
         if self.worker.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let worker = Worker::spawn(&self.name, handler)?;
+        // A paused lifecycle's worker parks before its first turn: a turn
+        // before `pause` returned could touch guest memory and its queues
+        // (a snapshot's saved queue positions would then be stale).
+        let worker = Worker::spawn_with(&self.name, handler, self.paused)?;
         if self.paused {
             worker.pause();
         }

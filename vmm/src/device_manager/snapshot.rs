@@ -221,12 +221,18 @@ impl PciDevices {
     }
 
     /// Makes `new` again in the saved device's slot, with its BAR where it
-    /// was, and restores its state (activating it if the guest had).
+    /// was, and restores its state (activating it if the guest had). The
+    /// device stays paused until [`PciDevices::resume_all`].
     pub fn restore_device(&mut self, new: NewDevice, saved: &SavedDevice) -> Result<(), DeviceStateError> {
         let id = saved.id.clone();
         let err = |source| DeviceStateError::Device { id: id.clone(), source };
         let kind = new.kind();
         let model = build_model(&new).map_err(err)?;
+        // Paused: its worker must not touch the queues or raise interrupts
+        // before the vCPUs' LAPICs are restored (an MSI then would be lost,
+        // and the driver, with event index, never notified again); the
+        // restore resumes every device last.
+        model.device.lock().unwrap_or_else(|e| e.into_inner()).pause();
         let name = format!("{} '{id}' ({})", kind_name(kind), model.backend);
         let (slot, transport) = self
             .attach_virtio_at(&name, model.device.clone(), Some(saved.slot), Some(saved.state.bar_addr))

@@ -18,9 +18,11 @@
 //! Restoring ([`restore::restore_vm`]): the state file is read and checked
 //! (format, vCPU count and ids, sizes) and the devices paired with the
 //! command line's before KVM is opened; then memory is mapped, the VM
-//! created, devices made again in their slots and given their state, the
-//! platform devices placed, vCPUs created and given their state, and the
-//! irqchip, PIT and kvmclock set, all before any vCPU runs.
+//! created, devices made again in their slots and given their state (their
+//! workers parked), the platform devices placed, vCPUs created and given
+//! their state, the irqchip, PIT and kvmclock set, and only then the
+//! devices resumed (an interrupt raised before the LAPICs are restored
+//! would be lost), all before any vCPU runs.
 //!
 //! Not yet carried: virtio-fs (vhost-user needs shared memory and a fresh
 //! virtiofsd), virtio-console, a memory hot-plug region (virtio-mem);

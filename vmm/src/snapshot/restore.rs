@@ -132,6 +132,8 @@ pub fn restore_vm(cfg: &RestoreConfig, start: Instant) -> Result<Vmm, RestoreErr
         vcpus.push(vcpu);
     }
     restore_vm_state(vm.fd(), &snap.vm).map_err(RestoreError::VmState)?;
+    // Only now may devices work and interrupt: every LAPIC holds its state.
+    pci.resume_all();
     step("vCPUs, irqchip, PIT and clock restored");
     log::info!(
         "restored {} vCPUs, {} MiB and {} devices from {}",

@@ -1,17 +1,17 @@
 //! VM snapshot and restore (issue 14), in ONE guest boot: a guest with a
 //! counter process, a disk, a NIC on a bridge with DHCP and a vsock command
-//! server is paused, saved with `vm.snapshot`, its VMM killed, and restored
-//! in a new skiff-vmm process from the state and memory files: the counter
-//! goes on from where it was, what the guest kept in memory is there, the
-//! server answers over a new vsock connection (the guest got a transport
-//! reset), the disk's data is intact and takes new writes, the NIC pings.
-//! Between the kill and the restore, bad snapshots are refused with clear
-//! errors before any vCPU runs: a damaged, truncated or other-version
-//! state file, a memory file of the wrong size, more vCPUs than the VM's
-//! max, a missing disk. The guest is Debian's cloud kernel with the
-//! devices-test initramfs (`tests/guest/devices-init.sh`), as in the
-//! hot-plug test. Every check runs; the test fails at the end listing the
-//! failed ones.
+//! server is paused, saved with `vm.snapshot` (and goes on when resumed),
+//! its VMM killed, and restored in a new skiff-vmm process from the state
+//! and memory files: the counter goes on from where it was, what the guest
+//! kept in memory is there, the server answers over a new vsock connection
+//! (the guest got a transport reset), the disk's data is intact and takes
+//! new writes, the NIC pings. Between the kill and the restore, bad
+//! snapshots are refused with clear errors before any vCPU runs: a
+//! damaged, truncated or other-version state file, a memory file of the
+//! wrong size, more vCPUs than the VM's max, a missing disk. The guest is
+//! Debian's cloud kernel with the devices-test initramfs
+//! (`tests/guest/devices-init.sh`), as in the hot-plug test. Every check
+//! runs; the test fails at the end listing the failed ones.
 
 use std::fs;
 use std::net::Ipv4Addr;
@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use sha2::{Digest, Sha256};
-use skiff_tests::fixture::{disk_by_serial, iface_by_mac, sha256, Checks, Guest, Network, GUEST_PORT};
+use skiff_tests::fixture::{
+    counter, disk_by_serial, iface_by_mac, poll, sha256, vcpu_seconds, Checks, Guest, Network, GUEST_PORT,
+};
 use skiff_tests::{artifact, guest_exec, scratch, vmm_binary, RunningVm, VmSpec};
 use skiff_vmm_client::types::VmState;
 use skiff_vmm_client::Client;
@@ -32,27 +34,6 @@ const HOST0: Ipv4Addr = Ipv4Addr::new(10, 78, 9, 1);
 const HOST1: Ipv4Addr = Ipv4Addr::new(10, 78, 10, 1);
 const MAC: &str = "52:54:00:78:09:02";
 const SERIAL: &str = "skiff-snap";
-
-/// Polls `f` until it returns `Ok(Some(_))` or `timeout` passes.
-fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    let mut last = String::new();
-    loop {
-        match f() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last = format!("{e:#}"),
-        }
-        ensure!(Instant::now() < deadline, "{what}: not within {timeout:?} {last}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn counter(g: &Guest) -> Result<u64> {
-    // The loop rewrites the file; read until a whole number shows.
-    let out = g.run("while :; do c=$(cat /tmp/count); [ -n \"$c\" ] && break; done; echo $c")?;
-    Ok(out.trim().parse()?)
-}
 
 /// What the guest holds before the snapshot, checked after the restore.
 struct Before {
@@ -175,23 +156,9 @@ fn check_restored(g: &Guest, api: &Client, before: &Before, image: &Path) -> Res
             let c0 = api.counters()?;
             std::thread::sleep(Duration::from_secs(1));
             let c1 = api.counters()?;
-            let cpu = |pid: u32| -> f64 {
-                let mut t = 0u64;
-                for task in fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
-                    let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-                    let stat = fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-                    if comm.starts_with("vcpu") {
-                        let f: Vec<&str> =
-                            stat.rsplit_once(')').map(|x| x.1).unwrap_or("").split_whitespace().collect();
-                        t += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-                        t += f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-                    }
-                }
-                t as f64 / 100.0
-            };
-            let c = cpu(g.vm.pid());
+            let c = vcpu_seconds(g.vm.pid())?;
             std::thread::sleep(Duration::from_secs(2));
-            let c2 = cpu(g.vm.pid());
+            let c2 = vcpu_seconds(g.vm.pid())?;
             bail!("{e:#}\n  counters: {c0:?}\n  a second later: {c1:?}\n  vCPU CPU seconds over 2 s: {:.2}", c2 - c);
         }
     };
@@ -289,6 +256,14 @@ fn snapshot_and_restore() -> Result<()> {
         saved.memory_bytes >> 20
     );
     ensure!(fs::metadata(snap.join("memory"))?.len() == 256 * MIB, "the memory file is not the guest's size");
+    checks.run("the saved VM goes on after the snapshot", || {
+        ensure!(api.info()?.state == VmState::Paused, "vm.snapshot resumed the VM");
+        api.resume()?;
+        let c = counter(&g)?;
+        std::thread::sleep(Duration::from_millis(500));
+        ensure!(counter(&g)? > c, "the counter does not run after vm.snapshot and vm.resume");
+        Ok(())
+    });
     let old = g.vm.report();
     g.vm.signal(libc::SIGKILL)?;
     drop(g);

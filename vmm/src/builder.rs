@@ -92,6 +92,17 @@ impl Buses {
             mmio: Arc::new(Bus::new()),
         })
     }
+
+    /// What each vCPU of the VM with `ram` is given.
+    pub(crate) fn vcpu_context(&self, ram: &GuestRam) -> VcpuContext {
+        VcpuContext {
+            io_bus: self.io.clone(),
+            mmio_bus: self.mmio.clone(),
+            exit: self.exit.clone(),
+            counters: self.counters.clone(),
+            mem: ram.mem.clone(),
+        }
+    }
 }
 
 /// The platform devices every VM has besides PCI: the Generic Event
@@ -238,13 +249,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     write_boot_params(&ram.mem, ram.boot_size, &kernel, cmdline_size, initramfs, rsdp).map_err(BuildError::Boot)?;
     step("initramfs, command line, ACPI and boot parameters");
 
-    let vcpu_ctx = VcpuContext {
-        io_bus: buses.io.clone(),
-        mmio_bus: buses.mmio.clone(),
-        exit: buses.exit.clone(),
-        counters: buses.counters.clone(),
-        mem: ram.mem.clone(),
-    };
+    let vcpu_ctx = buses.vcpu_context(&ram);
     let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
     for id in 0..config.cpus {
         let vcpu = Vcpu::new(&vm, id, vcpu_ctx.clone()).map_err(BuildError::Vcpu)?;

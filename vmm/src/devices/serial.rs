@@ -87,19 +87,41 @@ pub struct SerialDevice {
     inner: Serial<IrqLine, NoEvents, SerialOutput>,
 }
 
-/// The UART's registers and unread input, for a snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SerialSnapshot {
-    pub baud_divisor_low: u8,
-    pub baud_divisor_high: u8,
-    pub interrupt_enable: u8,
-    pub interrupt_identification: u8,
-    pub line_control: u8,
-    pub line_status: u8,
-    pub modem_control: u8,
-    pub modem_status: u8,
-    pub scratch: u8,
-    pub in_buffer: Vec<u8>,
+/// Declares [`SerialSnapshot`], vm-superio's `SerialState` as serde data,
+/// and the conversions both ways, from one list of fields.
+macro_rules! serial_snapshot {
+    ($($field:ident: $ty:ty),+ $(,)?) => {
+        /// The UART's registers and unread input, for a snapshot.
+        #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+        pub struct SerialSnapshot {
+            $(pub $field: $ty,)+
+        }
+
+        impl From<vm_superio::serial::SerialState> for SerialSnapshot {
+            fn from(s: vm_superio::serial::SerialState) -> Self {
+                Self { $($field: s.$field,)+ }
+            }
+        }
+
+        impl From<SerialSnapshot> for vm_superio::serial::SerialState {
+            fn from(s: SerialSnapshot) -> Self {
+                Self { $($field: s.$field,)+ }
+            }
+        }
+    };
+}
+
+serial_snapshot! {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
 }
 
 /// A saved UART that cannot be restored.
@@ -122,38 +144,14 @@ impl SerialDevice {
 
     /// A UART restored from `s`.
     pub fn from_state(s: &SerialSnapshot, irq: EventFd, out: SerialOutput) -> Result<Self, SerialError> {
-        let state = vm_superio::serial::SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        };
-        let inner = Serial::from_state(&state, IrqLine(irq), NoEvents, out)
+        let inner = Serial::from_state(&s.clone().into(), IrqLine(irq), NoEvents, out)
             .map_err(|_| SerialError::Fifo(s.in_buffer.len()))?;
         Ok(Self { inner })
     }
 
     /// The registers and unread input.
     pub fn state(&self) -> SerialSnapshot {
-        let s = self.inner.state();
-        SerialSnapshot {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
+        self.inner.state().into()
     }
 
     /// Flushes buffered output.
@@ -219,5 +217,21 @@ mod tests {
         let mut b = [0u8];
         dev.read(0x3f8, 0, &mut b);
         assert_eq!(b[0], b'x');
+    }
+
+    #[test]
+    fn state_round_trips_and_an_overfull_fifo_is_refused() {
+        let exit = Arc::new(ExitState::new().unwrap());
+        let out = || SerialOutput::new(Box::new(std::io::sink()), exit.clone());
+        let mut dev = SerialDevice::new(EventFd::new(0).unwrap(), out());
+        dev.write(0x3f8, 3, &[0x03]); // LCR: 8N1
+        dev.write(0x3f8, 1, &[0x02]); // IER: THR empty
+        dev.enqueue_input(b"ab");
+        let s = dev.state();
+        assert_eq!((s.line_control, s.interrupt_enable, s.in_buffer.as_slice()), (0x03, 0x02, &b"ab"[..]));
+        let back = SerialDevice::from_state(&s, EventFd::new(0).unwrap(), out()).unwrap();
+        assert_eq!(back.state(), s);
+        let big = SerialSnapshot { in_buffer: vec![0; 65], ..s };
+        assert!(SerialDevice::from_state(&big, EventFd::new(0).unwrap(), out()).is_err());
     }
 }

@@ -13,7 +13,7 @@ use crate::builder::{attach_platform, BuildError, Built, Buses};
 use crate::config::{SerialConfig, VmConfig, MAX_CPUS, MIN_MEMORY_MIB};
 use crate::device_manager::{devices_for_restore, DeviceConfig, DeviceError, DeviceStateError, PciDevices};
 use crate::vmm::Vmm;
-use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuError};
+use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{open_kvm, Vm, VmError};
 
 /// What `--restore` is given: the snapshot and the host side anew.
@@ -118,13 +118,7 @@ pub fn restore_vm(cfg: &RestoreConfig, start: Instant) -> Result<Vmm, RestoreErr
     let platform =
         attach_platform(&vm, &buses, cpus, &cfg.serial, Some(&snap.serial), start).map_err(RestoreError::Build)?;
 
-    let vcpu_ctx = VcpuContext {
-        io_bus: buses.io.clone(),
-        mmio_bus: buses.mmio.clone(),
-        exit: buses.exit.clone(),
-        counters: buses.counters.clone(),
-        mem: ram.mem.clone(),
-    };
+    let vcpu_ctx = buses.vcpu_context(&ram);
     let mut vcpus = Vec::with_capacity(snap.vcpus.len());
     for s in &snap.vcpus {
         let vcpu = Vcpu::new(&vm, s.id, vcpu_ctx.clone()).map_err(RestoreError::Vcpu)?;

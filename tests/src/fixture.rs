@@ -206,3 +206,46 @@ pub fn iface_by_mac(g: &Guest, mac: &str) -> Result<String> {
 pub fn field(out: &str, n: usize) -> &str {
     out.split_whitespace().nth(n).unwrap_or("")
 }
+
+/// Polls `f` until it returns `Ok(Some(_))` or `timeout` passes.
+pub fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        match f() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        ensure!(Instant::now() < deadline, "{what}: not within {timeout:?} {last}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// CPU seconds of skiff-vmm's vCPU threads.
+pub fn vcpu_seconds(pid: u32) -> Result<f64> {
+    let mut total = 0u64;
+    for t in fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+        let t = t.path();
+        // Threads come and go (API connections): skip those gone meanwhile.
+        let (Ok(comm), Ok(stat)) = (fs::read_to_string(t.join("comm")), fs::read_to_string(t.join("stat"))) else {
+            continue;
+        };
+        if !comm.starts_with("vcpu") {
+            continue;
+        }
+        let after = stat.rsplit_once(')').context("stat")?.1;
+        let f: Vec<&str> = after.split_whitespace().collect();
+        total += f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    }
+    // SAFETY: sysconf has no preconditions.
+    Ok(total as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
+}
+
+/// The guest's counter (`/tmp/count`, rewritten by a shell loop the
+/// test started).
+pub fn counter(g: &Guest) -> Result<u64> {
+    // The loop rewrites the file; read until a whole number shows.
+    let out = g.run("while :; do c=$(cat /tmp/count); [ -n \"$c\" ] && break; done; echo $c")?;
+    Ok(out.trim().parse()?)
+}

@@ -130,27 +130,42 @@ impl RunningVm {
     /// Starts `skiff-vmm` like [`RunningVm::start`], with `extra` arguments
     /// (devices: `--disk`, `--net`, `--vsock`, ...) after the others.
     pub fn start_with(spec: &VmSpec, extra: &[String]) -> Result<Self> {
+        Self::launch(|cmd| {
+            cmd.arg("--kernel")
+                .arg(&spec.kernel)
+                .arg("--cmdline")
+                .arg(&spec.cmdline)
+                // The spec's sizes, unless `extra` gives them (`boot=2,max=6`,
+                // `size=512,hotplug=2048`).
+                .args(unless_given(extra, "--cpus", spec.cpus.to_string()))
+                .args(unless_given(extra, "--memory", spec.memory_mib.to_string()));
+            if let Some(i) = &spec.initramfs {
+                cmd.arg("--initramfs").arg(i);
+            }
+            if let Some(a) = &spec.api_socket {
+                cmd.arg("--api-socket").arg(a);
+            }
+            cmd.args(extra);
+        })
+    }
+
+    /// Starts `skiff-vmm --restore DIR` with the serial console in a file
+    /// and `extra` arguments (`--api-socket`, devices given anew).
+    pub fn restore(snapshot: &Path, extra: &[String]) -> Result<Self> {
+        Self::launch(|cmd| {
+            cmd.arg("--restore").arg(snapshot).args(extra);
+        })
+    }
+
+    /// Runs skiff-vmm with the arguments `args` adds, serial output and
+    /// stderr going to files of the VM's own scratch directory.
+    fn launch(args: impl FnOnce(&mut Command)) -> Result<Self> {
         let dir = scratch()?;
         let serial = dir.path().join("serial.log");
         let stderr = dir.path().join("stderr.log");
         let mut cmd = Command::new(vmm_binary()?);
-        cmd.arg("--kernel")
-            .arg(&spec.kernel)
-            .arg("--cmdline")
-            .arg(&spec.cmdline)
-            // The spec's sizes, unless `extra` gives them (`boot=2,max=6`,
-            // `size=512,hotplug=2048`).
-            .args(unless_given(extra, "--cpus", spec.cpus.to_string()))
-            .args(unless_given(extra, "--memory", spec.memory_mib.to_string()))
-            .arg("--serial")
-            .arg(format!("file={}", serial.display()));
-        if let Some(i) = &spec.initramfs {
-            cmd.arg("--initramfs").arg(i);
-        }
-        if let Some(a) = &spec.api_socket {
-            cmd.arg("--api-socket").arg(a);
-        }
-        cmd.args(extra);
+        args(&mut cmd);
+        cmd.arg("--serial").arg(format!("file={}", serial.display()));
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(fs::File::create(&stderr)?);
         let child = cmd.spawn().context("cannot start skiff-vmm")?;
         Ok(Self { child, serial, stderr, started: Instant::now(), _dir: dir })

@@ -13,7 +13,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use skiff_tests::fixture::{disk_by_serial, iface_by_mac, random_bytes, sha256, virtiofsd, Checks, Guest, Network};
+use skiff_tests::fixture::{
+    counter, disk_by_serial, iface_by_mac, poll, random_bytes, sha256, vcpu_seconds, virtiofsd, Checks, Guest, Network,
+};
 use skiff_tests::{artifact, scratch, RunningVm, VmSpec};
 use skiff_vmm_client::types::{DiskSpec, FsSpec, NetSpec, Resize, VmState, VsockSpec};
 use skiff_vmm_client::{Client, ClientError};
@@ -24,21 +26,6 @@ const HOST0: Ipv4Addr = Ipv4Addr::new(10, 78, 7, 1);
 const HOST1: Ipv4Addr = Ipv4Addr::new(10, 78, 8, 1);
 const HP_MAC: &str = "52:54:00:78:07:09";
 
-/// Polls `f` until it returns `Ok(Some(_))` or `timeout` passes.
-fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    let mut last = String::new();
-    loop {
-        match f() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last = format!("{e:#}"),
-        }
-        ensure!(Instant::now() < deadline, "{what}: not within {timeout:?} {last}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn refused(r: Result<impl std::fmt::Debug, ClientError>, status: u16, needle: &str) -> Result<()> {
     match r {
         Err(ClientError::Refused { status: s, message, .. }) if s == status && message.contains(needle) => {
@@ -47,32 +34,6 @@ fn refused(r: Result<impl std::fmt::Debug, ClientError>, status: u16, needle: &s
         }
         other => bail!("expected a {status} error mentioning {needle:?}, got {other:?}"),
     }
-}
-
-/// CPU seconds of skiff-vmm's vCPU threads.
-fn vcpu_seconds(pid: u32) -> Result<f64> {
-    let mut total = 0u64;
-    for t in fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
-        let t = t.path();
-        // Threads come and go (API connections): skip those gone meanwhile.
-        let (Ok(comm), Ok(stat)) = (fs::read_to_string(t.join("comm")), fs::read_to_string(t.join("stat"))) else {
-            continue;
-        };
-        if !comm.starts_with("vcpu") {
-            continue;
-        }
-        let after = stat.rsplit_once(')').context("stat")?.1;
-        let f: Vec<&str> = after.split_whitespace().collect();
-        total += f[11].parse::<u64>()? + f[12].parse::<u64>()?;
-    }
-    // SAFETY: sysconf has no preconditions.
-    Ok(total as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
-}
-
-fn counter(g: &Guest) -> Result<u64> {
-    // The loop rewrites the file; read until a whole number shows.
-    let out = g.run("while :; do c=$(cat /tmp/count); [ -n \"$c\" ] && break; done; echo $c")?;
-    Ok(out.trim().parse()?)
 }
 
 fn check_pause(g: &Guest, api: &Client) -> Result<()> {

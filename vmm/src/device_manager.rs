@@ -38,6 +38,9 @@ use crate::interrupt::{KvmIoEvents, KvmMsiManager};
 use crate::memory::{GuestRam, MemfdBackend};
 use crate::options::{ConsoleOption, DiskOption, FsOption, NetBackend, NetOption, VsockOption};
 
+mod snapshot;
+pub use snapshot::{devices_for_restore, DeviceSpec, DeviceStateError, SavedDevice};
+
 /// The virtio devices of a VM, as given on the command line.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceConfig {
@@ -199,6 +202,10 @@ struct Entry {
     tag: Option<String>,
     removing: bool,
     device: Arc<Mutex<dyn VirtioDevice>>,
+    /// How it was made (none for the memory device), and its transport:
+    /// what a snapshot saves.
+    new: Option<NewDevice>,
+    transport: Arc<Mutex<VirtioPciDevice>>,
 }
 
 /// The virtio-mem device of the memory hot-plug region.
@@ -345,16 +352,36 @@ impl PciDevices {
         name: &str,
         device: Arc<Mutex<dyn VirtioDevice>>,
     ) -> Result<(u8, Arc<Mutex<VirtioPciDevice>>), DeviceError> {
+        self.attach_virtio_at(name, device, None, None)
+    }
+
+    /// [`Self::attach_virtio`] into `slot` with BAR0 at `bar` (a restore),
+    /// or anywhere free.
+    fn attach_virtio_at(
+        &mut self,
+        name: &str,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        slot: Option<u8>,
+        bar: Option<u64>,
+    ) -> Result<(u8, Arc<Mutex<VirtioPciDevice>>), DeviceError> {
         let transport = VirtioPciDevice::new(device, self.mem.clone(), &self.msi)
             .map_err(|source| DeviceError::Transport { name: name.to_string(), source })?;
         let transport = Arc::new(Mutex::new(transport));
         let pci: Arc<Mutex<dyn PciDevice>> = transport.clone();
         let mut allocator = self.allocator.lock().unwrap_or_else(|e| e.into_inner());
+        let mut fixed;
+        let allocator: &mut dyn virtio_devices::BarAllocator = match bar {
+            Some(addr) => {
+                fixed = snapshot::FixedBar { inner: &mut allocator, addr };
+                &mut fixed
+            }
+            None => &mut *allocator,
+        };
         let slot = self
             .bus
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .attach(None, pci, &mut *allocator)
+            .attach(slot, pci, allocator)
             .map_err(|source| DeviceError::Attach { name: name.to_string(), source })?;
         Ok((slot, transport))
     }
@@ -374,7 +401,8 @@ impl PciDevices {
         let (slot, transport) = self.attach_virtio(&name, device.clone())?;
         log::info!("PCI slot {slot}: {name}");
         let info = DeviceInfo { id, kind: DeviceKind::Mem, slot, backend, hotplugged: false };
-        self.entries.push(Entry { info, tag: None, removing: false, device });
+        let t = transport.clone();
+        self.entries.push(Entry { info, tag: None, removing: false, device, new: None, transport: t });
         self.entries.sort_by_key(|e| e.info.slot);
         self.memory = Some(MemoryDevice { handle, transport });
         Ok(())
@@ -415,10 +443,11 @@ impl PciDevices {
         }
         let model = build_model(&new)?;
         let name = format!("{} '{id}' ({})", kind_name(kind), model.backend);
-        let (slot, _) = self.attach_virtio(&name, model.device.clone())?;
+        let (slot, transport) = self.attach_virtio(&name, model.device.clone())?;
         log::info!("PCI slot {slot}: {name}{}", if hotplugged { ", hot-plugged" } else { "" });
         let info = DeviceInfo { id: id.clone(), kind, slot, backend: model.backend, hotplugged };
-        self.entries.push(Entry { info, tag: model.tag, removing: false, device: model.device });
+        let (tag, device, new) = (model.tag, model.device, Some(new));
+        self.entries.push(Entry { info, tag, removing: false, device, new, transport });
         self.entries.sort_by_key(|e| e.info.slot);
         Ok(DeviceAdded { id, slot })
     }

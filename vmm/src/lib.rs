@@ -14,6 +14,8 @@
 //!   Generic Event Device and the hot-plug controllers;
 //! * [`device_manager`]: the PCI bus and virtio devices; [`interrupt`]: MSI
 //!   routing and ioeventfds through KVM;
+//! * [`snapshot`]: saving a paused VM to a directory and restoring it in
+//!   a new process;
 //! * [`api`]: the control socket (HTTP/1.1 + JSON; wire types in the
 //!   `skiff-vmm-client` crate).
 
@@ -27,6 +29,7 @@ pub mod exit;
 pub mod interrupt;
 pub mod memory;
 pub mod options;
+pub mod snapshot;
 pub mod vmm;
 pub mod vstate;
 

@@ -10,20 +10,30 @@ use skiff_vmm::builder::build_vm;
 use skiff_vmm::config::{SerialConfig, VmConfig, DEFAULT_CMDLINE};
 use skiff_vmm::device_manager::DeviceConfig;
 use skiff_vmm::options::{ConsoleOption, CpusOption, DiskOption, FsOption, MemoryOption, NetOption, VsockOption};
+use skiff_vmm::snapshot::restore::{restore_vm, RestoreConfig};
 
 /// Skiff's virtual machine monitor: boots one Linux VM on KVM.
 ///
 /// Exit status: 0 when the guest powers off or reboots, or the VMM is
 /// stopped (SIGTERM, SIGINT, the API's `vm.power-off`); 1 when the VM fails (triple fault,
-/// unhandled exit, KVM error); 2 for bad arguments or files, before any VM
-/// is created; 3 when the guest kernel panics.
+/// unhandled exit, KVM error); 2 for bad arguments or files (a damaged or
+/// mismatched snapshot included), before any vCPU runs; 3 when the guest
+/// kernel panics.
 #[derive(Parser, Debug)]
 #[command(name = "skiff-vmm", version, about, long_about)]
 struct Args {
     /// Guest kernel: an uncompressed vmlinux (booted through PVH when it has
     /// the PVH note) or a bzImage.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
+    kernel: Option<PathBuf>,
+    /// Restore the VM saved in DIR by the API's `vm.snapshot` instead of
+    /// booting one: its vCPUs, memory (the file mapped privately) and
+    /// devices. `--disk`, `--net`, `--vsock` and `--rng` then give a saved
+    /// device's host side anew (matched by id: `id=`, or disk0, net0, ...
+    /// as at boot); saved devices not given keep their saved paths, tap and
+    /// socket. `--serial` and `--api-socket` apply as usual.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initramfs", "cpus", "memory", "fs", "console"])]
+    restore: Option<PathBuf>,
     /// Initramfs (cpio, optionally compressed) loaded at the top of low RAM.
     #[arg(long, value_name = "PATH")]
     initramfs: Option<PathBuf>,
@@ -88,8 +98,29 @@ fn main() -> ExitCode {
         .format(|buf, record| writeln!(buf, "[skiff-vmm {}] {}", record.level(), record.args()))
         .init();
     let args = Args::parse();
+    let devices = DeviceConfig {
+        disks: args.disks,
+        nets: args.nets,
+        vsock: args.vsock,
+        fs: args.fs,
+        rng: args.rng,
+        console: args.console,
+    };
+    if let Some(dir) = args.restore {
+        let config = RestoreConfig { dir, serial: args.serial, api_socket: args.api_socket, devices };
+        return match restore_vm(&config, start) {
+            Ok(vmm) => {
+                log::info!("restored {} ms after start", start.elapsed().as_millis());
+                run(vmm)
+            }
+            Err(e) => {
+                print_error("cannot restore: ", &e);
+                ExitCode::from(if e.is_bad_input() { 2 } else { 1 })
+            }
+        };
+    }
     let config = VmConfig {
-        kernel: args.kernel,
+        kernel: args.kernel.unwrap_or_default(),
         initramfs: args.initramfs,
         cmdline: args.cmdline,
         cpus: args.cpus.boot,
@@ -98,14 +129,7 @@ fn main() -> ExitCode {
         hotplug_mib: args.memory.hotplug_mib,
         serial: args.serial,
         api_socket: args.api_socket,
-        devices: DeviceConfig {
-            disks: args.disks,
-            nets: args.nets,
-            vsock: args.vsock,
-            fs: args.fs,
-            rng: args.rng,
-            console: args.console,
-        },
+        devices,
     };
     if let Err(e) = config.validate() {
         print_error("", &e);
@@ -119,6 +143,10 @@ fn main() -> ExitCode {
         }
     };
     log::debug!("VM built {} ms after start", start.elapsed().as_millis());
+    run(vmm)
+}
+
+fn run(vmm: skiff_vmm::vmm::Vmm) -> ExitCode {
     match vmm.run() {
         Ok(reason) => {
             let code = reason.code();

@@ -57,6 +57,9 @@ pub struct GuestRam {
     /// Bytes of boot RAM (what the e820 map describes).
     pub boot_size: u64,
     pub hotplug: Option<HotplugRegion>,
+    /// `memfd` is a snapshot's memory file mapped privately: the guest's
+    /// memory is the mapping, not the file.
+    pub private: bool,
 }
 
 impl GuestRam {
@@ -132,7 +135,7 @@ pub fn create_guest_memory(size: u64, hotplug_size: u64) -> Result<GuestRam, Mem
         mem = mem.insert_region(std::sync::Arc::new(region)).map_err(MemoryError::AddHotplug)?;
     }
     advise_huge_pages(&mem);
-    Ok(GuestRam { mem, memfd, boot_size: size, hotplug })
+    Ok(GuestRam { mem, memfd, boot_size: size, hotplug, private: false })
 }
 
 /// Asks for transparent huge pages on guest RAM: fewer host page faults

@@ -14,6 +14,8 @@
 //! finish and joined, then devices and sockets are dropped (their workers
 //! stop, the API socket file is removed), and `run` returns why.
 
+mod save;
+
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -335,6 +337,7 @@ impl Vmm {
             VmRequest::RemoveDevice(id) => return self.begin_removal(id, reply),
             VmRequest::Resize(_) if self.paused => busy("a resize"),
             VmRequest::Resize(r) => self.resize(r),
+            VmRequest::Snapshot(s) => self.snapshot(&s.destination),
         })
     }
 

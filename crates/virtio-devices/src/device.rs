@@ -9,6 +9,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::state::{QueueProgress, StateError};
 use crate::GuestMemoryMmap;
 
 /// Errors from activating a device.
@@ -136,6 +137,16 @@ pub trait VirtioDevice: Send {
     fn counters(&self) -> BTreeMap<&'static str, u64> {
         BTreeMap::new()
     }
+    /// Where the device side of each active queue is, for a snapshot
+    /// (call paused). An inactive device returns nothing. The default
+    /// refuses: the device keeps state a snapshot does not carry.
+    fn queue_progress(&mut self) -> Result<Vec<QueueProgress>, StateError> {
+        Err(StateError::Unsupported(self.device_type()))
+    }
+    /// The device is about to be activated from a snapshot's state, with
+    /// new host-side resources: it tells the driver whatever the host side
+    /// lost (vsock resets its transport). The default does nothing.
+    fn restoring(&mut self) {}
 }
 
 /// Copies `config[offset..]` into `data`, zero-filling what lies outside.

@@ -58,6 +58,9 @@
 //!    guest through the transport; worker threads start on `DRIVER_OK`
 //!    and stop on reset or drop ([`lifecycle`]). Pause the devices
 //!    ([`VirtioDevice::pause`]) after the vCPUs and resume them before;
+//!    a paused VM's functions save and restore their state through
+//!    [`VirtioPciDevice::save_state`] and [`VirtioPciDevice::restore_state`]
+//!    ([`state`]);
 //!    [`VirtioDevice::counters`] reports each device's I/O counters.
 //! 6. **Memory for virtio-fs.** Guest RAM regions must be created from a
 //!    file (memfd) with a `FileOffset`, or [`fs::Fs`] activation fails with
@@ -98,6 +101,7 @@ pub mod ratelimit;
 pub mod rng;
 pub mod rotating_log;
 pub mod socket;
+pub mod state;
 pub mod transport;
 pub mod vsock;
 pub mod worker;

@@ -22,6 +22,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{ActivateError, ActiveQueue, VirtioInterrupt, VirtioInterruptType};
+use crate::state::{QueueProgress, StateError};
 use crate::worker::{drain_eventfd, EpollHandler, EventLoop, Turn, WorkerError, CONTROL_TOKEN};
 use crate::GuestMemoryMmap;
 
@@ -96,9 +97,20 @@ pub struct Worker<H: EpollHandler> {
 impl<H: EpollHandler> Worker<H> {
     /// Runs `handler` on a new thread named `name`.
     pub fn spawn(name: &str, handler: H) -> Result<Self, WorkerError> {
+        Self::spawn_with(name, handler, false)
+    }
+
+    /// Runs `handler` on a new thread named `name`; with `paused` the
+    /// thread parks before its first turn, touching nothing until
+    /// [`Worker::resume`] (a worker started while the VM is paused, or
+    /// started again over a handler during a snapshot).
+    pub fn spawn_with(name: &str, handler: H, paused: bool) -> Result<Self, WorkerError> {
         let control = Arc::new(Control {
             event: EventFd::new(EFD_NONBLOCK).map_err(WorkerError::Epoll)?,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                pause: paused,
+                ..State::default()
+            }),
             changed: Condvar::new(),
         });
         let mut event_loop = EventLoop::new(handler)?;
@@ -189,6 +201,9 @@ impl<H: EpollHandler> Drop for Worker<H> {
 
 /// The body of a worker thread.
 fn run<H: EpollHandler>(event_loop: &mut EventLoop<H>, control: &Control, name: &str) {
+    if !control.park_if_paused() {
+        return;
+    }
     loop {
         match event_loop.turn(-1) {
             Ok(Turn::Handled(_)) => {}
@@ -309,7 +324,10 @@ impl<H: EpollHandler> Lifecycle<H> {
         if self.worker.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let worker = Worker::spawn(&self.name, handler)?;
+        // A paused lifecycle's worker parks before its first turn: a turn
+        // before `pause` returned could touch guest memory and its queues
+        // (a snapshot's saved queue positions would then be stale).
+        let worker = Worker::spawn_with(&self.name, handler, self.paused)?;
         if self.paused {
             worker.pause();
         }
@@ -350,6 +368,33 @@ impl<H: EpollHandler> Lifecycle<H> {
     pub fn is_paused(&self) -> bool {
         self.worker.as_ref().is_some_and(Worker::is_parked)
     }
+
+    /// The progress of the worker's queues, for a snapshot: the worker is
+    /// stopped (its handler comes back with the queues as it left them)
+    /// and started again over the same handler, parked if the lifecycle is
+    /// paused. Nothing without a worker.
+    pub fn queue_progress(&mut self) -> Result<Vec<QueueProgress>, StateError>
+    where
+        H: QueueOwner,
+    {
+        let Some(worker) = self.worker.take() else {
+            return Ok(Vec::new());
+        };
+        let handler = worker
+            .stop()
+            .map_err(|e| StateError::Worker(ActivateError::Worker(e)))?;
+        let progress = handler.queue_progress();
+        self.start(handler).map_err(StateError::Worker)?;
+        Ok(progress)
+    }
+}
+
+/// A handler that can tell where its queues are (see
+/// [`Lifecycle::queue_progress`]). Its `register` must add every fd it
+/// serves, so that a worker started again over it loses nothing.
+pub trait QueueOwner {
+    /// Each queue's progress.
+    fn queue_progress(&self) -> Vec<QueueProgress>;
 }
 
 /// A device whose activation is one worker over one handler: it supplies
@@ -398,7 +443,9 @@ pub trait WorkerDevice {
 /// The [`crate::VirtioDevice`] methods a [`WorkerDevice`] forwards to its
 /// lifecycle: `activate` (to [`WorkerDevice::activate_worker`]), `pause`,
 /// `resume`, and `counters` (its `counters` field's map plus the
-/// interrupts). Expands inside `impl VirtioDevice for ...` of a device that
+/// interrupts); `lifecycle_methods!(snapshot)` adds `queue_progress` for a
+/// device whose only state is its queues (its handler must be a
+/// [`QueueOwner`]). Expands inside `impl VirtioDevice for ...` of a device that
 /// keeps its [`Lifecycle`] in a field `life` and its counters (made with
 /// `device_counters!`) in a field `counters`.
 macro_rules! lifecycle_methods {
@@ -419,6 +466,14 @@ macro_rules! lifecycle_methods {
         }
         fn counters(&self) -> std::collections::BTreeMap<&'static str, u64> {
             $crate::lifecycle::with_interrupts(self.counters.to_map(), &self.life)
+        }
+    };
+    (snapshot) => {
+        $crate::lifecycle::lifecycle_methods!();
+        fn queue_progress(
+            &mut self,
+        ) -> Result<Vec<$crate::state::QueueProgress>, $crate::state::StateError> {
+            self.life.queue_progress()
         }
     };
 }

@@ -246,4 +246,10 @@ impl Client {
     pub fn resize(&self, resize: &Resize) -> Result<(), ClientError> {
         self.put_empty("vm.resize", Some(resize))
     }
+
+    /// Saves the paused VM into `destination` (state and memory files);
+    /// `skiff-vmm --restore DIR` brings it back.
+    pub fn snapshot(&self, destination: &Path) -> Result<SnapshotSaved, ClientError> {
+        self.put("vm.snapshot", &Snapshot { destination: destination.to_path_buf() })
+    }
 }

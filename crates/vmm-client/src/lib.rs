@@ -25,6 +25,7 @@
 //! | `PUT /api/v1/vm.add-vsock`     | [`types::VsockSpec`] | 200 [`types::DeviceAdded`]  |
 //! | `PUT /api/v1/vm.remove-device` | [`types::RemoveDevice`] | 204 once the guest ejected it |
 //! | `PUT /api/v1/vm.resize`        | [`types::Resize`]    | 204                         |
+//! | `PUT /api/v1/vm.snapshot`      | [`types::Snapshot`]  | 200 [`types::SnapshotSaved`]; the VM must be paused |
 //!
 //! Status codes: 400 a malformed request or body (unknown fields are
 //! refused), 404 an unknown endpoint or device id, 405 a wrong method,

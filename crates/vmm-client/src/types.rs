@@ -191,6 +191,26 @@ pub struct Resize {
     pub memory_mib: Option<u64>,
 }
 
+/// `PUT /api/v1/vm.snapshot`: where a paused VM is saved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    /// A directory (created if missing) that gets the files `state` and
+    /// `memory`; existing ones are replaced.
+    pub destination: std::path::PathBuf,
+}
+
+/// The answer to `vm.snapshot`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotSaved {
+    /// Bytes of the state file.
+    pub state_bytes: u64,
+    /// Bytes of guest memory saved (the memory file's size).
+    pub memory_bytes: u64,
+    /// How long saving took, in milliseconds.
+    pub elapsed_ms: u64,
+}
+
 /// `GET /api/v1/vm.counters`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {

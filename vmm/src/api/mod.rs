@@ -18,7 +18,7 @@ mod http;
 use std::sync::mpsc::Sender;
 
 use serde::Serialize;
-use skiff_vmm_client::types::{DiskSpec, FsSpec, NetSpec, RemoveDevice, Resize, VsockSpec};
+use skiff_vmm_client::types::{DiskSpec, FsSpec, NetSpec, RemoveDevice, Resize, Snapshot, VsockSpec};
 
 pub use http::{ApiServer, ApiServerError};
 
@@ -38,6 +38,7 @@ pub enum VmRequest {
     AddVsock(VsockSpec),
     RemoveDevice(String),
     Resize(Resize),
+    Snapshot(Snapshot),
 }
 
 /// The answer to a request: an HTTP status and a JSON body (or none).
@@ -141,6 +142,10 @@ pub fn route(method: &str, path: &str, raw: &[u8]) -> Result<VmRequest, VmReply>
             want("PUT")?;
             VmRequest::Resize(body(endpoint, raw)?)
         }
+        "vm.snapshot" => {
+            want("PUT")?;
+            VmRequest::Snapshot(body(endpoint, raw)?)
+        }
         other => return Err(VmReply::error(404, format!("unknown endpoint {other}"))),
     };
     Ok(req)
@@ -230,6 +235,11 @@ mod tests {
         );
         let disk = route("PUT", "/api/v1/vm.add-disk", br#"{"path":"/x.img","readonly":true}"#).unwrap();
         assert!(matches!(disk, VmRequest::AddDisk(d) if d.readonly && d.id.is_none()));
+        assert_eq!(
+            route("PUT", "/api/v1/vm.snapshot", br#"{"destination":"/s"}"#),
+            Ok(VmRequest::Snapshot(Snapshot { destination: "/s".into() }))
+        );
+        assert_eq!(route("PUT", "/api/v1/vm.snapshot", br#"{}"#).unwrap_err().status, 400);
         let cases: [(&str, &str, &[u8], u16); 7] = [
             ("PUT", "/api/v1/vm.info", b"", 405),
             ("GET", "/api/v1/vm.pause", b"", 405),

@@ -87,6 +87,50 @@ pub struct SerialDevice {
     inner: Serial<IrqLine, NoEvents, SerialOutput>,
 }
 
+/// Declares [`SerialSnapshot`], vm-superio's `SerialState` as serde data,
+/// and the conversions both ways, from one list of fields.
+macro_rules! serial_snapshot {
+    ($($field:ident: $ty:ty),+ $(,)?) => {
+        /// The UART's registers and unread input, for a snapshot.
+        #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+        pub struct SerialSnapshot {
+            $(pub $field: $ty,)+
+        }
+
+        impl From<vm_superio::serial::SerialState> for SerialSnapshot {
+            fn from(s: vm_superio::serial::SerialState) -> Self {
+                Self { $($field: s.$field,)+ }
+            }
+        }
+
+        impl From<SerialSnapshot> for vm_superio::serial::SerialState {
+            fn from(s: SerialSnapshot) -> Self {
+                Self { $($field: s.$field,)+ }
+            }
+        }
+    };
+}
+
+serial_snapshot! {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
+/// A saved UART that cannot be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    #[error("the saved serial input holds {0} bytes, more than the UART's FIFO")]
+    Fifo(usize),
+}
+
 impl SerialDevice {
     /// `irq` is written whenever the UART raises its interrupt.
     pub fn new(irq: EventFd, out: SerialOutput) -> Self {
@@ -96,6 +140,18 @@ impl SerialDevice {
     /// Queues host input for the guest to read. Returns how many bytes fit.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         self.inner.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+
+    /// A UART restored from `s`.
+    pub fn from_state(s: &SerialSnapshot, irq: EventFd, out: SerialOutput) -> Result<Self, SerialError> {
+        let inner = Serial::from_state(&s.clone().into(), IrqLine(irq), NoEvents, out)
+            .map_err(|_| SerialError::Fifo(s.in_buffer.len()))?;
+        Ok(Self { inner })
+    }
+
+    /// The registers and unread input.
+    pub fn state(&self) -> SerialSnapshot {
+        self.inner.state().into()
     }
 
     /// Flushes buffered output.
@@ -161,5 +217,21 @@ mod tests {
         let mut b = [0u8];
         dev.read(0x3f8, 0, &mut b);
         assert_eq!(b[0], b'x');
+    }
+
+    #[test]
+    fn state_round_trips_and_an_overfull_fifo_is_refused() {
+        let exit = Arc::new(ExitState::new().unwrap());
+        let out = || SerialOutput::new(Box::new(std::io::sink()), exit.clone());
+        let mut dev = SerialDevice::new(EventFd::new(0).unwrap(), out());
+        dev.write(0x3f8, 3, &[0x03]); // LCR: 8N1
+        dev.write(0x3f8, 1, &[0x02]); // IER: THR empty
+        dev.enqueue_input(b"ab");
+        let s = dev.state();
+        assert_eq!((s.line_control, s.interrupt_enable, s.in_buffer.as_slice()), (0x03, 0x02, &b"ab"[..]));
+        let back = SerialDevice::from_state(&s, EventFd::new(0).unwrap(), out()).unwrap();
+        assert_eq!(back.state(), s);
+        let big = SerialSnapshot { in_buffer: vec![0; 65], ..s };
+        assert!(SerialDevice::from_state(&big, EventFd::new(0).unwrap(), out()).is_err());
     }
 }

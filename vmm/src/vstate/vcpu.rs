@@ -134,6 +134,25 @@ impl Vcpu {
         self.id
     }
 
+    /// The KVM vCPU, for saving and restoring its state.
+    pub(crate) fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Runs `KVM_RUN` with `immediate_exit` set: KVM completes an I/O or
+    /// MMIO instruction the VMM has answered but the guest has not retired
+    /// yet, and returns at once. Done before the state is saved, so that
+    /// a restored vCPU does not repeat the access.
+    pub(crate) fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => log::warn!("vCPU {}: completing pending I/O: {e}", self.id),
+            Ok(exit) => log::warn!("vCPU {}: unexpected exit while completing pending I/O: {exit:?}", self.id),
+        }
+        self.fd.set_kvm_immediate_exit(0);
+    }
+
     /// The `kvm_run` area, for the kick signal handler.
     pub(super) fn kvm_run_ptr(&mut self) -> *mut kvm_bindings::kvm_run {
         self.fd.get_kvm_run()

@@ -162,7 +162,7 @@ impl VirtioDevice for Block {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
     }
-    crate::lifecycle::lifecycle_methods!();
+    crate::lifecycle::lifecycle_methods!(snapshot);
     fn reset(&mut self) -> bool {
         self.reset_worker();
         self.acked_features = 0;
@@ -208,6 +208,15 @@ pub struct BlockHandler {
     disk: Arc<Disk>,
     log: Arc<LogLimiter>,
     counters: Arc<BlockCounters>,
+}
+
+impl crate::lifecycle::QueueOwner for BlockHandler {
+    fn queue_progress(&self) -> Vec<crate::state::QueueProgress> {
+        vec![crate::state::QueueProgress::of(
+            self.queue.index,
+            &self.queue.queue,
+        )]
+    }
 }
 
 impl EpollHandler for BlockHandler {

@@ -189,3 +189,32 @@ fn counted_interrupts_reach_the_transport() {
     let map = with_interrupts(BTreeMap::from([("requests", 7)]), &life);
     assert_eq!(map, BTreeMap::from([("interrupts", 2), ("requests", 7)]));
 }
+
+#[test]
+fn queue_progress_of_a_paused_device_leaves_pending_work_untouched() {
+    let mem = single_region_mem(0x10_0000);
+    let mut tq = TestQueue::new(&mem, 0, 16, 0x1_0000);
+    let aq = tq.active(0);
+    let kick = aq.event.try_clone().unwrap();
+    let handler = Rng::new()
+        .handler(atomic_mem(&mem), recorder(), vec![aq])
+        .unwrap();
+    let mut life = Lifecycle::new("test-rng");
+    life.start(handler).unwrap();
+    life.pause();
+    // Work that arrives while paused: neither reading the progress nor
+    // the worker started again over the handler may do it.
+    tq.add_chain(&[(Writable, 16)]);
+    kick.write(1).unwrap();
+    for _ in 0..20 {
+        let p = life.queue_progress().unwrap();
+        assert_eq!((p[0].next_avail, p[0].next_used), (0, 0));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(tq.used_idx(), 0, "a paused device touched guest memory");
+    life.resume();
+    assert!(
+        wait_until(|| tq.used_idx() == 1),
+        "the pending work was lost"
+    );
+}

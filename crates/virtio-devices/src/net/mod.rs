@@ -179,7 +179,7 @@ impl VirtioDevice for Net {
         cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
         read_config_bytes(&cfg, offset, data);
     }
-    crate::lifecycle::lifecycle_methods!();
+    crate::lifecycle::lifecycle_methods!(snapshot);
     fn reset(&mut self) -> bool {
         self.reset_worker();
         self.acked_features = 0;
@@ -428,13 +428,27 @@ impl NetHandler {
     }
 }
 
+impl crate::lifecycle::QueueOwner for NetHandler {
+    fn queue_progress(&self) -> Vec<crate::state::QueueProgress> {
+        [&self.rx, &self.tx]
+            .into_iter()
+            .map(|q| crate::state::QueueProgress::of(q.index, &q.queue))
+            .collect()
+    }
+}
+
 impl EpollHandler for NetHandler {
     type Token = Token;
 
     fn register(&mut self, ctx: &EpollCtx<Token>) -> io::Result<()> {
         ctx.add(self.rx.event.as_raw_fd(), Token::RxQueue, EventSet::IN)?;
         ctx.add(self.tx.event.as_raw_fd(), Token::TxQueue, EventSet::IN)?;
-        ctx.add(self.tap.as_raw_fd(), Token::Tap, EventSet::IN)
+        // A worker started again over this handler (a snapshot) watches
+        // the tap only if the last one did.
+        if self.tap_watched {
+            ctx.add(self.tap.as_raw_fd(), Token::Tap, EventSet::IN)?;
+        }
+        Ok(())
     }
 
     fn handle_event(

@@ -149,6 +149,17 @@ impl RangeAllocator {
         }
     }
 
+    /// Takes `[addr, addr + size)` for a BAR of type `t` placed by someone
+    /// else (a restored device at its saved address); `false` if the range
+    /// is outside the windows or taken.
+    pub fn reserve(&mut self, t: PciBarRegionType, addr: u64, size: u64) -> bool {
+        if size == 0 || !self.windows().allows(t, addr, size) || !self.fits(addr, size) {
+            return false;
+        }
+        self.used.insert(addr, size);
+        true
+    }
+
     fn fits(&self, start: u64, size: u64) -> bool {
         let end = start + size;
         let before = self.used.range(..end).next_back();

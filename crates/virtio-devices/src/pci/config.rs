@@ -41,6 +41,17 @@ pub enum ConfigError {
     /// No room left for the capability.
     #[error("no room for a capability of {0} bytes")]
     CapabilitySpace(usize),
+    /// Restored registers name another function (vendor, device, class).
+    #[error("saved configuration space belongs to another kind of device")]
+    Identity,
+    /// A restored BAR register does not point where the BAR is mapped.
+    #[error("saved BAR {index} at {addr:#x} is not where the BAR is mapped")]
+    BarNotMapped {
+        /// BAR index.
+        index: usize,
+        /// Address in the saved register.
+        addr: u64,
+    },
 }
 
 /// What a BAR maps.
@@ -284,6 +295,33 @@ impl PciConfiguration {
     fn set_byte(&mut self, offset: usize, value: u8) {
         let (reg, shift) = (offset / 4, (offset % 4) * 8);
         self.registers[reg] = (self.registers[reg] & !(0xff << shift)) | u32::from(value) << shift;
+    }
+
+    /// Every register, for a snapshot.
+    pub fn registers(&self) -> &[u32] {
+        &self.registers
+    }
+
+    /// Takes a snapshot's registers. The identity (vendor, device, class)
+    /// must be this function's, and each BAR must read back where it is
+    /// mapped now (the VMM places BARs at the saved addresses first).
+    pub fn restore_registers(&mut self, regs: &[u32]) -> Result<(), ConfigError> {
+        if regs.len() != NUM_CONFIG_REGISTERS
+            || regs[0] != self.registers[0]
+            || regs[2] != self.registers[2]
+        {
+            return Err(ConfigError::Identity);
+        }
+        let before = self.registers;
+        self.registers.copy_from_slice(regs);
+        for index in 0..NUM_BARS {
+            let addr = self.bar_addr(index);
+            if self.mapped[index].is_some_and(|m| m != addr) {
+                self.registers = before;
+                return Err(ConfigError::BarNotMapped { index, addr });
+            }
+        }
+        Ok(())
     }
 
     /// Reads register `reg` (an index in 32-bit words); out of range reads

@@ -277,6 +277,47 @@ impl MsixConfig {
         }
     }
 
+    /// The table, pending bits and control bits, for a snapshot.
+    pub fn state(&self) -> crate::state::MsixState {
+        crate::state::MsixState {
+            table: self
+                .table
+                .iter()
+                .map(|e| [e.addr_lo, e.addr_hi, e.data, e.ctl])
+                .collect(),
+            pba: self.pba.clone(),
+            enabled: self.enabled,
+            function_masked: self.function_masked,
+        }
+    }
+
+    /// Takes a snapshot's state (same number of vectors) and programs
+    /// every vector through the interrupt group, as the guest left them.
+    pub fn restore(&mut self, s: &crate::state::MsixState) -> Result<(), crate::state::StateError> {
+        if s.table.len() != self.table.len() || s.pba.len() != self.pba.len() {
+            return Err(crate::state::StateError::Mismatch(format!(
+                "{} MSI-X vectors saved, the device has {}",
+                s.table.len(),
+                self.table.len()
+            )));
+        }
+        for (e, w) in self.table.iter_mut().zip(&s.table) {
+            *e = Entry {
+                addr_lo: w[0],
+                addr_hi: w[1],
+                data: w[2],
+                ctl: w[3] & VECTOR_CTL_MASK,
+            };
+        }
+        self.pba.copy_from_slice(&s.pba);
+        self.enabled = s.enabled;
+        self.function_masked = s.function_masked;
+        for index in 0..self.table.len() {
+            self.push_update(index);
+        }
+        Ok(())
+    }
+
     /// A guest read of the PBA at `offset` (read-only for the guest).
     pub fn read_pba(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);

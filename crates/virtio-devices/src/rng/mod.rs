@@ -131,7 +131,7 @@ impl VirtioDevice for Rng {
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
-    crate::lifecycle::lifecycle_methods!();
+    crate::lifecycle::lifecycle_methods!(snapshot);
     fn reset(&mut self) -> bool {
         self.reset_worker();
         self.acked_features = 0;
@@ -196,6 +196,15 @@ pub fn fill_chain(
             );
             writer.bytes_written() as u32
         }
+    }
+}
+
+impl crate::lifecycle::QueueOwner for RngHandler {
+    fn queue_progress(&self) -> Vec<crate::state::QueueProgress> {
+        vec![crate::state::QueueProgress::of(
+            self.queue.index,
+            &self.queue.queue,
+        )]
     }
 }
 

@@ -16,6 +16,7 @@
 //! forwarded to the queue's eventfd by [`PciDevice::write_bar`].
 
 pub mod common_config;
+mod state;
 
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -365,6 +366,12 @@ impl VirtioPciDevice {
     }
 
     fn activate(&mut self) {
+        self.activate_with(&[]);
+    }
+
+    /// Activates the device with each queue's device side at `progress`
+    /// (a restore; empty at a driver's `DRIVER_OK`).
+    fn activate_with(&mut self, progress: &[crate::state::QueueProgress]) {
         if self.active {
             return;
         }
@@ -394,6 +401,10 @@ impl VirtioPciDevice {
             };
             let mut queue = clone_queue(&slot.queue);
             queue.set_event_idx(event_idx);
+            if let Some(p) = progress.iter().find(|p| p.index == index) {
+                queue.set_next_avail(p.next_avail);
+                queue.set_next_used(p.next_used);
+            }
             active.push(ActiveQueue {
                 index,
                 queue,

@@ -8,6 +8,7 @@ use super::*;
 use crate::pci::bus::RangeAllocator;
 use crate::pci::msix::tests::TestGroup;
 use crate::rng::Rng;
+use crate::state::StateError;
 use crate::test_utils::*;
 
 struct TestManager(Arc<TestGroup>);
@@ -359,4 +360,59 @@ fn guest_config_floods_are_rate_limited() {
         logs.len(),
         &logs[..3]
     );
+}
+
+#[test]
+fn saved_state_restores_into_a_fresh_function_and_the_queue_goes_on() {
+    let mem = single_region_mem(0x10_0000);
+    let mut d = Driver::new(&mem);
+    assert!(d.negotiate(1 << 32));
+    let mut tq = TestQueue::new(&mem, 0x1000, 16, 0x2_0000);
+    d.setup_queue(0, &tq, 0);
+    d.enable_msix();
+    d.w(0x14, 0xf, 1);
+    tq.add_chain(&[(Writable, 16)]);
+    d.w(NOTIFY_OFFSET, 0, 2);
+    assert!(wait_until(|| tq.used_idx() == 1));
+    lock(d.dev.device()).pause();
+    let state = d.dev.save_state().unwrap();
+    assert!(state.active);
+    let p = state.progress[0];
+    assert_eq!((p.index, p.next_avail, p.next_used), (0, 1, 1));
+    drop(d);
+
+    // A fresh function over a fresh device takes it and serves the next
+    // request where the first one stopped.
+    let mut r = Driver::new(&mem);
+    r.dev.restore_state(&state).unwrap();
+    assert!(r.dev.is_active());
+    assert_eq!(r.status(), 0xf);
+    assert_eq!(r.dev.read_config_register(4), state.config[4]);
+    tq.add_chain(&[(Writable, 24)]);
+    r.w(NOTIFY_OFFSET, 0, 2);
+    assert!(wait_until(|| tq.used_idx() == 2));
+    assert_eq!(tq.used_entry(1).1, 24);
+    assert!(wait_until(|| r.group.fired.lock().unwrap().contains(&0)));
+
+    // Shapes that do not fit are refused before anything changes.
+    let mut bad = state.clone();
+    bad.queues.push(bad.queues[0].clone());
+    assert!(matches!(
+        Driver::new(&mem).dev.restore_state(&bad),
+        Err(StateError::Mismatch(_))
+    ));
+    let mut bad = state.clone();
+    bad.config[0] = 0x1234_5678;
+    assert!(Driver::new(&mem).dev.restore_state(&bad).is_err());
+    let mut bad = state.clone();
+    bad.queues[0].size = 3;
+    assert!(matches!(
+        Driver::new(&mem).dev.restore_state(&bad),
+        Err(StateError::BadQueue { .. })
+    ));
+    let mut bad = state;
+    bad.msix.table.pop();
+    let mut f = Driver::new(&mem);
+    assert!(f.dev.restore_state(&bad).is_err());
+    assert!(!f.dev.is_active());
 }

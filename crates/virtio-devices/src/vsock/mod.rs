@@ -78,6 +78,9 @@ pub struct Vsock {
     path: PathBuf,
     listener: UnixListener,
     acked_features: u64,
+    /// The next activation follows a restore: tell the guest its
+    /// connections are gone.
+    reset_on_activate: std::cell::Cell<bool>,
     life: Lifecycle<VsockHandler>,
     counters: Arc<VsockCounters>,
 }
@@ -100,6 +103,7 @@ impl Vsock {
             path: path.to_path_buf(),
             listener,
             acked_features: 0,
+            reset_on_activate: std::cell::Cell::new(false),
             life: Lifecycle::new(format!("vsock-{cid}")),
             counters: Arc::default(),
         })
@@ -138,6 +142,7 @@ impl WorkerDevice for Vsock {
             event,
             muxer: Muxer::new(self.cid, self.path.clone(), listener),
             counters: self.counters.clone(),
+            reset_pending: self.reset_on_activate.take(),
         })
     }
 }
@@ -164,7 +169,11 @@ impl VirtioDevice for Vsock {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         crate::device::read_config_bytes(&self.cid.to_le_bytes(), offset, data);
     }
-    crate::lifecycle::lifecycle_methods!();
+    crate::lifecycle::lifecycle_methods!(snapshot);
+    fn restoring(&mut self) {
+        // The host side of every connection died with the old process.
+        self.reset_on_activate.set(true);
+    }
     fn reset(&mut self) -> bool {
         self.reset_worker();
         self.acked_features = 0;
@@ -183,9 +192,62 @@ pub struct VsockHandler {
     event: ActiveQueue,
     muxer: Muxer,
     counters: Arc<VsockCounters>,
+    /// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` is still to be sent.
+    reset_pending: bool,
+}
+
+impl crate::lifecycle::QueueOwner for VsockHandler {
+    fn queue_progress(&self) -> Vec<crate::state::QueueProgress> {
+        use crate::state::QueueProgress;
+        vec![
+            QueueProgress::of(self.rx.index, &self.rx.queue),
+            QueueProgress::of(self.tx.index, &self.tx.queue),
+            QueueProgress::of(self.event.index, &self.event.queue),
+        ]
+    }
 }
 
 impl VsockHandler {
+    /// Sends `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` (event id 0, a le32) in
+    /// the driver's next event buffer, if one is due; without a buffer it
+    /// stays due until the driver adds one.
+    fn send_transport_reset(&mut self) -> Result<(), WorkerError> {
+        if !self.reset_pending {
+            return Ok(());
+        }
+        let mem = self.mem.memory();
+        let Some(chain) = next_chain(&mut self.event.queue, &mem)? else {
+            return Ok(());
+        };
+        let head = chain.head_index();
+        let desc = chain.clone().find(|d| d.is_write_only() && d.len() >= 4);
+        let len = match desc {
+            Some(d) => match vm_memory::Bytes::write_obj(&*mem, 0u32.to_le(), d.addr()) {
+                Ok(()) => 4,
+                Err(e) => {
+                    log::warn!("vsock: transport reset event: {e}");
+                    0
+                }
+            },
+            None => 0,
+        };
+        self.event
+            .queue
+            .add_used(&*mem, head, len)
+            .map_err(WorkerError::Queue)?;
+        signal_used_queue(
+            &mut self.event.queue,
+            &mem,
+            EVENT_QUEUE as u16,
+            self.interrupt.as_ref(),
+        )?;
+        if len == 4 {
+            self.reset_pending = false;
+            log::info!("vsock: sent the guest a transport reset");
+        }
+        Ok(())
+    }
+
     fn process_tx(&mut self, ctx: &EpollCtx<Token>) -> Result<(), WorkerError> {
         let mem = self.mem.memory();
         let (muxer, counters) = (&mut self.muxer, &*self.counters);
@@ -312,6 +374,10 @@ impl EpollHandler for VsockHandler {
             EventSet::IN,
         )?;
         ctx.add(self.timer.as_raw_fd(), Token::Timer, EventSet::IN)?;
+        if self.reset_pending {
+            // The first turn sends it.
+            self.event.event.write(1)?;
+        }
         self.muxer.register(ctx)
     }
 
@@ -330,7 +396,10 @@ impl EpollHandler for VsockHandler {
                 drain_eventfd(&self.tx.event);
                 self.process_tx(ctx)?;
             }
-            Token::EventQueue => drain_eventfd(&self.event.event),
+            Token::EventQueue => {
+                drain_eventfd(&self.event.event);
+                self.send_transport_reset()?;
+            }
             Token::Timer => {
                 if let Err(e) = self.timer.wait() {
                     log::warn!("vsock: timer: {e}");

@@ -218,9 +218,18 @@ impl Muxer {
         self.conns.len()
     }
 
-    /// Registers the listening socket.
+    /// Registers the listening socket, and the sockets of host clients
+    /// and connections a worker before this one watched (a worker started
+    /// again over the same handler, for a snapshot).
     pub fn register(&self, ctx: &EpollCtx<Token>) -> io::Result<()> {
-        ctx.add(self.listener.as_raw_fd(), Token::Listener, EventSet::IN)
+        ctx.add(self.listener.as_raw_fd(), Token::Listener, EventSet::IN)?;
+        for (&token, p) in &self.pending_hosts {
+            ctx.add(p.stream.as_raw_fd(), Token::Conn(token), EventSet::IN)?;
+        }
+        for c in self.conns.values().filter(|c| !c.registered.is_empty()) {
+            ctx.add(c.stream.as_raw_fd(), Token::Conn(c.token), c.registered)?;
+        }
+        Ok(())
     }
 
     /// Whether a connection is being set up (a host client before its

@@ -772,3 +772,42 @@ fn host_gone_before_ok_line_then_guest_data() {
     // The device still serves new connections.
     let (_s, _) = g.host_connect(46);
 }
+
+#[test]
+fn a_restored_device_sends_a_transport_reset_once_there_is_an_event_buffer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = single_region_mem(0x100_0000);
+    let rxq = TestQueue::new(&mem, 0x0, 256, 0x10_0000);
+    let txq = TestQueue::new(&mem, 0x4000, 256, 0x80_0000);
+    let mut evq = TestQueue::new(&mem, 0x8000, 16, 0xf0_0000);
+    let mut dev = Vsock::new(CID, &dir.path().join("v.sock")).unwrap();
+    dev.restoring();
+    let (rx, tx, ev) = (rxq.active(0), txq.active(1), evq.active(2));
+    let ev_kick = ev.event.try_clone().unwrap();
+    let h = dev
+        .handler(atomic_mem(&mem), recorder(), vec![rx, tx, ev])
+        .unwrap();
+    let mut el = crate::worker::EventLoop::new(h).unwrap();
+    // No event buffer yet: the reset waits for one.
+    el.run_until_idle(100).unwrap();
+    assert_eq!(evq.used_idx(), 0);
+    let (_, addrs) = evq.add_chain(&[(Writable, 8)]);
+    evq.write(addrs[0], &[0xff; 4]);
+    ev_kick.write(1).unwrap();
+    el.run_until_idle(100).unwrap();
+    assert_eq!(evq.used_idx(), 1);
+    assert_eq!(evq.used_entry(0).1, 4);
+    assert_eq!(
+        evq.read(addrs[0], 4),
+        0u32.to_le_bytes(),
+        "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET"
+    );
+    // Sent once: later event buffers stay with the device.
+    evq.add_chain(&[(Writable, 8)]);
+    ev_kick.write(1).unwrap();
+    el.run_until_idle(100).unwrap();
+    assert_eq!(evq.used_idx(), 1);
+    // A device that was not restored sends nothing.
+    let plain = Vsock::new(CID, &dir.path().join("w.sock")).unwrap();
+    assert!(!plain.reset_on_activate.get());
+}

@@ -53,6 +53,9 @@ enum Command {
         #[arg(long, value_name = "MIB")]
         memory: Option<u64>,
     },
+    /// Save the paused VM into DIR (files `state` and `memory`);
+    /// `skiff-vmm --restore DIR` brings it back.
+    Snapshot { dir: PathBuf },
 }
 
 /// `key=value,...` into pairs; every key must be in `known`.
@@ -131,6 +134,7 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(cpus.is_some() || memory.is_some(), "give --cpus, --memory or both");
             c.resize(&Resize { vcpus: cpus, memory_mib: memory })?
         }
+        Command::Snapshot { dir } => print(&c.snapshot(&dir)?)?,
     }
     Ok(())
 }

@@ -1,0 +1,288 @@
+//! VM snapshot and restore (issue 14), in ONE guest boot: a guest with a
+//! counter process, a disk, a NIC on a bridge with DHCP and a vsock command
+//! server is paused, saved with `vm.snapshot` (and goes on when resumed),
+//! its VMM killed, and restored in a new skiff-vmm process from the state
+//! and memory files: the counter goes on from where it was, what the guest
+//! kept in memory is there, the server answers over a new vsock connection
+//! (the guest got a transport reset), the disk's data is intact and takes
+//! new writes, the NIC pings. Between the kill and the restore, bad
+//! snapshots are refused with clear errors before any vCPU runs: a
+//! damaged, truncated or other-version state file, a memory file of the
+//! wrong size, more vCPUs than the VM's max, a missing disk. The guest is
+//! Debian's cloud kernel with the devices-test initramfs
+//! (`tests/guest/devices-init.sh`), as in the hot-plug test. Every check
+//! runs; the test fails at the end listing the failed ones.
+
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use sha2::{Digest, Sha256};
+use skiff_tests::fixture::{
+    counter, disk_by_serial, iface_by_mac, poll, sha256, vcpu_seconds, Checks, Guest, Network, GUEST_PORT,
+};
+use skiff_tests::{artifact, guest_exec, scratch, vmm_binary, RunningVm, VmSpec};
+use skiff_vmm_client::types::VmState;
+use skiff_vmm_client::Client;
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+const MIB: u64 = 1 << 20;
+const HOST0: Ipv4Addr = Ipv4Addr::new(10, 78, 9, 1);
+const HOST1: Ipv4Addr = Ipv4Addr::new(10, 78, 10, 1);
+const MAC: &str = "52:54:00:78:09:02";
+const SERIAL: &str = "skiff-snap";
+
+/// What the guest holds before the snapshot, checked after the restore.
+struct Before {
+    count: u64,
+    marker: String,
+    disk_sha: String,
+    dev: String,
+    eth: String,
+}
+
+fn prepare(g: &Guest, api: &Client) -> Result<Before> {
+    let dev = disk_by_serial(g, SERIAL)?;
+    let out = g.run(&format!(
+        "dd if=/dev/urandom of=/tmp/p.bin bs=1M count=1 2>/dev/null && dd if=/tmp/p.bin of=/dev/{dev} bs=1M oflag=direct 2>/dev/null && sha256sum /tmp/p.bin"
+    ))?;
+    let disk_sha = out.split_whitespace().next().unwrap_or_default().to_string();
+    let eth = iface_by_mac(g, MAC)?;
+    let dhcp = g.run(&format!("ip link set {eth} up && udhcpc -i {eth} -f -q -n -t 10 -T 2 -s /etc/udhcpc.sh"))?;
+    let ip = dhcp.split("bound ").nth(1).and_then(|r| r.split('/').next()).unwrap_or_default().to_string();
+    ensure!(ip.starts_with("10.78.9."), "no DHCP lease: {dhcp}");
+    let ping = g.exec(&format!("ping -c 1 -W 5 {HOST0}"))?.output;
+    ensure!(ping.contains("1 packets received"), "ping before the snapshot: {ping}");
+    let marker = g.run("head -c 4096 /dev/urandom | sha256sum | tee /tmp/marker")?;
+    g.run("(i=0; while :; do i=$((i+1)); echo $i > /tmp/count; done) </dev/null >/dev/null 2>&1 &")?;
+    std::thread::sleep(Duration::from_secs(1));
+    let c0 = counter(g)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let count = counter(g)?;
+    ensure!(count > c0, "the counter does not run before the snapshot");
+    api.pause()?;
+    Ok(Before { count, marker, disk_sha, dev, eth })
+}
+
+/// Runs `skiff-vmm --restore dir extra...`, which must fail (status 2)
+/// before any vCPU runs with an error containing `needle`.
+fn refused(dir: &Path, extra: &[&str], needle: &str) -> Result<()> {
+    let t = Instant::now();
+    let mut child = Command::new(vmm_binary()?)
+        .arg("--restore")
+        .arg(dir)
+        .args(["--serial", "off"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            bail!("skiff-vmm --restore {} did not exit", dir.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().context("stderr")?, &mut err)?;
+    ensure!(!err.contains("restored "), "it restored: {err}");
+    ensure!(status.code() == Some(2) && err.contains(needle), "expected status 2 and {needle:?}, got {status}: {err}");
+    println!("  refused in {} ms: {}", t.elapsed().as_millis(), err.trim());
+    Ok(())
+}
+
+/// A copy of the snapshot in `snap` (the memory file hard-linked) whose
+/// state file is `state`.
+fn variant(root: &Path, name: &str, snap: &Path, state: &[u8]) -> Result<PathBuf> {
+    let dir = root.join(name);
+    fs::create_dir_all(&dir)?;
+    fs::write(dir.join("state"), state)?;
+    fs::hard_link(snap.join("memory"), dir.join("memory"))?;
+    Ok(dir)
+}
+
+/// `state` with its JSON body changed by `f` and the checksum made right.
+fn reencode(state: &[u8], f: impl FnOnce(&mut serde_json::Value)) -> Result<Vec<u8>> {
+    let mut body: serde_json::Value = serde_json::from_slice(&state[56..])?;
+    f(&mut body);
+    let body = serde_json::to_vec(&body)?;
+    let mut out = state[..56].to_vec();
+    out[16..24].copy_from_slice(&(body.len() as u64).to_le_bytes());
+    out[24..56].copy_from_slice(&Sha256::digest(&body));
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+fn check_bad_snapshots(root: &Path, snap: &Path) -> Result<()> {
+    let state = fs::read(snap.join("state"))?;
+    let mut damaged = state.clone();
+    let at = damaged.len() / 2;
+    damaged[at] ^= 0x01;
+    refused(&variant(root, "damaged", snap, &damaged)?, &[], "damaged (checksum mismatch)")?;
+    refused(&variant(root, "truncated", snap, &state[..state.len() - 100])?, &[], "truncated")?;
+    let mut other = state.clone();
+    other[8] = 99;
+    refused(&variant(root, "version", snap, &other)?, &[], "format version 99")?;
+    let cpus = reencode(&state, |v| {
+        v["boot_cpus"] = 1.into();
+        v["max_cpus"] = 1.into();
+    })?;
+    refused(&variant(root, "cpus", snap, &cpus)?, &[], "more than its max of 1")?;
+    let dir = root.join("memsize");
+    fs::create_dir_all(&dir)?;
+    fs::write(dir.join("state"), &state)?;
+    fs::File::create(dir.join("memory"))?.set_len(128 * MIB)?;
+    refused(&dir, &[], "memory file")?;
+    refused(snap, &["--disk", "path=/nonexistent/disk.raw,id=data"], "/nonexistent/disk.raw")?;
+    refused(snap, &["--fs", "tag=x,socket=/nonexistent"], "cannot be used with")?;
+    Ok(())
+}
+
+fn check_restored(g: &Guest, api: &Client, before: &Before, image: &Path) -> Result<()> {
+    let t = Instant::now();
+    let out = poll("the guest's server over a new vsock connection", Duration::from_secs(60), || {
+        guest_exec(&g.vsock, GUEST_PORT, "echo back").map(Some)
+    });
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => {
+            let c0 = api.counters()?;
+            std::thread::sleep(Duration::from_secs(1));
+            let c1 = api.counters()?;
+            let c = vcpu_seconds(g.vm.pid())?;
+            std::thread::sleep(Duration::from_secs(2));
+            let c2 = vcpu_seconds(g.vm.pid())?;
+            bail!("{e:#}\n  counters: {c0:?}\n  a second later: {c1:?}\n  vCPU CPU seconds over 2 s: {:.2}", c2 - c);
+        }
+    };
+    ensure!(out.output.trim() == "back", "exec after restore: {out:?}");
+    println!("  the guest answers exec {} ms after the restore began", t.elapsed().as_millis());
+    let info = api.info()?;
+    ensure!(info.state == VmState::Running && info.cpus.present == 2, "info: {info:?}");
+    let c1 = counter(g)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let c2 = counter(g)?;
+    println!("  counter: {} at the snapshot, {c1} after the restore, {c2} a second later", before.count);
+    ensure!(c1 >= before.count, "the counter went back: {} -> {c1}", before.count);
+    ensure!(c2 > c1, "the counter does not run after the restore");
+    let marker = g.run("cat /tmp/marker")?;
+    ensure!(marker == before.marker, "guest memory changed: {marker:?} vs {:?}", before.marker);
+    let dev = &before.dev;
+    let read = g.run(&format!("dd if=/dev/{dev} bs=1M count=1 iflag=direct 2>/dev/null | sha256sum"))?;
+    ensure!(read.split_whitespace().next() == Some(&before.disk_sha), "the disk's data changed");
+    let out = g.run(&format!(
+        "dd if=/dev/urandom of=/tmp/q.bin bs=1M count=1 2>/dev/null && dd if=/tmp/q.bin of=/dev/{dev} bs=1M seek=1 oflag=direct 2>/dev/null && sha256sum /tmp/q.bin"
+    ))?;
+    let mut second = fs::read(image)?;
+    second.drain(..MIB as usize);
+    second.truncate(MIB as usize);
+    ensure!(Some(sha256(&second).as_str()) == out.split_whitespace().next(), "the host does not see the new write");
+    let ping = g.exec(&format!("ping -c 2 -W 5 {HOST0}"))?.output;
+    if !ping.contains("2 packets received") {
+        let snmp0 = g.run("cat /proc/net/snmp | grep -e Ip: -e Icmp: ; grep virtio /proc/interrupts")?;
+        let ping2 = g.exec(&format!("sleep 3; ping -c 3 -W 5 {HOST0}"))?.output;
+        let guest = g.run("cat /proc/net/snmp | grep -e Ip: -e Icmp: ; grep virtio /proc/interrupts; cat /proc/net/dev; ip neigh; ip addr")?;
+        let guest = format!("{snmp0}\nsecond ping: {ping2}\n{guest}");
+        let mut host = String::new();
+        for cmd in [&["-s", "link", "show"][..], &["neigh"], &["addr"]] {
+            host.push_str(&skiff_tests::fixture::host("ip", cmd).unwrap_or_default());
+        }
+        host.push_str(&skiff_tests::fixture::host("bridge", &["link"]).unwrap_or_default());
+        let c = api.counters()?;
+        bail!("ping on {} after the restore: {ping}\nguest: {guest}\nhost: {host}\ncounters: {c:?}", before.eth);
+    }
+    let dmesg = g.run("dmesg | grep -i -e vsock -e 'clocksource' -e watchdog | tail -5; true")?;
+    println!("  guest dmesg after restore:\n{dmesg}");
+    Ok(())
+}
+
+#[test]
+#[ignore = "boots a guest: needs hardware KVM and root; run through tests/run"]
+fn snapshot_and_restore() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    ensure!(unsafe { libc::geteuid() } == 0, "needs root (bridges, taps): run through tests/run");
+    let dir = scratch()?;
+    let d = dir.path();
+    let net = Network::setup(d, HOST0, HOST1)?;
+    let (vsock, api_sock, image) = (d.join("v.sock"), d.join("api.sock"), d.join("disk.raw"));
+    fs::File::create(&image)?.set_len(32 * MIB)?;
+    let spec = VmSpec {
+        kernel: artifact("vmlinux")?,
+        initramfs: Some(artifact("devices-test.cpio")?),
+        cmdline: "console=ttyS0 reboot=k panic=-1 quiet".into(),
+        cpus: 2,
+        memory_mib: 256,
+        api_socket: Some(api_sock.clone()),
+    };
+    let devices = [
+        "--disk".into(),
+        format!("path={},serial={SERIAL},id=data", image.display()),
+        "--net".into(),
+        format!("tap={},mac={MAC},id=lan", net.tap0),
+        "--vsock".into(),
+        format!("cid=3,socket={}", vsock.display()),
+    ];
+    let t = Instant::now();
+    let mut vm = RunningVm::start_with(&spec, &devices)?;
+    vm.wait_for_serial("serving on vsock port", BOOT_TIMEOUT)?;
+    println!("booted in {:.1} s", t.elapsed().as_secs_f64());
+    let g = Guest { vm, vsock: vsock.clone() };
+    let api = Client::new(&api_sock).with_timeout(Duration::from_secs(120));
+    let before = prepare(&g, &api)?;
+
+    let snap = d.join("snap");
+    let mut checks = Checks::default();
+    checks.run("vm.snapshot refuses a running VM", || {
+        api.resume()?;
+        let e = api.snapshot(&snap).err().context("a running VM was snapshotted")?;
+        ensure!(e.to_string().contains("pause it"), "{e}");
+        api.pause()?;
+        Ok(())
+    });
+    let t = Instant::now();
+    let saved = api.snapshot(&snap)?;
+    println!(
+        "snapshot: {} ms in the VMM ({} ms with the request), state {} KiB, {} MiB of memory written",
+        saved.elapsed_ms,
+        t.elapsed().as_millis(),
+        saved.state_bytes >> 10,
+        saved.memory_bytes >> 20
+    );
+    ensure!(fs::metadata(snap.join("memory"))?.len() == 256 * MIB, "the memory file is not the guest's size");
+    checks.run("the saved VM goes on after the snapshot", || {
+        ensure!(api.info()?.state == VmState::Paused, "vm.snapshot resumed the VM");
+        api.resume()?;
+        let c = counter(&g)?;
+        std::thread::sleep(Duration::from_millis(500));
+        ensure!(counter(&g)? > c, "the counter does not run after vm.snapshot and vm.resume");
+        Ok(())
+    });
+    let old = g.vm.report();
+    g.vm.signal(libc::SIGKILL)?;
+    drop(g);
+    checks.run("bad snapshots are refused", || check_bad_snapshots(d, &snap));
+
+    let t = Instant::now();
+    let extra = ["--api-socket".into(), api_sock.display().to_string()];
+    let vm = RunningVm::restore(&snap, &extra)?;
+    let g = Guest { vm, vsock };
+    checks.run("the restored guest goes on", || check_restored(&g, &api, &before, &image));
+    println!("restore to all checks done: {:.1} s", t.elapsed().as_secs_f64());
+
+    api.power_off()?;
+    let out = g.vm.wait(Duration::from_secs(60))?;
+    println!("--- restored skiff-vmm stderr ---\n{}", out.stderr);
+    if !checks.failed.is_empty() {
+        println!("--- first VMM ---\n{old}\n--- restored serial ---\n{}", out.serial);
+        bail!("{} check(s) failed:\n  {}", checks.failed.len(), checks.failed.join("\n  "));
+    }
+    ensure!(out.status.code() == Some(0), "power-off should end the restored VMM with 0, got {}", out.status);
+    Ok(())
+}

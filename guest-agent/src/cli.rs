@@ -38,6 +38,17 @@ pub struct Args {
     /// everything built in; PID-1 tests on a real machine).
     #[arg(long)]
     pub no_modules: bool,
+    /// PID 1 of a container (Skiff's LXC driver): the container manager
+    /// made the mounts, so no init sequence, boot marker or CPU and memory
+    /// hot-plug; it still reaps orphans, runs the main process from
+    /// `--config` and ends the container when the main process ends.
+    #[arg(long, conflicts_with = "init")]
+    pub container: bool,
+    /// Go to the background once listening (fork, new session; the parent
+    /// exits 0 when the socket is ready), for starting the agent in a
+    /// system container from outside.
+    #[arg(long)]
+    pub daemon: bool,
 }
 
 /// A parsed `--listen` / `--notify` address.

@@ -62,9 +62,11 @@ fn main() {
 
 fn run(args: Args) -> Result<()> {
     let pid1 = std::process::id() == 1;
+    // A VM's init (not a container's, whose manager set everything up).
+    let vm_init = pid1 && !args.container;
     let sys: Arc<dyn Syscall> = Arc::new(Linux);
     let mut main_spec: Option<MainProcess> = None;
-    let mut boot_mark_due = pid1 && !args.no_boot_mark;
+    let mut boot_mark_due = vm_init && !args.no_boot_mark;
     if boot_mark_due {
         match bootmark::write() {
             Ok(()) => boot_mark_due = false,
@@ -76,7 +78,7 @@ fn run(args: Args) -> Result<()> {
         std::env::set_var("PATH", &exec::DEFAULT_PATH["PATH=".len()..]);
         std::env::set_var("HOME", "/root");
     }
-    if pid1 || args.init {
+    if vm_init || args.init {
         let opts = init::InitOptions {
             config: args.config.clone(),
             rootfs: args.rootfs.clone(),
@@ -104,9 +106,15 @@ fn run(args: Args) -> Result<()> {
     let notify = match args.notify.as_deref() {
         Some("none") => None,
         Some(s) => Some(parse_address(s).ok_or_else(|| anyhow!("bad --notify {s:?}"))?),
-        None if pid1 => Some(Address::Vsock(skiff_agent_proto::EVENT_VSOCK_PORT)),
+        None if vm_init => Some(Address::Vsock(skiff_agent_proto::EVENT_VSOCK_PORT)),
         None => None,
     };
+    // Listening before anything else: a connection waits in the backlog
+    // until the server runs, and a daemon's parent exits once it can.
+    let listener = socket::listen(&listen_addr)?;
+    if args.daemon {
+        daemonize().context("going to the background")?;
+    }
     let reaper = Reaper::start().context("starting the reaper")?;
     let agent = Arc::new(Agent {
         reaper,
@@ -128,10 +136,10 @@ fn run(args: Args) -> Result<()> {
     });
     // Only in a VM the agent runs as init: as a service (or in the host's
     // tests) it must not touch the machine's CPUs and memory.
-    if pid1 {
+    if vm_init {
         hotplug::start(agent.sys.clone(), shutdown);
     }
-    let listener = socket::listen(&listen_addr)?;
+
     if let Some(addr) = notify {
         let ready = agent.welcome(skiff_agent_proto::PROTOCOL_VERSION);
         agent.main.announce(addr, ready);
@@ -157,5 +165,29 @@ fn run(args: Args) -> Result<()> {
         }
     }
     server::serve(agent, listener);
+    Ok(())
+}
+
+/// Forks: the parent exits 0 (the socket already listens), the child goes
+/// on in a new session with stdio on /dev/null. Called before any thread
+/// starts.
+fn daemonize() -> std::io::Result<()> {
+    // SAFETY: the process is still single-threaded (the reaper and
+    // servers start later), so the child may go on running Rust code.
+    match unsafe { libc::fork() } {
+        -1 => return Err(std::io::Error::last_os_error()),
+        0 => {}
+        _ => std::process::exit(0),
+    }
+    // SAFETY: setsid has no memory effects.
+    unsafe { libc::setsid() };
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    for fd in 0..3 {
+        // SAFETY: dup2 onto the standard descriptors, from a valid fd.
+        unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), fd) };
+    }
     Ok(())
 }

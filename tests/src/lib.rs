@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod daemon_env;
 pub mod fixture;
 pub mod qemu;
 pub mod thin;

@@ -15,156 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use serde_json::Value;
+use skiff_tests::daemon_env::{http_get, processes, run, Env};
 use skiff_tests::{scratch, vmm_binary};
-
-struct Env {
-    dir: PathBuf,
-    run: PathBuf,
-    bin: PathBuf,
-    home: PathBuf,
-    daemon: Option<Child>,
-    log: PathBuf,
-}
-
-impl Env {
-    fn skiff(&self, args: &[&str]) -> Result<(i32, String, String)> {
-        self.skiff_in(args, None)
-    }
-
-    fn skiff_in(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<(i32, String, String)> {
-        let mut child = Command::new(self.bin.join("skiff"))
-            .args(args)
-            .env("SKIFF_DIR", &self.dir)
-            .env("HOME", &self.home)
-            .env("XDG_CONFIG_HOME", self.home.join(".config"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running skiff")?;
-        if let Some(data) = stdin {
-            child.stdin.take().context("stdin")?.write_all(data)?;
-        }
-        drop(child.stdin.take());
-        let out = child.wait_with_output()?;
-        Ok((
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ))
-    }
-
-    /// `skiff ARGS` that must succeed; its stdout.
-    fn ok(&self, args: &[&str]) -> Result<String> {
-        let (code, out, err) = self.skiff(args)?;
-        ensure!(code == 0, "skiff {} exited {code}: {err}{out}", args.join(" "));
-        Ok(out)
-    }
-
-    fn start_daemon(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let child = Command::new(self.bin.join("skiffd"))
-            .arg("--dir")
-            .arg(&self.dir)
-            .arg("--run-dir")
-            .arg(&self.run)
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting skiffd")?;
-        self.daemon = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if std::os::unix::net::UnixStream::connect(self.dir.join("unix.socket")).is_ok() {
-                return Ok(());
-            }
-            if let Some(c) = self.daemon.as_mut() {
-                if let Some(s) = c.try_wait()? {
-                    bail!("skiffd exited {s}:\n{}", self.daemon_log());
-                }
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        bail!("skiffd did not open its socket within 60 s:\n{}", self.daemon_log())
-    }
-
-    fn kill_daemon(&mut self) {
-        if let Some(mut c) = self.daemon.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn daemon_log(&self) -> String {
-        let t = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = t.lines().collect();
-        lines[lines.len().saturating_sub(60)..].join("\n")
-    }
-
-    /// The instance's IPv4 address from `skiff list --format json`.
-    fn ipv4(&self, name: &str) -> Result<String> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let out = self.ok(&["list", "--format", "json"])?;
-            let v: Value = serde_json::from_str(&out).context("list --format json")?;
-            let addr = v.as_array().into_iter().flatten().find(|i| i["name"] == name).and_then(|i| {
-                i.pointer("/state/network/eth0/addresses")?
-                    .as_array()?
-                    .iter()
-                    .find(|a| a["family"] == "inet")
-                    .and_then(|a| a["address"].as_str().map(str::to_string))
-            });
-            if let Some(a) = addr {
-                return Ok(a);
-            }
-            ensure!(Instant::now() < deadline, "{name} has no IPv4 address after 60 s: {out}");
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        // Best effort: stop every instance so no VM outlives the test.
-        if self.daemon.is_some() {
-            if let Ok((_, out, _)) = self.skiff(&["list", "--format", "csv"]) {
-                for line in out.lines() {
-                    if let Some(name) = line.split(',').next().filter(|n| !n.is_empty()) {
-                        let _ = self.skiff(&["delete", "--force", name]);
-                    }
-                }
-            }
-        }
-        self.kill_daemon();
-    }
-}
-
-fn http_get(addr: &str, port: u16) -> Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let attempt = (|| -> Result<String> {
-            let mut s = TcpStream::connect_timeout(&format!("{addr}:{port}").parse()?, Duration::from_secs(3))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            write!(s, "GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-            let mut body = String::new();
-            s.read_to_string(&mut body)?;
-            Ok(body)
-        })();
-        match attempt {
-            Ok(b) => return Ok(b),
-            Err(e) if Instant::now() > deadline => return Err(e.context(format!("GET http://{addr}:{port}/"))),
-            Err(_) => std::thread::sleep(Duration::from_millis(300)),
-        }
-    }
-}
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    ensure!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// docker-registry on 127.0.0.1:PORT (with htpasswd basic auth for
 /// `auth`) with the demo image pushed as test/httpd:1.
@@ -200,16 +52,6 @@ fn registry(dir: &Path, layout: &Path, port: u16, auth: Option<(&str, &str)>) ->
     copy.args([format!("oci:{}:latest", layout.display()), format!("docker://127.0.0.1:{port}/test/httpd:1")]);
     run(&mut copy)?;
     Ok(child)
-}
-
-fn processes(name: &str) -> usize {
-    std::fs::read_dir("/proc")
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter(|e| std::fs::read_to_string(e.path().join("comm")).map(|c| c.trim() == name).unwrap_or(false))
-                .count()
-        })
-        .unwrap_or(0)
 }
 
 #[test]
@@ -351,6 +193,25 @@ fn daemon_end_to_end() -> Result<()> {
             env.ok(&["launch", "--vm", "acc:test/httpd:1", "web2"])?;
             let out = env.ok(&["exec", "web2", "--", "wget", "-qO-", "http://web/"])?;
             ensure!(out.contains("Hello from web"), "web2 → web: {out}");
+            Ok(())
+        })(),
+    );
+
+    // The same image as a native container beside the VMs, on the same
+    // bridge: each reaches the other by name. Privileged here: the box's
+    // kernel (6.1) cannot id-map the tmpfs the scratch directory is on;
+    // unprivileged containers are tested on the host (tests/containers.rs).
+    check(
+        "a container beside the VM, reached by name both ways",
+        (|| {
+            env.ok(&["launch", "localhost/skiff-demo", "ct", "-c", "security.privileged=true"])?;
+            let out = env.ok(&["list", "--format", "csv", "-c", "nst"])?;
+            ensure!(out.lines().any(|l| l == "ct,RUNNING,CONTAINER"), "{out}");
+            let out = env.ok(&["exec", "ct", "--", "wget", "-qO-", "http://web/"])?;
+            ensure!(out.contains("Hello from web"), "ct → web: {out}");
+            let out = env.ok(&["exec", "web", "--", "wget", "-qO-", "http://ct/"])?;
+            ensure!(out.contains("Hello from ct"), "web → ct: {out}");
+            env.ok(&["delete", "--force", "ct"])?;
             Ok(())
         })(),
     );
@@ -660,35 +521,8 @@ fn daemon_end_to_end() -> Result<()> {
     );
 
     // Real clients nobody here wrote: Debian's lxc and pylxd.
-    check(
-        "lxc client",
-        (|| {
-            let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/lxc-client.sh"))
-                .args(["web", "web2"])
-                .env("SKIFF_DIR", &dir)
-                .output()?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            eprintln!("lxc client:\n{text}{}", String::from_utf8_lossy(&out.stderr));
-            ensure!(out.status.success(), "{text}");
-            Ok(())
-        })(),
-    );
-    check(
-        "pylxd",
-        (|| {
-            let venv = std::env::var("SKIFF_VENV").unwrap_or_else(|_| "/var/lib/skiff/venv".into());
-            let out = Command::new(format!("{venv}/bin/python"))
-                .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/pylxd-client.py"))
-                .arg(dir.join("unix.socket"))
-                .arg("web")
-                .output()
-                .context("the pylxd venv (scripts/setup makes it)")?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            eprintln!("pylxd:\n{text}{}", String::from_utf8_lossy(&out.stderr));
-            ensure!(out.status.success(), "{text}");
-            Ok(())
-        })(),
-    );
+    check("lxc client", skiff_tests::daemon_env::lxc_client(&dir, "web", "web2"));
+    check("pylxd", skiff_tests::daemon_env::pylxd(&dir, "web"));
 
     // skiffd killed in the middle of a launch: after a restart the
     // half-made instance is gone (or, if it got far enough, whole).

@@ -26,6 +26,7 @@ pub mod conn;
 pub mod events;
 pub mod exec;
 pub mod files;
+pub mod latency;
 pub mod transport;
 
 #[cfg(test)]

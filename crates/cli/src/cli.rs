@@ -132,10 +132,10 @@ pub struct CreateArgs {
     pub image: String,
     /// The instance's name (skiffd picks one when absent).
     pub name: Option<String>,
-    /// A virtual machine (Skiff's default type).
+    /// A virtual machine (a thin VM for an OCI image).
     #[arg(long, conflicts_with = "container")]
     pub vm: bool,
-    /// A container.
+    /// A native container through LXC (the default).
     #[arg(long)]
     pub container: bool,
     /// A config key (repeatable).

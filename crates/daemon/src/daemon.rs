@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
+use skiff_api::InstanceType;
 use skiff_driver::Driver;
 use skiff_net::{Bridge, BridgeConfig};
 
@@ -76,7 +77,9 @@ pub struct Daemon {
     /// Images.
     pub images: Images,
     /// The VM driver.
-    pub driver: Arc<dyn Driver>,
+    pub vms: Arc<dyn Driver>,
+    /// The LXC driver, or why this host has none.
+    pub containers: Result<Arc<dyn Driver>, String>,
     /// The managed bridge, when networking is on.
     pub net: Option<Bridge>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -131,7 +134,11 @@ impl Daemon {
         } else {
             None
         };
-        let driver = crate::instances::vm_driver(&settings).map_err(|e| InitError::Driver(chain(&e)))?;
+        let vms = crate::instances::vm_driver(&settings).map_err(|e| InitError::Driver(chain(&e)))?;
+        let containers = crate::instances::lxc_driver(&settings, net.is_some()).map_err(|e| chain(&e));
+        if let Err(why) = &containers {
+            log::warn!("containers are off: {why}");
+        }
         let events = Events::default();
         Ok(Arc::new(Daemon {
             settings,
@@ -139,10 +146,22 @@ impl Daemon {
             ops: Operations::new(events.clone()),
             events,
             images,
-            driver,
+            vms,
+            containers,
             net,
             locks: Mutex::default(),
         }))
+    }
+
+    /// The driver of instances of `kind` (`virtual-machine` or `container`).
+    pub fn driver_for(&self, kind: InstanceType) -> Result<&Arc<dyn Driver>, String> {
+        match kind {
+            InstanceType::VirtualMachine => Ok(&self.vms),
+            InstanceType::Container => self
+                .containers
+                .as_ref()
+                .map_err(|why| format!("containers are not available on this host ({why}); launch it as a VM (--vm)")),
+        }
     }
 
     /// `$SKIFF_DIR`.
@@ -162,20 +181,23 @@ impl Daemon {
 
     /// Starts the background tasks: driver events and dnsmasq supervision.
     pub fn spawn_tasks(self: &Arc<Self>) {
-        let me = self.clone();
-        let mut rx = self.driver.events();
-        tokio::spawn(async move {
-            loop {
-                match rx.recv().await {
-                    Ok(ev) => crate::instances::on_driver_event(&me, ev).await,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        me.events.log("warning", "driver events lost", json!({"count": n}));
-                        crate::instances::resync(&me).await;
+        let drivers = std::iter::once(self.vms.clone()).chain(self.containers.as_ref().ok().cloned());
+        for driver in drivers {
+            let me = self.clone();
+            let mut rx = driver.events();
+            tokio::spawn(async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(ev) => crate::instances::on_driver_event(&me, ev).await,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            me.events.log("warning", "driver events lost", json!({"count": n}));
+                            crate::instances::resync(&me).await;
+                        }
+                        Err(_) => break,
                     }
-                    Err(_) => break,
                 }
-            }
-        });
+            });
+        }
         if let Some(net) = self.net.clone() {
             let events = self.events.clone();
             tokio::spawn(async move {

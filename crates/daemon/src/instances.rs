@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use skiff_api::{InstanceType, InstancesPost};
-use skiff_driver::{Driver, DriverError, DriverEvent, InstanceSpec, Nic, RunStatus};
+use skiff_driver::{Driver, DriverError, DriverEvent, ImageKind, InstanceSpec, Nic, RunStatus};
 
 use crate::daemon::{Daemon, Settings};
 use crate::db::{write, DbError, InstanceRow, SnapshotRow, Status};
@@ -84,6 +84,27 @@ pub fn vm_driver(s: &Settings) -> Result<Arc<dyn Driver>, DriverError> {
     Ok(Arc::new(skiff_driver::vm::VmDriver::new(cfg)?))
 }
 
+/// The LXC driver for these settings (fails where LXC is missing).
+pub fn lxc_driver(s: &Settings, network: bool) -> Result<Arc<dyn Driver>, DriverError> {
+    let cfg = skiff_lxc::LxcDriverConfig {
+        storage_root: s.dir.join("storage"),
+        runtime_root: s.run_dir.clone(),
+        agent: None,
+        bridge: if network { crate::daemon::BRIDGE.to_string() } else { String::new() },
+        idmap: skiff_lxc::DEFAULT_IDMAP,
+    };
+    Ok(Arc::new(skiff_lxc::LxcDriver::new(cfg)?))
+}
+
+/// The driver of an instance.
+pub fn driver<'a>(d: &'a Daemon, r: &InstanceRow) -> Result<&'a Arc<dyn Driver>, InstanceError> {
+    let kind = match r.kind.as_str() {
+        "container" => InstanceType::Container,
+        _ => InstanceType::VirtualMachine,
+    };
+    d.driver_for(kind).map_err(InstanceError::Conflict)
+}
+
 /// The instance's directory (console log, exec logs, image config).
 pub fn instance_dir(d: &Daemon, name: &str) -> PathBuf {
     d.dir().join("instances").join(name)
@@ -109,12 +130,17 @@ pub fn spec(d: &Daemon, r: &InstanceRow) -> Result<InstanceSpec, InstanceError> 
         (Some(net), Some(tap), Some(mac)) => Some(Nic { tap: tap.clone(), mac: mac.clone(), gateway: net.gateway() }),
         _ => None,
     };
+    let image_kind = match std::fs::read_to_string(dir.join("image-kind")).as_deref().map(str::trim) {
+        Ok("system") => ImageKind::System,
+        _ => ImageKind::Oci,
+    };
     Ok(InstanceSpec {
         name: r.name.clone(),
         id: r.id.clone(),
         config: Daemon::expanded(&r.config),
         image_rootfs: rootfs,
         image_config,
+        image_kind,
         nic,
         devices: r.devices.clone(),
         dir,
@@ -142,12 +168,9 @@ pub fn begin_create(d: &Daemon, req: &mut InstancesPost) -> Result<InstanceRow, 
             req.name
         )));
     }
-    if req.kind == Some(InstanceType::Container) {
-        return Err(InstanceError::BadRequest(
-            "container instances need the LXC driver, which this skiffd does not have yet; use type virtual-machine"
-                .into(),
-        ));
-    }
+    // As in Incus, an instance without a type is a container.
+    let kind = req.kind.unwrap_or(InstanceType::Container);
+    let driver = d.driver_for(kind).map_err(InstanceError::BadRequest)?;
     if let Some(p) = req.profiles.as_ref().filter(|p| p.iter().any(|p| p != "default")) {
         return Err(InstanceError::BadRequest(format!("unknown profiles {p:?} (Skiff has only \"default\")")));
     }
@@ -160,8 +183,8 @@ pub fn begin_create(d: &Daemon, req: &mut InstancesPost) -> Result<InstanceRow, 
     if let Some(k) = req.config.keys().find(|k| k.starts_with("volatile.")) {
         return Err(InstanceError::BadRequest(format!("config key {k:?} is set by skiffd, not by clients")));
     }
-    d.driver.validate_config(&req.config).map_err(|e| InstanceError::BadRequest(chain(&e)))?;
-    check_devices(d, &req.devices)?;
+    driver.validate_config(&req.config).map_err(|e| InstanceError::BadRequest(chain(&e)))?;
+    check_devices(driver.as_ref(), &req.devices)?;
     let now = skiff_api::time::now();
     let mut config = req.config.clone();
     let id = uuid::Uuid::new_v4().to_string();
@@ -169,7 +192,7 @@ pub fn begin_create(d: &Daemon, req: &mut InstancesPost) -> Result<InstanceRow, 
     let row = InstanceRow {
         name: req.name.clone(),
         id,
-        kind: InstanceType::VirtualMachine.as_str().into(),
+        kind: kind.as_str().into(),
         status: Status::Creating,
         config,
         devices: req.devices.clone(),
@@ -203,7 +226,7 @@ fn generated_name(d: &Daemon) -> String {
 
 /// Devices Skiff knows: the NIC on the managed bridge, the root disk, and
 /// what the driver takes (disk shares and disks, see `skiff_driver::devices`).
-fn check_devices(d: &Daemon, devs: &BTreeMap<String, BTreeMap<String, String>>) -> Result<(), InstanceError> {
+fn check_devices(driver: &dyn Driver, devs: &BTreeMap<String, BTreeMap<String, String>>) -> Result<(), InstanceError> {
     for (name, dev) in devs {
         let kind = dev.get("type").map(String::as_str).unwrap_or("");
         if kind == "nic" && dev.get("network").is_some_and(|n| n != crate::daemon::BRIDGE) {
@@ -212,7 +235,13 @@ fn check_devices(d: &Daemon, devs: &BTreeMap<String, BTreeMap<String, String>>) 
                 crate::daemon::BRIDGE
             )));
         }
-        d.driver.validate_device(name, dev).map_err(|e| InstanceError::BadRequest(chain(&e)))?;
+        if kind == "nic" && name != "eth0" {
+            return Err(InstanceError::BadRequest(format!(
+                "device {name:?} (nic): an instance has one NIC (eth0 on {}); more are not supported yet",
+                crate::daemon::BRIDGE
+            )));
+        }
+        driver.validate_device(name, dev).map_err(|e| InstanceError::BadRequest(chain(&e)))?;
     }
     Ok(())
 }
@@ -249,7 +278,7 @@ pub async fn create(
             row.config.insert("volatile.eth0.hwaddr".into(), skiff_net::ident::guest_mac(&row.id));
         }
         let _ = d.images.store().add_use(&image.record.manifest, &row.id);
-        d.driver.create(&spec(d, &row)?).await.map_err(drv)?;
+        driver(d, &row)?.create(&spec(d, &row)?).await.map_err(drv)?;
         row.status = Status::Stopped;
         d.db().tx(|tx| {
             write::update(tx, &row)?;
@@ -274,8 +303,8 @@ pub async fn create(
 /// Removes every trace of an instance that is not running (a failed or
 /// interrupted create, or a delete).
 pub async fn discard(d: &Daemon, row: &InstanceRow) {
-    if let Ok(s) = spec(d, row) {
-        if let Err(e) = d.driver.delete(&s).await {
+    if let (Ok(s), Ok(driver)) = (spec(d, row), driver(d, row)) {
+        if let Err(e) = driver.delete(&s).await {
             log::warn!("{}: driver cleanup: {}", row.name, chain(&e));
         }
     }
@@ -312,10 +341,11 @@ async fn start_locked(d: &Arc<Daemon>, name: &str) -> Result<(), InstanceError> 
         return Err(InstanceError::Conflict(format!("Instance {name:?} is already running")));
     }
     let spec = spec(d, &r)?;
-    if let (Some(net), Some(_)) = (&d.net, &spec.nic) {
+    // A VM's NIC is a tap made here; a container's is a veth LXC makes.
+    if let (Some(net), Some(_), "virtual-machine") = (&d.net, &spec.nic, r.kind.as_str()) {
         net.create_tap(&r.id).map_err(|e| InstanceError::Host(format!("creating the tap: {}", chain(&e))))?;
     }
-    if let Err(e) = d.driver.start(&spec).await {
+    if let Err(e) = driver(d, &r)?.start(&spec).await {
         if let (Some(net), Some(nic)) = (&d.net, &spec.nic) {
             let _ = net.delete_tap(&nic.tap);
         }
@@ -345,7 +375,7 @@ pub async fn set_frozen(d: &Arc<Daemon>, name: &str, frozen: bool) -> Result<(),
 }
 
 async fn set_frozen_locked(d: &Arc<Daemon>, r: &mut InstanceRow, frozen: bool) -> Result<(), InstanceError> {
-    d.driver.freeze(&spec(d, r)?, frozen).await.map_err(drv)?;
+    driver(d, r)?.freeze(&spec(d, r)?, frozen).await.map_err(drv)?;
     r.status = if frozen { Status::Frozen } else { Status::Running };
     r.config.insert("volatile.last_state.power".into(), if frozen { "FROZEN" } else { "RUNNING" }.into());
     commit(d, r)?;
@@ -382,7 +412,7 @@ async fn stop_locked(
         return Err(InstanceError::Conflict(format!("Instance {name:?} is not running")));
     }
     let spec = spec(d, &r)?;
-    d.driver.stop(&spec, timeout, force).await.map_err(drv)?;
+    driver(d, &r)?.stop(&spec, timeout, force).await.map_err(drv)?;
     after_stop(d, &mut r, Status::Stopped, user).await
 }
 
@@ -417,9 +447,9 @@ pub async fn delete(d: &Arc<Daemon>, name: &str, force: bool) -> Result<(), Inst
         }
         let spec = spec(d, &r)?;
         if r.status == Status::Frozen {
-            d.driver.freeze(&spec, false).await.map_err(drv)?;
+            driver(d, &r)?.freeze(&spec, false).await.map_err(drv)?;
         }
-        d.driver.stop(&spec, Duration::ZERO, true).await.map_err(drv)?;
+        driver(d, &r)?.stop(&spec, Duration::ZERO, true).await.map_err(drv)?;
     }
     discard(d, &r).await;
     d.events.lifecycle("instance-deleted", &source(name), Value::Null);
@@ -432,13 +462,14 @@ pub async fn status(d: &Daemon, r: &InstanceRow) -> Option<RunStatus> {
         return None;
     }
     let s = spec(d, r).ok()?;
-    d.driver.status(&s).await.ok()
+    driver(d, r).ok()?.status(&s).await.ok()
 }
 
 /// After a restart: is the instance still running? Fixes the row if not.
 pub async fn adopt(d: &Arc<Daemon>, r: &InstanceRow) -> bool {
     let Ok(s) = spec(d, r) else { return false };
-    match d.driver.adopt(&s).await {
+    let Ok(driver) = driver(d, r) else { return false };
+    match driver.adopt(&s).await {
         Ok(RunStatus::Running { .. }) => {
             if !r.status.is_up() {
                 let mut r = r.clone();
@@ -447,7 +478,13 @@ pub async fn adopt(d: &Arc<Daemon>, r: &InstanceRow) -> bool {
             }
             true
         }
-        Ok(_) | Err(_) => {
+        // Not known (the driver could not tell): leave it as recorded
+        // rather than clean up under an instance that may run.
+        Err(e) => {
+            log::warn!("reconcile: cannot tell whether {} runs: {}", r.name, chain(&e));
+            r.status.is_up()
+        }
+        Ok(_) => {
             if r.status.is_up() {
                 let mut r = r.clone();
                 log::warn!("reconcile: {} is no longer running", r.name);
@@ -535,7 +572,7 @@ pub async fn snapshot_create(d: &Arc<Daemon>, name: &str, snap: &str) -> Result<
     if existing.iter().any(|e| e.name == snap) {
         return Err(InstanceError::Conflict(format!("Snapshot {snap:?} already exists")));
     }
-    d.driver.snapshot_create(&spec(d, &r)?, &snap).await.map_err(drv)?;
+    driver(d, &r)?.snapshot_create(&spec(d, &r)?, &snap).await.map_err(drv)?;
     let row = SnapshotRow { name: snap.clone(), created_at: skiff_api::time::now(), config: r.config.clone() };
     d.db().tx(|tx| write::add_snapshot(tx, name, &row))?;
     d.events.lifecycle("instance-snapshot-created", &format!("{}/snapshots/{snap}", source(name)), Value::Null);
@@ -557,7 +594,7 @@ pub async fn snapshot_restore(d: &Arc<Daemon>, name: &str, snap: &str) -> Result
         stop_locked(d, name, Duration::from_secs(STOP_TIMEOUT), false, false).await?;
     }
     let r = row(d, name)?;
-    let restored = d.driver.snapshot_restore(&spec(d, &r)?, snap).await.map_err(drv);
+    let restored = driver(d, &r)?.snapshot_restore(&spec(d, &r)?, snap).await.map_err(drv);
     if was_running {
         start_locked(d, name).await?;
     }
@@ -572,7 +609,7 @@ pub async fn snapshot_delete(d: &Arc<Daemon>, name: &str, snap: &str) -> Result<
     let _g = lock.lock().await;
     let r = row(d, name)?;
     find_snapshot(d, name, snap)?;
-    d.driver.snapshot_delete(&spec(d, &r)?, snap).await.map_err(drv)?;
+    driver(d, &r)?.snapshot_delete(&spec(d, &r)?, snap).await.map_err(drv)?;
     d.db().tx(|tx| write::delete_snapshot(tx, name, snap))?;
     d.events.lifecycle("instance-snapshot-deleted", &format!("{}/snapshots/{snap}", source(name)), Value::Null);
     Ok(())
@@ -590,7 +627,7 @@ pub async fn snapshot_rename(d: &Arc<Daemon>, name: &str, old: &str, new: &str) 
     if find_snapshot(d, name, new).is_ok() {
         return Err(InstanceError::Conflict(format!("Snapshot {new:?} already exists")));
     }
-    d.driver.snapshot_rename(&spec(d, &r)?, old, new).await.map_err(drv)?;
+    driver(d, &r)?.snapshot_rename(&spec(d, &r)?, old, new).await.map_err(drv)?;
     d.db().tx(|tx| write::rename_snapshot(tx, name, old, new))?;
     d.events.lifecycle("instance-snapshot-renamed", &format!("{}/snapshots/{new}", source(name)), Value::Null);
     Ok(())
@@ -608,7 +645,7 @@ pub async fn update(d: &Daemon, name: &str, put: skiff_api::InstancePut, replace
         config.retain(|k, _| !k.starts_with("volatile."));
         let user: BTreeMap<_, _> =
             config.iter().filter(|(k, _)| !k.starts_with("image.")).map(|(k, v)| (k.clone(), v.clone())).collect();
-        d.driver.validate_config(&user).map_err(|e| InstanceError::BadRequest(chain(&e)))?;
+        driver(d, &r)?.validate_config(&user).map_err(|e| InstanceError::BadRequest(chain(&e)))?;
         let mut merged = if replace {
             let mut m = config;
             m.extend(r.config.iter().filter(|(k, _)| k.starts_with("image.")).map(|(k, v)| (k.clone(), v.clone())));
@@ -622,7 +659,7 @@ pub async fn update(d: &Daemon, name: &str, put: skiff_api::InstancePut, replace
         r.config = merged;
     }
     if let Some(devices) = put.devices {
-        check_devices(d, &devices)?;
+        check_devices(driver(d, &r)?.as_ref(), &devices)?;
         r.devices = devices;
     }
     if let Some(e) = put.ephemeral {
@@ -643,17 +680,16 @@ pub async fn update(d: &Daemon, name: &str, put: skiff_api::InstancePut, replace
 /// devices removed or changed go first, then those added or changed, then
 /// the new size.
 async fn apply_live(d: &Daemon, old: &InstanceRow, new: &InstanceRow) -> Result<(), InstanceError> {
-    let size = |r: &InstanceRow| {
-        skiff_driver::config::vm_size(&Daemon::expanded(&r.config))
-            .map_err(|e| InstanceError::BadRequest(e.to_string()))
-    };
-    let (was, will) = (size(old)?, size(new)?);
     let own = |dev: &BTreeMap<String, String>| !skiff_driver::devices::is_builtin(dev);
     let removed: Vec<&String> =
         old.devices.iter().filter(|(n, dev)| own(dev) && new.devices.get(*n) != Some(*dev)).map(|(n, _)| n).collect();
     let added: Vec<(&String, &BTreeMap<String, String>)> =
         new.devices.iter().filter(|(n, dev)| own(dev) && old.devices.get(*n) != Some(*dev)).collect();
-    if removed.is_empty() && added.is_empty() && was == will {
+    let limits = |r: &InstanceRow| {
+        Daemon::expanded(&r.config).into_iter().filter(|(k, _)| k.starts_with("limits.")).collect::<Vec<_>>()
+    };
+    let limits_changed = limits(old) != limits(new);
+    if removed.is_empty() && added.is_empty() && !limits_changed {
         return Ok(());
     }
     if old.status == Status::Frozen {
@@ -662,27 +698,22 @@ async fn apply_live(d: &Daemon, old: &InstanceRow, new: &InstanceRow) -> Result<
             old.name
         )));
     }
-    if was.memory_mib != will.memory_mib {
-        let region = skiff_driver::config::memory_hotplug_mib(&Daemon::expanded(&old.config)).map_err(drv)?;
-        if region == 0 {
-            return Err(InstanceError::Conflict(format!(
-                "instance {} started without memory hot-plug: set limits.memory.hotplug (the most limits.memory may \
-                 grow to while it runs) and restart it, or restart it to apply limits.memory",
-                old.name
-            )));
+    let driver = driver(d, old)?;
+    let (was, will) = (spec(d, old)?, spec(d, new)?);
+    if limits_changed {
+        // Refused before any device changes when the limits cannot apply live.
+        if let Err(e) = driver.update_limits(&was, &will).await {
+            return Err(match e {
+                DriverError::NeedsRestart(why) => InstanceError::Conflict(why),
+                e => drv(e),
+            });
         }
     }
-    let spec = spec(d, new)?;
     for name in removed {
-        d.driver.device_remove(&spec, name).await.map_err(drv)?;
+        driver.device_remove(&was, name).await.map_err(drv)?;
     }
     for (name, dev) in added {
-        d.driver.device_add(&spec, name, dev).await.map_err(drv)?;
-    }
-    if was != will {
-        let cpus = (was.cpus != will.cpus).then_some(will.cpus);
-        let memory = (was.memory_mib != will.memory_mib).then_some(will.memory_mib);
-        d.driver.resize(&spec, cpus, memory).await.map_err(drv)?;
+        driver.device_add(&will, name, dev).await.map_err(drv)?;
     }
     Ok(())
 }

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use skiff_agent_proto::{main_process_from_config, MainProcess, OciError, RestartPolicy};
 
-use crate::{DriverError, InstanceSpec};
+use crate::{DriverError, InstanceKind, InstanceSpec};
 
 /// vCPUs when `limits.cpu` is not set.
 pub const DEFAULT_CPUS: u8 = 1;
@@ -150,7 +150,8 @@ pub fn split_words(s: &str) -> Result<Vec<String>, String> {
     Ok(words)
 }
 
-fn parse_bool(key: &str, v: &str) -> Result<bool, ConfigError> {
+/// Parses a boolean config value (`true`/`1`/`yes`/`on`, `false`/`0`/`no`/`off`/empty).
+pub fn parse_bool(key: &str, v: &str) -> Result<bool, ConfigError> {
     match v {
         "true" | "1" | "yes" | "on" => Ok(true),
         "false" | "0" | "no" | "off" | "" => Ok(false),
@@ -162,14 +163,35 @@ fn parse_id(key: &str, v: &str) -> Result<u32, ConfigError> {
     v.parse().map_err(|_| bad(key, format!("{v:?} is not a numeric id")))
 }
 
-/// Checks every key and value; the first problem names its key.
+/// Checks every key and value of a VM's config; the first problem names its key.
 pub fn validate(config: &BTreeMap<String, String>) -> Result<(), DriverError> {
-    check(config).map_err(Into::into)
+    validate_for(InstanceKind::VirtualMachine, config)
 }
 
-fn check(config: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+/// Checks every key and value for an instance of `kind`: the keys both
+/// kinds take, and those of its own (VMs: `limits.memory.hotplug`;
+/// containers: `limits.processes`, `security.privileged`).
+pub fn validate_for(kind: InstanceKind, config: &BTreeMap<String, String>) -> Result<(), DriverError> {
     for (key, value) in config {
-        validate_key(key, value)?;
+        match (key.as_str(), kind) {
+            ("limits.memory.hotplug", InstanceKind::Container) => {
+                return Err(bad(key, "only VMs take it (a container's memory limit changes live as it is)").into())
+            }
+            ("limits.processes", InstanceKind::Container) => {
+                value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| bad(key, format!("{value:?} is not a process count")))?;
+            }
+            ("security.privileged", InstanceKind::Container) => {
+                parse_bool(key, value)?;
+            }
+            ("limits.processes" | "security.privileged", InstanceKind::VirtualMachine) => {
+                return Err(bad(key, "only containers take it").into())
+            }
+            _ => validate_key(key, value)?,
+        }
     }
     Ok(())
 }
@@ -387,8 +409,21 @@ mod tests {
             ("image.os", "alpine"),
         ]);
         validate(&ok).unwrap();
-        let e = check(&cfg(&[("limits.cpus", "2")])).unwrap_err().to_string();
-        assert_eq!(e, "unknown config key \"limits.cpus\"");
+        let e = validate(&cfg(&[("limits.cpus", "2")])).unwrap_err().to_string();
+        assert_eq!(e, "config limits.cpus: unknown key");
+        // Keys of one kind only.
+        let c = InstanceKind::Container;
+        validate_for(c, &cfg(&[("limits.processes", "100"), ("security.privileged", "true")])).unwrap();
+        for (kind, key, value) in [
+            (c, "limits.memory.hotplug", "2GiB"),
+            (c, "limits.processes", "0"),
+            (c, "security.privileged", "maybe"),
+            (InstanceKind::VirtualMachine, "limits.processes", "100"),
+            (InstanceKind::VirtualMachine, "security.privileged", "true"),
+        ] {
+            let e = validate_for(kind, &cfg(&[(key, value)])).unwrap_err().to_string();
+            assert!(e.contains(key), "{kind:?} {key}={value}: {e}");
+        }
         let table: &[(&str, &str, &str)] = &[
             ("limits.cpus", "2", "config limits.cpus: unknown key"),
             ("security.nesting", "true", "unknown key"),

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod devices;
 pub mod vm;
+pub mod volumes;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -58,6 +59,12 @@ pub enum DriverError {
     /// A device is unusable.
     #[error(transparent)]
     Device(#[from] devices::DeviceError),
+    /// A change that the running instance cannot take; it applies at the next start.
+    #[error("{0}")]
+    NeedsRestart(String),
+    /// The container runtime failed (LXC, its mounts, its agent).
+    #[error("container")]
+    Container(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A host operation failed.
     #[error("{0}")]
     Host(String),
@@ -74,6 +81,30 @@ pub struct Nic {
     pub gateway: Ipv4Addr,
 }
 
+/// The agent's network request for an instance with a NIC: DHCP on eth0
+/// from the managed bridge's dnsmasq, which is also its name server.
+pub fn network_config(inst: &InstanceSpec) -> Option<skiff_agent_proto::NetworkConfig> {
+    inst.nic.as_ref().map(|nic| skiff_agent_proto::NetworkConfig {
+        interface: Some("eth0".into()),
+        addressing: skiff_agent_proto::Addressing::Dhcp,
+        mtu: None,
+        dns: vec![nic.gateway.to_string()],
+        search: vec!["skiff".into()],
+        hostname: Some(inst.name.clone()),
+        hosts: vec![],
+    })
+}
+
+/// What an image holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ImageKind {
+    /// An OCI image: a rootfs and a run spec whose entrypoint is the main process.
+    #[default]
+    Oci,
+    /// A system image: a whole OS whose own init boots it (containers).
+    System,
+}
+
 /// What a driver knows of an instance.
 #[derive(Debug, Clone)]
 pub struct InstanceSpec {
@@ -87,6 +118,8 @@ pub struct InstanceSpec {
     pub image_rootfs: PathBuf,
     /// The OCI runtime config of the image's run spec.
     pub image_config: serde_json::Value,
+    /// What the image holds.
+    pub image_kind: ImageKind,
     /// Its network interface, if it has one.
     pub nic: Option<Nic>,
     /// Its devices (Incus's `devices:` map; see [`devices`]).
@@ -166,8 +199,10 @@ pub trait Driver: Send + Sync {
     /// Removes device `name` from a running instance; it must have been
     /// added by [`Driver::device_add`] or at start.
     async fn device_remove(&self, inst: &InstanceSpec, name: &str) -> Result<(), DriverError>;
-    /// Applies new `limits.cpu` / `limits.memory` to a running instance.
-    async fn resize(&self, inst: &InstanceSpec, cpus: Option<u8>, memory_mib: Option<u64>) -> Result<(), DriverError>;
+    /// Applies the limits of `new` (`limits.*`) to the running instance
+    /// that was started as `old`; [`DriverError::NeedsRestart`] when a
+    /// change can only take effect at the next start.
+    async fn update_limits(&self, old: &InstanceSpec, new: &InstanceSpec) -> Result<(), DriverError>;
     /// How it is now.
     async fn status(&self, inst: &InstanceSpec) -> Result<RunStatus, DriverError>;
     /// Its agent (exec, files); an error when it is not running.

@@ -19,12 +19,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use skiff_agent_client::{AgentClient, Transport};
-use skiff_agent_proto::{Addressing, NetworkConfig};
 use skiff_run::monitor::{self, ControlRequest, EndReason, ExitInfo, LaunchSpec, MonitorEvent};
-use skiff_storage::{Pool, StorageError};
+use skiff_storage::Pool;
 use tokio::sync::broadcast;
 
-use crate::config;
+use crate::{config, volumes};
 use crate::{Driver, DriverError, DriverEvent, InstanceKind, InstanceSpec, RunStatus};
 
 /// Events buffered for a slow daemon.
@@ -84,15 +83,6 @@ pub fn describe(info: &ExitInfo) -> String {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
-) -> Result<T, DriverError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| DriverError::Host(format!("storage task: {e}")))?
-        .map_err(Into::into)
-}
-
 impl VmDriver {
     /// Opens the storage pool and the runtime directory.
     pub fn new(cfg: VmDriverConfig) -> Result<VmDriver, DriverError> {
@@ -129,15 +119,7 @@ impl VmDriver {
     fn launch_spec(&self, inst: &InstanceSpec, rootfs: PathBuf) -> Result<LaunchSpec, DriverError> {
         let (cpus, memory_mib) = config::resources(&inst.config)?;
         let main = config::main_process(inst)?;
-        let network = inst.nic.as_ref().map(|nic| NetworkConfig {
-            interface: Some("eth0".into()),
-            addressing: Addressing::Dhcp,
-            mtu: None,
-            dns: vec![nic.gateway.to_string()],
-            search: vec!["skiff".into()],
-            hostname: Some(inst.name.clone()),
-            hosts: vec![],
-        });
+        let network = crate::network_config(inst);
         Ok(LaunchSpec {
             name: inst.name.clone(),
             runtime_dir: self.runtime_dir(inst),
@@ -238,12 +220,7 @@ impl Driver for VmDriver {
     }
 
     async fn create(&self, inst: &InstanceSpec) -> Result<(), DriverError> {
-        if !inst.image_rootfs.is_dir() {
-            return Err(DriverError::Image(format!("no unpacked rootfs at {}", inst.image_rootfs.display())));
-        }
-        std::fs::create_dir_all(&inst.dir).map_err(host("creating the instance directory"))?;
-        let (pool, name, image) = (self.pool.clone(), inst.name.clone(), inst.image_rootfs.clone());
-        blocking(move || pool.create(&name, &image).map(drop)).await
+        volumes::create(&self.pool, inst).await
     }
 
     async fn start(&self, inst: &InstanceSpec) -> Result<(), DriverError> {
@@ -254,7 +231,7 @@ impl Driver for VmDriver {
         monitor::remove_leftovers(&dir);
         let volume = self.volume(inst)?;
         let v = volume.clone();
-        let rootfs = blocking(move || v.mount()).await?;
+        let rootfs = volumes::blocking(move || v.mount()).await?;
         let _ = std::fs::remove_file(Self::exit_file(inst));
         let result = async { monitor::launch(&self.launch_spec(inst, rootfs)?).await.map_err(DriverError::from) }.await;
         match result {
@@ -286,7 +263,7 @@ impl Driver for VmDriver {
         }
         monitor::remove_leftovers(&dir);
         let volume = self.volume(inst)?;
-        blocking(move || volume.unmount()).await
+        volumes::blocking(move || volume.unmount()).await
     }
 
     async fn freeze(&self, inst: &InstanceSpec, frozen: bool) -> Result<(), DriverError> {
@@ -317,8 +294,21 @@ impl Driver for VmDriver {
         self.monitor(inst)?.change(req).await.map_err(DriverError::Monitor)
     }
 
-    async fn resize(&self, inst: &InstanceSpec, cpus: Option<u8>, memory_mib: Option<u64>) -> Result<(), DriverError> {
-        self.monitor(inst)?.change(ControlRequest::Resize { cpus, memory_mib }).await.map_err(DriverError::Monitor)
+    async fn update_limits(&self, old: &InstanceSpec, new: &InstanceSpec) -> Result<(), DriverError> {
+        let (was, will) = (config::vm_size(&old.config)?, config::vm_size(&new.config)?);
+        if was == will {
+            return Ok(());
+        }
+        if was.memory_mib != will.memory_mib && config::memory_hotplug_mib(&old.config)? == 0 {
+            return Err(DriverError::NeedsRestart(format!(
+                "instance {} started without memory hot-plug: set limits.memory.hotplug (the most limits.memory may \
+                 grow to while it runs) and restart it, or restart it to apply limits.memory",
+                old.name
+            )));
+        }
+        let cpus = (was.cpus != will.cpus).then_some(will.cpus);
+        let memory_mib = (was.memory_mib != will.memory_mib).then_some(will.memory_mib);
+        self.monitor(new)?.change(ControlRequest::Resize { cpus, memory_mib }).await.map_err(DriverError::Monitor)
     }
 
     async fn status(&self, inst: &InstanceSpec) -> Result<RunStatus, DriverError> {
@@ -330,6 +320,12 @@ impl Driver for VmDriver {
                     restarts: s.restarts,
                     started_at: s.started_at,
                 }),
+                // A monitor that lives but is slow to answer (a loaded
+                // host) still keeps a running VM: never report it stopped,
+                // or a daemon restart would clean up (its tap, say) under it.
+                Err(_) if h.alive() => {
+                    Ok(RunStatus::Running { pid: h.pid(), main_pid: None, restarts: 0, started_at: 0 })
+                }
                 Err(_) => Ok(RunStatus::Stopped { last: Self::last_exit(inst) }),
             },
             Err(_) => Ok(RunStatus::Stopped { last: Self::last_exit(inst) }),
@@ -353,40 +349,28 @@ impl Driver for VmDriver {
             return Err(DriverError::Running(inst.name.clone()));
         }
         monitor::remove_leftovers(&dir);
-        match self.pool.open_volume(&inst.name) {
-            Ok(v) => blocking(move || v.delete()).await?,
-            Err(StorageError::VolumeNotFound(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
+        volumes::delete(&self.pool, &inst.name).await?;
         let _ = std::fs::remove_file(Self::exit_file(inst));
         Ok(())
     }
 
     async fn snapshot_create(&self, inst: &InstanceSpec, snap: &str) -> Result<(), DriverError> {
-        let (v, s) = (self.volume(inst)?, snap.to_string());
-        blocking(move || v.snapshot_create(&s)).await
+        volumes::snapshot_create(&self.pool, &inst.name, snap).await
     }
 
     async fn snapshot_restore(&self, inst: &InstanceSpec, snap: &str) -> Result<(), DriverError> {
         if monitor::attach(&self.runtime_dir(inst)).is_ok() {
             return Err(DriverError::Running(inst.name.clone()));
         }
-        let (v, s) = (self.volume(inst)?, snap.to_string());
-        blocking(move || {
-            v.unmount()?;
-            v.snapshot_restore(&s)
-        })
-        .await
+        volumes::snapshot_restore(&self.pool, &inst.name, snap).await
     }
 
     async fn snapshot_delete(&self, inst: &InstanceSpec, snap: &str) -> Result<(), DriverError> {
-        let (v, s) = (self.volume(inst)?, snap.to_string());
-        blocking(move || v.snapshot_delete(&s)).await
+        volumes::snapshot_delete(&self.pool, &inst.name, snap).await
     }
 
     async fn snapshot_rename(&self, inst: &InstanceSpec, old: &str, new: &str) -> Result<(), DriverError> {
-        let (v, o, n) = (self.volume(inst)?, old.to_string(), new.to_string());
-        blocking(move || v.snapshot_rename(&o, &n)).await
+        volumes::snapshot_rename(&self.pool, &inst.name, old, new).await
     }
 
     async fn adopt(&self, inst: &InstanceSpec) -> Result<RunStatus, DriverError> {
@@ -397,7 +381,7 @@ impl Driver for VmDriver {
         }
         monitor::remove_leftovers(&dir);
         if let Ok(v) = self.pool.open_volume(&inst.name) {
-            blocking(move || v.unmount()).await?;
+            volumes::blocking(move || v.unmount()).await?;
         }
         Ok(RunStatus::Stopped { last: Self::last_exit(inst) })
     }

@@ -65,6 +65,7 @@ fn instance(d: &Path, config: &[(&str, &str)]) -> InstanceSpec {
         config: config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
         image_rootfs: image,
         image_config: serde_json::json!({"process": {"args": ["nginx"], "cwd": "/"}}),
+        image_kind: Default::default(),
         nic: None,
         devices: BTreeMap::new(),
         dir: d.join("instances/web"),

@@ -10,8 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use skiff_agent_client::latency::{exec_true, percentile};
 use skiff_agent_client::{AgentClient, Transport};
-use skiff_agent_proto::{ExecRequest, PowerAction};
+use skiff_agent_proto::PowerAction;
 use skiff_run::kernel::{kernel_version, Kernel, KernelOrigin};
 use skiff_run::{initramfs, vm, ThinVm, VmOptions};
 
@@ -58,24 +59,6 @@ fn make_rootfs(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs `true` `runs` times (after 10 warm-up runs); latencies in µs.
-async fn measure(agent: &AgentClient, runs: usize) -> Result<Vec<f64>> {
-    let req = ExecRequest { argv: vec!["true".into()], ..Default::default() };
-    let mut out = Vec::with_capacity(runs);
-    for i in 0..runs + 10 {
-        let t = Instant::now();
-        let o = agent.exec_output(req.clone(), None).await?;
-        let us = t.elapsed().as_secs_f64() * 1e6;
-        if o.status.code() != 0 {
-            bail!("true exited {:?}", o.status);
-        }
-        if i >= 10 {
-            out.push(us);
-        }
-    }
-    Ok(out)
-}
-
 async fn skiff_round(a: &Args, dir: &Path, kernel: &Kernel, initrd: &Path, round: usize) -> Result<Vec<f64>> {
     let opts = VmOptions {
         name: format!("bench-{round}"),
@@ -93,7 +76,7 @@ async fn skiff_round(a: &Args, dir: &Path, kernel: &Kernel, initrd: &Path, round
         bundle: "bench".into(),
     };
     let thin = ThinVm::boot(&opts).await?;
-    let r = measure(&thin.agent(), a.runs).await;
+    let r = exec_true(&thin.agent(), a.runs).await.map_err(Into::into);
     thin.shutdown(Duration::from_secs(20)).await?;
     r
 }
@@ -156,21 +139,13 @@ async fn qemu_round(a: &Args, dir: &Path, initrd: &Path, round: usize) -> Result
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let r = measure(&agent, a.runs).await;
+    let r = exec_true(&agent, a.runs).await.map_err(Into::into);
     let _ = agent.power(PowerAction::Poweroff).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while qemu.0.try_wait()?.is_none() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     r
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -213,12 +188,12 @@ async fn main() -> Result<()> {
     }
     println!("\n{:<28} {:>8} {:>12} {:>12}", "VMM", "execs", "p50 (µs)", "p99 (µs)");
     for (name, v) in [("skiff-vmm (hybrid vsock)", &skiff), ("qemu microvm (vhost-vsock)", &qemu)] {
-        println!("{:<28} {:>8} {:>12.0} {:>12.0}", name, v.len(), pct(v, 50.0), pct(v, 99.0));
+        println!("{:<28} {:>8} {:>12.0} {:>12.0}", name, v.len(), percentile(v, 50.0), percentile(v, 99.0));
     }
     println!(
         "ratio skiff/qemu: p50 {:.2}, p99 {:.2}",
-        pct(&skiff, 50.0) / pct(&qemu, 50.0),
-        pct(&skiff, 99.0) / pct(&qemu, 99.0)
+        percentile(&skiff, 50.0) / percentile(&qemu, 50.0),
+        percentile(&skiff, 99.0) / percentile(&qemu, 99.0)
     );
     if failed {
         std::process::exit(1);

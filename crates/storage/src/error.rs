@@ -67,6 +67,14 @@ pub enum StorageError {
         /// What the probe saw.
         reason: String,
     },
+    /// An id-mapped mount was asked of a volume whose backend cannot give one.
+    #[error("volume {volume:?} ({backend:?} backend) cannot be mounted id-mapped: unprivileged containers need the overlay backend")]
+    IdmapUnsupported {
+        /// The volume.
+        volume: String,
+        /// Its backend.
+        backend: Backend,
+    },
     /// A path cannot be written into overlayfs mount options (they are split on `,` and `:`).
     #[error("{path} cannot be used in overlayfs mount options: it contains {ch:?}")]
     UnsafeMountPath {

@@ -41,6 +41,7 @@
 
 mod error;
 mod fsops;
+pub mod idmap;
 pub mod name;
 mod pool;
 mod sys;

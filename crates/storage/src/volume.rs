@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::fsops::{self, Reflink, TempDir};
+use crate::idmap::{self, IdMap};
 use crate::name::validate_name;
 use crate::pool::{list_names, unix_now};
 use crate::{sys, Backend, StorageError};
@@ -114,6 +115,19 @@ impl Volume {
         self.dir.join("state")
     }
 
+    /// Mounts the image id-mapped at `<volume>/lower` and gives the upper layer's top directory to the mapped root.
+    fn mapped_lower(&self, map: IdMap) -> Result<PathBuf, StorageError> {
+        let lower = self.dir.join("lower");
+        fs::create_dir_all(&lower).map_err(|e| StorageError::io("create directory", &lower, e))?;
+        let _ = sys::umount(&lower, libc::MNT_DETACH);
+        idmap::idmapped_bind(&self.meta.image, &lower, map)
+            .map_err(|e| StorageError::io("id-mapped mount of the image on", &lower, e))?;
+        let state = self.state();
+        std::os::unix::fs::lchown(&state, Some(map.host_base), Some(map.host_base))
+            .map_err(|e| StorageError::io("chown", &state, e))?;
+        Ok(lower)
+    }
+
     fn snapshot_dir(&self, snap: &str) -> PathBuf {
         self.dir.join("snapshots").join(snap)
     }
@@ -133,10 +147,21 @@ impl Volume {
     /// copy volumes bind-mount `state/`. Either way the mount is nodev and nosuid on the host (the guest, through
     /// virtiofsd, still sees and creates device nodes and setuid files as usual).
     pub fn mount(&self) -> Result<PathBuf, StorageError> {
+        self.mount_mapped(None)
+    }
+
+    /// [`Volume::mount`] for an unprivileged container whose ids are `map`: the image layer is an id-mapped mount
+    /// (`<volume>/lower`, see [`crate::idmap`]), so the image's root-owned files belong to the container's root,
+    /// and the upper layer's top directory belongs to it too; what the container writes lands with its mapped ids.
+    /// Overlay volumes only (the copy backends would need every file chowned).
+    pub fn mount_mapped(&self, map: Option<IdMap>) -> Result<PathBuf, StorageError> {
         let _lock = self.lock()?;
         let rootfs = self.rootfs();
         if self.mounted()? {
             return Ok(rootfs);
+        }
+        if map.is_some() && self.meta.backend != Backend::Overlay {
+            return Err(StorageError::IdmapUnsupported { volume: self.name.clone(), backend: self.meta.backend });
         }
         fs::create_dir_all(&rootfs).map_err(|e| StorageError::io("create directory", &rootfs, e))?;
         match self.meta.backend {
@@ -146,10 +171,18 @@ impl Volume {
                 if !self.meta.image.is_dir() {
                     return Err(StorageError::BadImage { path: self.meta.image.clone() });
                 }
-                let options = overlay_options(&self.meta.image, &self.state(), &work, &rootfs)?;
+                let lower = match map {
+                    Some(map) => self.mapped_lower(map)?,
+                    None => self.meta.image.clone(),
+                };
+                let options = overlay_options(&lower, &self.state(), &work, &rootfs)?;
                 let flags = libc::MS_NODEV | libc::MS_NOSUID;
-                sys::mount("skiff", &rootfs, Some("overlay"), flags, Some(&options))
-                    .map_err(|source| StorageError::MountOverlay { target: rootfs.clone(), options, source })?;
+                let mounted = sys::mount("skiff", &rootfs, Some("overlay"), flags, Some(&options));
+                if map.is_some() {
+                    // overlayfs holds its own reference to the layer: the mapped mount can go at once.
+                    let _ = sys::umount(&lower, libc::MNT_DETACH);
+                }
+                mounted.map_err(|source| StorageError::MountOverlay { target: rootfs.clone(), options, source })?;
             }
             Backend::Reflink | Backend::Copy => {
                 sys::bind_mount(&self.state(), &rootfs).map_err(|e| StorageError::io("bind-mount on", &rootfs, e))?

@@ -18,11 +18,7 @@ use crate::{console, creds, exec, image_ref, progress, remote, term};
 pub async fn create(ctx: &Ctx, a: CreateArgs, start: bool) -> anyhow::Result<i32> {
     let cfg = remote::Config::load()?;
     let source = image_ref::source(&a.image, &cfg, creds::docker_lookup)?;
-    let kind = match (a.vm, a.container) {
-        (_, true) => Some(InstanceType::Container),
-        (true, _) => Some(InstanceType::VirtualMachine),
-        _ => None,
-    };
+    let kind = Some(if a.vm { InstanceType::VirtualMachine } else { InstanceType::Container });
     let post = InstancesPost {
         name: a.name.clone().unwrap_or_default(),
         kind,

@@ -51,7 +51,7 @@ pub async fn exec(State(d): State<App>, Path(name): Path<String>, Body(req): Bod
         return Err(ApiErr::bad("exec needs a command"));
     }
     let spec = inst::spec(&d, &r)?;
-    let agent = d.driver.agent(&spec).map_err(|e| ApiErr::bad(crate::images::chain(&e)))?;
+    let agent = inst::driver(&d, &r)?.agent(&spec).map_err(|e| ApiErr::bad(crate::images::chain(&e)))?;
     let user =
         (req.user != 0 || req.group != 0).then(|| User { uid: req.user, gid: req.group, additional_gids: vec![] });
     let size = WindowSize {
@@ -114,7 +114,7 @@ pub async fn console(State(d): State<App>, Path(name): Path<String>, Body(req): 
         return Err(ApiErr::bad(format!("Instance {name:?} is not running (its last boot's log: GET .../console)")));
     }
     let spec = inst::spec(&d, &r)?;
-    let agent = d.driver.agent(&spec).map_err(|e| ApiErr::bad(crate::images::chain(&e)))?;
+    let agent = inst::driver(&d, &r)?.agent(&spec).map_err(|e| ApiErr::bad(crate::images::chain(&e)))?;
     let dim = |k: &str, def: u16| {
         req.get(k).and_then(Value::as_u64).filter(|v| *v > 0).map(|v| v.min(1000) as u16).unwrap_or(def)
     };

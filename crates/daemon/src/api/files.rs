@@ -55,7 +55,7 @@ fn target(d: &App, name: &str, q: &HashMap<String, String>) -> Result<(AgentClie
         return Err(ApiErr::bad(format!("path {path:?} must not contain '..'")));
     }
     let spec = inst::spec(d, &r)?;
-    let agent = d.driver.agent(&spec).map_err(|e| ApiErr::bad(chain(&e)))?;
+    let agent = inst::driver(d, &r)?.agent(&spec).map_err(|e| ApiErr::bad(chain(&e)))?;
     Ok((agent, path))
 }
 

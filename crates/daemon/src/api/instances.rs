@@ -63,7 +63,7 @@ pub fn to_api(d: &App, r: &InstanceRow) -> Instance {
         status_code: s.code(),
         last_used_at: r.last_used_at.clone(),
         location: "none".into(),
-        kind: InstanceType::VirtualMachine,
+        kind: if r.kind == "container" { InstanceType::Container } else { InstanceType::VirtualMachine },
         project: "default".into(),
     }
 }

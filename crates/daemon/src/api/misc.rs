@@ -99,7 +99,7 @@ pub async fn server_put(Body(v): Body<Value>) -> ApiResult {
 pub async fn console_log(State(d): State<App>, Path(name): Path<String>) -> ApiResult {
     let r = inst::row(&d, &name)?;
     let spec = inst::spec(&d, &r)?;
-    let path = d.driver.console_log(&spec);
+    let path = inst::driver(&d, &r)?.console_log(&spec);
     let bytes = std::fs::read(&path).unwrap_or_default();
     let mut resp = bytes.into_response();
     resp.headers_mut().insert("Content-Type", HeaderValue::from_static("application/octet-stream"));
@@ -109,7 +109,7 @@ pub async fn console_log(State(d): State<App>, Path(name): Path<String>) -> ApiR
 /// `DELETE /1.0/instances/{name}/console`: clears the log.
 pub async fn console_clear(State(d): State<App>, Path(name): Path<String>) -> ApiResult {
     let r = inst::row(&d, &name)?;
-    let path = d.driver.console_log(&inst::spec(&d, &r)?);
+    let path = inst::driver(&d, &r)?.console_log(&inst::spec(&d, &r)?);
     if path.exists() {
         std::fs::write(&path, b"").map_err(|e| ApiErr::new(500, format!("clearing the console log: {e}")))?;
     }
@@ -134,7 +134,7 @@ pub async fn logs(State(d): State<App>, Path(name): Path<String>) -> ApiResult {
 fn log_path(d: &App, name: &str, file: &str) -> Result<std::path::PathBuf, ApiErr> {
     let r = inst::row(d, name)?;
     if file == "console.log" {
-        return Ok(d.driver.console_log(&inst::spec(d, &r)?));
+        return Ok(inst::driver(d, &r)?.console_log(&inst::spec(d, &r)?));
     }
     if file.contains('/') || file.starts_with('.') || !log_files(d, name).iter().any(|f| f == file) {
         return Err(ApiErr::not_found("Log file"));

@@ -4,7 +4,8 @@
 //! Every vCPU gets the supported set with its own APIC ID patched into the
 //! topology leaves (0x1, 0x4, 0xb/0x1f, 0x8000_0008), the hypervisor bit
 //! set, and the features that would make the guest probe hardware we do not
-//! emulate (the PMU, AMD's extended topology) removed.
+//! emulate (the PMU, AMD's extended topology) removed. KVM's in-kernel
+//! TSC-deadline timer is advertised ([`add_tsc_deadline`]).
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
@@ -14,6 +15,7 @@ const EBX_CLFLUSH_SHIFT: u32 = 8;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 const ECX_TOPOEXT: u32 = 1 << 22;
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
 
@@ -23,6 +25,17 @@ fn id_bits(count: u32) -> u32 {
         0
     } else {
         32 - (count - 1).leading_zeros()
+    }
+}
+
+/// Advertises the TSC-deadline timer (leaf 0x1 ECX bit 24), which KVM's
+/// in-kernel LAPIC emulates (`KVM_CAP_TSC_DEADLINE_TIMER`) but
+/// `KVM_GET_SUPPORTED_CPUID` does not list. Without it Linux calibrates its
+/// LAPIC timer against the PIT for 100 ms of guest time at boot; QEMU,
+/// Firecracker and Cloud Hypervisor set the bit too.
+pub fn add_tsc_deadline(cpuid: &mut CpuId) {
+    for entry in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 0x1) {
+        entry.ecx |= ECX_TSC_DEADLINE;
     }
 }
 
@@ -130,6 +143,14 @@ mod tests {
         assert_eq!((e[1].edx, e[1].ebx, e[1].ecx >> 8), (3, 1, LEVEL_TYPE_SMT));
         assert_eq!((e[2].eax, e[2].ebx, e[2].ecx >> 8), (2, 4, LEVEL_TYPE_CORE));
         assert_eq!(e[3].ecx >> 8, 0);
+    }
+
+    #[test]
+    fn tsc_deadline_is_added_to_leaf_1_only() {
+        let mut c = cpuid_with(&[entry(1, 0), entry(7, 0)]);
+        add_tsc_deadline(&mut c);
+        assert_ne!(c.as_slice()[0].ecx & ECX_TSC_DEADLINE, 0);
+        assert_eq!(c.as_slice()[1].ecx, 0);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::cpuid::add_tsc_deadline;
 use crate::arch::layout::KVM_TSS_ADDRESS;
 
 /// Errors while creating or configuring the VM.
@@ -104,8 +105,11 @@ impl Vm {
                 log::debug!("KVM_CAP_EXIT_ON_EMULATION_FAILURE not enabled: {e}");
             }
         }
-        let supported_cpuid =
+        let mut supported_cpuid =
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("read the supported CPUID"))?;
+        if kvm.check_extension(Cap::TscDeadlineTimer) {
+            add_tsc_deadline(&mut supported_cpuid);
+        }
         Ok(Self { fd: Arc::new(fd), supported_cpuid })
     }
 

@@ -28,6 +28,30 @@ pub struct Env {
 }
 
 impl Env {
+    /// A skiffd (not started yet) for state under `tmp` (`skiff/`, `run/`,
+    /// `home/`, `skiffd.log`), with the binaries in `bin`.
+    pub fn in_scratch(tmp: &std::path::Path, bin: PathBuf) -> Result<Env> {
+        let env = Env {
+            dir: tmp.join("skiff"),
+            run: tmp.join("run"),
+            bin,
+            home: tmp.join("home"),
+            daemon: None,
+            log: tmp.join("skiffd.log"),
+        };
+        std::fs::create_dir_all(&env.home)?;
+        Ok(env)
+    }
+
+    /// Builds the demo image into this daemon's store
+    /// (`scripts/build-demo-image`); its OCI layout directory.
+    pub fn demo_image(&self) -> Result<PathBuf> {
+        let layout = run(Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/build-demo-image"))
+            .env("SKIFF_DIR", &self.dir)
+            .env("SKIFF_OCI", self.bin.join("skiff-oci")))?;
+        Ok(PathBuf::from(layout.trim()))
+    }
+
     /// `skiff ARGS`: exit code, stdout, stderr.
     pub fn skiff(&self, args: &[&str]) -> Result<(i32, String, String)> {
         self.skiff_in(args, None)

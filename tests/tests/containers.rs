@@ -72,19 +72,9 @@ fn leftovers(env: &Env, name: &str, host_veth: &str) -> Vec<String> {
 fn oci_containers_end_to_end() -> Result<()> {
     let tmp = scratch()?;
     let bin = vmm_binary()?.parent().context("binary dir")?.to_path_buf();
-    let dir = tmp.path().join("skiff");
-    let mut env = Env {
-        dir: dir.clone(),
-        run: tmp.path().join("run"),
-        bin: bin.clone(),
-        home: tmp.path().join("home"),
-        daemon: None,
-        log: tmp.path().join("skiffd.log"),
-    };
-    std::fs::create_dir_all(&env.home)?;
-    run(Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/build-demo-image"))
-        .env("SKIFF_DIR", &dir)
-        .env("SKIFF_OCI", bin.join("skiff-oci")))?;
+    let mut env = Env::in_scratch(tmp.path(), bin)?;
+    let dir = env.dir.clone();
+    env.demo_image()?;
     env.start_daemon()?;
     let mut failures: Vec<String> = Vec::new();
     let mut check = |name: &str, r: Result<()>| {

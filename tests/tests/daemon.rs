@@ -10,7 +10,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -59,20 +59,9 @@ fn registry(dir: &Path, layout: &Path, port: u16, auth: Option<(&str, &str)>) ->
 fn daemon_end_to_end() -> Result<()> {
     let tmp = scratch()?;
     let bin = vmm_binary()?.parent().context("binary dir")?.to_path_buf();
-    let dir = tmp.path().join("skiff");
-    let mut env = Env {
-        dir: dir.clone(),
-        run: tmp.path().join("run"),
-        bin: bin.clone(),
-        home: tmp.path().join("home"),
-        daemon: None,
-        log: tmp.path().join("skiffd.log"),
-    };
-    std::fs::create_dir_all(&env.home)?;
-    let layout = run(Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/build-demo-image"))
-        .env("SKIFF_DIR", &dir)
-        .env("SKIFF_OCI", bin.join("skiff-oci")))?;
-    let layout = PathBuf::from(layout.trim());
+    let mut env = Env::in_scratch(tmp.path(), bin.clone())?;
+    let dir = env.dir.clone();
+    let layout = env.demo_image()?;
     let mut reg = registry(tmp.path(), &layout, 5000, None)?;
     let mut locked = registry(tmp.path(), &layout, 5001, Some(("alice", "s3cret")))?;
     env.start_daemon()?;

@@ -201,16 +201,8 @@ fn debian_system_container() -> Result<()> {
     let tmp = scratch()?;
     // The container's root (an unprivileged id) walks to its rootfs.
     std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-    let dir = tmp.path().join("skiff");
-    let mut env = Env {
-        dir: dir.clone(),
-        run: tmp.path().join("run"),
-        bin: bin_dir()?,
-        home: tmp.path().join("home"),
-        daemon: None,
-        log: tmp.path().join("skiffd.log"),
-    };
-    std::fs::create_dir_all(&env.home)?;
+    let mut env = Env::in_scratch(tmp.path(), bin_dir()?)?;
+    let dir = env.dir.clone();
     env.start_daemon()?;
     let mut failures: Vec<String> = Vec::new();
     let mut check = |name: &str, r: Result<()>| {

@@ -327,10 +327,16 @@ impl LxcDriver {
     }
 }
 
+/// The agent's next event connection; `None` when the listener broke.
+/// Waits as long as it takes: the agent reconnects only with its next event.
 async fn accept(l: Option<&EventListener>) -> Option<EventStream> {
-    match l {
-        Some(l) => l.accept(Duration::from_secs(3600)).await.ok(),
-        None => std::future::pending().await,
+    let Some(l) = l else { return std::future::pending().await };
+    loop {
+        match l.accept(Duration::from_secs(3600)).await {
+            Ok(s) => return Some(s),
+            Err(skiff_agent_client::ClientError::Timeout(_)) => continue,
+            Err(_) => return None,
+        }
     }
 }
 

@@ -35,17 +35,28 @@ pub fn is_builtin(dev: &BTreeMap<String, String>) -> bool {
     }
 }
 
-/// What device `name` becomes in the VM; `None` for the daemon's own.
-pub fn device_spec(name: &str, dev: &BTreeMap<String, String>) -> Result<Option<DeviceSpec>, DeviceError> {
+/// A disk device's keys, checked alike for every kind of instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// The host path (absolute, existing).
+    pub source: PathBuf,
+    /// Whether `source` is a directory.
+    pub is_dir: bool,
+    /// Where it appears inside, if given.
+    pub path: Option<String>,
+    /// Read-only.
+    pub readonly: bool,
+}
+
+/// The keys of disk device `name`; `None` for the daemon's own devices.
+/// `takes` names the instances in errors ("VMs", "containers").
+pub fn disk(name: &str, dev: &BTreeMap<String, String>, takes: &str) -> Result<Option<Disk>, DeviceError> {
     if is_builtin(dev) {
         return Ok(None);
     }
-    if !skiff_run::vm::valid_device_name(name) {
-        return Err(bad(name, "names are 1-32 characters of a-z, A-Z, 0-9, '-' and '_'"));
-    }
     match dev.get("type").map(String::as_str) {
         Some("disk") => {}
-        Some(t) => return Err(bad(name, format!("type {t:?}: VMs take disk devices (and the managed nic)"))),
+        Some(t) => return Err(bad(name, format!("type {t:?}: {takes} take disk devices (and the managed nic)"))),
         None => return Err(bad(name, "no type")),
     }
     if let Some(k) = dev.keys().find(|k| !["type", "source", "path", "readonly"].contains(&k.as_str())) {
@@ -61,16 +72,27 @@ pub fn device_spec(name: &str, dev: &BTreeMap<String, String>) -> Result<Option<
         return Err(bad(name, format!("source {} is not an absolute host path", source.display())));
     }
     let meta = std::fs::metadata(&source).map_err(|e| bad(name, format!("source {}: {e}", source.display())))?;
+    Ok(Some(Disk { source, is_dir: meta.is_dir(), path: dev.get("path").cloned(), readonly }))
+}
+
+/// What device `name` becomes in the VM; `None` for the daemon's own.
+pub fn device_spec(name: &str, dev: &BTreeMap<String, String>) -> Result<Option<DeviceSpec>, DeviceError> {
+    if is_builtin(dev) {
+        return Ok(None);
+    }
+    if !skiff_run::vm::valid_device_name(name) {
+        return Err(bad(name, "names are 1-32 characters of a-z, A-Z, 0-9, '-' and '_'"));
+    }
+    let Some(Disk { source, is_dir, path, readonly }) = disk(name, dev, "VMs")? else { return Ok(None) };
     let name = name.to_string();
-    if meta.is_dir() {
-        let path =
-            dev.get("path").ok_or_else(|| bad(&name, "a directory share needs path (where the guest sees it)"))?;
+    if is_dir {
+        let path = path.ok_or_else(|| bad(&name, "a directory share needs path (where the guest sees it)"))?;
         if !path.starts_with('/') || path == "/" {
             return Err(bad(&name, format!("path {path:?} must be an absolute guest path other than /")));
         }
-        Ok(Some(DeviceSpec::Share { name, source, path: path.clone(), readonly }))
+        Ok(Some(DeviceSpec::Share { name, source, path, readonly }))
     } else {
-        if dev.contains_key("path") {
+        if path.is_some() {
             return Err(bad(&name, "a file or block device is attached as a disk; the guest mounts it (omit path)"));
         }
         Ok(Some(DeviceSpec::Disk { name, source, readonly }))

@@ -179,7 +179,7 @@ impl LxcDriver {
     }
 
     /// Makes the socket directory, owned by the container's root.
-    fn prepare_sockets(&self, inst: &InstanceSpec, idmap: Option<IdMap>) -> Result<PathBuf, DriverError> {
+    fn prepare_sockets(&self, inst: &InstanceSpec, idmap: Option<IdMap>) -> Result<(), DriverError> {
         let dir = self.sockets(inst);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(host("creating the socket directory"))?;
@@ -195,8 +195,19 @@ impl LxcDriver {
                 .unwrap_or(0)
                 .to_string(),
         )
-        .map_err(host("writing the start time"))?;
-        Ok(dir)
+        .map_err(host("writing the start time"))
+    }
+
+    /// Listens where the container's agent sends its events (a socket the
+    /// container's root may connect to).
+    fn listen_events(&self, inst: &InstanceSpec, idmap: Option<IdMap>) -> Result<EventListener, DriverError> {
+        let events = self.sockets(inst).join(EVENT_SOCKET);
+        let listener = EventListener::bind(&events).map_err(boxed)?;
+        if let Some(m) = idmap {
+            std::os::unix::fs::chown(&events, Some(m.host_base), Some(m.host_base))
+                .map_err(host("chown of the event socket"))?;
+        }
+        Ok(listener)
     }
 
     /// After `lxc-start`: the agent up, the network, the main process.
@@ -385,29 +396,13 @@ fn subids_cover(file: &str, map: IdMap) -> bool {
 
 /// A disk device as a bind mount; `None` for the daemon's own devices.
 fn bind_mount(name: &str, dev: &BTreeMap<String, String>) -> Result<Option<BindMount>, DriverError> {
-    if devices::is_builtin(dev) {
-        return Ok(None);
-    }
+    let Some(disk) = devices::disk(name, dev, "containers")? else { return Ok(None) };
     let bad = |why: String| DriverError::Device(devices::DeviceError::Bad { name: name.into(), why });
-    match dev.get("type").map(String::as_str) {
-        Some("disk") => {}
-        Some(t) => return Err(bad(format!("type {t:?}: containers take disk devices (and the managed nic)"))),
-        None => return Err(bad("no type".into())),
-    }
-    if let Some(k) = dev.keys().find(|k| !["type", "source", "path", "readonly"].contains(&k.as_str())) {
-        return Err(bad(format!("unknown key {k:?} (disk devices take source, path and readonly)")));
-    }
-    let source = PathBuf::from(dev.get("source").ok_or_else(|| bad("no source (a host path)".into()))?);
-    let meta = std::fs::metadata(&source).map_err(|e| bad(format!("source {}: {e}", source.display())))?;
-    let target = dev.get("path").ok_or_else(|| bad("no path (where it appears in the container)".into()))?;
+    let target = disk.path.ok_or_else(|| bad("no path (where it appears in the container)".into()))?;
     if !target.starts_with('/') || target == "/" || target.split('/').any(|c| c == "..") {
         return Err(bad(format!("path {target:?} is not an absolute path below /")));
     }
-    let readonly = match dev.get("readonly") {
-        Some(v) => config::parse_bool("readonly", v).map_err(|e| bad(e.to_string()))?,
-        None => false,
-    };
-    Ok(Some(BindMount { source, target: target.clone(), readonly, file: !meta.is_dir() }))
+    Ok(Some(BindMount { source: disk.source, target, readonly: disk.readonly, file: !disk.is_dir }))
 }
 
 #[async_trait::async_trait]
@@ -460,13 +455,8 @@ impl Driver for LxcDriver {
         let volume = self.pool.open_volume(&inst.name)?;
         let rootfs = volumes::blocking(move || volume.mount_mapped(idmap)).await?;
         let result = async {
-            let sockets = self.prepare_sockets(inst, idmap)?;
-            let events = sockets.join(EVENT_SOCKET);
-            let listener = EventListener::bind(&events).map_err(boxed)?;
-            if let Some(m) = idmap {
-                std::os::unix::fs::chown(&events, Some(m.host_base), Some(m.host_base))
-                    .map_err(host("chown of the event socket"))?;
-            }
+            self.prepare_sockets(inst, idmap)?;
+            let listener = self.listen_events(inst, idmap)?;
             let text = conf::render(&self.conf_spec(inst, rootfs, idmap)?).map_err(boxed)?;
             let dir = self.lxc.dir(&inst.name);
             std::fs::create_dir_all(&dir).map_err(host("creating the container directory"))?;
@@ -650,16 +640,9 @@ impl Driver for LxcDriver {
         if let Some(pid) = self.lxc.init_pid(&inst.name).await.map_err(boxed)? {
             // The agent reconnects to a new listener with its next event.
             let listener = match inst.image_kind {
-                ImageKind::Oci => EventListener::bind(&self.sockets(inst).join(EVENT_SOCKET)).ok(),
+                ImageKind::Oci => self.listen_events(inst, Self::idmap(inst, self.cfg.idmap)?).ok(),
                 ImageKind::System => None,
             };
-            if let (Some(m), Some(_)) = (Self::idmap(inst, self.cfg.idmap)?, &listener) {
-                let _ = std::os::unix::fs::chown(
-                    self.sockets(inst).join(EVENT_SOCKET),
-                    Some(m.host_base),
-                    Some(m.host_base),
-                );
-            }
             self.watch(inst, pid, listener, None);
             return self.status(inst).await;
         }

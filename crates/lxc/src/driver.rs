@@ -187,15 +187,8 @@ impl LxcDriver {
             std::os::unix::fs::chown(&dir, Some(m.host_base), Some(m.host_base))
                 .map_err(host("chown of the socket directory"))?;
         }
-        std::fs::write(
-            dir.join("started"),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0)
-                .to_string(),
-        )
-        .map_err(host("writing the start time"))
+        std::fs::write(dir.join("started"), skiff_run::monitor::now_secs().to_string())
+            .map_err(host("writing the start time"))
     }
 
     /// Listens where the container's agent sends its events (a socket the

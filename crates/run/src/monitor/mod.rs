@@ -57,8 +57,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 pub use proto::{
-    BootReport, ControlReply, ControlRequest, DeviceSpec, EndReason, ExitInfo, LaunchSpec, Launched, MonitorEvent,
-    MonitorState, MonitorStatus,
+    now_secs, BootReport, ControlReply, ControlRequest, DeviceSpec, EndReason, ExitInfo, LaunchSpec, Launched,
+    MonitorEvent, MonitorState, MonitorStatus,
 };
 /// How long a runtime change may take (a device removal waits up to 10 s
 /// for the guest, a share's mount up to 15 s for its driver).

@@ -249,17 +249,24 @@ impl Driver for VmDriver {
     async fn stop(&self, inst: &InstanceSpec, timeout: Duration, force: bool) -> Result<(), DriverError> {
         let dir = self.runtime_dir(inst);
         let handle = monitor::attach(&dir).map_err(|_| DriverError::NotRunning(inst.name.clone()))?;
-        handle.stop(timeout, force).await?;
+        // The watcher goes first: its cleanup is repeated below, and the
+        // Stopped event it would send for a stop the daemon asked for could
+        // reach the daemon late, after a new start, and stop that run's
+        // bookkeeping (its tap) under it.
+        if let Some(t) = self.watching.lock().unwrap_or_else(|e| e.into_inner()).remove(&inst.name) {
+            t.abort();
+        }
+        if let Err(e) = handle.stop(timeout, force).await {
+            if handle.alive() {
+                self.watch(inst);
+            }
+            return Err(e.into());
+        }
         for _ in 0..100 {
             if !handle.alive() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if let Some(t) = self.watching.lock().unwrap_or_else(|e| e.into_inner()).remove(&inst.name) {
-            // The watcher's own cleanup is repeated below; its Stopped event is
-            // not needed for a stop the daemon asked for.
-            t.abort();
         }
         monitor::remove_leftovers(&dir);
         let volume = self.volume(inst)?;

@@ -287,10 +287,23 @@ async fn stop_main_escalates_to_sigkill() {
             signal: libc::SIGTERM
         }
     );
+    // SIGTERM must come after the shell ignores it, or it ends the shell.
+    let trapped = a.dir.path().join("trap-set");
     a.client
-        .start_main(spec("trap '' TERM; exec sleep 60"))
+        .start_main(spec(&format!(
+            "trap '' TERM; touch {}; exec sleep 60",
+            trapped.display()
+        )))
         .await
         .expect("start main again");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !trapped.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the main process never set its trap"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let t = Instant::now();
     let st = a
         .client

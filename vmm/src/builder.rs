@@ -53,6 +53,8 @@ pub enum BuildError {
     Serial(#[source] crate::devices::serial::SerialError),
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
+    #[error("cannot boot the firmware")]
+    Firmware(#[source] crate::firmware::FirmwareError),
     #[error("cannot place device {name} on the bus")]
     Bus {
         name: &'static str,
@@ -118,7 +120,7 @@ pub(crate) struct Platform {
 
 impl Platform {
     /// The AML of the GED and the CPU hot-plug controller, for the DSDT.
-    fn aml(&self, max_cpus: u8) -> Vec<u8> {
+    pub(crate) fn aml(&self, max_cpus: u8) -> Vec<u8> {
         let mut aml = Vec::new();
         let mut ged_handlers = vec![(event::PCI, "\\_SB_.PCI0.PSCN")];
         if self.cpu_hotplug.is_some() {
@@ -216,6 +218,9 @@ impl Built {
 
 /// Builds the VM described by `config`; `start` is when the VMM started.
 pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
+    if let Some(fw) = &config.firmware {
+        return crate::firmware::build_firmware_vm(config, fw, start);
+    }
     let step = |what: &str| log::debug!("{what}: {} µs after start", start.elapsed().as_micros());
     let kvm = open_kvm(config.cpus).map_err(BuildError::Vm)?;
     let ram = create_guest_memory(config.memory_mib << 20, config.hotplug_mib << 20).map_err(BuildError::Memory)?;

@@ -53,6 +53,9 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     pub api_socket: Option<PathBuf>,
     pub devices: DeviceConfig,
+    /// Boot through this firmware instead of `kernel` (which is then
+    /// unused).
+    pub firmware: Option<crate::firmware::FirmwareConfig>,
 }
 
 /// Why a configuration cannot work.
@@ -124,7 +127,9 @@ impl VmConfig {
         if self.cmdline.len() >= crate::arch::layout::CMDLINE_MAX_SIZE {
             return Err(ConfigError::Cmdline(self.cmdline.len()));
         }
-        probe_kernel(&self.kernel).map_err(ConfigError::Kernel)?;
+        if self.firmware.is_none() {
+            probe_kernel(&self.kernel).map_err(ConfigError::Kernel)?;
+        }
         if let Some(initramfs) = &self.initramfs {
             let size = probe_initramfs(initramfs).map_err(ConfigError::Initramfs)?;
             if size >= (self.memory_mib << 20) / 2 {
@@ -181,6 +186,7 @@ mod tests {
             serial: SerialConfig::Stdout,
             api_socket: None,
             devices: DeviceConfig::default(),
+            firmware: None,
         }
     }
 

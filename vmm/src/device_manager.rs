@@ -345,6 +345,19 @@ impl PciDevices {
         })
     }
 
+    /// The root bus (for chipset functions firmware looks for).
+    pub fn pci_bus(&self) -> Arc<Mutex<PciBus>> {
+        self.bus.clone()
+    }
+
+    /// Answers the reset control register at 0xCF9 with `reset` (firmware
+    /// VMs): the configuration ports are put back with it.
+    pub fn set_reset_control(&self, io_bus: &Bus, reset: Box<dyn Fn() + Send>) -> Result<(), vm_device::BusError> {
+        let io = PciConfigIo::new(self.bus.clone()).with_reset_control(reset);
+        let _ = io_bus.remove(PCI_CONFIG_IO_PORT);
+        io_bus.insert(Arc::new(Mutex::new(io)), PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_SIZE)
+    }
+
     /// Wraps `device` in the virtio-pci transport and plugs it in; returns
     /// the slot and the transport.
     fn attach_virtio(

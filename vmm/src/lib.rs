@@ -14,6 +14,7 @@
 //!   Generic Event Device and the hot-plug controllers;
 //! * [`device_manager`]: the PCI bus and virtio devices; [`interrupt`]: MSI
 //!   routing and ioeventfds through KVM;
+//! * [`firmware`]: booting through UEFI firmware (OVMF) instead of a kernel;
 //! * [`snapshot`]: saving a paused VM to a directory and restoring it in
 //!   a new process;
 //! * [`api`]: the control socket (HTTP/1.1 + JSON; wire types in the
@@ -26,6 +27,7 @@ pub mod config;
 pub mod device_manager;
 pub mod devices;
 pub mod exit;
+pub mod firmware;
 pub mod interrupt;
 pub mod memory;
 pub mod options;

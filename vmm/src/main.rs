@@ -6,9 +6,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use skiff_vmm::builder::build_vm;
+use skiff_vmm::builder::{build_vm, BuildError};
 use skiff_vmm::config::{SerialConfig, VmConfig, DEFAULT_CMDLINE};
 use skiff_vmm::device_manager::DeviceConfig;
+use skiff_vmm::firmware::FirmwareConfig;
 use skiff_vmm::options::{ConsoleOption, CpusOption, DiskOption, FsOption, MemoryOption, NetOption, VsockOption};
 use skiff_vmm::snapshot::restore::{restore_vm, RestoreConfig};
 
@@ -24,8 +25,23 @@ use skiff_vmm::snapshot::restore::{restore_vm, RestoreConfig};
 struct Args {
     /// Guest kernel: an uncompressed vmlinux (booted through PVH when it has
     /// the PVH note) or a bzImage.
-    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["restore", "firmware"])]
     kernel: Option<PathBuf>,
+    /// Boot UEFI firmware instead of a kernel: an OVMF code image (default
+    /// Debian's /usr/share/OVMF/OVMF_CODE_4M.fd), mapped read-only at the
+    /// top of 4 GiB. Needs `--firmware-vars`. The firmware finds the
+    /// memory, CPUs and Skiff's ACPI tables through QEMU's fw_cfg, an
+    /// i440FX/PIIX chipset, a CMOS clock; its debug console (port 0x402)
+    /// goes to the VMM log.
+    #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = skiff_vmm::firmware::DEFAULT_FIRMWARE,
+          requires = "firmware_vars", conflicts_with_all = ["kernel", "initramfs", "restore"])]
+    firmware: Option<PathBuf>,
+    /// The VM's UEFI variable store (its own copy of OVMF_VARS*.fd, written
+    /// through as the firmware changes variables, so they persist). Created
+    /// from the firmware's sibling (OVMF_CODE_4M.fd → OVMF_VARS_4M.fd) if
+    /// it does not exist.
+    #[arg(long, value_name = "PATH", requires = "firmware")]
+    firmware_vars: Option<PathBuf>,
     /// Restore the VM saved in DIR by the API's `vm.snapshot` instead of
     /// booting one: its vCPUs, memory (the file mapped privately) and
     /// devices. `--disk`, `--net`, `--vsock` and `--rng` then give a saved
@@ -130,6 +146,7 @@ fn main() -> ExitCode {
         serial: args.serial,
         api_socket: args.api_socket,
         devices,
+        firmware: args.firmware.map(|code| FirmwareConfig { code, vars: args.firmware_vars.unwrap_or_default() }),
     };
     if let Err(e) = config.validate() {
         print_error("", &e);
@@ -139,7 +156,8 @@ fn main() -> ExitCode {
         Ok(v) => v,
         Err(e) => {
             print_error("", &e);
-            return ExitCode::from(1);
+            let bad_input = matches!(&e, BuildError::Firmware(f) if f.is_bad_input());
+            return ExitCode::from(if bad_input { 2 } else { 1 });
         }
     };
     log::debug!("VM built {} ms after start", start.elapsed().as_millis());

@@ -129,6 +129,60 @@ fn align8(x: u64) -> u64 {
     (x + 7) & !7
 }
 
+/// Offsets of the FADT's 64-bit DSDT address, the XSDT's first entry and
+/// the RSDP's XSDT address.
+const FADT_X_DSDT: usize = 140;
+const XSDT_ENTRIES: usize = 36;
+/// The RSDP's XSDT address field.
+pub const RSDP_XSDT: usize = 24;
+
+/// The tables laid out one after the other from an address, with where
+/// they point at each other (what a firmware table loader must patch).
+pub struct AcpiBlob {
+    /// The RSDP (36 bytes), pointing at the XSDT.
+    pub rsdp: Vec<u8>,
+    /// DSDT, FADT, MADT, the extra tables and the XSDT, 8-byte aligned.
+    pub tables: Vec<u8>,
+    /// (offset, length) of each table in `tables`.
+    pub table_ranges: Vec<(usize, usize)>,
+    /// Offsets in `tables` of 8-byte addresses of other tables.
+    pub pointers: Vec<usize>,
+}
+
+/// Builds the tables for `cpus` vCPUs at boot (and `max_cpus` possible
+/// ones) as if placed at `base` (the RSDP separately).
+pub fn build_acpi_blob(cpus: u8, max_cpus: u8, extras: &AcpiExtras, base: u64) -> AcpiBlob {
+    let mut tables: Vec<u8> = Vec::new();
+    let mut table_ranges = Vec::new();
+    let mut place = |bytes: &[u8]| {
+        let at = tables.len();
+        tables.extend_from_slice(bytes);
+        tables.resize(align8(tables.len() as u64) as usize, 0);
+        table_ranges.push((at, bytes.len()));
+        base + at as u64
+    };
+    let dsdt = place(&dsdt(extras));
+    let fadt = place(&fadt(dsdt));
+    let madt = place(&madt(cpus, max_cpus));
+    let extra: Vec<u64> = extras.tables.iter().map(|t| place(t)).collect();
+
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    let entries: Vec<u64> = [fadt, madt].into_iter().chain(extra).collect();
+    for addr in &entries {
+        xsdt.add_entry(*addr);
+    }
+    let mut xsdt_bytes = Vec::new();
+    xsdt.to_aml_bytes(&mut xsdt_bytes);
+    let xsdt = place(&xsdt_bytes);
+    let mut rsdp = Vec::new();
+    Rsdp::new(OEM_ID, xsdt).to_aml_bytes(&mut rsdp);
+
+    let off = |addr: u64| (addr - base) as usize;
+    let mut pointers = vec![off(fadt) + FADT_X_DSDT];
+    pointers.extend((0..entries.len()).map(|i| off(xsdt) + XSDT_ENTRIES + 8 * i));
+    AcpiBlob { rsdp, tables, table_ranges, pointers }
+}
+
 /// Builds the tables for `cpus` vCPUs at boot (and `max_cpus` possible
 /// ones) and writes them at [`ACPI_START`]. Returns the RSDP's address.
 pub fn create_acpi_tables(
@@ -138,35 +192,14 @@ pub fn create_acpi_tables(
     extras: &AcpiExtras,
 ) -> Result<GuestAddress, AcpiError> {
     let rsdp_addr = ACPI_START;
-    let mut next = align8(rsdp_addr + Rsdp::len() as u64);
-    let mut place = |bytes: &[u8]| {
-        let at = next;
-        next = align8(next + bytes.len() as u64);
-        (at, bytes.to_vec())
-    };
-    let dsdt = place(&dsdt(extras));
-    let fadt = place(&fadt(dsdt.0));
-    let madt = place(&madt(cpus, max_cpus));
-    let extra: Vec<(u64, Vec<u8>)> = extras.tables.iter().map(|t| place(t)).collect();
-
-    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    xsdt.add_entry(fadt.0);
-    xsdt.add_entry(madt.0);
-    for (addr, _) in &extra {
-        xsdt.add_entry(*addr);
+    let tables_addr = align8(rsdp_addr + Rsdp::len() as u64);
+    let blob = build_acpi_blob(cpus, max_cpus, extras, tables_addr);
+    let end = tables_addr + blob.tables.len() as u64;
+    if end > ACPI_END {
+        return Err(AcpiError::TooLarge { size: end - ACPI_START });
     }
-    let mut xsdt_bytes = Vec::new();
-    xsdt.to_aml_bytes(&mut xsdt_bytes);
-    let xsdt = place(&xsdt_bytes);
-    if next > ACPI_END {
-        return Err(AcpiError::TooLarge { size: next - ACPI_START });
-    }
-    let mut rsdp = Vec::new();
-    Rsdp::new(OEM_ID, xsdt.0).to_aml_bytes(&mut rsdp);
-
-    for (addr, bytes) in [(rsdp_addr, rsdp)].into_iter().chain([dsdt, fadt, madt, xsdt]).chain(extra) {
-        mem.write_slice(&bytes, GuestAddress(addr)).map_err(AcpiError::Write)?;
-    }
+    mem.write_slice(&blob.rsdp, GuestAddress(rsdp_addr)).map_err(AcpiError::Write)?;
+    mem.write_slice(&blob.tables, GuestAddress(tables_addr)).map_err(AcpiError::Write)?;
     Ok(GuestAddress(rsdp_addr))
 }
 

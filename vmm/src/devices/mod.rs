@@ -8,8 +8,12 @@
 
 pub mod acpi_pm;
 pub mod boot_timer;
+pub mod chipset;
+pub mod cmos;
 pub mod cpu_hotplug;
+pub mod fw_cfg;
 pub mod ged;
 pub mod i8042;
 pub mod pci_hotplug;
+pub mod pflash;
 pub mod serial;

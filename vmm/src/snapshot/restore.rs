@@ -148,6 +148,7 @@ pub fn restore_vm(cfg: &RestoreConfig, start: Instant) -> Result<Vmm, RestoreErr
         serial: cfg.serial.clone(),
         api_socket: cfg.api_socket.clone(),
         devices: cfg.devices.clone(),
+        firmware: None,
     };
     Ok(Built { config, start, vm, ram, vcpus, buses, pci, platform, vcpu_ctx }.into_vmm())
 }

@@ -48,6 +48,9 @@ impl Vmm {
         if !self.paused {
             return VmReply::error(409, "the VM is running; pause it before a snapshot");
         }
+        if self.p.config.firmware.is_some() {
+            return VmReply::error(409, "a firmware-booted VM cannot be snapshotted yet");
+        }
         if self.p.ram.hotplug.is_some() {
             return VmReply::error(409, "a VM with a memory hot-plug region (virtio-mem) cannot be snapshotted yet");
         }

@@ -75,8 +75,13 @@ pub struct Vm {
 impl Vm {
     /// Creates the VM, its irqchip and PIT, and registers `mem`.
     pub fn new(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<Self, VmError> {
+        Self::with_tss(kvm, mem, KVM_TSS_ADDRESS)
+    }
+
+    /// [`Self::new`] with KVM's TSS (Intel) at `tss` instead of the default.
+    pub fn with_tss(kvm: &Kvm, mem: &GuestMemoryMmap, tss: usize) -> Result<Self, VmError> {
         let fd = kvm.create_vm().map_err(kvm_err("create the VM"))?;
-        fd.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("set the TSS address"))?;
+        fd.set_tss_address(tss).map_err(kvm_err("set the TSS address"))?;
         fd.create_irq_chip().map_err(kvm_err("create the in-kernel irqchip"))?;
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;

@@ -213,6 +213,8 @@ pub struct PciBus {
     ioevents: Arc<dyn IoEventRegistrar>,
     windows: Option<BarWindows>,
     log: LogLimiter,
+    /// Chipset functions other than function 0 (`(slot, function)`).
+    functions: BTreeMap<(u8, u8), SharedPciDevice>,
 }
 
 /// Removes the mapping at `base` from `bus` only if it is `adapter`'s.
@@ -241,7 +243,33 @@ impl PciBus {
             ioevents,
             windows: None,
             log: LogLimiter::new("pci"),
+            functions: BTreeMap::new(),
         }
+    }
+
+    /// Puts a chipset function without BARs (a host bridge, an ISA bridge,
+    /// a power-management function) at `slot`.`function`, for firmware
+    /// that looks for a known chipset. Slot 0 function 0 replaces the host
+    /// bridge; any other function 0 takes its slot, which is then never
+    /// handed to a device.
+    pub fn set_chipset_function(
+        &mut self,
+        slot: u8,
+        function: u8,
+        device: SharedPciDevice,
+    ) -> Result<(), PciError> {
+        if slot >= NUM_SLOTS || function > 7 {
+            return Err(PciError::SlotUnavailable(slot));
+        }
+        if function == 0 {
+            if slot != 0 && self.devices.contains_key(&slot) {
+                return Err(PciError::SlotUnavailable(slot));
+            }
+            self.devices.insert(slot, device);
+        } else {
+            self.functions.insert((slot, function), device);
+        }
+        Ok(())
     }
 
     /// Confines guest BAR moves to `windows` (normally
@@ -378,7 +406,13 @@ impl PciBus {
     /// Reads register `reg` of `(bus, slot, function)`; absent functions
     /// read all ones.
     pub fn read_config(&self, bus: u8, slot: u8, function: u8, reg: usize) -> u32 {
-        if bus != 0 || function != 0 {
+        if bus == 0 && function != 0 {
+            return self
+                .functions
+                .get(&(slot, function))
+                .map_or(0xffff_ffff, |d| lock(d).read_config_register(reg));
+        }
+        if bus != 0 {
             return 0xffff_ffff;
         }
         match self.devices.get(&slot) {
@@ -400,7 +434,14 @@ impl PciBus {
         offset: u64,
         data: &[u8],
     ) {
-        if bus != 0 || function != 0 {
+        if bus == 0 && function != 0 {
+            if let Some(d) = self.functions.get(&(slot, function)) {
+                // Chipset functions have no BARs to move.
+                let _ = lock(d).write_config_register(reg, offset, data);
+            }
+            return;
+        }
+        if bus != 0 {
             return;
         }
         let Some(device) = self.devices.get(&slot).cloned() else {
@@ -510,12 +551,27 @@ fn read_part(value: u32, within: u64, data: &mut [u8]) {
 pub struct PciConfigIo {
     bus: Arc<Mutex<PciBus>>,
     address: u32,
+    reset: Option<Box<dyn Fn() + Send>>,
 }
+
+/// The reset control register (0xCF9) bit that resets the machine.
+const RESET_CONTROL_RESET: u8 = 1 << 2;
 
 impl PciConfigIo {
     /// Config access to `bus` through ports.
     pub fn new(bus: Arc<Mutex<PciBus>>) -> Self {
-        PciConfigIo { bus, address: 0 }
+        PciConfigIo {
+            bus,
+            address: 0,
+            reset: None,
+        }
+    }
+
+    /// Also answers the chipset's reset control register at 0xCF9 (a byte
+    /// write with bit 2 set calls `reset`), as PIIX3 and ICH9 do.
+    pub fn with_reset_control(mut self, reset: Box<dyn Fn() + Send>) -> Self {
+        self.reset = Some(reset);
+        self
     }
 
     fn target(&self) -> Option<(u8, u8, u8, usize)> {
@@ -552,6 +608,12 @@ impl BusDevice for PciConfigIo {
     }
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        if offset == 1 && data.len() == 1 && data[0] & RESET_CONTROL_RESET != 0 {
+            if let Some(reset) = &self.reset {
+                reset();
+            }
+            return;
+        }
         if offset < 4 {
             if offset == 0 && data.len() == 4 {
                 let mut b = [0u8; 4];

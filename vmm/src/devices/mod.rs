@@ -13,6 +13,7 @@ pub mod cmos;
 pub mod cpu_hotplug;
 pub mod fw_cfg;
 pub mod ged;
+pub mod host_mapping;
 pub mod i8042;
 pub mod pci_hotplug;
 pub mod pflash;

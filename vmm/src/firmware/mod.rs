@@ -34,7 +34,7 @@ use crate::vmm::Vmm;
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::{open_kvm, Vm};
 
-pub use rom::FirmwareRom;
+pub use rom::{FirmwareRom, FlashSlot};
 
 /// Debian's OVMF build, used when `--firmware` names no file.
 pub const DEFAULT_FIRMWARE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
@@ -99,7 +99,13 @@ impl FirmwareError {
     /// Whether the error is about the given files (exit status 2) rather
     /// than the host.
     pub fn is_bad_input(&self) -> bool {
-        !matches!(self, FirmwareError::Map(_) | FirmwareError::Kvm(_) | FirmwareError::FwCfg(_))
+        !matches!(
+            self,
+            FirmwareError::Map(_)
+                | FirmwareError::Kvm(_)
+                | FirmwareError::FwCfg(_)
+                | FirmwareError::Flash(FlashError::Map(_))
+        )
     }
 }
 
@@ -199,12 +205,15 @@ pub fn build_firmware_vm(config: &VmConfig, fw: &FirmwareConfig, start: Instant)
     let vm = Vm::with_tss(&kvm, &ram.mem, FIRMWARE_TSS_ADDRESS).map_err(BuildError::Vm)?;
     let buses = Buses::new()?;
     let rom = FirmwareRom::load(&fw.code, code_base).map_err(bad)?;
-    rom.register(&vm).map_err(bad)?;
+    rom.register(vm.fd()).map_err(bad)?;
     let place_mmio = |name, dev, base: u64, len| {
         buses.mmio.insert(dev, base, len).map_err(|source| BuildError::Bus { name, source })
     };
     place_mmio("firmware code", Arc::new(Mutex::new(rom)), code_base, code_size)?;
-    let flash = Pflash::open(&fw.vars).map_err(|e| bad(FirmwareError::Flash(e)))?;
+    let mut flash = Pflash::open(&fw.vars).map_err(|e| bad(FirmwareError::Flash(e)))?;
+    flash
+        .set_romd(Box::new(FlashSlot { vm: vm.fd().clone(), base: vars_base }))
+        .map_err(|e| bad(FirmwareError::Flash(e)))?;
     place_mmio("firmware variable store", Arc::new(Mutex::new(flash)), vars_base, vars_size)?;
     step("firmware mapped");
 
@@ -218,6 +227,10 @@ pub fn build_firmware_vm(config: &VmConfig, fw: &FirmwareConfig, start: Instant)
         pci.add_memory_device(&ram, backend).map_err(BuildError::Device)?;
     }
     let platform = attach_platform(&vm, &buses, (config.cpus, config.max_cpus), &config.serial, None, start)?;
+    // No PS/2 controller for the firmware to wait on (serial is its console).
+    let _ = buses.io.remove(u64::from(I8042_PORT));
+    let i8042 = Arc::new(Mutex::new(crate::devices::i8042::I8042::absent(buses.exit.clone())));
+    buses.io.insert(i8042, u64::from(I8042_PORT), 5).map_err(|source| BuildError::Bus { name: "i8042", source })?;
     let mut acpi = pci.acpi(PCI_HOTPLUG_START);
     acpi.sb_aml.extend(platform.aml(config.max_cpus));
 

@@ -346,3 +346,42 @@ fn allocator_aligns_and_reuses() {
     a.free(&PciBarRange { bar, addr: first });
     assert_eq!(a.allocate(&bar), Some(0x2000));
 }
+
+#[test]
+fn chipset_functions_and_reset_control() {
+    let s = setup();
+    {
+        let mut bus = s.bus.lock().unwrap();
+        bus.set_chipset_function(1, 0, Arc::new(Mutex::new(Dummy::new())))
+            .unwrap();
+        bus.set_chipset_function(1, 3, Arc::new(Mutex::new(Dummy::new())))
+            .unwrap();
+        // Slot 1 is taken: devices start at 2.
+        assert_eq!(bus.next_free_slot(), Some(2));
+        assert!(bus
+            .set_chipset_function(1, 0, Arc::new(Mutex::new(Dummy::new())))
+            .is_err());
+        assert!(bus
+            .set_chipset_function(1, 8, Arc::new(Mutex::new(Dummy::new())))
+            .is_err());
+        assert_eq!(bus.read_config(0, 1, 3, 0), 0x5678_1234);
+        assert_eq!(bus.read_config(0, 1, 2, 0), 0xffff_ffff);
+        assert_eq!(bus.read_config(1, 1, 3, 0), 0xffff_ffff);
+        // Writes to a function without BARs to move are taken.
+        bus.write_config(0, 1, 3, 15, 0, &[9]);
+        assert_eq!(bus.read_config(0, 1, 3, 15) & 0xff, 9);
+    }
+    let resets = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let r = resets.clone();
+    let mut io = PciConfigIo::new(s.bus.clone()).with_reset_control(Box::new(move || {
+        r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }));
+    io.write(0xcf8, 1, &[0x02]); // no reset bit
+    io.write(0xcf8, 1, &[0x06]);
+    assert_eq!(resets.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // The address register still works.
+    assert_eq!(cf8_read(&mut io, 1, 0), 0x5678_1234);
+    // Without the hook, 0xCF9 is ignored.
+    let mut plain = PciConfigIo::new(s.bus.clone());
+    plain.write(0xcf8, 1, &[0x06]);
+}

@@ -67,7 +67,7 @@ pub enum FirmwareError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the firmware {path} is not a UEFI firmware image: {why}")]
+    #[error("{path} is not a UEFI firmware volume: {why}")]
     NotFirmware { path: PathBuf, why: String },
     #[error("the firmware {path} is {size} bytes; it must be a non-zero multiple of 4096 bytes")]
     CodeSize { path: PathBuf, size: u64 },

@@ -24,7 +24,7 @@ use virtio_devices::fs::Fs;
 use virtio_devices::mem::{MemError, MemGeometry, MemHandle, VirtioMem};
 use virtio_devices::net::Net;
 use virtio_devices::pci::bus::{RangeAllocator, PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_SIZE};
-use virtio_devices::pci::{PciConfigIo, PciConfigMmio, PciError};
+use virtio_devices::pci::{BarWindows, PciConfigIo, PciConfigMmio, PciError};
 use virtio_devices::rng::Rng;
 use virtio_devices::vsock::Vsock;
 use virtio_devices::{PciBus, PciDevice, VirtioDevice, VirtioPciDevice};
@@ -244,6 +244,8 @@ pub struct PciDevices {
     msi: KvmMsiManager,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     mmio64: (u64, u64),
+    /// The 32-bit window the host bridge's `_CRS` announces.
+    mmio32: (u64, u64),
     entries: Vec<Entry>,
     memory: Option<MemoryDevice>,
 }
@@ -340,9 +342,21 @@ impl PciDevices {
             msi: KvmMsiManager::new(vm),
             mem: GuestMemoryAtomic::new(ram.mem.clone()),
             mmio64,
+            mmio32: PCI_MMIO32,
             entries: Vec::new(),
             memory: None,
         })
+    }
+
+    /// Firmware VMs: the firmware places every BAR itself, in windows of
+    /// its own; guest moves may go anywhere in `mmio32` and `mmio64` (the
+    /// bus still refuses overlaps), and the host bridge's `_CRS` announces
+    /// them. The VMM's own first placement stays inside them.
+    pub fn widen_bar_windows(&mut self, mmio32: (u64, u64), mmio64: (u64, u64)) {
+        let windows = BarWindows { mmio32, mmio64, io: PCI_IO };
+        self.bus.lock().unwrap_or_else(|e| e.into_inner()).set_bar_windows(windows);
+        self.mmio32 = mmio32;
+        self.mmio64 = mmio64;
     }
 
     /// The root bus (for chipset functions firmware looks for).
@@ -535,14 +549,17 @@ impl PciDevices {
     /// The ACPI pieces for the bus: the host bridge in `\_SB` with its
     /// windows and hot-plug slots (registers at `hotplug_base`), and MCFG.
     pub fn acpi(&self, hotplug_base: u64) -> AcpiExtras {
-        AcpiExtras { sb_aml: pci_host_bridge(self.mmio64, &pci_hotplug_aml(hotplug_base)), tables: vec![mcfg()] }
+        AcpiExtras {
+            sb_aml: pci_host_bridge(self.mmio32, self.mmio64, &pci_hotplug_aml(hotplug_base)),
+            tables: vec![mcfg()],
+        }
     }
 }
 
 /// `\_SB.PCI0`: a PCI Express host bridge for bus 0 with the config ports,
 /// the I/O window and both memory windows in `_CRS`.
-fn pci_host_bridge(mmio64: (u64, u64), hotplug: &[u8]) -> Vec<u8> {
-    let (m32_start, m32_size) = PCI_MMIO32;
+fn pci_host_bridge(mmio32: (u64, u64), mmio64: (u64, u64), hotplug: &[u8]) -> Vec<u8> {
+    let (m32_start, m32_size) = mmio32;
     let bus = AddressSpace::new_bus_number(0u16, 0u16);
     let cfg_io = aml::IO::new(PCI_CONFIG_IO_PORT as u16, PCI_CONFIG_IO_PORT as u16, 1, PCI_CONFIG_IO_SIZE as u8);
     let io = AddressSpace::new_io(PCI_IO.0 as u16, (PCI_IO.0 + PCI_IO.1 - 1) as u16, None);
@@ -602,7 +619,7 @@ mod tests {
 
     #[test]
     fn host_bridge_is_pnp0a08() {
-        let aml = pci_host_bridge(pci_mmio64(1 << 30, 0), b"HPLG");
+        let aml = pci_host_bridge(PCI_MMIO32, pci_mmio64(1 << 30, 0), b"HPLG");
         let has = |s: &[u8]| aml.windows(s.len()).any(|w| w == s);
         assert!(has(b"PCI0") && has(b"_CRS") && has(b"HPLG"));
         // _HID and _CID are the EISA ids of PNP0A08 and PNP0A03.

@@ -219,6 +219,8 @@ pub fn build_firmware_vm(config: &VmConfig, fw: &FirmwareConfig, start: Instant)
 
     let mut pci =
         PciDevices::new(vm.fd().clone(), buses.io.clone(), buses.mmio.clone(), &ram).map_err(BuildError::Device)?;
+    let (mmio32, mmio64) = firmware_bar_windows(ram.boot_size, ram.hotplug.map_or(0, |h| h.size));
+    pci.widen_bar_windows(mmio32, mmio64);
     chipset(&pci, &buses).map_err(BuildError::Device)?;
     for dev in config.devices.all() {
         pci.add(dev, false).map_err(BuildError::Device)?;
@@ -265,6 +267,24 @@ pub fn build_firmware_vm(config: &VmConfig, fw: &FirmwareConfig, start: Instant)
     Ok(Built { config: config.clone(), start, vm, ram, vcpus, buses, pci, platform, vcpu_ctx }.into_vmm())
 }
 
+/// Where OVMF (on i440FX) puts BARs: the 32-bit window from its "UC32"
+/// base (4 GiB minus the largest power of two that fits above low RAM) to
+/// 0xFC000000, the 64-bit one anywhere above RAM and the hot-plug region
+/// up to the CPU's physical address limit (OVMF sizes its window from the
+/// address width: with 40 bits it took the top eighth, from 896 GiB).
+pub fn firmware_bar_windows(mem_size: u64, hotplug_size: u64) -> ((u64, u64), (u64, u64)) {
+    const MMIO32_END: u64 = 0xfc00_0000;
+    let low_end = mem_size.min(MMIO_HOLE_START);
+    let above = MMIO_HOLE_END - low_end;
+    let uc32 = MMIO_HOLE_END - (1u64 << (63 - above.leading_zeros()));
+    let start64 = pci_mmio64(mem_size, hotplug_size).0;
+    // CPUID leaf 0x80000008 (address sizes) exists on every x86-64 CPU
+    // KVM runs on; the guest's CPUID passes the host's width through.
+    let bits = std::arch::x86_64::__cpuid(0x8000_0008).eax & 0xff;
+    let end64 = 1u64 << bits.clamp(36, 52);
+    ((uc32, MMIO32_END - uc32), (start64, end64.saturating_sub(start64)))
+}
+
 /// The i440FX host bridge, the PIIX3 ISA bridge, the PIIX4 PM function and
 /// the reset control register.
 fn chipset(pci: &PciDevices, buses: &Buses) -> Result<(), crate::device_manager::DeviceError> {
@@ -279,4 +299,29 @@ fn chipset(pci: &PciDevices, buses: &Buses) -> Result<(), crate::device_manager:
     drop(b);
     let exit = buses.exit.clone();
     pci.set_reset_control(&buses.io, Box::new(move || exit.request(ExitReason::Reset))).map_err(DeviceError::Bus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bar_windows_follow_ovmf() {
+        let ((s32, l32), (s64, l64)) = firmware_bar_windows(256 << 20, 0);
+        assert_eq!((s32, s32 + l32), (0x8000_0000, 0xfc00_0000));
+        assert!(s64 >= 1 << 32 && l64 > 0);
+        // 3 GiB of RAM: low RAM ends at the hole, the window starts there.
+        let ((s32, _), (s64, _)) = firmware_bar_windows(4 << 30, 1 << 30);
+        assert_eq!(s32, MMIO_HOLE_START);
+        assert!(s64 >= (6u64 << 30));
+    }
+
+    #[test]
+    fn vars_template_is_the_code_files_sibling() {
+        assert_eq!(
+            vars_template(Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd")),
+            Some(PathBuf::from("/usr/share/OVMF/OVMF_VARS_4M.fd"))
+        );
+        assert_eq!(vars_template(Path::new("/srv/fw.fd")), None);
+    }
 }

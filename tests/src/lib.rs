@@ -149,19 +149,6 @@ impl RunningVm {
         })
     }
 
-    /// Starts `skiff-vmm` booting firmware: `args` gives `--firmware`,
-    /// `--firmware-vars` and the rest; the serial console goes to a file.
-    pub fn start_firmware(args: &[String]) -> Result<Self> {
-        Self::launch(|cmd| {
-            cmd.args(args);
-        })
-    }
-
-    /// The VMM's stderr (its log) so far.
-    pub fn stderr(&self) -> String {
-        fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
     /// Starts `skiff-vmm --restore DIR` with the serial console in a file
     /// and `extra` arguments (`--api-socket`, devices given anew).
     pub fn restore(snapshot: &Path, extra: &[String]) -> Result<Self> {

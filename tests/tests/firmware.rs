@@ -7,12 +7,13 @@
 //! `tests/box/build-qemu` (Debian's QEMU aborts when a nested guest runs
 //! firmware); `tests/run` runs this file in a box on it.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
-use skiff_tests::{scratch, vmm_binary, RunningVm};
+use anyhow::{bail, ensure, Context, Result};
+use skiff_tests::{scratch, vmm_binary};
 
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
@@ -81,12 +82,68 @@ fn bad_input(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The time from start until the serial output contains `needle`.
-fn milestone(vm: &mut RunningVm, needle: &str, start: Instant) -> Result<Duration> {
-    vm.wait_for_serial(needle, SHELL_TIMEOUT.saturating_sub(start.elapsed()))?;
-    let t = start.elapsed();
-    println!("{:>7.1} s  {needle}", t.as_secs_f64());
-    Ok(t)
+/// A firmware VM whose console is the VMM's stdin and stdout (so the test
+/// can type into the firmware's shell), stdout and stderr in files.
+struct FirmwareVm {
+    child: Child,
+    serial: PathBuf,
+    stderr: PathBuf,
+}
+
+impl FirmwareVm {
+    fn start(dir: &Path, args: &[String]) -> Result<Self> {
+        let (serial, stderr) = (dir.join("serial.log"), dir.join("stderr.log"));
+        let child = Command::new(vmm_binary()?)
+            .args(args)
+            .args(["--serial", "stdout"])
+            .stdin(Stdio::piped())
+            .stdout(std::fs::File::create(&serial)?)
+            .stderr(std::fs::File::create(&stderr)?)
+            .spawn()
+            .context("cannot start skiff-vmm")?;
+        Ok(Self { child, serial, stderr })
+    }
+
+    fn serial(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.serial).unwrap_or_default()).into_owned()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits until the console shows `needle` (counting from byte `from`)
+    /// and prints when.
+    fn milestone(&mut self, needle: &str, from: usize, start: Instant) -> Result<usize> {
+        loop {
+            let out = self.serial();
+            if let Some(at) = out.get(from..).and_then(|rest| rest.find(needle)) {
+                println!("{:>7.1} s  {needle}", start.elapsed().as_secs_f64());
+                return Ok(from + at + needle.len());
+            }
+            if let Some(st) = self.child.try_wait()? {
+                bail!("skiff-vmm exited ({st}) before {needle:?}\n{out}\n{}", self.stderr());
+            }
+            if start.elapsed() > SHELL_TIMEOUT {
+                bail!("no {needle:?} within {SHELL_TIMEOUT:?}\n{out}\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn type_line(&mut self, line: &str) -> Result<()> {
+        let stdin = self.child.stdin.as_mut().context("no stdin")?;
+        stdin.write_all(format!("{line}\r").as_bytes())?;
+        stdin.flush()?;
+        Ok(())
+    }
+}
+
+impl Drop for FirmwareVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[test]
@@ -104,18 +161,24 @@ fn ovmf_boots_to_the_uefi_shell_and_bad_firmware_is_refused() -> Result<()> {
             .map(String::from)
             .to_vec();
     let start = Instant::now();
-    let mut vm = RunningVm::start_firmware(&args)?;
+    let mut vm = FirmwareVm::start(dir.path(), &args)?;
     // The console comes up (BDS connected COM1 below the PIIX3 ISA
     // bridge); the boot manager tries the disk (OVMF's virtio-blk driver
     // on Skiff's device in slot 2, its BARs where the firmware put them;
     // an empty disk has nothing to boot) and starts the built-in shell,
     // which lists the disk as a block device and prompts.
-    milestone(&mut vm, "BdsDxe: failed to load Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x2,0x0)", start)?;
-    milestone(&mut vm, "BdsDxe: starting Boot0002 \"EFI Internal Shell\"", start)?;
-    milestone(&mut vm, "UEFI Interactive Shell", start)?;
+    let at =
+        vm.milestone("BdsDxe: failed to load Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x2,0x0)", 0, start)?;
+    let at = vm.milestone("BdsDxe: starting Boot0002 \"EFI Internal Shell\"", at, start)?;
+    let at = vm.milestone("UEFI Interactive Shell", at, start)?;
     // (The device names come with colour escapes around them.)
-    milestone(&mut vm, "BLK0", start)?;
-    milestone(&mut vm, "Shell> ", start)?;
+    let at = vm.milestone("BLK0", at, start)?;
+    let at = vm.milestone("Shell> ", at, start)?;
+    // The console takes input: a command the shell does not know.
+    vm.type_line("skiffprobe")?;
+    // (The shell colours the command's name.)
+    let at = vm.milestone("skiffprobe", at, start)?;
+    let at = vm.milestone("' is not recognized as an internal or external command", at, start)?;
     let log = vm.stderr();
     ensure!(log.contains("booting firmware /usr/share/OVMF/OVMF_CODE_4M.fd"), "no firmware line in the log: {log}");
     ensure!(log.contains("created from /usr/share/OVMF/OVMF_VARS_4M.fd"), "the store was not made from the template");
@@ -127,9 +190,19 @@ fn ovmf_boots_to_the_uefi_shell_and_bad_firmware_is_refused() -> Result<()> {
     let template = std::fs::read(OVMF_VARS)?;
     ensure!(store.len() == template.len(), "the variable store changed size");
     ensure!(store != template, "the firmware wrote no variable into the store");
-    // The VMM stops cleanly on SIGTERM with the firmware running.
-    vm.signal(libc::SIGTERM)?;
-    let out = vm.wait(Duration::from_secs(30))?;
-    ensure!(out.status.code() == Some(0), "SIGTERM should end the VMM with 0, got {}", out.status);
+    // The shell's `reset -s` powers off through the PIIX4 PM block (S5);
+    // the VMM ends with 0.
+    vm.milestone("Shell> ", at, start)?;
+    vm.type_line("reset -s")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = vm.child.try_wait()? {
+            break st;
+        }
+        ensure!(Instant::now() < deadline, "the VM did not power off after reset -s\n{}", vm.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    ensure!(status.code() == Some(0), "power-off should end the VMM with 0, got {status}\n{}", vm.stderr());
+    ensure!(vm.stderr().contains("guest powered off"), "no power-off message: {}", vm.stderr());
     Ok(())
 }

@@ -18,8 +18,18 @@ fn expect_usage_error(out: &Output, needle: &str) {
 fn help_documents_every_option() {
     let out = vmm(&["--help"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    for opt in ["--kernel", "--initramfs", "--cmdline", "--cpus", "--memory", "--serial", "--api-socket", "Exit status"]
-    {
+    for opt in [
+        "--kernel",
+        "--initramfs",
+        "--cmdline",
+        "--cpus",
+        "--memory",
+        "--serial",
+        "--api-socket",
+        "--firmware",
+        "--firmware-vars",
+        "Exit status",
+    ] {
         assert!(text.contains(opt), "--help lacks {opt}");
     }
 }
@@ -85,4 +95,35 @@ fn empty_initramfs() {
         &vmm(&["--kernel", kernel.to_str().unwrap(), "--initramfs", empty.path().to_str().unwrap()]),
         "is empty",
     );
+}
+
+#[test]
+fn bad_firmware_is_refused_before_any_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let vars = dir.path().join("vars.fd");
+    let v = vars.to_str().unwrap();
+    expect_usage_error(
+        &vmm(&["--firmware", "/nonexistent/OVMF_CODE.fd", "--firmware-vars", v]),
+        "cannot read the firmware",
+    );
+    let garbage = dir.path().join("OVMF_CODE_x.fd");
+    std::fs::write(&garbage, vec![0x5au8; 0x10000]).unwrap();
+    expect_usage_error(
+        &vmm(&["--firmware", garbage.to_str().unwrap(), "--firmware-vars", v]),
+        "is not a UEFI firmware volume",
+    );
+    std::fs::write(&garbage, vec![0x5au8; 1000]).unwrap();
+    expect_usage_error(&vmm(&["--firmware", garbage.to_str().unwrap(), "--firmware-vars", v]), "multiple of 4096");
+    // No template beside it (OVMF_VARS_x.fd): nothing is created.
+    let mut fv = vec![0u8; 0x10000];
+    fv[40..44].copy_from_slice(b"_FVH");
+    std::fs::write(&garbage, &fv).unwrap();
+    expect_usage_error(&vmm(&["--firmware", garbage.to_str().unwrap(), "--firmware-vars", v]), "no template");
+    assert!(!vars.exists());
+    // Firmware and variable store that do not make a power of two.
+    std::fs::write(&vars, &fv[..0x3000]).unwrap();
+    expect_usage_error(&vmm(&["--firmware", garbage.to_str().unwrap(), "--firmware-vars", v]), "does not fit");
+    // Usage: --firmware needs --firmware-vars and excludes --kernel.
+    expect_usage_error(&vmm(&["--firmware"]), "--firmware-vars");
+    expect_usage_error(&vmm(&["--firmware", "--firmware-vars", v, "--kernel", "/k"]), "cannot be used with");
 }

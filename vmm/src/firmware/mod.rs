@@ -43,6 +43,9 @@ pub const MAX_FIRMWARE_SIZE: u64 = 16 << 20;
 /// Where KVM's TSS goes in firmware VMs (Intel): below the firmware, where
 /// QEMU puts it; the direct-boot address lies inside the firmware.
 pub const FIRMWARE_TSS_ADDRESS: usize = 0xfeff_d000;
+/// KVM's identity-map page (Intel without unrestricted guest), right below
+/// the TSS; the default lies inside the firmware too.
+pub const FIRMWARE_IDENTITY_MAP_ADDRESS: u64 = 0xfeff_c000;
 /// Offset of a firmware volume header's signature, and the signature.
 const FV_SIGNATURE_OFFSET: usize = 40;
 const FV_SIGNATURE: &[u8; 4] = b"_FVH";
@@ -203,6 +206,7 @@ pub fn build_firmware_vm(config: &VmConfig, fw: &FirmwareConfig, start: Instant)
     let kvm = open_kvm(config.cpus).map_err(BuildError::Vm)?;
     let ram = create_guest_memory(config.memory_mib << 20, config.hotplug_mib << 20).map_err(BuildError::Memory)?;
     let vm = Vm::with_tss(&kvm, &ram.mem, FIRMWARE_TSS_ADDRESS).map_err(BuildError::Vm)?;
+    vm.fd().set_identity_map_address(FIRMWARE_IDENTITY_MAP_ADDRESS).map_err(|e| bad(FirmwareError::Kvm(e)))?;
     let buses = Buses::new()?;
     let rom = FirmwareRom::load(&fw.code, code_base).map_err(bad)?;
     rom.register(vm.fd()).map_err(bad)?;

@@ -17,6 +17,8 @@ use skiff_tests::{scratch, vmm_binary};
 
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// The vendor GUID of the variable the test writes.
+const VAR_GUID: &str = "5d4a8f2e-8b3c-4b5e-9a6f-1c2d3e4f5a6b";
 /// Firmware in the box is slow (about a minute to the shell, measured).
 const SHELL_TIMEOUT: Duration = Duration::from_secs(420);
 
@@ -131,10 +133,34 @@ impl FirmwareVm {
         }
     }
 
+    /// Types `line` and Enter, in pieces the UART's 64-byte FIFO takes
+    /// (the VMM drops what does not fit), with time for the firmware to
+    /// read each.
     fn type_line(&mut self, line: &str) -> Result<()> {
         let stdin = self.child.stdin.as_mut().context("no stdin")?;
-        stdin.write_all(format!("{line}\r").as_bytes())?;
-        stdin.flush()?;
+        for piece in format!("{line}\r").as_bytes().chunks(24) {
+            stdin.write_all(piece)?;
+            stdin.flush()?;
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        Ok(())
+    }
+
+    /// Types `reset -s` at the prompt found after byte `at` and waits for
+    /// the VMM to end, which must be with 0 and the power-off message.
+    fn power_off(&mut self, at: usize, start: Instant) -> Result<()> {
+        self.milestone("Shell> ", at, start)?;
+        self.type_line("reset -s")?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(st) = self.child.try_wait()? {
+                break st;
+            }
+            ensure!(Instant::now() < deadline, "the VM did not power off after reset -s\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        ensure!(status.code() == Some(0), "power-off should end the VMM with 0, got {status}\n{}", self.stderr());
+        ensure!(self.stderr().contains("guest powered off"), "no power-off message: {}", self.stderr());
         Ok(())
     }
 }
@@ -190,19 +216,22 @@ fn ovmf_boots_to_the_uefi_shell_and_bad_firmware_is_refused() -> Result<()> {
     let template = std::fs::read(OVMF_VARS)?;
     ensure!(store.len() == template.len(), "the variable store changed size");
     ensure!(store != template, "the firmware wrote no variable into the store");
-    // The shell's `reset -s` powers off through the PIIX4 PM block (S5);
-    // the VMM ends with 0.
-    vm.milestone("Shell> ", at, start)?;
-    vm.type_line("reset -s")?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(st) = vm.child.try_wait()? {
-            break st;
-        }
-        ensure!(Instant::now() < deadline, "the VM did not power off after reset -s\n{}", vm.stderr());
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    ensure!(status.code() == Some(0), "power-off should end the VMM with 0, got {status}\n{}", vm.stderr());
-    ensure!(vm.stderr().contains("guest powered off"), "no power-off message: {}", vm.stderr());
+    // The guest writes a non-volatile variable of its own...
+    let at = vm.milestone("Shell> ", at, start)?;
+    vm.type_line(&format!("setvar SkiffVar -guid {VAR_GUID} -nv -bs =Sskiffvar"))?;
+    // ...and powers off with the shell's `reset -s`, through the PIIX4 PM
+    // block (S5); the VMM ends with 0.
+    vm.power_off(at + 1, start)?;
+    drop(vm);
+
+    // A new VMM on the same store: the variable is there.
+    let dir2 = scratch()?;
+    let start = Instant::now();
+    let mut vm = FirmwareVm::start(dir2.path(), &args)?;
+    let at = vm.milestone("Shell> ", 0, start)?;
+    ensure!(!vm.stderr().contains("created from"), "the second boot made a new store");
+    vm.type_line(&format!("dmpstore SkiffVar -guid {VAR_GUID}"))?;
+    let at = vm.milestone("skiffvar", at, start)?;
+    vm.power_off(at, start)?;
     Ok(())
 }

@@ -102,16 +102,22 @@ pub fn e820(mem_size: u64) -> Vec<u8> {
     out
 }
 
-/// Adds the memory map, the ACPI tables and the boot order (OpenFirmware
-/// device paths, one per line; empty lets the firmware choose) to `fw_cfg`.
+/// Adds the memory map, the end of the memory hot-plug region (so the
+/// firmware puts its 64-bit PCI window above it), the ACPI tables and the
+/// boot order (OpenFirmware device paths, one per line; empty lets the
+/// firmware choose) to `fw_cfg`.
 pub fn add_files(
     fw_cfg: &mut FwCfg,
     mem_size: u64,
+    hotplug_end: Option<u64>,
     (cpus, max_cpus): (u8, u8),
     acpi: &AcpiExtras,
     bootorder: &[String],
 ) -> Result<(), FwCfgError> {
     fw_cfg.add_file("etc/e820", e820(mem_size))?;
+    if let Some(end) = hotplug_end {
+        fw_cfg.add_file("etc/reserved-memory-end", end.to_le_bytes().to_vec())?;
+    }
     let (script, tables, rsdp) = table_loader(build_acpi_blob(cpus, max_cpus, acpi, 0));
     fw_cfg.add_file(ACPI_TABLES, tables)?;
     fw_cfg.add_file(ACPI_RSDP, rsdp)?;
@@ -180,6 +186,26 @@ mod tests {
         assert_eq!(&tables[fadt as usize..fadt as usize + 4], b"FACP");
         let dsdt = u64::from_le_bytes(tables[fadt as usize + 140..fadt as usize + 148].try_into().unwrap()) - at;
         assert_eq!(&tables[dsdt as usize..dsdt as usize + 4], b"DSDT");
+    }
+
+    #[test]
+    fn files_are_in_the_directory() {
+        use vm_device::BusDevice;
+        let mem = vm_memory::GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 0x10000)]).unwrap();
+        let mut fw = FwCfg::new(mem, 1, 1, 256 << 20);
+        let order = ["/pci@i0cf8/scsi@2/disk@0,0".to_string()];
+        add_files(&mut fw, 256 << 20, Some(6 << 30), (1, 1), &AcpiExtras::default(), &order).unwrap();
+        fw.write(0x510, 0, &crate::devices::fw_cfg::item::FILE_DIR.to_le_bytes());
+        let mut dir = vec![0u8; 4 + 6 * 64];
+        fw.read(0x510, 1, &mut dir);
+        assert_eq!(u32::from_be_bytes(dir[..4].try_into().unwrap()), 6);
+        let names: Vec<String> =
+            dir[4..].chunks(64).map(|e| String::from_utf8_lossy(&e[8..]).trim_end_matches('\0').to_string()).collect();
+        for want in
+            ["bootorder", "etc/acpi/rsdp", "etc/acpi/tables", "etc/e820", "etc/reserved-memory-end", TABLE_LOADER]
+        {
+            assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+        }
     }
 
     #[test]

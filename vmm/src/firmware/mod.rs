@@ -241,7 +241,9 @@ pub fn build_firmware_vm(config: &VmConfig, fw: &FirmwareConfig, start: Instant)
     acpi.sb_aml.extend(platform.aml(config.max_cpus));
 
     let mut fw_cfg = FwCfg::new(ram.mem.clone(), config.cpus, config.max_cpus, ram.boot_size);
-    fw_cfg_files::add_files(&mut fw_cfg, ram.boot_size, (config.cpus, config.max_cpus), &acpi, &bootorder(&pci))
+    let hotplug_end = ram.hotplug.map(|h| h.addr + h.size);
+    let cpus = (config.cpus, config.max_cpus);
+    fw_cfg_files::add_files(&mut fw_cfg, ram.boot_size, hotplug_end, cpus, &acpi, &bootorder(&pci))
         .map_err(|e| bad(FirmwareError::FwCfg(e)))?;
     let place_io = |name, dev, base: u16, len| {
         buses.io.insert(dev, u64::from(base), len).map_err(|source| BuildError::Bus { name, source })

@@ -32,8 +32,8 @@ use skiff_run::kernel::{kernel_version, Kernel, KernelOrigin};
 use skiff_run::vm::{Nic, VmExtras, VMM_API_SOCKET};
 use skiff_run::{initramfs, vm, ThinVm, VmOptions};
 use skiff_tests::fixture::{
-    counter, disk_by_serial, field, iface_by_mac, poll, program, sha256, vcpu_seconds, wait_for_path, Checks, Daemon,
-    Guest, Network, GUEST_PORT,
+    counter, disk_by_serial, field, iface_by_mac, poll, sha256, vcpu_seconds, virtiofsd_with, Checks, Daemon, Guest,
+    Network, GUEST_PORT,
 };
 use skiff_tests::thin::{make_rootfs, BOOT_TIMEOUT as THIN_BOOT_TIMEOUT};
 use skiff_tests::{artifact, guest_exec, scratch, vmm_binary, RunningVm, VmSpec};
@@ -49,8 +49,8 @@ const SERIAL: &str = "skiff-snap";
 const TAG: &str = "share";
 /// Background readers on the share: each opens its file before the
 /// snapshot and reads it through that descriptor once /tmp/go exists.
-const KEPT_READERS: &str = "mkdir -p /mnt/share && mount -t virtiofs share /mnt/share && \
-    echo kept-before > /mnt/share/kept && echo gone-before > /mnt/share/gone && \
+const KEPT_READERS: &str = "{ mkdir -p /mnt/share && mount -t virtiofs share /mnt/share && \
+    echo kept-before > /mnt/share/kept && echo gone-before > /mnt/share/gone || exit 1; } ; \
     (exec 3</mnt/share/kept; while [ ! -e /tmp/go ]; do sleep 0.2; done; cat <&3 >/tmp/kept.out 2>&1; echo $? >/tmp/kept.rc) </dev/null >/dev/null 2>&1 & \
     (exec 4</mnt/share/gone; while [ ! -e /tmp/go ]; do sleep 0.2; done; cat <&4 >/tmp/gone.out 2>&1; echo $? >/tmp/gone.rc) </dev/null >/dev/null 2>&1 & \
     sleep 1; rm /mnt/share/gone; cat /mnt/share/from-host-before";
@@ -168,24 +168,12 @@ fn check_bad_snapshots(root: &Path, snap: &Path) -> Result<()> {
     Ok(())
 }
 
-/// virtiofsd serving `dir` on `socket`; a destination takes a saved state
-/// and makes inodes it cannot open again errors for the guest (instead of
-/// failing the restore).
-fn virtiofsd(dir: &Path, socket: &Path, log: &Path) -> Result<Daemon> {
-    let child = Command::new(program("virtiofsd")?)
-        .arg(format!("--socket-path={}", socket.display()))
-        .arg(format!("--shared-dir={}", dir.display()))
-        .args(["--cache=never", "--migration-on-error=guest-error"])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(log)?)
-        .spawn()
-        .context("cannot start virtiofsd")?;
-    let d = Daemon(child);
-    wait_for_path(socket, Duration::from_secs(20))
-        .with_context(|| format!("virtiofsd: {}", fs::read_to_string(log).unwrap_or_default()))?;
-    Ok(d)
+/// virtiofsd serving `dir` on `socket` with `--cache=CACHE`; a destination
+/// takes a saved state and makes inodes it cannot open again errors for
+/// the guest (instead of failing the restore).
+fn virtiofsd(dir: &Path, socket: &Path, log: &Path, cache: &str) -> Result<Daemon> {
+    let cache = format!("--cache={cache}");
+    virtiofsd_with(dir, socket, log, &[&cache, "--migration-on-error=guest-error"])
 }
 
 /// The share after the restore: the file opened before reads through its
@@ -196,7 +184,17 @@ fn check_share(g: &Guest, share: &Path) -> Result<()> {
     let rc = poll("the readers of files opened before the snapshot", Duration::from_secs(30), || {
         let out = g.run("cat /tmp/kept.rc /tmp/gone.rc 2>/dev/null; true")?;
         Ok((out.lines().count() == 2).then_some(out))
-    })?;
+    });
+    let rc = match rc {
+        Ok(rc) => rc,
+        Err(e) => {
+            let diag = g.exec(
+                "ps; ls -la /tmp; timeout 5 cat /mnt/share/from-host-before; echo cat=$?; timeout 5 ls -la /mnt/share; \
+                 echo ls=$?; grep -i virtio /proc/interrupts; for p in /proc/[0-9]*; do [ -e $p/fd/3 ] && ls -l $p/fd; done",
+            );
+            bail!("{e:#}\nguest: {diag:?}");
+        }
+    };
     let kept = g.run("cat /tmp/kept.out")?;
     let gone = g.run("cat /tmp/gone.out")?;
     println!("  share: the deleted-while-open file read through its old descriptor: exit {}, {gone:?}", field(&rc, 1));
@@ -285,7 +283,7 @@ fn snapshot_and_restore() -> Result<()> {
     let share = d.join("share");
     fs::create_dir(&share)?;
     fs::write(share.join("from-host-before"), "host-before\n")?;
-    let fsd = virtiofsd(&share, &d.join("fs.sock"), &d.join("virtiofsd.log"))?;
+    let fsd = virtiofsd(&share, &d.join("fs.sock"), &d.join("virtiofsd.log"), "never")?;
     let spec = VmSpec {
         kernel: artifact("vmlinux")?,
         initramfs: Some(artifact("devices-test.cpio")?),
@@ -347,7 +345,7 @@ fn snapshot_and_restore() -> Result<()> {
 
     // A fresh virtiofsd for the same directory, on another socket.
     let fs_log = d.join("virtiofsd2.log");
-    let _fsd = virtiofsd(&share, &d.join("fs2.sock"), &fs_log)?;
+    let _fsd = virtiofsd(&share, &d.join("fs2.sock"), &fs_log, "never")?;
     let t = Instant::now();
     let extra = [
         "--api-socket".into(),
@@ -361,8 +359,8 @@ fn snapshot_and_restore() -> Result<()> {
     checks.run("the share goes on", || check_share(&g, &share));
     println!("restore to all checks done: {:.1} s", t.elapsed().as_secs_f64());
     let log = fs::read_to_string(&fs_log).unwrap_or_default();
-    let log: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).take(10).collect();
-    println!("--- the restore's virtiofsd warnings ---\n{}", log.join("\n"));
+    let log: Vec<&str> = log.lines().take(40).collect();
+    println!("--- the restore's virtiofsd log ---\n{}", log.join("\n"));
 
     api.power_off()?;
     let out = g.vm.wait(Duration::from_secs(60))?;
@@ -449,7 +447,8 @@ fn start_clone(d: &Path, snap: &Path, rootfs: &Path, i: usize, bridge: &str) -> 
     let dir = d.join(format!("clone{i}"));
     fs::create_dir_all(&dir)?;
     let tap = Tap::new(format!("{bridge}c{i}"), bridge)?;
-    let fsd = virtiofsd(rootfs, &dir.join("fs.sock"), &dir.join("virtiofsd.log"))?;
+    // As skiff-run starts the booted VM's.
+    let fsd = virtiofsd(rootfs, &dir.join("fs.sock"), &dir.join("virtiofsd.log"), "auto")?;
     let vsock = dir.join("v.sock");
     let extra = [
         "--fs".into(),

@@ -12,6 +12,7 @@
 //! else.
 
 use std::fs::File;
+use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -167,17 +168,20 @@ pub fn map_memory(path: &Path, size: u64) -> Result<GuestRam, MemoryFileError> {
 /// restored into. Only the file's data ranges are copied; its holes stay
 /// unallocated in the memfd. Returns the RAM and the bytes copied.
 pub fn copy_memory(path: &Path, size: u64) -> Result<(GuestRam, u64), MemoryFileError> {
-    let file = open_memory(path, size)?;
+    let mut file = open_memory(path, size)?;
     let ram = crate::memory::create_guest_memory(size, 0).map_err(MemoryFileError::Shared)?;
-    let mut buf = vec![0u8; COPY_CHUNK];
     let mut copied = 0u64;
     for (start, end) in data_ranges(&file, size, path)? {
         let mut at = start;
+        // Read straight into the guest's (shared) mapping: one copy.
+        file.seek(SeekFrom::Start(at)).map_err(io("seek in", path))?;
         while at < end {
-            let n = ((end - at) as usize).min(COPY_CHUNK);
-            let chunk = &mut buf[..n];
-            file.read_exact_at(chunk, at).map_err(io("read", path))?;
-            ram.memfd.write_all_at(chunk, at).map_err(io("write", Path::new("guest memory")))?;
+            // Chunks stay inside one RAM range: its bounds are MiB-aligned.
+            let n = ((end - at) as usize).min(COPY_CHUNK - (at as usize % COPY_CHUNK));
+            let addr = guest_addr(size, at).ok_or(MemoryFileError::TooLarge(size))?;
+            vm_memory::Bytes::read_exact_volatile_from(&ram.mem, addr, &mut file, n).map_err(|e| {
+                MemoryFileError::Io { what: "read", path: path.display().to_string(), source: std::io::Error::other(e) }
+            })?;
             at += n as u64;
             copied += n as u64;
         }

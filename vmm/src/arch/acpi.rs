@@ -195,7 +195,7 @@ pub fn create_acpi_tables(
     let tables_addr = align8(rsdp_addr + Rsdp::len() as u64);
     let blob = build_acpi_blob(cpus, max_cpus, extras, tables_addr);
     let end = tables_addr + blob.tables.len() as u64;
-    if end > ACPI_END {
+    if end > VMGENID_START {
         return Err(AcpiError::TooLarge { size: end - ACPI_START });
     }
     mem.write_slice(&blob.rsdp, GuestAddress(rsdp_addr)).map_err(AcpiError::Write)?;

@@ -5,14 +5,16 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use super::format::{read_file, FormatError};
-use super::memory::{map_memory, MemoryFileError};
+use super::memory::{copy_memory, map_memory, MemoryFileError};
 use super::vcpu::{check_vcpu_state, restore_vcpu, VcpuStateError};
 use super::vm_state::{restore_vm_state, VmStateError};
 use super::{VmSnapshot, MEMORY_FILE, STATE_FILE};
 use crate::builder::{attach_platform, BuildError, Built, Buses};
 use crate::config::{SerialConfig, VmConfig, MAX_CPUS, MIN_MEMORY_MIB};
-use crate::device_manager::{devices_for_restore, DeviceConfig, DeviceError, DeviceStateError, PciDevices};
-use crate::vmm::Vmm;
+use crate::device_manager::{devices_for_restore, DeviceConfig, DeviceError, DeviceSpec, DeviceStateError, PciDevices};
+use crate::devices::ged::event;
+use crate::devices::vmgenid::{format_id, read_generation_id, write_generation_id, VmGenIdError};
+use crate::vmm::{lock, Vmm};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{open_kvm, Vm, VmError};
 
@@ -51,6 +53,8 @@ pub enum RestoreError {
     Vcpu(#[source] VcpuError),
     #[error("cannot restore the irqchip, PIT or clock")]
     VmState(#[source] VmStateError),
+    #[error("cannot set the VM generation ID")]
+    GenerationId(#[source] VmGenIdError),
 }
 
 impl RestoreError {
@@ -103,9 +107,23 @@ pub fn restore_vm(cfg: &RestoreConfig, start: Instant) -> Result<Vmm, RestoreErr
     step("state read and checked");
     let n = snap.vcpus.len() as u8;
     let kvm = open_kvm(n).map_err(RestoreError::Vm)?;
-    let ram = map_memory(&cfg.dir.join(MEMORY_FILE), snap.memory_mib << 20).map_err(RestoreError::Memory)?;
+    // A vhost-user backend maps guest memory itself: it needs shared
+    // memory, not the private mapping of the file (see memory.rs).
+    let vhost_user = snap.devices.iter().any(|d| matches!(d.spec, DeviceSpec::Fs { .. }));
+    let (memory, size) = (cfg.dir.join(MEMORY_FILE), snap.memory_mib << 20);
+    let t = Instant::now();
+    let ram = if vhost_user {
+        copy_memory(&memory, size).map(|(ram, copied)| {
+            let ms = t.elapsed().as_millis();
+            log::info!("memory: {} MiB copied into shared memory (virtio-fs) in {ms} ms", copied >> 20);
+            ram
+        })
+    } else {
+        map_memory(&memory, size)
+    };
+    let ram = ram.map_err(RestoreError::Memory)?;
     let vm = Vm::new(&kvm, &ram.mem).map_err(RestoreError::Vm)?;
-    step("memory mapped, VM created");
+    step(if vhost_user { "memory copied into a memfd, VM created" } else { "memory mapped, VM created" });
 
     let buses = Buses::new().map_err(RestoreError::Build)?;
     let mut pci =
@@ -128,6 +146,13 @@ pub fn restore_vm(cfg: &RestoreConfig, start: Instant) -> Result<Vmm, RestoreErr
     restore_vm_state(vm.fd(), &snap.vm).map_err(RestoreError::VmState)?;
     // Only now may devices work and interrupt: every LAPIC holds its state.
     pci.resume_all();
+    // A new generation ID, and the guest told (it reseeds its RNG).
+    let old = read_generation_id(&ram.mem);
+    let id = write_generation_id(&ram.mem).map_err(RestoreError::GenerationId)?;
+    if let Err(e) = lock(&platform.ged).notify(event::GENERATION_ID) {
+        log::warn!("cannot tell the guest its new generation ID: {e}");
+    }
+    log::info!("VM generation ID {} (was {})", format_id(&id), old.map(|o| format_id(&o)).unwrap_or_default());
     step("vCPUs, irqchip, PIT and clock restored");
     log::info!(
         "restored {} vCPUs, {} MiB and {} devices from {}",

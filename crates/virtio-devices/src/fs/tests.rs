@@ -356,3 +356,50 @@ fn failed_activation_stops_the_rings_it_started() {
         )
         .unwrap();
 }
+
+#[test]
+fn paused_activation_enables_rings_on_resume_and_snapshots_need_device_state() {
+    let mut fx = fixture(1);
+    assert_eq!(
+        fx.fs.queue_progress().unwrap(),
+        vec![],
+        "inactive: nothing to save"
+    );
+    let mem = memfd_mem(0x100_0000);
+    let q0 = TestQueue::new(&mem, 0x1000, 16, 0x10_0000);
+    let q1 = TestQueue::new(&mem, 0x2000, 16, 0x20_0000);
+    fx.fs.ack_features(1 << 32);
+    // A restore: paused, then activated; the rings wait for resume.
+    fx.fs.pause();
+    fx.fs
+        .activate(
+            atomic_mem(&mem),
+            recorder(),
+            vec![q0.active(0), q1.active(1)],
+        )
+        .unwrap();
+    let enables = |log: &Log| {
+        requests(log)
+            .iter()
+            .filter(|r| **r == SET_VRING_ENABLE)
+            .count()
+    };
+    assert!(wait_until(|| requests(&fx.log)
+        .iter()
+        .filter(|r| **r == SET_VRING_KICK)
+        .count()
+        == 2));
+    assert_eq!(enables(&fx.log), 0, "no ring enabled while paused");
+    fx.fs.resume();
+    assert!(wait_until(|| enables(&fx.log) == 2));
+    // This backend cannot hand over its state: a snapshot is refused
+    // with an error that says so, and nothing is stopped.
+    let before = requests(&fx.log).len();
+    let e = fx.fs.queue_progress().unwrap_err();
+    assert!(e.to_string().contains("DEVICE_STATE"), "{e}");
+    assert_eq!(requests(&fx.log).len(), before);
+    assert!(fx.fs.backend_state().is_none());
+    let e = fx.fs.restoring(Some(b"state")).unwrap_err();
+    assert!(e.to_string().contains("cannot load"), "{e}");
+    assert!(fx.fs.reset());
+}

@@ -1,11 +1,16 @@
 //! VM snapshot and restore (issue 14), in ONE guest boot: a guest with a
-//! counter process, a disk, a NIC on a bridge with DHCP and a vsock command
-//! server is paused, saved with `vm.snapshot` (and goes on when resumed),
-//! its VMM killed, and restored in a new skiff-vmm process from the state
-//! and memory files: the counter goes on from where it was, what the guest
-//! kept in memory is there, the server answers over a new vsock connection
-//! (the guest got a transport reset), the disk's data is intact and takes
-//! new writes, the NIC pings. Between the kill and the restore, bad
+//! counter process, a disk, a NIC on a bridge with DHCP, a virtio-fs share
+//! (a real virtiofsd) and a vsock command server is paused, saved with
+//! `vm.snapshot` (and goes on when resumed), its VMM and virtiofsd killed,
+//! and restored in a new skiff-vmm process from the state and memory
+//! files with a fresh virtiofsd for the same directory: the counter goes
+//! on from where it was, what the guest kept in memory is there, the
+//! server answers over a new vsock connection (the guest got a transport
+//! reset), the disk's data is intact and takes new writes, the NIC pings,
+//! a file the guest opened on the share before the snapshot reads through
+//! its old descriptor and the share takes new writes both ways; a file
+//! opened and then deleted before the snapshot cannot be migrated by
+//! virtiofsd (it has no path), and the test prints what the guest gets. Between the kill and the restore, bad
 //! snapshots are refused with clear errors before any vCPU runs: a
 //! damaged, truncated or other-version state file, a memory file of the
 //! wrong size, more vCPUs than the VM's max, a missing disk. The guest is
@@ -22,7 +27,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use sha2::{Digest, Sha256};
 use skiff_tests::fixture::{
-    counter, disk_by_serial, iface_by_mac, poll, sha256, vcpu_seconds, Checks, Guest, Network, GUEST_PORT,
+    counter, disk_by_serial, field, iface_by_mac, poll, program, sha256, vcpu_seconds, wait_for_path, Checks, Daemon,
+    Guest, Network, GUEST_PORT,
 };
 use skiff_tests::{artifact, guest_exec, scratch, vmm_binary, RunningVm, VmSpec};
 use skiff_vmm_client::types::VmState;
@@ -34,6 +40,14 @@ const HOST0: Ipv4Addr = Ipv4Addr::new(10, 78, 9, 1);
 const HOST1: Ipv4Addr = Ipv4Addr::new(10, 78, 10, 1);
 const MAC: &str = "52:54:00:78:09:02";
 const SERIAL: &str = "skiff-snap";
+const TAG: &str = "share";
+/// Background readers on the share: each opens its file before the
+/// snapshot and reads it through that descriptor once /tmp/go exists.
+const KEPT_READERS: &str = "mkdir -p /mnt/share && mount -t virtiofs share /mnt/share && \
+    echo kept-before > /mnt/share/kept && echo gone-before > /mnt/share/gone && \
+    (exec 3</mnt/share/kept; while [ ! -e /tmp/go ]; do sleep 0.2; done; cat <&3 >/tmp/kept.out 2>&1; echo $? >/tmp/kept.rc) </dev/null >/dev/null 2>&1 & \
+    (exec 4</mnt/share/gone; while [ ! -e /tmp/go ]; do sleep 0.2; done; cat <&4 >/tmp/gone.out 2>&1; echo $? >/tmp/gone.rc) </dev/null >/dev/null 2>&1 & \
+    sleep 1; rm /mnt/share/gone; cat /mnt/share/from-host-before";
 
 /// What the guest holds before the snapshot, checked after the restore.
 struct Before {
@@ -57,6 +71,8 @@ fn prepare(g: &Guest, api: &Client) -> Result<Before> {
     let ping = g.exec(&format!("ping -c 1 -W 5 {HOST0}"))?.output;
     ensure!(ping.contains("1 packets received"), "ping before the snapshot: {ping}");
     let marker = g.run("head -c 4096 /dev/urandom | sha256sum | tee /tmp/marker")?;
+    let share = g.run(KEPT_READERS)?;
+    ensure!(share.trim() == "host-before", "the share before the snapshot: {share:?}");
     g.run("(i=0; while :; do i=$((i+1)); echo $i > /tmp/count; done) </dev/null >/dev/null 2>&1 &")?;
     std::thread::sleep(Duration::from_secs(1));
     let c0 = counter(g)?;
@@ -141,7 +157,54 @@ fn check_bad_snapshots(root: &Path, snap: &Path) -> Result<()> {
     fs::File::create(dir.join("memory"))?.set_len(128 * MIB)?;
     refused(&dir, &[], "memory file")?;
     refused(snap, &["--disk", "path=/nonexistent/disk.raw,id=data"], "/nonexistent/disk.raw")?;
-    refused(snap, &["--fs", "tag=x,socket=/nonexistent"], "cannot be used with")?;
+    refused(snap, &["--fs", "tag=x,socket=/nonexistent"], "device 'fs0' is given on the command line but is not in")?;
+    refused(snap, &["--fs", &format!("tag={TAG},socket=/nonexistent,id={TAG}")], "/nonexistent")?;
+    Ok(())
+}
+
+/// virtiofsd serving `dir` on `socket`; a destination takes a saved state
+/// and makes inodes it cannot open again errors for the guest (instead of
+/// failing the restore).
+fn virtiofsd(dir: &Path, socket: &Path, log: &Path) -> Result<Daemon> {
+    let child = Command::new(program("virtiofsd")?)
+        .arg(format!("--socket-path={}", socket.display()))
+        .arg(format!("--shared-dir={}", dir.display()))
+        .args(["--cache=never", "--migration-on-error=guest-error"])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(log)?)
+        .spawn()
+        .context("cannot start virtiofsd")?;
+    let d = Daemon(child);
+    wait_for_path(socket, Duration::from_secs(20))
+        .with_context(|| format!("virtiofsd: {}", fs::read_to_string(log).unwrap_or_default()))?;
+    Ok(d)
+}
+
+/// The share after the restore: the file opened before reads through its
+/// old descriptor, new writes go both ways; prints what the guest gets
+/// from the file deleted while open.
+fn check_share(g: &Guest, share: &Path) -> Result<()> {
+    g.run("touch /tmp/go")?;
+    let rc = poll("the readers of files opened before the snapshot", Duration::from_secs(30), || {
+        let out = g.run("cat /tmp/kept.rc /tmp/gone.rc 2>/dev/null; true")?;
+        Ok((out.lines().count() == 2).then_some(out))
+    })?;
+    let kept = g.run("cat /tmp/kept.out")?;
+    let gone = g.run("cat /tmp/gone.out")?;
+    println!("  share: the deleted-while-open file read through its old descriptor: exit {}, {gone:?}", field(&rc, 1));
+    ensure!(
+        field(&rc, 0) == "0" && kept.trim() == "kept-before",
+        "the file opened before the snapshot: exit {rc:?}, {kept:?}"
+    );
+    g.run("echo guest-after > /mnt/share/from-guest-after")?;
+    let got = fs::read_to_string(share.join("from-guest-after")).context("the guest's new file on the host")?;
+    ensure!(got.trim() == "guest-after", "the host reads {got:?}");
+    fs::write(share.join("from-host-after"), "host-after\n")?;
+    let got = g.run("cat /mnt/share/from-host-after && ls /mnt/share | sort | tr '\\n' ' '")?;
+    ensure!(got.starts_with("host-after"), "the guest reads {got:?}");
+    println!("  share after the restore: {}", got.replace('\n', " | "));
     Ok(())
 }
 
@@ -213,6 +276,10 @@ fn snapshot_and_restore() -> Result<()> {
     let net = Network::setup(d, HOST0, HOST1)?;
     let (vsock, api_sock, image) = (d.join("v.sock"), d.join("api.sock"), d.join("disk.raw"));
     fs::File::create(&image)?.set_len(32 * MIB)?;
+    let share = d.join("share");
+    fs::create_dir(&share)?;
+    fs::write(share.join("from-host-before"), "host-before\n")?;
+    let fsd = virtiofsd(&share, &d.join("fs.sock"), &d.join("virtiofsd.log"))?;
     let spec = VmSpec {
         kernel: artifact("vmlinux")?,
         initramfs: Some(artifact("devices-test.cpio")?),
@@ -228,6 +295,8 @@ fn snapshot_and_restore() -> Result<()> {
         format!("tap={},mac={MAC},id=lan", net.tap0),
         "--vsock".into(),
         format!("cid=3,socket={}", vsock.display()),
+        "--fs".into(),
+        format!("tag={TAG},socket={},id={TAG}", d.join("fs.sock").display()),
     ];
     let t = Instant::now();
     let mut vm = RunningVm::start_with(&spec, &devices)?;
@@ -267,14 +336,27 @@ fn snapshot_and_restore() -> Result<()> {
     let old = g.vm.report();
     g.vm.signal(libc::SIGKILL)?;
     drop(g);
+    drop(fsd);
     checks.run("bad snapshots are refused", || check_bad_snapshots(d, &snap));
 
+    // A fresh virtiofsd for the same directory, on another socket.
+    let fs_log = d.join("virtiofsd2.log");
+    let _fsd = virtiofsd(&share, &d.join("fs2.sock"), &fs_log)?;
     let t = Instant::now();
-    let extra = ["--api-socket".into(), api_sock.display().to_string()];
+    let extra = [
+        "--api-socket".into(),
+        api_sock.display().to_string(),
+        "--fs".into(),
+        format!("tag={TAG},socket={},id={TAG}", d.join("fs2.sock").display()),
+    ];
     let vm = RunningVm::restore(&snap, &extra)?;
     let g = Guest { vm, vsock };
     checks.run("the restored guest goes on", || check_restored(&g, &api, &before, &image));
+    checks.run("the share goes on", || check_share(&g, &share));
     println!("restore to all checks done: {:.1} s", t.elapsed().as_secs_f64());
+    let log = fs::read_to_string(&fs_log).unwrap_or_default();
+    let log: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).take(10).collect();
+    println!("--- the restore's virtiofsd warnings ---\n{}", log.join("\n"));
 
     api.power_off()?;
     let out = g.vm.wait(Duration::from_secs(60))?;

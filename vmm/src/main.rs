@@ -27,12 +27,14 @@ struct Args {
     #[arg(long, value_name = "PATH", required_unless_present = "restore")]
     kernel: Option<PathBuf>,
     /// Restore the VM saved in DIR by the API's `vm.snapshot` instead of
-    /// booting one: its vCPUs, memory (the file mapped privately) and
-    /// devices. `--disk`, `--net`, `--vsock` and `--rng` then give a saved
-    /// device's host side anew (matched by id: `id=`, or disk0, net0, ...
-    /// as at boot); saved devices not given keep their saved paths, tap and
-    /// socket. `--serial` and `--api-socket` apply as usual.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initramfs", "cpus", "memory", "fs", "console"])]
+    /// booting one: its vCPUs, memory (the file mapped privately; copied
+    /// into shared memory for a VM with virtio-fs) and devices. `--disk`,
+    /// `--net`, `--vsock`, `--fs` and `--rng` then give a saved device's
+    /// host side anew (matched by id: `id=`, or disk0, net0, fs0, ... as
+    /// at boot); saved devices not given keep their saved paths, tap and
+    /// sockets. A share needs a fresh virtiofsd for the same directory on
+    /// its socket. `--serial` and `--api-socket` apply as usual.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initramfs", "cpus", "memory", "console"])]
     restore: Option<PathBuf>,
     /// Initramfs (cpio, optionally compressed) loaded at the top of low RAM.
     #[arg(long, value_name = "PATH")]

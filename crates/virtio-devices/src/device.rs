@@ -143,10 +143,25 @@ pub trait VirtioDevice: Send {
     fn queue_progress(&mut self) -> Result<Vec<QueueProgress>, StateError> {
         Err(StateError::Unsupported(self.device_type()))
     }
+    /// The backend's own state taken by the last
+    /// [`VirtioDevice::queue_progress`] (a vhost-user backend's), for a
+    /// snapshot. The default has none.
+    fn backend_state(&mut self) -> Option<Vec<u8>> {
+        None
+    }
     /// The device is about to be activated from a snapshot's state, with
-    /// new host-side resources: it tells the driver whatever the host side
-    /// lost (vsock resets its transport). The default does nothing.
-    fn restoring(&mut self) {}
+    /// new host-side resources: it gives the backend its saved state and
+    /// tells the driver whatever the host side lost (vsock resets its
+    /// transport). The default takes no backend state.
+    fn restoring(&mut self, backend_state: Option<&[u8]>) -> Result<(), StateError> {
+        match backend_state {
+            None => Ok(()),
+            Some(_) => Err(StateError::Mismatch(format!(
+                "device type {} keeps no backend state, the snapshot has one",
+                self.device_type()
+            ))),
+        }
+    }
 }
 
 /// Copies `config[offset..]` into `data`, zero-filling what lies outside.

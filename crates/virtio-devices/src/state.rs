@@ -12,15 +12,21 @@
 //! capacity, CID ...) so that a restore onto a different backend is
 //! refused rather than confusing the guest.
 //!
-//! Device-specific state beyond queues is not carried: blk and net have
-//! none that outlives a request, and vsock connections are *reset* (the
-//! restored device sends the guest `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`,
-//! see [`crate::VirtioDevice::restoring`]).
+//! Device-specific state beyond queues: blk and net have none that
+//! outlives a request, vsock connections are *reset* (the restored device
+//! sends the guest `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`, see
+//! [`crate::VirtioDevice::restoring`]), and a vhost-user backend's own
+//! state (virtiofsd's inodes and open files) is carried as the bytes it
+//! hands over ([`VirtioPciState::backend_state`], at most
+//! [`MAX_BACKEND_STATE`]).
 
 use serde::{Deserialize, Serialize};
 
 /// Most bytes of device configuration compared on restore.
 pub const DEVICE_CONFIG_BYTES: usize = 256;
+/// Most bytes of a backend's own state a snapshot carries (virtiofsd
+/// needs some hundred bytes per inode the guest has looked up).
+pub const MAX_BACKEND_STATE: usize = 8 << 20;
 
 /// Why a device's state cannot be saved or restored.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +51,19 @@ pub enum StateError {
     /// Activation of the restored device failed.
     #[error("activation of the restored device failed")]
     Activate,
+    /// A vhost-user backend refused a step of saving or loading its state.
+    #[error("the vhost-user backend cannot {what}")]
+    Backend {
+        /// The step.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: vhost::Error,
+    },
+    /// A backend's state could not be moved (no support, too large, too
+    /// slow, requests in flight).
+    #[error("vhost-user backend state: {0}")]
+    BackendState(String),
 }
 
 /// Where an active queue's device side is.
@@ -142,4 +161,40 @@ pub struct VirtioPciState {
     pub active: bool,
     /// The first [`DEVICE_CONFIG_BYTES`] of device configuration.
     pub device_config: Vec<u8>,
+    /// The backend's own state, if it keeps one (hex in the file).
+    #[serde(default, with = "hex_bytes")]
+    pub backend_state: Option<Vec<u8>>,
+}
+
+/// `Option<Vec<u8>>` as a hex string (half the size of a JSON array).
+mod hex_bytes {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            None => s.serialize_none(),
+            Some(b) => {
+                let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+                s.serialize_some(&hex)
+            }
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        let Some(hex) = Option::<String>::deserialize(d)? else {
+            return Ok(None);
+        };
+        if hex.len() % 2 != 0 || hex.len() > 2 * super::MAX_BACKEND_STATE {
+            return Err(D::Error::custom("backend state: bad hex length"));
+        }
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| {
+                hex.get(i..i + 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| D::Error::custom("backend state: not hex"))
+            })
+            .collect::<Result<Vec<u8>, _>>()
+            .map(Some)
+    }
 }

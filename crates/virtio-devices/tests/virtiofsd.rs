@@ -21,6 +21,8 @@ use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const FUSE_LOOKUP: u32 = 1;
+const FUSE_OPEN: u32 = 14;
+const FUSE_READ: u32 = 15;
 const FUSE_INIT: u32 = 26;
 const QUEUE_SIZE: u16 = 16;
 
@@ -236,5 +238,83 @@ fn fuse_init_and_lookup_through_virtiofsd() {
     // fuse_attr with ino and size.
     let size = u64::from_le_bytes(reply[16 + 40 + 8..16 + 40 + 16].try_into().unwrap());
     assert_eq!(size, 20, "the host file's size");
-    assert!(fs.reset());
+    let nodeid = u64::from_le_bytes(reply[16..24].try_into().unwrap());
+
+    // OPEN it (read-only): the handle outlives the snapshot below.
+    let mut open = in_header(48, FUSE_OPEN, 3, nodeid);
+    open.extend_from_slice(&[0u8; 8]); // flags O_RDONLY, open_flags
+    let reply = ring.call(&mem, &kicks[1], &open, 16 + 16);
+    assert_eq!(u32_at(&reply, 4), 0, "OPEN succeeded");
+    let fh = u64::from_le_bytes(reply[16..24].try_into().unwrap());
+
+    // Snapshot: the rings stop where the guest is, virtiofsd hands over
+    // its state, the rings go on (a READ still works on this backend).
+    let progress = fs.queue_progress().unwrap();
+    assert_eq!(progress.len(), 2);
+    let p1 = progress.iter().find(|p| p.index == 1).unwrap();
+    assert_eq!((p1.next_avail, p1.next_used), (3, 3), "{progress:?}");
+    let state = fs.backend_state().expect("virtiofsd's state");
+    assert!(!state.is_empty());
+    let read = |unique: u64| {
+        let mut r = in_header(80, FUSE_READ, unique, nodeid);
+        r.extend_from_slice(&fh.to_le_bytes());
+        r.extend_from_slice(&0u64.to_le_bytes()); // offset
+        r.extend_from_slice(&64u32.to_le_bytes()); // size
+        r.extend_from_slice(&[0u8; 20]); // read_flags, lock_owner, flags, padding
+        r
+    };
+    let reply = ring.call(&mem, &kicks[1], &read(4), 16 + 64);
+    assert_eq!(u32_at(&reply, 4), 0, "READ after the snapshot");
+    assert_eq!(&reply[16..36], b"hello from the host\n");
+    drop(fs);
+    drop(_daemon);
+
+    // Restore: a fresh virtiofsd takes the state; the old node and file
+    // handle work on it, the rings start at the saved bases.
+    let socket2 = dir.path().join("fs2.sock");
+    let _daemon2 = start(&bin, &socket2, &share);
+    let mut fs2 = Fs::new(&FsConfig {
+        socket: socket2,
+        ..cfg.clone()
+    })
+    .unwrap();
+    fs2.ack_features(fs2.features());
+    fs2.restoring(Some(&state)).unwrap();
+    let mut queues = Vec::new();
+    for (index, base, kick) in [(0, 0x1000, &kicks[0]), (1, 0x2000, &kicks[1])] {
+        let mut queue = queue(base);
+        let used = mem.read_obj::<u16>(GuestAddress(base + 0x202)).unwrap();
+        queue.set_next_avail(used);
+        queue.set_next_used(used);
+        queues.push(ActiveQueue {
+            index,
+            queue,
+            event: kick.try_clone().unwrap(),
+        });
+    }
+    fs2.activate(
+        GuestMemoryAtomic::new(mem.clone()),
+        Arc::new(Recorder),
+        queues,
+    )
+    .unwrap();
+    let reply = ring.call(&mem, &kicks[1], &read(5), 16 + 64);
+    assert_eq!(
+        u32_at(&reply, 4),
+        0,
+        "READ through the handle opened before the snapshot"
+    );
+    assert_eq!(&reply[16..36], b"hello from the host\n");
+    assert!(fs2.reset());
+
+    // A backend refuses a state that is not one.
+    let socket3 = dir.path().join("fs3.sock");
+    let _daemon3 = start(&bin, &socket3, &share);
+    let mut fs3 = Fs::new(&FsConfig {
+        socket: socket3,
+        ..cfg
+    })
+    .unwrap();
+    let e = fs3.restoring(Some(b"not a state")).unwrap_err();
+    assert!(e.to_string().contains("cannot load the saved state"), "{e}");
 }

@@ -1,5 +1,6 @@
 //! The PCI devices in a snapshot: what each one was made from (its host
-//! side: disk path, tap, vsock socket) and its virtio-pci state; on
+//! side: disk path, tap, vsock socket, virtiofsd socket) and its
+//! virtio-pci state (with virtiofsd's own state for a share); on
 //! restore, each is made again (from the command line's options when
 //! given, else from the saved ones) in its old slot with its BAR at its old
 //! address, and takes its state before any vCPU runs.
@@ -10,18 +11,19 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use skiff_vmm_client::types::{DeviceInfo, DeviceKind};
 use virtio_devices::block::BlockConfig;
+use virtio_devices::fs::FsConfig;
 use virtio_devices::pci::bus::RangeAllocator;
 use virtio_devices::pci::{BarAllocator, PciBar, PciBarRange};
 use virtio_devices::state::{StateError, VirtioPciState};
 use virtio_devices::VirtioPciDevice;
 
 use super::{build_model, kind_name, DeviceConfig, DeviceError, Entry, NewDevice, PciDevices};
-use crate::options::{DiskOption, NetBackend, NetOption, VsockOption};
+use crate::options::{DiskOption, FsOption, NetBackend, NetOption, VsockOption};
 
 /// Why devices cannot be saved or restored.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceStateError {
-    #[error("device '{id}' ({kind}) cannot be snapshotted yet (supported: disk, net, vsock, rng)")]
+    #[error("device '{id}' ({kind}) cannot be snapshotted yet (supported: disk, net, vsock, rng, fs)")]
     Unsupported { id: String, kind: &'static str },
     #[error("device '{0}' is being removed")]
     Removing(String),
@@ -64,6 +66,14 @@ pub enum DeviceSpec {
         cid: u64,
         socket: PathBuf,
     },
+    /// A share: on restore a fresh virtiofsd must serve the same
+    /// directory on `socket` (or the one `--fs` gives).
+    Fs {
+        tag: String,
+        socket: PathBuf,
+        num_request_queues: u16,
+        queue_size: u16,
+    },
     Rng,
 }
 
@@ -83,6 +93,7 @@ impl SavedDevice {
             DeviceSpec::Disk { .. } => DeviceKind::Disk,
             DeviceSpec::Net { .. } => DeviceKind::Net,
             DeviceSpec::Vsock { .. } => DeviceKind::Vsock,
+            DeviceSpec::Fs { .. } => DeviceKind::Fs,
             DeviceSpec::Rng => DeviceKind::Rng,
         }
     }
@@ -101,6 +112,12 @@ impl SavedDevice {
             DeviceSpec::Net { tap: None, .. } => return Err(DeviceStateError::NeedsTap(self.id.clone())),
             DeviceSpec::Vsock { cid, socket } => {
                 NewDevice::Vsock(VsockOption { id, cid: *cid, socket: socket.clone() })
+            }
+            DeviceSpec::Fs { tag, socket, num_request_queues, queue_size } => {
+                let mut config = FsConfig::new(tag, socket.clone());
+                config.num_request_queues = *num_request_queues;
+                config.queue_size = *queue_size;
+                NewDevice::Fs(FsOption { id, config })
             }
             DeviceSpec::Rng => NewDevice::Rng,
         })
@@ -141,8 +158,14 @@ fn spec_of(e: &Entry, state: &VirtioPciState) -> Result<DeviceSpec, DeviceStateE
             DeviceSpec::Net { tap, mac }
         }
         NewDevice::Vsock(v) => DeviceSpec::Vsock { cid: v.cid, socket: v.socket.clone() },
+        NewDevice::Fs(f) => DeviceSpec::Fs {
+            tag: f.config.tag.clone(),
+            socket: f.config.socket.clone(),
+            num_request_queues: f.config.num_request_queues,
+            queue_size: f.config.queue_size,
+        },
         NewDevice::Rng => DeviceSpec::Rng,
-        NewDevice::Fs(_) | NewDevice::Console(_) => return Err(unsupported()),
+        NewDevice::Console(_) => return Err(unsupported()),
     })
 }
 

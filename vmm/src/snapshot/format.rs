@@ -26,8 +26,9 @@ use sha2::{Digest, Sha256};
 /// The file starts with these bytes.
 pub const MAGIC: &[u8; 8] = b"SKIFFSNP";
 /// The version this build writes and reads. Bump it when the body changes
-/// in a way older readers would misread.
-pub const FORMAT_VERSION: u32 = 1;
+/// in a way older readers would misread (2: virtio-fs devices and their
+/// backend's state).
+pub const FORMAT_VERSION: u32 = 2;
 /// Largest body accepted (vCPU state is about 30 KiB a vCPU).
 pub const MAX_BODY: u64 = 64 << 20;
 const HEADER_LEN: usize = 56;
@@ -159,9 +160,9 @@ mod tests {
         bad[0] = b'X';
         assert!(matches!(decode::<S>(&bad, p), Err(FormatError::Magic(_))));
         let mut bad = good.clone();
-        bad[8] = 2;
+        bad[8] = 99;
         let e = decode::<S>(&bad, p).unwrap_err();
-        assert!(e.to_string().contains("format version 2"), "{e}");
+        assert!(e.to_string().contains("format version 99"), "{e}");
         let mut bad = good.clone();
         let last = bad.len() - 2;
         bad[last] ^= 0x20;

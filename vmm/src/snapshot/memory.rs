@@ -2,6 +2,14 @@
 //! file (holes stay holes), and on restore the file mapped `MAP_PRIVATE`
 //! at the same guest addresses, so several VMs can start from one file and
 //! each one's writes stay its own (copy on write).
+//!
+//! A VM with a vhost-user device (virtio-fs) cannot run on a private
+//! mapping: the backend maps guest memory from the file behind it and
+//! would see the file, not the guest's copy-on-write pages. Such a VM is
+//! restored into a fresh memfd filled from the memory file
+//! ([`copy_memory`]; only the file's data ranges are copied): it costs
+//! the copy (time and the pages, which clones do not share) and nothing
+//! else.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -34,10 +42,23 @@ pub enum MemoryFileError {
     TooLarge(u64),
     #[error("cannot lay out guest memory")]
     Layout(#[source] vm_memory::GuestRegionCollectionError),
+    #[error("cannot create shared guest memory")]
+    Shared(#[source] crate::memory::MemoryError),
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> MemoryFileError + 'a {
     move |source| MemoryFileError::Io { what, path: path.display().to_string(), source }
+}
+
+/// The memory file `path` of a guest with `size` bytes of RAM, opened and
+/// its size checked.
+fn open_memory(path: &Path, size: u64) -> Result<File, MemoryFileError> {
+    let file = File::open(path).map_err(io("open", path))?;
+    let found = file.metadata().map_err(io("read the size of", path))?.len();
+    if found != size {
+        return Err(MemoryFileError::Size { path: path.display().to_string(), found, want: size });
+    }
+    Ok(file)
 }
 
 /// `lseek(fd, offset, whence)`; `None` past the last data or hole (ENXIO).
@@ -52,9 +73,10 @@ fn seek(file: &File, offset: u64, whence: libc::c_int) -> std::io::Result<Option
 }
 
 /// The `[start, end)` ranges of `memfd`'s first `size` bytes that hold
-/// data (shmem reports holes for pages never written).
-fn data_ranges(memfd: &File, size: u64) -> Result<Vec<(u64, u64)>, MemoryFileError> {
-    let err = || io("find data in", Path::new("guest memory"));
+/// data (shmem reports holes for pages never written, a sparse file its
+/// holes); `name` names it in errors.
+fn data_ranges(memfd: &File, size: u64, name: &Path) -> Result<Vec<(u64, u64)>, MemoryFileError> {
+    let err = || io("find data in", name);
     let (mut pos, mut out) = (0u64, Vec::new());
     while pos < size {
         let Some(data) = seek(memfd, pos, libc::SEEK_DATA).map_err(err())? else { break };
@@ -89,7 +111,7 @@ pub fn save_memory(ram: &GuestRam, path: &Path) -> Result<u64, MemoryFileError> 
     let tmp = path.with_extension("tmp");
     let out = File::create(&tmp).map_err(io("create", &tmp))?;
     out.set_len(size).map_err(io("size", &tmp))?;
-    let ranges = if ram.private { vec![(0, size)] } else { data_ranges(&ram.memfd, size)? };
+    let ranges = if ram.private { vec![(0, size)] } else { data_ranges(&ram.memfd, size, Path::new("guest memory"))? };
     let mut buf = vec![0u8; COPY_CHUNK];
     let mut written = 0u64;
     for (start, end) in ranges {
@@ -124,11 +146,7 @@ pub fn save_memory(ram: &GuestRam, path: &Path) -> Result<u64, MemoryFileError> 
 /// privately, laid out as [`crate::memory::create_guest_memory`] lays out
 /// the memfd. A file of another size is refused.
 pub fn map_memory(path: &Path, size: u64) -> Result<GuestRam, MemoryFileError> {
-    let file = File::open(path).map_err(io("open", path))?;
-    let found = file.metadata().map_err(io("read the size of", path))?.len();
-    if found != size {
-        return Err(MemoryFileError::Size { path: path.display().to_string(), found, want: size });
-    }
+    let file = open_memory(path, size)?;
     let mut regions = Vec::new();
     let mut offset = 0u64;
     for (addr, len) in ram_ranges(size) {
@@ -142,6 +160,27 @@ pub fn map_memory(path: &Path, size: u64) -> Result<GuestRam, MemoryFileError> {
     }
     let mem = GuestMemoryMmap::from_regions(regions).map_err(MemoryFileError::Layout)?;
     Ok(GuestRam { mem, memfd: file, boot_size: size, hotplug: None, private: true })
+}
+
+/// Guest RAM of `size` bytes in a new memfd (shared, as at boot) filled
+/// from the memory file `path`: what a VM with vhost-user devices is
+/// restored into. Only the file's data ranges are copied; its holes stay
+/// unallocated in the memfd.
+pub fn copy_memory(path: &Path, size: u64) -> Result<GuestRam, MemoryFileError> {
+    let file = open_memory(path, size)?;
+    let ram = crate::memory::create_guest_memory(size, 0).map_err(MemoryFileError::Shared)?;
+    let mut buf = vec![0u8; COPY_CHUNK];
+    for (start, end) in data_ranges(&file, size, path)? {
+        let mut at = start;
+        while at < end {
+            let n = ((end - at) as usize).min(COPY_CHUNK);
+            let chunk = &mut buf[..n];
+            file.read_exact_at(chunk, at).map_err(io("read", path))?;
+            ram.memfd.write_all_at(chunk, at).map_err(io("write", Path::new("guest memory")))?;
+            at += n as u64;
+        }
+    }
+    Ok(ram)
 }
 
 #[cfg(test)]
@@ -180,5 +219,18 @@ mod tests {
 
         let e = map_memory(&path, size * 2).err().unwrap();
         assert!(matches!(e, MemoryFileError::Size { .. }), "{e}");
+
+        // Copied into shared memory: the same bytes, writes go to the
+        // memfd (which a backend would map), not to the file.
+        let d = copy_memory(&path, size).unwrap();
+        assert!(!d.private);
+        assert_eq!(d.mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0x1122_3344);
+        assert_eq!(d.mem.read_obj::<u32>(GuestAddress(40 << 20)).unwrap(), 0x5566_7788);
+        d.mem.write_obj(9u32, GuestAddress(0x1000)).unwrap();
+        let mut word = [0u8; 4];
+        d.memfd.read_exact_at(&mut word, 0x1000).unwrap();
+        assert_eq!(u32::from_le_bytes(word), 9);
+        assert_eq!(std::fs::read(&path).unwrap()[0x1000..0x1004], 0x1122_3344u32.to_le_bytes());
+        assert!(matches!(copy_memory(&path, size / 2), Err(MemoryFileError::Size { .. })));
     }
 }

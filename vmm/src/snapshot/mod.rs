@@ -7,7 +7,9 @@
 //!   kvmclock ([`vm_state`]), COM1's registers, and each PCI device's host
 //!   side and virtio-pci state ([`crate::device_manager::SavedDevice`]);
 //! * `memory`: guest RAM, byte for byte, sparse ([`memory`]); a restore
-//!   maps it `MAP_PRIVATE`, so one file can start many VMs.
+//!   maps it `MAP_PRIVATE`, so one file can start many VMs (a VM with
+//!   virtio-fs is copied into a memfd instead: virtiofsd maps guest
+//!   memory itself and must see the guest's pages).
 //!
 //! Saving (the VM paused): device states first (an unsupported device
 //! refuses before anything is touched), then each vCPU thread hands its
@@ -24,9 +26,13 @@
 //! devices resumed (an interrupt raised before the LAPICs are restored
 //! would be lost), all before any vCPU runs.
 //!
-//! Not yet carried: virtio-fs (vhost-user needs shared memory and a fresh
-//! virtiofsd), virtio-console, a memory hot-plug region (virtio-mem);
-//! a VM with any of them refuses `vm.snapshot` with 409.
+//! virtio-fs: the rings are stopped, virtiofsd's own state (its inodes and
+//! open files) is saved in the device's state through the vhost-user
+//! device-state transfer and handed to a fresh virtiofsd on restore (see
+//! `virtio_devices::fs`).
+//!
+//! Not yet carried: virtio-console, a memory hot-plug region (virtio-mem);
+//! a VM with either refuses `vm.snapshot` with 409.
 
 pub mod format;
 pub mod memory;

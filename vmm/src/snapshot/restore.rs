@@ -5,13 +5,13 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use super::format::{read_file, FormatError};
-use super::memory::{map_memory, MemoryFileError};
+use super::memory::{copy_memory, map_memory, MemoryFileError};
 use super::vcpu::{check_vcpu_state, restore_vcpu, VcpuStateError};
 use super::vm_state::{restore_vm_state, VmStateError};
 use super::{VmSnapshot, MEMORY_FILE, STATE_FILE};
 use crate::builder::{attach_platform, BuildError, Built, Buses};
 use crate::config::{SerialConfig, VmConfig, MAX_CPUS, MIN_MEMORY_MIB};
-use crate::device_manager::{devices_for_restore, DeviceConfig, DeviceError, DeviceStateError, PciDevices};
+use crate::device_manager::{devices_for_restore, DeviceConfig, DeviceError, DeviceSpec, DeviceStateError, PciDevices};
 use crate::vmm::Vmm;
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{open_kvm, Vm, VmError};
@@ -103,9 +103,14 @@ pub fn restore_vm(cfg: &RestoreConfig, start: Instant) -> Result<Vmm, RestoreErr
     step("state read and checked");
     let n = snap.vcpus.len() as u8;
     let kvm = open_kvm(n).map_err(RestoreError::Vm)?;
-    let ram = map_memory(&cfg.dir.join(MEMORY_FILE), snap.memory_mib << 20).map_err(RestoreError::Memory)?;
+    // A vhost-user backend maps guest memory itself: it needs shared
+    // memory, not the private mapping of the file (see memory.rs).
+    let vhost_user = snap.devices.iter().any(|d| matches!(d.spec, DeviceSpec::Fs { .. }));
+    let (memory, size) = (cfg.dir.join(MEMORY_FILE), snap.memory_mib << 20);
+    let ram = if vhost_user { copy_memory(&memory, size) } else { map_memory(&memory, size) };
+    let ram = ram.map_err(RestoreError::Memory)?;
     let vm = Vm::new(&kvm, &ram.mem).map_err(RestoreError::Vm)?;
-    step("memory mapped, VM created");
+    step(if vhost_user { "memory copied into a memfd, VM created" } else { "memory mapped, VM created" });
 
     let buses = Buses::new().map_err(RestoreError::Build)?;
     let mut pci =

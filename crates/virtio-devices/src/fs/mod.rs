@@ -12,6 +12,12 @@
 //! threads, which vhost-user gives no way to park (see [`Fs`]'s
 //! `VirtioDevice::pause`). Its counters are the interrupts it forwarded.
 //!
+//! Snapshots ([`snapshot`]): the rings are stopped (`GET_VRING_BASE`),
+//! virtiofsd hands over its state (its inodes and open files, by path or
+//! file handle: `SET_DEVICE_STATE_FD`) and the rings start again; a
+//! restored device gives a fresh virtiofsd that state before its rings
+//! start, so the guest's mount and open files go on.
+//!
 //! Guest memory must be file-backed (`GuestRegionMmap::file_offset()`),
 //! otherwise activation fails with [`ActivateError::MemoryNotShareable`].
 
@@ -39,8 +45,11 @@ use crate::device::{
     VirtioInterruptType, RING_FEATURES,
 };
 use crate::lifecycle::{with_interrupts, Lifecycle};
+use crate::state::{QueueProgress, StateError};
 use crate::worker::{drain_eventfd, EpollCtx, EpollHandler, EventToken, WorkerError};
 use crate::GuestMemoryMmap;
+
+mod snapshot;
 
 /// Longest tag (the config field is 36 bytes).
 pub const MAX_TAG_LEN: usize = 36;
@@ -102,10 +111,37 @@ pub struct Fs {
     frontend: Frontend,
     backend_features: u64,
     protocol: bool,
+    /// The backend can save and load its state
+    /// (`VHOST_USER_PROTOCOL_F_DEVICE_STATE`).
+    device_state: bool,
     acked_features: u64,
     queue_sizes: Vec<u16>,
     started: Vec<usize>,
+    /// The rings of the active device (to start them again after a
+    /// snapshot stopped them) and the memory they live in.
+    rings: Vec<Ring>,
+    mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+    /// Set by `pause`: rings started now are enabled only on `resume`
+    /// (a device activated from a snapshot must not interrupt the guest
+    /// before its vCPUs are restored).
+    paused: bool,
+    /// Started rings waiting for `resume` to be enabled.
+    pending_enable: Vec<usize>,
+    /// The backend's state taken by the last snapshot.
+    saved_state: Option<Vec<u8>>,
     life: Lifecycle<CallForwarder>,
+}
+
+/// A ring as the driver programmed it, and its eventfds.
+struct Ring {
+    index: usize,
+    size: u16,
+    max_size: u16,
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
+    kick: EventFd,
+    call: EventFd,
 }
 
 fn backend_err(path: &std::path::Path) -> impl Fn(vhost::Error) -> FsError + '_ {
@@ -138,12 +174,16 @@ impl Fs {
             return Err(FsError::NoVersion1);
         }
         let protocol = backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+        let mut device_state = false;
         if protocol {
             let offered = frontend.get_protocol_features().map_err(&err)?;
-            let wanted = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
+            let wanted = VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::DEVICE_STATE;
             frontend
                 .set_protocol_features(offered & wanted)
                 .map_err(&err)?;
+            device_state = offered.contains(VhostUserProtocolFeatures::DEVICE_STATE);
             if offered.contains(VhostUserProtocolFeatures::MQ) {
                 let max = frontend.get_queue_num().map_err(&err)?;
                 if max < num_queues as u64 {
@@ -160,9 +200,15 @@ impl Fs {
             frontend,
             backend_features,
             protocol,
+            device_state,
             acked_features: 0,
             queue_sizes: vec![cfg.queue_size; num_queues],
             started: Vec::new(),
+            rings: Vec::new(),
+            mem: None,
+            paused: false,
+            pending_enable: Vec::new(),
+            saved_state: None,
             life: Lifecycle::new("virtio-fs"),
         })
     }
@@ -186,39 +232,66 @@ impl Fs {
         }
         fe.set_mem_table(&regions)
             .map_err(ActivateError::VhostUser)?;
+        let mut rings = Vec::with_capacity(queues.len());
+        let mut bases = Vec::with_capacity(queues.len());
         for (q, call) in queues.iter().zip(calls) {
+            let queue = &q.queue;
+            rings.push(Ring {
+                index: q.index,
+                size: queue.size(),
+                max_size: queue.max_size(),
+                desc_table: queue.desc_table(),
+                avail_ring: queue.avail_ring(),
+                used_ring: queue.used_ring(),
+                kick: q.event.try_clone().map_err(ActivateError::Io)?,
+                call: call.try_clone().map_err(ActivateError::Io)?,
+            });
+            bases.push(queue.next_avail());
+        }
+        self.rings = rings;
+        self.start_rings(mem, &bases)
+    }
+
+    /// Starts every ring of `self.rings` at its base in `bases` (same
+    /// order). Rings are enabled now, or on `resume` while paused.
+    fn start_rings(&mut self, mem: &GuestMemoryMmap, bases: &[u16]) -> Result<(), ActivateError> {
+        let fe = &mut self.frontend;
+        for (ring, base) in self.rings.iter().zip(bases) {
             let hva = |a: u64| {
                 mem.get_host_address(GuestAddress(a))
                     .map(|p| p as u64)
                     .map_err(|_| ActivateError::BadQueueAddress(a))
             };
-            let queue = &q.queue;
-            let ring = VringConfigData {
-                queue_max_size: queue.max_size(),
-                queue_size: queue.size(),
+            let config = VringConfigData {
+                queue_max_size: ring.max_size,
+                queue_size: ring.size,
                 flags: 0,
-                desc_table_addr: hva(queue.desc_table())?,
-                used_ring_addr: hva(queue.used_ring())?,
-                avail_ring_addr: hva(queue.avail_ring())?,
+                desc_table_addr: hva(ring.desc_table)?,
+                used_ring_addr: hva(ring.used_ring)?,
+                avail_ring_addr: hva(ring.avail_ring)?,
                 log_addr: None,
             };
-            let i = q.index;
+            let i = ring.index;
             // From its first message on, the ring counts as started: a
             // failure below stops it again.
             self.started.push(i);
-            fe.set_vring_num(i, queue.size())
+            fe.set_vring_num(i, ring.size)
                 .map_err(ActivateError::VhostUser)?;
-            fe.set_vring_addr(i, &ring)
+            fe.set_vring_addr(i, &config)
                 .map_err(ActivateError::VhostUser)?;
-            fe.set_vring_base(i, queue.next_avail())
+            fe.set_vring_base(i, *base)
                 .map_err(ActivateError::VhostUser)?;
-            fe.set_vring_call(i, call)
+            fe.set_vring_call(i, &ring.call)
                 .map_err(ActivateError::VhostUser)?;
-            fe.set_vring_kick(i, &q.event)
+            fe.set_vring_kick(i, &ring.kick)
                 .map_err(ActivateError::VhostUser)?;
             if self.protocol {
-                fe.set_vring_enable(i, true)
-                    .map_err(ActivateError::VhostUser)?;
+                if self.paused {
+                    self.pending_enable.push(i);
+                } else {
+                    fe.set_vring_enable(i, true)
+                        .map_err(ActivateError::VhostUser)?;
+                }
             }
         }
         Ok(())
@@ -279,6 +352,8 @@ impl VirtioDevice for Fs {
             .and_then(|()| self.life.start(handler));
         if started.is_err() {
             self.stop_rings();
+        } else {
+            self.mem = Some(mem);
         }
         started
     }
@@ -288,18 +363,42 @@ impl VirtioDevice for Fs {
         self.acked_features = 0;
         true
     }
-    /// Does nothing: the rings are served by virtiofsd's threads, which
-    /// vhost-user cannot park (stopping the rings with `GET_VRING_BASE`
-    /// would lose in-flight requests), and parking only our call forwarder
-    /// would merely delay interrupts. The backend may touch guest memory
-    /// while the VM is paused.
-    fn pause(&mut self) {}
-    /// Does nothing (see [`Fs::pause`](VirtioDevice::pause)).
-    fn resume(&mut self) {}
+    /// Rings already served go on: they are served by virtiofsd's threads,
+    /// which vhost-user cannot park (stopping the rings with
+    /// `GET_VRING_BASE` would lose in-flight requests), and parking only
+    /// our call forwarder would merely delay interrupts; the backend may
+    /// touch guest memory while the VM is paused. Rings started while
+    /// paused (a restore, the end of a snapshot) are enabled on `resume`.
+    fn pause(&mut self) {
+        self.paused = true;
+    }
+    /// Enables the rings started while paused.
+    fn resume(&mut self) {
+        self.paused = false;
+        for i in std::mem::take(&mut self.pending_enable) {
+            if let Err(e) = self.frontend.set_vring_enable(i, true) {
+                log::error!("virtio-fs: enable ring {i}: {e}");
+            }
+        }
+    }
     /// `interrupts`: the backend's completions we forwarded (zero when the
     /// backend signals the guest's irqfds directly).
     fn counters(&self) -> BTreeMap<&'static str, u64> {
         with_interrupts(BTreeMap::new(), &self.life)
+    }
+    /// Stops the rings, takes virtiofsd's state and starts them again (see
+    /// [`snapshot`]).
+    fn queue_progress(&mut self) -> Result<Vec<QueueProgress>, StateError> {
+        self.snapshot_rings()
+    }
+    fn backend_state(&mut self) -> Option<Vec<u8>> {
+        self.saved_state.take()
+    }
+    fn restoring(&mut self, backend_state: Option<&[u8]>) -> Result<(), StateError> {
+        match backend_state {
+            Some(state) => self.load_backend_state(state),
+            None => Ok(()),
+        }
     }
 }
 
@@ -307,16 +406,31 @@ impl Fs {
     /// Stops the backend's started rings; it keeps its state for the next
     /// activation, which sends everything again.
     fn stop_rings(&mut self) {
+        self.halt_rings();
+        self.rings.clear();
+        self.mem = None;
+    }
+
+    /// Disables and stops every started ring; returns the backend's next
+    /// available index of each (`None` where it did not answer).
+    fn halt_rings(&mut self) -> Vec<(usize, Option<u16>)> {
+        self.pending_enable.clear();
+        let mut bases = Vec::new();
         for i in std::mem::take(&mut self.started) {
             if self.protocol {
                 if let Err(e) = self.frontend.set_vring_enable(i, false) {
                     log::warn!("virtio-fs: disable ring {i}: {e}");
                 }
             }
-            if let Err(e) = self.frontend.get_vring_base(i) {
-                log::warn!("virtio-fs: stop ring {i}: {e}");
+            match self.frontend.get_vring_base(i) {
+                Ok(base) => bases.push((i, Some(base as u16))),
+                Err(e) => {
+                    log::warn!("virtio-fs: stop ring {i}: {e}");
+                    bases.push((i, None));
+                }
             }
         }
+        bases
     }
 }
 

@@ -17,10 +17,12 @@ impl VirtioPciDevice {
     /// [`crate::VirtioDevice::queue_progress`]; a device that cannot
     /// refuses).
     pub fn save_state(&mut self) -> Result<VirtioPciState, StateError> {
-        let progress = if self.active {
-            lock(&self.device).queue_progress()?
+        let (progress, backend_state) = if self.active {
+            let mut dev = lock(&self.device);
+            let progress = dev.queue_progress()?;
+            (progress, dev.backend_state())
         } else {
-            Vec::new()
+            (Vec::new(), None)
         };
         let c = &self.common;
         Ok(VirtioPciState {
@@ -53,6 +55,7 @@ impl VirtioPciDevice {
             needs_reset: self.interrupt.needs_reset.load(Ordering::Acquire),
             active: self.active,
             device_config: self.device_config(),
+            backend_state,
         })
     }
 
@@ -151,8 +154,9 @@ impl VirtioPciDevice {
         if s.active {
             let mut dev = lock(&self.device);
             dev.ack_features(s.common.driver_features);
-            dev.restoring();
+            let restoring = dev.restoring(s.backend_state.as_deref());
             drop(dev);
+            restoring?;
             self.activate_with(&s.progress);
             if !self.active {
                 return Err(StateError::Activate);

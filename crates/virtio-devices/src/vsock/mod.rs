@@ -170,9 +170,15 @@ impl VirtioDevice for Vsock {
         crate::device::read_config_bytes(&self.cid.to_le_bytes(), offset, data);
     }
     crate::lifecycle::lifecycle_methods!(snapshot);
-    fn restoring(&mut self) {
+    fn restoring(&mut self, backend_state: Option<&[u8]>) -> Result<(), crate::state::StateError> {
+        if backend_state.is_some() {
+            return Err(crate::state::StateError::Mismatch(
+                "vsock keeps no backend state, the snapshot has one".into(),
+            ));
+        }
         // The host side of every connection died with the old process.
         self.reset_on_activate.set(true);
+        Ok(())
     }
     fn reset(&mut self) -> bool {
         self.reset_worker();

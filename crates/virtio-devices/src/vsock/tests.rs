@@ -781,7 +781,7 @@ fn a_restored_device_sends_a_transport_reset_once_there_is_an_event_buffer() {
     let txq = TestQueue::new(&mem, 0x4000, 256, 0x80_0000);
     let mut evq = TestQueue::new(&mem, 0x8000, 16, 0xf0_0000);
     let mut dev = Vsock::new(CID, &dir.path().join("v.sock")).unwrap();
-    dev.restoring();
+    dev.restoring(None).unwrap();
     let (rx, tx, ev) = (rxq.active(0), txq.active(1), evq.active(2));
     let ev_kick = ev.event.try_clone().unwrap();
     let h = dev

@@ -181,9 +181,12 @@ pub struct InstanceFull {
 /// Where a new instance comes from.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct InstanceSource {
-    /// `image` (or `none`).
+    /// `image`, or `copy` (from a snapshot: [`InstanceSource::source`]).
     #[serde(rename = "type")]
     pub kind: String,
+    /// With `copy`: the snapshot copied, `NAME/SNAP`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     /// An image alias (`busybox`) or, with `protocol: oci`, an OCI reference.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alias: Option<String>,
@@ -239,6 +242,10 @@ pub struct InstancesPost {
     /// Instance type shorthand (unused).
     #[serde(default)]
     pub instance_type: String,
+    /// With a `copy` source: take the snapshot's memory state too, so the
+    /// copy's first start restores the saved VM instead of booting.
+    #[serde(default)]
+    pub stateful: bool,
 }
 
 /// `PUT /1.0/instances/{name}` (all fields) and `PATCH` (those given).
@@ -262,7 +269,8 @@ pub struct InstancePut {
     /// Restores this snapshot (PUT only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<String>,
-    /// Stateful restore (not supported yet).
+    /// With `restore`: the snapshot's memory state too (the VM runs on
+    /// from where it was saved).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stateful: Option<bool>,
     /// Architecture (ignored).
@@ -444,7 +452,7 @@ pub struct InstanceSnapshotsPost {
     /// The snapshot's name (generated `snapN` when empty).
     #[serde(default)]
     pub name: String,
-    /// With memory state (not supported yet).
+    /// With the VM's memory and device state (VMs only).
     #[serde(default)]
     pub stateful: bool,
 }

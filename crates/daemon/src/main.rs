@@ -10,6 +10,7 @@ mod db;
 mod events;
 mod images;
 mod instances;
+mod snapshots;
 mod ops;
 mod sysimages;
 

@@ -25,7 +25,7 @@ mod hotplug;
 mod restore;
 use crate::runtime::{self, RuntimeError, VmState, CONSOLE_LOG, VSOCK_SOCKET};
 pub use hotplug::{valid_device_name, HotplugError, VMM_API_SOCKET};
-pub use restore::RestoreOptions;
+pub use restore::{check_snapshot_dir, RestoreOptions};
 
 /// The guest's vsock context id (the hybrid vsock needs no unique one).
 const GUEST_CID: u32 = 3;
@@ -432,6 +432,9 @@ impl ThinVm {
         cmd.arg(format!("--socket-path={}", socket.display()))
             .arg(format!("--shared-dir={}", share.dir.display()))
             .arg("--cache=auto")
+            // A restore where a file the guest had open is gone gives the
+            // guest errors for that file rather than failing outright.
+            .arg("--migration-on-error=guest-error")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err)

@@ -111,6 +111,14 @@ impl InstanceType {
     }
 }
 
+/// An instance type, where an empty string means none.
+fn empty_is_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<InstanceType>, D::Error> {
+    match Option::<String>::deserialize(d)?.as_deref() {
+        None | Some("") => Ok(None),
+        Some(s) => InstanceType::deserialize(serde::de::value::StrDeserializer::<D::Error>::new(s)).map(Some),
+    }
+}
+
 /// An instance (`GET /1.0/instances/{name}`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Instance {
@@ -213,8 +221,9 @@ pub struct InstancesPost {
     /// The new instance's name (generated when empty).
     #[serde(default)]
     pub name: String,
-    /// `container` or `virtual-machine` (Skiff's default).
-    #[serde(default, rename = "type")]
+    /// `container` or `virtual-machine` (Skiff's default); `""` (what the
+    /// `lxc` client sends for a copy) is none.
+    #[serde(default, rename = "type", deserialize_with = "empty_is_none")]
     pub kind: Option<InstanceType>,
     /// The source.
     pub source: InstanceSource,
@@ -483,5 +492,26 @@ mod tests {
         assert_eq!(StatusCode::Running.name(), "Running");
         assert_eq!(StatusCode::Cancelled.code(), 401);
         assert_eq!(StatusCode::from_code(999).code(), 999);
+    }
+
+    #[test]
+    fn parses_the_lxc_clients_stateful_requests() {
+        // `lxc copy web/warm clone` (lxd-client 5.0.2) of a stateful snapshot.
+        let copy: InstancesPost = serde_json::from_str(
+            r#"{"architecture":"x86_64","config":{"image.oci.reference":"x"},"devices":{},"ephemeral":false,
+                "profiles":["default"],"stateful":true,"description":"","name":"clone",
+                "source":{"type":"copy","certificate":"","base-image":"","source":"web/warm","live":true,
+                "instance_only":false,"refresh":false,"project":"","allow_inconsistent":false},
+                "instance_type":"","type":""}"#,
+        )
+        .unwrap();
+        assert_eq!((copy.kind, copy.stateful), (None, true));
+        assert_eq!((copy.source.kind.as_str(), copy.source.source.as_deref()), ("copy", Some("web/warm")));
+        assert!(serde_json::from_str::<InstancesPost>(r#"{"type":"vm","source":{"type":"image"}}"#).is_err());
+        // `lxc restore web warm --stateful` and `lxc snapshot web warm --stateful`.
+        let put: InstancePut = serde_json::from_str(r#"{"restore":"web/warm","stateful":true}"#).unwrap();
+        assert_eq!((put.restore.as_deref(), put.stateful), (Some("web/warm"), Some(true)));
+        let snap: InstanceSnapshotsPost = serde_json::from_str(r#"{"name":"warm","stateful":true}"#).unwrap();
+        assert!(snap.stateful);
     }
 }

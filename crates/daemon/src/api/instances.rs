@@ -245,6 +245,8 @@ pub async fn put(
     Body(req): Body<InstancePut>,
 ) -> ApiResult {
     if let Some(snap) = req.restore.clone() {
+        // The lxc client names it NAME/SNAP.
+        let snap = snap.strip_prefix(&format!("{name}/")).map(str::to_string).unwrap_or(snap);
         let stateful = req.stateful.unwrap_or(false);
         snapshots::check_restore(&d, &name, &snap, stateful)?;
         let (op, _) = d.ops.create(OperationClass::Task, "Restoring snapshot", Some(&name), Value::Null, false, &[]);

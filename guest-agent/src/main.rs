@@ -7,6 +7,7 @@
 
 mod bootmark;
 mod cli;
+mod clock;
 mod dhcp;
 mod exec;
 mod files;
@@ -14,6 +15,7 @@ mod hotplug;
 mod init;
 mod mainproc;
 mod mount;
+mod netmac;
 mod network;
 mod power;
 mod reaper;
@@ -120,6 +122,7 @@ fn run(args: Args) -> Result<()> {
         reaper,
         sys,
         pid1,
+        host_clock: vm_init,
         main: Arc::new(MainSupervisor::default()),
     });
     // Hot-plugged vCPUs and memory come online; as init, the ACPI power

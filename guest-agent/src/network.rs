@@ -48,6 +48,9 @@ pub enum NetError {
     /// An interface name longer than the kernel allows.
     #[error("bad interface name {0:?}")]
     BadInterface(String),
+    /// Not a MAC address `xx:xx:xx:xx:xx:xx` of a single host.
+    #[error("bad MAC address {0:?}")]
+    BadMac(String),
     /// An ioctl on the interface failed.
     #[error("{what} on {iface}")]
     Ioctl {
@@ -77,7 +80,9 @@ impl NetError {
     /// The protocol's error code for this error.
     pub fn code(&self) -> ErrorCode {
         match self {
-            NetError::BadAddress(_) | NetError::BadInterface(_) => ErrorCode::BadRequest,
+            NetError::BadAddress(_) | NetError::BadInterface(_) | NetError::BadMac(_) => {
+                ErrorCode::BadRequest
+            }
             NetError::Ioctl { source, .. } if source.raw_os_error() == Some(libc::ENODEV) => {
                 ErrorCode::NotFound
             }
@@ -329,6 +334,12 @@ fn start_renewal(setup: LeaseSetup, client: Client, lease: Lease) {
 }
 
 /// Stops `iface`'s renewal thread, if any, and waits for it.
+/// Stops the lease renewal on `iface` (its MAC is about to change).
+pub(crate) fn forget_lease(iface: &str) {
+    let _no_dhcp_meanwhile = DHCP_REQUESTS.lock().unwrap_or_else(PoisonError::into_inner);
+    stop_renewal(iface);
+}
+
 fn stop_renewal(iface: &str) {
     let renewer = RENEWERS
         .lock()
@@ -504,14 +515,14 @@ impl Transport for Udp<'_> {
 }
 
 /// A datagram socket for interface ioctls, bound to one interface name.
-struct Ifaces {
+pub(crate) struct Ifaces {
     sock: OwnedFd,
     name: [libc::c_char; libc::IFNAMSIZ],
     iface: String,
 }
 
 impl Ifaces {
-    fn open(iface: &str) -> Result<Self, NetError> {
+    pub(crate) fn open(iface: &str) -> Result<Self, NetError> {
         if iface.is_empty() || iface.len() >= libc::IFNAMSIZ {
             return Err(NetError::BadInterface(iface.into()));
         }
@@ -537,14 +548,19 @@ impl Ifaces {
         })
     }
 
-    fn req(&self) -> libc::ifreq {
+    pub(crate) fn req(&self) -> libc::ifreq {
         // SAFETY: ifreq is plain data; all-zero is valid.
         let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
         r.ifr_name = self.name;
         r
     }
 
-    fn ioctl<T>(&self, what: &'static str, op: libc::c_ulong, arg: &mut T) -> Result<(), NetError> {
+    pub(crate) fn ioctl<T>(
+        &self,
+        what: &'static str,
+        op: libc::c_ulong,
+        arg: &mut T,
+    ) -> Result<(), NetError> {
         // SAFETY: `arg` is the structure `op` expects (ifreq or rtentry)
         // and is valid for reads and writes during the call.
         let r = unsafe { libc::ioctl(self.sock.as_raw_fd(), op as _, arg as *mut T) };
@@ -558,7 +574,7 @@ impl Ifaces {
         Ok(())
     }
 
-    fn up(&self) -> Result<(), NetError> {
+    pub(crate) fn up(&self) -> Result<(), NetError> {
         let mut r = self.req();
         self.ioctl("get flags", libc::SIOCGIFFLAGS, &mut r)?;
         // SAFETY: SIOCGIFFLAGS filled the flags member of the union.

@@ -33,6 +33,9 @@ pub struct Agent {
     pub sys: Arc<dyn Syscall>,
     /// Whether the agent is the thin VM's init.
     pub pid1: bool,
+    /// Whether the guest's clock follows the clients' (a VM's init: see
+    /// [`crate::clock`]).
+    pub host_clock: bool,
     /// The main process (thin VM).
     pub main: Arc<MainSupervisor>,
 }
@@ -108,6 +111,9 @@ pub fn serve_connection(agent: &Agent, stream: File) -> Result<(), FrameError> {
         let _ = sink.error(0, ErrorCode::UnsupportedVersion, msg);
         return Ok(());
     };
+    if let Some(t) = hello.time_ns.filter(|_| agent.host_clock) {
+        crate::clock::follow(agent.sys.as_ref(), t);
+    }
     sink.send(&AgentMessage::Welcome(agent.welcome(version)))
         .map_err(FrameError::Io)?;
 
@@ -246,6 +252,13 @@ fn handle_simple(agent: &Agent, request: Request) -> Reply {
             Ok(()) => Reply::Ok,
             Err(e) => err(e.code(), &e),
         },
+        Request::SetMac(req) => {
+            let iface = req.interface.as_deref().unwrap_or("eth0");
+            match crate::netmac::set_mac(iface, &req.mac) {
+                Ok(()) => Reply::Ok,
+                Err(e) => err(e.code(), &e),
+            }
+        }
         Request::Power(req) => {
             match power::request(&agent.sys, agent.pid1, req.action, power::GRACE, |cmd| {
                 agent.reaper.spawn(cmd).map(drop)

@@ -67,6 +67,8 @@ pub trait Syscall: Send + Sync {
     fn sync(&self);
     /// reboot(2) with `LINUX_REBOOT_CMD_*`; returns only on failure.
     fn reboot(&self, cmd: i32) -> Result<(), SysError>;
+    /// clock_settime(2) of `CLOCK_REALTIME`, in nanoseconds since the epoch.
+    fn set_realtime(&self, unix_ns: u64) -> Result<(), SysError>;
 }
 
 fn err(call: &'static str, arg: impl std::fmt::Debug) -> SysError {
@@ -253,6 +255,16 @@ impl Syscall for Linux {
         let r = unsafe { libc::reboot(cmd) };
         check("reboot", cmd, r.into())
     }
+
+    fn set_realtime(&self, unix_ns: u64) -> Result<(), SysError> {
+        let ts = libc::timespec {
+            tv_sec: (unix_ns / 1_000_000_000) as libc::time_t,
+            tv_nsec: (unix_ns % 1_000_000_000) as libc::c_long,
+        };
+        // SAFETY: `ts` is a valid timespec read during the call.
+        let r = unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) };
+        check("clock_settime", unix_ns, r.into())
+    }
 }
 
 /// A recording fake for tests.
@@ -283,6 +295,7 @@ pub mod fake {
         Kill(i32, i32),
         Sync,
         Reboot(i32),
+        SetTime(u64),
     }
 
     /// Records calls; serves files from a map; fails calls by name.
@@ -424,6 +437,9 @@ pub mod fake {
         }
         fn reboot(&self, cmd: i32) -> Result<(), SysError> {
             self.rec("reboot", Call::Reboot(cmd))
+        }
+        fn set_realtime(&self, unix_ns: u64) -> Result<(), SysError> {
+            self.rec("clock_settime", Call::SetTime(unix_ns))
         }
     }
 }

@@ -435,6 +435,7 @@ fn version_handshake_refuses_unknown_versions() {
         min_version: 7,
         max_version: 9,
         client: "from the future".into(),
+        time_ns: None,
     };
     assert_eq!(
         ask(&ClientMessage::Hello(future)),

@@ -22,14 +22,20 @@ use std::fs;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context, Result};
 use sha2::{Digest, Sha256};
+use skiff_agent_client::{AgentClient, Timeouts, Transport};
+use skiff_agent_proto::{Addressing, ExecRequest, NetworkConfig};
+use skiff_run::kernel::{kernel_version, Kernel, KernelOrigin};
+use skiff_run::vm::{Nic, VmExtras, VMM_API_SOCKET};
+use skiff_run::{initramfs, vm, ThinVm, VmOptions};
 use skiff_tests::fixture::{
     counter, disk_by_serial, field, iface_by_mac, poll, program, sha256, vcpu_seconds, wait_for_path, Checks, Daemon,
     Guest, Network, GUEST_PORT,
 };
+use skiff_tests::thin::{make_rootfs, BOOT_TIMEOUT as THIN_BOOT_TIMEOUT};
 use skiff_tests::{artifact, guest_exec, scratch, vmm_binary, RunningVm, VmSpec};
 use skiff_vmm_client::types::VmState;
 use skiff_vmm_client::Client;
@@ -366,5 +372,232 @@ fn snapshot_and_restore() -> Result<()> {
         bail!("{} check(s) failed:\n  {}", checks.failed.len(), checks.failed.join("\n  "));
     }
     ensure!(out.status.code() == Some(0), "power-off should end the restored VMM with 0, got {}", out.status);
+    Ok(())
+}
+
+// ---- A thin VM: the agent, the VM generation ID, clones with new MACs ----
+
+const THIN_HOST0: Ipv4Addr = Ipv4Addr::new(10, 78, 11, 1);
+const THIN_HOST1: Ipv4Addr = Ipv4Addr::new(10, 78, 12, 1);
+const THIN_MAC: &str = "52:54:00:78:11:02";
+const CLONE_MACS: [&str; 2] = ["52:54:00:78:11:0a", "52:54:00:78:11:0b"];
+/// How long the snapshot waits before its clones start: their clocks lag
+/// by this much until the agent sets them.
+const SAVED_FOR: Duration = Duration::from_secs(6);
+
+/// `sh -c script` in the guest; its stdout, or an error unless it exits 0.
+async fn sh(agent: &AgentClient, script: &str) -> Result<String> {
+    let req = ExecRequest { argv: vec!["sh".into(), "-c".into(), script.into()], ..Default::default() };
+    let out = agent.exec_output(req, None).await?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.code() == 0,
+        "{script}: exit {:?}: {stdout} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
+
+/// How far the guest's wall clock is from this host's, in seconds.
+async fn clock_skew(agent: &AgentClient) -> Result<f64> {
+    let before = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
+    let out = sh(agent, "adjtimex").await?;
+    let after = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
+    let value =
+        |key: &str| out.lines().find_map(|l| l.trim().strip_prefix(key)).and_then(|v| v.trim().parse::<f64>().ok());
+    let (Some(sec), Some(usec)) = (value("time.tv_sec:"), value("time.tv_usec:")) else {
+        bail!("adjtimex: {out}");
+    };
+    Ok(sec + usec / 1e6 - (before + after) / 2.0)
+}
+
+fn generation_ids(report: &str) -> Option<(String, String)> {
+    let line = report.lines().find(|l| l.contains("VM generation ID "))?;
+    let rest = line.split("VM generation ID ").nth(1)?;
+    let (new, old) = rest.split_once(" (was ")?;
+    Some((new.to_string(), old.trim_end_matches(')').to_string()))
+}
+
+/// A tap on `bridge`, deleted on drop.
+struct Tap(String);
+
+impl Tap {
+    fn new(name: String, bridge: &str) -> Result<Self> {
+        skiff_tests::fixture::host("ip", &["tuntap", "add", &name, "mode", "tap"])?;
+        let tap = Tap(name);
+        skiff_tests::fixture::host("ip", &["link", "set", &tap.0, "master", bridge, "up"])?;
+        Ok(tap)
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).stderr(Stdio::null()).status();
+    }
+}
+
+/// One clone: its VMM, virtiofsd, agent and tap.
+struct Clone {
+    vm: RunningVm,
+    agent: AgentClient,
+    _fsd: Daemon,
+    _tap: Tap,
+}
+
+fn start_clone(d: &Path, snap: &Path, rootfs: &Path, i: usize, bridge: &str) -> Result<Clone> {
+    let dir = d.join(format!("clone{i}"));
+    fs::create_dir_all(&dir)?;
+    let tap = Tap::new(format!("{bridge}c{i}"), bridge)?;
+    let fsd = virtiofsd(rootfs, &dir.join("fs.sock"), &dir.join("virtiofsd.log"))?;
+    let vsock = dir.join("v.sock");
+    let extra = [
+        "--fs".into(),
+        format!("tag=rootfs,socket={}", dir.join("fs.sock").display()),
+        "--vsock".into(),
+        format!("cid=3,socket={}", vsock.display()),
+        "--net".into(),
+        format!("tap={},mac={}", tap.0, CLONE_MACS[i]),
+    ];
+    let vm = RunningVm::restore(snap, &extra)?;
+    let timeouts = Timeouts { connect: Duration::from_secs(60), request: Duration::from_secs(120), exec: None };
+    let agent = AgentClient::new(Transport::vsock(&vsock)).with_timeouts(timeouts);
+    Ok(Clone { vm, agent, _fsd: fsd, _tap: tap })
+}
+
+/// A clone after the restore: answers exec (how soon), its clock was set,
+/// it got a new generation ID and reseeded, it takes its new MAC and a
+/// lease. Returns its address.
+async fn check_clone(c: &Clone, i: usize, started: Instant, old_ip: &str) -> Result<String> {
+    let out = poll_async("the clone's agent", Duration::from_secs(120), || async {
+        Ok(sh(&c.agent, "echo back").await.ok())
+    })
+    .await?;
+    ensure!(out.trim() == "back");
+    println!("  clone {i}: the agent answers exec {} ms after the restores began", started.elapsed().as_millis());
+    let skew = clock_skew(&c.agent).await?;
+    let serial = c.vm.serial();
+    let set = serial.lines().find(|l| l.contains("clock set to the host's")).unwrap_or("(no clock line)");
+    println!("  clone {i}: clock {skew:+.3} s from the host's; the agent said: {set}");
+    ensure!(skew.abs() < 1.0, "the clone's clock is {skew:+.3} s off");
+    ensure!(set.contains("behind"), "the agent did not set the clock: {set}");
+    let (new, old) = generation_ids(&c.vm.report()).context("no 'VM generation ID' in the VMM's log")?;
+    ensure!(new != old && !old.is_empty(), "generation ID {new} (was {old})");
+    let dmesg = poll_async("the guest's reseed", Duration::from_secs(30), || async {
+        let d = sh(&c.agent, "dmesg | grep -e 'virtual machine fork' ; true").await?;
+        Ok((!d.trim().is_empty()).then_some(d))
+    })
+    .await?;
+    println!("  clone {i}: generation ID {new} (was {old}); guest: {}", dmesg.trim());
+    c.agent.set_mac(None, CLONE_MACS[i]).await?;
+    let dhcp = NetworkConfig { addressing: Addressing::Dhcp, ..Default::default() };
+    c.agent.configure_network(dhcp).await?;
+    let link = sh(&c.agent, "cat /sys/class/net/eth0/address; ip -4 -o addr show eth0").await?;
+    ensure!(link.starts_with(CLONE_MACS[i]), "eth0 after set_mac: {link}");
+    let ip = link.split_whitespace().skip_while(|w| *w != "inet").nth(1).unwrap_or_default();
+    let ip = ip.split('/').next().unwrap_or_default().to_string();
+    ensure!(ip.starts_with("10.78.11.") && ip != old_ip, "the clone's lease: {link}");
+    let ping = sh(&c.agent, &format!("ping -c 1 -W 5 {THIN_HOST0}")).await?;
+    ensure!(ping.contains("1 packets received"), "{ping}");
+    Ok(ip)
+}
+
+async fn poll_async<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let t = Instant::now();
+    loop {
+        if let Some(v) = f().await? {
+            return Ok(v);
+        }
+        ensure!(t.elapsed() < timeout, "{what}: nothing within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A thin VM (the project's kernel, the agent as init, its root on
+/// virtio-fs, a NIC) is snapshotted; two clones are restored from the one
+/// snapshot at once, each with its own virtiofsd, tap and MAC, after the
+/// snapshot waited [`SAVED_FOR`]: both answer exec, their clocks are right
+/// within a second (the agent set them from the host's hello), each got a
+/// new VM generation ID and the guest reseeded its RNG, each takes its new
+/// MAC and its own DHCP lease, and pings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "boots a guest: needs hardware KVM and root; run through tests/run"]
+async fn thin_clones_from_one_snapshot() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    ensure!(unsafe { libc::geteuid() } == 0, "needs root (bridges, taps): run through tests/run");
+    let dir = scratch()?;
+    let d = dir.path();
+    let net = Network::setup(d, THIN_HOST0, THIN_HOST1)?;
+    let rootfs = d.join("rootfs");
+    make_rootfs(&rootfs)?;
+    let path = artifact("skiff-vmlinux")?;
+    let kernel = Kernel { version: kernel_version(&path)?, path, needs_modules: false, origin: KernelOrigin::Explicit };
+    let initrd = initramfs::ensure(&initramfs::find_agent(None)?, &kernel, Path::new("/"), &d.join("cache"))?;
+    let opts = VmOptions {
+        name: "snapthin".into(),
+        runtime_root: d.join("run"),
+        rootfs: rootfs.clone(),
+        shares: vec![],
+        kernel,
+        initramfs: initrd,
+        cpus: 1,
+        memory_mib: 256,
+        hostname: Some("snapthin".into()),
+        vmm: vmm_binary()?,
+        virtiofsd: vm::find_virtiofsd()?,
+        boot_timeout: THIN_BOOT_TIMEOUT,
+        bundle: rootfs.display().to_string(),
+    };
+    let extras = VmExtras { nic: Some(Nic { tap: net.tap0.clone(), mac: THIN_MAC.into() }), ..Default::default() };
+    let t = Instant::now();
+    let mut thin = ThinVm::boot_with(&opts, &extras).await.context("booting the thin VM")?;
+    println!("thin VM booted in {:.1} s", t.elapsed().as_secs_f64());
+    let agent =
+        thin.agent_with(Timeouts { connect: Duration::from_secs(60), request: Duration::from_secs(120), exec: None });
+    let mut checks = Checks::default();
+    let dhcp = NetworkConfig { addressing: Addressing::Dhcp, ..Default::default() };
+    agent.configure_network(dhcp).await?;
+    let link = sh(&agent, "ip -4 -o addr show eth0").await?;
+    let old_ip = link.split_whitespace().skip_while(|w| *w != "inet").nth(1).unwrap_or_default();
+    let old_ip = old_ip.split('/').next().unwrap_or_default().to_string();
+    println!("  booted VM's lease: {old_ip}");
+    let acpi = sh(&agent, "ls /sys/bus/acpi/drivers/vmgenid/; true").await?;
+    checks.run("the guest's vmgenid driver bound the VM generation ID device", || {
+        ensure!(acpi.contains("VMGENCTR:00"), "/sys/bus/acpi/drivers/vmgenid: {acpi:?}");
+        Ok(())
+    });
+    let api = Client::new(thin.runtime_dir().join(VMM_API_SOCKET)).with_timeout(Duration::from_secs(120));
+    api.pause()?;
+    let snap = d.join("snap");
+    let saved = api.snapshot(&snap)?;
+    println!("  snapshot: {} ms in the VMM, {} MiB of memory", saved.elapsed_ms, saved.memory_bytes >> 20);
+    thin.kill_vmm();
+    let _ = thin.shutdown(Duration::from_secs(10)).await;
+    tokio::time::sleep(SAVED_FOR).await;
+
+    let started = Instant::now();
+    let clones = [start_clone(d, &snap, &rootfs, 0, &net.br0)?, start_clone(d, &snap, &rootfs, 1, &net.br0)?];
+    let (a, b) =
+        tokio::join!(check_clone(&clones[0], 0, started, &old_ip), check_clone(&clones[1], 1, started, &old_ip));
+    let mut ips = Vec::new();
+    for (i, r) in [a, b].into_iter().enumerate() {
+        checks.run(&format!("clone {i}"), || r.map(|ip| ips.push(ip)));
+    }
+    checks.run("the clones have their own leases and generation IDs", || {
+        ensure!(ips.len() < 2 || ips[0] != ips[1], "both clones leased {}", ips[0]);
+        let ids: Vec<_> = clones.iter().filter_map(|c| generation_ids(&c.vm.report()).map(|(n, _)| n)).collect();
+        ensure!(ids.len() < 2 || ids[0] != ids[1], "both clones got generation ID {}", ids[0]);
+        Ok(())
+    });
+    if !checks.failed.is_empty() {
+        for (i, c) in clones.iter().enumerate() {
+            println!("--- clone {i} ---\n{}", c.vm.report());
+        }
+        bail!("{} check(s) failed:\n  {}", checks.failed.len(), checks.failed.join("\n  "));
+    }
     Ok(())
 }

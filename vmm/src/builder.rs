@@ -22,6 +22,7 @@ use crate::devices::ged::{event, ged_aml, Ged, GED_SIZE};
 use crate::devices::i8042::I8042;
 use crate::devices::pci_hotplug::{PciHotplug, PCI_HOTPLUG_SIZE};
 use crate::devices::serial::{SerialDevice, SerialOutput, SerialSnapshot};
+use crate::devices::vmgenid;
 use crate::exit::ExitState;
 use crate::memory::{create_guest_memory, GuestRam, MemoryError};
 use crate::vmm::{Vmm, VmmParts};
@@ -39,6 +40,8 @@ pub enum BuildError {
     Boot(#[source] BootError),
     #[error("cannot write the ACPI tables")]
     Acpi(#[source] AcpiError),
+    #[error("cannot set the VM generation ID")]
+    GenerationId(#[source] vmgenid::VmGenIdError),
     #[error("cannot set up a device")]
     Device(#[source] DeviceError),
     #[error("cannot set up vCPU")]
@@ -117,10 +120,12 @@ pub(crate) struct Platform {
 }
 
 impl Platform {
-    /// The AML of the GED and the CPU hot-plug controller, for the DSDT.
+    /// The AML of the GED, the VM generation ID and the CPU hot-plug
+    /// controller, for the DSDT.
     fn aml(&self, max_cpus: u8) -> Vec<u8> {
         let mut aml = Vec::new();
-        let mut ged_handlers = vec![(event::PCI, "\\_SB_.PCI0.PSCN")];
+        let mut ged_handlers = vec![(event::PCI, "\\_SB_.PCI0.PSCN"), (event::GENERATION_ID, vmgenid::NOTIFY_METHOD)];
+        aml.extend(vmgenid::vmgenid_aml());
         if self.cpu_hotplug.is_some() {
             aml.extend(cpu_hotplug_aml(CPU_HOTPLUG_START, max_cpus));
             ged_handlers.push((event::CPU, "\\_SB_.CPUS.CSCN"));
@@ -246,6 +251,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     let mut acpi = pci.acpi(PCI_HOTPLUG_START);
     acpi.sb_aml.extend(platform.aml(config.max_cpus));
     let rsdp = create_acpi_tables(&ram.mem, config.cpus, config.max_cpus, &acpi).map_err(BuildError::Acpi)?;
+    vmgenid::write_generation_id(&ram.mem).map_err(BuildError::GenerationId)?;
     write_boot_params(&ram.mem, ram.boot_size, &kernel, cmdline_size, initramfs, rsdp).map_err(BuildError::Boot)?;
     step("initramfs, command line, ACPI and boot parameters");
 

@@ -41,8 +41,8 @@ use std::time::Duration;
 use serde_json::Value;
 use skiff_agent_proto::tree::TreeError;
 use skiff_agent_proto::{
-    ErrorReply, ExecRequest, ExitStatus, FrameError, MainProcess, MountRequest, NetworkConfig,
-    PowerAction, PowerRequest, Reply, Request, UnmountRequest, Welcome,
+    ErrorReply, ExecRequest, ExitStatus, FrameError, MacRequest, MainProcess, MountRequest,
+    NetworkConfig, PowerAction, PowerRequest, Reply, Request, UnmountRequest, Welcome,
 };
 
 pub use conn::Connection;
@@ -273,6 +273,17 @@ impl AgentClient {
     /// Configures the guest's network and names.
     pub async fn configure_network(&self, config: NetworkConfig) -> Result<(), ClientError> {
         self.expect_ok(Request::Network(config)).await
+    }
+
+    /// Gives the guest's `interface` (default eth0) the MAC `mac` (a clone
+    /// restored from a snapshot onto another NIC); follow with
+    /// [`AgentClient::configure_network`] for a new lease.
+    pub async fn set_mac(&self, interface: Option<&str>, mac: &str) -> Result<(), ClientError> {
+        let req = MacRequest {
+            interface: interface.map(str::to_string),
+            mac: mac.to_string(),
+        };
+        self.expect_ok(Request::SetMac(req)).await
     }
 
     /// Powers the guest off or reboots it (the agent answers first).

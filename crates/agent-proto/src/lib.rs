@@ -16,7 +16,8 @@
 //!
 //! # Connections and request ids
 //! Every connection starts with [`ClientMessage::Hello`] (the client's
-//! version range) answered by [`AgentMessage::Welcome`] (the chosen
+//! version range and wall clock, which a thin VM's agent sets the guest's
+//! clock from when they differ: see [`Hello::time_ns`]) answered by [`AgentMessage::Welcome`] (the chosen
 //! version) or an `unsupported_version` error reply with id 0 and a close.
 //! Then the connection carries requests **one at a time**: each has a
 //! client-chosen id, and every reply, entry and data frame of that request
@@ -44,7 +45,7 @@
 //!   `end_of_entries`; the agent replies `ok` or `error` at the end (an
 //!   error while writing makes it skip the rest, so the stream stays in
 //!   step). `pull {path}` is the mirror image, ending with `ok`.
-//! - `mount`, `unmount`, `network`, `power` → `ok` or `error`.
+//! - `mount`, `unmount`, `network`, `set_mac`, `power` → `ok` or `error`.
 //! - `start_main`, `stop_main`, `wait_main`: the thin VM's main process.
 //! - anything unknown → `error {code: unknown_request}`; a malformed message
 //!   → `error {code: bad_request}`; the connection stays usable.

@@ -36,15 +36,29 @@ pub struct Hello {
     /// Free-form client name, for logs.
     #[serde(default)]
     pub client: String,
+    /// The client's wall clock when it sent the hello, in nanoseconds
+    /// since the Unix epoch. A thin VM's agent (PID 1 of a VM) sets the
+    /// guest's clock from it when the two are more than
+    /// [`CLOCK_SLACK_MS`] apart: a VM restored from a snapshot wakes with
+    /// the time it was saved at, and a thin VM keeps the host's time as a
+    /// container does. Older clients send none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_ns: Option<u64>,
 }
 
+/// How far a thin VM's clock may be from a client's before the agent sets
+/// it (see [`Hello::time_ns`]).
+pub const CLOCK_SLACK_MS: u64 = 200;
+
 impl Hello {
-    /// The hello of this crate's version range.
+    /// The hello of this crate's version range, with this host's time.
     pub fn current(client: &str) -> Self {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
         Hello {
             min_version: MIN_PROTOCOL_VERSION,
             max_version: PROTOCOL_VERSION,
             client: client.to_string(),
+            time_ns: now.ok().and_then(|d| u64::try_from(d.as_nanos()).ok()),
         }
     }
 }
@@ -163,6 +177,8 @@ pub enum Request {
     Unmount(UnmountRequest),
     /// Configures networking, hostname, hosts and resolv.conf; replies `Ok`.
     Network(NetworkConfig),
+    /// Gives an interface another MAC address; replies `Ok`.
+    SetMac(MacRequest),
     /// Powers the guest off or reboots it; replies `Ok` first.
     Power(PowerRequest),
     /// Starts the main process (thin VM); replies `ExecStarted`.
@@ -419,6 +435,21 @@ pub struct UnmountRequest {
     pub lazy: bool,
 }
 
+/// A new MAC address for an interface: for a clone restored from a
+/// snapshot onto another NIC identity (Linux reads a virtio NIC's MAC only
+/// when it probes the device, so the guest goes on with the snapshot's
+/// until told). The DHCP lease the agent renews on the interface is
+/// dropped (it is the old address's): follow with a `network` request for
+/// `dhcp` to lease again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MacRequest {
+    /// Interface (default `eth0`).
+    #[serde(default)]
+    pub interface: Option<String>,
+    /// The address, `52:54:00:12:34:56`.
+    pub mac: String,
+}
+
 /// Network set-up of one interface plus name resolution.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct NetworkConfig {
@@ -567,6 +598,7 @@ mod tests {
                 min_version: min,
                 max_version: max,
                 client: String::new(),
+                time_ns: None,
             };
             assert_eq!(negotiate(&h), want, "{min}..{max}");
         }
@@ -615,6 +647,10 @@ mod tests {
                     gateway: Some("10.0.0.1".into()),
                 },
                 ..Default::default()
+            }),
+            Request::SetMac(MacRequest {
+                interface: None,
+                mac: "52:54:00:12:34:56".into(),
             }),
             Request::Power(PowerRequest {
                 action: PowerAction::Reboot,

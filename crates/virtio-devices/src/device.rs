@@ -143,6 +143,12 @@ pub trait VirtioDevice: Send {
     fn queue_progress(&mut self) -> Result<Vec<QueueProgress>, StateError> {
         Err(StateError::Unsupported(self.device_type()))
     }
+    /// Whether the device configuration a snapshot saved (`saved`, the
+    /// first bytes of it) fits this device made anew (`now`). The default
+    /// wants them equal.
+    fn config_restorable(&self, saved: &[u8], now: &[u8]) -> bool {
+        saved == now
+    }
     /// The backend's own state taken by the last
     /// [`VirtioDevice::queue_progress`] (a vhost-user backend's), for a
     /// snapshot. The default has none.

@@ -158,7 +158,7 @@ pub fn create_acpi_tables(
     let mut xsdt_bytes = Vec::new();
     xsdt.to_aml_bytes(&mut xsdt_bytes);
     let xsdt = place(&xsdt_bytes);
-    if next > ACPI_END {
+    if next > VMGENID_START {
         return Err(AcpiError::TooLarge { size: next - ACPI_START });
     }
     let mut rsdp = Vec::new();

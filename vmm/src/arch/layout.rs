@@ -9,6 +9,7 @@
 //! 0x0002_0000  │   kernel command line
 //! 0x0009_fc00  ┼ EBDA / legacy hole (reserved in e820)
 //! 0x000e_0000  │   ACPI tables (RSDP first)
+//! 0x000f_f000  │   VM generation ID (16 bytes)
 //! 0x0010_0000  ┼ RAM: kernel at 1 MiB, initramfs at the top of low RAM
 //! 0xc000_0000  ┼ 32-bit MMIO hole (1 GiB): PCI BARs, ECAM, IOAPIC, LAPIC
 //! 0x1_0000_0000┼ RAM above 4 GiB when the guest has more than 3 GiB
@@ -47,8 +48,11 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 pub const EBDA_START: u64 = 0x9fc00;
 /// ACPI tables live in the BIOS area.
 pub const ACPI_START: u64 = 0xe0000;
-/// End of the BIOS area and of the ACPI table space.
+/// End of the BIOS area.
 pub const ACPI_END: u64 = 0x10_0000;
+/// The VM generation ID (16 bytes, see [`crate::devices::vmgenid`]), in
+/// the BIOS area's last page; the ACPI tables end below it.
+pub const VMGENID_START: u64 = 0xf_f000;
 /// Where the kernel is loaded (1 MiB), and where usable high RAM starts.
 pub const HIMEM_START: u64 = 0x10_0000;
 

@@ -7,7 +7,7 @@
 //!
 //! ```text
 //!  VMM: Ged::notify(bits) ─► irqfd (GSI GED_IRQ) ─► guest: \_SB.GED_._EVT
-//!        └─ pending |= bits      reads GDAT (clears) ◄─┘   └─► CSCN / PSCN / Notify(PWRB, 0x80)
+//!        └─ pending |= bits      reads GDAT (clears) ◄─┘   └─► CSCN / PSCN / VGEN.GNOT / Notify(PWRB, 0x80)
 //! ```
 
 use acpi_tables::aml;
@@ -23,6 +23,8 @@ pub mod event {
     pub const PCI: u32 = 1 << 2;
     /// The power button was pressed.
     pub const POWER_BUTTON: u32 = 1 << 3;
+    /// The VM generation ID changed (a restore).
+    pub const GENERATION_ID: u32 = 1 << 4;
 }
 
 /// Size of the register window.

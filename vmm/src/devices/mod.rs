@@ -1,6 +1,7 @@
 //! Platform devices: on the port-I/O bus COM1, the i8042 reset line, the
 //! boot-complete debug port and the ACPI power registers; on the MMIO bus
-//! the ACPI Generic Event Device and the hot-plug controllers.
+//! the ACPI Generic Event Device and the hot-plug controllers; and the VM
+//! generation ID, a GUID in guest memory described in the DSDT.
 //!
 //! Each is a [`vm_device::BusDevice`]. None of them blocks: what they must
 //! tell the rest of the VMM (the guest powered off, asked for a reset,
@@ -13,3 +14,4 @@ pub mod ged;
 pub mod i8042;
 pub mod pci_hotplug;
 pub mod serial;
+pub mod vmgenid;

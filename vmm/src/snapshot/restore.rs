@@ -12,7 +12,9 @@ use super::{VmSnapshot, MEMORY_FILE, STATE_FILE};
 use crate::builder::{attach_platform, BuildError, Built, Buses};
 use crate::config::{SerialConfig, VmConfig, MAX_CPUS, MIN_MEMORY_MIB};
 use crate::device_manager::{devices_for_restore, DeviceConfig, DeviceError, DeviceSpec, DeviceStateError, PciDevices};
-use crate::vmm::Vmm;
+use crate::devices::ged::event;
+use crate::devices::vmgenid::{format_id, read_generation_id, write_generation_id, VmGenIdError};
+use crate::vmm::{lock, Vmm};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{open_kvm, Vm, VmError};
 
@@ -51,6 +53,8 @@ pub enum RestoreError {
     Vcpu(#[source] VcpuError),
     #[error("cannot restore the irqchip, PIT or clock")]
     VmState(#[source] VmStateError),
+    #[error("cannot set the VM generation ID")]
+    GenerationId(#[source] VmGenIdError),
 }
 
 impl RestoreError {
@@ -133,6 +137,13 @@ pub fn restore_vm(cfg: &RestoreConfig, start: Instant) -> Result<Vmm, RestoreErr
     restore_vm_state(vm.fd(), &snap.vm).map_err(RestoreError::VmState)?;
     // Only now may devices work and interrupt: every LAPIC holds its state.
     pci.resume_all();
+    // A new generation ID, and the guest told (it reseeds its RNG).
+    let old = read_generation_id(&ram.mem);
+    let id = write_generation_id(&ram.mem).map_err(RestoreError::GenerationId)?;
+    if let Err(e) = lock(&platform.ged).notify(event::GENERATION_ID) {
+        log::warn!("cannot tell the guest its new generation ID: {e}");
+    }
+    log::info!("VM generation ID {} (was {})", format_id(&id), old.map(|o| format_id(&o)).unwrap_or_default());
     step("vCPUs, irqchip, PIT and clock restored");
     log::info!(
         "restored {} vCPUs, {} MiB and {} devices from {}",

@@ -180,6 +180,12 @@ impl VirtioDevice for Net {
         read_config_bytes(&cfg, offset, data);
     }
     crate::lifecycle::lifecycle_methods!(snapshot);
+    /// Another MAC is fine (a clone of a snapshot gets its own): Linux
+    /// reads the MAC only at probe, so the guest keeps the old one until
+    /// it is told (the agent's `network` request with `mac`).
+    fn config_restorable(&self, saved: &[u8], now: &[u8]) -> bool {
+        saved.len() == now.len() && saved.get(6..) == now.get(6..)
+    }
     fn reset(&mut self) -> bool {
         self.reset_worker();
         self.acked_features = 0;

@@ -62,6 +62,17 @@ fn mac_parsing_and_config() {
     net.read_config(0, &mut cfg);
     assert_eq!(&cfg[..6], &[0x52, 0x54, 0, 0, 0, 7]);
     assert_eq!(u16::from_le_bytes([cfg[6], cfg[7]]), 1, "link up");
+    // A snapshot of a NIC with another MAC restores onto this one (a
+    // clone); other configuration must match.
+    let mut saved = [0u8; 16];
+    net.read_config(0, &mut saved);
+    let mut other_mac = saved;
+    other_mac[5] = 9;
+    assert!(net.config_restorable(&other_mac, &saved));
+    let mut other_status = saved;
+    other_status[6] = 0;
+    assert!(!net.config_restorable(&other_status, &saved));
+    assert!(!net.config_restorable(&saved[..8], &saved));
 }
 
 #[test]

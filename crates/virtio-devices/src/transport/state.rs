@@ -84,7 +84,8 @@ impl VirtioPciDevice {
                 self.queues.len()
             ));
         }
-        if s.device_config != self.device_config() {
+        let now = self.device_config();
+        if !lock(&self.device).config_restorable(&s.device_config, &now) {
             return mismatch(
                 "the device configuration differs from the snapshot's (another disk size, MAC or CID?)"
                     .into(),

@@ -246,7 +246,10 @@ fn generated_name(d: &Daemon) -> String {
 
 /// Devices Skiff knows: the NIC on the managed bridge, the root disk, and
 /// what the driver takes (disk shares and disks, see `skiff_driver::devices`).
-pub(crate) fn check_devices(driver: &dyn Driver, devs: &BTreeMap<String, BTreeMap<String, String>>) -> Result<(), InstanceError> {
+pub(crate) fn check_devices(
+    driver: &dyn Driver,
+    devs: &BTreeMap<String, BTreeMap<String, String>>,
+) -> Result<(), InstanceError> {
     for (name, dev) in devs {
         let kind = dev.get("type").map(String::as_str).unwrap_or("");
         if kind == "nic" && dev.get("network").is_some_and(|n| n != crate::daemon::BRIDGE) {

@@ -10,8 +10,8 @@ mod db;
 mod events;
 mod images;
 mod instances;
-mod snapshots;
 mod ops;
+mod snapshots;
 mod sysimages;
 
 use std::os::unix::fs::PermissionsExt;

@@ -16,8 +16,8 @@ use skiff_driver::RunStatus;
 use super::{accepted, etag_of, if_match, recursion, sync, sync_etag, ApiErr, ApiResult, App, Body};
 use crate::db::{InstanceRow, Status};
 use crate::instances::{self as inst, InstanceError, STOP_TIMEOUT};
-use crate::snapshots;
 use crate::ops::OpError;
+use crate::snapshots;
 
 fn status_of(r: &InstanceRow) -> StatusCode {
     match r.status {
@@ -384,10 +384,7 @@ pub async fn snapshot_rename(
     let (op, _) = d.ops.create(OperationClass::Task, "Renaming snapshot", Some(&name), Value::Null, false, &[]);
     let d2 = d.clone();
     d.ops.run(&op, async move {
-        snapshots::rename(&d2, &name, &snap, &req.name)
-            .await
-            .map(|_| None)
-            .map_err(|e| OpError::Failed(e.to_string()))
+        snapshots::rename(&d2, &name, &snap, &req.name).await.map(|_| None).map_err(|e| OpError::Failed(e.to_string()))
     });
     accepted(&op)
 }

@@ -124,9 +124,9 @@ pub struct SavedRun {
     /// How often the agent had restarted it.
     #[serde(default)]
     pub restarts: u32,
-    /// Whether the VM had a NIC.
+    /// The VM's NIC (the guest keeps its MAC until told another).
     #[serde(default)]
-    pub nic: bool,
+    pub nic: Option<Nic>,
 }
 
 /// A device a running thin VM gets through hot-plug.

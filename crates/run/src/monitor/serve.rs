@@ -224,10 +224,10 @@ pub fn read_saved_run(dir: &Path) -> Result<SavedRun, MonitorError> {
 /// network set up again for a clone, the control socket bound.
 async fn restore(spec: &LaunchSpec, dir: &Path) -> Result<Booted, MonitorError> {
     let saved = read_saved_run(dir)?;
-    if saved.nic != spec.nic.is_some() {
+    if saved.nic.is_some() != spec.nic.is_some() {
         return Err(MonitorError::BadSnapshot(format!(
             "the snapshot was taken {} a NIC, the VM is to have {}",
-            if saved.nic { "with" } else { "without" },
+            if saved.nic.is_some() { "with" } else { "without" },
             if spec.nic.is_some() { "one" } else { "none" }
         )));
     }
@@ -255,8 +255,13 @@ async fn restore(spec: &LaunchSpec, dir: &Path) -> Result<Booted, MonitorError> 
     let extras = VmExtras { console_log: Some(spec.console_log.clone()), nic: spec.nic.clone(), ..Default::default() };
     let vm = ThinVm::restore(&opts, &extras).await?;
     let result = async {
-        // A clone has another name, MAC and address: the guest asks DHCP again.
-        if let Some(net) = spec.network.as_ref().filter(|_| saved.name != spec.name) {
+        // A clone has another name and MAC: the guest takes the MAC (Linux
+        // read the old one when it probed the NIC) and asks DHCP again.
+        let new_mac = spec.nic.as_ref().filter(|n| saved.nic.as_ref().is_some_and(|s| s.mac != n.mac));
+        if let Some(nic) = new_mac {
+            vm.agent().set_mac(None, &nic.mac).await.map_err(MonitorError::Network)?;
+        }
+        if let Some(net) = spec.network.as_ref().filter(|_| saved.name != spec.name || new_mac.is_some()) {
             vm.agent().configure_network(net.clone()).await.map_err(MonitorError::Network)?;
         }
         let path = vm.runtime_dir().join(CONTROL_SOCKET);
@@ -373,7 +378,7 @@ async fn snapshot(
         devices: running.devices.clone(),
         main_pid: status.main_pid,
         restarts: status.restarts,
-        nic: spec.nic.is_some(),
+        nic: spec.nic.clone(),
     };
     let data = serde_json::to_vec_pretty(&saved).map_err(|e| e.to_string())?;
     std::fs::write(dir.join(SAVED_RUN), data).map_err(|e| format!("writing {}: {e}", dir.join(SAVED_RUN).display()))

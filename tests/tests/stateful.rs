@@ -98,7 +98,9 @@ fn stateful_snapshots_restores_and_clones() -> Result<()> {
             pid = env.ok(&["exec", "web", "--", "sh", "-c", COUNTER])?.trim().to_string();
             // At least this when the snapshot is taken (it goes on meanwhile).
             at_snapshot = counter_passes(&env, "web", 2)?;
+            let t = Instant::now();
             env.ok(&["snapshot", "create", "web", "warm", "--stateful"])?;
+            eprintln!("stateful: snapshot taken in {:?}, the counter at {at_snapshot} or more", t.elapsed());
             env.ok(&["snapshot", "create", "web", "cold"])?;
             let snaps = env.ok(&["snapshot", "list", "web", "--format", "csv"])?;
             ensure!(snaps.lines().any(|l| l.starts_with("warm,") && l.contains("YES")), "{snaps}");
@@ -118,10 +120,13 @@ fn stateful_snapshots_restores_and_clones() -> Result<()> {
             env.ok(&["stop", "--force", "web"])?;
             let (c, _, e) = env.skiff(&["snapshot", "restore", "web", "cold", "--stateful"])?;
             ensure!(c != 0 && e.contains("no memory state"), "a stateless snapshot restored stateful: {c} {e}");
+            let t = Instant::now();
             env.ok(&["snapshot", "restore", "web", "warm", "--stateful"])?;
+            eprintln!("stateful: restored in {:?}", t.elapsed());
             ensure!(state(&env, "web")? == "RUNNING", "web after the restore: {}", state(&env, "web")?);
             ensure!(counter_runs(&env, "web", &pid)?, "the counter process {pid} is gone");
             let n = counter(&env, "web")?;
+            eprintln!("stateful: the counter at {n} after the restore ({before_stop} before the stop)");
             ensure!(n >= at_snapshot && n < before_stop, "counter {n}: saved at {at_snapshot}, {before_stop} later");
             counter_passes(&env, "web", n)?;
             let (c, _, _) = env.skiff(&["exec", "web", "--", "test", "-e", "/root/marker"])?;
@@ -135,7 +140,9 @@ fn stateful_snapshots_restores_and_clones() -> Result<()> {
         (|| {
             env.ok(&["copy", "web/warm", "clone"])?;
             ensure!(state(&env, "clone")? == "STOPPED", "the copy: {}", state(&env, "clone")?);
+            let t = Instant::now();
             env.ok(&["start", "clone"])?;
+            eprintln!("stateful: the clone started in {:?}", t.elapsed());
             ensure!(counter_runs(&env, "clone", &pid)?, "the clone has no counter process {pid}");
             let n = counter_passes(&env, "clone", at_snapshot)?;
             env.ok(&["exec", "clone", "--", "true"])?;
@@ -152,6 +159,7 @@ fn stateful_snapshots_restores_and_clones() -> Result<()> {
         "the clone gets its own address",
         (|| {
             let (a, b) = (env.ipv4("web")?, env.ipv4("clone")?);
+            eprintln!("stateful: web at {a}, its clone at {b}");
             ensure!(!a.is_empty() && a != b, "web {a}, clone {b}");
             let out = env.ok(&["exec", "clone", "--", "hostname"])?;
             ensure!(out.trim() == "clone", "the clone's hostname: {out:?}");

@@ -26,8 +26,12 @@ use crate::runtime::{VmState, VSOCK_SOCKET};
 
 /// Files skiff-vmm's `vm.snapshot` writes, which a restore needs.
 const SNAPSHOT_FILES: [&str; 2] = ["state", "memory"];
-/// How long one ping of the restored agent may take.
-const PING: Duration = Duration::from_secs(3);
+/// How long the first ping of the restored agent may take; each one that
+/// gets no answer doubles it, up to [`PING_MAX`]. A connection request the
+/// guest never saw (sent as its vsock transport reset) costs one such wait.
+const PING_FIRST: Duration = Duration::from_millis(200);
+/// The longest a ping may take.
+const PING_MAX: Duration = Duration::from_secs(3);
 
 /// What to restore.
 #[derive(Debug, Clone)]
@@ -135,13 +139,21 @@ impl ThinVm {
 
     /// Pings the agent until it answers, skiff-vmm exits, or `limit` passes.
     async fn wait_answering(&mut self, limit: Duration) -> Result<(), VmError> {
-        let deadline = Instant::now() + limit;
-        let agent = self.agent_with(Timeouts { connect: PING, request: PING, exec: None });
+        let started = Instant::now();
+        let deadline = started + limit;
+        let mut wait = PING_FIRST;
+        let mut attempt = 0;
         loop {
+            attempt += 1;
+            let agent = self.agent_with(Timeouts { connect: wait, request: wait, exec: None });
             let ping = agent.ping();
             let vmm = self.vmm.as_mut().expect("started");
             tokio::select! {
-                r = ping => if r.is_ok() { return Ok(()) },
+                r = ping => if r.is_ok() {
+                    eprintln!("skiff-run: {}: the agent answered {} ms after skiff-vmm started ({attempt} pings)",
+                        self.name, started.elapsed().as_millis());
+                    return Ok(());
+                },
                 st = vmm.wait() => {
                     let status = st.map_err(|e| VmError::Wait("skiff-vmm", e))?;
                     return Err(VmError::VmmExited { status, report: self.report() });
@@ -150,7 +162,8 @@ impl ThinVm {
             if Instant::now() >= deadline {
                 return Err(VmError::AgentTimeout { secs: limit.as_secs(), report: self.report() });
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            wait = (wait * 2).min(PING_MAX);
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }

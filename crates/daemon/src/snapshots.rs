@@ -107,6 +107,11 @@ pub async fn create(d: &Arc<Daemon>, name: &str, snap: &str, stateful: bool) -> 
 pub fn check_restore(d: &Daemon, name: &str, snap: &str, stateful: bool) -> Result<(), InstanceError> {
     let r = row(d, name)?;
     find_snapshot(d, name, snap)?;
+    if r.ephemeral && r.status.is_up() {
+        return Err(InstanceError::BadRequest(format!(
+            "instance {name:?} is ephemeral: the stop a restore begins with would delete it"
+        )));
+    }
     if stateful {
         no_criu(&r)?;
         if !is_stateful(d, &r, snap) {

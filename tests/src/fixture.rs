@@ -73,10 +73,16 @@ impl Drop for Daemon {
 }
 
 pub fn virtiofsd(dir: &Path, socket: &Path, log: &Path) -> Result<Daemon> {
+    virtiofsd_with(dir, socket, log, &["--cache=never"])
+}
+
+/// virtiofsd serving `dir` on `socket` with the options `args`, logging to
+/// `log`; returns once the socket exists.
+pub fn virtiofsd_with(dir: &Path, socket: &Path, log: &Path, args: &[&str]) -> Result<Daemon> {
     let child = Command::new(program("virtiofsd")?)
         .arg(format!("--socket-path={}", socket.display()))
         .arg(format!("--shared-dir={}", dir.display()))
-        .arg("--cache=never")
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(fs::File::create(log)?)

@@ -1,22 +1,27 @@
 //! VM snapshot and restore (issue 14), in ONE guest boot: a guest with a
-//! counter process, a disk, a NIC on a bridge with DHCP, a virtio-fs share
-//! (a real virtiofsd) and a vsock command server is paused, saved with
-//! `vm.snapshot` (and goes on when resumed), its VMM and virtiofsd killed,
-//! and restored in a new skiff-vmm process from the state and memory
-//! files with a fresh virtiofsd for the same directory: the counter goes
-//! on from where it was, what the guest kept in memory is there, the
-//! server answers over a new vsock connection (the guest got a transport
-//! reset), the disk's data is intact and takes new writes, the NIC pings,
-//! a file the guest opened on the share before the snapshot reads through
-//! its old descriptor and the share takes new writes both ways; a file
-//! opened and then deleted before the snapshot cannot be migrated by
-//! virtiofsd (it has no path), and the test prints what the guest gets. Between the kill and the restore, bad
-//! snapshots are refused with clear errors before any vCPU runs: a
-//! damaged, truncated or other-version state file, a memory file of the
-//! wrong size, more vCPUs than the VM's max, a missing disk. The guest is
-//! Debian's cloud kernel with the devices-test initramfs
-//! (`tests/guest/devices-init.sh`), as in the hot-plug test. Every check
-//! runs; the test fails at the end listing the failed ones.
+//! counter process, a disk, a NIC on a bridge with DHCP and a vsock
+//! command server is saved once (`snap0`), gets a hot-plugged virtio-fs
+//! share (a real virtiofsd), is saved again with `vm.snapshot` (and goes
+//! on when resumed), its VMM and virtiofsd killed, and restored in a new
+//! skiff-vmm process with a fresh virtiofsd for the same directory: the
+//! counter goes on from where it was, what the guest kept in memory is
+//! there, the server answers over a new vsock connection (the guest got a
+//! transport reset), the disk's data is intact and takes new writes, the
+//! NIC pings, a file the guest opened on the share before the snapshot
+//! reads through its old descriptor and the share takes new writes both
+//! ways; a file opened and then deleted before the snapshot cannot be
+//! migrated by virtiofsd (it has no path), and the test prints what the
+//! guest gets. Between the kill and the restore, bad snapshots are refused
+//! with clear errors before any vCPU runs: a damaged, truncated or
+//! other-version state file, a memory file of the wrong size, more vCPUs
+//! than the VM's max, a missing disk or virtiofsd. Last, `snap0` is
+//! restored onto a private mapping of its memory file: it goes on, and a
+//! share cannot be added to it. The guest is Debian's cloud kernel with
+//! the devices-test initramfs (`tests/guest/devices-init.sh`), as in the
+//! hot-plug test. Every check runs; the test fails at the end listing the
+//! failed ones.
+//!
+//! Then a thin VM (see [`thin_clones_from_one_snapshot`]).
 
 use std::fs;
 use std::net::Ipv4Addr;
@@ -32,12 +37,12 @@ use skiff_run::kernel::{kernel_version, Kernel, KernelOrigin};
 use skiff_run::vm::{Nic, VmExtras, VMM_API_SOCKET};
 use skiff_run::{initramfs, vm, ThinVm, VmOptions};
 use skiff_tests::fixture::{
-    counter, disk_by_serial, field, iface_by_mac, poll, program, sha256, vcpu_seconds, wait_for_path, Checks, Daemon,
-    Guest, Network, GUEST_PORT,
+    counter, disk_by_serial, field, iface_by_mac, poll, sha256, vcpu_seconds, virtiofsd_with, Checks, Daemon, Guest,
+    Network, GUEST_PORT,
 };
 use skiff_tests::thin::{make_rootfs, BOOT_TIMEOUT as THIN_BOOT_TIMEOUT};
 use skiff_tests::{artifact, guest_exec, scratch, vmm_binary, RunningVm, VmSpec};
-use skiff_vmm_client::types::VmState;
+use skiff_vmm_client::types::{FsSpec, VmState};
 use skiff_vmm_client::Client;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -49,8 +54,8 @@ const SERIAL: &str = "skiff-snap";
 const TAG: &str = "share";
 /// Background readers on the share: each opens its file before the
 /// snapshot and reads it through that descriptor once /tmp/go exists.
-const KEPT_READERS: &str = "mkdir -p /mnt/share && mount -t virtiofs share /mnt/share && \
-    echo kept-before > /mnt/share/kept && echo gone-before > /mnt/share/gone && \
+const KEPT_READERS: &str = "{ mkdir -p /mnt/share && mount -t virtiofs share /mnt/share && \
+    echo kept-before > /mnt/share/kept && echo gone-before > /mnt/share/gone || exit 1; } ; \
     (exec 3</mnt/share/kept; while [ ! -e /tmp/go ]; do sleep 0.2; done; cat <&3 >/tmp/kept.out 2>&1; echo $? >/tmp/kept.rc) </dev/null >/dev/null 2>&1 & \
     (exec 4</mnt/share/gone; while [ ! -e /tmp/go ]; do sleep 0.2; done; cat <&4 >/tmp/gone.out 2>&1; echo $? >/tmp/gone.rc) </dev/null >/dev/null 2>&1 & \
     sleep 1; rm /mnt/share/gone; cat /mnt/share/from-host-before";
@@ -77,8 +82,6 @@ fn prepare(g: &Guest, api: &Client) -> Result<Before> {
     let ping = g.exec(&format!("ping -c 1 -W 5 {HOST0}"))?.output;
     ensure!(ping.contains("1 packets received"), "ping before the snapshot: {ping}");
     let marker = g.run("head -c 4096 /dev/urandom | sha256sum | tee /tmp/marker")?;
-    let share = g.run(KEPT_READERS)?;
-    ensure!(share.trim() == "host-before", "the share before the snapshot: {share:?}");
     g.run("(i=0; while :; do i=$((i+1)); echo $i > /tmp/count; done) </dev/null >/dev/null 2>&1 &")?;
     std::thread::sleep(Duration::from_secs(1));
     let c0 = counter(g)?;
@@ -168,24 +171,12 @@ fn check_bad_snapshots(root: &Path, snap: &Path) -> Result<()> {
     Ok(())
 }
 
-/// virtiofsd serving `dir` on `socket`; a destination takes a saved state
-/// and makes inodes it cannot open again errors for the guest (instead of
-/// failing the restore).
-fn virtiofsd(dir: &Path, socket: &Path, log: &Path) -> Result<Daemon> {
-    let child = Command::new(program("virtiofsd")?)
-        .arg(format!("--socket-path={}", socket.display()))
-        .arg(format!("--shared-dir={}", dir.display()))
-        .args(["--cache=never", "--migration-on-error=guest-error"])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(log)?)
-        .spawn()
-        .context("cannot start virtiofsd")?;
-    let d = Daemon(child);
-    wait_for_path(socket, Duration::from_secs(20))
-        .with_context(|| format!("virtiofsd: {}", fs::read_to_string(log).unwrap_or_default()))?;
-    Ok(d)
+/// virtiofsd serving `dir` on `socket` with `--cache=CACHE`; a destination
+/// takes a saved state and makes inodes it cannot open again errors for
+/// the guest (instead of failing the restore).
+fn virtiofsd(dir: &Path, socket: &Path, log: &Path, cache: &str) -> Result<Daemon> {
+    let cache = format!("--cache={cache}");
+    virtiofsd_with(dir, socket, log, &[&cache, "--migration-on-error=guest-error"])
 }
 
 /// The share after the restore: the file opened before reads through its
@@ -196,7 +187,17 @@ fn check_share(g: &Guest, share: &Path) -> Result<()> {
     let rc = poll("the readers of files opened before the snapshot", Duration::from_secs(30), || {
         let out = g.run("cat /tmp/kept.rc /tmp/gone.rc 2>/dev/null; true")?;
         Ok((out.lines().count() == 2).then_some(out))
-    })?;
+    });
+    let rc = match rc {
+        Ok(rc) => rc,
+        Err(e) => {
+            let diag = g.exec(
+                "ps; ls -la /tmp; timeout 5 cat /mnt/share/from-host-before; echo cat=$?; timeout 5 ls -la /mnt/share; \
+                 echo ls=$?; grep -i virtio /proc/interrupts; for p in /proc/[0-9]*; do [ -e $p/fd/3 ] && ls -l $p/fd; done",
+            );
+            bail!("{e:#}\nguest: {diag:?}");
+        }
+    };
     let kept = g.run("cat /tmp/kept.out")?;
     let gone = g.run("cat /tmp/gone.out")?;
     println!("  share: the deleted-while-open file read through its old descriptor: exit {}, {gone:?}", field(&rc, 1));
@@ -285,7 +286,7 @@ fn snapshot_and_restore() -> Result<()> {
     let share = d.join("share");
     fs::create_dir(&share)?;
     fs::write(share.join("from-host-before"), "host-before\n")?;
-    let fsd = virtiofsd(&share, &d.join("fs.sock"), &d.join("virtiofsd.log"))?;
+    let fsd = virtiofsd(&share, &d.join("fs.sock"), &d.join("virtiofsd.log"), "never")?;
     let spec = VmSpec {
         kernel: artifact("vmlinux")?,
         initramfs: Some(artifact("devices-test.cpio")?),
@@ -301,8 +302,6 @@ fn snapshot_and_restore() -> Result<()> {
         format!("tap={},mac={MAC},id=lan", net.tap0),
         "--vsock".into(),
         format!("cid=3,socket={}", vsock.display()),
-        "--fs".into(),
-        format!("tag={TAG},socket={},id={TAG}", d.join("fs.sock").display()),
     ];
     let t = Instant::now();
     let mut vm = RunningVm::start_with(&spec, &devices)?;
@@ -311,6 +310,17 @@ fn snapshot_and_restore() -> Result<()> {
     let g = Guest { vm, vsock: vsock.clone() };
     let api = Client::new(&api_sock).with_timeout(Duration::from_secs(120));
     let before = prepare(&g, &api)?;
+    // A snapshot without the share: restored onto a private mapping.
+    let snap0 = d.join("snap0");
+    api.snapshot(&snap0)?;
+    api.resume()?;
+    api.add_fs(&FsSpec { id: Some(TAG.into()), tag: TAG.into(), socket: d.join("fs.sock") })?;
+    let share_out = poll("the hot-plugged share mounted", Duration::from_secs(60), || {
+        let out = g.exec(KEPT_READERS)?;
+        Ok((out.code == 0).then_some(out.output))
+    })?;
+    ensure!(share_out.trim() == "host-before", "the share before the snapshot: {share_out:?}");
+    api.pause()?;
 
     let snap = d.join("snap");
     let mut checks = Checks::default();
@@ -347,7 +357,7 @@ fn snapshot_and_restore() -> Result<()> {
 
     // A fresh virtiofsd for the same directory, on another socket.
     let fs_log = d.join("virtiofsd2.log");
-    let _fsd = virtiofsd(&share, &d.join("fs2.sock"), &fs_log)?;
+    let _fsd = virtiofsd(&share, &d.join("fs2.sock"), &fs_log, "never")?;
     let t = Instant::now();
     let extra = [
         "--api-socket".into(),
@@ -361,8 +371,8 @@ fn snapshot_and_restore() -> Result<()> {
     checks.run("the share goes on", || check_share(&g, &share));
     println!("restore to all checks done: {:.1} s", t.elapsed().as_secs_f64());
     let log = fs::read_to_string(&fs_log).unwrap_or_default();
-    let log: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).take(10).collect();
-    println!("--- the restore's virtiofsd warnings ---\n{}", log.join("\n"));
+    let log: Vec<&str> = log.lines().take(40).collect();
+    println!("--- the restore's virtiofsd log ---\n{}", log.join("\n"));
 
     api.power_off()?;
     let out = g.vm.wait(Duration::from_secs(60))?;
@@ -372,6 +382,38 @@ fn snapshot_and_restore() -> Result<()> {
         bail!("{} check(s) failed:\n  {}", checks.failed.len(), checks.failed.join("\n  "));
     }
     ensure!(out.status.code() == Some(0), "power-off should end the restored VMM with 0, got {}", out.status);
+
+    // The snapshot taken before the share was added: a private mapping of
+    // the memory file, on which a share cannot be added.
+    let t = Instant::now();
+    let extra = ["--api-socket".into(), api_sock.display().to_string()];
+    let g = Guest { vm: RunningVm::restore(&snap0, &extra)?, vsock: g.vsock };
+    let private = check_private(&g, &api, &before, t);
+    api.power_off()?;
+    let out = g.vm.wait(Duration::from_secs(60))?;
+    if let Err(e) = private {
+        bail!("the restore without a share: {e:#}\n{}\n{}", out.stderr, out.serial);
+    }
+    Ok(())
+}
+
+/// The VM restored from the snapshot without a share goes on; `vm.add-fs`
+/// is refused (virtiofsd cannot map a private mapping's pages).
+fn check_private(g: &Guest, api: &Client, before: &Before, t: Instant) -> Result<()> {
+    let out = poll("exec after the restore without a share", Duration::from_secs(60), || {
+        guest_exec(&g.vsock, GUEST_PORT, "echo back").map(Some)
+    })?;
+    ensure!(out.output.trim() == "back", "{out:?}");
+    println!(
+        "  restored without a share (private mapping): exec answers {} ms after the restore began",
+        t.elapsed().as_millis()
+    );
+    let c = counter(g)?;
+    ensure!(c >= before.count, "the counter went back: {} -> {c}", before.count);
+    ensure!(g.run("cat /tmp/marker")? == before.marker, "guest memory changed");
+    let e = api.add_fs(&FsSpec { id: None, tag: "late".into(), socket: "/nonexistent".into() }).err();
+    let e = e.context("a share was added to a VM on a private mapping")?.to_string();
+    ensure!(e.contains("private mapping"), "{e}");
     Ok(())
 }
 
@@ -449,7 +491,8 @@ fn start_clone(d: &Path, snap: &Path, rootfs: &Path, i: usize, bridge: &str) -> 
     let dir = d.join(format!("clone{i}"));
     fs::create_dir_all(&dir)?;
     let tap = Tap::new(format!("{bridge}c{i}"), bridge)?;
-    let fsd = virtiofsd(rootfs, &dir.join("fs.sock"), &dir.join("virtiofsd.log"))?;
+    // As skiff-run starts the booted VM's.
+    let fsd = virtiofsd(rootfs, &dir.join("fs.sock"), &dir.join("virtiofsd.log"), "auto")?;
     let vsock = dir.join("v.sock");
     let extra = [
         "--fs".into(),

@@ -329,6 +329,12 @@ impl Vmm {
             {
                 busy("adding a device")
             }
+            // virtiofsd would map the memory file, not the guest's pages.
+            VmRequest::AddFs(_) if self.p.ram.private => VmReply::error(
+                409,
+                "this VM runs on a private mapping of a snapshot's memory file, which virtiofsd cannot share: \
+                 a VM restored with a share keeps its memory shared, one restored without cannot get one",
+            ),
             VmRequest::AddDisk(d) => self.hot_add(d.try_into().map(NewDevice::Disk)),
             VmRequest::AddNet(n) => self.hot_add(n.try_into().map(NewDevice::Net)),
             VmRequest::AddFs(f) => self.hot_add(f.try_into().map(NewDevice::Fs)),

@@ -165,11 +165,12 @@ pub fn map_memory(path: &Path, size: u64) -> Result<GuestRam, MemoryFileError> {
 /// Guest RAM of `size` bytes in a new memfd (shared, as at boot) filled
 /// from the memory file `path`: what a VM with vhost-user devices is
 /// restored into. Only the file's data ranges are copied; its holes stay
-/// unallocated in the memfd.
-pub fn copy_memory(path: &Path, size: u64) -> Result<GuestRam, MemoryFileError> {
+/// unallocated in the memfd. Returns the RAM and the bytes copied.
+pub fn copy_memory(path: &Path, size: u64) -> Result<(GuestRam, u64), MemoryFileError> {
     let file = open_memory(path, size)?;
     let ram = crate::memory::create_guest_memory(size, 0).map_err(MemoryFileError::Shared)?;
     let mut buf = vec![0u8; COPY_CHUNK];
+    let mut copied = 0u64;
     for (start, end) in data_ranges(&file, size, path)? {
         let mut at = start;
         while at < end {
@@ -178,9 +179,10 @@ pub fn copy_memory(path: &Path, size: u64) -> Result<GuestRam, MemoryFileError> 
             file.read_exact_at(chunk, at).map_err(io("read", path))?;
             ram.memfd.write_all_at(chunk, at).map_err(io("write", Path::new("guest memory")))?;
             at += n as u64;
+            copied += n as u64;
         }
     }
-    Ok(ram)
+    Ok((ram, copied))
 }
 
 #[cfg(test)]
@@ -222,7 +224,8 @@ mod tests {
 
         // Copied into shared memory: the same bytes, writes go to the
         // memfd (which a backend would map), not to the file.
-        let d = copy_memory(&path, size).unwrap();
+        let (d, copied) = copy_memory(&path, size).unwrap();
+        assert!(copied > 0 && copied < size / 4, "only the file's data is copied: {copied}");
         assert!(!d.private);
         assert_eq!(d.mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0x1122_3344);
         assert_eq!(d.mem.read_obj::<u32>(GuestAddress(40 << 20)).unwrap(), 0x5566_7788);

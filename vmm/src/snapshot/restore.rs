@@ -111,7 +111,16 @@ pub fn restore_vm(cfg: &RestoreConfig, start: Instant) -> Result<Vmm, RestoreErr
     // memory, not the private mapping of the file (see memory.rs).
     let vhost_user = snap.devices.iter().any(|d| matches!(d.spec, DeviceSpec::Fs { .. }));
     let (memory, size) = (cfg.dir.join(MEMORY_FILE), snap.memory_mib << 20);
-    let ram = if vhost_user { copy_memory(&memory, size) } else { map_memory(&memory, size) };
+    let t = Instant::now();
+    let ram = if vhost_user {
+        copy_memory(&memory, size).map(|(ram, copied)| {
+            let ms = t.elapsed().as_millis();
+            log::info!("memory: {} MiB copied into shared memory (virtio-fs) in {ms} ms", copied >> 20);
+            ram
+        })
+    } else {
+        map_memory(&memory, size)
+    };
     let ram = ram.map_err(RestoreError::Memory)?;
     let vm = Vm::new(&kvm, &ram.mem).map_err(RestoreError::Vm)?;
     step(if vhost_user { "memory copied into a memfd, VM created" } else { "memory mapped, VM created" });

@@ -132,7 +132,7 @@ enum Cmd {
     /// Saves a detached VM to DIR (its memory, vCPUs and devices; skiff-vmm's
     /// `state` and `memory` files and run.json): the VM is paused, saved,
     /// and then resumed, or stopped with --stop. `skiff-run --restore DIR`
-    /// starts it again, as often as wanted (clones share the memory file).
+    /// starts it again, as often as wanted (one snapshot, many clones).
     Snapshot {
         /// The VM.
         name: String,

@@ -14,8 +14,9 @@
 //! start:   saved-state/ present ─► launch with restore=saved-state ─► removed once running
 //! ```
 //!
-//! Memory files are hard-linked, not copied: a copy costs no disk, and VMs
-//! restored from one file can share its page cache.
+//! Memory files are hard-linked, not copied: a copy costs no disk. (A thin
+//! VM has virtio-fs, so skiff-vmm restores it into a memfd filled from the
+//! file's data ranges: restored VMs do not share guest pages.)
 
 use std::path::{Path, PathBuf};
 

@@ -212,7 +212,11 @@ fn stateful_snapshots_restores_and_clones() -> Result<()> {
         })(),
     );
 
-    let _ = env.skiff(&["delete", "--force", "web"]);
+    // Whatever a failed check left goes too: the box's next test starts clean.
+    let names = env.ok(&["list", "--format", "csv", "-c", "n"]).unwrap_or_default();
+    for name in names.lines().filter(|n| !n.is_empty()) {
+        let _ = env.skiff(&["delete", "--force", name]);
+    }
     let log = env.daemon_log();
     drop(env);
     let _ = Command::new("pkill").args(["-f", "dnsmasq.*skiffbr0"]).status();

@@ -15,9 +15,10 @@ use skiff_tests::daemon_env::{processes, run, Env};
 use skiff_tests::{scratch, vmm_binary};
 
 /// A counter in the guest: a shell loop (its own session, so the exec that
-/// starts it can end) that writes its count to /root/counter every second.
-const COUNTER: &str = "setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /root/counter; sleep 1; done' \
-                       </dev/null >/dev/null 2>&1 & echo $!";
+/// starts it can end) that writes its count to /root/counter every second
+/// (renamed into place: a reader never sees it half-written).
+const COUNTER: &str = "setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /root/.c; mv /root/.c /root/counter; \
+                       sleep 1; done' </dev/null >/dev/null 2>&1 & echo $!";
 
 /// The count the guest's counter last wrote.
 fn counter(env: &Env, name: &str) -> Result<u64> {
@@ -31,15 +32,16 @@ fn counter_runs(env: &Env, name: &str, pid: &str) -> Result<bool> {
     Ok(c == 0 && out.contains("while true"))
 }
 
-/// Waits until the counter of `name` passes `above`.
+/// Waits until the counter of `name` passes `above` (it may not have
+/// written its first count yet).
 fn counter_passes(env: &Env, name: &str, above: u64) -> Result<u64> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let n = counter(env, name)?;
-        if n > above {
-            return Ok(n);
+        let n = counter(env, name);
+        if let Ok(n) = n.as_ref().filter(|n| **n > above) {
+            return Ok(*n);
         }
-        ensure!(Instant::now() < deadline, "the counter of {name} stays at {n}");
+        ensure!(Instant::now() < deadline, "the counter of {name} stays at {n:?}");
         std::thread::sleep(Duration::from_millis(500));
     }
 }

@@ -38,8 +38,10 @@ fn counter_passes(env: &Env, name: &str, above: u64) -> Result<u64> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let n = counter(env, name);
-        if let Ok(n) = n.as_ref().filter(|n| **n > above) {
-            return Ok(*n);
+        if let Ok(&n) = n.as_ref() {
+            if n > above {
+                return Ok(n);
+            }
         }
         ensure!(Instant::now() < deadline, "the counter of {name} stays at {n:?}");
         std::thread::sleep(Duration::from_millis(500));

@@ -111,6 +111,14 @@ impl InstanceType {
     }
 }
 
+/// An instance type, where an empty string means none.
+fn empty_is_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<InstanceType>, D::Error> {
+    match Option::<String>::deserialize(d)?.as_deref() {
+        None | Some("") => Ok(None),
+        Some(s) => InstanceType::deserialize(serde::de::value::StrDeserializer::<D::Error>::new(s)).map(Some),
+    }
+}
+
 /// An instance (`GET /1.0/instances/{name}`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Instance {
@@ -181,9 +189,12 @@ pub struct InstanceFull {
 /// Where a new instance comes from.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct InstanceSource {
-    /// `image` (or `none`).
+    /// `image`, or `copy` (from a snapshot: [`InstanceSource::source`]).
     #[serde(rename = "type")]
     pub kind: String,
+    /// With `copy`: the snapshot copied, `NAME/SNAP`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     /// An image alias (`busybox`) or, with `protocol: oci`, an OCI reference.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alias: Option<String>,
@@ -210,8 +221,9 @@ pub struct InstancesPost {
     /// The new instance's name (generated when empty).
     #[serde(default)]
     pub name: String,
-    /// `container` or `virtual-machine` (Skiff's default).
-    #[serde(default, rename = "type")]
+    /// `container` or `virtual-machine` (Skiff's default); `""` (what the
+    /// `lxc` client sends for a copy) is none.
+    #[serde(default, rename = "type", deserialize_with = "empty_is_none")]
     pub kind: Option<InstanceType>,
     /// The source.
     pub source: InstanceSource,
@@ -239,6 +251,10 @@ pub struct InstancesPost {
     /// Instance type shorthand (unused).
     #[serde(default)]
     pub instance_type: String,
+    /// With a `copy` source: take the snapshot's memory state too, so the
+    /// copy's first start restores the saved VM instead of booting.
+    #[serde(default)]
+    pub stateful: bool,
 }
 
 /// `PUT /1.0/instances/{name}` (all fields) and `PATCH` (those given).
@@ -262,7 +278,8 @@ pub struct InstancePut {
     /// Restores this snapshot (PUT only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<String>,
-    /// Stateful restore (not supported yet).
+    /// With `restore`: the snapshot's memory state too (the VM runs on
+    /// from where it was saved).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stateful: Option<bool>,
     /// Architecture (ignored).
@@ -444,7 +461,7 @@ pub struct InstanceSnapshotsPost {
     /// The snapshot's name (generated `snapN` when empty).
     #[serde(default)]
     pub name: String,
-    /// With memory state (not supported yet).
+    /// With the VM's memory and device state (VMs only).
     #[serde(default)]
     pub stateful: bool,
 }
@@ -475,5 +492,26 @@ mod tests {
         assert_eq!(StatusCode::Running.name(), "Running");
         assert_eq!(StatusCode::Cancelled.code(), 401);
         assert_eq!(StatusCode::from_code(999).code(), 999);
+    }
+
+    #[test]
+    fn parses_the_lxc_clients_stateful_requests() {
+        // `lxc copy web/warm clone` (lxd-client 5.0.2) of a stateful snapshot.
+        let copy: InstancesPost = serde_json::from_str(
+            r#"{"architecture":"x86_64","config":{"image.oci.reference":"x"},"devices":{},"ephemeral":false,
+                "profiles":["default"],"stateful":true,"description":"","name":"clone",
+                "source":{"type":"copy","certificate":"","base-image":"","source":"web/warm","live":true,
+                "instance_only":false,"refresh":false,"project":"","allow_inconsistent":false},
+                "instance_type":"","type":""}"#,
+        )
+        .unwrap();
+        assert_eq!((copy.kind, copy.stateful), (None, true));
+        assert_eq!((copy.source.kind.as_str(), copy.source.source.as_deref()), ("copy", Some("web/warm")));
+        assert!(serde_json::from_str::<InstancesPost>(r#"{"type":"vm","source":{"type":"image"}}"#).is_err());
+        // `lxc restore web warm --stateful` and `lxc snapshot web warm --stateful`.
+        let put: InstancePut = serde_json::from_str(r#"{"restore":"web/warm","stateful":true}"#).unwrap();
+        assert_eq!((put.restore.as_deref(), put.stateful), (Some("web/warm"), Some(true)));
+        let snap: InstanceSnapshotsPost = serde_json::from_str(r#"{"name":"warm","stateful":true}"#).unwrap();
+        assert!(snap.stateful);
     }
 }

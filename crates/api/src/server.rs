@@ -32,6 +32,7 @@ pub const EXTENSIONS: &[&str] = &[
     "event_location",
     "event_project",
     "projects",
+    "container_snapshot_stateful_migration",
 ];
 
 /// `GET /1.0`.

@@ -91,6 +91,24 @@ pub enum Command {
     /// Manage instance snapshots.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
+    /// Copy an instance's snapshot into a new instance (stopped).
+    ///
+    /// From a stateful snapshot the copy takes its memory state too: its
+    /// first start restores the saved VM (processes and all) instead of
+    /// booting, with its own NIC, MAC and address. --stateless copies only
+    /// the disk.
+    #[command(after_long_help = "Examples:
+  skiff copy web/warm web2 && skiff start web2
+  skiff copy web/snap0 web3 --stateless")]
+    Copy {
+        /// The source: NAME/SNAP.
+        source: String,
+        /// The new instance's name.
+        name: String,
+        /// Copy only the disk of a stateful snapshot.
+        #[arg(long)]
+        stateless: bool,
+    },
     /// Show and change instance configuration.
     #[command(subcommand)]
     Config(ConfigCmd),
@@ -326,20 +344,32 @@ pub enum FileCmd {
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCmd {
     /// Take a snapshot (skiffd names it snapN when SNAP is absent).
-    #[command(after_long_help = "Example:\n  skiff snapshot create web before-upgrade")]
+    #[command(
+        after_long_help = "Examples:\n  skiff snapshot create web before-upgrade\n  skiff snapshot create web warm --stateful"
+    )]
     Create {
         /// The instance.
         name: String,
         /// The snapshot's name.
         snap: Option<String>,
+        /// Save the running VM's memory and device state too (VMs only;
+        /// the VM is paused while it is saved).
+        #[arg(long)]
+        stateful: bool,
     },
     /// Restore an instance to a snapshot.
-    #[command(after_long_help = "Example:\n  skiff snapshot restore web before-upgrade")]
+    #[command(
+        after_long_help = "Examples:\n  skiff snapshot restore web before-upgrade\n  skiff snapshot restore web warm --stateful"
+    )]
     Restore {
         /// The instance.
         name: String,
         /// The snapshot.
         snap: String,
+        /// Restore the snapshot's memory state too: the VM runs on from
+        /// where it was saved (a running one is stopped first).
+        #[arg(long)]
+        stateful: bool,
     },
     /// Delete a snapshot.
     #[command(after_long_help = "Example:\n  skiff snapshot delete web before-upgrade")]

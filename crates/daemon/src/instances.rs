@@ -14,7 +14,7 @@ use skiff_api::{InstanceType, InstancesPost};
 use skiff_driver::{Driver, DriverError, DriverEvent, ImageKind, InstanceSpec, Nic, RunStatus};
 
 use crate::daemon::{Daemon, Settings};
-use crate::db::{write, DbError, InstanceRow, SnapshotRow, Status};
+use crate::db::{write, DbError, InstanceRow, Status};
 use crate::images::{chain, ImageError};
 use crate::ops::Op;
 
@@ -69,8 +69,13 @@ impl InstanceError {
     }
 }
 
-fn drv(e: DriverError) -> InstanceError {
-    InstanceError::Driver(chain(&e))
+/// A driver's error: the caller's when the instance cannot do what was
+/// asked (400), else the driver's (500).
+pub(crate) fn drv(e: DriverError) -> InstanceError {
+    match e {
+        DriverError::Unsupported(why) => InstanceError::BadRequest(why),
+        e => InstanceError::Driver(chain(&e)),
+    }
 }
 
 /// The VM driver for these settings.
@@ -147,11 +152,11 @@ pub fn spec(d: &Daemon, r: &InstanceRow) -> Result<InstanceSpec, InstanceError> 
     })
 }
 
-fn source(name: &str) -> String {
+pub(crate) fn source(name: &str) -> String {
     format!("/1.0/instances/{name}")
 }
 
-fn commit(d: &Daemon, r: &InstanceRow) -> Result<(), InstanceError> {
+pub(crate) fn commit(d: &Daemon, r: &InstanceRow) -> Result<(), InstanceError> {
     d.db().tx(|tx| write::update(tx, r))?;
     Ok(())
 }
@@ -241,7 +246,10 @@ fn generated_name(d: &Daemon) -> String {
 
 /// Devices Skiff knows: the NIC on the managed bridge, the root disk, and
 /// what the driver takes (disk shares and disks, see `skiff_driver::devices`).
-fn check_devices(driver: &dyn Driver, devs: &BTreeMap<String, BTreeMap<String, String>>) -> Result<(), InstanceError> {
+pub(crate) fn check_devices(
+    driver: &dyn Driver,
+    devs: &BTreeMap<String, BTreeMap<String, String>>,
+) -> Result<(), InstanceError> {
     for (name, dev) in devs {
         let kind = dev.get("type").map(String::as_str).unwrap_or("");
         if kind == "nic" && dev.get("network").is_some_and(|n| n != crate::daemon::BRIDGE) {
@@ -311,20 +319,10 @@ pub async fn create(
                 }
             }
         }
-        if d.net.is_some() {
-            row.config.insert("volatile.eth0.host_name".into(), skiff_net::ident::tap_name(&row.id));
-            row.config.insert("volatile.eth0.hwaddr".into(), skiff_net::ident::guest_mac(&row.id));
-        }
+        give_nic(d, &mut row);
         d.images.add_use(&image.fingerprint, &row.id);
         driver(d, &row)?.create(&spec(d, &row)?).await.map_err(drv)?;
-        row.status = Status::Stopped;
-        d.db().tx(|tx| {
-            write::update(tx, &row)?;
-            tx.execute("UPDATE instances SET image = ?2 WHERE name = ?1", [&row.name, &row.image])
-                .map_err(DbError::from)?;
-            Ok::<_, DbError>(())
-        })?;
-        Ok::<_, InstanceError>(())
+        record_created(d, &mut row)
     }
     .await;
     if let Err(e) = result {
@@ -335,6 +333,26 @@ pub async fn create(
     if req.start {
         start(d, &row.name).await?;
     }
+    Ok(())
+}
+
+/// Gives a new instance its NIC's identity (tap name and MAC, from its id).
+pub(crate) fn give_nic(d: &Daemon, row: &mut InstanceRow) {
+    if d.net.is_some() {
+        row.config.insert("volatile.eth0.host_name".into(), skiff_net::ident::tap_name(&row.id));
+        row.config.insert("volatile.eth0.hwaddr".into(), skiff_net::ident::guest_mac(&row.id));
+    }
+}
+
+/// Records a new instance whose storage is made as stopped, with its image.
+pub(crate) fn record_created(d: &Daemon, row: &mut InstanceRow) -> Result<(), InstanceError> {
+    row.status = Status::Stopped;
+    d.db().tx(|tx| {
+        write::update(tx, row)?;
+        tx.execute("UPDATE instances SET image = ?2 WHERE name = ?1", [&row.name, &row.image])
+            .map_err(DbError::from)?;
+        Ok::<_, DbError>(())
+    })?;
     Ok(())
 }
 
@@ -369,11 +387,18 @@ pub async fn start(d: &Arc<Daemon>, name: &str) -> Result<(), InstanceError> {
 }
 
 async fn start_locked(d: &Arc<Daemon>, name: &str) -> Result<(), InstanceError> {
+    start_via(d, name, None).await
+}
+
+/// Starts a stopped instance (the lock held): booted, or with `snapshot`
+/// from that stateful snapshot (its disk and memory; a failure leaves it
+/// stopped as it was, rather than in error).
+pub(crate) async fn start_via(d: &Arc<Daemon>, name: &str, snapshot: Option<&str>) -> Result<(), InstanceError> {
     let mut r = row(d, name)?;
-    if r.status == Status::Frozen {
+    if r.status == Status::Frozen && snapshot.is_none() {
         return set_frozen_locked(d, &mut r, false).await;
     }
-    if r.status == Status::Running {
+    if r.status.is_up() {
         return Err(InstanceError::Conflict(format!("Instance {name:?} is already running")));
     }
     let spec = spec(d, &r)?;
@@ -381,9 +406,20 @@ async fn start_locked(d: &Arc<Daemon>, name: &str) -> Result<(), InstanceError> 
     if let (Some(net), Some(_), "virtual-machine") = (&d.net, &spec.nic, r.kind.as_str()) {
         net.create_tap(&r.id).map_err(|e| InstanceError::Host(format!("creating the tap: {}", chain(&e))))?;
     }
-    if let Err(e) = driver(d, &r)?.start(&spec).await {
+    let driver = driver(d, &r)?;
+    let started = match snapshot {
+        Some(snap) => driver.snapshot_restore_stateful(&spec, snap).await,
+        None => driver.start(&spec).await,
+    };
+    if let Err(e) = started {
         if let (Some(net), Some(nic)) = (&d.net, &spec.nic) {
             let _ = net.delete_tap(&nic.tap);
+        }
+        if snapshot.is_some() {
+            return Err(match drv(e) {
+                InstanceError::Driver(why) => InstanceError::Driver(format!("restoring {name}: {why}")),
+                other => other,
+            });
         }
         r.status = Status::Error;
         let _ = commit(d, &r);
@@ -427,7 +463,7 @@ pub async fn stop(d: &Arc<Daemon>, name: &str, timeout: Duration, force: bool) -
     stop_locked(d, name, timeout, force, true).await
 }
 
-async fn stop_locked(
+pub(crate) async fn stop_locked(
     d: &Arc<Daemon>,
     name: &str,
     timeout: Duration,
@@ -589,84 +625,6 @@ pub async fn on_driver_event(d: &Arc<Daemon>, ev: DriverEvent) {
             }
         }
     }
-}
-
-/// Creates a snapshot (name generated `snapN` when empty).
-pub async fn snapshot_create(d: &Arc<Daemon>, name: &str, snap: &str) -> Result<String, InstanceError> {
-    let lock = d.lock_of(name);
-    let _g = lock.lock().await;
-    let r = row(d, name)?;
-    let existing = d.db().snapshots(name)?;
-    let snap = if snap.is_empty() {
-        (0..).map(|i| format!("snap{i}")).find(|s| !existing.iter().any(|e| &e.name == s)).unwrap_or_default()
-    } else {
-        snap.to_string()
-    };
-    if !skiff_api::valid_name(&snap) {
-        return Err(InstanceError::BadRequest(format!("invalid snapshot name {snap:?}")));
-    }
-    if existing.iter().any(|e| e.name == snap) {
-        return Err(InstanceError::Conflict(format!("Snapshot {snap:?} already exists")));
-    }
-    driver(d, &r)?.snapshot_create(&spec(d, &r)?, &snap).await.map_err(drv)?;
-    let row = SnapshotRow { name: snap.clone(), created_at: skiff_api::time::now(), config: r.config.clone() };
-    d.db().tx(|tx| write::add_snapshot(tx, name, &row))?;
-    d.events.lifecycle("instance-snapshot-created", &format!("{}/snapshots/{snap}", source(name)), Value::Null);
-    Ok(snap)
-}
-
-fn find_snapshot(d: &Daemon, name: &str, snap: &str) -> Result<SnapshotRow, InstanceError> {
-    d.db().snapshots(name)?.into_iter().find(|s| s.name == snap).ok_or(InstanceError::SnapshotNotFound)
-}
-
-/// Restores a snapshot; a running instance is stopped and started again.
-pub async fn snapshot_restore(d: &Arc<Daemon>, name: &str, snap: &str) -> Result<(), InstanceError> {
-    let lock = d.lock_of(name);
-    let _g = lock.lock().await;
-    let r = row(d, name)?;
-    find_snapshot(d, name, snap)?;
-    let was_running = r.status.is_up();
-    if was_running {
-        stop_locked(d, name, Duration::from_secs(STOP_TIMEOUT), false, false).await?;
-    }
-    let r = row(d, name)?;
-    let restored = driver(d, &r)?.snapshot_restore(&spec(d, &r)?, snap).await.map_err(drv);
-    if was_running {
-        start_locked(d, name).await?;
-    }
-    restored?;
-    d.events.lifecycle("instance-snapshot-restored", &format!("{}/snapshots/{snap}", source(name)), Value::Null);
-    Ok(())
-}
-
-/// Deletes a snapshot.
-pub async fn snapshot_delete(d: &Arc<Daemon>, name: &str, snap: &str) -> Result<(), InstanceError> {
-    let lock = d.lock_of(name);
-    let _g = lock.lock().await;
-    let r = row(d, name)?;
-    find_snapshot(d, name, snap)?;
-    driver(d, &r)?.snapshot_delete(&spec(d, &r)?, snap).await.map_err(drv)?;
-    d.db().tx(|tx| write::delete_snapshot(tx, name, snap))?;
-    d.events.lifecycle("instance-snapshot-deleted", &format!("{}/snapshots/{snap}", source(name)), Value::Null);
-    Ok(())
-}
-
-/// Renames a snapshot.
-pub async fn snapshot_rename(d: &Arc<Daemon>, name: &str, old: &str, new: &str) -> Result<(), InstanceError> {
-    let lock = d.lock_of(name);
-    let _g = lock.lock().await;
-    let r = row(d, name)?;
-    find_snapshot(d, name, old)?;
-    if !skiff_api::valid_name(new) {
-        return Err(InstanceError::BadRequest(format!("invalid snapshot name {new:?}")));
-    }
-    if find_snapshot(d, name, new).is_ok() {
-        return Err(InstanceError::Conflict(format!("Snapshot {new:?} already exists")));
-    }
-    driver(d, &r)?.snapshot_rename(&spec(d, &r)?, old, new).await.map_err(drv)?;
-    d.db().tx(|tx| write::rename_snapshot(tx, name, old, new))?;
-    d.events.lifecycle("instance-snapshot-renamed", &format!("{}/snapshots/{new}", source(name)), Value::Null);
-    Ok(())
 }
 
 /// Applies a PUT/PATCH of config, devices, description, ephemeral. On a

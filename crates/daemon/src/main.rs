@@ -11,6 +11,7 @@ mod events;
 mod images;
 mod instances;
 mod ops;
+mod snapshots;
 mod sysimages;
 
 use std::os::unix::fs::PermissionsExt;

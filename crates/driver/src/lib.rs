@@ -68,7 +68,14 @@ pub enum DriverError {
     /// A host operation failed.
     #[error("{0}")]
     Host(String),
+    /// Something this kind of instance cannot do (the caller's request).
+    #[error("{0}")]
+    Unsupported(String),
 }
+
+/// Why containers have no stateful snapshots.
+pub const NO_CRIU: &str = "stateful snapshots of containers need CRIU (checkpoint/restore in userspace), which \
+                           Skiff does not have: take a stateless snapshot (without --stateful)";
 
 /// The host side of an instance's network interface (made by the daemon).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,6 +226,48 @@ pub trait Driver: Send + Sync {
     async fn snapshot_delete(&self, inst: &InstanceSpec, snap: &str) -> Result<(), DriverError>;
     /// Renames a snapshot.
     async fn snapshot_rename(&self, inst: &InstanceSpec, old: &str, new: &str) -> Result<(), DriverError>;
+    /// Snapshots a running instance with its memory and device state
+    /// beside its root filesystem; it is paused meanwhile and runs again
+    /// afterwards unless `keep_paused`. On failure no snapshot is left.
+    async fn snapshot_create_stateful(
+        &self,
+        inst: &InstanceSpec,
+        snap: &str,
+        keep_paused: bool,
+    ) -> Result<(), DriverError> {
+        let _ = (inst, snap, keep_paused);
+        Err(DriverError::Unsupported(NO_CRIU.into()))
+    }
+    /// Whether snapshot `snap` holds memory state.
+    fn snapshot_is_stateful(&self, inst: &InstanceSpec, snap: &str) -> bool {
+        let _ = (inst, snap);
+        false
+    }
+    /// Restores a stateful snapshot of the stopped instance: its root
+    /// filesystem, then the instance running from the saved memory. On
+    /// failure the instance is as it was (stopped, its disk unchanged).
+    async fn snapshot_restore_stateful(&self, inst: &InstanceSpec, snap: &str) -> Result<(), DriverError> {
+        let _ = (inst, snap);
+        Err(DriverError::Unsupported(NO_CRIU.into()))
+    }
+    /// Makes the storage of the new instance `new` from snapshot `snap` of
+    /// `source`; with `stateful` also its memory state, from which `new`'s
+    /// next start restores instead of booting. On failure nothing is left.
+    async fn copy_from_snapshot(
+        &self,
+        source: &InstanceSpec,
+        snap: &str,
+        new: &InstanceSpec,
+        stateful: bool,
+    ) -> Result<(), DriverError> {
+        let _ = (source, snap, new, stateful);
+        Err(DriverError::Unsupported("copying containers is not supported yet".into()))
+    }
+    /// Whether the instance's next start restores saved memory state.
+    fn has_saved_state(&self, inst: &InstanceSpec) -> bool {
+        let _ = inst;
+        false
+    }
     /// After a daemon restart: watches it again if it runs, else cleans
     /// what a dead run left.
     async fn adopt(&self, inst: &InstanceSpec) -> Result<RunStatus, DriverError>;

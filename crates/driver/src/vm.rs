@@ -24,6 +24,8 @@ use skiff_storage::Pool;
 use tokio::sync::broadcast;
 
 use crate::{config, volumes};
+
+mod stateful;
 use crate::{Driver, DriverError, DriverEvent, InstanceKind, InstanceSpec, RunStatus};
 
 /// Events buffered for a slow daemon.
@@ -116,7 +118,12 @@ impl VmDriver {
         serde_json::from_slice::<ExitInfo>(&bytes).ok().map(|i| describe(&i))
     }
 
-    fn launch_spec(&self, inst: &InstanceSpec, rootfs: PathBuf) -> Result<LaunchSpec, DriverError> {
+    fn launch_spec(
+        &self,
+        inst: &InstanceSpec,
+        rootfs: PathBuf,
+        restore: Option<PathBuf>,
+    ) -> Result<LaunchSpec, DriverError> {
         let (cpus, memory_mib) = config::resources(&inst.config)?;
         let main = config::main_process(inst)?;
         let network = crate::network_config(inst);
@@ -145,7 +152,34 @@ impl VmDriver {
             exit_file: Self::exit_file(inst),
             monitor_log: inst.dir.join("monitor.log"),
             label: inst.config.get("image.oci.reference").cloned().unwrap_or_default(),
+            restore,
         })
+    }
+
+    /// Mounts the volume and launches the VM's monitor (booting, or
+    /// restoring from `restore`); on failure the volume is unmounted again.
+    async fn launch(&self, inst: &InstanceSpec, restore: Option<PathBuf>) -> Result<(), DriverError> {
+        let dir = self.runtime_dir(inst);
+        if monitor::attach(&dir).is_ok() {
+            return Err(DriverError::Running(inst.name.clone()));
+        }
+        monitor::remove_leftovers(&dir);
+        let volume = self.volume(inst)?;
+        let v = volume.clone();
+        let rootfs = volumes::blocking(move || v.mount()).await?;
+        let _ = std::fs::remove_file(Self::exit_file(inst));
+        let result =
+            async { monitor::launch(&self.launch_spec(inst, rootfs, restore)?).await.map_err(DriverError::from) }.await;
+        match result {
+            Ok(_) => {
+                self.watch(inst);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = tokio::task::spawn_blocking(move || volume.unmount()).await;
+                Err(e)
+            }
+        }
     }
 
     /// Watches a running VM's monitor: its events become [`DriverEvent`]s;
@@ -224,25 +258,9 @@ impl Driver for VmDriver {
     }
 
     async fn start(&self, inst: &InstanceSpec) -> Result<(), DriverError> {
-        let dir = self.runtime_dir(inst);
-        if monitor::attach(&dir).is_ok() {
-            return Err(DriverError::Running(inst.name.clone()));
-        }
-        monitor::remove_leftovers(&dir);
-        let volume = self.volume(inst)?;
-        let v = volume.clone();
-        let rootfs = volumes::blocking(move || v.mount()).await?;
-        let _ = std::fs::remove_file(Self::exit_file(inst));
-        let result = async { monitor::launch(&self.launch_spec(inst, rootfs)?).await.map_err(DriverError::from) }.await;
-        match result {
-            Ok(_) => {
-                self.watch(inst);
-                Ok(())
-            }
-            Err(e) => {
-                let _ = tokio::task::spawn_blocking(move || volume.unmount()).await;
-                Err(e)
-            }
+        match stateful::saved_state(inst) {
+            Some(dir) => self.start_saved(inst, dir).await,
+            None => self.launch(inst, None).await,
         }
     }
 
@@ -373,11 +391,44 @@ impl Driver for VmDriver {
     }
 
     async fn snapshot_delete(&self, inst: &InstanceSpec, snap: &str) -> Result<(), DriverError> {
-        volumes::snapshot_delete(&self.pool, &inst.name, snap).await
+        volumes::snapshot_delete(&self.pool, &inst.name, snap).await?;
+        stateful::delete(inst, snap)
     }
 
     async fn snapshot_rename(&self, inst: &InstanceSpec, old: &str, new: &str) -> Result<(), DriverError> {
-        volumes::snapshot_rename(&self.pool, &inst.name, old, new).await
+        volumes::snapshot_rename(&self.pool, &inst.name, old, new).await?;
+        stateful::rename(inst, old, new)
+    }
+
+    async fn snapshot_create_stateful(
+        &self,
+        inst: &InstanceSpec,
+        snap: &str,
+        keep_paused: bool,
+    ) -> Result<(), DriverError> {
+        self.save(inst, snap, keep_paused).await
+    }
+
+    fn snapshot_is_stateful(&self, inst: &InstanceSpec, snap: &str) -> bool {
+        stateful::is_saved(&stateful::snapshot_dir(inst, snap))
+    }
+
+    async fn snapshot_restore_stateful(&self, inst: &InstanceSpec, snap: &str) -> Result<(), DriverError> {
+        self.restore(inst, snap).await
+    }
+
+    async fn copy_from_snapshot(
+        &self,
+        source: &InstanceSpec,
+        snap: &str,
+        new: &InstanceSpec,
+        stateful: bool,
+    ) -> Result<(), DriverError> {
+        self.copy(source, snap, new, stateful).await
+    }
+
+    fn has_saved_state(&self, inst: &InstanceSpec) -> bool {
+        stateful::saved_state(inst).is_some()
     }
 
     async fn adopt(&self, inst: &InstanceSpec) -> Result<RunStatus, DriverError> {

@@ -158,3 +158,82 @@ async fn lifecycle_with_adoption_and_cleanup() {
     drv.delete(&inst).await.unwrap();
     assert!(!d.join("storage/volumes/web").exists());
 }
+
+#[tokio::test]
+async fn stateful_snapshot_restore_and_copy() {
+    let tmp = tempfile::Builder::new().prefix("skd").tempdir_in("/tmp").unwrap();
+    let d = tmp.path();
+    let drv = driver(d);
+    let inst = instance(d, &[]);
+    drv.create(&inst).await.unwrap();
+    // Only a running VM has memory to save.
+    let e = drv.snapshot_create_stateful(&inst, "warm", false).await.unwrap_err();
+    assert!(matches!(e, skiff_driver::DriverError::NotRunning(_)), "{e:?}");
+    drv.start(&inst).await.unwrap();
+    let root = d.join("storage/volumes/web/rootfs");
+    std::fs::write(root.join("etc/hostname"), "warm\n").unwrap();
+    drv.snapshot_create_stateful(&inst, "warm", false).await.unwrap();
+    assert!(drv.snapshot_is_stateful(&inst, "warm"));
+    assert!(inst.dir.join("snapshots/warm/memory").is_file());
+    drv.snapshot_create(&inst, "cold").await.unwrap();
+    assert!(!drv.snapshot_is_stateful(&inst, "cold"));
+    drv.agent(&inst).unwrap().ping().await.expect("resumed after the snapshot");
+    std::fs::write(root.join("etc/hostname"), "later\n").unwrap();
+
+    // Restore needs the VM stopped (the daemon stops it); then it runs again from the snapshot.
+    let e = drv.snapshot_restore_stateful(&inst, "warm").await.unwrap_err();
+    assert!(matches!(e, skiff_driver::DriverError::Running(_)), "{e:?}");
+    drv.stop(&inst, Duration::ZERO, true).await.unwrap();
+    let e = drv.snapshot_restore_stateful(&inst, "cold").await.unwrap_err();
+    assert!(matches!(e, skiff_driver::DriverError::Unsupported(_)), "{e:?}");
+    drv.snapshot_restore_stateful(&inst, "warm").await.unwrap();
+    assert_eq!(std::fs::read_to_string(root.join("etc/hostname")).unwrap(), "warm\n", "the snapshot's disk");
+    let console = std::fs::read_to_string(drv.console_log(&inst)).unwrap();
+    assert!(console.contains("restored from"), "{console}");
+    let RunStatus::Running { main_pid, .. } = drv.status(&inst).await.unwrap() else { panic!("not running") };
+    assert_eq!(main_pid, Some(42), "the saved main process");
+    std::fs::write(root.join("etc/hostname"), "after\n").unwrap();
+    drv.stop(&inst, Duration::ZERO, true).await.unwrap();
+
+    // A damaged snapshot: refused, and the instance is as it was (disk, nothing running or mounted).
+    let state = inst.dir.join("snapshots/warm/state");
+    let good = std::fs::read(&state).unwrap();
+    std::fs::write(&state, b"damaged").unwrap();
+    let e = drv.snapshot_restore_stateful(&inst, "warm").await.unwrap_err();
+    let msg = format!("{e}: {:?}", std::error::Error::source(&e).map(|s| s.to_string()));
+    assert!(msg.contains("bad magic"), "{msg}");
+    assert!(!mounted(d) && runtime_dirs(d) == 0);
+    let v = d.join("storage/volumes/web/state/etc/hostname");
+    assert_eq!(std::fs::read_to_string(v).unwrap(), "after\n", "the disk is as before the failed restore");
+    std::fs::write(&state, good).unwrap();
+
+    // A copy from the stateful snapshot: its first start restores the saved VM.
+    let mut copy = instance(d, &[]);
+    copy.name = "copy".into();
+    copy.id = "89abcdef-4567-89ef-0123-456789abcdef".into();
+    copy.dir = d.join("instances/copy");
+    let e = drv.copy_from_snapshot(&inst, "cold", &copy, true).await.unwrap_err();
+    assert!(matches!(e, skiff_driver::DriverError::Unsupported(_)), "{e:?}");
+    assert!(!d.join("storage/volumes/copy").exists(), "nothing half-made");
+    drv.copy_from_snapshot(&inst, "warm", &copy, true).await.unwrap();
+    assert!(drv.has_saved_state(&copy));
+    drv.start(&inst).await.unwrap();
+    drv.start(&copy).await.unwrap();
+    assert!(!drv.has_saved_state(&copy), "used up by the start");
+    let copy_root = d.join("storage/volumes/copy/rootfs");
+    assert_eq!(std::fs::read_to_string(copy_root.join("etc/hostname")).unwrap(), "warm\n");
+    let console = std::fs::read_to_string(drv.console_log(&copy)).unwrap();
+    assert!(console.contains("restored from"), "{console}");
+    drv.agent(&copy).unwrap().ping().await.unwrap();
+    drv.stop(&copy, Duration::ZERO, true).await.unwrap();
+    drv.stop(&inst, Duration::ZERO, true).await.unwrap();
+
+    // Rename and delete carry the memory state.
+    drv.snapshot_rename(&inst, "warm", "warm2").await.unwrap();
+    assert!(drv.snapshot_is_stateful(&inst, "warm2") && !drv.snapshot_is_stateful(&inst, "warm"));
+    drv.snapshot_delete(&inst, "warm2").await.unwrap();
+    assert!(!inst.dir.join("snapshots/warm2").exists());
+    drv.delete(&copy).await.unwrap();
+    drv.delete(&inst).await.unwrap();
+    assert_eq!(runtime_dirs(d), 0);
+}

@@ -70,6 +70,12 @@ struct RunArgs {
     /// process runs; `stop` ends it.
     #[arg(short = 'd', long)]
     detach: bool,
+    /// Start the VM from snapshot DIR (made by `skiff-run snapshot`)
+    /// instead of booting it: its processes go on where they were. Runs
+    /// detached, as -d. The rootfs is BUNDLE's if given, else the
+    /// snapshot's; the kernel, vCPUs and memory are the snapshot's.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initramfs", "shares"])]
+    restore: Option<PathBuf>,
     /// The bundle directory (config.json and rootfs/).
     #[arg(value_name = "BUNDLE")]
     bundle: Option<PathBuf>,
@@ -123,6 +129,19 @@ enum Cmd {
         /// The launch spec (JSON; removed once read).
         spec: PathBuf,
     },
+    /// Saves a detached VM to DIR (its memory, vCPUs and devices; skiff-vmm's
+    /// `state` and `memory` files and run.json): the VM is paused, saved,
+    /// and then resumed, or stopped with --stop. `skiff-run --restore DIR`
+    /// starts it again, as often as wanted (one snapshot, many clones).
+    Snapshot {
+        /// The VM.
+        name: String,
+        /// The directory to save into (created if missing).
+        dir: PathBuf,
+        /// Stop the VM once saved instead of resuming it.
+        #[arg(long)]
+        stop: bool,
+    },
     /// Sends a signal (default TERM) to a VM's main process; the VM powers
     /// off when it exits.
     Kill {
@@ -152,7 +171,7 @@ fn main() {
     };
     let result = rt.block_on(async {
         match cli.command {
-            None if cli.run.detach => detach(cli.run, &root).await.map(|_| 0),
+            None if cli.run.detach || cli.run.restore.is_some() => detach(cli.run, &root).await.map(|_| 0),
             None => run(cli.run, &root).await,
             Some(Cmd::Exec { name, tty, env, cwd, user, command }) => {
                 exec(&root, &name, tty, env, cwd, user, command).await
@@ -160,6 +179,7 @@ fn main() {
             Some(Cmd::List) => list(&root).map(|_| 0),
             Some(Cmd::Kill { name, signal }) => kill(&root, &name, &signal).await.map(|_| 0),
             Some(Cmd::Stop { name, timeout, force }) => stop(&root, &name, timeout, force).await,
+            Some(Cmd::Snapshot { name, dir, stop }) => snapshot(&root, &name, &dir, stop).await.map(|_| 0),
             Some(Cmd::Monitor { .. }) => unreachable!("handled above"),
         }
     });
@@ -273,17 +293,25 @@ fn log_dir(root: &Path, name: &str) -> PathBuf {
 }
 
 async fn detach(args: RunArgs, root: &Path) -> Result<()> {
-    let bundle_dir = args.bundle.context("no bundle given (see skiff-run --help)")?;
-    let bundle = Bundle::open(&bundle_dir)?;
+    let restore = args.restore.as_deref().map(std::path::absolute).transpose()?;
+    let saved = restore.as_deref().map(monitor::read_saved_run).transpose()?;
+    let (rootfs, main, label) = match (&args.bundle, &saved) {
+        (Some(dir), _) => {
+            let bundle = Bundle::open(dir)?;
+            (bundle.rootfs.clone(), bundle.process.clone(), bundle.dir.display().to_string())
+        }
+        (None, Some(s)) => (s.rootfs.clone(), s.main.clone(), s.rootfs.display().to_string()),
+        (None, None) => bail!("no bundle given (see skiff-run --help)"),
+    };
     let name = args.name.clone().unwrap_or_else(runtime::random_name);
     runtime::check_name(&name)?;
-    let hostname = bundle.process.hostname.clone().filter(|h| valid_hostname(h)).unwrap_or_else(|| name.clone());
+    let hostname = main.hostname.clone().filter(|h| valid_hostname(h)).unwrap_or_else(|| name.clone());
     let root = if root.is_absolute() { root.to_path_buf() } else { std::env::current_dir()?.join(root) };
     let logs = log_dir(&root, &name);
     let spec = LaunchSpec {
         name: name.clone(),
         runtime_dir: root.join(&name),
-        rootfs: bundle.rootfs.clone(),
+        rootfs,
         shares: parse_shares(&args.shares)?,
         kernel: args.kernel.map(std::path::absolute).transpose()?,
         initramfs: args.initramfs.map(std::path::absolute).transpose()?,
@@ -300,21 +328,36 @@ async fn detach(args: RunArgs, root: &Path) -> Result<()> {
         boot_timeout_secs: args.boot_timeout,
         nic: None,
         network: None,
-        main: bundle.process.clone(),
+        main,
         console_log: logs.join("console.log"),
         exit_file: logs.join("exit.json"),
         monitor_log: logs.join("monitor.log"),
-        label: bundle.dir.display().to_string(),
+        label,
+        restore,
     };
     let launched = monitor::launch(&spec).await.with_context(|| format!("starting {name}"))?;
     eprintln!(
-        "skiff-run: {name}: running (monitor pid {}, kernel {}); console {}",
+        "skiff-run: {name}: running (monitor pid {}, {}); console {}",
         launched.monitor_pid,
         launched.kernel,
         spec.console_log.display()
     );
     println!("{name}");
     Ok(())
+}
+
+async fn snapshot(root: &Path, name: &str, dir: &Path, stop_after: bool) -> Result<()> {
+    let (rdir, _) = runtime::find(root, name)?;
+    let handle = monitor::attach(&rdir).with_context(|| format!("{name} is not a detached VM"))?;
+    let dir = std::path::absolute(dir)?;
+    handle.change(monitor::ControlRequest::Pause).await.with_context(|| format!("pausing {name}"))?;
+    let saved = handle.snapshot(&dir).await.with_context(|| format!("saving {name} to {}", dir.display()));
+    if saved.is_ok() && stop_after {
+        handle.stop(Duration::ZERO, true).await.with_context(|| format!("stopping {name}"))?;
+        return Ok(());
+    }
+    handle.change(monitor::ControlRequest::Resume).await.with_context(|| format!("resuming {name}"))?;
+    saved
 }
 
 async fn stop(root: &Path, name: &str, timeout: u64, force: bool) -> Result<i32> {

@@ -22,8 +22,10 @@ use tokio::process::{Child, Command};
 use crate::kernel::Kernel;
 
 mod hotplug;
+mod restore;
 use crate::runtime::{self, RuntimeError, VmState, CONSOLE_LOG, VSOCK_SOCKET};
 pub use hotplug::{valid_device_name, HotplugError, VMM_API_SOCKET};
+pub use restore::{check_snapshot_dir, RestoreOptions};
 
 /// The guest's vsock context id (the hybrid vsock needs no unique one).
 const GUEST_CID: u32 = 3;
@@ -82,6 +84,9 @@ pub enum VmError {
     /// Waiting for a process failed.
     #[error("waiting for {0}")]
     Wait(&'static str, #[source] std::io::Error),
+    /// A directory to restore from is not a usable snapshot.
+    #[error("{0} is not a VM snapshot: {1}")]
+    NotSnapshot(PathBuf, String),
 }
 
 /// A directory shared with the guest over virtio-fs.
@@ -255,27 +260,80 @@ pub fn tail(path: &Path, lines: usize) -> String {
 }
 
 impl ThinVm {
-    /// Boots the VM and waits for its agent's ready event.
-    async fn boot_inner(&mut self, opts: &VmOptions, extras: &VmExtras) -> Result<(), VmError> {
-        let dir = runtime::create(&opts.runtime_root, &opts.name)?;
-        let vsock = dir.join(VSOCK_SOCKET);
-        self.agent = AgentClient::new(Transport::vsock(&vsock));
+    /// Creates the runtime directory and the console file; points the agent
+    /// client at the VM's vsock socket.
+    fn prepare(&mut self, root: &Path, name: &str, console: Option<&Path>, truncate: bool) -> Result<(), VmError> {
+        let dir = runtime::create(root, name)?;
+        self.agent = AgentClient::new(Transport::vsock(dir.join(VSOCK_SOCKET)));
         self.dir = dir.clone();
-        self.console = extras.console_log.clone().unwrap_or_else(|| dir.join(CONSOLE_LOG));
-        // skiff-vmm appends: start every boot with an empty console.
-        std::fs::File::create(&self.console)
-            .map_err(|e| RuntimeError::Io(format!("creating {}", self.console.display()), e))?;
-        let vm = self;
-        let mut shares = vec![Share { tag: "rootfs".into(), dir: opts.rootfs.clone() }];
-        shares.extend(opts.shares.iter().cloned());
+        self.console = console.map(Path::to_path_buf).unwrap_or_else(|| dir.join(CONSOLE_LOG));
+        let mut open = std::fs::OpenOptions::new();
+        open.create(true).append(!truncate).write(true).truncate(truncate);
+        open.open(&self.console).map_err(|e| RuntimeError::Io(format!("creating {}", self.console.display()), e))?;
+        Ok(())
+    }
+
+    /// Starts a virtiofsd for the rootfs and each share; the `--fs`
+    /// arguments for skiff-vmm (ids `fs0`, `fs1`, ... as skiff-vmm gives
+    /// them at boot when `with_ids`).
+    async fn start_shares(
+        &mut self,
+        virtiofsd: &Path,
+        rootfs: &Path,
+        more: &[Share],
+        with_ids: bool,
+    ) -> Result<Vec<String>, VmError> {
+        let mut shares = vec![Share { tag: "rootfs".into(), dir: rootfs.to_path_buf() }];
+        shares.extend(more.iter().cloned());
         let mut fs_args = Vec::new();
         for (i, share) in shares.iter().enumerate() {
-            let socket = dir.join(format!("fs{i}.sock"));
-            vm.start_virtiofsd(&opts.virtiofsd, share, &socket, &dir.join(format!("virtiofsd{i}.log"))).await?;
+            let socket = self.dir.join(format!("fs{i}.sock"));
+            let log = self.dir.join(format!("virtiofsd{i}.log"));
+            self.start_virtiofsd(virtiofsd, share, &socket, &log).await?;
+            let id = if with_ids { format!(",id=fs{i}") } else { String::new() };
             fs_args.push("--fs".to_string());
-            fs_args.push(format!("tag={},socket={}", share.tag, socket.display()));
+            fs_args.push(format!("tag={},socket={}{id}", share.tag, socket.display()));
         }
-        let events = EventListener::bind_for_vsock(&vsock)?;
+        Ok(fs_args)
+    }
+
+    /// Starts skiff-vmm with `args` and what every VM has (the control
+    /// API, the console, the vsock, the NIC), and records the runtime
+    /// directory's `state.json`.
+    fn spawn_vmm(&mut self, vmm: &Path, args: &[String], nic: Option<&Nic>, state: VmState) -> Result<(), VmError> {
+        let stderr_log = self.dir.join("vmm.log");
+        let stderr = std::fs::File::create(&stderr_log)
+            .map_err(|e| RuntimeError::Io(format!("creating {}", stderr_log.display()), e))?;
+        let mut cmd = Command::new(vmm);
+        cmd.args(args)
+            .arg("--api-socket")
+            .arg(self.dir.join(VMM_API_SOCKET))
+            .arg("--serial")
+            .arg(format!("file={}", self.console.display()))
+            .arg("--vsock")
+            .arg(format!("cid={GUEST_CID},socket={}", self.dir.join(VSOCK_SOCKET).display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .kill_on_drop(true);
+        if let Some(nic) = nic {
+            cmd.arg("--net").arg(format!("tap={},mac={}", nic.tap, nic.mac));
+        }
+        before_exec(&mut cmd);
+        let child = cmd.spawn().map_err(|e| VmError::Spawn(vmm.display().to_string(), e))?;
+        let state = VmState { vmm_pid: child.id().unwrap_or(0), ..state };
+        self.vmm = Some(child);
+        runtime::write_state(&self.dir, &state)?;
+        self.state = Some(state);
+        Ok(())
+    }
+
+    /// Boots the VM and waits for its agent's ready event.
+    async fn boot_inner(&mut self, opts: &VmOptions, extras: &VmExtras) -> Result<(), VmError> {
+        // skiff-vmm appends: start every boot with an empty console.
+        self.prepare(&opts.runtime_root, &opts.name, extras.console_log.as_deref(), true)?;
+        let fs_args = self.start_shares(&opts.virtiofsd, &opts.rootfs, &opts.shares, false).await?;
+        let events = EventListener::bind_for_vsock(&self.dir.join(VSOCK_SOCKET))?;
         let mut cmdline = "console=ttyS0 reboot=k panic=-1 quiet".to_string();
         if extras.memory_hotplug_mib > 0 {
             // Hot-plugged memory comes online movable, so it can be taken back.
@@ -292,51 +350,32 @@ impl ThinVm {
         if let Some(h) = &opts.hostname {
             cmdline.push_str(&format!(" skiff.hostname={h}"));
         }
-        let stderr_log = dir.join("vmm.log");
-        let stderr = std::fs::File::create(&stderr_log)
-            .map_err(|e| RuntimeError::Io(format!("creating {}", stderr_log.display()), e))?;
-        let mut cmd = Command::new(&opts.vmm);
-        cmd.arg("--kernel")
-            .arg(&opts.kernel.path)
-            .arg("--initramfs")
-            .arg(&opts.initramfs)
-            .arg("--cmdline")
-            .arg(&cmdline)
-            .arg("--cpus")
-            .arg(cpus)
-            .arg("--memory")
-            .arg(memory)
-            .arg("--api-socket")
-            .arg(dir.join(VMM_API_SOCKET))
-            .arg("--serial")
-            .arg(format!("file={}", vm.console.display()))
-            .arg("--vsock")
-            .arg(format!("cid={GUEST_CID},socket={}", vsock.display()))
-            .arg("--rng")
-            .args(&fs_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .kill_on_drop(true);
-        if let Some(nic) = &extras.nic {
-            cmd.arg("--net").arg(format!("tap={},mac={}", nic.tap, nic.mac));
-        }
-        before_exec(&mut cmd);
-        let child = cmd.spawn().map_err(|e| VmError::Spawn(opts.vmm.display().to_string(), e))?;
+        let mut args: Vec<String> = vec![
+            "--kernel".into(),
+            opts.kernel.path.display().to_string(),
+            "--initramfs".into(),
+            opts.initramfs.display().to_string(),
+            "--cmdline".into(),
+            cmdline,
+            "--cpus".into(),
+            cpus,
+            "--memory".into(),
+            memory,
+            "--rng".into(),
+        ];
+        args.extend(fs_args);
         let state = VmState {
             name: opts.name.clone(),
             runner_pid: std::process::id(),
-            vmm_pid: child.id().unwrap_or(0),
+            vmm_pid: 0,
             bundle: opts.bundle.clone(),
             kernel: opts.kernel.path.display().to_string(),
             cpus: opts.cpus,
             memory_mib: opts.memory_mib,
             started: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         };
-        vm.vmm = Some(child);
-        runtime::write_state(&dir, &state)?;
-        vm.state = Some(state);
-        vm.wait_ready(events, opts.boot_timeout).await
+        self.spawn_vmm(&opts.vmm, &args, extras.nic.as_ref(), state)?;
+        self.wait_ready(events, opts.boot_timeout).await
     }
 
     /// Boots the VM and waits for its agent's ready event; on failure everything started is
@@ -347,8 +386,20 @@ impl ThinVm {
 
     /// [`ThinVm::boot`] with a console path and a network device.
     pub async fn boot_with(opts: &VmOptions, extras: &VmExtras) -> Result<ThinVm, VmError> {
-        let mut vm = ThinVm {
-            name: opts.name.clone(),
+        let mut vm = ThinVm::unstarted(&opts.name);
+        match vm.boot_inner(opts, extras).await {
+            Ok(()) => Ok(vm),
+            Err(e) => {
+                vm.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// A VM with nothing started yet.
+    fn unstarted(name: &str) -> ThinVm {
+        ThinVm {
+            name: name.to_string(),
             dir: PathBuf::new(),
             console: PathBuf::new(),
             listener: None,
@@ -358,13 +409,6 @@ impl ThinVm {
             events: None,
             agent: AgentClient::new(Transport::Unix(PathBuf::new())),
             state: None,
-        };
-        match vm.boot_inner(opts, extras).await {
-            Ok(()) => Ok(vm),
-            Err(e) => {
-                vm.abort().await;
-                Err(e)
-            }
         }
     }
 
@@ -388,6 +432,9 @@ impl ThinVm {
         cmd.arg(format!("--socket-path={}", socket.display()))
             .arg(format!("--shared-dir={}", share.dir.display()))
             .arg("--cache=auto")
+            // A restore where a file the guest had open is gone gives the
+            // guest errors for that file rather than failing outright.
+            .arg("--migration-on-error=guest-error")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err)
@@ -508,8 +555,10 @@ impl ThinVm {
     /// reconnections arrive on) out, e.g. to read it in a task of its own;
     /// [`ThinVm::next_event`] returns `None` afterwards.
     pub fn take_events(&mut self) -> Option<AgentEvents> {
-        let stream = self.events.take()?;
-        Some(AgentEvents { stream: Some(stream), listener: self.listener.take() })
+        if self.events.is_none() && self.listener.is_none() {
+            return None;
+        }
+        Some(AgentEvents { stream: self.events.take(), listener: self.listener.take() })
     }
 
     /// Waits (without a limit) for skiff-vmm to exit; cancel-safe.

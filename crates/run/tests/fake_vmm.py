@@ -6,7 +6,12 @@ stop_main, power), sends `ready` on <vsock>_1025, and on signals:
 SIGUSR1 -> main_exited {code 1, restarting} ; SIGUSR2 -> main_exited
 {code 7, not restarting} and "power off" (exit 0). A main process whose
 args[0] is /nonexistent fails to start (not_found). Its pid goes to
-$FAKE_PIDS, its requests to $FAKE_LOG."""
+$FAKE_PIDS, its requests to $FAKE_LOG. On --api-socket it answers
+vm.pause, vm.resume, vm.add-disk and vm.snapshot (writes DIR/state and
+DIR/memory);
+with --restore DIR it checks DIR/state starts with "fake state" (else
+exits 2 as skiff-vmm does), logs its devices to the console and, like a
+restored agent, sends no `ready`."""
 
 import json
 import os
@@ -19,6 +24,16 @@ import time
 
 args = sys.argv[1:]
 opts = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
+restore = opts.get("--restore")
+if restore:
+    try:
+        with open(os.path.join(restore, "state")) as f:
+            ok = f.read().startswith("fake state")
+    except OSError:
+        ok = False
+    if not ok:
+        sys.stderr.write(f"skiff-vmm: cannot restore: {restore}/state: bad magic\n")
+        sys.exit(2)
 vsock = dict(kv.split("=", 1) for kv in opts["--vsock"].split(","))["socket"]
 console = opts["--serial"].split("=", 1)[1]
 if os.environ.get("FAKE_PIDS"):
@@ -29,6 +44,10 @@ with open(console, "a") as f:
 if "--net" in opts:
     with open(console, "a") as f:
         f.write(f"net {opts['--net']}\n")
+if restore:
+    with open(console, "a") as f:
+        devices = [f"{a} {args[i + 1]}" for i, a in enumerate(args[:-1]) if a in ("--fs", "--disk")]
+        f.write(f"restored from {restore}: {'; '.join(devices)}\n")
 
 lock = threading.Lock()
 events = None
@@ -127,6 +146,48 @@ def on_usr2(*_):
     threading.Thread(target=go).start()
 
 
+def api(conn):
+    with conn:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            c = conn.recv(4096)
+            if not c:
+                return
+            data += c
+        head, body = data.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        length = next((int(h.split(":")[1]) for h in lines if h.lower().startswith("content-length")), 0)
+        while len(body) < length:
+            body += conn.recv(4096)
+        endpoint = lines[0].split()[1].rsplit("/", 1)[1]
+        log({"api": endpoint})
+        status, reply = 204, b""
+        if endpoint == "vm.snapshot":
+            dest = json.loads(body)["destination"]
+            os.makedirs(dest, exist_ok=True)
+            with open(os.path.join(dest, "state"), "w") as f:
+                f.write("fake state\n")
+            with open(os.path.join(dest, "memory"), "wb") as f:
+                f.write(b"\0" * 4096)
+            status, reply = 200, json.dumps({"state_bytes": 11, "memory_bytes": 4096, "elapsed_ms": 1}).encode()
+        elif endpoint == "vm.add-disk":
+            status, reply = 200, json.dumps({"id": json.loads(body)["id"], "slot": 5}).encode()
+        elif endpoint not in ("vm.pause", "vm.resume"):
+            status, reply = 404, b'{"error":"unknown"}'
+        conn.sendall(f"HTTP/1.1 {status} X\r\nContent-Length: {len(reply)}\r\n\r\n".encode() + reply)
+
+
+def serve_api(path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.listen(8)
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=api, args=(c,), daemon=True).start()
+
+
+if "--api-socket" in opts:
+    threading.Thread(target=serve_api, args=(opts["--api-socket"],), daemon=True).start()
 srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 srv.bind(vsock)
 srv.listen(16)
@@ -135,7 +196,8 @@ events.connect(vsock + "_1025")
 signal.signal(signal.SIGUSR1, on_usr1)
 signal.signal(signal.SIGUSR2, on_usr2)
 signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-emit({"type": "ready", "version": 2, "agent": "fake", "pid1": True})
+if not restore:
+    emit({"type": "ready", "version": 2, "agent": "fake", "pid1": True})
 while True:
     c, _ = srv.accept()
     threading.Thread(target=serve, args=(c,), daemon=True).start()

@@ -86,6 +86,7 @@ fn fixture(args: &[&str]) -> Fixture {
         exit_file: d.join("inst/exit.json"),
         monitor_log: d.join("inst/monitor.log"),
         label: "test".into(),
+        restore: None,
     };
     Fixture { _tmp: tmp, dir: d, spec }
 }
@@ -297,4 +298,69 @@ fn cli_detach_list_and_stop() {
     assert!(exit.contains(r#""reason": "stopped""#), "{exit}");
     let (code, _, err) = run(&["stop", "bg"]);
     assert!(code == 125 && err.contains("no VM named bg"), "{err}");
+}
+
+#[tokio::test]
+async fn snapshot_then_restore_a_clone_and_a_damaged_snapshot_leaves_nothing() {
+    let mut f = fixture(&["nginx"]);
+    let disk = f.dir.join("scratch.img");
+    std::fs::write(&disk, b"").unwrap();
+    f.spec.devices = vec![monitor::DeviceSpec::Disk { name: "scratch".into(), source: disk.clone(), readonly: true }];
+    monitor::launch(&f.spec).await.unwrap_or_else(|e| panic!("{}", monitor::error_chain(&e)));
+    let h = monitor::attach(&f.spec.runtime_dir).unwrap();
+    let snap = f.dir.join("snap");
+    // skiff-vmm refuses to save a running VM; the monitor passes that on.
+    h.change(monitor::ControlRequest::Pause).await.unwrap();
+    h.snapshot(&snap).await.unwrap_or_else(|e| panic!("{}", monitor::error_chain(&e)));
+    h.change(monitor::ControlRequest::Resume).await.unwrap();
+    let saved = monitor::read_saved_run(&snap).unwrap();
+    assert_eq!((saved.name.as_str(), saved.main_pid, saved.devices.len()), ("web", Some(42), 1));
+    assert_eq!(saved.nic.map(|n| n.mac).as_deref(), Some("52:54:00:00:00:01"));
+    let requests = std::fs::read_to_string(f.dir.join("requests")).unwrap();
+    assert!(requests.contains("vm.pause") && requests.contains("vm.snapshot"), "{requests}");
+    assert!(h.snapshot(std::path::Path::new("relative")).await.is_err());
+
+    // A clone: another name, runtime directory and NIC; the network is sent again.
+    let mut clone = f.spec.clone();
+    clone.name = "clone".into();
+    clone.runtime_dir = f.dir.join("run/vm2");
+    clone.nic = Some(Nic { tap: "tap-clone".into(), mac: "52:54:00:00:00:02".into() });
+    clone.console_log = f.dir.join("clone/console.log");
+    clone.exit_file = f.dir.join("clone/exit.json");
+    clone.monitor_log = f.dir.join("clone/monitor.log");
+    clone.devices = vec![];
+    clone.restore = Some(snap.clone());
+    let before = std::fs::read_to_string(f.dir.join("requests")).unwrap().matches(r#""type": "network""#).count();
+    let l = monitor::launch(&clone).await.unwrap_or_else(|e| panic!("{}", monitor::error_chain(&e)));
+    assert_eq!(l.main_pid, 42, "the saved main process goes on");
+    let console = std::fs::read_to_string(&clone.console_log).unwrap();
+    assert!(console.contains(&format!("restored from {}", snap.display())), "{console}");
+    assert!(console.contains("net tap=tap-clone,mac=52:54:00:00:00:02"), "{console}");
+    assert!(console.contains("--fs tag=rootfs,socket=") && console.contains(",id=fs0"), "{console}");
+    assert!(console.contains(&format!("--disk path={},serial=scratch,id=scratch,readonly=on", disk.display())));
+    let after = std::fs::read_to_string(f.dir.join("requests")).unwrap().matches(r#""type": "network""#).count();
+    assert_eq!(after, before + 1, "the clone's network is configured again");
+    let requests = std::fs::read_to_string(f.dir.join("requests")).unwrap();
+    let set_mac = requests.lines().find(|l| l.contains(r#""set_mac""#)).unwrap_or_default();
+    assert!(set_mac.contains("52:54:00:00:00:02"), "{requests}");
+    let h2 = monitor::attach(&clone.runtime_dir).unwrap();
+    assert_eq!(h2.status().await.unwrap().main_pid, Some(42));
+    h2.agent().ping().await.unwrap();
+    h2.stop(Duration::from_secs(5), true).await.unwrap();
+    h.stop(Duration::from_secs(5), true).await.unwrap();
+    wait_gone(&pids(&f.dir)).await;
+
+    // A damaged state file: skiff-vmm refuses it; nothing is left.
+    std::fs::write(snap.join("state"), b"garbage").unwrap();
+    let mut bad = clone.clone();
+    bad.runtime_dir = f.dir.join("run/vm3");
+    let e = monitor::error_chain(&monitor::launch(&bad).await.unwrap_err());
+    assert!(e.contains("bad magic"), "{e}");
+    assert!(!bad.runtime_dir.exists(), "no runtime directory left");
+    wait_gone(&pids(&f.dir)).await;
+    // No run.json: not a snapshot the monitor made.
+    std::fs::remove_file(snap.join("run.json")).unwrap();
+    let e = monitor::error_chain(&monitor::launch(&bad).await.unwrap_err());
+    assert!(e.contains("run.json"), "{e}");
+    assert!(!bad.runtime_dir.exists());
 }

@@ -124,6 +124,28 @@ impl Pool {
         Ok(Volume::new(name.to_string(), dest, self.tmp_dir(), meta))
     }
 
+    /// Creates the volume of instance `name` over `source`'s image with the state of `source`'s snapshot `snap` (a
+    /// copy, reflinked where the filesystem can): a new instance from another's snapshot. `SnapshotNotFound`,
+    /// `VolumeExists`; on any failure no volume is left.
+    pub fn create_from_snapshot(&self, name: &str, source: &Volume, snap: &str) -> Result<Volume, StorageError> {
+        let state = {
+            let _lock = source.lock()?;
+            source.snapshot_state(snap)?
+        };
+        let volume = self.create(name, source.image())?;
+        let copied = {
+            let _lock = source.lock()?;
+            volume.replace_state(&state, &format!("copy-{name}"))
+        };
+        match copied {
+            Ok(()) => Ok(volume),
+            Err(e) => {
+                let _ = volume.delete();
+                Err(e)
+            }
+        }
+    }
+
     /// Opens an existing volume (`VolumeNotFound` if there is none of that name).
     pub fn open_volume(&self, name: &str) -> Result<Volume, StorageError> {
         validate_name("volume", name)?;

@@ -270,13 +270,26 @@ impl Volume {
         if self.mounted()? {
             return Err(StorageError::Mounted(self.name.clone()));
         }
+        let source = self.snapshot_state(snap)?;
+        self.replace_state(&source, &format!("restore-{}-{snap}", self.name))
+    }
+
+    /// The state directory of snapshot `snap` (`SnapshotNotFound` if there is none).
+    pub(crate) fn snapshot_state(&self, snap: &str) -> Result<PathBuf, StorageError> {
+        validate_name("snapshot", snap)?;
         let source = self.snapshot_dir(snap).join("state");
         if !source.is_dir() {
             return Err(StorageError::SnapshotNotFound { volume: self.name.clone(), snapshot: snap.to_string() });
         }
-        let build = TempDir::new(&self.tmp, &format!("restore-{}-{snap}", self.name))?;
+        Ok(source)
+    }
+
+    /// Replaces the (unmounted) volume's state with a copy of `source`: made in `tmp/` and swapped in with one
+    /// atomic exchange, so a crash leaves either the old state or the new one in place.
+    pub(crate) fn replace_state(&self, source: &Path, what: &str) -> Result<(), StorageError> {
+        let build = TempDir::new(&self.tmp, what)?;
         let new_state = build.path().join("state");
-        fsops::copy_tree(&source, &new_state, Reflink::Auto)?;
+        fsops::copy_tree(source, &new_state, Reflink::Auto)?;
         sys::syncfs(build.path()).map_err(|e| StorageError::io("syncfs", build.path(), e))?;
         sys::rename_exchange(&new_state, &self.state()).map_err(|e| StorageError::io("swap in", self.state(), e))?;
         sys::fsync_dir(&self.dir).map_err(|e| StorageError::io("fsync", &self.dir, e))?;

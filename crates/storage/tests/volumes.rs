@@ -193,6 +193,13 @@ fn lifecycle(backend: Backend) {
     assert!(matches!(volume.snapshot_rename("gone", "x"), Err(StorageError::SnapshotNotFound { .. })));
     let names: Vec<_> = volume.snapshots().unwrap().into_iter().map(|s| s.name).collect();
     assert_eq!(names, ["before", "snap2"]);
+    // A new volume from a snapshot of this one (`skiff copy NAME/SNAP NEW`), while this one is mounted.
+    let copy = pool.create_from_snapshot("copy1", &volume, "before").unwrap();
+    assert!(matches!(pool.create_from_snapshot("copy2", &volume, "nope"), Err(StorageError::SnapshotNotFound { .. })));
+    assert!(matches!(pool.create_from_snapshot("copy1", &volume, "before"), Err(StorageError::VolumeExists(_))));
+    assert!(matches!(pool.open_volume("copy2"), Err(StorageError::VolumeNotFound(_))), "nothing half-made");
+    assert_eq!(listing(&copy.mount().unwrap()), changed, "the copy shows the snapshot");
+    copy.delete().unwrap();
     volume.snapshot_delete("snap2").unwrap();
     assert!(matches!(volume.snapshot_delete("snap2"), Err(StorageError::SnapshotNotFound { .. })));
     assert!(volume.usage_bytes().unwrap() > 0);

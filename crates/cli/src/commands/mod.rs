@@ -65,6 +65,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Console(a) => instances::console(&ctx, a).await,
         Command::File(c) => files::run(&ctx, c).await,
         Command::Snapshot(c) => snapshot::run(&ctx, c).await,
+        Command::Copy { source, name, stateless } => snapshot::copy(&ctx, source, name, stateless).await,
         Command::Config(c) => config::run(&ctx, c).await,
         Command::Image(c) => image::run(&ctx, c).await,
         Command::Remote(c) => remote::run(c),

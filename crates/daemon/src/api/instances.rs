@@ -17,6 +17,7 @@ use super::{accepted, etag_of, if_match, recursion, sync, sync_etag, ApiErr, Api
 use crate::db::{InstanceRow, Status};
 use crate::instances::{self as inst, InstanceError, STOP_TIMEOUT};
 use crate::ops::OpError;
+use crate::snapshots;
 
 fn status_of(r: &InstanceRow) -> StatusCode {
     match r.status {
@@ -53,7 +54,7 @@ pub fn to_api(d: &App, r: &InstanceRow) -> Instance {
         devices: r.devices.clone(),
         ephemeral: r.ephemeral,
         profiles: vec!["default".into()],
-        stateful: false,
+        stateful: snapshots::has_saved_state(d, r),
         description: r.description.clone(),
         created_at: r.created_at.clone(),
         expanded_config: crate::daemon::Daemon::expanded(&r.config),
@@ -120,12 +121,12 @@ async fn state_of(d: &App, r: &InstanceRow) -> InstanceState {
     }
 }
 
-fn snapshot_api(r: &InstanceRow, s: &crate::db::SnapshotRow) -> InstanceSnapshot {
+fn snapshot_api(d: &App, r: &InstanceRow, s: &crate::db::SnapshotRow) -> InstanceSnapshot {
     InstanceSnapshot {
         name: s.name.clone(),
         created_at: s.created_at.clone(),
         expires_at: skiff_api::time::ZERO.into(),
-        stateful: false,
+        stateful: snapshots::is_stateful(d, r, &s.name),
         config: s.config.clone(),
         devices: r.devices.clone(),
         expanded_config: s.config.clone(),
@@ -155,7 +156,7 @@ pub async fn list(State(d): State<App>, Query(q): Query<HashMap<String, String>>
                 out.push(InstanceFull {
                     instance: to_api(&d, r),
                     state: Some(state_of(&d, r).await),
-                    snapshots: Some(snaps.iter().map(|s| snapshot_api(r, s)).collect()),
+                    snapshots: Some(snaps.iter().map(|s| snapshot_api(&d, r, s)).collect()),
                     backups: None,
                 });
             }
@@ -166,6 +167,9 @@ pub async fn list(State(d): State<App>, Query(q): Query<HashMap<String, String>>
 
 /// `POST /1.0/instances`.
 pub async fn create(State(d): State<App>, Body(mut req): Body<InstancesPost>) -> ApiResult {
+    if req.source.kind == "copy" {
+        return copy(d, req).await;
+    }
     let row = inst::begin_create(&d, &mut req)?;
     let (op, _) = d.ops.create(OperationClass::Task, "Creating instance", Some(&row.name), Value::Null, true, &[]);
     let (d2, o) = (d.clone(), op.clone());
@@ -179,6 +183,19 @@ pub async fn create(State(d): State<App>, Body(mut req): Body<InstancesPost>) ->
                 Err(OpError::Cancelled)
             }
         }
+    });
+    accepted(&op)
+}
+
+/// `POST /1.0/instances` with source type `copy`: a new instance from a
+/// snapshot (`lxc copy NAME/SNAP NEW`); stopped once made.
+async fn copy(d: App, mut req: InstancesPost) -> ApiResult {
+    let from = snapshots::prepare_copy(&d, &mut req)?;
+    let row = inst::begin_create(&d, &mut req)?;
+    let (op, _) = d.ops.create(OperationClass::Task, "Copying instance", Some(&row.name), Value::Null, false, &[]);
+    let d2 = d.clone();
+    d.ops.run(&op, async move {
+        snapshots::copy(&d2, row, from).await.map(|_| None).map_err(|e| OpError::Failed(e.to_string()))
     });
     accepted(&op)
 }
@@ -201,7 +218,7 @@ pub async fn get_one(
         let snaps = d.db().snapshots(&name)?;
         let full = InstanceFull {
             state: Some(state_of(&d, &r).await),
-            snapshots: Some(snaps.iter().map(|s| snapshot_api(&r, s)).collect()),
+            snapshots: Some(snaps.iter().map(|s| snapshot_api(&d, &r, s)).collect()),
             backups: None,
             instance: i,
         };
@@ -228,11 +245,15 @@ pub async fn put(
     Body(req): Body<InstancePut>,
 ) -> ApiResult {
     if let Some(snap) = req.restore.clone() {
-        inst::row(&d, &name)?;
+        // The lxc client names it NAME/SNAP.
+        let snap = snap.strip_prefix(&format!("{name}/")).map(str::to_string).unwrap_or(snap);
+        let stateful = req.stateful.unwrap_or(false);
+        snapshots::check_restore(&d, &name, &snap, stateful)?;
         let (op, _) = d.ops.create(OperationClass::Task, "Restoring snapshot", Some(&name), Value::Null, false, &[]);
         let d2 = d.clone();
         d.ops.run(&op, async move {
-            inst::snapshot_restore(&d2, &name, &snap).await.map(|_| None).map_err(|e| OpError::Failed(e.to_string()))
+            let restored = snapshots::restore(&d2, &name, &snap, stateful).await;
+            restored.map(|_| None).map_err(|e| OpError::Failed(e.to_string()))
         });
         return accepted(&op);
     }
@@ -324,7 +345,7 @@ pub async fn snapshots(
     let r = inst::row(&d, &name)?;
     let snaps = d.db().snapshots(&name)?;
     if recursion(&q) >= 1 {
-        sync(snaps.iter().map(|s| snapshot_api(&r, s)).collect::<Vec<_>>())
+        sync(snaps.iter().map(|s| snapshot_api(&d, &r, s)).collect::<Vec<_>>())
     } else {
         sync(snaps.iter().map(|s| format!("/1.0/instances/{name}/snapshots/{}", s.name)).collect::<Vec<_>>())
     }
@@ -336,16 +357,12 @@ pub async fn snapshot_post(
     Path(name): Path<String>,
     Body(req): Body<InstanceSnapshotsPost>,
 ) -> ApiResult {
-    inst::row(&d, &name)?;
-    if req.stateful {
-        return Err(ApiErr::bad(
-            "stateful snapshots (with memory) arrive with the snapshot/restore work; take a stateless one",
-        ));
-    }
+    snapshots::check_create(&d, &name, req.stateful)?;
     let (op, _) = d.ops.create(OperationClass::Task, "Snapshotting instance", Some(&name), Value::Null, false, &[]);
     let d2 = d.clone();
     d.ops.run(&op, async move {
-        inst::snapshot_create(&d2, &name, &req.name).await.map(|_| None).map_err(|e| OpError::Failed(e.to_string()))
+        let made = snapshots::create(&d2, &name, &req.name, req.stateful).await;
+        made.map(|_| None).map_err(|e| OpError::Failed(e.to_string()))
     });
     accepted(&op)
 }
@@ -354,7 +371,7 @@ pub async fn snapshot_post(
 pub async fn snapshot_get(State(d): State<App>, Path((name, snap)): Path<(String, String)>) -> ApiResult {
     let r = inst::row(&d, &name)?;
     let s = d.db().snapshots(&name)?.into_iter().find(|s| s.name == snap).ok_or(InstanceError::SnapshotNotFound)?;
-    sync(snapshot_api(&r, &s))
+    sync(snapshot_api(&d, &r, &s))
 }
 
 /// `POST /1.0/instances/{name}/snapshots/{snap}`: rename.
@@ -367,10 +384,7 @@ pub async fn snapshot_rename(
     let (op, _) = d.ops.create(OperationClass::Task, "Renaming snapshot", Some(&name), Value::Null, false, &[]);
     let d2 = d.clone();
     d.ops.run(&op, async move {
-        inst::snapshot_rename(&d2, &name, &snap, &req.name)
-            .await
-            .map(|_| None)
-            .map_err(|e| OpError::Failed(e.to_string()))
+        snapshots::rename(&d2, &name, &snap, &req.name).await.map(|_| None).map_err(|e| OpError::Failed(e.to_string()))
     });
     accepted(&op)
 }
@@ -381,7 +395,7 @@ pub async fn snapshot_delete(State(d): State<App>, Path((name, snap)): Path<(Str
     let (op, _) = d.ops.create(OperationClass::Task, "Deleting snapshot", Some(&name), Value::Null, false, &[]);
     let d2 = d.clone();
     d.ops.run(&op, async move {
-        inst::snapshot_delete(&d2, &name, &snap).await.map(|_| None).map_err(|e| OpError::Failed(e.to_string()))
+        snapshots::delete(&d2, &name, &snap).await.map(|_| None).map_err(|e| OpError::Failed(e.to_string()))
     });
     accepted(&op)
 }

@@ -58,13 +58,13 @@ use tokio::net::UnixStream;
 
 pub use proto::{
     now_secs, BootReport, ControlReply, ControlRequest, DeviceSpec, EndReason, ExitInfo, LaunchSpec, Launched,
-    MonitorEvent, MonitorState, MonitorStatus,
+    MonitorEvent, MonitorState, MonitorStatus, SavedRun, SAVED_RUN,
 };
 /// How long a runtime change may take (a device removal waits up to 10 s
 /// for the guest, a share's mount up to 15 s for its driver).
 pub const CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
 
-pub use serve::{parse_request, run, vm_options, write_exit_file};
+pub use serve::{parse_request, read_saved_run, run, vm_options, write_exit_file, SNAPSHOT_TIMEOUT};
 
 use crate::runtime::{self, RuntimeError, VSOCK_SOCKET};
 use crate::vm::{find_program, tail, VmError};
@@ -112,6 +112,9 @@ pub enum MonitorError {
     /// The main process did not start.
     #[error("starting the main process {0:?}\n{2}")]
     MainStart(String, #[source] Box<ClientError>, String),
+    /// A snapshot does not fit the VM to restore from it.
+    #[error("cannot restore: {0}")]
+    BadSnapshot(String),
     /// A VM runs in this runtime directory already.
     #[error("a monitor (pid {1}) already runs in {0}")]
     InUse(PathBuf, u32),
@@ -407,6 +410,17 @@ impl MonitorHandle {
     /// resize), made by the monitor; returns once done. Hot-plug waits for
     /// the guest, so this allows [`CHANGE_TIMEOUT`].
     pub async fn change(&self, req: ControlRequest) -> Result<(), MonitorError> {
+        self.change_within(req, CHANGE_TIMEOUT).await
+    }
+
+    /// Saves the paused VM into `dir` (see [`ControlRequest::Snapshot`]);
+    /// allows [`SNAPSHOT_TIMEOUT`] plus a margin.
+    pub async fn snapshot(&self, dir: &Path) -> Result<(), MonitorError> {
+        let req = ControlRequest::Snapshot { dir: dir.to_path_buf() };
+        self.change_within(req, SNAPSHOT_TIMEOUT + REQUEST_TIMEOUT).await
+    }
+
+    async fn change_within(&self, req: ControlRequest, limit: Duration) -> Result<(), MonitorError> {
         let fut = async {
             let mut r = self.request(&req).await?;
             match read_line::<ControlReply>(&mut r).await? {
@@ -416,9 +430,9 @@ impl MonitorHandle {
                 Some(other) => Err(MonitorError::Protocol(format!("unexpected {other:?}"))),
             }
         };
-        tokio::time::timeout(CHANGE_TIMEOUT, fut)
+        tokio::time::timeout(limit, fut)
             .await
-            .map_err(|_| MonitorError::Protocol(format!("no answer to {req:?} within {CHANGE_TIMEOUT:?}")))?
+            .map_err(|_| MonitorError::Protocol(format!("no answer to {req:?} within {limit:?}")))?
     }
 
     /// The VM's state. A VM that ended meanwhile answers

@@ -83,6 +83,50 @@ pub struct LaunchSpec {
     /// A free-form label for `skiff-run list` (e.g. the bundle or image).
     #[serde(default)]
     pub label: String,
+    /// Start the VM from this snapshot directory (made by the `snapshot`
+    /// request) instead of booting it: skiff-vmm `--restore`, with fresh
+    /// virtiofsd, vsock socket and tap, the devices of the snapshot's
+    /// [`SavedRun`] given anew, and the main process of the snapshot going
+    /// on (`main` is not started). `kernel`, `initramfs`, `cpus`,
+    /// `memory_mib` and `devices` are the snapshot's then; `network` is
+    /// sent to the agent again when the VM is a clone (another name).
+    #[serde(default)]
+    pub restore: Option<PathBuf>,
+}
+
+/// The file in a snapshot directory that records what skiff-vmm's state
+/// does not: the VM's devices by name, its main process, its size.
+pub const SAVED_RUN: &str = "run.json";
+
+/// What a monitor writes next to skiff-vmm's `state` and `memory` when it
+/// snapshots its VM ([`SAVED_RUN`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedRun {
+    /// The VM's name when it was saved.
+    pub name: String,
+    /// vCPUs.
+    pub cpus: u8,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// The rootfs it had (a restore may give another with the same content).
+    pub rootfs: PathBuf,
+    /// The main process it was launched with (running in the saved guest).
+    pub main: MainProcess,
+    /// The shares after `rootfs`, in the order skiff-vmm got them (ids `fs1`, ...).
+    #[serde(default)]
+    pub shares: Vec<Share>,
+    /// The devices added by name (through the spec or `add_device`).
+    #[serde(default)]
+    pub devices: Vec<DeviceSpec>,
+    /// The main process's pid in the guest, if known.
+    #[serde(default)]
+    pub main_pid: Option<i32>,
+    /// How often the agent had restarted it.
+    #[serde(default)]
+    pub restarts: u32,
+    /// The VM's NIC (the guest keeps its MAC until told another).
+    #[serde(default)]
+    pub nic: Option<Nic>,
 }
 
 /// A device a running thin VM gets through hot-plug.
@@ -192,6 +236,13 @@ pub enum ControlRequest {
     RemoveDevice {
         /// The device name.
         name: String,
+    },
+    /// Saves the paused VM into `dir`: skiff-vmm's `state` and `memory`
+    /// and the monitor's [`SavedRun`]; [`ControlReply::Done`]. The VM
+    /// stays paused.
+    Snapshot {
+        /// The directory (created if missing).
+        dir: PathBuf,
     },
     /// Changes vCPUs and/or memory; [`ControlReply::Done`].
     Resize {
@@ -370,6 +421,7 @@ mod tests {
             exit_file: "/var/lib/skiff/instances/web/exit.json".into(),
             monitor_log: "/var/lib/skiff/instances/web/monitor.log".into(),
             label: "docker.io/library/nginx".into(),
+            restore: None,
         }
     }
 
@@ -399,6 +451,8 @@ mod tests {
         .unwrap();
         let share = DeviceSpec::Share { name: "d".into(), source: "/x".into(), path: "/data".into(), readonly: false };
         assert_eq!(r, ControlRequest::AddDevice { device: share });
+        let r: ControlRequest = serde_json::from_str(r#"{"op":"snapshot","dir":"/s/1"}"#).unwrap();
+        assert_eq!(r, ControlRequest::Snapshot { dir: "/s/1".into() });
         let r: ControlRequest = serde_json::from_str(r#"{"op":"resize","cpus":3}"#).unwrap();
         assert_eq!(r, ControlRequest::Resize { cpus: Some(3), memory_mib: None });
         assert_eq!(serde_json::to_string(&ControlReply::Done).unwrap(), r#"{"reply":"done"}"#);

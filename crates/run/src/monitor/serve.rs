@@ -15,13 +15,13 @@ use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
 
 use super::proto::{
     now_secs, BootReport, ControlReply, ControlRequest, DeviceSpec, EndReason, ExitInfo, LaunchSpec, Launched,
-    MonitorEvent, MonitorState, MonitorStatus,
+    MonitorEvent, MonitorState, MonitorStatus, SavedRun, SAVED_RUN,
 };
 use super::{error_chain, MonitorError, CONTROL_SOCKET};
 use crate::control::{read_request_line, ServeLimits};
 use crate::kernel::KernelSearch;
 use crate::runtime::{self, VSOCK_SOCKET};
-use crate::vm::{self, ThinVm, VmExtras, VmOptions};
+use crate::vm::{self, RestoreOptions, ThinVm, VmExtras, VmOptions};
 use crate::{initramfs, Stopped};
 
 /// How long connections that wait for the end get to receive it.
@@ -35,7 +35,17 @@ const STOP_SLACK: Duration = Duration::from_secs(15);
 /// VM's life).
 const SERVE_LIMITS: ServeLimits =
     ServeLimits { max_line: 64 * 1024, max_connections: 64, read_timeout: Duration::from_secs(5) };
+/// How long skiff-vmm may take to write a snapshot (guest memory to disk).
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// What the monitor keeps of the VM beyond [`MonitorStatus`]: the devices
+/// it has by name (for a snapshot's [`SavedRun`]).
+struct Running {
+    devices: Vec<DeviceSpec>,
+    shares: Vec<vm::Share>,
+    cpus: u8,
+    memory_mib: u64,
+}
 /// State shared between the monitor's loop and its control connections.
 struct Shared {
     status: Mutex<MonitorStatus>,
@@ -136,7 +146,7 @@ pub async fn run(spec_path: &Path, status_fd: Option<i32>) -> i32 {
     };
     let name = spec.name.clone();
     eprintln!("skiff-run monitor {name}: booting (pid {})", std::process::id());
-    let (vm, launched, listener) = match boot(&spec).await {
+    let (vm, launched, listener, running, restarts) = match boot(&spec).await {
         Ok(v) => v,
         Err(e) => {
             let message = error_chain(&e);
@@ -149,7 +159,7 @@ pub async fn run(spec_path: &Path, status_fd: Option<i32>) -> i32 {
     eprintln!("skiff-run monitor {name}: ready, main process pid {}", launched.main_pid);
     pipe.send(&BootReport::Ready(launched.clone()));
     drop(pipe);
-    let info = supervise(&spec, vm, &launched, listener).await;
+    let info = supervise(&spec, vm, &launched, listener, running, restarts).await;
     eprintln!("skiff-run monitor {name}: ended: {:?}", info.reason);
     0
 }
@@ -160,28 +170,120 @@ fn read_spec(path: &Path) -> Result<LaunchSpec, MonitorError> {
     serde_json::from_slice(&data).map_err(|e| MonitorError::Protocol(format!("{}: {e}", path.display())))
 }
 
-/// Boots, configures the network, starts the main process and binds the
-/// control socket; on failure everything started is stopped.
-async fn boot(spec: &LaunchSpec) -> Result<(ThinVm, Launched, UnixListener), MonitorError> {
+/// What [`boot`] hands to [`supervise`].
+type Booted = (ThinVm, Launched, UnixListener, Running, u32);
+
+/// Boots (or restores), configures the network, starts the main process
+/// and binds the control socket; on failure everything started is stopped.
+async fn boot(spec: &LaunchSpec) -> Result<Booted, MonitorError> {
+    if let Some(dir) = &spec.restore {
+        return restore(spec, dir).await;
+    }
     let (opts, extras) = vm_options(spec)?;
     let kernel = opts.kernel.to_string();
     let mut vm = ThinVm::boot_with(&opts, &extras).await?;
     match start(spec, &mut vm).await {
         Ok((main_pid, listener)) => {
-            let launched = Launched {
-                name: spec.name.clone(),
-                monitor_pid: std::process::id(),
-                vmm_pid: vm.vmm_pid().unwrap_or(0),
-                main_pid,
-                runtime_dir: vm.runtime_dir().to_path_buf(),
-                vsock_socket: vm.runtime_dir().join(VSOCK_SOCKET),
-                kernel,
-                started_at: now_secs(),
+            let launched = launched(spec, &vm, main_pid, kernel);
+            let running = Running {
+                devices: spec.devices.clone(),
+                shares: spec.shares.clone(),
+                cpus: spec.cpus,
+                memory_mib: spec.memory_mib,
             };
-            Ok((vm, launched, listener))
+            Ok((vm, launched, listener, running, 0))
         }
         Err(e) => {
             let _ = vm.shutdown(Duration::from_secs(5)).await;
+            Err(e)
+        }
+    }
+}
+
+fn launched(spec: &LaunchSpec, vm: &ThinVm, main_pid: i32, kernel: String) -> Launched {
+    Launched {
+        name: spec.name.clone(),
+        monitor_pid: std::process::id(),
+        vmm_pid: vm.vmm_pid().unwrap_or(0),
+        main_pid,
+        runtime_dir: vm.runtime_dir().to_path_buf(),
+        vsock_socket: vm.runtime_dir().join(VSOCK_SOCKET),
+        kernel,
+        started_at: now_secs(),
+    }
+}
+
+/// Reads a snapshot directory's [`SavedRun`].
+pub fn read_saved_run(dir: &Path) -> Result<SavedRun, MonitorError> {
+    let path = dir.join(SAVED_RUN);
+    let data = std::fs::read(&path).map_err(|e| MonitorError::Io(format!("reading {}", path.display()), e))?;
+    serde_json::from_slice(&data).map_err(|e| MonitorError::Protocol(format!("{}: {e}", path.display())))
+}
+
+/// Brings the VM back from snapshot `dir`: its devices given anew, the
+/// network set up again for a clone, the control socket bound.
+async fn restore(spec: &LaunchSpec, dir: &Path) -> Result<Booted, MonitorError> {
+    let saved = read_saved_run(dir)?;
+    if saved.nic.is_some() != spec.nic.is_some() {
+        return Err(MonitorError::BadSnapshot(format!(
+            "the snapshot was taken {} a NIC, the VM is to have {}",
+            if saved.nic.is_some() { "with" } else { "without" },
+            if spec.nic.is_some() { "one" } else { "none" }
+        )));
+    }
+    let (root, name) = super::split_runtime_dir(&spec.runtime_dir)?;
+    let opts = RestoreOptions {
+        name,
+        runtime_root: root,
+        snapshot: dir.to_path_buf(),
+        rootfs: spec.rootfs.clone(),
+        shares: saved.shares.clone(),
+        devices: saved.devices.clone(),
+        vmm: match &spec.vmm {
+            Some(p) => p.clone(),
+            None => vm::find_vmm()?,
+        },
+        virtiofsd: match &spec.virtiofsd {
+            Some(p) => p.clone(),
+            None => vm::find_virtiofsd()?,
+        },
+        timeout: Duration::from_secs(spec.boot_timeout_secs),
+        bundle: if spec.label.is_empty() { spec.name.clone() } else { spec.label.clone() },
+        cpus: saved.cpus,
+        memory_mib: saved.memory_mib,
+    };
+    let extras = VmExtras { console_log: Some(spec.console_log.clone()), nic: spec.nic.clone(), ..Default::default() };
+    let vm = ThinVm::restore(&opts, &extras).await?;
+    let result = async {
+        // A clone has another name and MAC: the guest takes the MAC (Linux
+        // read the old one when it probed the NIC) and asks DHCP again.
+        let new_mac = spec.nic.as_ref().filter(|n| saved.nic.as_ref().is_some_and(|s| s.mac != n.mac));
+        if let Some(nic) = new_mac {
+            vm.agent().set_mac(None, &nic.mac).await.map_err(MonitorError::Network)?;
+        }
+        if let Some(net) = spec.network.as_ref().filter(|_| saved.name != spec.name || new_mac.is_some()) {
+            vm.agent().configure_network(net.clone()).await.map_err(MonitorError::Network)?;
+        }
+        let path = vm.runtime_dir().join(CONTROL_SOCKET);
+        UnixListener::bind(&path).map_err(|e| MonitorError::Io(format!("binding {}", path.display()), e))
+    }
+    .await;
+    match result {
+        Ok(listener) => {
+            let kernel = format!("restored from {}", dir.display());
+            let launched = launched(spec, &vm, saved.main_pid.unwrap_or(0), kernel);
+            let running = Running {
+                devices: saved.devices,
+                shares: saved.shares,
+                cpus: saved.cpus,
+                memory_mib: saved.memory_mib,
+            };
+            Ok((vm, launched, listener, running, saved.restarts))
+        }
+        Err(e) => {
+            let mut vm = vm;
+            vm.kill_vmm();
+            let _ = vm.shutdown(Duration::ZERO).await;
             Err(e)
         }
     }
@@ -217,13 +319,32 @@ async fn add_device(spec: &LaunchSpec, vm: &mut ThinVm, device: &DeviceSpec) -> 
 }
 
 /// A runtime change, made by the loop that owns the VM.
-async fn change(spec: &LaunchSpec, vm: &mut ThinVm, request: ControlRequest) -> ControlReply {
+async fn change(
+    spec: &LaunchSpec,
+    vm: &mut ThinVm,
+    shared: &Shared,
+    running: &mut Running,
+    request: ControlRequest,
+) -> ControlReply {
     let result = match request {
         ControlRequest::Pause => vm.pause().await,
         ControlRequest::Resume => vm.resume().await,
-        ControlRequest::AddDevice { device } => add_device(spec, vm, &device).await,
-        ControlRequest::RemoveDevice { name } => vm.remove_device(&name).await,
-        ControlRequest::Resize { cpus, memory_mib } => vm.resize(cpus, memory_mib).await,
+        ControlRequest::AddDevice { device } => add_device(spec, vm, &device).await.map(|()| {
+            running.devices.push(device);
+        }),
+        ControlRequest::RemoveDevice { name } => vm.remove_device(&name).await.map(|()| {
+            running.devices.retain(|d| d.name() != name);
+        }),
+        ControlRequest::Resize { cpus, memory_mib } => vm.resize(cpus, memory_mib).await.map(|()| {
+            running.cpus = cpus.unwrap_or(running.cpus);
+            running.memory_mib = memory_mib.unwrap_or(running.memory_mib);
+        }),
+        ControlRequest::Snapshot { dir } => {
+            return match snapshot(spec, vm, shared, running, &dir).await {
+                Ok(()) => ControlReply::Done,
+                Err(message) => ControlReply::Error { message },
+            }
+        }
         other => return ControlReply::Error { message: format!("{other:?} is not a runtime change") },
     };
     match result {
@@ -232,9 +353,47 @@ async fn change(spec: &LaunchSpec, vm: &mut ThinVm, request: ControlRequest) -> 
     }
 }
 
+/// Saves the paused VM into `dir`: skiff-vmm's files, then the
+/// [`SavedRun`] (written last, so a directory with it is complete).
+async fn snapshot(
+    spec: &LaunchSpec,
+    vm: &ThinVm,
+    shared: &Shared,
+    running: &Running,
+    dir: &Path,
+) -> Result<(), String> {
+    if !dir.is_absolute() {
+        return Err(format!("snapshot directory {} is not absolute", dir.display()));
+    }
+    let _ = std::fs::remove_file(dir.join(SAVED_RUN));
+    vm.snapshot(dir, SNAPSHOT_TIMEOUT).await.map_err(|e| error_chain(&e))?;
+    let status = lock(&shared.status).clone();
+    let saved = SavedRun {
+        name: spec.name.clone(),
+        cpus: running.cpus,
+        memory_mib: running.memory_mib,
+        rootfs: spec.rootfs.clone(),
+        main: spec.main.clone(),
+        shares: running.shares.clone(),
+        devices: running.devices.clone(),
+        main_pid: status.main_pid,
+        restarts: status.restarts,
+        nic: spec.nic.clone(),
+    };
+    let data = serde_json::to_vec_pretty(&saved).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join(SAVED_RUN), data).map_err(|e| format!("writing {}: {e}", dir.join(SAVED_RUN).display()))
+}
+
 /// Follows the VM until it ends; the exit info (also written to the exit
 /// file and sent to every subscriber).
-async fn supervise(spec: &LaunchSpec, mut vm: ThinVm, launched: &Launched, listener: UnixListener) -> ExitInfo {
+async fn supervise(
+    spec: &LaunchSpec,
+    mut vm: ThinVm,
+    launched: &Launched,
+    listener: UnixListener,
+    mut running: Running,
+    restarts: u32,
+) -> ExitInfo {
     let (stop_tx, mut stop_rx) = mpsc::channel(8);
     let (changes_tx, mut changes_rx) = mpsc::channel::<(ControlRequest, oneshot::Sender<ControlReply>)>(8);
     let (farewell_tx, mut farewell_rx) = mpsc::channel::<()>(1);
@@ -244,8 +403,8 @@ async fn supervise(spec: &LaunchSpec, mut vm: ThinVm, launched: &Launched, liste
             state: MonitorState::Running,
             monitor_pid: std::process::id(),
             vmm_pid: launched.vmm_pid,
-            main_pid: Some(launched.main_pid),
-            restarts: 0,
+            main_pid: Some(launched.main_pid).filter(|p| *p > 0),
+            restarts,
             last_main_exit: None,
             started_at: launched.started_at,
         }),
@@ -277,7 +436,7 @@ async fn supervise(spec: &LaunchSpec, mut vm: ThinVm, launched: &Launched, liste
             Some(ev) = ev_rx.recv() => on_agent_event(&shared, ev),
             Some(req) = stop_rx.recv() => break Ok(req),
             Some((req, reply)) = changes_rx.recv() => {
-                let _ = reply.send(change(spec, &mut vm, req).await);
+                let _ = reply.send(change(spec, &mut vm, &shared, &mut running, req).await);
             }
             Some(()) = recv_signal(&mut term) => break Ok((default_stop, false)),
             Some(()) = recv_signal(&mut int) => break Ok((default_stop, false)),
@@ -467,6 +626,7 @@ async fn serve_conn(stream: UnixStream, shared: Arc<Shared>, limits: ServeLimits
         }
         ControlRequest::Pause
         | ControlRequest::Resume
+        | ControlRequest::Snapshot { .. }
         | ControlRequest::AddDevice { .. }
         | ControlRequest::RemoveDevice { .. }
         | ControlRequest::Resize { .. } => {

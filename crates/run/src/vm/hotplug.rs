@@ -67,6 +67,13 @@ pub(crate) struct HotDevice {
     _virtiofsd: Option<tokio::process::Child>,
 }
 
+impl HotDevice {
+    /// A device a restored VM got back from its snapshot.
+    pub(crate) fn restored(name: &str, mount: Option<String>, virtiofsd: Option<tokio::process::Child>) -> Self {
+        HotDevice { name: name.into(), mount, _virtiofsd: virtiofsd }
+    }
+}
+
 /// Whether `name` can name a device: 1-32 characters of a-z, A-Z, 0-9,
 /// '-' and '_' (it becomes a virtio-fs tag, a disk serial, a socket name).
 pub fn valid_device_name(name: &str) -> bool {
@@ -104,6 +111,18 @@ impl ThinVm {
     /// Lets a paused VM run again.
     pub async fn resume(&self) -> Result<(), HotplugError> {
         self.api(|c| c.resume()).await
+    }
+
+    /// Saves the paused VM into `dir` (skiff-vmm's `state` and `memory`);
+    /// memory takes a while to write, so this allows `limit`.
+    pub async fn snapshot(&self, dir: &Path, limit: Duration) -> Result<(), HotplugError> {
+        let dir = dir.to_path_buf();
+        let client = self.vmm_api().with_timeout(limit);
+        tokio::task::spawn_blocking(move || client.snapshot(&dir))
+            .await
+            .map_err(HotplugError::Join)?
+            .map(drop)
+            .map_err(HotplugError::Vmm)
     }
 
     /// Changes the vCPUs or memory; the agent onlines what is added.

@@ -379,7 +379,17 @@ fn killed_create_leaves_nothing_or_a_whole_volume() {
         std::thread::sleep(Duration::from_millis(delay_ms));
         child.kill().unwrap();
         child.wait().unwrap();
-        let removed = pool.cleanup_partial().unwrap();
+        // The killed child's `cp` (or its fork before exec, which holds the temporary directory's lock) dies
+        // through PR_SET_PDEATHSIG an instant later; until then `cleanup_partial` rightly skips the locked
+        // directory, so try again for a while.
+        let mut removed = pool.cleanup_partial().unwrap();
+        for _ in 0..40 {
+            if fs::read_dir(pool.root().join("tmp")).unwrap().count() == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            removed.extend(pool.cleanup_partial().unwrap());
+        }
         let volumes = pool.volumes().unwrap();
         outcomes.push(format!("{delay_ms} ms: removed {removed:?}, volumes {volumes:?}"));
         assert_eq!(fs::read_dir(pool.root().join("tmp")).unwrap().count(), 0, "{outcomes:?}");

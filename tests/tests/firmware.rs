@@ -1,7 +1,9 @@
 //! skiff-vmm booting UEFI firmware: Debian's OVMF (`OVMF_CODE_4M.fd`, the
 //! `ovmf` package) to its UEFI shell with an empty virtio-blk disk (one
 //! boot, many checks), and bad firmware files refused before any vCPU
-//! runs.
+//! runs; then a real OS: the Debian 12 disk of
+//! `tests/images/build-debian-disk` through OVMF, GRUB and Linux to
+//! systemd and skiff-agent as a service (one boot, many checks).
 //!
 //! In the KVM box this needs the box QEMU with the fix of
 //! `tests/box/build-qemu` (Debian's QEMU aborts when a nested guest runs
@@ -13,6 +15,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use skiff_agent_client::{AgentClient, EventListener, Timeouts, Transport};
+use skiff_agent_proto::{Event, ExecRequest, PowerAction, AGENT_VSOCK_PORT};
+use skiff_tests::fixture::sha256;
 use skiff_tests::{scratch, vmm_binary};
 
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
@@ -233,5 +238,146 @@ fn ovmf_boots_to_the_uefi_shell_and_bad_firmware_is_refused() -> Result<()> {
     vm.type_line(&format!("dmpstore SkiffVar -guid {VAR_GUID}"))?;
     let at = vm.milestone("skiffvar", at, start)?;
     vm.power_off(at, start)?;
+    Ok(())
+}
+
+/// Runs `sh -c script` through the agent; its stdout when it exits 0.
+async fn sh(agent: &AgentClient, script: &str) -> Result<String> {
+    let req = ExecRequest { argv: vec!["sh".into(), "-c".into(), script.into()], ..Default::default() };
+    let out = agent.exec_output(req, None).await.with_context(|| format!("exec {script:?}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.code() == 0,
+        "{script:?} exited {:?}: {stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
+
+/// What the test asks of the Debian VM.
+const OS_CPUS: usize = 2;
+const OS_MEMORY_MIB: u64 = 1024;
+
+/// The checks on the running Debian guest, through the agent.
+async fn check_debian_guest(agent: &AgentClient) -> Result<()> {
+    // The agent's exec works; systemd is PID 1 (the agent is a service).
+    ensure!(sh(agent, "cat /proc/1/comm").await?.trim() == "systemd", "PID 1 is not systemd");
+    let state = sh(agent, "systemctl is-active skiff-agent.service").await?;
+    ensure!(state.trim() == "active", "skiff-agent.service is {state}");
+    // Booted through UEFI (the kernel's EFI stub from GRUB), from the disk.
+    sh(agent, "test -d /sys/firmware/efi/efivars").await.context("the kernel did not boot through UEFI")?;
+    let cmdline = sh(agent, "cat /proc/cmdline").await?;
+    ensure!(cmdline.contains("console=ttyS0") && cmdline.contains("root=UUID="), "kernel command line: {cmdline}");
+    let root = sh(agent, "findmnt -n -o SOURCE,OPTIONS /").await?;
+    ensure!(root.starts_with("/dev/vda2 ") && root.contains("rw"), "the root file system: {root}");
+    // The ESP (FAT) with GRUB as the removable-media fallback.
+    let esp = sh(agent, "findmnt -n -o FSTYPE /boot/efi && ls /boot/efi/EFI/BOOT").await?;
+    ensure!(esp.contains("vfat") && esp.contains("BOOTX64.EFI"), "the ESP: {esp}");
+    // The resources asked for.
+    let nproc: usize = sh(agent, "nproc").await?.trim().parse()?;
+    ensure!(nproc == OS_CPUS, "nproc {nproc}, asked for {OS_CPUS}");
+    let meminfo = sh(agent, "cat /proc/meminfo").await?;
+    let total_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no MemTotal")?;
+    // The firmware and the kernel's own reservations take some of it.
+    let asked = OS_MEMORY_MIB * 1024;
+    ensure!(total_kib <= asked && total_kib > asked * 85 / 100, "MemTotal {total_kib} kB for {asked} kB asked");
+    // Skiff's own ACPI tables (through the firmware's table loader), as a
+    // direct-boot guest sees them: the DSDT with Skiff's OEM id, the MADT,
+    // the MCFG; the GED (power button) and CPU hot-plug devices they define.
+    let tables = sh(agent, "ls /sys/firmware/acpi/tables").await?;
+    for t in ["DSDT", "APIC", "FACP", "MCFG"] {
+        ensure!(tables.split_whitespace().any(|x| x == t), "no ACPI table {t}: {tables}");
+    }
+    let oem = sh(agent, "head -c 16 /sys/firmware/acpi/tables/DSDT | tail -c 6").await?;
+    ensure!(oem == "SKIFF ", "the DSDT is not Skiff's (OEM id {oem:?})");
+    let acpi = sh(agent, "ls /sys/bus/acpi/devices").await?;
+    for dev in ["ACPI0013:00", "ACPI0010:00"] {
+        ensure!(acpi.contains(dev), "the guest has no ACPI device {dev}: {acpi}");
+    }
+    // Files go in and come back (stdin to a file, read back).
+    let req = ExecRequest {
+        argv: vec!["sh".into(), "-c".into(), "cat > /root/skiff-probe && sha256sum /root/skiff-probe".into()],
+        ..Default::default()
+    };
+    let data = b"written through the agent\n";
+    let out = agent.exec_output(req, Some(data.to_vec())).await?;
+    let sum = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.code() == 0 && sum.starts_with(&sha256(data)), "writing a file: {:?} {sum}", out.status);
+    ensure!(sh(agent, "cat /root/skiff-probe").await? == "written through the agent\n", "the file read back differs");
+    Ok(())
+}
+
+#[test]
+#[ignore = "boots a Debian disk through firmware: needs hardware KVM (or the box); run through tests/run"]
+fn debian_disk_boots_through_ovmf_and_grub_to_systemd_and_the_agent() -> Result<()> {
+    let image = std::env::var_os("SKIFF_DEBIAN_DISK")
+        .map(PathBuf::from)
+        .context("SKIFF_DEBIAN_DISK is not set (tests/run builds it with tests/images/build-debian-disk)")?;
+    let dir = scratch()?;
+    // The VM writes to its disk: a sparse copy of the cached image.
+    let disk = dir.path().join("debian12.img");
+    let copied = Command::new("cp").arg("--sparse=always").arg(&image).arg(&disk).status()?;
+    ensure!(copied.success(), "cannot copy {}", image.display());
+    let (vars, vsock) = (dir.path().join("vars.fd"), dir.path().join("vsock.sock"));
+    let rt = tokio::runtime::Runtime::new()?;
+    // Listening before the VM starts: the agent announces itself once.
+    let events = rt.block_on(async { EventListener::bind_for_vsock(&vsock) })?;
+    let (disk_arg, vsock_arg) = (format!("path={}", s(&disk)), format!("cid=3,socket={}", s(&vsock)));
+    let (cpus, memory) = (OS_CPUS.to_string(), OS_MEMORY_MIB.to_string());
+    let args: Vec<String> = [
+        "--firmware", "--firmware-vars", s(&vars), "--cpus", &cpus, "--memory", &memory, "--disk", &disk_arg,
+        "--vsock", &vsock_arg,
+    ]
+    .map(String::from)
+    .to_vec();
+    let start = Instant::now();
+    let mut vm = FirmwareVm::start(dir.path(), &args)?;
+    // OVMF boots the disk's removable-media path (\EFI\BOOT\BOOTX64.EFI,
+    // no boot entry of its own); GRUB reads the root's grub.cfg and loads
+    // the kernel and initramfs; the initramfs finds the root on virtio-blk.
+    let at = vm.milestone("BdsDxe: starting Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x2,0x0)", 0, start)?;
+    let at = vm.milestone("skiff-disk: GRUB loading vmlinuz-", at, start)?;
+    let at = vm.milestone("Linux version 6.1", at, start)?;
+    let at = vm.milestone("Welcome to Debian GNU/Linux 12 (bookworm)!", at, start)?;
+    let at = vm.milestone("Started skiff-agent.service", at, start)?;
+    let ready = rt.block_on(async {
+        let mut stream = events.accept(Duration::from_secs(120)).await?;
+        stream.next(Duration::from_secs(60)).await
+    });
+    match ready {
+        Ok(Some(Event::Ready(w))) => {
+            ensure!(!w.pid1, "the agent says it is PID 1 in a systemd guest");
+            println!("{:>7.1} s  agent {} ready (protocol {})", start.elapsed().as_secs_f64(), w.agent, w.version);
+        }
+        other => bail!("no ready event from the agent: {other:?}\n{}\n{}", vm.serial(), vm.stderr()),
+    }
+    let agent = AgentClient::new(Transport::HybridVsock { path: vsock.clone(), port: AGENT_VSOCK_PORT })
+        .with_timeouts(Timeouts { connect: Duration::from_secs(60), request: Duration::from_secs(120), exec: None });
+    if let Err(e) = rt.block_on(check_debian_guest(&agent)) {
+        bail!("{e:#}\n--- console ---\n{}\n--- VMM ---\n{}", vm.serial(), vm.stderr());
+    }
+    println!("{:>7.1} s  guest checks passed", start.elapsed().as_secs_f64());
+    // Power off through the agent (a service: it asks systemd, which
+    // shuts down and powers off through ACPI S5); the VMM ends with 0.
+    rt.block_on(agent.power(PowerAction::Poweroff))?;
+    vm.milestone("reboot: Power down", at, start)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(st) = vm.child.try_wait()? {
+            break st;
+        }
+        ensure!(Instant::now() < deadline, "the VMM did not end after the guest powered off\n{}", vm.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    println!("{:>7.1} s  powered off ({status})", start.elapsed().as_secs_f64());
+    ensure!(status.code() == Some(0), "power-off should end the VMM with 0, got {status}\n{}", vm.stderr());
+    let log = vm.stderr();
+    ensure!(log.contains("guest powered off"), "no power-off message: {log}");
+    ensure!(!log.contains("ERROR") && !log.contains("panicked"), "errors in the VMM log: {log}");
     Ok(())
 }

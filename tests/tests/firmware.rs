@@ -261,8 +261,11 @@ const OS_MEMORY_MIB: u64 = 1024;
 
 /// The checks on the running Debian guest, through the agent.
 async fn check_debian_guest(agent: &AgentClient) -> Result<()> {
-    // The agent's exec works; systemd is PID 1 (the agent is a service).
+    // The agent's exec works; systemd is PID 1 (the agent is a service)
+    // and brings the system up with no unit failed.
     ensure!(sh(agent, "cat /proc/1/comm").await?.trim() == "systemd", "PID 1 is not systemd");
+    let system = sh(agent, "systemctl is-system-running --wait || systemctl --failed --no-legend").await?;
+    ensure!(system.trim() == "running", "systemd: {system}");
     let state = sh(agent, "systemctl is-active skiff-agent.service").await?;
     ensure!(state.trim() == "active", "skiff-agent.service is {state}");
     // Booted through UEFI (the kernel's EFI stub from GRUB), from the disk.
@@ -341,10 +344,13 @@ fn debian_disk_boots_through_ovmf_and_grub_to_systemd_and_the_agent() -> Result<
     // no boot entry of its own); GRUB reads the root's grub.cfg and loads
     // the kernel and initramfs; the initramfs finds the root on virtio-blk.
     let at = vm.milestone("BdsDxe: starting Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x2,0x0)", 0, start)?;
+    let at = vm.milestone("Welcome to GRUB!", at, start)?;
+    // (The echo in the disk's grub.cfg.)
     let at = vm.milestone("skiff-disk: GRUB loading vmlinuz-", at, start)?;
     let at = vm.milestone("Linux version 6.1", at, start)?;
-    let at = vm.milestone("Welcome to Debian GNU/Linux 12 (bookworm)!", at, start)?;
-    let at = vm.milestone("Started skiff-agent.service", at, start)?;
+    let at = vm.milestone("EXT4-fs (vda2): mounted filesystem", at, start)?;
+    // systemd's welcome, its distribution name in colour escapes.
+    let at = vm.milestone("Debian GNU/Linux 12 (bookworm)", at, start)?;
     let ready = rt.block_on(async {
         let mut stream = events.accept(Duration::from_secs(120)).await?;
         stream.next(Duration::from_secs(60)).await

@@ -316,6 +316,103 @@ async fn check_debian_guest(agent: &AgentClient) -> Result<()> {
     Ok(())
 }
 
+/// An EFI variable the Debian guest writes through efivarfs (non-volatile,
+/// boot and runtime access), and its value.
+const OS_VAR: &str = "SkiffOsVar-5d4a8f2e-8b3c-4b5e-9a6f-1c2d3e4f5a6b";
+const OS_VAR_VALUE: &str = "written-by-linux";
+
+/// One boot of the Debian disk (`disk`, variable store `vars`), logs and
+/// the vsock socket in `logs`, up to the agent's ready event.
+struct DebianBoot {
+    vm: FirmwareVm,
+    agent: AgentClient,
+    start: Instant,
+    /// Where on the console the boot got to.
+    at: usize,
+}
+
+impl DebianBoot {
+    fn start(rt: &tokio::runtime::Runtime, disk: &Path, vars: &Path, logs: &Path) -> Result<Self> {
+        let vsock = logs.join("vsock.sock");
+        // Listening before the VM starts: the agent announces itself once.
+        let events = rt.block_on(async { EventListener::bind_for_vsock(&vsock) })?;
+        let (disk_arg, vsock_arg) = (format!("path={}", s(disk)), format!("cid=3,socket={}", s(&vsock)));
+        let (cpus, memory) = (OS_CPUS.to_string(), OS_MEMORY_MIB.to_string());
+        let args: Vec<String> = [
+            ["--firmware", "--firmware-vars", s(vars)].as_slice(),
+            &["--cpus", &cpus, "--memory", &memory, "--disk", &disk_arg, "--vsock", &vsock_arg],
+        ]
+        .concat()
+        .into_iter()
+        .map(String::from)
+        .collect();
+        let start = Instant::now();
+        let mut vm = FirmwareVm::start(logs, &args)?;
+        // OVMF boots the disk's removable-media path (\EFI\BOOT\BOOTX64.EFI);
+        // GRUB reads the root's grub.cfg and loads the kernel and initramfs;
+        // the initramfs finds the root on virtio-blk.
+        let at =
+            vm.milestone("BdsDxe: starting Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x2,0x0)", 0, start)?;
+        let at = vm.milestone("Welcome to GRUB!", at, start)?;
+        // (The echo in the disk's grub.cfg.)
+        let at = vm.milestone("skiff-disk: GRUB loading vmlinuz-", at, start)?;
+        let at = vm.milestone("Linux version 6.1", at, start)?;
+        let at = vm.milestone("EXT4-fs (vda2): mounted filesystem", at, start)?;
+        // systemd's welcome, its distribution name in colour escapes.
+        let at = vm.milestone("Debian GNU/Linux 12 (bookworm)", at, start)?;
+        let ready = rt.block_on(async {
+            let mut stream = events.accept(Duration::from_secs(120)).await?;
+            stream.next(Duration::from_secs(60)).await
+        });
+        match ready {
+            Ok(Some(Event::Ready(w))) => {
+                ensure!(!w.pid1, "the agent says it is PID 1 in a systemd guest");
+                println!("{:>7.1} s  agent {} ready (protocol {})", start.elapsed().as_secs_f64(), w.agent, w.version);
+            }
+            other => bail!("no ready event from the agent: {other:?}\n{}\n{}", vm.serial(), vm.stderr()),
+        }
+        let agent =
+            AgentClient::new(Transport::HybridVsock { path: vsock, port: AGENT_VSOCK_PORT }).with_timeouts(Timeouts {
+                connect: Duration::from_secs(60),
+                request: Duration::from_secs(120),
+                exec: None,
+            });
+        Ok(Self { vm, agent, start, at })
+    }
+
+    /// Runs the guest checks `f`, with the console and the VMM's log on
+    /// failure.
+    fn check<F: std::future::Future<Output = Result<()>>>(&self, rt: &tokio::runtime::Runtime, f: F) -> Result<()> {
+        if let Err(e) = rt.block_on(f) {
+            bail!("{e:#}\n--- console ---\n{}\n--- VMM ---\n{}", self.vm.serial(), self.vm.stderr());
+        }
+        println!("{:>7.1} s  guest checks passed", self.start.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Powers off through the agent (a service: it asks systemd, which
+    /// shuts down and powers off through the FADT's sleep register); the
+    /// VMM must end with 0.
+    fn power_off(mut self, rt: &tokio::runtime::Runtime) -> Result<()> {
+        rt.block_on(self.agent.power(PowerAction::Poweroff))?;
+        self.vm.milestone("reboot: Power down", self.at, self.start)?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            if let Some(st) = self.vm.child.try_wait()? {
+                break st;
+            }
+            ensure!(Instant::now() < deadline, "the VMM did not end after the guest powered off\n{}", self.vm.stderr());
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        println!("{:>7.1} s  powered off ({status})", self.start.elapsed().as_secs_f64());
+        let log = self.vm.stderr();
+        ensure!(status.code() == Some(0), "power-off should end the VMM with 0, got {status}\n{log}");
+        ensure!(log.contains("guest powered off"), "no power-off message: {log}");
+        ensure!(!log.contains("ERROR") && !log.contains("panicked"), "errors in the VMM log: {log}");
+        Ok(())
+    }
+}
+
 #[test]
 #[ignore = "boots a Debian disk through firmware: needs hardware KVM (or the box); run through tests/run"]
 fn debian_disk_boots_through_ovmf_and_grub_to_systemd_and_the_agent() -> Result<()> {
@@ -327,73 +424,32 @@ fn debian_disk_boots_through_ovmf_and_grub_to_systemd_and_the_agent() -> Result<
     let disk = dir.path().join("debian12.img");
     let copied = Command::new("cp").arg("--sparse=always").arg(&image).arg(&disk).status()?;
     ensure!(copied.success(), "cannot copy {}", image.display());
-    let (vars, vsock) = (dir.path().join("vars.fd"), dir.path().join("vsock.sock"));
+    let vars = dir.path().join("vars.fd");
     let rt = tokio::runtime::Runtime::new()?;
-    // Listening before the VM starts: the agent announces itself once.
-    let events = rt.block_on(async { EventListener::bind_for_vsock(&vsock) })?;
-    let (disk_arg, vsock_arg) = (format!("path={}", s(&disk)), format!("cid=3,socket={}", s(&vsock)));
-    let (cpus, memory) = (OS_CPUS.to_string(), OS_MEMORY_MIB.to_string());
-    let args: Vec<String> = [
-        "--firmware",
-        "--firmware-vars",
-        s(&vars),
-        "--cpus",
-        &cpus,
-        "--memory",
-        &memory,
-        "--disk",
-        &disk_arg,
-        "--vsock",
-        &vsock_arg,
-    ]
-    .map(String::from)
-    .to_vec();
-    let start = Instant::now();
-    let mut vm = FirmwareVm::start(dir.path(), &args)?;
-    // OVMF boots the disk's removable-media path (\EFI\BOOT\BOOTX64.EFI,
-    // no boot entry of its own); GRUB reads the root's grub.cfg and loads
-    // the kernel and initramfs; the initramfs finds the root on virtio-blk.
-    let at = vm.milestone("BdsDxe: starting Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x2,0x0)", 0, start)?;
-    let at = vm.milestone("Welcome to GRUB!", at, start)?;
-    // (The echo in the disk's grub.cfg.)
-    let at = vm.milestone("skiff-disk: GRUB loading vmlinuz-", at, start)?;
-    let at = vm.milestone("Linux version 6.1", at, start)?;
-    let at = vm.milestone("EXT4-fs (vda2): mounted filesystem", at, start)?;
-    // systemd's welcome, its distribution name in colour escapes.
-    let at = vm.milestone("Debian GNU/Linux 12 (bookworm)", at, start)?;
-    let ready = rt.block_on(async {
-        let mut stream = events.accept(Duration::from_secs(120)).await?;
-        stream.next(Duration::from_secs(60)).await
-    });
-    match ready {
-        Ok(Some(Event::Ready(w))) => {
-            ensure!(!w.pid1, "the agent says it is PID 1 in a systemd guest");
-            println!("{:>7.1} s  agent {} ready (protocol {})", start.elapsed().as_secs_f64(), w.agent, w.version);
-        }
-        other => bail!("no ready event from the agent: {other:?}\n{}\n{}", vm.serial(), vm.stderr()),
-    }
-    let agent = AgentClient::new(Transport::HybridVsock { path: vsock.clone(), port: AGENT_VSOCK_PORT })
-        .with_timeouts(Timeouts { connect: Duration::from_secs(60), request: Duration::from_secs(120), exec: None });
-    if let Err(e) = rt.block_on(check_debian_guest(&agent)) {
-        bail!("{e:#}\n--- console ---\n{}\n--- VMM ---\n{}", vm.serial(), vm.stderr());
-    }
-    println!("{:>7.1} s  guest checks passed", start.elapsed().as_secs_f64());
-    // Power off through the agent (a service: it asks systemd, which
-    // shuts down and powers off through ACPI S5); the VMM ends with 0.
-    rt.block_on(agent.power(PowerAction::Poweroff))?;
-    vm.milestone("reboot: Power down", at, start)?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(st) = vm.child.try_wait()? {
-            break st;
-        }
-        ensure!(Instant::now() < deadline, "the VMM did not end after the guest powered off\n{}", vm.stderr());
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    println!("{:>7.1} s  powered off ({status})", start.elapsed().as_secs_f64());
-    ensure!(status.code() == Some(0), "power-off should end the VMM with 0, got {status}\n{}", vm.stderr());
-    let log = vm.stderr();
-    ensure!(log.contains("guest powered off"), "no power-off message: {log}");
-    ensure!(!log.contains("ERROR") && !log.contains("panicked"), "errors in the VMM log: {log}");
-    Ok(())
+
+    let (logs1, logs2) = (scratch()?, scratch()?);
+    let boot = DebianBoot::start(&rt, &disk, &vars, logs1.path())?;
+    boot.check(&rt, async {
+        check_debian_guest(&boot.agent).await?;
+        // Linux writes a non-volatile EFI variable (efivarfs: 4 bytes of
+        // attributes, then the data) through the firmware's runtime
+        // services into the VMM's flash.
+        let path = format!("/sys/firmware/efi/efivars/{OS_VAR}");
+        sh(&boot.agent, &format!("printf '\\007\\000\\000\\000{OS_VAR_VALUE}' > {path}")).await?;
+        Ok(())
+    })?;
+    boot.power_off(&rt)?;
+
+    // A second VMM on the same disk and store: the firmware boots the disk
+    // again, the guest's variable and its file are still there.
+    let boot = DebianBoot::start(&rt, &disk, &vars, logs2.path())?;
+    ensure!(!boot.vm.stderr().contains("created from"), "the second boot made a new variable store");
+    boot.check(&rt, async {
+        let var = sh(&boot.agent, &format!("tail -c +5 /sys/firmware/efi/efivars/{OS_VAR}")).await?;
+        ensure!(var == OS_VAR_VALUE, "the guest's EFI variable after a new boot: {var:?}");
+        let file = sh(&boot.agent, "cat /root/skiff-probe").await?;
+        ensure!(file == "written through the agent\n", "the guest's file after a new boot: {file:?}");
+        Ok(())
+    })?;
+    boot.power_off(&rt)
 }

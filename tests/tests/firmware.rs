@@ -415,7 +415,7 @@ impl DebianBoot {
 
 #[test]
 #[ignore = "boots a Debian disk through firmware: needs hardware KVM (or the box); run through tests/run"]
-fn debian_disk_boots_through_ovmf_and_grub_to_systemd_and_the_agent() -> Result<()> {
+fn firmware_boots_a_debian_disk_through_grub_to_systemd_and_the_agent() -> Result<()> {
     let image = std::env::var_os("SKIFF_DEBIAN_DISK")
         .map(PathBuf::from)
         .context("SKIFF_DEBIAN_DISK is not set (tests/run builds it with tests/images/build-debian-disk)")?;

@@ -138,6 +138,12 @@ impl FirmwareVm {
         }
     }
 
+    /// Waits for each of `needles` in turn, from byte `from`; returns where
+    /// the last ended.
+    fn milestones(&mut self, needles: &[&str], from: usize, start: Instant) -> Result<usize> {
+        needles.iter().try_fold(from, |at, needle| self.milestone(needle, at, start))
+    }
+
     /// Types `line` and Enter, in pieces the UART's 64-byte FIFO takes
     /// (the VMM drops what does not fit), with time for the firmware to
     /// read each.
@@ -198,13 +204,18 @@ fn ovmf_boots_to_the_uefi_shell_and_bad_firmware_is_refused() -> Result<()> {
     // on Skiff's device in slot 2, its BARs where the firmware put them;
     // an empty disk has nothing to boot) and starts the built-in shell,
     // which lists the disk as a block device and prompts.
-    let at =
-        vm.milestone("BdsDxe: failed to load Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x2,0x0)", 0, start)?;
-    let at = vm.milestone("BdsDxe: starting Boot0002 \"EFI Internal Shell\"", at, start)?;
-    let at = vm.milestone("UEFI Interactive Shell", at, start)?;
-    // (The device names come with colour escapes around them.)
-    let at = vm.milestone("BLK0", at, start)?;
-    let at = vm.milestone("Shell> ", at, start)?;
+    // (The device names come with colour escapes around them: BLK0 alone.)
+    let at = vm.milestones(
+        &[
+            "BdsDxe: failed to load Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x2,0x0)",
+            "BdsDxe: starting Boot0002 \"EFI Internal Shell\"",
+            "UEFI Interactive Shell",
+            "BLK0",
+            "Shell> ",
+        ],
+        0,
+        start,
+    )?;
     // The console takes input: a command the shell does not know.
     vm.type_line("skiffprobe")?;
     // (The shell colours the command's name.)
@@ -351,15 +362,20 @@ impl DebianBoot {
         // OVMF boots the disk's removable-media path (\EFI\BOOT\BOOTX64.EFI);
         // GRUB reads the root's grub.cfg and loads the kernel and initramfs;
         // the initramfs finds the root on virtio-blk.
-        let at =
-            vm.milestone("BdsDxe: starting Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x2,0x0)", 0, start)?;
-        let at = vm.milestone("Welcome to GRUB!", at, start)?;
-        // (The echo in the disk's grub.cfg.)
-        let at = vm.milestone("skiff-disk: GRUB loading vmlinuz-", at, start)?;
-        let at = vm.milestone("Linux version 6.1", at, start)?;
-        let at = vm.milestone("EXT4-fs (vda2): mounted filesystem", at, start)?;
-        // systemd's welcome, its distribution name in colour escapes.
-        let at = vm.milestone("Debian GNU/Linux 12 (bookworm)", at, start)?;
+        // (The echo is the disk's grub.cfg's; systemd's welcome has the
+        // distribution's name in colour escapes.)
+        let at = vm.milestones(
+            &[
+                "BdsDxe: starting Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x2,0x0)",
+                "Welcome to GRUB!",
+                "skiff-disk: GRUB loading vmlinuz-",
+                "Linux version 6.1",
+                "EXT4-fs (vda2): mounted filesystem",
+                "Debian GNU/Linux 12 (bookworm)",
+            ],
+            0,
+            start,
+        )?;
         let ready = rt.block_on(async {
             let mut stream = events.accept(Duration::from_secs(120)).await?;
             stream.next(Duration::from_secs(60)).await

@@ -1,7 +1,9 @@
 //! skiff-vmm booting UEFI firmware: Debian's OVMF (`OVMF_CODE_4M.fd`, the
 //! `ovmf` package) to its UEFI shell with an empty virtio-blk disk (one
 //! boot, many checks), and bad firmware files refused before any vCPU
-//! runs.
+//! runs; then a real OS: the Debian 12 disk of
+//! `tests/images/build-debian-disk` through OVMF, GRUB and Linux to
+//! systemd and skiff-agent as a service (one boot, many checks).
 //!
 //! In the KVM box this needs the box QEMU with the fix of
 //! `tests/box/build-qemu` (Debian's QEMU aborts when a nested guest runs
@@ -13,6 +15,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use skiff_agent_client::{AgentClient, EventListener, Timeouts, Transport};
+use skiff_agent_proto::{Event, ExecRequest, PowerAction, AGENT_VSOCK_PORT};
+use skiff_tests::fixture::sha256;
 use skiff_tests::{scratch, vmm_binary};
 
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
@@ -133,6 +138,12 @@ impl FirmwareVm {
         }
     }
 
+    /// Waits for each of `needles` in turn, from byte `from`; returns where
+    /// the last ended.
+    fn milestones(&mut self, needles: &[&str], from: usize, start: Instant) -> Result<usize> {
+        needles.iter().try_fold(from, |at, needle| self.milestone(needle, at, start))
+    }
+
     /// Types `line` and Enter, in pieces the UART's 64-byte FIFO takes
     /// (the VMM drops what does not fit), with time for the firmware to
     /// read each.
@@ -193,13 +204,18 @@ fn ovmf_boots_to_the_uefi_shell_and_bad_firmware_is_refused() -> Result<()> {
     // on Skiff's device in slot 2, its BARs where the firmware put them;
     // an empty disk has nothing to boot) and starts the built-in shell,
     // which lists the disk as a block device and prompts.
-    let at =
-        vm.milestone("BdsDxe: failed to load Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x2,0x0)", 0, start)?;
-    let at = vm.milestone("BdsDxe: starting Boot0002 \"EFI Internal Shell\"", at, start)?;
-    let at = vm.milestone("UEFI Interactive Shell", at, start)?;
-    // (The device names come with colour escapes around them.)
-    let at = vm.milestone("BLK0", at, start)?;
-    let at = vm.milestone("Shell> ", at, start)?;
+    // (The device names come with colour escapes around them: BLK0 alone.)
+    let at = vm.milestones(
+        &[
+            "BdsDxe: failed to load Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x2,0x0)",
+            "BdsDxe: starting Boot0002 \"EFI Internal Shell\"",
+            "UEFI Interactive Shell",
+            "BLK0",
+            "Shell> ",
+        ],
+        0,
+        start,
+    )?;
     // The console takes input: a command the shell does not know.
     vm.type_line("skiffprobe")?;
     // (The shell colours the command's name.)
@@ -234,4 +250,223 @@ fn ovmf_boots_to_the_uefi_shell_and_bad_firmware_is_refused() -> Result<()> {
     let at = vm.milestone("skiffvar", at, start)?;
     vm.power_off(at, start)?;
     Ok(())
+}
+
+/// Runs `sh -c script` through the agent; its stdout when it exits 0.
+async fn sh(agent: &AgentClient, script: &str) -> Result<String> {
+    let req = ExecRequest { argv: vec!["sh".into(), "-c".into(), script.into()], ..Default::default() };
+    let out = agent.exec_output(req, None).await.with_context(|| format!("exec {script:?}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.code() == 0,
+        "{script:?} exited {:?}: {stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
+
+/// What the test asks of the Debian VM.
+const OS_CPUS: usize = 2;
+const OS_MEMORY_MIB: u64 = 1024;
+
+/// The checks on the running Debian guest, through the agent.
+async fn check_debian_guest(agent: &AgentClient) -> Result<()> {
+    // The agent's exec works; systemd is PID 1 (the agent is a service)
+    // and brings the system up with no unit failed.
+    ensure!(sh(agent, "cat /proc/1/comm").await?.trim() == "systemd", "PID 1 is not systemd");
+    let system = sh(agent, "systemctl is-system-running --wait || systemctl --failed --no-legend").await?;
+    ensure!(system.trim() == "running", "systemd: {system}");
+    let state = sh(agent, "systemctl is-active skiff-agent.service").await?;
+    ensure!(state.trim() == "active", "skiff-agent.service is {state}");
+    // Booted through UEFI (the kernel's EFI stub from GRUB), from the disk.
+    sh(agent, "test -d /sys/firmware/efi/efivars").await.context("the kernel did not boot through UEFI")?;
+    let cmdline = sh(agent, "cat /proc/cmdline").await?;
+    ensure!(cmdline.contains("console=ttyS0") && cmdline.contains("root=UUID="), "kernel command line: {cmdline}");
+    let root = sh(agent, "findmnt -n -o SOURCE,OPTIONS /").await?;
+    ensure!(root.starts_with("/dev/vda2 ") && root.contains("rw"), "the root file system: {root}");
+    // The ESP (FAT) with GRUB as the removable-media fallback.
+    let esp = sh(agent, "findmnt -n -o FSTYPE /boot/efi && ls /boot/efi/EFI/BOOT").await?;
+    ensure!(esp.contains("vfat") && esp.contains("BOOTX64.EFI"), "the ESP: {esp}");
+    // The resources asked for.
+    let nproc: usize = sh(agent, "nproc").await?.trim().parse()?;
+    ensure!(nproc == OS_CPUS, "nproc {nproc}, asked for {OS_CPUS}");
+    let meminfo = sh(agent, "cat /proc/meminfo").await?;
+    let total_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no MemTotal")?;
+    // The firmware and the kernel's own reservations take some of it.
+    let asked = OS_MEMORY_MIB * 1024;
+    ensure!(total_kib <= asked && total_kib > asked * 85 / 100, "MemTotal {total_kib} kB for {asked} kB asked");
+    // Skiff's own ACPI tables (through the firmware's table loader), as a
+    // direct-boot guest sees them: the DSDT with Skiff's OEM id, the MADT,
+    // the MCFG; the devices they define: the GED, its power button, the
+    // PCIe host bridge (ECAM).
+    let tables = sh(agent, "ls /sys/firmware/acpi/tables").await?;
+    for t in ["DSDT", "APIC", "FACP", "MCFG"] {
+        ensure!(tables.split_whitespace().any(|x| x == t), "no ACPI table {t}: {tables}");
+    }
+    let oem = sh(agent, "head -c 16 /sys/firmware/acpi/tables/DSDT | tail -c 6").await?;
+    ensure!(oem == "SKIFF ", "the DSDT is not Skiff's (OEM id {oem:?})");
+    let acpi = sh(agent, "ls /sys/bus/acpi/devices").await?;
+    for dev in ["ACPI0013:00", "PNP0C0C:00", "PNP0A08:00"] {
+        ensure!(acpi.contains(dev), "the guest has no ACPI device {dev}: {acpi}");
+    }
+    // Files go in and come back (stdin to a file, read back).
+    let req = ExecRequest {
+        argv: vec!["sh".into(), "-c".into(), "cat > /root/skiff-probe && sha256sum /root/skiff-probe".into()],
+        ..Default::default()
+    };
+    let data = b"written through the agent\n";
+    let out = agent.exec_output(req, Some(data.to_vec())).await?;
+    let sum = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.code() == 0 && sum.starts_with(&sha256(data)), "writing a file: {:?} {sum}", out.status);
+    ensure!(sh(agent, "cat /root/skiff-probe").await? == "written through the agent\n", "the file read back differs");
+    Ok(())
+}
+
+/// An EFI variable the Debian guest writes through efivarfs (non-volatile,
+/// boot and runtime access), and its value.
+const OS_VAR: &str = "SkiffOsVar-5d4a8f2e-8b3c-4b5e-9a6f-1c2d3e4f5a6b";
+const OS_VAR_VALUE: &str = "written-by-linux";
+
+/// One boot of the Debian disk (`disk`, variable store `vars`), logs and
+/// the vsock socket in `logs`, up to the agent's ready event.
+struct DebianBoot {
+    vm: FirmwareVm,
+    agent: AgentClient,
+    start: Instant,
+    /// Where on the console the boot got to.
+    at: usize,
+}
+
+impl DebianBoot {
+    fn start(rt: &tokio::runtime::Runtime, disk: &Path, vars: &Path, logs: &Path) -> Result<Self> {
+        let vsock = logs.join("vsock.sock");
+        // Listening before the VM starts: the agent announces itself once.
+        let events = rt.block_on(async { EventListener::bind_for_vsock(&vsock) })?;
+        let (disk_arg, vsock_arg) = (format!("path={}", s(disk)), format!("cid=3,socket={}", s(&vsock)));
+        let (cpus, memory) = (OS_CPUS.to_string(), OS_MEMORY_MIB.to_string());
+        let args: Vec<String> = [
+            ["--firmware", "--firmware-vars", s(vars)].as_slice(),
+            &["--cpus", &cpus, "--memory", &memory, "--disk", &disk_arg, "--vsock", &vsock_arg],
+        ]
+        .concat()
+        .into_iter()
+        .map(String::from)
+        .collect();
+        let start = Instant::now();
+        let mut vm = FirmwareVm::start(logs, &args)?;
+        // OVMF boots the disk's removable-media path (\EFI\BOOT\BOOTX64.EFI);
+        // GRUB reads the root's grub.cfg and loads the kernel and initramfs;
+        // the initramfs finds the root on virtio-blk.
+        // (The echo is the disk's grub.cfg's; systemd's welcome has the
+        // distribution's name in colour escapes.)
+        let at = vm.milestones(
+            &[
+                "BdsDxe: starting Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x2,0x0)",
+                "Welcome to GRUB!",
+                "skiff-disk: GRUB loading vmlinuz-",
+                "Linux version 6.1",
+                "EXT4-fs (vda2): mounted filesystem",
+                "Debian GNU/Linux 12 (bookworm)",
+            ],
+            0,
+            start,
+        )?;
+        let ready = rt.block_on(async {
+            let mut stream = events.accept(Duration::from_secs(120)).await?;
+            stream.next(Duration::from_secs(60)).await
+        });
+        match ready {
+            Ok(Some(Event::Ready(w))) => {
+                ensure!(!w.pid1, "the agent says it is PID 1 in a systemd guest");
+                println!("{:>7.1} s  agent {} ready (protocol {})", start.elapsed().as_secs_f64(), w.agent, w.version);
+            }
+            other => bail!("no ready event from the agent: {other:?}\n{}\n{}", vm.serial(), vm.stderr()),
+        }
+        let agent =
+            AgentClient::new(Transport::HybridVsock { path: vsock, port: AGENT_VSOCK_PORT }).with_timeouts(Timeouts {
+                connect: Duration::from_secs(60),
+                request: Duration::from_secs(120),
+                exec: None,
+            });
+        Ok(Self { vm, agent, start, at })
+    }
+
+    /// Runs the guest checks `f`, with the console and the VMM's log on
+    /// failure.
+    fn check<F: std::future::Future<Output = Result<()>>>(&self, rt: &tokio::runtime::Runtime, f: F) -> Result<()> {
+        if let Err(e) = rt.block_on(f) {
+            bail!("{e:#}\n--- console ---\n{}\n--- VMM ---\n{}", self.vm.serial(), self.vm.stderr());
+        }
+        println!("{:>7.1} s  guest checks passed", self.start.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Powers off through the agent (a service: it asks systemd, which
+    /// shuts down and powers off through the FADT's sleep register); the
+    /// VMM must end with 0.
+    fn power_off(mut self, rt: &tokio::runtime::Runtime) -> Result<()> {
+        rt.block_on(self.agent.power(PowerAction::Poweroff))?;
+        self.vm.milestone("reboot: Power down", self.at, self.start)?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            if let Some(st) = self.vm.child.try_wait()? {
+                break st;
+            }
+            ensure!(Instant::now() < deadline, "the VMM did not end after the guest powered off\n{}", self.vm.stderr());
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        println!("{:>7.1} s  powered off ({status})", self.start.elapsed().as_secs_f64());
+        let log = self.vm.stderr();
+        ensure!(status.code() == Some(0), "power-off should end the VMM with 0, got {status}\n{log}");
+        ensure!(log.contains("guest powered off"), "no power-off message: {log}");
+        ensure!(!log.contains("ERROR") && !log.contains("panicked"), "errors in the VMM log: {log}");
+        Ok(())
+    }
+}
+
+#[test]
+#[ignore = "boots a Debian disk through firmware: needs hardware KVM (or the box); run through tests/run"]
+fn firmware_boots_a_debian_disk_through_grub_to_systemd_and_the_agent() -> Result<()> {
+    let image = std::env::var_os("SKIFF_DEBIAN_DISK")
+        .map(PathBuf::from)
+        .context("SKIFF_DEBIAN_DISK is not set (tests/run builds it with tests/images/build-debian-disk)")?;
+    let dir = scratch()?;
+    // The VM writes to its disk: a sparse copy of the cached image.
+    let disk = dir.path().join("debian12.img");
+    let copied = Command::new("cp").arg("--sparse=always").arg(&image).arg(&disk).status()?;
+    ensure!(copied.success(), "cannot copy {}", image.display());
+    let vars = dir.path().join("vars.fd");
+    let rt = tokio::runtime::Runtime::new()?;
+
+    let (logs1, logs2) = (scratch()?, scratch()?);
+    let boot = DebianBoot::start(&rt, &disk, &vars, logs1.path())?;
+    boot.check(&rt, async {
+        check_debian_guest(&boot.agent).await?;
+        // Linux writes a non-volatile EFI variable (efivarfs: 4 bytes of
+        // attributes, then the data) through the firmware's runtime
+        // services into the VMM's flash.
+        let path = format!("/sys/firmware/efi/efivars/{OS_VAR}");
+        sh(&boot.agent, &format!("printf '\\007\\000\\000\\000{OS_VAR_VALUE}' > {path}")).await?;
+        Ok(())
+    })?;
+    boot.power_off(&rt)?;
+
+    // A second VMM on the same disk and store: the firmware boots the disk
+    // again, the guest's variable and its file are still there.
+    let boot = DebianBoot::start(&rt, &disk, &vars, logs2.path())?;
+    ensure!(!boot.vm.stderr().contains("created from"), "the second boot made a new variable store");
+    boot.check(&rt, async {
+        // (efivarfs files cannot seek: tail reads a pipe.)
+        let var = sh(&boot.agent, &format!("cat /sys/firmware/efi/efivars/{OS_VAR} | tail -c +5")).await?;
+        ensure!(var == OS_VAR_VALUE, "the guest's EFI variable after a new boot: {var:?}");
+        let file = sh(&boot.agent, "cat /root/skiff-probe").await?;
+        ensure!(file == "written through the agent\n", "the guest's file after a new boot: {file:?}");
+        Ok(())
+    })?;
+    boot.power_off(&rt)
 }

@@ -18,10 +18,13 @@
 //! recorded in the overlay (`qemu-img create -F`); they are never probed
 //! either.
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod qcow2;
 pub mod raw;
 
 use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -189,9 +192,12 @@ fn starts_with_qcow2_magic(file: &File, path: &Path) -> Result<bool, DiskError> 
 
 /// Opens `path` (read-write unless `readonly`) and takes its lock.
 pub(crate) fn open_locked(path: &Path, readonly: bool) -> Result<File, DiskError> {
+    // Non-blocking open: a FIFO named as an image (or as a backing file)
+    // must not hang the VMM; regular files and block devices ignore it.
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(!readonly)
+        .custom_flags(libc::O_NONBLOCK)
         .open(path)
         .map_err(|source| DiskError::Open {
             path: path.to_path_buf(),
@@ -202,12 +208,20 @@ pub(crate) fn open_locked(path: &Path, readonly: bool) -> Result<File, DiskError
     } else {
         libc::LOCK_EX
     };
-    // SAFETY: flock on a file descriptor we own; no memory is involved.
-    let r = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
-    if r != 0 {
-        return Err(DiskError::Locked(path.to_path_buf()));
+    // A process forked by another thread holds a copy of the descriptor
+    // (and so the lock) until its exec closes it: retry briefly before
+    // calling the image busy.
+    for attempt in 0..20 {
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        let r = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
+        if r == 0 {
+            return Ok(file);
+        }
+        if attempt < 19 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
-    Ok(file)
+    Err(DiskError::Locked(path.to_path_buf()))
 }
 
 #[cfg(test)]

@@ -469,39 +469,13 @@ use std::path::PathBuf;
 fn mutated_images_never_panic() {
     let dir = tempfile::tempdir().unwrap();
     let (path, good) = sample(dir.path(), "m.qcow2");
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let (mut opened, mut refused) = (0, 0);
     let mut buf = vec![0u8; 64 << 10];
     for _ in 0..1500 {
-        let mut img = good.clone();
-        for _ in 0..1 + next() % 4 {
-            let r = next();
-            // Mostly the header cluster and the tables, sometimes anywhere.
-            let at = if r & 3 == 0 {
-                (r >> 8) as usize % img.len()
-            } else {
-                (r >> 8) as usize % 4096.min(img.len())
-            };
-            match (r >> 4) % 4 {
-                0 => img[at] ^= 1 << ((r >> 40) % 8),
-                1 => img[at] = (r >> 32) as u8,
-                2 => {
-                    let end = (at + 8).min(img.len());
-                    img[at..end].copy_from_slice(
-                        &(r.rotate_left(17) >> (r % 40)).to_be_bytes()[..end - at],
-                    );
-                }
-                _ => img[at] = 0xff,
-            }
-        }
+        let img = mutate(&good, &mut rng);
         std::fs::write(&path, &img).unwrap();
-        let readonly = next() % 2 == 0;
+        let readonly = rng.next() % 2 == 0;
         let disk = match open(&path, Some(Format::Qcow2), readonly) {
             Ok(d) => d,
             Err(_) => {
@@ -518,7 +492,7 @@ fn mutated_images_never_panic() {
             off += n as u64;
         }
         if !readonly && size >= 8192 {
-            let _ = disk.write_at(&[0x77; 8192], next() % (size - 8191));
+            let _ = disk.write_at(&[0x77; 8192], rng.next() % (size - 8191));
             let _ = disk.flush();
         }
     }
@@ -526,4 +500,58 @@ fn mutated_images_never_panic() {
         opened > 100 && refused > 100,
         "opened {opened}, refused {refused}"
     );
+}
+
+/// xorshift64: the mutators' deterministic randomness.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// 1 to 4 damaged bytes or words, mostly in the header cluster and tables.
+fn mutate(good: &[u8], rng: &mut Rng) -> Vec<u8> {
+    let mut img = good.to_vec();
+    for _ in 0..1 + rng.next() % 4 {
+        let r = rng.next();
+        let at = if r & 3 == 0 {
+            (r >> 8) as usize % img.len()
+        } else {
+            (r >> 8) as usize % 4096.min(img.len())
+        };
+        match (r >> 4) % 4 {
+            0 => img[at] ^= 1 << ((r >> 40) % 8),
+            1 => img[at] = (r >> 32) as u8,
+            2 => {
+                let end = (at + 8).min(img.len());
+                let word = (r.rotate_left(17) >> (r % 40)).to_be_bytes();
+                img[at..end].copy_from_slice(&word[..end - at]);
+            }
+            _ => img[at] = 0xff,
+        }
+    }
+    img
+}
+
+/// The cargo-fuzz entry point on damaged variants of a real image, and on
+/// truncated ones.
+#[test]
+fn fuzz_entry_on_mutations() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, good) = sample(dir.path(), "f.qcow2");
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    for i in 0..600 {
+        let mut img = mutate(&good, &mut rng);
+        if i % 10 == 0 {
+            img.truncate(rng.next() as usize % img.len());
+        }
+        crate::fuzzing::qcow2(&img);
+    }
+    crate::fuzzing::qcow2(&good);
+    crate::fuzzing::qcow2(&[]);
 }

@@ -17,8 +17,12 @@
 //! - The backing chain is opened here, explicitly, never through imago's
 //!   implicit opening: each backing file must have its format recorded in
 //!   the overlay (raw or qcow2; no probing), is opened read-only with a
-//!   shared lock, is checked the same way, and the chain is at most
-//!   [`MAX_CHAIN`] images deep.
+//!   shared lock, must be a regular file, is checked the same way, and the
+//!   chain is at most [`MAX_CHAIN`] images deep. A backing file name is
+//!   whatever the image says (absolute, or relative to the image): an
+//!   image from an untrusted source must have its backing reference
+//!   refused or rewritten before it reaches the VMM, or the guest could
+//!   read any regular file the VMM can.
 //!
 //! # Crash consistency
 //! Guest writes reach the file when the request completes; new L2 entries
@@ -145,6 +149,14 @@ fn open_backing(
             .join(relative)
     };
     let file = open_locked(&path, true)?;
+    // Only regular files: an image must not make the VMM read a device.
+    let regular = file.metadata().map(|m| m.is_file());
+    if !matches!(regular, Ok(true)) {
+        return Err(invalid(format!(
+            "the backing file {} is not a regular file",
+            path.display()
+        )));
+    }
     match format {
         Format::Qcow2 => open_chain(file, &path, false, depth + 1),
         Format::Raw => {

@@ -100,8 +100,9 @@ impl SavedDevice {
                 id,
                 config: BlockConfig {
                     path: path.clone(),
-                    format: format.as_deref().map(str::parse).transpose().map_err(|_| {
-                        DeviceStateError::BadFormat { id: self.id.clone(), format: format.clone().unwrap_or_default() }
+                    format: format.as_deref().map(str::parse).transpose().map_err(|_| DeviceStateError::BadFormat {
+                        id: self.id.clone(),
+                        format: format.clone().unwrap_or_default(),
                     })?,
                     readonly: *readonly,
                     serial: serial.clone(),

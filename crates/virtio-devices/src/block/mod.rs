@@ -41,15 +41,9 @@ const SIZE_MAX: u32 = 256 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     /// The image could not be opened (missing, locked, or not a valid
-    /// image of its format).
-    #[error("disk {path}")]
-    Image {
-        /// Image path.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: DiskError,
-    },
+    /// image of its format); the error names the file.
+    #[error(transparent)]
+    Image(#[from] DiskError),
 }
 
 /// How to open a disk.
@@ -76,15 +70,17 @@ pub struct Block {
     counters: Arc<BlockCounters>,
 }
 
+/// Opens and closes the image: every check [`Block::new`] makes, without a
+/// device (so a bad image is reported before a VM exists).
+pub fn check_image(cfg: &BlockConfig) -> Result<(), BlockError> {
+    disk_image::open(&cfg.path, cfg.format, cfg.readonly)?;
+    Ok(())
+}
+
 impl Block {
     /// Opens the image (locked: shared when read-only, exclusive otherwise).
     pub fn new(cfg: &BlockConfig) -> Result<Self, BlockError> {
-        let image = disk_image::open(&cfg.path, cfg.format, cfg.readonly).map_err(|source| {
-            BlockError::Image {
-                path: cfg.path.clone(),
-                source,
-            }
-        })?;
+        let image = disk_image::open(&cfg.path, cfg.format, cfg.readonly)?;
         let len = image.size();
         if len % SECTOR_SIZE != 0 {
             log::warn!(
@@ -544,13 +540,7 @@ mod tests {
         })
         .err()
         .unwrap();
-        assert!(matches!(
-            err,
-            BlockError::Image {
-                source: DiskError::Ambiguous(_),
-                ..
-            }
-        ));
+        assert!(matches!(err, BlockError::Image(DiskError::Ambiguous(_))));
         let mut fx = attach(dir, path.clone(), Some(Format::Qcow2), false);
         assert_eq!(fx.blk.sectors(), 2048);
         let (_, status, addr) = submit(&mut fx, VIRTIO_BLK_T_IN, 3, Some((Writable, 512)));

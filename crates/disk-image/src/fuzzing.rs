@@ -32,7 +32,7 @@ pub fn qcow2(data: &[u8]) {
         off += n as u64;
     }
     if !readonly && size >= 4096 {
-        let _ = disk.write_at(&[0x5a; 4096], size / 2 & !511);
+        let _ = disk.write_at(&[0x5a; 4096], (size / 2) & !511);
         let _ = disk.flush();
     }
 }

@@ -418,7 +418,7 @@ fn corrupt_images_get_clear_errors() {
         (
             "L2 entry 0",
             l2,
-            (1u64 << 63 | 4096 + 512).to_be_bytes().to_vec(),
+            ((1u64 << 63) | (4096 + 512)).to_be_bytes().to_vec(),
         ),
         ("too short", usize::MAX, vec![]),
     ];
@@ -475,7 +475,7 @@ fn mutated_images_never_panic() {
     for _ in 0..1500 {
         let img = mutate(&good, &mut rng);
         std::fs::write(&path, &img).unwrap();
-        let readonly = rng.next() % 2 == 0;
+        let readonly = rng.next().is_multiple_of(2);
         let disk = match open(&path, Some(Format::Qcow2), readonly) {
             Ok(d) => d,
             Err(_) => {

@@ -254,7 +254,7 @@ pub fn check(file: &File, writable: bool) -> Result<Header, HeaderError> {
         return Err(field("l1_size", l1_size, "the L1 table is over 32 MiB"));
     }
     let l1_offset = be64(&head, 40);
-    if l1_size > 0 && (l1_offset == 0 || l1_offset % cluster != 0) {
+    if l1_size > 0 && (l1_offset == 0 || !l1_offset.is_multiple_of(cluster)) {
         return Err(field(
             "l1_table_offset",
             l1_offset,
@@ -265,7 +265,7 @@ pub fn check(file: &File, writable: bool) -> Result<Header, HeaderError> {
 
     let rt_offset = be64(&head, 48);
     let rt_clusters = u64::from(be32(&head, 56));
-    if rt_offset == 0 || rt_offset % cluster != 0 {
+    if rt_offset == 0 || !rt_offset.is_multiple_of(cluster) {
         return Err(field(
             "refcount_table_offset",
             rt_offset,
@@ -388,7 +388,7 @@ fn walk_l1(
     for (i, e) in l1.chunks_exact(8).enumerate() {
         let entry = be64(e, 0);
         let off = entry & OFFSET_MASK;
-        if entry & !(OFFSET_MASK | 1 << 63) != 0 || off % cluster != 0 {
+        if entry & !(OFFSET_MASK | 1 << 63) != 0 || !off.is_multiple_of(cluster) {
             return Err(HeaderError::Entry {
                 table: "L1",
                 index: i as u64,
@@ -421,7 +421,7 @@ fn walk_l2(l2: &[u8], file_len: u64, cluster: u64) -> Result<(), HeaderError> {
             entry & ((1u64 << x) - 1)
         } else {
             let off = entry & OFFSET_MASK;
-            if entry & !(OFFSET_MASK | 1 << 63 | 1) != 0 || off % cluster != 0 {
+            if entry & !(OFFSET_MASK | 1 << 63 | 1) != 0 || !off.is_multiple_of(cluster) {
                 return Err(bad());
             }
             off
@@ -464,7 +464,7 @@ fn walk_reftable(
             });
         }
         if entry != 0 {
-            if entry % cluster != 0 {
+            if !entry.is_multiple_of(cluster) {
                 return Err(HeaderError::Entry {
                     table: "refcount table",
                     index: i as u64,

@@ -23,7 +23,14 @@ pub fn qcow2(data: &[u8]) {
     let Ok(disk) = crate::qcow2::Qcow2Image::open(file, &path, readonly) else {
         return;
     };
-    let size = disk.size().min(4 << 20);
+    exercise(&disk, 4 << 20, data.len() as u64);
+}
+
+/// Reads `disk` whole up to `limit` bytes; when it is writable, writes 4 KiB
+/// at a sector picked by `seed` and flushes. Errors are ignored: this is
+/// for finding panics and hangs.
+pub fn exercise(disk: &dyn DiskImage, limit: u64, seed: u64) {
+    let size = disk.size().min(limit);
     let mut buf = vec![0u8; 64 << 10];
     let mut off = 0;
     while off < size {
@@ -31,8 +38,8 @@ pub fn qcow2(data: &[u8]) {
         let _ = disk.read_at(&mut buf[..n], off);
         off += n as u64;
     }
-    if !readonly && size >= 4096 {
-        let _ = disk.write_at(&[0x5a; 4096], (size / 2) & !511);
+    if !disk.readonly() && size >= 4096 {
+        let _ = disk.write_at(&[0x5a; 4096], (seed % (size - 4095)) & !511);
         let _ = disk.flush();
     }
 }

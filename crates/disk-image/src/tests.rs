@@ -18,6 +18,13 @@ fn run(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `qemu-img create -q -f qcow2 ARGS...`
+fn create_qcow2(args: &[&str]) {
+    let mut all = vec!["create", "-q", "-f", "qcow2"];
+    all.extend_from_slice(args);
+    run("qemu-img", &all);
+}
+
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
@@ -65,7 +72,7 @@ fn raw_reads_writes_and_checks_ranges() {
 fn unnamed_format_never_probes_qcow2() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.img");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", p(&path), "1M"]);
+    create_qcow2(&[p(&path), "1M"]);
     assert!(matches!(
         open(&path, None, false),
         Err(DiskError::Ambiguous(_))
@@ -108,10 +115,7 @@ fn reads_what_qemu_wrote() {
     ] {
         let path = dir.path().join(format!("q-{compat}-{cluster}.qcow2"));
         let opts = format!("compat={compat},cluster_size={cluster}");
-        run(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "-o", &opts, p(&path), "16M"],
-        );
+        create_qcow2(&["-o", &opts, p(&path), "16M"]);
         run(
             "qemu-io",
             &[
@@ -143,7 +147,7 @@ fn overlays_copy_on_write_from_a_shared_base() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.qcow2");
     let rawbase = dir.path().join("base.raw");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", p(&base), "8M"]);
+    create_qcow2(&[p(&base), "8M"]);
     run(
         "qemu-io",
         &["-f", "qcow2", "-c", "write -P 0x11 0 3M", p(&base)],
@@ -160,10 +164,7 @@ fn overlays_copy_on_write_from_a_shared_base() {
         for o in [&a, &b] {
             // Relative name: resolved against the overlay's directory.
             let name = backing.file_name().unwrap().to_str().unwrap();
-            run(
-                "qemu-img",
-                &["create", "-q", "-f", "qcow2", "-b", name, "-F", bfmt, p(o)],
-            );
+            create_qcow2(&["-b", name, "-F", bfmt, p(o)]);
         }
         let da = open(&a, Some(Format::Qcow2), false).unwrap();
         let db = open(&b, Some(Format::Qcow2), false).unwrap();
@@ -237,19 +238,7 @@ fn fresh_writes_pass_qemu_img_check_and_compare() {
     for cluster in ["512", "65536", "2M"] {
         let q = dir.path().join(format!("w-{cluster}.qcow2"));
         let r = dir.path().join(format!("w-{cluster}.raw"));
-        run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                &format!("cluster_size={cluster}"),
-                p(&q),
-                "32M",
-            ],
-        );
+        create_qcow2(&["-o", &format!("cluster_size={cluster}"), p(&q), "32M"]);
         std::fs::write(&r, vec![0u8; 32 << 20]).unwrap();
         let disk = open(&q, Some(Format::Qcow2), false).unwrap();
         for (i, off) in [0u64, 4095, 1 << 20, (3 << 20) + 17, (32 << 20) - 3000]
@@ -273,23 +262,10 @@ fn fresh_writes_pass_qemu_img_check_and_compare() {
 fn backing_chains_are_capped_and_need_a_format() {
     let dir = tempfile::tempdir().unwrap();
     let mut prev = dir.path().join("c0.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", p(&prev), "1M"]);
+    create_qcow2(&[p(&prev), "1M"]);
     for i in 1..=qcow2::MAX_CHAIN {
         let next = dir.path().join(format!("c{i}.qcow2"));
-        run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                p(&prev),
-                "-F",
-                "qcow2",
-                p(&next),
-            ],
-        );
+        create_qcow2(&["-b", p(&prev), "-F", "qcow2", p(&next)]);
         if i == qcow2::MAX_CHAIN - 1 {
             open(&next, Some(Format::Qcow2), true).unwrap();
         }
@@ -299,20 +275,13 @@ fn backing_chains_are_capped_and_need_a_format() {
     assert!(format!("{:?}", err).contains("deeper than"), "{err:?}");
     // No recorded backing format: refused, not probed.
     let nofmt = dir.path().join("nofmt.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            p(&dir.path().join("c0.qcow2")),
-            "-F",
-            "qcow2",
-            p(&nofmt),
-        ],
-    );
+    create_qcow2(&[
+        "-b",
+        p(&dir.path().join("c0.qcow2")),
+        "-F",
+        "qcow2",
+        p(&nofmt),
+    ]);
     // Turn the backing format extension into an unknown (ignored) one.
     let mut img = std::fs::read(&nofmt).unwrap();
     let at = img[..4096]
@@ -331,19 +300,7 @@ fn backing_chains_are_capped_and_need_a_format() {
 /// A small qcow2 image with data in two L2 ranges, and its bytes.
 fn sample(dir: &Path, name: &str) -> (PathBuf, Vec<u8>) {
     let path = dir.join(name);
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096",
-            p(&path),
-            "4M",
-        ],
-    );
+    create_qcow2(&["-o", "cluster_size=4096", p(&path), "4M"]);
     run(
         "qemu-io",
         &[
@@ -471,7 +428,6 @@ fn mutated_images_never_panic() {
     let (path, good) = sample(dir.path(), "m.qcow2");
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let (mut opened, mut refused) = (0, 0);
-    let mut buf = vec![0u8; 64 << 10];
     for _ in 0..1500 {
         let img = mutate(&good, &mut rng);
         std::fs::write(&path, &img).unwrap();
@@ -484,17 +440,7 @@ fn mutated_images_never_panic() {
             }
         };
         opened += 1;
-        let size = disk.size().min(8 << 20);
-        let mut off = 0;
-        while off < size {
-            let n = (size - off).min(buf.len() as u64) as usize;
-            let _ = disk.read_at(&mut buf[..n], off);
-            off += n as u64;
-        }
-        if !readonly && size >= 8192 {
-            let _ = disk.write_at(&[0x77; 8192], rng.next() % (size - 8191));
-            let _ = disk.flush();
-        }
+        crate::fuzzing::exercise(disk.as_ref(), 8 << 20, rng.next());
     }
     assert!(
         opened > 100 && refused > 100,

@@ -1,5 +1,5 @@
 //! Issue 3's device tests: ONE guest boots with every virtio device skiff-vmm
-//! has (two disks, two NICs, vsock, two virtio-fs shares served by a real
+//! has (two raw disks, two qcow2 overlays sharing one base image, two NICs, vsock, two virtio-fs shares served by a real
 //! virtiofsd, rng, console) and the test checks each of them from both
 //! sides. The guest is Debian's cloud kernel with the initramfs of
 //! `tests/guest/devices-init.sh`: it loads the virtio modules, lists the PCI
@@ -38,6 +38,12 @@ const NET_BULK: u64 = 16 * MIB;
 const VSOCK_CONNS: usize = 16;
 const RW_DISK: u64 = 64 * MIB;
 const RO_DISK: u64 = 8 * MIB;
+/// The raw base both qcow2 overlays share.
+const QCOW2_DISK: u64 = 16 * MIB;
+/// Where the guest writes into the first overlay: 3 MiB from 1 MiB + 4 KiB
+/// (partial clusters at both ends, so copy-on-write from the base).
+const QCOW2_WRITE_AT: u64 = MIB + 4096;
+const QCOW2_WRITE_LEN: u64 = 3 * MIB;
 const MAC0: &str = "52:54:00:77:07:02";
 const MAC1: &str = "52:54:00:77:08:02";
 const HOST0: Ipv4Addr = Ipv4Addr::new(10, 77, 7, 1);
@@ -125,6 +131,23 @@ struct Fixture {
     rw_head_sha: String,
     ro_sha: String,
     big_sha: String,
+    /// The raw base, its two qcow2 overlays, and the base's bytes.
+    qbase: PathBuf,
+    qa: PathBuf,
+    qb: PathBuf,
+    qbase_data: Vec<u8>,
+}
+
+/// Runs a qemu-utils program (the box has the host's).
+fn qemu_tool(tool: &str, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(tool).args(args).output().with_context(|| format!("run {tool}"))?;
+    ensure!(
+        out.status.success(),
+        "{tool} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn prepare(dir: &Path) -> Result<Fixture> {
@@ -151,13 +174,36 @@ fn prepare(dir: &Path) -> Result<Fixture> {
     let big = random_bytes(4 * MIB as usize);
     fs::write(share1.join("big.bin"), &big)?;
     fs::write(share2.join("only-in-share2.txt"), "second share\n")?;
-    Ok(Fixture { rw, ro, share1, share2, rw_head_sha: sha256(&head), ro_sha: sha256(&ro_data), big_sha: sha256(&big) })
+    let qbase = dir.join("qbase.raw");
+    let qbase_data = random_bytes(QCOW2_DISK as usize);
+    fs::write(&qbase, &qbase_data)?;
+    let (qa, qb) = (dir.join("qa.qcow2"), dir.join("qb.qcow2"));
+    for q in [&qa, &qb] {
+        // The backing name is relative: resolved next to the overlay.
+        qemu_tool(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-b", "qbase.raw", "-F", "raw", &q.display().to_string()],
+        )?;
+    }
+    Ok(Fixture {
+        rw,
+        ro,
+        share1,
+        share2,
+        rw_head_sha: sha256(&head),
+        ro_sha: sha256(&ro_data),
+        big_sha: sha256(&big),
+        qbase,
+        qa,
+        qb,
+        qbase_data,
+    })
 }
 
 fn check_pci(serial: &str, g: &Guest) -> Result<()> {
     // (PCI device ID, virtio driver, how many)
     let want = [
-        ("0x1042", "virtio_blk", 2),
+        ("0x1042", "virtio_blk", 4),
         ("0x1041", "virtio_net", 2),
         ("0x1053", "vmw_vsock_virtio_transport", 1),
         ("0x105a", "virtiofs", 2),
@@ -254,6 +300,58 @@ fn check_blk(g: &Guest, fx: &Fixture) -> Result<()> {
     let w = g.exec(&format!("dd if=/dev/zero of=/dev/{ro} bs=4096 count=1 oflag=direct conv=fsync"))?;
     ensure!(w.code != 0, "writing the read-only disk succeeded: {}", w.output);
     ensure!(sha256(&fs::read(&fx.ro)?) == fx.ro_sha, "the read-only image changed");
+    Ok(())
+}
+
+/// Two qcow2 overlays of one raw base: both read the base; a write to one
+/// (copy-on-write of partial clusters) is read back from it and not seen
+/// through the other; the base file is untouched.
+/// Returns the sha256 of what the guest wrote into overlay a.
+fn check_qcow2(g: &Guest, fx: &Fixture) -> Result<String> {
+    let a = disk_by_serial(g, "skiff-qcow2-a")?;
+    let b = disk_by_serial(g, "skiff-qcow2-b")?;
+    for d in [&a, &b] {
+        let size: u64 = g.run(&format!("cat /sys/block/{d}/size"))?.trim().parse()?;
+        ensure!(size * 512 == QCOW2_DISK, "{d} has {size} sectors");
+        let whole = g.run(&format!("dd if=/dev/{d} bs=1M iflag=direct 2>/dev/null | sha256sum"))?;
+        ensure!(field(&whole, 0) == sha256(&fx.qbase_data), "{d} does not read as its base: {whole:?}");
+    }
+    let (blocks, skip) = (QCOW2_WRITE_LEN / 4096, QCOW2_WRITE_AT / 4096);
+    let out = g.run(&format!(
+        "dd if=/dev/urandom of=/tmp/qpattern bs=4096 count={blocks} 2>/dev/null && sha256sum /tmp/qpattern && \
+         dd if=/tmp/qpattern of=/dev/{a} bs=4096 seek={skip} oflag=direct conv=fsync 2>&1"
+    ))?;
+    let wrote = field(&out, 0).to_string();
+    let range =
+        |d: &str| format!("dd if=/dev/{d} bs=4096 skip={skip} count={blocks} iflag=direct 2>/dev/null | sha256sum");
+    let back = g.run(&range(&a))?;
+    ensure!(field(&back, 0) == wrote, "overlay a reads back {back:?}, the guest wrote {wrote}");
+    let base_range = &fx.qbase_data[QCOW2_WRITE_AT as usize..(QCOW2_WRITE_AT + QCOW2_WRITE_LEN) as usize];
+    let other = g.run(&range(&b))?;
+    ensure!(field(&other, 0) == sha256(base_range), "overlay b sees a's write: {other:?}");
+    ensure!(sha256(&fs::read(&fx.qbase)?) == sha256(&fx.qbase_data), "the shared base image changed");
+    Ok(wrote)
+}
+
+/// After the VM ends: qemu-img finds both overlays clean, b still equals
+/// the base, and a holds the guest's write where it wrote it.
+fn check_qcow2_after(fx: &Fixture, d: &Path, wrote: Option<&str>) -> Result<()> {
+    let p = |p: &Path| p.display().to_string();
+    for q in [&fx.qa, &fx.qb] {
+        qemu_tool("qemu-img", &["check", "-q", &p(q)])?;
+    }
+    qemu_tool("qemu-img", &["compare", "-q", "-f", "qcow2", "-F", "raw", &p(&fx.qb), &p(&fx.qbase)])?;
+    let flat = d.join("qa-flat.raw");
+    qemu_tool("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", &p(&fx.qa), &p(&flat)])?;
+    let got = fs::read(&flat)?;
+    ensure!(got.len() as u64 == QCOW2_DISK, "overlay a converts to {} bytes", got.len());
+    let (at, end) = (QCOW2_WRITE_AT as usize, (QCOW2_WRITE_AT + QCOW2_WRITE_LEN) as usize);
+    ensure!(
+        got[..at] == fx.qbase_data[..at] && got[end..] == fx.qbase_data[end..],
+        "overlay a changed outside the write"
+    );
+    let wrote = wrote.context("the guest's write into overlay a failed")?;
+    ensure!(sha256(&got[at..end]) == wrote, "overlay a holds {} where the guest wrote {wrote}", sha256(&got[at..end]));
     Ok(())
 }
 
@@ -486,6 +584,10 @@ fn every_device_in_one_guest() -> Result<()> {
         format!("path={},serial=skiff-rw-disk", p(&fx.rw)),
         "--disk".into(),
         format!("path={},readonly=on,serial=skiff-ro-disk", p(&fx.ro)),
+        "--disk".into(),
+        format!("path={},format=qcow2,serial=skiff-qcow2-a", p(&fx.qa)),
+        "--disk".into(),
+        format!("path={},format=qcow2,serial=skiff-qcow2-b", p(&fx.qb)),
         "--net".into(),
         format!("tap={},mac={MAC0}", net.tap0),
         "--net".into(),
@@ -517,6 +619,11 @@ fn every_device_in_one_guest() -> Result<()> {
     checks.run("rng", || check_rng(&g));
     checks.run("console", || check_console(&g, &console));
     checks.run("blk", || check_blk(&g, &fx));
+    let mut qcow2_wrote = None;
+    checks.run("qcow2", || {
+        qcow2_wrote = Some(check_qcow2(&g, &fx)?);
+        Ok(())
+    });
     checks.run("fs", || check_fs(&g, &fx));
     checks.run("vsock host to guest", || check_vsock_host_to_guest(&g));
     checks.run("vsock guest to host", || check_vsock_guest_to_host(&g, &hv));
@@ -535,6 +642,7 @@ fn every_device_in_one_guest() -> Result<()> {
         ensure!(sha256(&fs::read(&fx.ro)?) == fx.ro_sha, "the read-only image changed");
         Ok(())
     });
+    checks.run("qcow2 after", || check_qcow2_after(&fx, d, qcow2_wrote.as_deref()));
     if !checks.failed.is_empty() {
         bail!("{} check(s) failed:\n  {}", checks.failed.len(), checks.failed.join("\n  "));
     }

@@ -77,12 +77,8 @@ pub enum ConfigError {
     InitramfsTooBig { size: u64, memory: u64 },
     #[error("the kernel command line is {0} bytes; Linux takes at most 2047")]
     Cmdline(usize),
-    #[error("disk image {path} cannot be opened")]
-    Disk {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("bad disk")]
+    Disk(#[source] virtio_devices::block::BlockError),
     #[error("the vhost-user socket {0} of virtio-fs tag '{1}' does not exist (is virtiofsd running?)")]
     FsSocket(PathBuf, String),
     #[error("device id '{0}' is given twice")]
@@ -146,11 +142,9 @@ impl VmConfig {
             }
         }
         for disk in self.devices.disks.iter().map(|d| &d.config) {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(!disk.readonly)
-                .open(&disk.path)
-                .map_err(|source| ConfigError::Disk { path: disk.path.clone(), source })?;
+            // Opens, checks (a qcow2 image's header, tables and backing
+            // chain) and closes the image: a bad one is bad input.
+            virtio_devices::block::check_image(disk).map_err(ConfigError::Disk)?;
         }
         let mut tags = std::collections::HashSet::new();
         for fs in self.devices.fs.iter().map(|f| &f.config) {

@@ -79,10 +79,13 @@ struct Args {
     /// counters); `skiff-vmm-ctl` is its command-line client.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
-    /// A virtio-blk disk backed by a raw image; repeatable. Keys: `path=`
-    /// (required), `readonly=on|off`, `serial=` (the ID the guest reads),
+    /// A virtio-blk disk backed by a raw or qcow2 image; repeatable. Keys:
+    /// `path=` (required), `format=raw|qcow2` (default raw; a file that
+    /// starts with the qcow2 magic is refused unless a format is given, and
+    /// raw is never probed; a qcow2 image's backing chain must record its
+    /// formats), `readonly=on|off`, `serial=` (the ID the guest reads),
     /// `id=` (the device's id in the API; default diskN).
-    #[arg(long = "disk", value_name = "path=P[,readonly=on][,serial=S][,id=ID]")]
+    #[arg(long = "disk", value_name = "path=P[,format=raw|qcow2][,readonly=on][,serial=S][,id=ID]")]
     disks: Vec<DiskOption>,
     /// A virtio-net NIC on a tap device (created if missing) or an inherited
     /// tap fd; repeatable. Keys: `tap=NAME` or `fd=N`, `mac=MAC`, `id=`.

@@ -162,9 +162,14 @@ pub struct DiskOption {
 impl FromStr for DiskOption {
     type Err = OptionError;
     fn from_str(s: &str) -> Result<Self, OptionError> {
-        let o = Options::parse(s, &["path", "readonly", "serial", "id"])?;
+        let o = Options::parse(s, &["path", "format", "readonly", "serial", "id"])?;
+        let format = match o.get("format") {
+            None => None,
+            Some(f) => Some(f.parse().map_err(|_| invalid("format", f))?),
+        };
         let config = BlockConfig {
             path: PathBuf::from(o.required("path")?),
+            format,
             readonly: o.flag("readonly")?,
             serial: o.get("serial").map(str::to_string),
         };
@@ -185,7 +190,7 @@ impl TryFrom<DiskSpec> for DiskOption {
     type Error = OptionError;
     fn try_from(d: DiskSpec) -> Result<Self, OptionError> {
         d.id.as_deref().map(check_id).transpose()?;
-        Self::checked(d.id, BlockConfig { path: d.path, readonly: d.readonly, serial: d.serial })
+        Self::checked(d.id, BlockConfig { path: d.path, format: None, readonly: d.readonly, serial: d.serial })
     }
 }
 
@@ -369,10 +374,16 @@ mod tests {
         assert_eq!((d.config.serial.as_deref(), d.id.as_deref()), (Some("disk0"), Some("root")));
         let d: DiskOption = "path=b.raw".parse().unwrap();
         assert!(!d.config.readonly && d.config.serial.is_none() && d.id.is_none());
+        assert_eq!(d.config.format, None);
+        let d: DiskOption = "path=c.qcow2,format=qcow2".parse().unwrap();
+        assert_eq!(d.config.format, Some(virtio_devices::block::Format::Qcow2));
+        let d: DiskOption = "path=c.img,format=raw".parse().unwrap();
+        assert_eq!(d.config.format, Some(virtio_devices::block::Format::Raw));
         let cases: &[(&str, OptionError)] = &[
             ("readonly=on", OptionError::Missing("path")),
             ("path=", OptionError::Missing("path")),
             ("path=a,readonly=maybe", invalid("readonly", "maybe")),
+            ("path=a,format=vmdk", invalid("format", "vmdk")),
             ("path=a,path=b", OptionError::Duplicate("path".into())),
             ("path=a,cache=none", OptionError::UnknownKey("cache".into())),
             ("path", OptionError::NotKeyValue("path".into())),

@@ -125,10 +125,17 @@ pub fn mem(data: &[u8]) {
 
 /// virtio-blk request queue against a 64 KiB disk.
 pub fn block(data: &[u8]) {
+    let readonly = data.first().is_some_and(|b| b & 1 != 0);
+    let image = disk_image::raw::RawImage::new(
+        memfd(64 * 1024),
+        std::path::Path::new("fuzz-disk"),
+        readonly,
+    )
+    .expect("memfd disk");
     let disk = Disk {
-        file: memfd(64 * 1024),
+        image: Box::new(image),
         size: 64 * 1024,
-        readonly: data.first().is_some_and(|b| b & 1 != 0),
+        readonly,
         serial: Some(b"fuzz".to_vec()),
     };
     let log = LogLimiter::new("fuzz");

@@ -153,6 +153,7 @@ fn guest_reads_a_disk_through_pci() {
     let block: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(
         Block::new(&BlockConfig {
             path: img,
+            format: None,
             readonly: true,
             serial: None,
         })

@@ -45,6 +45,8 @@ pub enum DeviceStateError {
     Twice(String),
     #[error("device '{id}' is a {given} on the command line but a {saved} in the snapshot")]
     KindDiffers { id: String, given: &'static str, saved: &'static str },
+    #[error("disk '{id}': unknown disk format {format:?} in the snapshot")]
+    BadFormat { id: String, format: String },
     #[error("NIC '{0}' used an inherited tap fd: give it again with --net fd=N,id={0} or tap=NAME,id={0}")]
     NeedsTap(String),
 }
@@ -54,6 +56,9 @@ pub enum DeviceStateError {
 pub enum DeviceSpec {
     Disk {
         path: PathBuf,
+        /// `None` in snapshots made before disks had formats.
+        #[serde(default)]
+        format: Option<String>,
         readonly: bool,
         serial: Option<String>,
     },
@@ -102,9 +107,17 @@ impl SavedDevice {
     fn new_device(&self) -> Result<NewDevice, DeviceStateError> {
         let id = Some(self.id.clone());
         Ok(match &self.spec {
-            DeviceSpec::Disk { path, readonly, serial } => NewDevice::Disk(DiskOption {
+            DeviceSpec::Disk { path, format, readonly, serial } => NewDevice::Disk(DiskOption {
                 id,
-                config: BlockConfig { path: path.clone(), readonly: *readonly, serial: serial.clone() },
+                config: BlockConfig {
+                    path: path.clone(),
+                    format: format.as_deref().map(str::parse).transpose().map_err(|_| DeviceStateError::BadFormat {
+                        id: self.id.clone(),
+                        format: format.clone().unwrap_or_default(),
+                    })?,
+                    readonly: *readonly,
+                    serial: serial.clone(),
+                },
             }),
             DeviceSpec::Net { tap: Some(tap), mac } => {
                 NewDevice::Net(NetOption { id, backend: NetBackend::Tap(tap.clone()), mac: Some(*mac) })
@@ -145,6 +158,7 @@ fn spec_of(e: &Entry, state: &VirtioPciState) -> Result<DeviceSpec, DeviceStateE
     Ok(match e.new.as_ref().ok_or_else(unsupported)? {
         NewDevice::Disk(d) => DeviceSpec::Disk {
             path: d.config.path.clone(),
+            format: d.config.format.map(|f| f.to_string()),
             readonly: d.config.readonly,
             serial: d.config.serial.clone(),
         },

@@ -1,15 +1,18 @@
-//! virtio-blk over a raw image file: read, write, flush, GET_ID, read-only.
+//! virtio-blk over a disk image (raw or qcow2, see the `disk-image` crate):
+//! read, write, flush, GET_ID, read-only.
 //!
 //! One request queue served by a worker thread; requests run synchronously
-//! on that thread with positioned I/O (`pread`/`pwrite`), so the guest can
-//! keep at most one request in flight per queue on the host.
+//! on that thread with positioned I/O (`pread`/`pwrite` on the file, or
+//! through the qcow2 layer), so the guest can keep at most one request in
+//! flight per queue on the host.
 
 pub mod request;
 
-use std::fs::{File, OpenOptions};
 use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
+
+pub use disk_image::{DiskError, Format};
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
@@ -37,28 +40,20 @@ const SIZE_MAX: u32 = 256 * 1024;
 /// Errors opening a disk.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    /// The image could not be opened.
-    #[error("open disk image {path}")]
-    Open {
-        /// Image path.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Another process holds a conflicting lock on the image.
-    #[error("disk image {0} is in use (locked)")]
-    Locked(PathBuf),
-    /// The image size could not be read.
-    #[error("stat disk image")]
-    Stat(#[source] std::io::Error),
+    /// The image could not be opened (missing, locked, or not a valid
+    /// image of its format); the error names the file.
+    #[error(transparent)]
+    Image(#[from] DiskError),
 }
 
 /// How to open a disk.
 #[derive(Debug, Clone)]
 pub struct BlockConfig {
-    /// Raw image path.
+    /// Image path.
     pub path: PathBuf,
+    /// Image format; `None`: raw, unless the file starts with the qcow2
+    /// magic, which is then refused (see `disk_image`'s format rule).
+    pub format: Option<Format>,
     /// Refuse writes (`readonly=on`).
     pub readonly: bool,
     /// Serial reported by GET_ID (at most 20 bytes are used).
@@ -75,33 +70,18 @@ pub struct Block {
     counters: Arc<BlockCounters>,
 }
 
-fn open_image(path: &Path, readonly: bool) -> Result<File, BlockError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!readonly)
-        .open(path)
-        .map_err(|source| BlockError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    let op = if readonly {
-        libc::LOCK_SH
-    } else {
-        libc::LOCK_EX
-    };
-    // SAFETY: flock on a file descriptor we own; no memory is involved.
-    let r = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
-    if r != 0 {
-        return Err(BlockError::Locked(path.to_path_buf()));
-    }
-    Ok(file)
+/// Opens and closes the image: every check [`Block::new`] makes, without a
+/// device (so a bad image is reported before a VM exists).
+pub fn check_image(cfg: &BlockConfig) -> Result<(), BlockError> {
+    disk_image::open(&cfg.path, cfg.format, cfg.readonly)?;
+    Ok(())
 }
 
 impl Block {
     /// Opens the image (locked: shared when read-only, exclusive otherwise).
     pub fn new(cfg: &BlockConfig) -> Result<Self, BlockError> {
-        let file = open_image(&cfg.path, cfg.readonly)?;
-        let len = file.metadata().map_err(BlockError::Stat)?.len();
+        let image = disk_image::open(&cfg.path, cfg.format, cfg.readonly)?;
+        let len = image.size();
         if len % SECTOR_SIZE != 0 {
             log::warn!(
                 "disk {}: size {len} is not a multiple of {SECTOR_SIZE}; the tail is not visible",
@@ -116,7 +96,7 @@ impl Block {
         config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
         Ok(Block {
             disk: Arc::new(Disk {
-                file,
+                image,
                 size: sectors * SECTOR_SIZE,
                 readonly: cfg.readonly,
                 serial: cfg.serial.as_ref().map(|s| s.as_bytes().to_vec()),
@@ -259,6 +239,7 @@ mod tests {
     use super::request::*;
     use super::*;
     use crate::test_utils::*;
+    use std::fs::File;
     use std::io::{Read, Seek, SeekFrom, Write};
     use vmm_sys_util::eventfd::EventFd;
 
@@ -282,12 +263,22 @@ mod tests {
         let pattern: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
         f.write_all(&pattern).unwrap();
         drop(f);
+        attach(dir, path, None, readonly)
+    }
+
+    fn attach(
+        dir: tempfile::TempDir,
+        path: PathBuf,
+        format: Option<Format>,
+        readonly: bool,
+    ) -> Fixture {
         let mem = single_region_mem(0x100_0000);
         let tq = TestQueue::new(&mem, 0, 16, 0x1_0000);
         let aq = tq.active(0);
         let kick = aq.event.try_clone().unwrap();
         let mut blk = Block::new(&BlockConfig {
             path: path.clone(),
+            format,
             readonly,
             serial: Some("skiff-disk-0".into()),
         })
@@ -505,5 +496,94 @@ mod tests {
         assert_eq!(fx.tq.read(addrs[2], 4), vec![5, 6, 7, 8]);
         assert_eq!(fx.tq.read(addrs[3], 1)[0], VIRTIO_BLK_S_OK);
         let _ = &fx.mem;
+    }
+
+    fn qemu(cmd: &str, args: &[&str]) {
+        let out = std::process::Command::new(cmd)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{cmd} (install qemu-utils): {e}"));
+        assert!(out.status.success(), "{cmd} {args:?}: {out:?}");
+    }
+
+    /// A qcow2 overlay over a raw base through the whole device: reads come
+    /// from the base, writes land in the overlay, a flush makes them visible
+    /// to qemu-io, and qemu-img check finds the image clean.
+    #[test]
+    fn qcow2_overlay_through_the_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        let pattern: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&base, &pattern).unwrap();
+        let path = dir.path().join("overlay.qcow2");
+        let p = |p: &PathBuf| p.to_str().unwrap().to_string();
+        qemu(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                &p(&base),
+                "-F",
+                "raw",
+                &p(&path),
+            ],
+        );
+        // Unnamed format on a qcow2 file: refused, not probed.
+        let err = Block::new(&BlockConfig {
+            path: path.clone(),
+            format: None,
+            readonly: true,
+            serial: None,
+        })
+        .err()
+        .unwrap();
+        assert!(matches!(err, BlockError::Image(DiskError::Ambiguous(_))));
+        let mut fx = attach(dir, path.clone(), Some(Format::Qcow2), false);
+        assert_eq!(fx.blk.sectors(), 2048);
+        let (_, status, addr) = submit(&mut fx, VIRTIO_BLK_T_IN, 3, Some((Writable, 512)));
+        assert_eq!(status, VIRTIO_BLK_S_OK);
+        assert_eq!(fx.tq.read(addr, 512), pattern[1536..2048]);
+        let payload = vec![0x5au8; 1024];
+        let (_, status, _) = submit_with(
+            &mut fx,
+            VIRTIO_BLK_T_OUT,
+            9,
+            Some((Readable, 1024)),
+            &payload,
+        );
+        assert_eq!(status, VIRTIO_BLK_S_OK);
+        let (_, status, _) = submit(&mut fx, VIRTIO_BLK_T_FLUSH, 0, None);
+        assert_eq!(status, VIRTIO_BLK_S_OK);
+        let (_, status, addr) = submit(&mut fx, VIRTIO_BLK_T_IN, 8, Some((Writable, 2048)));
+        assert_eq!(status, VIRTIO_BLK_S_OK);
+        let got = fx.tq.read(addr, 2048);
+        assert_eq!(got[..512], pattern[4096..4608]);
+        assert_eq!(got[512..1536], payload[..]);
+        assert_eq!(got[1536..], pattern[5632..6144]);
+        // Past the end of the virtual disk: an error.
+        let (_, status, _) = submit(&mut fx, VIRTIO_BLK_T_IN, 2048, Some((Writable, 512)));
+        assert_eq!(status, VIRTIO_BLK_S_IOERR);
+        // Flushed: another reader of the file sees the write (the image is
+        // locked exclusively, so qemu-io must not lock it).
+        qemu(
+            "qemu-io",
+            &[
+                "-r",
+                "-U",
+                "-f",
+                "qcow2",
+                "-c",
+                "read -P 0x5a 4608 1024",
+                &p(&path),
+            ],
+        );
+        assert!(std::fs::read(&base).unwrap() == pattern, "base untouched");
+        // Closing the device (its worker ends) leaves a clean image.
+        let Fixture { _dir, blk, .. } = fx;
+        drop(blk);
+        qemu("qemu-img", &["check", "-q", &p(&path)]);
     }
 }

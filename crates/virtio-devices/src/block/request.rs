@@ -5,9 +5,9 @@
 //! final writable status byte. Everything about it is guest-controlled, so
 //! every length and offset is checked and data moves in bounded chunks.
 
-use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
+
+use disk_image::{DiskError, DiskImage};
 
 use virtio_queue::{DescriptorChain, Reader, Writer};
 
@@ -62,9 +62,9 @@ pub enum RequestError {
     /// A write to a read-only disk.
     #[error("write to a read-only disk")]
     ReadOnly,
-    /// The backing file failed.
+    /// The disk image failed.
     #[error("disk I/O")]
-    Io(#[source] std::io::Error),
+    Io(#[source] DiskError),
     /// An unknown request type.
     #[error("unsupported request type {0}")]
     Unsupported(u32),
@@ -91,7 +91,7 @@ crate::lifecycle::device_counters! {
 /// The disk a worker serves.
 pub struct Disk {
     /// The image.
-    pub file: File,
+    pub image: Box<dyn DiskImage>,
     /// Size in bytes (a multiple of the sector size).
     pub size: u64,
     /// Writes are refused.
@@ -207,7 +207,7 @@ fn execute(
             if disk.readonly {
                 return Ok(());
             }
-            disk.file.sync_data().map_err(RequestError::Io)
+            disk.image.flush().map_err(RequestError::Io)
         }
         VIRTIO_BLK_T_GET_ID => {
             let serial = disk
@@ -249,8 +249,8 @@ fn read_disk(
         let mut left = len;
         while left > 0 {
             let n = left.min(CHUNK);
-            disk.file
-                .read_exact_at(&mut buf[..n], offset)
+            disk.image
+                .read_at(&mut buf[..n], offset)
                 .map_err(RequestError::Io)?;
             writer
                 .write_all(&buf[..n])
@@ -275,8 +275,8 @@ fn write_disk(
             reader
                 .read_exact(&mut buf[..n])
                 .map_err(RequestError::GuestMemory)?;
-            disk.file
-                .write_all_at(&buf[..n], offset)
+            disk.image
+                .write_at(&buf[..n], offset)
                 .map_err(RequestError::Io)?;
             offset += n as u64;
             left -= n;

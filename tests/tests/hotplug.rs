@@ -84,8 +84,13 @@ fn vmm_has_open(pid: u32, file: &Path) -> Result<bool> {
 fn check_disk(g: &Guest, api: &Client, dir: &Path) -> Result<()> {
     let image = dir.join("hot.raw");
     fs::File::create(&image)?.set_len(32 * MIB)?;
-    let spec =
-        DiskSpec { id: Some("hot".into()), path: image.clone(), readonly: false, serial: Some("skiff-hot".into()) };
+    let spec = DiskSpec {
+        id: Some("hot".into()),
+        path: image.clone(),
+        readonly: false,
+        serial: Some("skiff-hot".into()),
+        format: Some("raw".into()),
+    };
     let t = Instant::now();
     let added = api.add_disk(&spec)?;
     let dev =
@@ -293,8 +298,13 @@ fn check_vsock(g: &Guest, api: &Client, dir: &Path) -> Result<()> {
 
 fn check_bad_requests(g: &Guest, api: &Client, dir: &Path) -> Result<()> {
     refused(api.remove_device("nope"), 404, "nope")?;
-    let spec =
-        |id: &str, path: &Path| DiskSpec { id: Some(id.into()), path: path.into(), readonly: false, serial: None };
+    let spec = |id: &str, path: &Path| DiskSpec {
+        id: Some(id.into()),
+        path: path.into(),
+        readonly: false,
+        serial: None,
+        format: None,
+    };
     refused(api.add_disk(&spec("bad", &dir.join("missing.raw"))), 400, "missing.raw")?;
     let img = dir.join("dup.raw");
     fs::File::create(&img)?.set_len(MIB)?;

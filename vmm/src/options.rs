@@ -190,7 +190,8 @@ impl TryFrom<DiskSpec> for DiskOption {
     type Error = OptionError;
     fn try_from(d: DiskSpec) -> Result<Self, OptionError> {
         d.id.as_deref().map(check_id).transpose()?;
-        Self::checked(d.id, BlockConfig { path: d.path, format: None, readonly: d.readonly, serial: d.serial })
+        let format = d.format.map(|f| f.parse().map_err(|_| invalid("format", f))).transpose()?;
+        Self::checked(d.id, BlockConfig { path: d.path, format, readonly: d.readonly, serial: d.serial })
     }
 }
 
@@ -393,8 +394,18 @@ mod tests {
         for (s, e) in cases {
             assert_eq!(s.parse::<DiskOption>().unwrap_err(), *e, "{s}");
         }
-        let spec = DiskSpec { id: Some("x y".into()), path: "/a".into(), readonly: false, serial: None };
+        let spec = DiskSpec { id: Some("x y".into()), path: "/a".into(), readonly: false, serial: None, format: None };
         assert_eq!(DiskOption::try_from(spec).unwrap_err(), invalid("id", "x y"));
+        let api = |format: &str| DiskSpec {
+            id: None,
+            path: "/a".into(),
+            readonly: false,
+            serial: None,
+            format: Some(format.into()),
+        };
+        let d = DiskOption::try_from(api("raw")).unwrap();
+        assert_eq!(d.config.format, Some(virtio_devices::block::Format::Raw));
+        assert_eq!(DiskOption::try_from(api("vmdk")).unwrap_err(), invalid("format", "vmdk"));
     }
 
     #[test]

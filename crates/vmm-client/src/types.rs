@@ -119,6 +119,12 @@ pub struct DiskSpec {
     /// The serial the guest reads (at most 20 bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// The image format, `raw` or `qcow2`. Absent: raw, but a file that
+    /// starts with the qcow2 magic is refused (never guessed from contents;
+    /// a caller that knows its disk is raw says so, so that a guest writing
+    /// the magic into its own disk cannot make the next attach fail).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
 }
 
 /// `PUT /api/v1/vm.add-net`: a virtio-net NIC on a tap device.

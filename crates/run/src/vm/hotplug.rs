@@ -181,7 +181,14 @@ impl ThinVm {
     /// named `name` (its serial, so `/dev/disk/by-id/virtio-NAME`).
     pub async fn add_disk(&mut self, name: &str, source: &Path, readonly: bool) -> Result<(), HotplugError> {
         check_name(name)?;
-        let spec = DiskSpec { id: Some(name.into()), path: source.to_path_buf(), readonly, serial: Some(name.into()) };
+        // Skiff's disks are raw: said, so that a guest writing the qcow2 magic into one cannot make its next attach fail.
+        let spec = DiskSpec {
+            id: Some(name.into()),
+            path: source.to_path_buf(),
+            readonly,
+            serial: Some(name.into()),
+            format: Some("raw".into()),
+        };
         self.api(move |c| c.add_disk(&spec).map(drop)).await?;
         self.hot.push(HotDevice { name: name.into(), mount: None, _virtiofsd: None });
         Ok(())

@@ -132,7 +132,7 @@ impl ThinVm {
             DeviceSpec::Disk { name, source, readonly } => {
                 self.hot.push(HotDevice::restored(name, None, None));
                 let ro = if *readonly { ",readonly=on" } else { "" };
-                Ok(vec!["--disk".into(), format!("path={},serial={name},id={name}{ro}", source.display())])
+                Ok(vec!["--disk".into(), format!("path={},format=raw,serial={name},id={name}{ro}", source.display())])
             }
         }
     }

@@ -34,7 +34,7 @@ enum Command {
     Shutdown,
     /// End the VM at once.
     PowerOff,
-    /// Hot-plug a disk: `path=IMAGE[,readonly=on][,serial=S][,id=ID]`.
+    /// Hot-plug a disk: `path=IMAGE[,format=raw|qcow2][,readonly=on][,serial=S][,id=ID]`.
     AddDisk { spec: String },
     /// Hot-plug a NIC: `tap=NAME[,mac=MAC][,id=ID]`.
     AddNet { spec: String },
@@ -99,7 +99,7 @@ fn main() -> anyhow::Result<()> {
         Command::Shutdown => c.shutdown()?,
         Command::PowerOff => c.power_off()?,
         Command::AddDisk { spec } => {
-            let p = pairs(&spec, &["path", "readonly", "serial", "id"])?;
+            let p = pairs(&spec, &["path", "format", "readonly", "serial", "id"])?;
             let readonly = match get(&p, "readonly") {
                 None | Some("off") | Some("false") => false,
                 Some("on") | Some("true") => true,
@@ -110,6 +110,7 @@ fn main() -> anyhow::Result<()> {
                 path: need(&p, "path")?.into(),
                 readonly,
                 serial: get(&p, "serial").map(str::to_string),
+                format: get(&p, "format").map(str::to_string),
             };
             print(&c.add_disk(&spec)?)?;
         }

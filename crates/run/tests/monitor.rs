@@ -337,7 +337,9 @@ async fn snapshot_then_restore_a_clone_and_a_damaged_snapshot_leaves_nothing() {
     assert!(console.contains(&format!("restored from {}", snap.display())), "{console}");
     assert!(console.contains("net tap=tap-clone,mac=52:54:00:00:00:02"), "{console}");
     assert!(console.contains("--fs tag=rootfs,socket=") && console.contains(",id=fs0"), "{console}");
-    assert!(console.contains(&format!("--disk path={},serial=scratch,id=scratch,readonly=on", disk.display())));
+    assert!(
+        console.contains(&format!("--disk path={},format=raw,serial=scratch,id=scratch,readonly=on", disk.display()))
+    );
     let after = std::fs::read_to_string(f.dir.join("requests")).unwrap().matches(r#""type": "network""#).count();
     assert_eq!(after, before + 1, "the clone's network is configured again");
     let requests = std::fs::read_to_string(f.dir.join("requests")).unwrap();

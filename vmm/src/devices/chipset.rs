@@ -13,7 +13,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use virtio_devices::pci::{BarAllocator, BarReprogram, PciBarRange, PciError};
+use virtio_devices::pci::BarReprogram;
 use virtio_devices::PciDevice;
 use vm_device::{Bus, BusDevice};
 
@@ -96,24 +96,6 @@ impl ChipsetFunction {
     }
 }
 
-/// The [`PciDevice`] methods of a function without BARs.
-macro_rules! no_bars {
-    () => {
-        fn allocate_bars(&mut self, _allocator: &mut dyn BarAllocator) -> Result<Vec<PciBarRange>, PciError> {
-            Ok(Vec::new())
-        }
-        fn bar_ranges(&self) -> Vec<PciBarRange> {
-            Vec::new()
-        }
-        fn move_bar(&mut self, _mv: &BarReprogram) {}
-        fn refuse_bar_move(&mut self, _mv: &BarReprogram) {}
-        fn read_bar(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
-            data.fill(0xff);
-        }
-        fn write_bar(&mut self, _base: u64, _offset: u64, _data: &[u8]) {}
-    };
-}
-
 impl PciDevice for ChipsetFunction {
     fn read_config_register(&mut self, reg: usize) -> u32 {
         self.read_reg(reg)
@@ -122,7 +104,7 @@ impl PciDevice for ChipsetFunction {
         self.write_reg(reg, offset, data);
         Vec::new()
     }
-    no_bars!();
+    virtio_devices::pci_no_bars!();
 }
 
 /// The ACPI PM I/O block: PM1 status (0), enable (2), control (4), timer (8).
@@ -238,7 +220,7 @@ impl PciDevice for PiixPm {
         }
         Vec::new()
     }
-    no_bars!();
+    virtio_devices::pci_no_bars!();
 }
 
 /// Firmware's debug console (QEMU's `isa-debugcon`, port 0x402): bytes

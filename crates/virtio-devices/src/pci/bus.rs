@@ -65,21 +65,7 @@ impl PciDevice for PciRoot {
     fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) -> Vec<BarReprogram> {
         self.config.write_reg(reg, offset, data)
     }
-    fn allocate_bars(
-        &mut self,
-        _allocator: &mut dyn BarAllocator,
-    ) -> Result<Vec<PciBarRange>, PciError> {
-        Ok(Vec::new())
-    }
-    fn bar_ranges(&self) -> Vec<PciBarRange> {
-        Vec::new()
-    }
-    fn move_bar(&mut self, _mv: &BarReprogram) {}
-    fn refuse_bar_move(&mut self, _mv: &BarReprogram) {}
-    fn read_bar(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
-        data.fill(0xff);
-    }
-    fn write_bar(&mut self, _base: u64, _offset: u64, _data: &[u8]) {}
+    crate::pci_no_bars!();
 }
 
 /// Puts a PCI device's BAR on a [`Bus`]: accesses are forwarded to

@@ -7,6 +7,30 @@
 //! [`PciBus::detach`] undoes all of it: the same two calls serve boot-time
 //! set-up and hot-plug.
 
+/// The [`PciDevice`](crate::PciDevice) methods of a function without BARs
+/// (a host bridge, a chipset function): nothing to allocate or move, BAR
+/// reads all ones, writes dropped. Used inside an `impl PciDevice` block.
+#[macro_export]
+macro_rules! pci_no_bars {
+    () => {
+        fn allocate_bars(
+            &mut self,
+            _allocator: &mut dyn $crate::pci::BarAllocator,
+        ) -> Result<Vec<$crate::pci::PciBarRange>, $crate::pci::PciError> {
+            Ok(Vec::new())
+        }
+        fn bar_ranges(&self) -> Vec<$crate::pci::PciBarRange> {
+            Vec::new()
+        }
+        fn move_bar(&mut self, _mv: &$crate::pci::BarReprogram) {}
+        fn refuse_bar_move(&mut self, _mv: &$crate::pci::BarReprogram) {}
+        fn read_bar(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+            data.fill(0xff);
+        }
+        fn write_bar(&mut self, _base: u64, _offset: u64, _data: &[u8]) {}
+    };
+}
+
 pub mod bus;
 pub mod config;
 pub mod msix;

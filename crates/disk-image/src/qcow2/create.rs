@@ -11,7 +11,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use super::header::{self, HeaderError, MAX_BACKING_NAME, MAX_L1_BYTES};
+use super::header::{HeaderError, EXT_BACKING_FORMAT, MAX_BACKING_NAME, MAX_L1_BYTES};
 use crate::{DiskError, Format};
 
 /// Cluster size of the overlays we write (QEMU's default), as log2.
@@ -20,7 +20,6 @@ const CLUSTER: u64 = 1 << CLUSTER_BITS;
 const HEADER_LEN: usize = 104;
 /// 16-bit refcounts, QEMU's default.
 const REFCOUNT_ORDER: u32 = 4;
-const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 
 /// Creates a qcow2 overlay at `path` (which must not exist) over `backing`
 /// in `backing_format`, with the backing file's virtual size. The backing
@@ -148,6 +147,7 @@ fn overlay_bytes(size: u64, backing: &str, format: Format) -> Result<Vec<u8>, He
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qcow2::header;
 
     /// Our own checker accepts what we write, with the name and format.
     #[test]

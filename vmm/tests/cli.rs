@@ -127,3 +127,64 @@ fn bad_firmware_is_refused_before_any_vm() {
     expect_usage_error(&vmm(&["--firmware"]), "--firmware-vars");
     expect_usage_error(&vmm(&["--firmware", "--firmware-vars", v, "--kernel", "/k"]), "cannot be used with");
 }
+
+/// Bad disk images (a truncated qcow2 header, tables outside the file, a
+/// backing file with no recorded format or that is not a file, a qcow2
+/// file given without a format) are refused with status 2 before any vCPU
+/// runs, and nothing is created (the firmware's variable store included).
+#[test]
+fn bad_disk_images_are_refused_before_any_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let qemu_img = |args: &[&str]| {
+        let ok = Command::new("qemu-img").args(args).status().expect("qemu-img (qemu-utils)");
+        assert!(ok.success(), "qemu-img {args:?}");
+    };
+    let vars = at("vars.fd");
+    let boot = |disk: &str| vmm(&["--firmware", "--firmware-vars", &vars, "--memory", "128", "--disk", disk]);
+    qemu_img(&["create", "-q", "-f", "qcow2", &at("good.qcow2"), "64M"]);
+    let good = std::fs::read(at("good.qcow2")).unwrap();
+
+    std::fs::write(at("short.qcow2"), &good[..60]).unwrap();
+    expect_usage_error(&boot(&format!("path={},format=qcow2", at("short.qcow2"))), "too short for a qcow2 header");
+
+    // The L1 table moved past the end of the file.
+    let mut far = good.clone();
+    far[40..48].copy_from_slice(&(1u64 << 40).to_be_bytes());
+    std::fs::write(at("far.qcow2"), &far).unwrap();
+    expect_usage_error(&boot(&format!("path={},format=qcow2", at("far.qcow2"))), "lies outside the file");
+
+    // The refcount table likewise.
+    let mut far = good.clone();
+    far[48..56].copy_from_slice(&(1u64 << 40).to_be_bytes());
+    std::fs::write(at("far-rc.qcow2"), &far).unwrap();
+    expect_usage_error(&boot(&format!("path={},format=qcow2", at("far-rc.qcow2"))), "lies outside the file");
+
+    // qemu-img no longer writes an overlay without the backing format:
+    // turn the format extension into the end of the extensions.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        &at("good.qcow2"),
+        "-F",
+        "qcow2",
+        &at("noformat.qcow2"),
+        "64M",
+    ]);
+    let mut img = std::fs::read(at("noformat.qcow2")).unwrap();
+    let ext = img.windows(4).position(|w| w == [0xe2, 0x79, 0x2a, 0xca]).expect("backing format extension");
+    img[ext..ext + 8].fill(0);
+    std::fs::write(at("noformat.qcow2"), &img).unwrap();
+    expect_usage_error(&boot(&format!("path={},format=qcow2", at("noformat.qcow2"))), "no recorded format");
+
+    qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", "/dev/zero", "-F", "raw", &at("dev.qcow2"), "64M"]);
+    expect_usage_error(&boot(&format!("path={},format=qcow2", at("dev.qcow2"))), "not a regular file");
+
+    expect_usage_error(&boot(&format!("path={}", at("good.qcow2"))), "no format was given");
+    expect_usage_error(&boot(&format!("path={},format=vmdk", at("good.qcow2"))), "invalid value \"vmdk\" for format");
+    assert!(!std::path::Path::new(&vars).exists(), "no variable store was made");
+}

@@ -21,9 +21,11 @@ use tokio::process::{Child, Command};
 
 use crate::kernel::Kernel;
 
+mod firmware;
 mod hotplug;
 mod restore;
 use crate::runtime::{self, RuntimeError, VmState, CONSOLE_LOG, VSOCK_SOCKET};
+pub use firmware::{OsBoot, OsVmOptions, RESET_EXIT_CODE};
 pub use hotplug::{valid_device_name, HotplugError, VMM_API_SOCKET};
 pub use restore::{check_snapshot_dir, RestoreOptions};
 

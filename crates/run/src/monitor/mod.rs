@@ -44,6 +44,7 @@
 //! runtime directory's `state.json` (its `runner_pid`), checking through
 //! `/proc/PID/cmdline` that the process is this VM's monitor.
 
+mod os;
 mod proto;
 mod serve;
 
@@ -118,6 +119,9 @@ pub enum MonitorError {
     /// A VM runs in this runtime directory already.
     #[error("a monitor (pid {1}) already runs in {0}")]
     InUse(PathBuf, u32),
+    /// What this kind of VM cannot do.
+    #[error("{0}")]
+    Unsupported(String),
     /// The monitor reported a failed boot.
     #[error("{0}")]
     BootFailed(String),

@@ -23,6 +23,8 @@ pub mod fuzzing;
 pub mod qcow2;
 pub mod raw;
 
+pub use qcow2::create::create_overlay;
+
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
@@ -99,6 +101,15 @@ pub enum DiskError {
     /// An unknown format name.
     #[error("unknown disk format {0:?} (raw or qcow2)")]
     UnknownFormat(String),
+    /// Writing a new image failed.
+    #[error("create disk image {path}")]
+    Create {
+        /// Image path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A disk image format.
@@ -145,6 +156,68 @@ pub trait DiskImage: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DiskError>;
     /// Makes every completed write durable (image metadata included).
     fn flush(&self) -> Result<(), DiskError>;
+}
+
+/// What [`inspect`] finds in an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// The image's format.
+    pub format: Format,
+    /// Size of the disk a guest would see, in bytes.
+    pub virtual_size: u64,
+    /// Size of the image file itself, in bytes.
+    pub file_size: u64,
+    /// The backing file a qcow2 image names, as recorded (never opened).
+    pub backing: Option<String>,
+    /// The backing file's recorded format.
+    pub backing_format: Option<String>,
+}
+
+/// Checks the image at `path` without opening any backing file it names:
+/// a qcow2 image gets the full header and table check [`open`] makes. With
+/// `format` `None` the format is told by the qcow2 magic alone; that is
+/// for importing a file once, whose format is then recorded and given to
+/// [`open`] ever after (see the format rule).
+pub fn inspect(path: &Path, format: Option<Format>) -> Result<ImageInfo, DiskError> {
+    let file = open_locked(path, true)?;
+    let meta = file.metadata().map_err(|source| DiskError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(DiskError::Read {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+        });
+    }
+    let format = match format {
+        Some(f) => f,
+        None if starts_with_qcow2_magic(&file, path)? => Format::Qcow2,
+        None => Format::Raw,
+    };
+    let info = match format {
+        Format::Raw => ImageInfo {
+            format,
+            virtual_size: meta.len(),
+            file_size: meta.len(),
+            backing: None,
+            backing_format: None,
+        },
+        Format::Qcow2 => {
+            let h = qcow2::header::check(&file, false).map_err(|source| DiskError::Qcow2 {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            ImageInfo {
+                format,
+                virtual_size: h.size,
+                file_size: meta.len(),
+                backing: h.backing_file,
+                backing_format: h.backing_format,
+            }
+        }
+    };
+    Ok(info)
 }
 
 /// Checks that `len` bytes at `offset` lie within a disk of `size` bytes.

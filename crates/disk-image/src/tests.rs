@@ -501,3 +501,104 @@ fn fuzz_entry_on_mutations() {
     crate::fuzzing::qcow2(&good);
     crate::fuzzing::qcow2(&[]);
 }
+
+/// Overlays we write: `qemu-img check` and `info` agree with them, they
+/// read the base until written, and writes stay in the overlay.
+#[test]
+fn created_overlays_work_with_qemu_and_us() {
+    let dir = tempfile::tempdir().unwrap();
+    let qbase = dir.path().join("base.qcow2");
+    let rbase = dir.path().join("base.raw");
+    create_qcow2(&[p(&qbase), "1G"]);
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x22 1M 2M", p(&qbase)],
+    );
+    std::fs::write(&rbase, pattern(3 << 20, 7)).unwrap();
+    for (base, fmt, size) in [
+        (&qbase, Format::Qcow2, 1u64 << 30),
+        (&rbase, Format::Raw, 3 << 20),
+    ] {
+        let o = dir.path().join(format!("over-{fmt}.qcow2"));
+        create_overlay(&o, base, fmt).unwrap();
+        run("qemu-img", &["check", "-q", p(&o)]);
+        let info = run("qemu-img", &["info", "--output=json", p(&o)]);
+        assert!(
+            info.contains(&format!("\"backing-filename-format\": \"{fmt}\"")),
+            "{info}"
+        );
+        let got = inspect(&o, None).unwrap();
+        assert_eq!(got.format, Format::Qcow2);
+        assert_eq!(got.virtual_size, size);
+        assert_eq!(
+            got.backing.as_deref(),
+            Some(std::fs::canonicalize(base).unwrap().to_str().unwrap())
+        );
+        let d = open(&o, Some(Format::Qcow2), false).unwrap();
+        assert_eq!(d.size(), size);
+        let mut buf = vec![0u8; 4096];
+        d.read_at(&mut buf, 1 << 20).unwrap();
+        let want = if fmt == Format::Qcow2 {
+            vec![0x22; 4096]
+        } else {
+            pattern(3 << 20, 7)[1 << 20..(1 << 20) + 4096].to_vec()
+        };
+        assert!(buf == want, "{fmt}: the overlay reads its base");
+        d.write_at(&[0x5a; 8192], 2 << 20).unwrap();
+        d.flush().unwrap();
+        drop(d);
+        run("qemu-img", &["check", "-q", p(&o)]);
+        run(
+            "qemu-io",
+            &["-r", "-f", "qcow2", "-c", "read -P 0x5a 2M 8k", p(&o)],
+        );
+        // An existing file is never overwritten.
+        let before = std::fs::read(&o).unwrap();
+        assert!(matches!(
+            create_overlay(&o, base, fmt),
+            Err(DiskError::Create { .. })
+        ));
+        assert!(std::fs::read(&o).unwrap() == before);
+    }
+    // The bases were never written.
+    run(
+        "qemu-io",
+        &["-r", "-f", "qcow2", "-c", "read -P 0x22 1M 2M", p(&qbase)],
+    );
+    assert!(std::fs::read(&rbase).unwrap() == pattern(3 << 20, 7));
+    // A base that fails the check gets no overlay.
+    let bad = dir.path().join("bad.qcow2");
+    std::fs::write(&bad, b"QFI\xfb\0\0\0\x09").unwrap();
+    let o = dir.path().join("over-bad.qcow2");
+    assert!(create_overlay(&o, &bad, Format::Qcow2).is_err());
+    assert!(!o.exists());
+}
+
+/// `inspect` tells formats by the magic alone, reports a backing reference
+/// without opening it, and refuses what `open` would.
+#[test]
+fn inspect_reports_without_opening_backing_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("r.img");
+    std::fs::write(&raw, pattern(65536, 1)).unwrap();
+    let i = inspect(&raw, None).unwrap();
+    assert_eq!(
+        (i.format, i.virtual_size, i.backing),
+        (Format::Raw, 65536, None)
+    );
+    let q = dir.path().join("q.qcow2");
+    create_qcow2(&["-u", "-b", "/nonexistent/secret", "-F", "raw", p(&q), "64M"]);
+    let i = inspect(&q, None).unwrap();
+    assert_eq!(i.format, Format::Qcow2);
+    assert_eq!(i.virtual_size, 64 << 20);
+    assert_eq!(i.backing.as_deref(), Some("/nonexistent/secret"));
+    assert_eq!(i.backing_format.as_deref(), Some("raw"));
+    // The qcow2 file told to be raw is just bytes.
+    assert_eq!(inspect(&q, Some(Format::Raw)).unwrap().format, Format::Raw);
+    // Not a regular file.
+    assert!(inspect(dir.path(), None).is_err());
+    // A truncated header.
+    let t = dir.path().join("t.qcow2");
+    std::fs::write(&t, &std::fs::read(&q).unwrap()[..50]).unwrap();
+    assert!(matches!(inspect(&t, None), Err(DiskError::Qcow2 { .. })));
+}

@@ -28,7 +28,7 @@ pub const MAX_SNAPSHOTS: u32 = 65536;
 const V2_HEADER_LEN: usize = 72;
 const V3_HEADER_LEN: usize = 104;
 const EXT_END: u32 = 0;
-const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+pub(crate) const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 /// Host offset bits of L1, L2 and refcount table entries.
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const L2_COMPRESSED: u64 = 1 << 62;

@@ -35,6 +35,7 @@
 //! clusters (`qemu-img check` reports leaks, which are harmless), but no
 //! table points at unwritten data.
 
+pub mod create;
 pub mod header;
 
 use std::fs::File;

@@ -95,6 +95,23 @@ pub enum SystemImageError {
     /// The OCI store (work directories, uses) failed.
     #[error("image store")]
     Store(#[source] skiff_oci::store::StoreError),
+    /// A disk image that is not valid (its header or tables).
+    #[error("not a valid {format} disk image: {why}")]
+    BadDisk {
+        /// The format it was read as.
+        format: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A qcow2 image that names a backing file.
+    #[error(
+        "the qcow2 image names a backing file ({0:?}): an imported image must stand alone (an image from \
+         elsewhere must not name files of this host); flatten it first: qemu-img convert -O qcow2 IN OUT"
+    )]
+    BackingFile(String),
+    /// A disk larger than [`disk::MAX_VIRTUAL_SIZE`].
+    #[error("the disk image's virtual size, {0} bytes, is over the limit of {1} bytes")]
+    DiskTooLarge(u64, u64),
 }
 
 impl SystemImageError {
@@ -108,7 +125,10 @@ impl SystemImageError {
             | E::Unpack(_)
             | E::NoMetadata
             | E::NoRootfs
-            | E::BadMetadata(_) => 400,
+            | E::BadMetadata(_)
+            | E::BadDisk { .. }
+            | E::BackingFile(_)
+            | E::DiskTooLarge(..) => 400,
             E::NotFound(_) => 404,
             E::Exists(_) | E::InUse { .. } => 409,
             E::Io { .. } | E::Store(_) => 500,
@@ -138,6 +158,17 @@ pub struct SystemImage {
     pub properties: BTreeMap<String, String>,
     /// The file name the client gave.
     pub filename: String,
+    /// A disk image's format (`raw`, `qcow2`), recorded at import and never
+    /// probed again; `None` for a system container image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_format: Option<String>,
+}
+
+impl SystemImage {
+    /// A disk image's format, `None` for a system container image.
+    pub fn disk(&self) -> Option<disk_image::Format> {
+        self.disk_format.as_deref().and_then(|f| f.parse().ok())
+    }
 }
 
 /// What `metadata.yaml` says (the fields Skiff reads).
@@ -406,6 +437,7 @@ impl SystemImages {
             uploaded_at,
             properties: props,
             filename: filename.to_string(),
+            disk_format: None,
         };
         let json = image.join("image.json");
         let mut f = fs::File::create(&json).map_err(io_err("create", &json))?;
@@ -428,6 +460,9 @@ impl SystemImages {
         self.store.remove_tree(&dir).map_err(SystemImageError::Store)
     }
 }
+
+#[path = "sysimages_disk.rs"]
+pub mod disk;
 
 #[cfg(test)]
 #[path = "sysimages_tests.rs"]

@@ -1,0 +1,119 @@
+//! Disk images for full OS VMs (Incus's `virtual-machine` images): a raw or
+//! qcow2 file, imported whole and kept as the read-only base every
+//! instance's qcow2 overlay sits on.
+//!
+//! ```text
+//! STORE/system/<fingerprint>/image.json   with "disk_format": "raw"|"qcow2"
+//! STORE/system/<fingerprint>/disk         the base, mode 0444, never written
+//! ```
+//!
+//! The format is what the client says (`X-Skiff-Format`), else qcow2 when
+//! the upload starts with the qcow2 magic; it is recorded then and never
+//! probed again (a raw image is only taken when the client says raw).
+//! Before it is stored, `disk_image::inspect` checks it (a qcow2 image's
+//! whole header and its tables against the file, without opening any
+//! backing file), and a qcow2 image that names a backing file is refused:
+//! an image from elsewhere must not make the VMM open a file of this host.
+//! The upload is already capped ([`super::MAX_TARBALL`]); the virtual size
+//! is capped at [`MAX_VIRTUAL_SIZE`]. Whatever fails, nothing is left.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+
+use disk_image::Format;
+
+use super::{io_err, SystemImage, SystemImageError, SystemImages, Upload};
+
+/// Largest virtual disk an imported image may have: 2 TiB.
+pub const MAX_VIRTUAL_SIZE: u64 = 2 << 40;
+/// The base's file name in the image's directory.
+const DISK: &str = "disk";
+
+/// Whether the upload starts with the qcow2 magic.
+pub fn is_qcow2(up: &Upload) -> bool {
+    let mut head = [0u8; 4];
+    fs::File::open(&up.path)
+        .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0))
+        .is_ok_and(|()| head == disk_image::QCOW2_MAGIC)
+}
+
+impl SystemImages {
+    /// The base file of a disk image.
+    pub fn disk_path(&self, fingerprint: &str) -> PathBuf {
+        self.dir(fingerprint).join(DISK)
+    }
+
+    /// Checks the uploaded disk image and moves it into the store
+    /// (blocking: run it on a blocking thread).
+    pub fn import_disk(
+        &self,
+        up: &Upload,
+        format: Format,
+        filename: &str,
+        properties: std::collections::BTreeMap<String, String>,
+    ) -> Result<SystemImage, SystemImageError> {
+        let info = disk_image::inspect(&up.path, Some(format)).map_err(|e| SystemImageError::BadDisk {
+            format: format.to_string(),
+            why: crate::images::chain(&e),
+        })?;
+        if let Some(backing) = info.backing {
+            return Err(SystemImageError::BackingFile(backing));
+        }
+        if info.virtual_size > MAX_VIRTUAL_SIZE {
+            return Err(SystemImageError::DiskTooLarge(info.virtual_size, MAX_VIRTUAL_SIZE));
+        }
+        if info.virtual_size == 0 {
+            return Err(SystemImageError::BadDisk { format: format.to_string(), why: "its size is 0".into() });
+        }
+        let target = self.dir(&up.fingerprint);
+        if target.exists() {
+            return Err(SystemImageError::Exists(up.fingerprint.clone()));
+        }
+        let work = self.store.temp_dir("diskimage").map_err(SystemImageError::Store)?;
+        let result = self.store_disk(up, format, &work, filename, properties).and_then(|img| {
+            fs::create_dir_all(&self.root).map_err(io_err("create", &self.root))?;
+            match fs::rename(work.join("image"), &target) {
+                Ok(()) => Ok(img),
+                Err(_) if target.join("image.json").is_file() => Err(SystemImageError::Exists(img.fingerprint)),
+                Err(e) => Err(io_err("rename into", &target)(e)),
+            }
+        });
+        let _ = fs::remove_dir_all(&work);
+        result
+    }
+
+    fn store_disk(
+        &self,
+        up: &Upload,
+        format: Format,
+        work: &std::path::Path,
+        filename: &str,
+        mut properties: std::collections::BTreeMap<String, String>,
+    ) -> Result<SystemImage, SystemImageError> {
+        let image = work.join("image");
+        fs::create_dir(&image).map_err(io_err("create", &image))?;
+        let disk = image.join(DISK);
+        // The upload is in the store's tmp/: same file system.
+        fs::rename(&up.path, &disk).map_err(io_err("move", &disk))?;
+        fs::set_permissions(&disk, fs::Permissions::from_mode(0o444)).map_err(io_err("chmod", &disk))?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        properties.entry("description".into()).or_insert_with(|| filename.to_string());
+        let img = SystemImage {
+            fingerprint: up.fingerprint.clone(),
+            size: up.size,
+            architecture: "x86_64".into(),
+            created_at: now,
+            uploaded_at: now,
+            properties,
+            filename: filename.to_string(),
+            disk_format: Some(format.to_string()),
+        };
+        let json = image.join("image.json");
+        let data = serde_json::to_vec_pretty(&img).unwrap_or_default();
+        let f = fs::File::create(&json).map_err(io_err("create", &json))?;
+        std::io::Write::write_all(&mut &f, &data).map_err(io_err("write", &json))?;
+        f.sync_all().map_err(io_err("sync", &json))?;
+        Ok(img)
+    }
+}

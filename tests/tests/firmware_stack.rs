@@ -77,7 +77,10 @@ fn instance(env: &Env, name: &str) -> Result<Value> {
 /// Bad imports: a clear error each, nothing stored, nothing left.
 fn refuses_bad_imports(env: &Env, dir: &Path) -> Result<()> {
     let backing = dir.join("backing.qcow2");
-    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", "/etc/hostname"]).arg(&backing).arg("64M"))?;
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", "/etc/hostname"])
+        .arg(&backing)
+        .arg("64M"))?;
     let err = fails(env, &["image", "import", path_str(&backing)?, "--alias", "bad"])?;
     ensure!(err.contains("backing file") && err.contains("/etc/hostname"), "a qcow2 with a backing file: {err}");
 

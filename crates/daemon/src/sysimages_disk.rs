@@ -53,10 +53,8 @@ impl SystemImages {
         filename: &str,
         properties: std::collections::BTreeMap<String, String>,
     ) -> Result<SystemImage, SystemImageError> {
-        let info = disk_image::inspect(&up.path, Some(format)).map_err(|e| SystemImageError::BadDisk {
-            format: format.to_string(),
-            why: crate::images::chain(&e),
-        })?;
+        let info = disk_image::inspect(&up.path, Some(format))
+            .map_err(|e| SystemImageError::BadDisk { format: format.to_string(), why: crate::images::chain(&e) })?;
         if let Some(backing) = info.backing {
             return Err(SystemImageError::BackingFile(backing));
         }

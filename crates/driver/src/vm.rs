@@ -27,8 +27,8 @@ use crate::{config, volumes};
 
 mod os;
 mod stateful;
-pub use os::DEFAULT_OS_MEMORY_MIB;
 use crate::{Driver, DriverError, DriverEvent, InstanceKind, InstanceSpec, RunStatus};
+pub use os::DEFAULT_OS_MEMORY_MIB;
 
 /// Events buffered for a slow daemon.
 const EVENT_BACKLOG: usize = 256;

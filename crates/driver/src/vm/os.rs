@@ -214,15 +214,19 @@ impl VmDriver {
         let ImageKind::Disk(_) = inst.image_kind else {
             return Err(DriverError::Image("not a disk image".into()));
         };
-        if let Some(name) = inst.devices.iter().find_map(|(n, d)| (d.get("type").map(String::as_str) == Some("disk") && d.get("path").map(String::as_str) != Some("/")).then_some(n)) {
+        if let Some(name) = inst.devices.iter().find_map(|(n, d)| {
+            (d.get("type").map(String::as_str) == Some("disk") && d.get("path").map(String::as_str) != Some("/"))
+                .then_some(n)
+        }) {
             return Err(DriverError::Unsupported(format!(
                 "device {name:?}: disks and shares of full OS VMs are not supported yet"
             )));
         }
         let (cpus, memory_mib) = os_resources(inst)?;
         let dir = os_dir(inst);
-        let mut main: skiff_agent_proto::MainProcess = serde_json::from_value(serde_json::json!({"args": ["/sbin/init"]}))
-            .map_err(|e| DriverError::Host(format!("main process: {e}")))?;
+        let mut main: skiff_agent_proto::MainProcess =
+            serde_json::from_value(serde_json::json!({"args": ["/sbin/init"]}))
+                .map_err(|e| DriverError::Host(format!("main process: {e}")))?;
         // The stop timeout's default when the caller gives none (SIGTERM
         // to the monitor): the guest's whole shutdown.
         main.stop_timeout_secs = 60;

@@ -84,7 +84,10 @@ pub async fn stop(mut vm: ThinVm, timeout: u64, force: bool) -> Result<Stopped, 
         match vm.press_power_button().await {
             Ok(()) => {
                 if vm.wait_vmm(Duration::from_secs(timeout)).await?.is_none() {
-                    eprintln!("skiff-run monitor {}: the guest did not power off within {timeout} s: killed", vm.name());
+                    eprintln!(
+                        "skiff-run monitor {}: the guest did not power off within {timeout} s: killed",
+                        vm.name()
+                    );
                 }
             }
             Err(e) => eprintln!("skiff-run monitor {}: power button: {}", vm.name(), super::error_chain(&e)),

@@ -115,3 +115,71 @@ impl SystemImages {
         Ok(img)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skiff_oci::Store;
+
+    fn images() -> (tempfile::TempDir, SystemImages) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store")).unwrap();
+        (dir, SystemImages::new(store))
+    }
+
+    async fn upload(images: &SystemImages, data: Vec<u8>) -> Upload {
+        images.receive(futures::stream::iter(vec![Ok::<_, std::io::Error>(data)])).await.unwrap()
+    }
+
+    fn nothing_left(images: &SystemImages) {
+        assert!(images.list().is_empty(), "{:?}", images.list());
+        let tmp: Vec<_> = fs::read_dir(images.store.root().join("tmp")).into_iter().flatten().flatten().collect();
+        assert!(tmp.is_empty(), "{tmp:?}");
+    }
+
+    #[tokio::test]
+    async fn a_raw_disk_is_stored_read_only_with_its_format() {
+        let (_d, images) = images();
+        let up = upload(&images, vec![7u8; 1 << 20]).await;
+        assert!(!is_qcow2(&up));
+        let img = images.import_disk(&up, Format::Raw, "disk.img", Default::default()).unwrap();
+        drop(up);
+        assert_eq!(img.disk(), Some(Format::Raw));
+        let path = images.disk_path(&img.fingerprint);
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o444);
+        assert_eq!(fs::read(&path).unwrap(), vec![7u8; 1 << 20]);
+        assert_eq!(images.find(&img.fingerprint).unwrap().disk_format.as_deref(), Some("raw"));
+        let again = upload(&images, vec![7u8; 1 << 20]).await;
+        assert!(matches!(
+            images.import_disk(&again, Format::Raw, "x", Default::default()),
+            Err(SystemImageError::Exists(_))
+        ));
+        drop(again);
+        images.delete(&img.fingerprint).unwrap();
+        nothing_left(&images);
+    }
+
+    #[tokio::test]
+    async fn a_qcow2_naming_a_backing_file_and_a_corrupt_one_are_refused() {
+        let (d, images) = images();
+        let base = d.path().join("base.raw");
+        fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+        let overlay = d.path().join("overlay.qcow2");
+        disk_image::create_overlay(&overlay, &base, Format::Raw).unwrap();
+        let up = upload(&images, fs::read(&overlay).unwrap()).await;
+        assert!(is_qcow2(&up));
+        let err = images.import_disk(&up, Format::Qcow2, "o.qcow2", Default::default()).unwrap_err();
+        assert!(matches!(&err, SystemImageError::BackingFile(b) if b.ends_with("base.raw")), "{err}");
+        assert_eq!(err.status(), 400);
+        drop(up);
+
+        let mut bad = disk_image::QCOW2_MAGIC.to_vec();
+        bad.extend([0xffu8; 4092]);
+        let up = upload(&images, bad).await;
+        let err = images.import_disk(&up, Format::Qcow2, "bad.qcow2", Default::default()).unwrap_err();
+        assert!(matches!(err, SystemImageError::BadDisk { .. }), "{err}");
+        assert_eq!(err.status(), 400);
+        drop(up);
+        nothing_left(&images);
+    }
+}

@@ -24,6 +24,8 @@ use crate::runtime::{VmState, VSOCK_SOCKET};
 
 /// skiff-vmm's exit status when the guest resets (`--reset-exit-code`).
 pub const RESET_EXIT_CODE: i32 = 4;
+/// Resets before the agent is up that a boot survives.
+const BOOT_RESETS: u32 = 3;
 
 /// What a full OS VM boots: firmware, its variable store, the boot disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +109,12 @@ impl ThinVm {
     /// variable store, and waits for the agent. The console log goes on
     /// (the reboot's shutdown and the next boot stay in one log).
     pub async fn reboot_os(&mut self, opts: &OsVmOptions, extras: &VmExtras) -> Result<(), VmError> {
+        self.end_boot().await;
+        self.start_os(opts, extras).await
+    }
+
+    /// Forgets the last boot's skiff-vmm (reaped), agent connection and sockets.
+    async fn end_boot(&mut self) {
         if let Some(mut old) = self.vmm.take() {
             super::kill_now(&mut old);
             let _ = old.wait().await;
@@ -116,10 +124,27 @@ impl ThinVm {
         for socket in [super::VMM_API_SOCKET, VSOCK_SOCKET] {
             let _ = std::fs::remove_file(self.dir.join(socket));
         }
-        self.start_os(opts, extras).await
     }
 
+    /// Starts skiff-vmm and waits for the agent; a guest that resets before
+    /// its agent is up (firmware does, e.g. after its first boot changed
+    /// its memory map variables) is booted again, up to [`BOOT_RESETS`] times.
     async fn start_os(&mut self, opts: &OsVmOptions, extras: &VmExtras) -> Result<(), VmError> {
+        let mut resets = 0;
+        loop {
+            match self.start_os_once(opts, extras).await {
+                Err(VmError::VmmExited { status, .. })
+                    if status.code() == Some(RESET_EXIT_CODE) && resets < BOOT_RESETS =>
+                {
+                    resets += 1;
+                    self.end_boot().await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_os_once(&mut self, opts: &OsVmOptions, extras: &VmExtras) -> Result<(), VmError> {
         let events = EventListener::bind_for_vsock(&self.dir.join(VSOCK_SOCKET))?;
         let state = VmState {
             name: opts.name.clone(),

@@ -278,3 +278,58 @@ impl VmDriver {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(dir: &Path) -> InstanceSpec {
+        let base = dir.join("base.raw");
+        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+        InstanceSpec {
+            name: "os1".into(),
+            id: "0123456789abcdef".into(),
+            config: Default::default(),
+            image_rootfs: base,
+            image_config: serde_json::Value::Null,
+            image_kind: ImageKind::Disk(disk_image::Format::Raw),
+            nic: None,
+            devices: Default::default(),
+            dir: dir.join("inst"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_overlay_and_variables_are_snapshotted_restored_and_deleted() {
+        let d = tempfile::tempdir().unwrap();
+        let inst = instance(d.path());
+        create(&inst).await.unwrap();
+        let (root, vars) = (os_dir(&inst).join(ROOT), os_dir(&inst).join(VARS));
+        let info = disk_image::inspect(&root, Some(disk_image::Format::Qcow2)).unwrap();
+        assert_eq!(info.backing.as_deref(), Some(inst.image_rootfs.to_str().unwrap()));
+        assert_eq!(info.backing_format.as_deref(), Some("raw"));
+        // Never booted: no variable store yet.
+        snapshot_create(&inst, "s0").await.unwrap();
+        assert!(!snapshot_dir(&inst, "s0").join(VARS).exists());
+        std::fs::write(&vars, b"vars after s0").unwrap();
+        snapshot_create(&inst, "s1").await.unwrap();
+        assert!(snapshot_create(&inst, "s1").await.is_err(), "a snapshot was overwritten");
+        let before = std::fs::read(&root).unwrap();
+        std::fs::write(&root, b"wrecked").unwrap();
+        std::fs::write(&vars, b"changed").unwrap();
+        snapshot_restore(&inst, "s1").await.unwrap();
+        assert_eq!(std::fs::read(&root).unwrap(), before);
+        assert_eq!(std::fs::read(&vars).unwrap(), b"vars after s0");
+        snapshot_restore(&inst, "s0").await.unwrap();
+        assert!(!vars.exists(), "s0 had no variable store");
+        snapshot_rename(&inst, "s1", "s2").unwrap();
+        snapshot_delete(&inst, "s2").await.unwrap();
+        assert!(!snapshot_dir(&inst, "s2").exists());
+        let left: Vec<_> = std::fs::read_dir(os_dir(&inst)).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert!(left.iter().all(|n| n == ROOT || n == "snapshots"), "{left:?}");
+        assert!(snapshot_restore(&inst, "nope").await.is_err());
+        delete(&inst).unwrap();
+        assert!(!os_dir(&inst).exists());
+        assert!(std::fs::read(&inst.image_rootfs).unwrap().iter().all(|b| *b == 0), "the base was written");
+    }
+}

@@ -18,35 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
-use skiff_tests::daemon_env::{run, Env};
+use skiff_tests::daemon_env::{bin_dir, run, Env};
 use skiff_tests::scratch;
-
-/// skiffd and skiff: `SKIFF_BIN`, else the test binary's target directory.
-fn bin_dir() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("SKIFF_BIN") {
-        return Ok(p.into());
-    }
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().and_then(Path::parent).context("test binary directory")?.to_path_buf();
-    ensure!(dir.join("skiffd").is_file(), "no skiffd in {}: cargo build --release -p skiffd -p skiff", dir.display());
-    Ok(dir)
-}
-
-/// `skiff ARGS` that must fail; its stderr.
-fn fails(env: &Env, args: &[&str]) -> Result<String> {
-    let (code, out, err) = env.skiff(args)?;
-    ensure!(code != 0, "skiff {} succeeded: {out}", args.join(" "));
-    Ok(err)
-}
-
-/// `skiff exec NAME -- sh -c SCRIPT`: exit code and stdout.
-fn sh(env: &Env, name: &str, script: &str) -> Result<(i32, String)> {
-    let (code, out, err) = env.skiff(&["exec", name, "--", "sh", "-c", script])?;
-    if code != 0 && !err.is_empty() {
-        eprintln!("exec {script:?} in {name} exited {code}: {err}");
-    }
-    Ok((code, out))
-}
 
 fn sha256(path: &Path) -> Result<String> {
     Ok(run(Command::new("sha256sum").arg(path))?.split_whitespace().next().unwrap_or("").to_string())
@@ -54,19 +27,6 @@ fn sha256(path: &Path) -> Result<String> {
 
 fn path_str(p: &Path) -> Result<&str> {
     p.to_str().context("path is not UTF-8")
-}
-
-/// The image store's work directory holds nothing.
-fn store_tmp_empty(env: &Env) -> Result<()> {
-    let tmp = env.dir.join("oci/tmp");
-    let left: Vec<_> = std::fs::read_dir(&tmp).into_iter().flatten().flatten().map(|e| e.file_name()).collect();
-    ensure!(left.is_empty(), "left in {}: {left:?}", tmp.display());
-    Ok(())
-}
-
-fn images(env: &Env) -> Result<Vec<Value>> {
-    let v: Value = serde_json::from_str(&env.ok(&["image", "list", "--format", "json"])?)?;
-    Ok(v.as_array().cloned().unwrap_or_default())
 }
 
 fn instance(env: &Env, name: &str) -> Result<Value> {
@@ -81,35 +41,35 @@ fn refuses_bad_imports(env: &Env, dir: &Path) -> Result<()> {
         .args(["create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", "/etc/hostname"])
         .arg(&backing)
         .arg("64M"))?;
-    let err = fails(env, &["image", "import", path_str(&backing)?, "--alias", "bad"])?;
+    let err = env.fails(&["image", "import", path_str(&backing)?, "--alias", "bad"])?;
     ensure!(err.contains("backing file") && err.contains("/etc/hostname"), "a qcow2 with a backing file: {err}");
 
     let corrupt = dir.join("corrupt.qcow2");
     let mut bytes = b"QFI\xfb".to_vec();
     bytes.extend([0xffu8; 4092]);
     std::fs::write(&corrupt, &bytes)?;
-    let err = fails(env, &["image", "import", path_str(&corrupt)?, "--alias", "bad"])?;
+    let err = env.fails(&["image", "import", path_str(&corrupt)?, "--alias", "bad"])?;
     ensure!(err.contains("not a valid qcow2 disk image"), "a corrupt qcow2 header: {err}");
 
     let raw = dir.join("plain.img");
     std::fs::write(&raw, vec![0u8; 1 << 20])?;
-    let err = fails(env, &["image", "import", path_str(&raw)?, "--alias", "bad"])?;
+    let err = env.fails(&["image", "import", path_str(&raw)?, "--alias", "bad"])?;
     ensure!(err.contains("--format raw"), "a raw disk without --format: {err}");
 
     // Not an alias: a registry reference to pull (whose pull fails here,
     // with or without a network).
-    let err = fails(env, &["launch", "--vm", "no-such-image", "bad1"])?;
+    let err = env.fails(&["launch", "--vm", "no-such-image", "bad1"])?;
     ensure!(err.contains("no-such-image"), "an unknown alias: {err}");
     ensure!(!env.ok(&["list", "--format", "csv"])?.contains("bad1"), "bad1 was left");
-    ensure!(images(env)?.is_empty(), "a refused import left an image: {:?}", images(env)?);
-    store_tmp_empty(env)
+    ensure!(env.images()?.is_empty(), "a refused import left an image: {:?}", env.images()?);
+    env.store_tmp_empty()
 }
 
 /// `nproc` and `MemTotal` as asked.
 fn size_is(env: &Env, name: &str, cpus: usize, memory_mib: u64) -> Result<()> {
-    let (_, n) = sh(env, name, "nproc")?;
+    let (_, n) = env.sh(name, "nproc")?;
     ensure!(n.trim() == cpus.to_string(), "{name}: nproc {n:?}, asked for {cpus}");
-    let (_, m) = sh(env, name, "grep MemTotal /proc/meminfo")?;
+    let (_, m) = env.sh(name, "grep MemTotal /proc/meminfo")?;
     let kib: u64 = m.split_whitespace().nth(1).context("MemTotal")?.parse()?;
     let asked = memory_mib * 1024;
     ensure!(kib <= asked && kib > asked * 80 / 100, "{name}: MemTotal {kib} kB for {asked} kB asked");
@@ -118,9 +78,9 @@ fn size_is(env: &Env, name: &str, cpus: usize, memory_mib: u64) -> Result<()> {
 
 /// The guest booted through UEFI with Skiff's ACPI tables.
 fn firmware_booted(env: &Env, name: &str) -> Result<()> {
-    let (code, _) = sh(env, name, "test -d /sys/firmware/efi && test -e /sys/firmware/acpi/tables/MCFG")?;
+    let (code, _) = env.sh(name, "test -d /sys/firmware/efi && test -e /sys/firmware/acpi/tables/MCFG")?;
     ensure!(code == 0, "{name}: no /sys/firmware/efi or no MCFG table");
-    let (_, host) = sh(env, name, "timeout 120 systemctl is-system-running --wait 2>/dev/null; true")?;
+    let (_, host) = env.sh(name, "timeout 120 systemctl is-system-running --wait 2>/dev/null; true")?;
     eprintln!("{name}: systemd is {:?}", host.trim());
     Ok(())
 }
@@ -188,16 +148,16 @@ fn full_os_vms_through_skiffd() -> Result<()> {
         (|| {
             let out = imported?;
             ensure!(out.contains(&fingerprint), "no fingerprint {fingerprint} in {out:?}");
-            let list = images(&env)?;
+            let list = env.images()?;
             let img = list.iter().find(|i| i["fingerprint"] == fingerprint.as_str()).context("not listed")?;
             ensure!(img["type"] == "virtual-machine", "type {}", img["type"]);
             ensure!(img["properties"]["format"] == "qcow2", "properties {}", img["properties"]);
             ensure!(sha256(&base_path(&env, &fingerprint)?)? == fingerprint, "the stored base differs");
-            let again = fails(&env, &["image", "import", path_str(&qcow2)?])?;
+            let again = env.fails(&["image", "import", path_str(&qcow2)?])?;
             ensure!(again.contains("already exists"), "a second import: {again}");
-            let err = fails(&env, &["launch", "deb12vm", "ct1"])?;
+            let err = env.fails(&["launch", "deb12vm", "ct1"])?;
             ensure!(err.contains("--vm"), "a container of a disk image: {err}");
-            store_tmp_empty(&env)
+            env.store_tmp_empty()
         })(),
     );
 
@@ -213,14 +173,14 @@ fn full_os_vms_through_skiffd() -> Result<()> {
     check(
         "vm1: files and an address",
         (|| {
-            ensure!(sh(&env, "vm1", "echo mine > /root/only-vm1 && sync")?.0 == 0, "writing in vm1");
+            ensure!(env.sh("vm1", "echo mine > /root/only-vm1 && sync")?.0 == 0, "writing in vm1");
             let src = tmp.path().join("hello.txt");
             std::fs::write(&src, "hello from the host\n")?;
             env.ok(&["file", "push", path_str(&src)?, "vm1/root/hello.txt"])?;
             let back = tmp.path().join("back.txt");
             env.ok(&["file", "pull", "vm1/root/hello.txt", path_str(&back)?])?;
             ensure!(std::fs::read_to_string(&back)? == "hello from the host\n", "pulled back something else");
-            let (_, host) = sh(&env, "vm1", "hostname")?;
+            let (_, host) = env.sh("vm1", "hostname")?;
             eprintln!("vm1: hostname {:?}", host.trim());
             let ip = env.ipv4("vm1")?;
             eprintln!("vm1 has {ip} (the guest's own DHCP client)");
@@ -236,10 +196,10 @@ fn full_os_vms_through_skiffd() -> Result<()> {
         (|| {
             launched2?;
             size_is(&env, "vm2", 1, 768)?;
-            let (_, out) = sh(&env, "vm2", "cat /root/only-vm1 2>&1 || echo absent")?;
+            let (_, out) = env.sh("vm2", "cat /root/only-vm1 2>&1 || echo absent")?;
             ensure!(out.contains("absent"), "vm1's file is in vm2: {out:?}");
             ensure!(sha256(&base_path(&env, &fingerprint)?)? == fingerprint, "the base changed");
-            let err = fails(&env, &["image", "delete", "deb12vm"])?;
+            let err = env.fails(&["image", "delete", "deb12vm"])?;
             ensure!(err.contains("used by"), "deleting the image in use: {err}");
             env.ok(&["delete", "--force", "vm2"])?;
             ensure!(!env.dir.join("instances/vm2").exists(), "vm2's directory is left");
@@ -250,12 +210,12 @@ fn full_os_vms_through_skiffd() -> Result<()> {
     check(
         "a reboot from inside boots again through the firmware",
         (|| {
-            ensure!(sh(&env, "vm1", "touch /run/this-boot")?.0 == 0, "marking this boot");
+            ensure!(env.sh("vm1", "touch /run/this-boot")?.0 == 0, "marking this boot");
             let t = Instant::now();
             let _ = env.skiff(&["exec", "vm1", "--", "systemctl", "reboot"])?;
             wait_new_boot(&env, "vm1", Duration::from_secs(150))?;
             eprintln!("vm1: the new boot answered after {:.1} s", t.elapsed().as_secs_f64());
-            let (_, f) = sh(&env, "vm1", "cat /root/only-vm1")?;
+            let (_, f) = env.sh("vm1", "cat /root/only-vm1")?;
             ensure!(f.trim() == "mine", "the file is gone after the reboot: {f:?}");
             let list = env.ok(&["list", "--format", "csv"])?;
             ensure!(list.lines().any(|l| l.starts_with("vm1,RUNNING")), "after the reboot: {list}");
@@ -298,7 +258,7 @@ fn full_os_vms_through_skiffd() -> Result<()> {
             let t = Instant::now();
             env.ok(&["start", "vm1"])?;
             eprintln!("start after the restore took {:.1} s", t.elapsed().as_secs_f64());
-            let (_, f) = sh(&env, "vm1", "cat /root/only-vm1")?;
+            let (_, f) = env.sh("vm1", "cat /root/only-vm1")?;
             ensure!(f.trim() == "mine", "the file is gone after the restore: {f:?}");
             Ok(())
         })(),
@@ -315,7 +275,7 @@ fn full_os_vms_through_skiffd() -> Result<()> {
                 std::fs::read_dir(env.run.join("vm")).into_iter().flatten().flatten().map(|e| e.file_name()).collect();
             ensure!(runtime.is_empty(), "runtime directories left: {runtime:?}");
             env.ok(&["image", "delete", "deb12vm"])?;
-            ensure!(images(&env)?.is_empty(), "the image is still listed");
+            ensure!(env.images()?.is_empty(), "the image is still listed");
             ensure!(!env.dir.join("oci/system").join(&fingerprint).exists(), "the base is left");
             Ok(())
         })(),

@@ -371,23 +371,42 @@ impl SystemImages {
         properties: BTreeMap<String, String>,
     ) -> Result<SystemImage, SystemImageError> {
         Self::sniff(up)?;
-        let target = self.dir(&up.fingerprint);
+        self.build_into_place(&up.fingerprint, "sysimage", |work| self.unpack_into(up, work, filename, properties))
+    }
+
+    /// Builds an image with `make` in a work directory of the store (into
+    /// `WORK/image`, with its `image.json`) and renames it into place as
+    /// image `fingerprint`; whatever fails, nothing is left.
+    fn build_into_place(
+        &self,
+        fingerprint: &str,
+        what: &str,
+        make: impl FnOnce(&Path) -> Result<SystemImage, SystemImageError>,
+    ) -> Result<SystemImage, SystemImageError> {
+        let target = self.dir(fingerprint);
         if target.exists() {
-            return Err(SystemImageError::Exists(up.fingerprint.clone()));
+            return Err(SystemImageError::Exists(fingerprint.to_string()));
         }
-        let work = self.store.temp_dir("sysimage").map_err(SystemImageError::Store)?;
-        let result = self.unpack_into(up, &work, filename, properties);
-        let result = result.and_then(|img| {
+        let work = self.store.temp_dir(what).map_err(SystemImageError::Store)?;
+        let result = make(&work).and_then(|img| {
             fs::create_dir_all(&self.root).map_err(io_err("create", &self.root))?;
             match fs::rename(work.join("image"), &target) {
                 Ok(()) => Ok(img),
-                // Another import of the same tarball won the race.
+                // Another import of the same upload won the race.
                 Err(_) if target.join("image.json").is_file() => Err(SystemImageError::Exists(img.fingerprint)),
                 Err(e) => Err(io_err("rename into", &target)(e)),
             }
         });
         let _ = fs::remove_dir_all(&work);
         result
+    }
+
+    /// Writes an image's record, `image.json`, durably into its directory.
+    fn write_record(image: &Path, img: &SystemImage) -> Result<(), SystemImageError> {
+        let json = image.join("image.json");
+        let mut f = fs::File::create(&json).map_err(io_err("create", &json))?;
+        f.write_all(&serde_json::to_vec_pretty(img).unwrap_or_default()).map_err(io_err("write", &json))?;
+        f.sync_all().map_err(io_err("sync", &json))
     }
 
     fn unpack_into(
@@ -439,10 +458,7 @@ impl SystemImages {
             filename: filename.to_string(),
             disk_format: None,
         };
-        let json = image.join("image.json");
-        let mut f = fs::File::create(&json).map_err(io_err("create", &json))?;
-        f.write_all(&serde_json::to_vec_pretty(&img).unwrap_or_default()).map_err(io_err("write", &json))?;
-        f.sync_all().map_err(io_err("sync", &json))?;
+        Self::write_record(&image, &img)?;
         Ok(img)
     }
 

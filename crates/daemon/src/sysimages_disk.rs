@@ -64,21 +64,9 @@ impl SystemImages {
         if info.virtual_size == 0 {
             return Err(SystemImageError::BadDisk { format: format.to_string(), why: "its size is 0".into() });
         }
-        let target = self.dir(&up.fingerprint);
-        if target.exists() {
-            return Err(SystemImageError::Exists(up.fingerprint.clone()));
-        }
-        let work = self.store.temp_dir("diskimage").map_err(SystemImageError::Store)?;
-        let result = self.store_disk(up, format, &work, filename, properties).and_then(|img| {
-            fs::create_dir_all(&self.root).map_err(io_err("create", &self.root))?;
-            match fs::rename(work.join("image"), &target) {
-                Ok(()) => Ok(img),
-                Err(_) if target.join("image.json").is_file() => Err(SystemImageError::Exists(img.fingerprint)),
-                Err(e) => Err(io_err("rename into", &target)(e)),
-            }
-        });
-        let _ = fs::remove_dir_all(&work);
-        result
+        self.build_into_place(&up.fingerprint, "diskimage", |work| {
+            self.store_disk(up, format, work, filename, properties)
+        })
     }
 
     fn store_disk(
@@ -107,11 +95,7 @@ impl SystemImages {
             filename: filename.to_string(),
             disk_format: Some(format.to_string()),
         };
-        let json = image.join("image.json");
-        let data = serde_json::to_vec_pretty(&img).unwrap_or_default();
-        let f = fs::File::create(&json).map_err(io_err("create", &json))?;
-        std::io::Write::write_all(&mut &f, &data).map_err(io_err("write", &json))?;
-        f.sync_all().map_err(io_err("sync", &json))?;
+        Self::write_record(&image, &img)?;
         Ok(img)
     }
 }

@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use skiff_agent_client::{AgentClient, ClientError, EventListener, EventStream, Timeouts, Transport};
@@ -366,16 +366,13 @@ impl ThinVm {
             "--rng".into(),
         ];
         args.extend(fs_args);
-        let state = VmState {
-            name: opts.name.clone(),
-            runner_pid: std::process::id(),
-            vmm_pid: 0,
-            bundle: opts.bundle.clone(),
-            kernel: opts.kernel.path.display().to_string(),
-            cpus: opts.cpus,
-            memory_mib: opts.memory_mib,
-            started: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        };
+        let state = VmState::starting(
+            &opts.name,
+            &opts.bundle,
+            opts.kernel.path.display().to_string(),
+            opts.cpus,
+            opts.memory_mib,
+        );
         self.spawn_vmm(&opts.vmm, &args, extras.nic.as_ref(), state)?;
         self.wait_ready(events, opts.boot_timeout).await
     }

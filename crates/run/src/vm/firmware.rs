@@ -14,7 +14,7 @@
 //! ```
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use skiff_agent_client::EventListener;
@@ -146,16 +146,13 @@ impl ThinVm {
 
     async fn start_os_once(&mut self, opts: &OsVmOptions, extras: &VmExtras) -> Result<(), VmError> {
         let events = EventListener::bind_for_vsock(&self.dir.join(VSOCK_SOCKET))?;
-        let state = VmState {
-            name: opts.name.clone(),
-            runner_pid: std::process::id(),
-            vmm_pid: 0,
-            bundle: opts.bundle.clone(),
-            kernel: format!("firmware ({})", opts.os.disk.display()),
-            cpus: opts.cpus,
-            memory_mib: opts.memory_mib,
-            started: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        };
+        let state = VmState::starting(
+            &opts.name,
+            &opts.bundle,
+            format!("firmware ({})", opts.os.disk.display()),
+            opts.cpus,
+            opts.memory_mib,
+        );
         self.spawn_vmm(&opts.vmm, &opts.vmm_args(), extras.nic.as_ref(), state)?;
         self.wait_ready(events, opts.boot_timeout).await
     }

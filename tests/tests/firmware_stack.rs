@@ -116,6 +116,34 @@ fn skiff_vmm_processes() -> usize {
     skiff_tests::daemon_env::processes("skiff-vmm")
 }
 
+/// skiffd SIGKILLed two seconds into `launch --vm` of vm3 (while it makes
+/// the overlay or boots it) and started again: vm1 is adopted and answers,
+/// vm3 is either gone without a trace or a consistent instance that
+/// `delete --force` removes whole.
+fn killed_mid_launch(env: &mut Env) -> Result<()> {
+    let mut launch = Command::new(env.bin.join("skiff"))
+        .args(["launch", "--vm", "deb12vm", "vm3"])
+        .env("SKIFF_DIR", &env.dir)
+        .env("HOME", &env.home)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(2));
+    env.kill_daemon();
+    let _ = launch.wait();
+    env.start_daemon()?;
+    let list = env.ok(&["list", "--format", "csv"])?;
+    eprintln!("after skiffd was killed mid-launch: {}", list.lines().collect::<Vec<_>>().join(" | "));
+    ensure!(list.lines().any(|l| l.starts_with("vm1,RUNNING")), "vm1 was not adopted: {list}");
+    ensure!(env.sh("vm1", "cat /root/only-vm1")?.1.trim() == "mine", "vm1 does not answer after the restart");
+    if list.lines().any(|l| l.starts_with("vm3,")) {
+        env.ok(&["delete", "--force", "vm3"])?;
+    }
+    ensure!(!env.dir.join("instances/vm3").exists(), "vm3's directory is left");
+    ensure!(skiff_vmm_processes() == 1, "{} skiff-vmm processes for vm1 alone", skiff_vmm_processes());
+    Ok(())
+}
+
 #[test]
 #[ignore = "boots Debian disks through firmware under skiffd: needs hardware KVM (or the box); run through tests/run"]
 fn full_os_vms_through_skiffd() -> Result<()> {
@@ -207,6 +235,7 @@ fn full_os_vms_through_skiffd() -> Result<()> {
         })(),
     );
 
+    check("skiffd killed mid-launch leaves nothing half-made", killed_mid_launch(&mut env));
     check(
         "a reboot from inside boots again through the firmware",
         (|| {

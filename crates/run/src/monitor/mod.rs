@@ -20,6 +20,12 @@
 //!   end: stop virtiofsd, remove the runtime dir, write the exit file, tell subscribers, exit
 //! ```
 //!
+//! A spec with [`LaunchSpec::os`] is a full OS VM (see `os.rs`): booted
+//! through UEFI firmware from its disk, no virtiofsd or main process; a
+//! stop presses the ACPI power button (SIGKILL after the timeout), and a
+//! guest reset (skiff-vmm's status [`crate::vm::RESET_EXIT_CODE`]) boots
+//! it again on the same disk and variable store instead of ending it.
+//!
 //! # Control protocol
 //! `monitor.sock` in the runtime directory; each connection carries one
 //! request line (JSON) and gets JSON lines back:

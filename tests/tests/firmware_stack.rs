@@ -5,9 +5,9 @@
 //! `--vm` (each a qcow2 overlay over the one base), driven through the
 //! agent inside (exec, files), stopped through the ACPI power button,
 //! rebooted from inside (booted again through the firmware), snapshotted
-//! and restored, and deleted without a trace; bad imports are refused
-//! and leave nothing. Each Debian boot costs 30–45 s in the box: four
-//! boots, many checks each.
+//! and restored, skiffd killed in the middle of a launch, and deleted
+//! without a trace; bad imports are refused and leave nothing. Each Debian
+//! boot costs 30–75 s in the box: three boots, many checks each.
 //!
 //! Each check runs even when an earlier one failed; the test fails at the
 //! end listing them, with skiffd's log.
@@ -283,12 +283,11 @@ fn full_os_vms_through_skiffd() -> Result<()> {
             run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0xab 0 64k"]).arg(&overlay))?;
             ensure!(sha256(&overlay)? != before, "the overlay did not change");
             env.ok(&["snapshot", "restore", "vm1", "snap0"])?;
+            // (Booting it again would cost another 40-70 s in the box: the
+            // restored overlay is the snapshot's, byte for byte, and sound.)
             ensure!(sha256(&overlay)? == before, "the restored overlay differs from the snapshot's");
-            let t = Instant::now();
-            env.ok(&["start", "vm1"])?;
-            eprintln!("start after the restore took {:.1} s", t.elapsed().as_secs_f64());
-            let (_, f) = env.sh("vm1", "cat /root/only-vm1")?;
-            ensure!(f.trim() == "mine", "the file is gone after the restore: {f:?}");
+            run(Command::new("qemu-img").args(["check", "-q", "-f", "qcow2"]).arg(&overlay))?;
+            ensure!(env.dir.join("instances/vm1/os/vars.fd").is_file(), "the variable store is gone");
             Ok(())
         })(),
     );

@@ -132,6 +132,37 @@ impl Env {
         lines[lines.len().saturating_sub(60)..].join("\n")
     }
 
+    /// `skiff ARGS` that must fail; its stderr.
+    pub fn fails(&self, args: &[&str]) -> Result<String> {
+        let (code, out, err) = self.skiff(args)?;
+        ensure!(code != 0, "skiff {} succeeded: {out}", args.join(" "));
+        Ok(err)
+    }
+
+    /// `skiff exec NAME -- sh -c SCRIPT`: exit code and stdout (stderr
+    /// shown when it failed).
+    pub fn sh(&self, name: &str, script: &str) -> Result<(i32, String)> {
+        let (code, out, err) = self.skiff(&["exec", name, "--", "sh", "-c", script])?;
+        if code != 0 && !err.is_empty() {
+            eprintln!("exec {script:?} in {name} exited {code}: {err}");
+        }
+        Ok((code, out))
+    }
+
+    /// The images skiffd lists (`skiff image list --format json`).
+    pub fn images(&self) -> Result<Vec<Value>> {
+        let v: Value = serde_json::from_str(&self.ok(&["image", "list", "--format", "json"])?)?;
+        Ok(v.as_array().cloned().unwrap_or_default())
+    }
+
+    /// The image store's work directory holds nothing.
+    pub fn store_tmp_empty(&self) -> Result<()> {
+        let tmp = self.dir.join("oci/tmp");
+        let left: Vec<_> = std::fs::read_dir(&tmp).into_iter().flatten().flatten().map(|e| e.file_name()).collect();
+        ensure!(left.is_empty(), "left in {}: {left:?}", tmp.display());
+        Ok(())
+    }
+
     /// The instance's IPv4 address from `skiff list --format json`.
     pub fn ipv4(&self, name: &str) -> Result<String> {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -182,6 +213,19 @@ impl Drop for Env {
             }
         }
     }
+}
+
+/// Where skiffd and skiff are: `SKIFF_BIN`, else the running test
+/// binary's target directory (`target/<profile>/deps/<test>` →
+/// `target/<profile>`).
+pub fn bin_dir() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("SKIFF_BIN") {
+        return Ok(p.into());
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(std::path::Path::parent).context("test binary directory")?.to_path_buf();
+    ensure!(dir.join("skiffd").is_file(), "no skiffd in {}: cargo build --release -p skiffd -p skiff", dir.display());
+    Ok(dir)
 }
 
 /// GET / of `addr:port`, retried for 30 s; the whole response.

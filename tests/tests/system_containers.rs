@@ -14,23 +14,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
-use skiff_tests::daemon_env::{run, Env};
+use skiff_tests::daemon_env::{bin_dir, run, Env};
 use skiff_tests::scratch;
 
 /// How long systemd may take to finish booting.
 const BOOT_LIMIT_SECS: u32 = 120;
-
-/// skiffd and skiff: `SKIFF_BIN`, else the test binary's target directory
-/// (`target/<profile>/deps/<test>` → `target/<profile>`).
-fn bin_dir() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("SKIFF_BIN") {
-        return Ok(p.into());
-    }
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().and_then(Path::parent).context("test binary directory")?.to_path_buf();
-    ensure!(dir.join("skiffd").is_file(), "no skiffd in {}: cargo build --release -p skiffd -p skiff", dir.display());
-    Ok(dir)
-}
 
 /// The cached Debian 12 system image (built on first use).
 fn debian_image() -> Result<PathBuf> {
@@ -40,57 +28,27 @@ fn debian_image() -> Result<PathBuf> {
     Ok(PathBuf::from(out.trim()))
 }
 
-/// `skiff ARGS` that must fail; its stderr.
-fn fails(env: &Env, args: &[&str]) -> Result<String> {
-    let (code, out, err) = env.skiff(args)?;
-    ensure!(code != 0, "skiff {} succeeded: {out}", args.join(" "));
-    Ok(err)
-}
-
-/// `skiff exec NAME -- sh -c SCRIPT`: exit code and stdout.
-fn sh(env: &Env, name: &str, script: &str) -> Result<(i32, String)> {
-    let (code, out, err) = env.skiff(&["exec", name, "--", "sh", "-c", script])?;
-    if code != 0 && !err.is_empty() {
-        eprintln!("exec {script:?} exited {code}: {err}");
-    }
-    Ok((code, out))
-}
-
 /// `systemctl is-system-running --wait` (time-limited): running or degraded.
 fn systemd_up(env: &Env, name: &str) -> Result<()> {
     let t = Instant::now();
     // Right after a start: the driver waited for systemd's bus.
     let script = format!("timeout {BOOT_LIMIT_SECS} systemctl is-system-running --wait 2>&1; true");
-    let (_, state) = sh(env, name, &script)?;
+    let (_, state) = env.sh(name, &script)?;
     let state = state.trim();
     eprintln!("{name}: systemctl is-system-running answered {state:?} after {:.1} s", t.elapsed().as_secs_f64());
     if state == "degraded" {
-        let (_, failed) = sh(env, name, "systemctl --failed --no-legend --no-pager")?;
+        let (_, failed) = env.sh(name, "systemctl --failed --no-legend --no-pager")?;
         eprintln!("{name}: failed units:\n{failed}");
     }
     ensure!(state == "running" || state == "degraded", "systemd is {state:?}");
     Ok(())
 }
 
-/// The image store's work directory holds nothing.
-fn store_tmp_empty(env: &Env) -> Result<()> {
-    let tmp = env.dir.join("oci/tmp");
-    let left: Vec<_> = std::fs::read_dir(&tmp).into_iter().flatten().flatten().map(|e| e.file_name()).collect();
-    ensure!(left.is_empty(), "left in {}: {left:?}", tmp.display());
-    Ok(())
-}
-
-/// The images skiffd lists.
-fn images(env: &Env) -> Result<Vec<Value>> {
-    let v: Value = serde_json::from_str(&env.ok(&["image", "list", "--format", "json"])?)?;
-    Ok(v.as_array().cloned().unwrap_or_default())
-}
-
 /// Broken tarballs: a clear error, nothing stored, nothing left.
 fn refuses_broken_tarballs(env: &Env, dir: &Path) -> Result<()> {
     let garbage = dir.join("garbage.tar.xz");
     std::fs::write(&garbage, b"this is not a tarball\n".repeat(50))?;
-    let err = fails(env, &["image", "import", garbage.to_str().context("path")?, "--alias", "bad"])?;
+    let err = env.fails(&["image", "import", garbage.to_str().context("path")?, "--alias", "bad"])?;
     ensure!(err.contains("not an image tarball"), "garbage: {err}");
 
     let half = dir.join("half");
@@ -98,7 +56,7 @@ fn refuses_broken_tarballs(env: &Env, dir: &Path) -> Result<()> {
     std::fs::write(half.join("metadata.yaml"), "architecture: x86_64\ncreation_date: 1\n")?;
     let no_rootfs = dir.join("no-rootfs.tar.xz");
     run(Command::new("tar").arg("-C").arg(&half).arg("-cJf").arg(&no_rootfs).arg("metadata.yaml"))?;
-    let err = fails(env, &["image", "import", no_rootfs.to_str().context("path")?])?;
+    let err = env.fails(&["image", "import", no_rootfs.to_str().context("path")?])?;
     ensure!(err.contains("no rootfs/"), "no rootfs: {err}");
 
     let escape = dir.join("escape.tar");
@@ -108,12 +66,12 @@ fn refuses_broken_tarballs(env: &Env, dir: &Path) -> Result<()> {
         "-P",
         "metadata.yaml",
     ]))?;
-    let err = fails(env, &["image", "import", escape.to_str().context("path")?])?;
+    let err = env.fails(&["image", "import", escape.to_str().context("path")?])?;
     ensure!(err.contains("escapes the rootfs"), "escaping path: {err}");
 
-    ensure!(images(env)?.is_empty(), "a broken tarball left an image");
-    ensure!(fails(env, &["image", "info", "bad"]).is_ok(), "the alias of a refused image exists");
-    store_tmp_empty(env)
+    ensure!(env.images()?.is_empty(), "a broken tarball left an image");
+    ensure!(env.fails(&["image", "info", "bad"]).is_ok(), "the alias of a refused image exists");
+    env.store_tmp_empty()
 }
 
 /// skiffd killed and started again: the running system container is
@@ -123,7 +81,7 @@ fn adopted(env: &mut Env) -> Result<()> {
     env.start_daemon()?;
     let list = env.ok(&["list", "--format", "csv"])?;
     ensure!(list.lines().any(|l| l.starts_with("sys1,RUNNING")), "after the restart: {list}");
-    let (code, host) = sh(env, "sys1", "hostname")?;
+    let (code, host) = env.sh("sys1", "hostname")?;
     ensure!(code == 0 && host.trim() == "sys1", "exec after the restart: {code} {host:?}");
     Ok(())
 }
@@ -131,13 +89,13 @@ fn adopted(env: &mut Env) -> Result<()> {
 /// `systemctl reboot` in the container: LXC boots it again on the same
 /// volume, the driver starts the agent in the new boot; it stays running.
 fn reboot(env: &Env) -> Result<()> {
-    ensure!(sh(env, "sys1", "touch /run/this-boot")?.0 == 0, "marking this boot");
+    ensure!(env.sh("sys1", "touch /run/this-boot")?.0 == 0, "marking this boot");
     let t = Instant::now();
     // The exec may end with the boot it runs in.
     let _ = env.skiff(&["exec", "sys1", "--", "systemctl", "reboot"])?;
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        if let Ok((0, out)) = sh(env, "sys1", "test -e /run/this-boot || echo new-boot") {
+        if let Ok((0, out)) = env.sh("sys1", "test -e /run/this-boot || echo new-boot") {
             if out.trim() == "new-boot" {
                 break;
             }
@@ -147,7 +105,7 @@ fn reboot(env: &Env) -> Result<()> {
     }
     eprintln!("reboot: the new boot's agent answered after {:.1} s", t.elapsed().as_secs_f64());
     systemd_up(env, "sys1")?;
-    let (_, f) = sh(env, "sys1", "cat /root/hello.txt")?;
+    let (_, f) = env.sh("sys1", "cat /root/hello.txt")?;
     ensure!(f == "hello from the host\n", "the pushed file is gone after the reboot: {f:?}");
     let list = env.ok(&["list", "--format", "csv"])?;
     ensure!(list.lines().any(|l| l.starts_with("sys1,RUNNING")), "after the reboot: {list}");
@@ -164,7 +122,7 @@ fn refuses_an_image_without_init(env: &Env, dir: &Path) -> Result<()> {
     let tarball = dir.join("noinit.tar.gz");
     run(Command::new("tar").arg("-C").arg(&img).arg("-czf").arg(&tarball).args(["metadata.yaml", "rootfs"]))?;
     env.ok(&["image", "import", tarball.to_str().context("path")?, "--alias", "noinit"])?;
-    let err = fails(env, &["launch", "noinit", "bad1"])?;
+    let err = env.fails(&["launch", "noinit", "bad1"])?;
     ensure!(err.contains("no executable /sbin/init"), "{err}");
     ensure!(!env.ok(&["list", "--format", "csv"])?.contains("bad1"), "bad1 was left");
     ensure!(!env.run.join("lxc/bad1").exists(), "an LXC directory was left");
@@ -226,20 +184,20 @@ fn debian_system_container() -> Result<()> {
         (|| {
             let out = imported?;
             ensure!(out.contains(&fingerprint), "no fingerprint {fingerprint} in {out:?}");
-            let list = images(&env)?;
+            let list = env.images()?;
             let img = list.iter().find(|i| i["fingerprint"] == fingerprint.as_str()).context("not listed")?;
             ensure!(img["type"] == "container", "type {}", img["type"]);
             ensure!(img["properties"]["os"] == "debian", "properties {}", img["properties"]);
             ensure!(img["aliases"][0]["name"] == "deb12", "aliases {}", img["aliases"]);
-            let again = fails(&env, &["image", "import", image.to_str().context("path")?])?;
+            let again = env.fails(&["image", "import", image.to_str().context("path")?])?;
             ensure!(again.contains("already exists"), "a second import: {again}");
-            store_tmp_empty(&env)
+            env.store_tmp_empty()
         })(),
     );
     check(
         "--vm of a system image is refused",
         (|| {
-            let err = fails(&env, &["launch", "--vm", "deb12", "vm1"])?;
+            let err = env.fails(&["launch", "--vm", "deb12", "vm1"])?;
             ensure!(err.contains("system container image"), "{err}");
             ensure!(!env.ok(&["list", "--format", "csv"])?.contains("vm1"), "vm1 was made");
             Ok(())
@@ -262,11 +220,11 @@ fn debian_system_container() -> Result<()> {
         (|| {
             ensure!(me["type"] == "container", "type {}", me["type"]);
             ensure!(me["config"]["image.os"] == "debian", "config {}", me["config"]);
-            let (_, comm) = sh(&env, "sys1", "cat /proc/1/comm")?;
+            let (_, comm) = env.sh("sys1", "cat /proc/1/comm")?;
             ensure!(comm.trim() == "systemd", "PID 1 is {comm:?}");
-            let (_, host) = sh(&env, "sys1", "hostname")?;
+            let (_, host) = env.sh("sys1", "hostname")?;
             ensure!(host.trim() == "sys1", "hostname {host:?}");
-            let (_, uid_map) = sh(&env, "sys1", "cat /proc/self/uid_map")?;
+            let (_, uid_map) = env.sh("sys1", "cat /proc/self/uid_map")?;
             ensure!(uid_map.split_whitespace().nth(1) == Some("1000000"), "not id-mapped: {uid_map:?}");
             Ok(())
         })(),
@@ -274,8 +232,8 @@ fn debian_system_container() -> Result<()> {
     check(
         "exec exit codes",
         (|| {
-            ensure!(sh(&env, "sys1", "exit 7")?.0 == 7, "exit 7");
-            ensure!(sh(&env, "sys1", "true")?.0 == 0, "true");
+            ensure!(env.sh("sys1", "exit 7")?.0 == 7, "exit 7");
+            ensure!(env.sh("sys1", "true")?.0 == 0, "true");
             let (code, _, _) = env.skiff(&["exec", "sys1", "--", "/no/such/program"])?;
             ensure!(code != 0, "a missing program exited 0");
             Ok(())
@@ -287,7 +245,7 @@ fn debian_system_container() -> Result<()> {
             let src = tmp.path().join("hello.txt");
             std::fs::write(&src, "hello from the host\n")?;
             env.ok(&["file", "push", src.to_str().context("path")?, "sys1/root/hello.txt"])?;
-            let (_, owner) = sh(&env, "sys1", "stat -c %u:%g /root/hello.txt")?;
+            let (_, owner) = env.sh("sys1", "stat -c %u:%g /root/hello.txt")?;
             ensure!(owner.trim() == "0:0", "owner {owner:?}");
             let back = tmp.path().join("back.txt");
             env.ok(&["file", "pull", "sys1/root/hello.txt", back.to_str().context("path")?])?;
@@ -321,7 +279,7 @@ fn debian_system_container() -> Result<()> {
             env.ok(&["start", "sys1"])?;
             eprintln!("start took {:.1} s", t.elapsed().as_secs_f64());
             systemd_up(&env, "sys1")?;
-            let (_, f) = sh(&env, "sys1", "cat /root/hello.txt")?;
+            let (_, f) = env.sh("sys1", "cat /root/hello.txt")?;
             ensure!(f == "hello from the host\n", "the pushed file is gone after a restart: {f:?}");
             Ok(())
         })(),
@@ -335,7 +293,7 @@ fn debian_system_container() -> Result<()> {
             let left = traces(&env, "sys1", &veth);
             ensure!(left.is_empty(), "left behind: {left:?}");
             env.ok(&["image", "delete", "deb12"])?;
-            ensure!(images(&env)?.is_empty(), "the image is still listed");
+            ensure!(env.images()?.is_empty(), "the image is still listed");
             let sys = dir.join("oci/system");
             let n = std::fs::read_dir(&sys).map(|d| d.count()).unwrap_or(0);
             ensure!(n == 0, "{} still holds {n} entries", sys.display());

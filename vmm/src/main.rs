@@ -15,8 +15,9 @@ use skiff_vmm::snapshot::restore::{restore_vm, RestoreConfig};
 
 /// Skiff's virtual machine monitor: boots one Linux VM on KVM.
 ///
-/// Exit status: 0 when the guest powers off or reboots, or the VMM is
-/// stopped (SIGTERM, SIGINT, the API's `vm.power-off`); 1 when the VM fails (triple fault,
+/// Exit status: 0 when the guest powers off or reboots (a reboot: see
+/// `--reset-exit-code`), or the VMM is stopped (SIGTERM, SIGINT, the API's
+/// `vm.power-off`); 1 when the VM fails (triple fault,
 /// unhandled exit, KVM error); 2 for bad arguments or files (a damaged or
 /// mismatched snapshot included), before any vCPU runs; 3 when the guest
 /// kernel panics.
@@ -107,6 +108,12 @@ struct Args {
     /// A virtio-console (the guest's hvc0) to a file or a Unix socket.
     #[arg(long, value_name = "file=PATH|socket=PATH")]
     console: Option<ConsoleOption>,
+    /// Exit status when the guest resets (reboots) the machine; default 0,
+    /// as for a power-off. A caller that boots the VM again on a reboot
+    /// gives another value to tell the two apart (skiff-run's full OS VMs
+    /// use 4 and start the VMM again on the same disk and variable store).
+    #[arg(long, value_name = "CODE", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=255))]
+    reset_exit_code: u8,
 }
 
 fn print_error(prefix: &str, err: &dyn std::error::Error) {
@@ -132,7 +139,7 @@ fn main() -> ExitCode {
         return match restore_vm(&config, start) {
             Ok(vmm) => {
                 log::info!("restored {} ms after start", start.elapsed().as_millis());
-                run(vmm)
+                run(vmm, args.reset_exit_code)
             }
             Err(e) => {
                 print_error("cannot restore: ", &e);
@@ -166,13 +173,16 @@ fn main() -> ExitCode {
         }
     };
     log::debug!("VM built {} ms after start", start.elapsed().as_millis());
-    run(vmm)
+    run(vmm, args.reset_exit_code)
 }
 
-fn run(vmm: skiff_vmm::vmm::Vmm) -> ExitCode {
+fn run(vmm: skiff_vmm::vmm::Vmm, reset_exit_code: u8) -> ExitCode {
     match vmm.run() {
         Ok(reason) => {
-            let code = reason.code();
+            let code = match reason {
+                skiff_vmm::exit::ExitReason::Reset => i32::from(reset_exit_code),
+                _ => reason.code(),
+            };
             if code == 0 {
                 log::info!("{reason}");
             } else {

@@ -28,10 +28,20 @@ fn help_documents_every_option() {
         "--api-socket",
         "--firmware",
         "--firmware-vars",
+        "--reset-exit-code",
         "Exit status",
     ] {
         assert!(text.contains(opt), "--help lacks {opt}");
     }
+}
+
+#[test]
+fn a_reset_exit_code_must_be_a_status() {
+    expect_usage_error(
+        &vmm(&["--firmware", "--firmware-vars", "/v.fd", "--reset-exit-code", "256"]),
+        "reset-exit-code",
+    );
+    expect_usage_error(&vmm(&["--firmware", "--firmware-vars", "/v.fd", "--reset-exit-code", "x"]), "reset-exit-code");
 }
 
 #[test]

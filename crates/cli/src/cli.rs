@@ -516,13 +516,24 @@ pub enum ImageCmd {
         images: Vec<String>,
     },
     /// Import a system image: a unified tarball (xz, gzip, zstd or plain
-    /// tar) holding metadata.yaml and rootfs/. `skiff launch ALIAS NAME`
-    /// then boots it as a system container.
+    /// tar) holding metadata.yaml and rootfs/ (`skiff launch ALIAS NAME`
+    /// then boots it as a system container), or a disk image (qcow2 or
+    /// raw) that `skiff launch --vm ALIAS NAME` boots as a full OS VM.
     #[command(after_long_help = "Examples:\n  skiff image import debian12.tar.xz --alias debian12\n  \
-                                 skiff image import img.tar.gz --alias a --alias b --property description=\"my image\"")]
+                                 skiff image import img.tar.gz --alias a --alias b --property description=\"my image\"\n  \
+                                 skiff image import debian12.qcow2 --alias debian12-vm   (a disk: skiff launch --vm)\n  \
+                                 skiff image import disk.img --format raw --alias os")]
     Import {
-        /// The tarball.
+        /// The image: a system container tarball (metadata.yaml + rootfs/),
+        /// or a VM's disk image (qcow2, or raw with --format raw) that
+        /// `skiff launch --vm` boots through UEFI firmware.
         file: PathBuf,
+        /// The file is a disk image in this format (`raw` or `qcow2`);
+        /// without it a file that starts with the qcow2 magic is a qcow2
+        /// disk and anything else must be a tarball. Recorded at import,
+        /// never guessed again.
+        #[arg(long, value_parser = ["raw", "qcow2"])]
+        format: Option<String>,
         /// Aliases to give it.
         #[arg(long = "alias")]
         aliases: Vec<String>,

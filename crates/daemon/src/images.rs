@@ -166,7 +166,7 @@ impl Images {
 
     /// Whether a source names a system image (for checks before a create).
     pub fn is_system(&self, src: &InstanceSource, alias_target: Option<&str>) -> bool {
-        self.system_target(src, alias_target).is_some()
+        self.system_target(src, alias_target).is_some_and(|i| i.disk_format.is_none())
     }
 
     /// Every image in the store.
@@ -257,6 +257,20 @@ impl Images {
         progress: Arc<dyn Fn(Value) + Send + Sync>,
     ) -> Result<Resolved, ImageError> {
         if let Some(img) = self.system_target(src, alias_target.as_deref()) {
+            if let Some(format) = img.disk() {
+                let disk = self.system.disk_path(&img.fingerprint);
+                if !disk.is_file() {
+                    return Err(ImageError::Store(format!("disk image {}: no disk", img.fingerprint)));
+                }
+                return Ok(Resolved {
+                    kind: ImageKind::Disk(format),
+                    name: img.filename.clone(),
+                    fingerprint: img.fingerprint.clone(),
+                    rootfs: disk,
+                    config: serde_json::to_value(&img).unwrap_or(Value::Null),
+                    properties: img.properties,
+                });
+            }
             let rootfs = self.system.rootfs(&img.fingerprint);
             if !rootfs.is_dir() {
                 return Err(ImageError::Store(format!("system image {}: no rootfs", img.fingerprint)));

@@ -137,6 +137,8 @@ pub fn spec(d: &Daemon, r: &InstanceRow) -> Result<InstanceSpec, InstanceError> 
     };
     let image_kind = match std::fs::read_to_string(dir.join("image-kind")).as_deref().map(str::trim) {
         Ok("system") => ImageKind::System,
+        Ok("disk-raw") => ImageKind::Disk(disk_image::Format::Raw),
+        Ok("disk-qcow2") => ImageKind::Disk(disk_image::Format::Qcow2),
         _ => ImageKind::Oci,
     };
     Ok(InstanceSpec {
@@ -227,7 +229,7 @@ pub fn begin_create(d: &Daemon, req: &mut InstancesPost) -> Result<InstanceRow, 
 fn system_image_vm(image: &str) -> InstanceError {
     InstanceError::BadRequest(format!(
         "image {image:?} is a system container image (metadata.yaml + rootfs/): it runs as a container; \
-         launch it without --vm (full OS VMs from disk images are not supported yet)"
+         launch it without --vm (a full OS VM boots a disk image: skiff image import DISK --alias NAME)"
     ))
 }
 
@@ -298,6 +300,12 @@ pub async fn create(
                 )));
             }
         }
+        if matches!(image.kind, ImageKind::Disk(_)) && row.kind == "container" {
+            return Err(InstanceError::BadRequest(format!(
+                "image {:?} is a disk image: it boots as a full OS VM; launch it with --vm",
+                image.name
+            )));
+        }
         let dir = instance_dir(d, &row.name);
         std::fs::create_dir_all(&dir).map_err(|e| InstanceError::Host(format!("creating {}: {e}", dir.display())))?;
         let write = |f: &str, b: &[u8]| {
@@ -305,7 +313,12 @@ pub async fn create(
         };
         write("image-config.json", image.config.to_string().as_bytes())?;
         write("image-rootfs", image.rootfs.as_os_str().as_encoded_bytes())?;
-        write("image-kind", if image.kind == ImageKind::System { b"system" } else { b"oci" })?;
+        let kind = match image.kind {
+            ImageKind::Oci => "oci".to_string(),
+            ImageKind::System => "system".to_string(),
+            ImageKind::Disk(f) => format!("disk-{f}"),
+        };
+        write("image-kind", kind.as_bytes())?;
         row.image = image.fingerprint.clone();
         row.config.insert("volatile.base_image".into(), image.fingerprint.clone());
         match image.kind {
@@ -313,7 +326,7 @@ pub async fn create(
                 row.config.insert("image.oci.reference".into(), image.name.clone());
             }
             // As Incus: the image's properties become image.* keys.
-            ImageKind::System => {
+            ImageKind::System | ImageKind::Disk(_) => {
                 for (k, v) in &image.properties {
                     row.config.insert(format!("image.{k}"), v.clone());
                 }

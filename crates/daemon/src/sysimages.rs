@@ -95,6 +95,23 @@ pub enum SystemImageError {
     /// The OCI store (work directories, uses) failed.
     #[error("image store")]
     Store(#[source] skiff_oci::store::StoreError),
+    /// A disk image that is not valid (its header or tables).
+    #[error("not a valid {format} disk image: {why}")]
+    BadDisk {
+        /// The format it was read as.
+        format: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A qcow2 image that names a backing file.
+    #[error(
+        "the qcow2 image names a backing file ({0:?}): an imported image must stand alone (an image from \
+         elsewhere must not name files of this host); flatten it first: qemu-img convert -O qcow2 IN OUT"
+    )]
+    BackingFile(String),
+    /// A disk larger than [`disk::MAX_VIRTUAL_SIZE`].
+    #[error("the disk image's virtual size, {0} bytes, is over the limit of {1} bytes")]
+    DiskTooLarge(u64, u64),
 }
 
 impl SystemImageError {
@@ -108,7 +125,10 @@ impl SystemImageError {
             | E::Unpack(_)
             | E::NoMetadata
             | E::NoRootfs
-            | E::BadMetadata(_) => 400,
+            | E::BadMetadata(_)
+            | E::BadDisk { .. }
+            | E::BackingFile(_)
+            | E::DiskTooLarge(..) => 400,
             E::NotFound(_) => 404,
             E::Exists(_) | E::InUse { .. } => 409,
             E::Io { .. } | E::Store(_) => 500,
@@ -138,6 +158,17 @@ pub struct SystemImage {
     pub properties: BTreeMap<String, String>,
     /// The file name the client gave.
     pub filename: String,
+    /// A disk image's format (`raw`, `qcow2`), recorded at import and never
+    /// probed again; `None` for a system container image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_format: Option<String>,
+}
+
+impl SystemImage {
+    /// A disk image's format, `None` for a system container image.
+    pub fn disk(&self) -> Option<disk_image::Format> {
+        self.disk_format.as_deref().and_then(|f| f.parse().ok())
+    }
 }
 
 /// What `metadata.yaml` says (the fields Skiff reads).
@@ -340,23 +371,42 @@ impl SystemImages {
         properties: BTreeMap<String, String>,
     ) -> Result<SystemImage, SystemImageError> {
         Self::sniff(up)?;
-        let target = self.dir(&up.fingerprint);
+        self.build_into_place(&up.fingerprint, "sysimage", |work| self.unpack_into(up, work, filename, properties))
+    }
+
+    /// Builds an image with `make` in a work directory of the store (into
+    /// `WORK/image`, with its `image.json`) and renames it into place as
+    /// image `fingerprint`; whatever fails, nothing is left.
+    fn build_into_place(
+        &self,
+        fingerprint: &str,
+        what: &str,
+        make: impl FnOnce(&Path) -> Result<SystemImage, SystemImageError>,
+    ) -> Result<SystemImage, SystemImageError> {
+        let target = self.dir(fingerprint);
         if target.exists() {
-            return Err(SystemImageError::Exists(up.fingerprint.clone()));
+            return Err(SystemImageError::Exists(fingerprint.to_string()));
         }
-        let work = self.store.temp_dir("sysimage").map_err(SystemImageError::Store)?;
-        let result = self.unpack_into(up, &work, filename, properties);
-        let result = result.and_then(|img| {
+        let work = self.store.temp_dir(what).map_err(SystemImageError::Store)?;
+        let result = make(&work).and_then(|img| {
             fs::create_dir_all(&self.root).map_err(io_err("create", &self.root))?;
             match fs::rename(work.join("image"), &target) {
                 Ok(()) => Ok(img),
-                // Another import of the same tarball won the race.
+                // Another import of the same upload won the race.
                 Err(_) if target.join("image.json").is_file() => Err(SystemImageError::Exists(img.fingerprint)),
                 Err(e) => Err(io_err("rename into", &target)(e)),
             }
         });
         let _ = fs::remove_dir_all(&work);
         result
+    }
+
+    /// Writes an image's record, `image.json`, durably into its directory.
+    fn write_record(image: &Path, img: &SystemImage) -> Result<(), SystemImageError> {
+        let json = image.join("image.json");
+        let mut f = fs::File::create(&json).map_err(io_err("create", &json))?;
+        f.write_all(&serde_json::to_vec_pretty(img).unwrap_or_default()).map_err(io_err("write", &json))?;
+        f.sync_all().map_err(io_err("sync", &json))
     }
 
     fn unpack_into(
@@ -406,11 +456,9 @@ impl SystemImages {
             uploaded_at,
             properties: props,
             filename: filename.to_string(),
+            disk_format: None,
         };
-        let json = image.join("image.json");
-        let mut f = fs::File::create(&json).map_err(io_err("create", &json))?;
-        f.write_all(&serde_json::to_vec_pretty(&img).unwrap_or_default()).map_err(io_err("write", &json))?;
-        f.sync_all().map_err(io_err("sync", &json))?;
+        Self::write_record(&image, &img)?;
         Ok(img)
     }
 
@@ -428,6 +476,9 @@ impl SystemImages {
         self.store.remove_tree(&dir).map_err(SystemImageError::Store)
     }
 }
+
+#[path = "sysimages_disk.rs"]
+pub mod disk;
 
 #[cfg(test)]
 #[path = "sysimages_tests.rs"]

@@ -110,6 +110,9 @@ pub enum ImageKind {
     Oci,
     /// A system image: a whole OS whose own init boots it (containers).
     System,
+    /// A disk image in this format (raw or qcow2, recorded at import): a
+    /// full OS VM boots it through the firmware; `image_rootfs` is the base.
+    Disk(disk_image::Format),
 }
 
 /// What a driver knows of an instance.
@@ -121,7 +124,7 @@ pub struct InstanceSpec {
     pub id: String,
     /// Its expanded config.
     pub config: BTreeMap<String, String>,
-    /// The image's unpacked, read-only rootfs.
+    /// The image's unpacked, read-only rootfs (a disk image: its base file).
     pub image_rootfs: PathBuf,
     /// The OCI runtime config of the image's run spec.
     pub image_config: serde_json::Value,

@@ -25,8 +25,10 @@ use tokio::sync::broadcast;
 
 use crate::{config, volumes};
 
+mod os;
 mod stateful;
 use crate::{Driver, DriverError, DriverEvent, InstanceKind, InstanceSpec, RunStatus};
+pub use os::DEFAULT_OS_MEMORY_MIB;
 
 /// Events buffered for a slow daemon.
 const EVENT_BACKLOG: usize = 256;
@@ -52,6 +54,9 @@ pub struct VmDriverConfig {
     pub virtiofsd: Option<PathBuf>,
     /// skiff-run, which runs the monitors (default: next to this program).
     pub monitor_program: Option<PathBuf>,
+    /// The UEFI firmware full OS VMs boot (default: skiff-vmm's, Debian's
+    /// OVMF_CODE_4M.fd).
+    pub firmware: Option<PathBuf>,
 }
 
 /// The thin-VM driver.
@@ -153,6 +158,7 @@ impl VmDriver {
             monitor_log: inst.dir.join("monitor.log"),
             label: inst.config.get("image.oci.reference").cloned().unwrap_or_default(),
             restore,
+            os: None,
         })
     }
 
@@ -254,10 +260,16 @@ impl Driver for VmDriver {
     }
 
     async fn create(&self, inst: &InstanceSpec) -> Result<(), DriverError> {
+        if os::is_os(inst) {
+            return os::create(inst).await;
+        }
         volumes::create(&self.pool, inst).await
     }
 
     async fn start(&self, inst: &InstanceSpec) -> Result<(), DriverError> {
+        if os::is_os(inst) {
+            return self.launch_os(inst).await;
+        }
         match stateful::saved_state(inst) {
             Some(dir) => self.start_saved(inst, dir).await,
             None => self.launch(inst, None).await,
@@ -287,8 +299,7 @@ impl Driver for VmDriver {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         monitor::remove_leftovers(&dir);
-        let volume = self.volume(inst)?;
-        volumes::blocking(move || volume.unmount()).await
+        volumes::unmount(&self.pool, &inst.name).await
     }
 
     async fn freeze(&self, inst: &InstanceSpec, frozen: bool) -> Result<(), DriverError> {
@@ -323,6 +334,12 @@ impl Driver for VmDriver {
         let (was, will) = (config::vm_size(&old.config)?, config::vm_size(&new.config)?);
         if was == will {
             return Ok(());
+        }
+        if os::is_os(old) {
+            return Err(DriverError::NeedsRestart(format!(
+                "instance {} is a full OS VM: limits.cpu and limits.memory apply at its next start",
+                old.name
+            )));
         }
         if was.memory_mib != will.memory_mib && config::memory_hotplug_mib(&old.config)? == 0 {
             return Err(DriverError::NeedsRestart(format!(
@@ -375,11 +392,22 @@ impl Driver for VmDriver {
         }
         monitor::remove_leftovers(&dir);
         volumes::delete(&self.pool, &inst.name).await?;
+        os::delete(inst)?;
         let _ = std::fs::remove_file(Self::exit_file(inst));
         Ok(())
     }
 
     async fn snapshot_create(&self, inst: &InstanceSpec, snap: &str) -> Result<(), DriverError> {
+        if os::is_os(inst) {
+            if monitor::attach(&self.runtime_dir(inst)).is_ok() {
+                return Err(DriverError::Unsupported(format!(
+                    "instance {} is running: snapshots of a running full OS VM are not supported yet (its disk \
+                     may hold unflushed writes); stop it first",
+                    inst.name
+                )));
+            }
+            return os::snapshot_create(inst, snap).await;
+        }
         volumes::snapshot_create(&self.pool, &inst.name, snap).await
     }
 
@@ -387,15 +415,24 @@ impl Driver for VmDriver {
         if monitor::attach(&self.runtime_dir(inst)).is_ok() {
             return Err(DriverError::Running(inst.name.clone()));
         }
+        if os::is_os(inst) {
+            return os::snapshot_restore(inst, snap).await;
+        }
         volumes::snapshot_restore(&self.pool, &inst.name, snap).await
     }
 
     async fn snapshot_delete(&self, inst: &InstanceSpec, snap: &str) -> Result<(), DriverError> {
+        if os::is_os(inst) {
+            return os::snapshot_delete(inst, snap).await;
+        }
         volumes::snapshot_delete(&self.pool, &inst.name, snap).await?;
         stateful::delete(inst, snap)
     }
 
     async fn snapshot_rename(&self, inst: &InstanceSpec, old: &str, new: &str) -> Result<(), DriverError> {
+        if os::is_os(inst) {
+            return os::snapshot_rename(inst, old, new);
+        }
         volumes::snapshot_rename(&self.pool, &inst.name, old, new).await?;
         stateful::rename(inst, old, new)
     }
@@ -406,6 +443,11 @@ impl Driver for VmDriver {
         snap: &str,
         keep_paused: bool,
     ) -> Result<(), DriverError> {
+        if os::is_os(inst) {
+            return Err(DriverError::Unsupported(
+                "stateful snapshots of full OS VMs are not supported yet: take a stateless one".into(),
+            ));
+        }
         self.save(inst, snap, keep_paused).await
     }
 
@@ -424,6 +466,9 @@ impl Driver for VmDriver {
         new: &InstanceSpec,
         stateful: bool,
     ) -> Result<(), DriverError> {
+        if os::is_os(source) {
+            return Err(DriverError::Unsupported("copying full OS VMs is not supported yet".into()));
+        }
         self.copy(source, snap, new, stateful).await
     }
 

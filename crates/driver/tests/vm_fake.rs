@@ -51,6 +51,7 @@ fn driver(d: &Path) -> VmDriver {
         vmm: Some(vmm),
         virtiofsd: Some(virtiofsd),
         monitor_program: Some(skiff_run()),
+        firmware: None,
     })
     .unwrap()
 }

@@ -170,7 +170,7 @@ impl LxcDriver {
             mounts: Self::mounts(inst)?,
             init: match inst.image_kind {
                 ImageKind::Oci => Init::Agent,
-                ImageKind::System => Init::System,
+                ImageKind::System | ImageKind::Disk(_) => Init::System,
             },
             console_log: inst.dir.join("console.log"),
             stop_target: system::stop_target(inst),
@@ -222,7 +222,7 @@ impl LxcDriver {
                 }
                 Some(s)
             }
-            ImageKind::System => {
+            ImageKind::System | ImageKind::Disk(_) => {
                 system::settle(self.running_pid(inst).await?).await;
                 system::start_agent(&self.lxc, inst, &agent).await?;
                 return Ok(None);
@@ -418,6 +418,12 @@ impl Driver for LxcDriver {
     }
 
     async fn create(&self, inst: &InstanceSpec) -> Result<(), DriverError> {
+        if let ImageKind::Disk(_) = inst.image_kind {
+            return Err(DriverError::Unsupported(
+                "a disk image boots as a full OS VM: launch it with --vm (containers need an OCI or system image)"
+                    .into(),
+            ));
+        }
         if inst.image_kind == ImageKind::Oci {
             config::main_process(inst)?;
         }
@@ -430,7 +436,7 @@ impl Driver for LxcDriver {
         }
         let main = match inst.image_kind {
             ImageKind::Oci => Some(config::main_process(inst)?),
-            ImageKind::System => None,
+            ImageKind::System | ImageKind::Disk(_) => None,
         };
         let idmap = Self::idmap(inst, self.cfg.idmap)?;
         if let Some(m) = idmap {
@@ -512,7 +518,7 @@ impl Driver for LxcDriver {
                         stopped = self.wait_stopped(&inst.name, END_GRACE).await;
                     }
                 }
-                ImageKind::System => {
+                ImageKind::System | ImageKind::Disk(_) => {
                     stopped = self.lxc.stop(&inst.name, timeout, false).await.is_ok()
                         && self.wait_stopped(&inst.name, END_GRACE).await;
                 }
@@ -634,7 +640,7 @@ impl Driver for LxcDriver {
             // The agent reconnects to a new listener with its next event.
             let listener = match inst.image_kind {
                 ImageKind::Oci => self.listen_events(inst, Self::idmap(inst, self.cfg.idmap)?).ok(),
-                ImageKind::System => None,
+                ImageKind::System | ImageKind::Disk(_) => None,
             };
             self.watch(inst, pid, listener, None);
             return self.status(inst).await;

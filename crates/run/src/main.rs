@@ -334,6 +334,7 @@ async fn detach(args: RunArgs, root: &Path) -> Result<()> {
         monitor_log: logs.join("monitor.log"),
         label,
         restore,
+        os: None,
     };
     let launched = monitor::launch(&spec).await.with_context(|| format!("starting {name}"))?;
     eprintln!(

@@ -54,6 +54,25 @@ pub struct VmState {
     pub started: u64,
 }
 
+impl VmState {
+    /// The state of a VM this process starts now (skiff-vmm's pid is set
+    /// when it runs).
+    pub fn starting(name: &str, bundle: &str, kernel: String, cpus: u8, memory_mib: u64) -> VmState {
+        let started =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        VmState {
+            name: name.to_string(),
+            runner_pid: std::process::id(),
+            vmm_pid: 0,
+            bundle: bundle.to_string(),
+            kernel,
+            cpus,
+            memory_mib,
+            started,
+        }
+    }
+}
+
 /// Checks a VM name.
 pub fn check_name(name: &str) -> Result<(), RuntimeError> {
     let ok = !name.is_empty()

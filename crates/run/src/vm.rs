@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use skiff_agent_client::{AgentClient, ClientError, EventListener, EventStream, Timeouts, Transport};
@@ -21,9 +21,11 @@ use tokio::process::{Child, Command};
 
 use crate::kernel::Kernel;
 
+mod firmware;
 mod hotplug;
 mod restore;
 use crate::runtime::{self, RuntimeError, VmState, CONSOLE_LOG, VSOCK_SOCKET};
+pub use firmware::{OsBoot, OsVmOptions, RESET_EXIT_CODE};
 pub use hotplug::{valid_device_name, HotplugError, VMM_API_SOCKET};
 pub use restore::{check_snapshot_dir, RestoreOptions};
 
@@ -364,16 +366,13 @@ impl ThinVm {
             "--rng".into(),
         ];
         args.extend(fs_args);
-        let state = VmState {
-            name: opts.name.clone(),
-            runner_pid: std::process::id(),
-            vmm_pid: 0,
-            bundle: opts.bundle.clone(),
-            kernel: opts.kernel.path.display().to_string(),
-            cpus: opts.cpus,
-            memory_mib: opts.memory_mib,
-            started: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        };
+        let state = VmState::starting(
+            &opts.name,
+            &opts.bundle,
+            opts.kernel.path.display().to_string(),
+            opts.cpus,
+            opts.memory_mib,
+        );
         self.spawn_vmm(&opts.vmm, &args, extras.nic.as_ref(), state)?;
         self.wait_ready(events, opts.boot_timeout).await
     }

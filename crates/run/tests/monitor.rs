@@ -87,6 +87,7 @@ fn fixture(args: &[&str]) -> Fixture {
         monitor_log: d.join("inst/monitor.log"),
         label: "test".into(),
         restore: None,
+        os: None,
     };
     Fixture { _tmp: tmp, dir: d, spec }
 }

@@ -76,8 +76,13 @@ pub fn render(i: &Image) -> String {
     o
 }
 
-/// Sends a tarball to `POST /1.0/images`, waits for the import; its fingerprint.
-async fn import(client: &Client, file: &std::path::Path, properties: &[(String, String)]) -> anyhow::Result<String> {
+/// Sends a tarball or a disk image to `POST /1.0/images`, waits for the import; its fingerprint.
+async fn import(
+    client: &Client,
+    file: &std::path::Path,
+    format: Option<&str>,
+    properties: &[(String, String)],
+) -> anyhow::Result<String> {
     let f = tokio::fs::File::open(file).await.with_context(|| format!("opening {}", file.display()))?;
     let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let props: Vec<String> =
@@ -85,6 +90,9 @@ async fn import(client: &Client, file: &std::path::Path, properties: &[(String, 
     let mut headers = vec![("X-LXD-filename", name), ("X-LXD-public", "0".to_string())];
     if !props.is_empty() {
         headers.push(("X-LXD-properties", props.join("&")));
+    }
+    if let Some(f) = format {
+        headers.push(("X-Skiff-Format", f.to_string()));
     }
     let raw = client.raw(Method::POST, "/1.0/images", &headers, Body::File(f)).await?;
     let env = raw.envelope()?;
@@ -122,9 +130,9 @@ pub async fn run(ctx: &Ctx, c: ImageCmd) -> anyhow::Result<i32> {
                     .with_context(fail)?;
             }
         }
-        ImageCmd::Import { file, aliases, properties } => {
+        ImageCmd::Import { file, format, aliases, properties } => {
             let fail = || format!("Failed to import {}", file.display());
-            let fp = import(client, &file, &properties).await.with_context(fail)?;
+            let fp = import(client, &file, format.as_deref(), &properties).await.with_context(fail)?;
             println!("Image imported with fingerprint: {fp}");
             for alias in aliases {
                 let body = ImageAliasesPost { name: alias.clone(), description: String::new(), target: fp.clone() };

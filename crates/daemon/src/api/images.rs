@@ -15,7 +15,7 @@ use skiff_api::{Image, ImageAlias, ImageAliasesEntry, ImageAliasesPost};
 use super::{recursion, sync, ApiErr, ApiResult, App, Body};
 use crate::db::write;
 use crate::images::chain;
-use crate::sysimages::{SystemImage, SystemImageError, SystemImages};
+use crate::sysimages::{disk, SystemImage, SystemImageError, SystemImages};
 
 fn aliases_of(aliases: &BTreeMap<String, (String, String)>, fp: &str) -> Vec<ImageAlias> {
     aliases
@@ -73,7 +73,7 @@ fn system_api(d: &App, img: &SystemImage, aliases: &BTreeMap<String, (String, St
     let used = SystemImages::use_key(&img.fingerprint).is_ok_and(|k| !d.images.store().users(&k).is_empty());
     let mut properties = img.properties.clone();
     properties.insert("in_use".into(), used.to_string());
-    properties.insert("format".into(), "unified".into());
+    properties.insert("format".into(), img.disk_format.clone().unwrap_or_else(|| "unified".into()));
     Image {
         fingerprint: img.fingerprint.clone(),
         aliases: aliases_of(aliases, &img.fingerprint),
@@ -82,7 +82,7 @@ fn system_api(d: &App, img: &SystemImage, aliases: &BTreeMap<String, (String, St
         public: false,
         properties,
         size: img.size,
-        kind: "container".into(),
+        kind: if img.disk_format.is_some() { "virtual-machine" } else { "container" }.into(),
         created_at: time(img.created_at),
         uploaded_at: time(img.uploaded_at),
         last_used_at: time(img.uploaded_at),
@@ -158,10 +158,12 @@ fn parse_properties(text: &str) -> Result<BTreeMap<String, String>, ApiErr> {
     Ok(q.into_iter().filter(|(k, _)| !k.is_empty()).collect())
 }
 
-/// `POST /1.0/images`: a system image's unified tarball as the body. The
-/// upload is stored and checked here (not a tarball: 400, already there:
-/// 409); unpacking is the operation, whose metadata ends with the
-/// fingerprint (LXD's client then makes the aliases).
+/// `POST /1.0/images`: a system image's unified tarball, or a VM's disk
+/// image (raw or qcow2: `X-Skiff-Format`, else told by the qcow2 magic),
+/// as the body. The upload is stored and checked here (neither: 400,
+/// already there: 409); unpacking (a disk: its header and table check)
+/// is the operation, whose metadata ends with the fingerprint (LXD's
+/// client then makes the aliases).
 pub async fn image_post(State(d): State<App>, headers: HeaderMap, body: axum::body::Body) -> ApiResult {
     let ctype = headers.get("Content-Type").and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
     if ctype.starts_with("multipart/") {
@@ -176,6 +178,10 @@ pub async fn image_post(State(d): State<App>, headers: HeaderMap, body: axum::bo
              OCI images are pulled at launch or imported with skiff-oci",
         ));
     }
+    let format = match headers.get("X-Skiff-Format").map(|v| v.to_str().unwrap_or("")) {
+        Some(f) => Some(f.parse::<disk_image::Format>().map_err(|e| ApiErr::bad(format!("X-Skiff-Format: {e}")))?),
+        None => None,
+    };
     let filename = header(&headers, "filename").unwrap_or_default();
     let properties = match header(&headers, "properties") {
         Some(p) => parse_properties(&p)?,
@@ -190,9 +196,31 @@ pub async fn image_post(State(d): State<App>, headers: HeaderMap, body: axum::bo
             upload.fingerprint()
         )));
     }
-    SystemImages::sniff(&upload).map_err(bad)?;
+    let disk = format.or_else(|| disk::is_qcow2(&upload).then_some(disk_image::Format::Qcow2));
+    if disk.is_none() {
+        SystemImages::sniff(&upload).map_err(|e| match e {
+            SystemImageError::NotTarball(why) => ApiErr::bad(format!(
+                "{}; a raw disk image needs --format raw (X-Skiff-Format: raw)",
+                SystemImageError::NotTarball(why)
+            )),
+            e => bad(e),
+        })?;
+    }
     if system.find(upload.fingerprint()).is_some() {
         return Err(bad(SystemImageError::Exists(upload.fingerprint().to_string())));
+    }
+    if let Some(format) = disk {
+        // Checked before the answer, so a bad image is a 400 of this request.
+        let s = system.clone();
+        let img = tokio::task::spawn_blocking(move || s.import_disk(&upload, format, &filename, properties))
+            .await
+            .map_err(|e| ApiErr::new(500, format!("import task: {e}")))?
+            .map_err(bad)?;
+        log::info!("imported {format} disk image {} ({} bytes)", img.fingerprint, img.size);
+        let (op, _) = d.ops.create(skiff_api::OperationClass::Task, "Importing image", None, Value::Null, false, &[]);
+        let done = json!({"fingerprint": img.fingerprint, "size": img.size});
+        d.ops.run(&op, async move { Ok(Some(done)) });
+        return super::accepted(&op);
     }
     let (op, _) = d.ops.create(skiff_api::OperationClass::Task, "Importing image", None, Value::Null, false, &[]);
     d.ops.run(&op, async move {
@@ -207,7 +235,11 @@ pub async fn image_post(State(d): State<App>, headers: HeaderMap, body: axum::bo
 }
 
 fn alias_kind(d: &App, target: &str) -> String {
-    if d.images.system().find(target).is_some() { "container" } else { "virtual-machine" }.into()
+    match d.images.system().find(target) {
+        Some(img) if img.disk_format.is_none() => "container",
+        _ => "virtual-machine",
+    }
+    .into()
 }
 
 /// `GET /1.0/images/aliases`.

@@ -20,6 +20,12 @@
 //!   end: stop virtiofsd, remove the runtime dir, write the exit file, tell subscribers, exit
 //! ```
 //!
+//! A spec with [`LaunchSpec::os`] is a full OS VM (see `os.rs`): booted
+//! through UEFI firmware from its disk, no virtiofsd or main process; a
+//! stop presses the ACPI power button (SIGKILL after the timeout), and a
+//! guest reset (skiff-vmm's status [`crate::vm::RESET_EXIT_CODE`]) boots
+//! it again on the same disk and variable store instead of ending it.
+//!
 //! # Control protocol
 //! `monitor.sock` in the runtime directory; each connection carries one
 //! request line (JSON) and gets JSON lines back:
@@ -44,6 +50,7 @@
 //! runtime directory's `state.json` (its `runner_pid`), checking through
 //! `/proc/PID/cmdline` that the process is this VM's monitor.
 
+mod os;
 mod proto;
 mod serve;
 
@@ -118,6 +125,9 @@ pub enum MonitorError {
     /// A VM runs in this runtime directory already.
     #[error("a monitor (pid {1}) already runs in {0}")]
     InUse(PathBuf, u32),
+    /// What this kind of VM cannot do.
+    #[error("{0}")]
+    Unsupported(String),
     /// The monitor reported a failed boot.
     #[error("{0}")]
     BootFailed(String),

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use skiff_agent_proto::{ExitStatus, MainProcess, NetworkConfig};
 
-use crate::vm::{Nic, Share};
+use crate::vm::{Nic, OsBoot, Share};
 
 /// Everything a monitor needs to boot and keep one thin VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +92,14 @@ pub struct LaunchSpec {
     /// sent to the agent again when the VM is a clone (another name).
     #[serde(default)]
     pub restore: Option<PathBuf>,
+    /// A full OS VM: boot this firmware, variable store and disk instead of
+    /// a kernel, an initramfs and `rootfs` over virtio-fs (which are then
+    /// unused). The guest's own init runs and `main` is not started; its
+    /// agent (a service inside) gives exec and files; `network` is not sent
+    /// (the guest configures its NIC itself, e.g. DHCP from the bridge);
+    /// a stop presses the ACPI power button; a reboot boots it again.
+    #[serde(default)]
+    pub os: Option<OsBoot>,
 }
 
 /// The file in a snapshot directory that records what skiff-vmm's state
@@ -422,6 +430,7 @@ mod tests {
             monitor_log: "/var/lib/skiff/instances/web/monitor.log".into(),
             label: "docker.io/library/nginx".into(),
             restore: None,
+            os: None,
         }
     }
 

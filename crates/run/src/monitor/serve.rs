@@ -179,6 +179,12 @@ async fn boot(spec: &LaunchSpec) -> Result<Booted, MonitorError> {
     if let Some(dir) = &spec.restore {
         return restore(spec, dir).await;
     }
+    if let Some(os) = &spec.os {
+        let (vm, listener) = super::os::boot(spec, os).await?;
+        let launched = launched(spec, &vm, 0, "firmware".into());
+        let running = Running { devices: vec![], shares: vec![], cpus: spec.cpus, memory_mib: spec.memory_mib };
+        return Ok((vm, launched, listener, running, 0));
+    }
     let (opts, extras) = vm_options(spec)?;
     let kernel = opts.kernel.to_string();
     let mut vm = ThinVm::boot_with(&opts, &extras).await?;
@@ -416,23 +422,25 @@ async fn supervise(
     });
     let acceptor = tokio::spawn(accept_loop(listener, shared.clone(), SERVE_LIMITS));
     let (ev_tx, mut ev_rx) = mpsc::channel(16);
-    let mut agent_events = vm.take_events();
-    let reader = tokio::spawn(async move {
-        while let Some(ev) = match agent_events.as_mut() {
-            Some(a) => a.next().await,
-            None => None,
-        } {
-            if ev_tx.send(ev).await.is_err() {
-                break;
-            }
-        }
-    });
+    let mut reader = read_agent_events(&mut vm, ev_tx.clone());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
     let default_stop = spec.main.stop_timeout_secs;
     let request = loop {
         tokio::select! {
-            st = vm.vmm_exited() => break Err(st.ok()),
+            st = vm.vmm_exited() => {
+                if !super::os::is_reset(spec, &st) {
+                    break Err(st.ok());
+                }
+                eprintln!("skiff-run monitor {}: the guest reset: booting it again", spec.name);
+                reader.abort();
+                if let Err(e) = super::os::reboot(spec, &mut vm).await {
+                    eprintln!("skiff-run monitor {}: reboot failed: {}", spec.name, error_chain(&e));
+                    break Err(None);
+                }
+                lock(&shared.status).vmm_pid = vm.vmm_pid().unwrap_or(0);
+                reader = read_agent_events(&mut vm, ev_tx.clone());
+            }
             Some(ev) = ev_rx.recv() => on_agent_event(&shared, ev),
             Some(req) = stop_rx.recv() => break Ok(req),
             Some((req, reply)) = changes_rx.recv() => {
@@ -453,7 +461,11 @@ async fn supervise(
         Ok((timeout, force)) => {
             lock(&shared.status).state = MonitorState::Stopping;
             eprintln!("skiff-run monitor {}: stopping (timeout {timeout} s, force {force})", spec.name);
-            (if force { EndReason::Killed } else { EndReason::Stopped }, stop(&shared, vm, timeout, force).await)
+            let stopped = match spec.os {
+                Some(_) => super::os::stop(vm, timeout, force).await,
+                None => stop(&shared, vm, timeout, force).await,
+            };
+            (if force { EndReason::Killed } else { EndReason::Stopped }, stopped)
         }
     };
     reader.abort();
@@ -468,6 +480,21 @@ async fn supervise(
     lock(&shared.farewell).take();
     let _ = tokio::time::timeout(FAREWELL, farewell_rx.recv()).await;
     info
+}
+
+/// Forwards the agent's events (taken out of the VM) to `tx` from a task.
+fn read_agent_events(vm: &mut ThinVm, tx: mpsc::Sender<Event>) -> tokio::task::JoinHandle<()> {
+    let mut agent_events = vm.take_events();
+    tokio::spawn(async move {
+        while let Some(ev) = match agent_events.as_mut() {
+            Some(a) => a.next().await,
+            None => None,
+        } {
+            if tx.send(ev).await.is_err() {
+                break;
+            }
+        }
+    })
 }
 
 async fn recv_signal(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
@@ -526,7 +553,10 @@ fn exit_info(
         Err(e) => (None, None, format!("stopping the VM: {}", error_chain(&e))),
     };
     let reason = match (reason, code) {
-        (EndReason::Stopped, Some(c)) if c != 0 => EndReason::Failed,
+        // A full OS VM that resets while it is being stopped has stopped.
+        (EndReason::Stopped, Some(c)) if c != 0 && !(spec.os.is_some() && c == vm::RESET_EXIT_CODE) => {
+            EndReason::Failed
+        }
         (r, _) => r,
     };
     ExitInfo {

@@ -95,7 +95,7 @@ impl ThinVm {
     }
 
     /// Runs a blocking control-API call off the async runtime.
-    async fn api<T: Send + 'static>(
+    pub(super) async fn api<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Client) -> Result<T, ClientError> + Send + 'static,
     ) -> Result<T, HotplugError> {

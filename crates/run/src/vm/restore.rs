@@ -15,7 +15,7 @@
 //! listener stays bound for the events that come later.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use skiff_agent_client::{EventListener, Timeouts};
 
@@ -101,16 +101,13 @@ impl ThinVm {
             args.extend(self.device_args(&opts.virtiofsd, device).await?);
         }
         let events = EventListener::bind_for_vsock(&self.dir.join(VSOCK_SOCKET))?;
-        let state = VmState {
-            name: opts.name.clone(),
-            runner_pid: std::process::id(),
-            vmm_pid: 0,
-            bundle: opts.bundle.clone(),
-            kernel: format!("restored from {}", opts.snapshot.display()),
-            cpus: opts.cpus,
-            memory_mib: opts.memory_mib,
-            started: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        };
+        let state = VmState::starting(
+            &opts.name,
+            &opts.bundle,
+            format!("restored from {}", opts.snapshot.display()),
+            opts.cpus,
+            opts.memory_mib,
+        );
         self.spawn_vmm(&opts.vmm, &args, extras.nic.as_ref(), state)?;
         self.listener = Some(events);
         self.wait_answering(opts.timeout).await

@@ -132,6 +132,9 @@ pub enum MonitorError {
     #[error("{0}")]
     BootFailed(String),
     /// The monitor ended without a report.
+    /// The launcher died before the boot report: the boot is abandoned.
+    #[error("the launcher (pid {0}) exited before the boot finished: the VM is abandoned")]
+    LauncherGone(u32),
     #[error("the monitor exited without a boot report; its log:\n{0}")]
     MonitorDied(String),
     /// The monitor did not report within the time limit (it was killed).

@@ -146,7 +146,21 @@ pub async fn run(spec_path: &Path, status_fd: Option<i32>) -> i32 {
     };
     let name = spec.name.clone();
     eprintln!("skiff-run monitor {name}: booting (pid {})", std::process::id());
-    let (vm, launched, listener, running, restarts) = match boot(&spec).await {
+    // A launcher that dies before the boot report (skiffd SIGKILLed
+    // mid-launch, a ^C'd skiff-run) abandons the VM: nobody would adopt a
+    // monitor that never reported, so the boot is dropped (its skiff-vmm and
+    // virtiofsd are killed with it) rather than left running unowned.
+    let booted = match status_fd {
+        Some(_) => {
+            let parent = std::os::unix::process::parent_id();
+            tokio::select! {
+                b = boot(&spec) => b,
+                () = launcher_gone(parent) => Err(MonitorError::LauncherGone(parent)),
+            }
+        }
+        None => boot(&spec).await,
+    };
+    let (vm, launched, listener, running, restarts) = match booted {
         Ok(v) => v,
         Err(e) => {
             let message = error_chain(&e);
@@ -162,6 +176,14 @@ pub async fn run(spec_path: &Path, status_fd: Option<i32>) -> i32 {
     let info = supervise(&spec, vm, &launched, listener, running, restarts).await;
     eprintln!("skiff-run monitor {name}: ended: {:?}", info.reason);
     0
+}
+
+/// Returns once this process's parent is no longer `parent` (it died and
+/// the process was re-parented).
+async fn launcher_gone(parent: u32) {
+    while std::os::unix::process::parent_id() == parent {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn read_spec(path: &Path) -> Result<LaunchSpec, MonitorError> {

@@ -3,7 +3,10 @@
 //! boot, many checks), and bad firmware files refused before any vCPU
 //! runs; then a real OS: the Debian 12 disk of
 //! `tests/images/build-debian-disk` through OVMF, GRUB and Linux to
-//! systemd and skiff-agent as a service (one boot, many checks).
+//! systemd and skiff-agent as a service, with a cloud-init NoCloud seed,
+//! Skiff's SMBIOS tables and a boot entry made with efibootmgr; then a
+//! second boot of the same disk and variables without the seed (two
+//! boots, many checks each).
 //!
 //! In the KVM box this needs the box QEMU with the fix of
 //! `tests/box/build-qemu` (Debian's QEMU aborts when a nested guest runs
@@ -269,6 +272,41 @@ async fn sh(agent: &AgentClient, script: &str) -> Result<String> {
 /// What the test asks of the Debian VM.
 const OS_CPUS: usize = 2;
 const OS_MEMORY_MIB: u64 = 1024;
+/// The VM's UUID (`--uuid`), the guest's SMBIOS system UUID.
+const OS_UUID: &str = "5c1ff0a1-7e57-4d1a-8b2c-3d4e5f6a7b8c";
+/// The NoCloud seed's hostname and instance.
+const SEED_HOSTNAME: &str = "skiff-cloud";
+const SEED_INSTANCE: &str = "skiff-test-1";
+/// The boot entry the guest makes with efibootmgr.
+const BOOT_ENTRY: &str = "Skiff test entry";
+
+/// A NoCloud seed as cloud-init's docs describe it: a FAT file system
+/// labelled `cidata` with `meta-data` (instance and hostname) and
+/// `user-data` (a file written, a command run). Made with mkfs.fat and
+/// mtools (scripts/packages/firmware.apt), no mounts.
+fn nocloud_seed(dir: &Path) -> Result<PathBuf> {
+    let meta = dir.join("meta-data");
+    std::fs::write(&meta, format!("instance-id: {SEED_INSTANCE}\nlocal-hostname: {SEED_HOSTNAME}\n"))?;
+    let user = dir.join("user-data");
+    std::fs::write(
+        &user,
+        "#cloud-config\n\
+         write_files:\n\
+         \x20 - path: /etc/skiff-seed\n\
+         \x20   content: \"written by cloud-init\\n\"\n\
+         runcmd:\n\
+         \x20 - [sh, -c, \"echo ran-by-runcmd > /root/skiff-runcmd\"]\n",
+    )?;
+    let seed = dir.join("seed.img");
+    let run = |cmd: &mut Command| -> Result<()> {
+        let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
+        ensure!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    };
+    run(Command::new("mkfs.fat").args(["-n", "CIDATA", "-C"]).arg(&seed).arg("2048"))?;
+    run(Command::new("mcopy").arg("-i").arg(&seed).arg(&meta).arg(&user).arg("::"))?;
+    Ok(seed)
+}
 
 /// The checks on the running Debian guest, through the agent.
 async fn check_debian_guest(agent: &AgentClient) -> Result<()> {
@@ -343,15 +381,27 @@ struct DebianBoot {
 }
 
 impl DebianBoot {
-    fn start(rt: &tokio::runtime::Runtime, disk: &Path, vars: &Path, logs: &Path) -> Result<Self> {
+    /// `seed`: a second disk (the NoCloud seed); `boot_line`: how the
+    /// firmware's boot manager announces what it starts.
+    fn start(
+        rt: &tokio::runtime::Runtime,
+        disk: &Path,
+        vars: &Path,
+        logs: &Path,
+        seed: Option<&Path>,
+        boot_line: &str,
+    ) -> Result<Self> {
         let vsock = logs.join("vsock.sock");
         // Listening before the VM starts: the agent announces itself once.
         let events = rt.block_on(async { EventListener::bind_for_vsock(&vsock) })?;
         let (disk_arg, vsock_arg) = (format!("path={}", s(disk)), format!("cid=3,socket={}", s(&vsock)));
         let (cpus, memory) = (OS_CPUS.to_string(), OS_MEMORY_MIB.to_string());
+        let seed_arg = seed.map(|p| format!("path={},readonly=on", s(p)));
+        let seed_args = seed_arg.as_deref().map(|a| vec!["--disk", a]).unwrap_or_default();
         let args: Vec<String> = [
-            ["--firmware", "--firmware-vars", s(vars)].as_slice(),
+            ["--firmware", "--firmware-vars", s(vars), "--uuid", OS_UUID].as_slice(),
             &["--cpus", &cpus, "--memory", &memory, "--disk", &disk_arg, "--vsock", &vsock_arg],
+            &seed_args,
         ]
         .concat()
         .into_iter()
@@ -366,7 +416,7 @@ impl DebianBoot {
         // distribution's name in colour escapes.)
         let at = vm.milestones(
             &[
-                "BdsDxe: starting Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x2,0x0)",
+                boot_line,
                 "Welcome to GRUB!",
                 "skiff-disk: GRUB loading vmlinuz-",
                 "Linux version 6.1",
@@ -429,6 +479,74 @@ impl DebianBoot {
     }
 }
 
+/// The checks of the first boot, with the NoCloud seed: cloud-init
+/// applied it; the SMBIOS tables are Skiff's; the guest makes a boot
+/// entry with efibootmgr and asks the firmware to boot it next.
+async fn check_first_boot(agent: &AgentClient) -> Result<()> {
+    // cloud-init ran from the seed (systemd is up, so its stages ended).
+    let status = sh(agent, "cloud-init status --long || true").await?;
+    ensure!(status.contains("status: done"), "cloud-init: {status}");
+    ensure!(status.contains("DataSourceNoCloud"), "cloud-init's data source: {status}");
+    let instance = sh(agent, "cat /var/lib/cloud/data/instance-id").await?;
+    ensure!(instance.trim() == SEED_INSTANCE, "cloud-init instance {instance:?}");
+    let host = sh(agent, "hostname").await?;
+    ensure!(host.trim() == SEED_HOSTNAME, "hostname {host:?}, meta-data says {SEED_HOSTNAME}");
+    ensure!(sh(agent, "cat /etc/skiff-seed").await? == "written by cloud-init\n", "write_files did not write");
+    ensure!(sh(agent, "cat /root/skiff-runcmd").await? == "ran-by-runcmd\n", "runcmd did not run");
+    // The SMBIOS tables from fw_cfg, through OVMF: Linux's DMI ids and
+    // dmidecode read Skiff's system, processor and memory.
+    let dmi = sh(agent, "cd /sys/class/dmi/id && cat sys_vendor product_name product_uuid chassis_vendor").await?;
+    let want = format!("Skiff\nSkiff VM\n{OS_UUID}\nSkiff\n");
+    ensure!(dmi == want, "DMI ids {dmi:?}, expected {want:?}");
+    let cpu = sh(agent, "dmidecode -t processor").await?;
+    let cores = format!("Core Count: {OS_CPUS}");
+    ensure!(cpu.contains(&cores) && cpu.contains("Status: Populated, Enabled"), "dmidecode -t processor: {cpu}");
+    let mem = sh(agent, "dmidecode -t memory").await?;
+    ensure!(mem.contains("Size: 1 GB") && mem.contains("Maximum Capacity: 1 GB"), "dmidecode -t memory: {mem}");
+    let all = sh(agent, "dmidecode 2>&1").await?;
+    ensure!(all.contains("SMBIOS 3.0") && all.contains("BIOS Information"), "dmidecode: {all}");
+    for bad in ["Invalid", "invalid", "Wrong", "wrong", "truncated"] {
+        ensure!(!all.contains(bad), "dmidecode complains ({bad}): {all}");
+    }
+    // A boot entry for the disk's GRUB, made by the guest and set as
+    // BootNext: the firmware must boot it on the next start.
+    let made = sh(
+        agent,
+        &format!("efibootmgr -q -c -d /dev/vda -p 1 -L '{BOOT_ENTRY}' -l '\\EFI\\BOOT\\BOOTX64.EFI' && efibootmgr"),
+    )
+    .await?;
+    let num = made
+        .lines()
+        .find(|l| l.contains(BOOT_ENTRY))
+        .and_then(|l| l.strip_prefix("Boot")?.get(..4).map(str::to_string))
+        .with_context(|| format!("efibootmgr lists no {BOOT_ENTRY:?}: {made}"))?;
+    let next = sh(agent, &format!("efibootmgr -n {num}")).await?;
+    ensure!(next.contains(&format!("BootNext: {num}")), "efibootmgr -n {num}: {next}");
+    sh(agent, &format!("echo {num} > /root/skiff-boot-entry")).await?;
+    Ok(())
+}
+
+/// The checks of the second boot, without the seed: cloud-init stays off
+/// (ds-identify found no data source) and kept what it did; the firmware
+/// booted the guest's entry (BootNext), which is still there.
+async fn check_second_boot(agent: &AgentClient) -> Result<()> {
+    let status = sh(agent, "cloud-init status || true").await?;
+    ensure!(status.contains("status: disabled"), "cloud-init without a seed: {status}");
+    let units = sh(agent, "systemctl is-active cloud-init.service cloud-final.service || true").await?;
+    ensure!(units.lines().all(|l| l == "inactive"), "cloud-init ran without a seed: {units}");
+    let host = sh(agent, "hostname").await?;
+    ensure!(host.trim() == SEED_HOSTNAME, "hostname after a boot without the seed: {host:?}");
+    let num = sh(agent, "cat /root/skiff-boot-entry").await?;
+    let num = num.trim();
+    let ls = sh(agent, "efibootmgr").await?;
+    ensure!(ls.contains(&format!("BootCurrent: {num}")), "the firmware did not boot Boot{num} (BootNext): {ls}");
+    ensure!(!ls.contains("BootNext:"), "BootNext survived its boot: {ls}");
+    ensure!(ls.contains(&format!("Boot{num}* {BOOT_ENTRY}")), "the guest's boot entry is gone: {ls}");
+    let uuid = sh(agent, "cat /sys/class/dmi/id/product_uuid").await?;
+    ensure!(uuid.trim() == OS_UUID, "the VM's UUID changed across boots: {uuid}");
+    Ok(())
+}
+
 #[test]
 #[ignore = "boots a Debian disk through firmware: needs hardware KVM (or the box); run through tests/run"]
 fn firmware_boots_a_debian_disk_through_grub_to_systemd_and_the_agent() -> Result<()> {
@@ -441,12 +559,15 @@ fn firmware_boots_a_debian_disk_through_grub_to_systemd_and_the_agent() -> Resul
     let copied = Command::new("cp").arg("--sparse=always").arg(&image).arg(&disk).status()?;
     ensure!(copied.success(), "cannot copy {}", image.display());
     let vars = dir.path().join("vars.fd");
+    let seed = nocloud_seed(dir.path())?;
     let rt = tokio::runtime::Runtime::new()?;
 
     let (logs1, logs2) = (scratch()?, scratch()?);
-    let boot = DebianBoot::start(&rt, &disk, &vars, logs1.path())?;
+    let first = "BdsDxe: starting Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x2,0x0)";
+    let boot = DebianBoot::start(&rt, &disk, &vars, logs1.path(), Some(&seed), first)?;
     boot.check(&rt, async {
         check_debian_guest(&boot.agent).await?;
+        check_first_boot(&boot.agent).await?;
         // Linux writes a non-volatile EFI variable (efivarfs: 4 bytes of
         // attributes, then the data) through the firmware's runtime
         // services into the VMM's flash.
@@ -456,17 +577,22 @@ fn firmware_boots_a_debian_disk_through_grub_to_systemd_and_the_agent() -> Resul
     })?;
     boot.power_off(&rt)?;
 
-    // A second VMM on the same disk and store: the firmware boots the disk
-    // again, the guest's variable and its file are still there.
-    let boot = DebianBoot::start(&rt, &disk, &vars, logs2.path())?;
+    // A second VMM on the same disk and store, without the seed: the
+    // firmware boots the guest's entry, the guest's variable and its
+    // file are still there.
+    let boot = DebianBoot::start(&rt, &disk, &vars, logs2.path(), None, "BdsDxe: starting Boot")?;
     ensure!(!boot.vm.stderr().contains("created from"), "the second boot made a new variable store");
+    ensure!(
+        boot.vm.serial().contains(&format!("\"{BOOT_ENTRY}\" from HD(1,GPT,")),
+        "the firmware did not announce the guest's entry"
+    );
     boot.check(&rt, async {
         // (efivarfs files cannot seek: tail reads a pipe.)
         let var = sh(&boot.agent, &format!("cat /sys/firmware/efi/efivars/{OS_VAR} | tail -c +5")).await?;
         ensure!(var == OS_VAR_VALUE, "the guest's EFI variable after a new boot: {var:?}");
         let file = sh(&boot.agent, "cat /root/skiff-probe").await?;
         ensure!(file == "written through the agent\n", "the guest's file after a new boot: {file:?}");
-        Ok(())
+        check_second_boot(&boot.agent).await
     })?;
     boot.power_off(&rt)
 }

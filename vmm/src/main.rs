@@ -43,6 +43,11 @@ struct Args {
     /// it does not exist.
     #[arg(long, value_name = "PATH", requires = "firmware")]
     firmware_vars: Option<PathBuf>,
+    /// The VM's UUID, which a firmware-booted guest reads as its SMBIOS
+    /// system UUID (Linux: /sys/class/dmi/id/product_uuid); give the same
+    /// one on every boot of the same VM. Default: a random one (logged).
+    #[arg(long, value_name = "UUID", requires = "firmware")]
+    uuid: Option<uuid::Uuid>,
     /// Restore the VM saved in DIR by the API's `vm.snapshot` instead of
     /// booting one: its vCPUs, memory (the file mapped privately; copied
     /// into shared memory for a VM with virtio-fs) and devices. `--disk`,
@@ -158,7 +163,11 @@ fn main() -> ExitCode {
         serial: args.serial,
         api_socket: args.api_socket,
         devices,
-        firmware: args.firmware.map(|code| FirmwareConfig { code, vars: args.firmware_vars.unwrap_or_default() }),
+        firmware: args.firmware.map(|code| FirmwareConfig {
+            code,
+            vars: args.firmware_vars.unwrap_or_default(),
+            uuid: args.uuid.unwrap_or_else(uuid::Uuid::new_v4),
+        }),
     };
     if let Err(e) = config.validate() {
         print_error("", &e);

@@ -6,10 +6,12 @@
 //! checksums, and installs every table a pointer targets. The tables are
 //! the ones direct boot writes into guest memory (the same builder), so a
 //! firmware-booted guest sees the same MCFG, hot-plug AML and the rest.
+//! And the SMBIOS tables ([`super::smbios`]).
 
 use crate::arch::acpi::{build_acpi_blob, AcpiBlob, AcpiExtras, RSDP_XSDT};
 use crate::arch::layout::{ram_ranges, E820Kind};
 use crate::devices::fw_cfg::{FwCfg, FwCfgError, FILE_NAME_LEN};
+use crate::firmware::smbios::{self, SmbiosInfo};
 
 /// The loader's file names.
 pub const TABLE_LOADER: &str = "etc/table-loader";
@@ -103,15 +105,16 @@ pub fn e820(mem_size: u64) -> Vec<u8> {
 }
 
 /// Adds the memory map, the end of the memory hot-plug region (so the
-/// firmware puts its 64-bit PCI window above it), the ACPI tables and the
-/// boot order (OpenFirmware device paths, one per line; empty lets the
-/// firmware choose) to `fw_cfg`.
+/// firmware puts its 64-bit PCI window above it), the ACPI tables, the
+/// SMBIOS tables and the boot order (OpenFirmware device paths, one per
+/// line; empty lets the firmware choose) to `fw_cfg`.
 pub fn add_files(
     fw_cfg: &mut FwCfg,
     mem_size: u64,
     hotplug_end: Option<u64>,
     (cpus, max_cpus): (u8, u8),
     acpi: &AcpiExtras,
+    smbios_info: &SmbiosInfo,
     bootorder: &[String],
 ) -> Result<(), FwCfgError> {
     fw_cfg.add_file("etc/e820", e820(mem_size))?;
@@ -122,6 +125,9 @@ pub fn add_files(
     fw_cfg.add_file(ACPI_TABLES, tables)?;
     fw_cfg.add_file(ACPI_RSDP, rsdp)?;
     fw_cfg.add_file(TABLE_LOADER, script)?;
+    let smbios_tables = smbios::tables(smbios_info);
+    fw_cfg.add_file(smbios::ANCHOR_FILE, smbios::anchor(smbios_tables.len()))?;
+    fw_cfg.add_file(smbios::TABLES_FILE, smbios_tables)?;
     if !bootorder.is_empty() {
         let mut order = bootorder.join("\n").into_bytes();
         order.push(0);
@@ -194,16 +200,24 @@ mod tests {
         let mem = vm_memory::GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 0x10000)]).unwrap();
         let mut fw = FwCfg::new(mem, 1, 1, 256 << 20);
         let order = ["/pci@i0cf8/scsi@2/disk@0,0".to_string()];
-        add_files(&mut fw, 256 << 20, Some(6 << 30), (1, 1), &AcpiExtras::default(), &order).unwrap();
+        let info = SmbiosInfo { uuid: uuid::Uuid::nil(), cpus: 1, max_cpus: 1, ram: vec![(0, 256 << 20)], hotplug: 0 };
+        add_files(&mut fw, 256 << 20, Some(6 << 30), (1, 1), &AcpiExtras::default(), &info, &order).unwrap();
         fw.write(0x510, 0, &crate::devices::fw_cfg::item::FILE_DIR.to_le_bytes());
-        let mut dir = vec![0u8; 4 + 6 * 64];
+        let mut dir = vec![0u8; 4 + 8 * 64];
         fw.read(0x510, 1, &mut dir);
-        assert_eq!(u32::from_be_bytes(dir[..4].try_into().unwrap()), 6);
+        assert_eq!(u32::from_be_bytes(dir[..4].try_into().unwrap()), 8);
         let names: Vec<String> =
             dir[4..].chunks(64).map(|e| String::from_utf8_lossy(&e[8..]).trim_end_matches('\0').to_string()).collect();
-        for want in
-            ["bootorder", "etc/acpi/rsdp", "etc/acpi/tables", "etc/e820", "etc/reserved-memory-end", TABLE_LOADER]
-        {
+        for want in [
+            "bootorder",
+            "etc/acpi/rsdp",
+            "etc/acpi/tables",
+            "etc/e820",
+            "etc/reserved-memory-end",
+            smbios::ANCHOR_FILE,
+            smbios::TABLES_FILE,
+            TABLE_LOADER,
+        ] {
             assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
         }
     }

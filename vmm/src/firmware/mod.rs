@@ -11,10 +11,12 @@
 //! ([`crate::devices::chipset`]) on the PCI bus with the reset control
 //! register, a CMOS/RTC, the debug console (port 0x402, into the VMM log)
 //! and fw_cfg ([`crate::devices::fw_cfg`]) carrying the memory map, the CPU
-//! count and Skiff's own ACPI tables ([`fw_cfg_files`]).
+//! count, Skiff's own ACPI tables ([`fw_cfg_files`]) and SMBIOS tables
+//! ([`smbios`]).
 
 pub mod fw_cfg_files;
 mod rom;
+pub mod smbios;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -59,6 +61,8 @@ pub struct FirmwareConfig {
     pub code: PathBuf,
     /// The VM's variable store (a copy of OVMF_VARS*.fd), written through.
     pub vars: PathBuf,
+    /// The VM's UUID (the SMBIOS system UUID).
+    pub uuid: uuid::Uuid,
 }
 
 /// Why a firmware cannot be used.
@@ -243,7 +247,14 @@ pub fn build_firmware_vm(config: &VmConfig, fw: &FirmwareConfig, start: Instant)
     let mut fw_cfg = FwCfg::new(ram.mem.clone(), config.cpus, config.max_cpus, ram.boot_size);
     let hotplug_end = ram.hotplug.map(|h| h.addr + h.size);
     let cpus = (config.cpus, config.max_cpus);
-    fw_cfg_files::add_files(&mut fw_cfg, ram.boot_size, hotplug_end, cpus, &acpi, &bootorder(&pci))
+    let smbios = smbios::SmbiosInfo {
+        uuid: fw.uuid,
+        cpus: config.cpus,
+        max_cpus: config.max_cpus,
+        ram: ram_ranges(ram.boot_size).into_iter().map(|(a, s)| (a.0, s)).collect(),
+        hotplug: ram.hotplug.map_or(0, |h| h.size),
+    };
+    fw_cfg_files::add_files(&mut fw_cfg, ram.boot_size, hotplug_end, cpus, &acpi, &smbios, &bootorder(&pci))
         .map_err(|e| bad(FirmwareError::FwCfg(e)))?;
     let place_io = |name, dev, base: u16, len| {
         buses.io.insert(dev, u64::from(base), len).map_err(|source| BuildError::Bus { name, source })
@@ -265,10 +276,11 @@ pub fn build_firmware_vm(config: &VmConfig, fw: &FirmwareConfig, start: Instant)
         vcpus.push(vcpu);
     }
     log::info!(
-        "booting firmware {} ({} KiB at {code_base:#x}, variable store {} at {vars_base:#x})",
+        "booting firmware {} ({} KiB at {code_base:#x}, variable store {} at {vars_base:#x}), VM UUID {}",
         fw.code.display(),
         code_size >> 10,
-        fw.vars.display()
+        fw.vars.display(),
+        fw.uuid
     );
     Ok(Built { config: config.clone(), start, vm, ram, vcpus, buses, pci, platform, vcpu_ctx }.into_vmm())
 }

@@ -261,8 +261,6 @@ impl VmDriver {
                 vars: dir.join(VARS),
                 disk: dir.join(ROOT),
                 disk_format: "qcow2".into(),
-                // The instance's volatile.uuid: the same system UUID at every start.
-                uuid: Some(inst.id.clone()),
             }),
         })
     }

@@ -39,7 +39,7 @@ pub fn create_overlay(
     })?;
     let name = backing_abs
         .to_str()
-        .ok_or_else(|| invalid(path, "the backing file's path is not UTF-8"))?;
+        .ok_or_else(|| super::invalid(path, "the backing file's path is not UTF-8".into()))?;
     let image =
         overlay_bytes(info.virtual_size, name, backing_format).map_err(|e| DiskError::Qcow2 {
             path: path.to_path_buf(),
@@ -63,13 +63,6 @@ pub fn create_overlay(
             source,
         }
     })
-}
-
-fn invalid(path: &Path, why: &str) -> DiskError {
-    DiskError::Imago {
-        path: path.to_path_buf(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_string()),
-    }
 }
 
 /// The bytes of an empty overlay of `size` bytes over `backing`.

@@ -81,6 +81,14 @@ fn qcow2_error(path: &Path, source: HeaderError) -> DiskError {
     }
 }
 
+/// An image this crate refuses to open or write, and why.
+pub(crate) fn invalid(path: &Path, why: String) -> DiskError {
+    DiskError::Imago {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, why),
+    }
+}
+
 fn imago_error(path: &Path) -> impl FnOnce(std::io::Error) -> DiskError + '_ {
     move |source| DiskError::Imago {
         path: path.to_path_buf(),
@@ -120,10 +128,7 @@ fn open_backing(
     format: Option<&str>,
     depth: usize,
 ) -> Result<FormatAccess<ImagoFile>, DiskError> {
-    let invalid = |why: String| DiskError::Imago {
-        path: overlay.to_path_buf(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, why),
-    };
+    let invalid = |why: String| invalid(overlay, why);
     if depth + 1 >= MAX_CHAIN {
         return Err(invalid(format!(
             "the backing chain is deeper than {MAX_CHAIN} images"

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::time::timeout;
+use tokio::time::{timeout, Instant};
 
 use skiff_agent_proto::AGENT_VSOCK_PORT;
 
@@ -32,7 +32,25 @@ pub enum TransportError {
     /// No answer in time.
     #[error("connecting to {0} timed out")]
     Timeout(String),
+    /// The VMM kept closing the connection before its `OK`: the guest
+    /// refused it (nothing listens on the port) or did not answer in time.
+    #[error("the guest did not accept a connection to {0} within {1:?} (nothing listening on the port, or the guest did not answer)")]
+    NotAccepted(String, Duration),
 }
+
+impl TransportError {
+    /// The VMM closed the stream before its `OK`, which it does when the
+    /// guest refuses or does not answer: worth another try.
+    fn guest_declined(&self) -> bool {
+        matches!(self, TransportError::Handshake(_, e)
+            if matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset))
+    }
+}
+
+/// First pause before another try at a connection the guest declined;
+/// it doubles up to [`MAX_RETRY_PAUSE`].
+const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(20);
+const MAX_RETRY_PAUSE: Duration = Duration::from_millis(500);
 
 /// Where the agent is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,10 +84,28 @@ impl Transport {
     }
 
     /// Opens a stream to the agent within `limit`.
+    ///
+    /// Through a VMM's hybrid vsock socket a connection the guest declines
+    /// (no listener yet, or no answer within the VMM's set-up time on a
+    /// guest that is slow to run) is tried again until `limit`, as a
+    /// guest's own AF_VSOCK connect would wait: a busy or just-restored
+    /// guest is not a dead one.
     pub async fn connect(&self, limit: Duration) -> Result<UnixStream, TransportError> {
-        match timeout(limit, self.connect_inner()).await {
-            Ok(r) => r,
-            Err(_) => Err(TransportError::Timeout(self.to_string())),
+        let deadline = Instant::now() + limit;
+        let mut pause = FIRST_RETRY_PAUSE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match timeout(left, self.connect_inner()).await {
+                Err(_) => return Err(TransportError::Timeout(self.to_string())),
+                Ok(Err(e)) if e.guest_declined() => {
+                    if Instant::now() + pause >= deadline {
+                        return Err(TransportError::NotAccepted(self.to_string(), limit));
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MAX_RETRY_PAUSE);
+                }
+                Ok(r) => return r,
+            }
         }
     }
 
@@ -211,5 +247,43 @@ mod tests {
             t.connect(Duration::from_millis(200)).await,
             Err(TransportError::Timeout(_))
         ));
+    }
+
+    /// The VMM closes the stream before `OK` when the guest refuses or is
+    /// slow to answer: the client tries again until its limit, then says so.
+    #[tokio::test]
+    async fn declined_connections_are_retried_until_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        let vmm = tokio::spawn(async move {
+            for _ in 0..2 {
+                let (s, _) = l.accept().await.unwrap();
+                drop(s);
+            }
+            let (s, _) = l.accept().await.unwrap();
+            let mut r = tokio::io::BufReader::new(s);
+            let mut line = String::new();
+            r.read_line(&mut line).await.unwrap();
+            r.into_inner().write_all(b"OK 1073741825\n").await.unwrap();
+            // Then it declines every connection.
+            let mut declined = 0;
+            while let Ok(Ok((s, _))) = timeout(Duration::from_secs(2), l.accept()).await {
+                drop(s);
+                declined += 1;
+            }
+            declined
+        });
+        let t = Transport::vsock(&path);
+        t.connect(Duration::from_secs(5)).await.unwrap();
+        let started = Instant::now();
+        let e = t.connect(Duration::from_millis(600)).await.unwrap_err();
+        assert!(matches!(e, TransportError::NotAccepted(..)), "{e}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "gave up after {:?}",
+            started.elapsed()
+        );
+        assert!(vmm.await.unwrap() >= 3);
     }
 }

@@ -267,8 +267,8 @@ impl Muxer {
             .map(|(k, _)| *k)
             .collect();
         for key in unanswered {
-            log::debug!(
-                "vsock: guest did not answer the connection to port {}",
+            log::info!(
+                "vsock: the guest did not answer a connection to port {} within {SETUP_TIMEOUT:?}: reset",
                 key.1
             );
             if let Some(c) = self.conns.get_mut(&key) {

@@ -13,6 +13,7 @@ use std::io;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
@@ -81,6 +82,8 @@ pub struct Vsock {
     /// The next activation follows a restore: tell the guest its
     /// connections are gone.
     reset_on_activate: std::cell::Cell<bool>,
+    /// The muxer's next host port, saved in snapshots.
+    local_ports: Arc<AtomicU32>,
     life: Lifecycle<VsockHandler>,
     counters: Arc<VsockCounters>,
 }
@@ -104,6 +107,7 @@ impl Vsock {
             listener,
             acked_features: 0,
             reset_on_activate: std::cell::Cell::new(false),
+            local_ports: Arc::new(AtomicU32::new(muxer::FIRST_LOCAL_PORT)),
             life: Lifecycle::new(format!("vsock-{cid}")),
             counters: Arc::default(),
         })
@@ -140,7 +144,8 @@ impl WorkerDevice for Vsock {
             rx: rx.into(),
             tx: tx.into(),
             event,
-            muxer: Muxer::new(self.cid, self.path.clone(), listener),
+            muxer: Muxer::new(self.cid, self.path.clone(), listener)
+                .with_local_ports(self.local_ports.clone()),
             counters: self.counters.clone(),
             reset_pending: self.reset_on_activate.take(),
         })
@@ -170,11 +175,28 @@ impl VirtioDevice for Vsock {
         crate::device::read_config_bytes(&self.cid.to_le_bytes(), offset, data);
     }
     crate::lifecycle::lifecycle_methods!(snapshot);
+    /// The next host port (a le32): see [`Muxer::with_local_ports`].
+    fn backend_state(&mut self) -> Option<Vec<u8>> {
+        Some(
+            self.local_ports
+                .load(Ordering::Relaxed)
+                .to_le_bytes()
+                .to_vec(),
+        )
+    }
     fn restoring(&mut self, backend_state: Option<&[u8]>) -> Result<(), crate::state::StateError> {
-        if backend_state.is_some() {
-            return Err(crate::state::StateError::Mismatch(
-                "vsock keeps no backend state, the snapshot has one".into(),
-            ));
+        match backend_state.map(<[u8; 4]>::try_from) {
+            // A snapshot of a VMM that did not keep the port.
+            None => {}
+            Some(Ok(port)) => self.local_ports.store(
+                u32::from_le_bytes(port).max(muxer::FIRST_LOCAL_PORT),
+                Ordering::Relaxed,
+            ),
+            Some(Err(_)) => {
+                return Err(crate::state::StateError::Mismatch(
+                    "the saved vsock state is not a 4-byte port number".into(),
+                ))
+            }
         }
         // The host side of every connection died with the old process.
         self.reset_on_activate.set(true);

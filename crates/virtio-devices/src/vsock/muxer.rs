@@ -17,6 +17,8 @@ use std::io::{self, Read};
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::EventSet;
@@ -82,7 +84,7 @@ const MAX_CONNECT_LINE: usize = 32;
 /// guest to answer our REQUEST, before the attempt is dropped.
 pub const SETUP_TIMEOUT: Duration = Duration::from_secs(2);
 /// First host port handed to host-initiated connections.
-const FIRST_LOCAL_PORT: u32 = 1 << 30;
+pub const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
 type ConnKey = (u32, u32); // (host port, guest port)
 
@@ -186,7 +188,10 @@ pub struct Muxer {
     rx_ready: VecDeque<ConnKey>,
     rsts: VecDeque<Header>,
     next_token: u64,
-    next_local_port: u32,
+    /// The next host port for a host-initiated connection, shared with
+    /// the device, which keeps it across snapshots (see
+    /// [`Self::with_local_ports`]).
+    next_local_port: Arc<AtomicU32>,
     log: LogLimiter,
 }
 
@@ -203,9 +208,18 @@ impl Muxer {
             rx_ready: VecDeque::new(),
             rsts: VecDeque::new(),
             next_token: FIRST_CONN_TOKEN,
-            next_local_port: FIRST_LOCAL_PORT,
+            next_local_port: Arc::new(AtomicU32::new(FIRST_LOCAL_PORT)),
             log: LogLimiter::new(format!("vsock cid {guest_cid}")),
         }
+    }
+
+    /// The same muxer, taking host ports from `ports`. A restored VM goes
+    /// on from where its snapshot was taken: a guest still holds sockets
+    /// of connections it was closing then, and a new connection from the
+    /// same (host port, guest port) would meet one of them and be reset.
+    pub fn with_local_ports(mut self, ports: Arc<AtomicU32>) -> Self {
+        self.next_local_port = ports;
+        self
     }
 
     /// The limiter for log lines the guest triggers.
@@ -447,11 +461,13 @@ impl Muxer {
 
     fn alloc_local_port(&mut self, peer: u32) -> Option<u32> {
         for _ in 0..=MAX_CONNECTIONS {
-            let p = self.next_local_port;
-            self.next_local_port = self
+            // Only this worker changes it (the device reads it paused).
+            let p = self
                 .next_local_port
-                .checked_add(1)
-                .unwrap_or(FIRST_LOCAL_PORT);
+                .load(Ordering::Relaxed)
+                .max(FIRST_LOCAL_PORT);
+            let next = p.checked_add(1).unwrap_or(FIRST_LOCAL_PORT);
+            self.next_local_port.store(next, Ordering::Relaxed);
             if !self.conns.contains_key(&(p, peer)) {
                 return Some(p);
             }

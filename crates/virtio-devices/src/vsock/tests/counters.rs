@@ -1,4 +1,5 @@
-//! The vsock device's counters against what the simulated guest saw.
+//! The vsock device's counters against what the simulated guest saw, and
+//! the host ports it saves in a snapshot.
 
 use std::io::{Read, Write};
 
@@ -32,4 +33,31 @@ fn counters_follow_packets_both_ways() {
     assert_eq!(c["notifications"], 4);
     // Driven directly, past the counting interrupt of activation.
     assert_eq!(c["interrupts"], 0);
+}
+
+/// A restored device goes on with the host ports of its snapshot: the
+/// guest may still hold sockets of connections it was closing then, and a
+/// REQUEST from a (host port, guest port) one of them has would be reset.
+#[test]
+fn host_ports_go_on_from_the_snapshot() {
+    let mut g = Guest::direct();
+    g.post_rx(8);
+    let (_a, first) = g.host_connect(52);
+    let (_b, second) = g.host_connect(52);
+    assert_eq!(second, first + 1);
+    let saved = g
+        .dev
+        .backend_state()
+        .expect("vsock saves its next host port");
+    assert_eq!(saved, (second + 1).to_le_bytes());
+
+    let mut restored = Guest::direct();
+    restored.post_rx(8);
+    restored.dev.restoring(Some(&saved)).unwrap();
+    let (_c, port) = restored.host_connect(52);
+    assert_eq!(port, second + 1);
+    // A snapshot of a VMM that kept no port restores as before; a state
+    // of another shape is refused.
+    restored.dev.restoring(None).unwrap();
+    assert!(restored.dev.restoring(Some(&[1, 2, 3])).is_err());
 }

@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::acpi::{create_acpi_tables, AcpiError};
 use crate::arch::boot::{load_command_line, load_initramfs, load_kernel, write_boot_params, BootError};
 use crate::arch::layout::*;
-use crate::config::{SerialConfig, VmConfig};
+use crate::config::{SerialConfig, SerialSink, VmConfig};
 use crate::device_manager::{DeviceError, PciDevices};
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::boot_timer::BootTimer;
@@ -22,6 +22,7 @@ use crate::devices::ged::{event, ged_aml, Ged, GED_SIZE};
 use crate::devices::i8042::I8042;
 use crate::devices::pci_hotplug::{PciHotplug, PCI_HOTPLUG_SIZE};
 use crate::devices::serial::{SerialDevice, SerialOutput, SerialSnapshot};
+use crate::devices::serial_socket::SerialSocket;
 use crate::devices::vmgenid;
 use crate::exit::ExitState;
 use crate::memory::{create_guest_memory, GuestRam, MemoryError};
@@ -52,6 +53,8 @@ pub enum BuildError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot set up the serial console socket")]
+    SerialSocket(#[source] crate::devices::serial_socket::SerialSocketError),
     #[error("cannot restore the serial port")]
     Serial(#[source] crate::devices::serial::SerialError),
     #[error("cannot create an eventfd")]
@@ -66,12 +69,12 @@ pub enum BuildError {
     },
 }
 
-fn serial_sink(cfg: &SerialConfig) -> Result<Box<dyn Write + Send>, BuildError> {
+fn serial_sink(cfg: &SerialSink) -> Result<Box<dyn Write + Send>, BuildError> {
     Ok(match cfg {
-        SerialConfig::Stdout => Box::new(std::io::stdout()),
-        SerialConfig::Off => Box::new(std::io::sink()),
+        SerialSink::Stdout => Box::new(std::io::stdout()),
+        SerialSink::Off => Box::new(std::io::sink()),
         // Rotated at 16 MiB: a guest printing without end cannot fill the disk.
-        SerialConfig::File(path) => Box::new(
+        SerialSink::File(path) => Box::new(
             RotatingLog::open(path, DEFAULT_LOG_CAP)
                 .map_err(|source| BuildError::SerialFile { path: path.display().to_string(), source })?,
         ),
@@ -168,12 +171,23 @@ pub(crate) fn attach_platform(
 
     let serial_irq = EventFd::new(0).map_err(BuildError::EventFd)?;
     vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(BuildError::Vm)?;
-    let out = SerialOutput::new(serial_sink(serial)?, buses.exit.clone());
+    let mut out = SerialOutput::new(serial_sink(&serial.output)?, buses.exit.clone());
+    let socket = match &serial.socket {
+        Some(path) => {
+            let (socket, socket_out) = SerialSocket::bind(path).map_err(BuildError::SerialSocket)?;
+            out = out.with_socket(socket_out);
+            Some(socket)
+        }
+        None => None,
+    };
     let uart = match serial_state {
         Some(s) => SerialDevice::from_state(s, serial_irq, out).map_err(BuildError::Serial)?,
         None => SerialDevice::new(serial_irq, out),
     };
     let serial = Arc::new(Mutex::new(uart));
+    if let Some(socket) = socket {
+        socket.spawn(serial.clone()).map_err(BuildError::SerialSocket)?;
+    }
     let place = |name, dev, base: u16, len| {
         buses.io.insert(dev, u64::from(base), len).map_err(|source| BuildError::Bus { name, source })
     };

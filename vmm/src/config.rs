@@ -13,26 +13,60 @@ pub const MAX_CPUS: u8 = 254;
 /// Kernel command line used when none is given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 
-/// Where the guest's COM1 output goes.
+/// Where the guest's COM1 output goes, and its console socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SerialConfig {
+pub struct SerialConfig {
+    pub output: SerialSink,
+    /// A Unix socket whose client sees the output and types into the UART
+    /// ([`crate::devices::serial_socket`]).
+    pub socket: Option<PathBuf>,
+}
+
+/// Where COM1's output is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialSink {
+    /// stdout; stdin types into the UART.
     Stdout,
+    /// Appended to a file (rotated).
     File(PathBuf),
     Off,
+}
+
+impl SerialConfig {
+    /// stdout, no socket (the default).
+    pub fn stdout() -> Self {
+        SerialConfig { output: SerialSink::Stdout, socket: None }
+    }
 }
 
 impl FromStr for SerialConfig {
     type Err = String;
 
+    /// `stdout`, `off`, `file=PATH`, `socket=PATH`, or `file=PATH,socket=PATH`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "stdout" => Ok(SerialConfig::Stdout),
-            "off" => Ok(SerialConfig::Off),
-            _ => match s.strip_prefix("file=") {
-                Some(p) if !p.is_empty() => Ok(SerialConfig::File(PathBuf::from(p))),
-                _ => Err(format!("invalid serial '{s}': expected stdout, off or file=PATH")),
-            },
+        let bad = |why: &str| format!("invalid serial '{s}': {why}");
+        let mut output = None;
+        let mut socket = None;
+        for part in s.split(',') {
+            let (sink, sock) = match part {
+                "stdout" => (Some(SerialSink::Stdout), None),
+                "off" => (Some(SerialSink::Off), None),
+                _ => match part.split_once('=') {
+                    Some(("file", p)) if !p.is_empty() => (Some(SerialSink::File(PathBuf::from(p))), None),
+                    Some(("socket", p)) if !p.is_empty() => (None, Some(PathBuf::from(p))),
+                    _ => return Err(bad("expected stdout, off, file=PATH or socket=PATH (file= and socket= combine)")),
+                },
+            };
+            if sink.is_some() && output.replace(sink).is_some() || sock.is_some() && socket.replace(sock).is_some() {
+                return Err(bad("each of the output and the socket may be given once"));
+            }
         }
+        let output = output.flatten().unwrap_or(SerialSink::Off);
+        let socket = socket.flatten();
+        if output == SerialSink::Stdout && socket.is_some() {
+            return Err(bad("stdout feeds stdin to the guest: it does not combine with socket="));
+        }
+        Ok(SerialConfig { output, socket })
     }
 }
 
@@ -177,7 +211,7 @@ mod tests {
             max_cpus: 1,
             memory_mib: 256,
             hotplug_mib: 0,
-            serial: SerialConfig::Stdout,
+            serial: SerialConfig::stdout(),
             api_socket: None,
             devices: DeviceConfig::default(),
             firmware: None,
@@ -186,10 +220,16 @@ mod tests {
 
     #[test]
     fn serial_parsing() {
-        assert_eq!("stdout".parse::<SerialConfig>(), Ok(SerialConfig::Stdout));
-        assert_eq!("file=/tmp/x".parse::<SerialConfig>(), Ok(SerialConfig::File("/tmp/x".into())));
-        assert!("file=".parse::<SerialConfig>().is_err());
-        assert!("tcp:1".parse::<SerialConfig>().is_err());
+        let ok = |output, socket: Option<&str>| Ok(SerialConfig { output, socket: socket.map(PathBuf::from) });
+        assert_eq!("stdout".parse::<SerialConfig>(), ok(SerialSink::Stdout, None));
+        assert_eq!("off".parse::<SerialConfig>(), ok(SerialSink::Off, None));
+        assert_eq!("file=/tmp/x".parse::<SerialConfig>(), ok(SerialSink::File("/tmp/x".into()), None));
+        assert_eq!("socket=/r/s".parse::<SerialConfig>(), ok(SerialSink::Off, Some("/r/s")));
+        assert_eq!("file=/x,socket=/s".parse::<SerialConfig>(), ok(SerialSink::File("/x".into()), Some("/s")));
+        assert_eq!("socket=/s,file=/x".parse::<SerialConfig>(), ok(SerialSink::File("/x".into()), Some("/s")));
+        for bad in ["file=", "socket=", "tcp:1", "stdout,socket=/s", "file=/a,file=/b", "socket=/a,socket=/b", "off,"] {
+            assert!(bad.parse::<SerialConfig>().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -77,8 +77,11 @@ struct Args {
     #[arg(long, value_name = "MIB|size=MIB,hotplug=MIB", default_value = "512")]
     memory: MemoryOption,
     /// Where COM1 goes: `stdout` (stdin is fed to the guest), `file=PATH`
-    /// (appended), or `off`.
-    #[arg(long, value_name = "stdout|file=PATH|off", default_value = "stdout")]
+    /// (appended, rotated at 16 MiB), or `off`; `socket=PATH` (alone or
+    /// after `file=PATH,`) also serves it on a Unix socket whose one client
+    /// sees the output and types into the guest (an interactive console;
+    /// a new client replaces the old).
+    #[arg(long, value_name = "stdout|file=PATH|off[,socket=PATH]", default_value = "stdout")]
     serial: SerialConfig,
     /// Unix socket for the control API: HTTP/1.1 with JSON bodies (info,
     /// pause, resume, shutdown, power-off, device hot-plug, resize,

@@ -28,7 +28,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{ApiCall, ApiServer, VmReply, VmRequest};
-use crate::config::{SerialConfig, VmConfig};
+use crate::config::{SerialSink, VmConfig};
 use crate::device_manager::{DeviceError, NewDevice, PciDevices};
 use crate::devices::cpu_hotplug::CpuHotplug;
 use crate::devices::ged::{event, Ged};
@@ -199,7 +199,7 @@ impl Vmm {
         if let Some(hp) = &self.p.cpu_hotplug {
             add(lock(hp).eventfd().as_raw_fd(), Token::CpuEject)?;
         }
-        if self.p.config.serial == SerialConfig::Stdout {
+        if self.p.config.serial.output == SerialSink::Stdout {
             let _ = add(0, Token::Stdin);
         }
         let (api_tx, api_rx) = channel::<ApiCall>();

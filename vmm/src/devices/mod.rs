@@ -1,5 +1,6 @@
-//! Platform devices: on the port-I/O bus COM1, the i8042 reset line, the
-//! boot-complete debug port and the ACPI power registers; on the MMIO bus
+//! Platform devices: on the port-I/O bus COM1 (with its console socket),
+//! the i8042 reset line, the boot-complete debug port and the ACPI power
+//! registers; on the MMIO bus
 //! the ACPI Generic Event Device and the hot-plug controllers; and the VM
 //! generation ID, a GUID in guest memory described in the DSDT.
 //!
@@ -19,4 +20,5 @@ pub mod i8042;
 pub mod pci_hotplug;
 pub mod pflash;
 pub mod serial;
+pub mod serial_socket;
 pub mod vmgenid;

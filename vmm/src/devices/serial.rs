@@ -1,4 +1,6 @@
-//! COM1: a 16550 UART (vm-superio) whose output goes to stdout or a file.
+//! COM1: a 16550 UART (vm-superio) whose output goes to stdout or a file,
+//! and to the client of its console socket if it has one
+//! ([`super::serial_socket`]).
 //!
 //! The output path also watches for the kernel's panic banner, so that a
 //! panicking guest ends the VMM with a clear error instead of rebooting in
@@ -13,6 +15,7 @@ use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::serial_socket::SocketOutput;
 use crate::exit::{ExitReason, ExitState};
 
 const PANIC_BANNER: &[u8] = b"Kernel panic - not syncing";
@@ -21,6 +24,7 @@ const MAX_PANIC_LINE: usize = 512;
 /// Where the guest's serial output goes, with the panic watch.
 pub struct SerialOutput {
     sink: Box<dyn Write + Send>,
+    socket: Option<SocketOutput>,
     exit: Arc<ExitState>,
     matched: usize,
     panic_line: Option<Vec<u8>>,
@@ -28,7 +32,13 @@ pub struct SerialOutput {
 
 impl SerialOutput {
     pub fn new(sink: Box<dyn Write + Send>, exit: Arc<ExitState>) -> Self {
-        Self { sink, exit, matched: 0, panic_line: None }
+        Self { sink, socket: None, exit, matched: 0, panic_line: None }
+    }
+
+    /// The same output, also to the console socket's client.
+    pub fn with_socket(mut self, socket: SocketOutput) -> Self {
+        self.socket = Some(socket);
+        self
     }
 
     fn watch(&mut self, b: u8) {
@@ -62,6 +72,9 @@ impl Write for SerialOutput {
         }
         // Output errors (a closed stdout) must not stop the guest.
         let _ = self.sink.write_all(buf);
+        if let Some(s) = self.socket.as_mut() {
+            let _ = s.write_all(buf);
+        }
         Ok(buf.len())
     }
 

@@ -12,8 +12,10 @@
 //! Each check runs even when an earlier one failed; the test fails at the
 //! end listing them, with skiffd's log.
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -99,6 +101,52 @@ fn wait_new_boot(env: &Env, name: &str, limit: Duration) -> Result<()> {
         ensure!(Instant::now() < deadline, "{name}: no new boot answered within {limit:?}");
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// `skiff console NAME` (on a pseudo-terminal, through `script`) is the
+/// guest's serial line: its getty answers a newline with a login prompt
+/// and a user name with a password prompt; Ctrl+a q detaches.
+fn serial_console(env: &Env, name: &str) -> Result<()> {
+    let cmd = format!("{} console {name}", env.bin.join("skiff").display());
+    let mut child = Command::new("timeout")
+        .args(["120", "script", "-qec", &cmd, "/dev/null"])
+        .env("SKIFF_DIR", &env.dir)
+        .env("HOME", &env.home)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    let mut stdout = child.stdout.take().context("stdout")?;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = stdout.read(&mut buf) {
+                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let text = || String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    let mut wait_for = |wants: &[&str], nudge: &[u8], limit: Duration| -> Result<()> {
+        let t = Instant::now();
+        while !wants.iter().any(|w| text().contains(w)) {
+            ensure!(t.elapsed() < limit, "no {wants:?} within {limit:?}; the console showed {:?}", text());
+            stdin.write_all(nudge)?;
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        Ok(())
+    };
+    wait_for(&["login:"], b"\r", Duration::from_secs(60))?;
+    seen.lock().unwrap().clear();
+    wait_for(&["Password:", "# "], b"root\r", Duration::from_secs(30))?;
+    stdin.write_all(b"\x01q")?;
+    let status = child.wait()?;
+    let _ = reader.join();
+    ensure!(status.success(), "skiff console exited {status} after Ctrl+a q");
+    eprintln!("{name}: the serial console answered with a login and a password prompt");
+    Ok(())
 }
 
 fn console(env: &Env, name: &str) -> String {
@@ -198,6 +246,7 @@ fn full_os_vms_through_skiffd() -> Result<()> {
     }
     check("vm1 booted through the firmware", firmware_booted(&env, "vm1"));
     check("vm1 has its limits", size_is(&env, "vm1", 2, 1024));
+    check("vm1's serial console is interactive", serial_console(&env, "vm1"));
     check(
         "vm1: files and an address",
         (|| {

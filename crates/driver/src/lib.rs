@@ -219,6 +219,12 @@ pub trait Driver: Send + Sync {
     fn agent(&self, inst: &InstanceSpec) -> Result<AgentClient, DriverError>;
     /// Its console log (of the last boot).
     fn console_log(&self, inst: &InstanceSpec) -> PathBuf;
+    /// The Unix socket of its interactive serial console, when it has one
+    /// and runs (a full OS VM: a getty on its serial port). Without one,
+    /// the console is a shell through the agent.
+    fn serial_console(&self, _inst: &InstanceSpec) -> Option<PathBuf> {
+        None
+    }
     /// Removes everything of a stopped instance.
     async fn delete(&self, inst: &InstanceSpec) -> Result<(), DriverError>;
     /// Snapshots its root filesystem.

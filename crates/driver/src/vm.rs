@@ -385,6 +385,10 @@ impl Driver for VmDriver {
         inst.dir.join("console.log")
     }
 
+    fn serial_console(&self, inst: &InstanceSpec) -> Option<PathBuf> {
+        monitor::attach(&self.runtime_dir(inst)).ok()?.serial_socket()
+    }
+
     async fn delete(&self, inst: &InstanceSpec) -> Result<(), DriverError> {
         let dir = self.runtime_dir(inst);
         if monitor::attach(&dir).is_ok() {

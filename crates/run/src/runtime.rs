@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 pub const STATE_FILE: &str = "state.json";
 /// The VMM's hybrid vsock socket (the agent is behind it).
 pub const VSOCK_SOCKET: &str = "vsock.sock";
+/// A full OS VM's serial console, interactive (skiff-vmm's
+/// `--serial socket=`): its one client sees the output and types.
+pub const SERIAL_SOCKET: &str = "serial.sock";
 /// The runner's control socket (`signal N` lines).
 pub const CONTROL_SOCKET: &str = "control.sock";
 /// The guest's serial console.

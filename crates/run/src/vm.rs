@@ -209,6 +209,9 @@ pub struct ThinVm {
     state: Option<VmState>,
     /// Devices added at runtime ([`hotplug`]).
     hot: Vec<hotplug::HotDevice>,
+    /// The serial console is served on [`runtime::SERIAL_SOCKET`] too
+    /// (full OS VMs: their console is a getty on it).
+    serial_socket: bool,
 }
 
 /// Kills a child at once, without waiting (tokio reaps it).
@@ -299,6 +302,16 @@ impl ThinVm {
         Ok(fs_args)
     }
 
+    /// skiff-vmm's `--serial`: the console log, and the console socket if
+    /// this VM has one.
+    fn serial_arg(&self) -> String {
+        let mut arg = format!("file={}", self.console.display());
+        if self.serial_socket {
+            arg.push_str(&format!(",socket={}", self.dir.join(runtime::SERIAL_SOCKET).display()));
+        }
+        arg
+    }
+
     /// Starts skiff-vmm with `args` and what every VM has (the control
     /// API, the console, the vsock, the NIC), and records the runtime
     /// directory's `state.json`.
@@ -311,7 +324,7 @@ impl ThinVm {
             .arg("--api-socket")
             .arg(self.dir.join(VMM_API_SOCKET))
             .arg("--serial")
-            .arg(format!("file={}", self.console.display()))
+            .arg(self.serial_arg())
             .arg("--vsock")
             .arg(format!("cid={GUEST_CID},socket={}", self.dir.join(VSOCK_SOCKET).display()))
             .stdin(Stdio::null())
@@ -408,6 +421,7 @@ impl ThinVm {
             events: None,
             agent: AgentClient::new(Transport::Unix(PathBuf::new())),
             state: None,
+            serial_socket: false,
         }
     }
 

@@ -30,7 +30,7 @@ const MAX_RECORD: usize = 64 << 20;
 
 /// The main process's environment (the image's with `environment.*` over
 /// it, as the driver computes it), then the request's.
-fn environment(spec: &InstanceSpec, extra: &BTreeMap<String, String>) -> Vec<String> {
+pub(super) fn environment(spec: &InstanceSpec, extra: &BTreeMap<String, String>) -> Vec<String> {
     let base = skiff_driver::config::main_process(spec).map(|m| m.env).unwrap_or_default();
     let mut env: BTreeMap<String, String> =
         base.iter().filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))).collect();
@@ -97,43 +97,7 @@ pub async fn exec(State(d): State<App>, Path(name): Path<String>, Body(req): Bod
     accepted(&op)
 }
 
-/// `POST /1.0/instances/{name}/console`: a thin VM's console output is its
-/// serial log (`GET`); the interactive console is a shell on a TTY through
-/// the agent (the image's `/bin/sh`), over the websockets `0` and `control`
-/// of an interactive exec. Only the text console exists (no VGA).
-pub async fn console(State(d): State<App>, Path(name): Path<String>, Body(req): Body<Value>) -> ApiResult {
-    let kind = req.get("type").and_then(Value::as_str).unwrap_or("console");
-    if kind != "console" {
-        return Err(ApiErr::bad(format!("console type {kind:?}: thin VMs have only the text console (\"console\")")));
-    }
-    let r = inst::row(&d, &name)?;
-    if r.status == Status::Frozen {
-        return Err(ApiErr::bad(format!("Instance {name:?} is frozen (paused): resume it with skiff start")));
-    }
-    if r.status != Status::Running {
-        return Err(ApiErr::bad(format!("Instance {name:?} is not running (its last boot's log: GET .../console)")));
-    }
-    let spec = inst::spec(&d, &r)?;
-    let agent = inst::driver(&d, &r)?.agent(&spec).map_err(|e| ApiErr::bad(crate::images::chain(&e)))?;
-    let dim = |k: &str, def: u16| {
-        req.get(k).and_then(Value::as_u64).filter(|v| *v > 0).map(|v| v.min(1000) as u16).unwrap_or(def)
-    };
-    let tty = WindowSize { rows: dim("height", 24), cols: dim("width", 80) };
-    let request = ExecRequest {
-        argv: vec!["/bin/sh".into()],
-        env: environment(&spec, &BTreeMap::from([("TERM".to_string(), "xterm".to_string())])),
-        cwd: None,
-        user: None,
-        tty: Some(tty),
-        stdin: true,
-    };
-    let (op, streams) =
-        d.ops.create(OperationClass::Websocket, "Showing console", Some(&name), Value::Null, false, &["0", "control"]);
-    d.ops.run(&op, async move { run_ws(agent, request, streams, true).await });
-    accepted(&op)
-}
-
-async fn run_ws(
+pub(super) async fn run_ws(
     agent: AgentClient,
     request: ExecRequest,
     streams: Streams,

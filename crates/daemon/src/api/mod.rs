@@ -3,6 +3,7 @@
 //! carry the HTTP status in `error_code`; bodies that are not valid JSON
 //! for the route get a 400 saying where they are wrong.
 
+mod console;
 mod exec;
 mod files;
 mod images;
@@ -144,7 +145,10 @@ pub fn router(app: App) -> Router {
         )
         .route("/1.0/instances/{name}/state", get(instances::state).put(instances::state_put))
         .route("/1.0/instances/{name}/exec", post(exec::exec))
-        .route("/1.0/instances/{name}/console", get(misc::console_log).post(exec::console).delete(misc::console_clear))
+        .route(
+            "/1.0/instances/{name}/console",
+            get(misc::console_log).post(console::console).delete(misc::console_clear),
+        )
         .route("/1.0/instances/{name}/files", get(files::get).post(files::post).delete(files::delete))
         .route("/1.0/instances/{name}/logs", get(misc::logs))
         .route("/1.0/instances/{name}/logs/{file}", get(misc::log_get).delete(misc::log_delete))

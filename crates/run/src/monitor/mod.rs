@@ -396,6 +396,12 @@ impl MonitorHandle {
         self.dir.join(VSOCK_SOCKET)
     }
 
+    /// A full OS VM's interactive serial console (see
+    /// [`runtime::SERIAL_SOCKET`]); absent for thin VMs.
+    pub fn serial_socket(&self) -> Option<PathBuf> {
+        Some(self.dir.join(runtime::SERIAL_SOCKET)).filter(|p| p.exists())
+    }
+
     /// A client of the VM's agent (exec, files, mounts).
     pub fn agent(&self) -> AgentClient {
         AgentClient::new(Transport::vsock(self.vsock_socket()))

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use skiff_agent_client::EventListener;
 
 use super::{ThinVm, VmError, VmExtras};
-use crate::runtime::{VmState, VSOCK_SOCKET};
+use crate::runtime::{VmState, SERIAL_SOCKET, VSOCK_SOCKET};
 
 /// skiff-vmm's exit status when the guest resets (`--reset-exit-code`).
 pub const RESET_EXIT_CODE: i32 = 4;
@@ -94,6 +94,8 @@ impl ThinVm {
     /// everything started is stopped and reaped before the error returns.
     pub async fn boot_os(opts: &OsVmOptions, extras: &VmExtras) -> Result<ThinVm, VmError> {
         let mut vm = ThinVm::unstarted(&opts.name);
+        // The console of an OS is the serial port (a getty on ttyS0).
+        vm.serial_socket = true;
         vm.prepare(&opts.runtime_root, &opts.name, extras.console_log.as_deref(), true)?;
         match vm.start_os(opts, extras).await {
             Ok(()) => Ok(vm),
@@ -121,7 +123,7 @@ impl ThinVm {
         }
         self.events = None;
         self.listener = None;
-        for socket in [super::VMM_API_SOCKET, VSOCK_SOCKET] {
+        for socket in [super::VMM_API_SOCKET, VSOCK_SOCKET, SERIAL_SOCKET] {
             let _ = std::fs::remove_file(self.dir.join(socket));
         }
     }

@@ -2,8 +2,9 @@
 //! skiffd and the `skiff` CLI. The Debian 12 disk of
 //! `tests/images/build-debian-disk` (`SKIFF_DEBIAN_DISK`) converted to
 //! qcow2 is imported (`skiff image import`), launched twice with
-//! `--vm` (each a qcow2 overlay over the one base), driven through the
-//! agent inside (exec, files), stopped through the ACPI power button,
+//! `--vm` (each a qcow2 overlay over the one base; the second with
+//! cloud-init user data), driven through the agent inside (exec, files)
+//! and its serial console, stopped through the ACPI power button,
 //! rebooted from inside (booted again through the firmware), snapshotted
 //! and restored, skiffd killed in the middle of a launch, and deleted
 //! without a trace; bad imports are refused and leave nothing. Each Debian
@@ -129,22 +130,28 @@ fn serial_console(env: &Env, name: &str) -> Result<()> {
         })
     };
     let text = || String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
-    let mut wait_for = |wants: &[&str], nudge: &[u8], limit: Duration| -> Result<()> {
-        let t = Instant::now();
-        while !wants.iter().any(|w| text().contains(w)) {
-            ensure!(t.elapsed() < limit, "no {wants:?} within {limit:?}; the console showed {:?}", text());
-            stdin.write_all(nudge)?;
-            std::thread::sleep(Duration::from_secs(2));
-        }
-        Ok(())
-    };
-    wait_for(&["login:"], b"\r", Duration::from_secs(60))?;
-    seen.lock().unwrap().clear();
-    wait_for(&["Password:", "# "], b"root\r", Duration::from_secs(30))?;
-    stdin.write_all(b"\x01q")?;
-    let status = child.wait()?;
+    let wait_for =
+        |stdin: &mut std::process::ChildStdin, wants: &[&str], nudge: &[u8], limit: Duration| -> Result<()> {
+            let t = Instant::now();
+            while !wants.iter().any(|w| text().contains(w)) {
+                ensure!(t.elapsed() < limit, "no {wants:?} within {limit:?}; the console showed {:?}", text());
+                stdin.write_all(nudge).context("skiff console ended")?;
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            Ok(())
+        };
+    let talked = (|| {
+        wait_for(&mut stdin, &["login:"], b"\r", Duration::from_secs(60))?;
+        seen.lock().unwrap().clear();
+        wait_for(&mut stdin, &["Password:", "# "], b"root\r", Duration::from_secs(30))?;
+        stdin.write_all(b"\x01q").context("skiff console ended before Ctrl+a q")
+    })();
+    drop(stdin);
+    let out = child.wait_with_output()?;
     let _ = reader.join();
-    ensure!(status.success(), "skiff console exited {status} after Ctrl+a q");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    talked.with_context(|| format!("skiff console ({}) said on stderr: {stderr}", out.status))?;
+    ensure!(out.status.success(), "skiff console exited {} after Ctrl+a q: {stderr}", out.status);
     eprintln!("{name}: the serial console answered with a login and a password prompt");
     Ok(())
 }
@@ -266,7 +273,18 @@ fn full_os_vms_through_skiffd() -> Result<()> {
     );
 
     let t = Instant::now();
-    let launched2 = env.ok(&["launch", "--vm", "deb12vm", "vm2", "-c", "limits.memory=768MiB"]);
+    // vm2 gets Incus's cloud-init.user-data: a NoCloud seed disk.
+    let user_data = "#cloud-config\nwrite_files:\n  - path: /root/from-cloud-init\n    content: seeded by skiff\n";
+    let launched2 = env.ok(&[
+        "launch",
+        "--vm",
+        "deb12vm",
+        "vm2",
+        "-c",
+        "limits.memory=768MiB",
+        "-c",
+        &format!("cloud-init.user-data={user_data}"),
+    ]);
     eprintln!("launch vm2 took {:.1} s", t.elapsed().as_secs_f64());
     check(
         "vm2: its own disk over the same base",
@@ -275,6 +293,10 @@ fn full_os_vms_through_skiffd() -> Result<()> {
             size_is(&env, "vm2", 1, 768)?;
             let (_, out) = env.sh("vm2", "cat /root/only-vm1 2>&1 || echo absent")?;
             ensure!(out.contains("absent"), "vm1's file is in vm2: {out:?}");
+            let (_, seeded) =
+                env.sh("vm2", "timeout 120 cloud-init status --wait >/dev/null; cat /root/from-cloud-init; hostname")?;
+            ensure!(seeded.contains("seeded by skiff"), "cloud-init did not apply the user data: {seeded:?}");
+            ensure!(seeded.trim_end().ends_with("vm2"), "cloud-init did not set the hostname: {seeded:?}");
             ensure!(sha256(&base_path(&env, &fingerprint)?)? == fingerprint, "the base changed");
             let err = env.fails(&["image", "delete", "deb12vm"])?;
             ensure!(err.contains("used by"), "deleting the image in use: {err}");

@@ -190,9 +190,13 @@ pub fn validate_for(kind: InstanceKind, config: &BTreeMap<String, String>) -> Re
             ("limits.processes" | "security.privileged", InstanceKind::VirtualMachine) => {
                 return Err(bad(key, "only containers take it").into())
             }
+            (k, InstanceKind::Container) if k.starts_with("cloud-init.") => {
+                return Err(bad(key, "only VMs of disk images take it (a NoCloud seed disk)").into())
+            }
             _ => validate_key(key, value)?,
         }
     }
+    crate::vm::seed::validate(config).map_err(|why| bad("cloud-init.user-data", why))?;
     Ok(())
 }
 
@@ -207,6 +211,9 @@ fn validate_key(key: &str, v: &str) -> Result<(), ConfigError> {
         return Ok(());
     }
     match key {
+        // A full OS VM's NoCloud seed (crate::vm::seed); the total size is
+        // checked over the whole configuration.
+        "cloud-init.user-data" | "cloud-init.vendor-data" | "cloud-init.network-config" => {}
         "limits.cpu" => {
             cpus(v)?;
         }

@@ -26,6 +26,7 @@ use tokio::sync::broadcast;
 use crate::{config, volumes};
 
 mod os;
+pub mod seed;
 mod stateful;
 use crate::{Driver, DriverError, DriverEvent, InstanceKind, InstanceSpec, RunStatus};
 pub use os::DEFAULT_OS_MEMORY_MIB;
@@ -263,6 +264,7 @@ impl Driver for VmDriver {
         if os::is_os(inst) {
             return os::create(inst).await;
         }
+        seed::refuse_for_thin_vms(inst)?;
         volumes::create(&self.pool, inst).await
     }
 
@@ -270,6 +272,7 @@ impl Driver for VmDriver {
         if os::is_os(inst) {
             return self.launch_os(inst).await;
         }
+        seed::refuse_for_thin_vms(inst)?;
         match stateful::saved_state(inst) {
             Some(dir) => self.start_saved(inst, dir).await,
             None => self.launch(inst, None).await,

@@ -209,8 +209,9 @@ fn os_resources(inst: &InstanceSpec) -> Result<(u8, u64), DriverError> {
 }
 
 impl VmDriver {
-    /// The monitor's spec for a full OS VM.
-    fn os_spec(&self, inst: &InstanceSpec) -> Result<LaunchSpec, DriverError> {
+    /// The monitor's spec for a full OS VM; `seed` is its cloud-init
+    /// NoCloud disk, if it has one ([`super::seed`]).
+    fn os_spec(&self, inst: &InstanceSpec, seed: Option<PathBuf>) -> Result<LaunchSpec, DriverError> {
         let ImageKind::Disk(_) = inst.image_kind else {
             return Err(DriverError::Image("not a disk image".into()));
         };
@@ -261,6 +262,7 @@ impl VmDriver {
                 vars: dir.join(VARS),
                 disk: dir.join(ROOT),
                 disk_format: "qcow2".into(),
+                seed,
             }),
         })
     }
@@ -273,7 +275,8 @@ impl VmDriver {
         }
         monitor::remove_leftovers(&dir);
         let _ = std::fs::remove_file(Self::exit_file(inst));
-        monitor::launch(&self.os_spec(inst)?).await?;
+        let seed = super::seed::write(inst, &os_dir(inst))?;
+        monitor::launch(&self.os_spec(inst, seed)?).await?;
         self.watch(inst);
         Ok(())
     }

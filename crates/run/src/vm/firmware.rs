@@ -41,6 +41,9 @@ pub struct OsBoot {
     pub disk: PathBuf,
     /// Its format, `raw` or `qcow2`, as recorded (never probed).
     pub disk_format: String,
+    /// A read-only raw disk after it: the cloud-init NoCloud seed.
+    #[serde(default)]
+    pub seed: Option<PathBuf>,
 }
 
 /// What to boot as a full OS VM.
@@ -85,6 +88,9 @@ impl OsVmOptions {
             "--reset-exit-code".into(),
             RESET_EXIT_CODE.to_string(),
         ]);
+        if let Some(seed) = &self.os.seed {
+            args.extend(["--disk".into(), format!("path={},format=raw,readonly=on", seed.display())]);
+        }
         args
     }
 }
@@ -180,6 +186,7 @@ mod tests {
                 vars: "/d/vars.fd".into(),
                 disk: "/d/root.qcow2".into(),
                 disk_format: "qcow2".into(),
+                seed: None,
             },
             cpus: 2,
             memory_mib: 1024,
@@ -194,5 +201,8 @@ mod tests {
         assert!(args.ends_with("--reset-exit-code 4"), "{args}");
         let with_code = OsVmOptions { os: OsBoot { firmware: Some("/f/CODE.fd".into()), ..opts.os.clone() }, ..opts };
         assert!(with_code.vmm_args().join(" ").starts_with("--firmware /f/CODE.fd --firmware-vars"));
+        let seeded =
+            OsVmOptions { os: OsBoot { seed: Some("/d/seed.img".into()), ..with_code.os.clone() }, ..with_code };
+        assert!(seeded.vmm_args().join(" ").ends_with("--disk path=/d/seed.img,format=raw,readonly=on"));
     }
 }

@@ -57,6 +57,21 @@ impl Env {
         self.skiff_in(args, None)
     }
 
+    /// `skiff ARGS` on a pseudo-terminal (through `script`, ended after
+    /// `limit_secs`), its stdin, stdout and stderr piped: for `console`
+    /// and interactive `exec`.
+    pub fn skiff_on_pty(&self, args: &str, limit_secs: u32) -> Result<std::process::Child> {
+        let cmd = format!("{} {args}", self.bin.join("skiff").display());
+        Ok(Command::new("timeout")
+            .args([&limit_secs.to_string(), "script", "-qec", &cmd, "/dev/null"])
+            .env("SKIFF_DIR", &self.dir)
+            .env("HOME", &self.home)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?)
+    }
+
     /// `skiff ARGS` with `stdin`.
     pub fn skiff_in(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<(i32, String, String)> {
         let mut child = Command::new(self.bin.join("skiff"))

@@ -226,15 +226,7 @@ fn daemon_end_to_end() -> Result<()> {
     check(
         "interactive console",
         (|| {
-            let cmd = format!("{} console web", bin.join("skiff").display());
-            let mut child = Command::new("timeout")
-                .args(["60", "script", "-qec", &cmd, "/dev/null"])
-                .env("SKIFF_DIR", &dir)
-                .env("HOME", &env.home)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()?;
+            let mut child = env.skiff_on_pty("console web", 60)?;
             let mut stdin = child.stdin.take().context("stdin")?;
             std::thread::sleep(Duration::from_secs(2));
             stdin.write_all(b"echo console-$((6*7))\n")?;

@@ -15,7 +15,7 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -108,15 +108,7 @@ fn wait_new_boot(env: &Env, name: &str, limit: Duration) -> Result<()> {
 /// guest's serial line: its getty answers a newline with a login prompt
 /// and a user name with a password prompt; Ctrl+a q detaches.
 fn serial_console(env: &Env, name: &str) -> Result<()> {
-    let cmd = format!("{} console {name}", env.bin.join("skiff").display());
-    let mut child = Command::new("timeout")
-        .args(["120", "script", "-qec", &cmd, "/dev/null"])
-        .env("SKIFF_DIR", &env.dir)
-        .env("HOME", &env.home)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mut child = env.skiff_on_pty(&format!("console {name}"), 120)?;
     let mut stdin = child.stdin.take().context("stdin")?;
     let mut stdout = child.stdout.take().context("stdout")?;
     let seen = Arc::new(Mutex::new(Vec::new()));

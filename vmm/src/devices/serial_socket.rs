@@ -258,11 +258,17 @@ mod tests {
     use std::time::Instant;
     use vm_device::BusDevice;
 
-    fn uart(out: SocketOutput) -> Arc<Mutex<SerialDevice>> {
+    /// A UART served on `serial.sock` in a new directory.
+    fn served() -> (tempfile::TempDir, Arc<Shared>, Arc<Mutex<SerialDevice>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, out) = SerialSocket::bind(&dir.path().join("serial.sock")).unwrap();
+        let shared = out.0.clone();
         let exit = Arc::new(ExitState::new().unwrap());
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let output = SerialOutput::new(Box::new(io::sink()), exit).with_socket(out);
-        Arc::new(Mutex::new(SerialDevice::new(irq, output)))
+        let dev = Arc::new(Mutex::new(SerialDevice::new(irq, output)));
+        socket.spawn(dev.clone()).unwrap();
+        (dir, shared, dev)
     }
 
     /// Reads what the guest can read from the UART (the receive register
@@ -295,12 +301,8 @@ mod tests {
 
     #[test]
     fn output_reaches_the_client_and_input_the_guest_whole() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, shared, dev) = served();
         let path = dir.path().join("serial.sock");
-        let (socket, out) = SerialSocket::bind(&path).unwrap();
-        let shared = out.0.clone();
-        let dev = uart(out);
-        socket.spawn(dev.clone()).unwrap();
 
         // Output before any client is not kept for it.
         dev.lock().unwrap().write(0, 0, b"x");
@@ -327,12 +329,8 @@ mod tests {
 
     #[test]
     fn a_new_client_replaces_the_old_and_a_silent_one_costs_bounded_memory() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, shared, _dev) = served();
         let path = dir.path().join("serial.sock");
-        let (socket, out) = SerialSocket::bind(&path).unwrap();
-        let shared = out.0.clone();
-        let dev = uart(out);
-        socket.spawn(dev.clone()).unwrap();
         let first = UnixStream::connect(&path).unwrap();
         wait_for("connected", || shared.lock().connected.then_some(()));
         // The client never reads: output piles up to the cap, then is dropped.

@@ -11,7 +11,9 @@ vm.pause, vm.resume, vm.add-disk and vm.snapshot (writes DIR/state and
 DIR/memory);
 with --restore DIR it checks DIR/state starts with "fake state" (else
 exits 2 as skiff-vmm does), logs its devices to the console and, like a
-restored agent, sends no `ready`."""
+restored agent, sends no `ready`. With --firmware (a full OS VM) SIGHUP
+is the guest's reset (exit with --reset-exit-code), and a boot after a
+reset never sends `ready` (a guest that does not come up again)."""
 
 import json
 import os
@@ -35,7 +37,8 @@ if restore:
         sys.stderr.write(f"skiff-vmm: cannot restore: {restore}/state: bad magic\n")
         sys.exit(2)
 vsock = dict(kv.split("=", 1) for kv in opts["--vsock"].split(","))["socket"]
-console = opts["--serial"].split("=", 1)[1]
+serial = dict(kv.split("=", 1) for kv in opts["--serial"].split(","))
+console = serial["file"]
 if os.environ.get("FAKE_PIDS"):
     with open(os.environ["FAKE_PIDS"], "a") as f:
         f.write(f"{os.getpid()}\n")
@@ -196,7 +199,14 @@ events.connect(vsock + "_1025")
 signal.signal(signal.SIGUSR1, on_usr1)
 signal.signal(signal.SIGUSR2, on_usr2)
 signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-if not restore:
+firmware_rebooted = False
+if "--firmware" in args:
+    marker = os.path.join(os.path.dirname(os.environ.get("FAKE_PIDS", "/nonexistent")), "firmware-booted")
+    firmware_rebooted = os.path.exists(marker)
+    open(marker, "a").close()
+    code = int(opts.get("--reset-exit-code", "0"))
+    signal.signal(signal.SIGHUP, lambda *_: os._exit(code))
+if not restore and not firmware_rebooted:
     emit({"type": "ready", "version": 2, "agent": "fake", "pid1": True})
 while True:
     c, _ = srv.accept()

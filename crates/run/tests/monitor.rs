@@ -367,3 +367,36 @@ async fn snapshot_then_restore_a_clone_and_a_damaged_snapshot_leaves_nothing() {
     assert!(e.contains("run.json"), "{e}");
     assert!(!bad.runtime_dir.exists());
 }
+
+/// A full OS VM whose guest resets is booted again in place; a stop asked
+/// while that boot has not come up (the fake's second boot never does) is
+/// answered at once instead of after the boot timeout, and leaves nothing.
+#[tokio::test]
+async fn a_stop_during_a_reboot_is_answered_at_once() {
+    let mut f = fixture(&["/sbin/init"]);
+    f.spec.os = Some(skiff_run::vm::OsBoot {
+        firmware: None,
+        vars: f.dir.join("vars.fd"),
+        disk: f.dir.join("root.qcow2"),
+        disk_format: "qcow2".into(),
+        seed: None,
+    });
+    f.spec.boot_timeout_secs = 60;
+    let l = monitor::launch(&f.spec).await.unwrap_or_else(|e| panic!("{}", monitor::error_chain(&e)));
+    let h = monitor::attach(&f.spec.runtime_dir).unwrap();
+    // SAFETY: signalling the fake VMM this test started: the guest resets.
+    unsafe { libc::kill(l.vmm_pid as i32, libc::SIGHUP) };
+    let t = Instant::now();
+    while pids(&f.dir).len() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(20), "the monitor did not boot the VM again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t = Instant::now();
+    let info = h.stop(Duration::from_secs(1), false).await.unwrap().expect("exit info");
+    assert!(t.elapsed() < Duration::from_secs(15), "the stop took {:?}", t.elapsed());
+    assert_eq!(info.reason, EndReason::Stopped);
+    let mut all = pids(&f.dir);
+    all.push(l.monitor_pid as i32);
+    wait_gone(&all).await;
+    assert!(!f.spec.runtime_dir.exists());
+}

@@ -456,7 +456,16 @@ async fn supervise(
                 }
                 eprintln!("skiff-run monitor {}: the guest reset: booting it again", spec.name);
                 reader.abort();
-                if let Err(e) = super::os::reboot(spec, &mut vm).await {
+                // A stop asked for while the guest boots again (up to its
+                // boot timeout) is answered now: the boot is dropped and
+                // the stop ends what it started.
+                let rebooted = tokio::select! {
+                    r = super::os::reboot(spec, &mut vm) => r,
+                    Some(req) = stop_rx.recv() => break Ok(req),
+                    Some(()) = recv_signal(&mut term) => break Ok((default_stop, false)),
+                    Some(()) = recv_signal(&mut int) => break Ok((default_stop, false)),
+                };
+                if let Err(e) = rebooted {
                     eprintln!("skiff-run monitor {}: reboot failed: {}", spec.name, error_chain(&e));
                     break Err(None);
                 }

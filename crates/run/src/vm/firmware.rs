@@ -128,23 +128,31 @@ impl ThinVm {
 
     /// Starts skiff-vmm and waits for the agent; a guest that resets before
     /// its agent is up (firmware does, e.g. after its first boot changed
-    /// its memory map variables) is booted again, up to [`BOOT_RESETS`] times.
+    /// its memory map variables) is booted again, up to [`BOOT_RESETS`]
+    /// times. The boot timeout bounds all of it together: the boots after
+    /// a reset get what is left of it, not a new one each.
     async fn start_os(&mut self, opts: &OsVmOptions, extras: &VmExtras) -> Result<(), VmError> {
+        let deadline = tokio::time::Instant::now() + opts.boot_timeout;
         let mut resets = 0;
         loop {
-            match self.start_os_once(opts, extras).await {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.start_os_once(opts, extras, left).await {
                 Err(VmError::VmmExited { status, .. })
                     if status.code() == Some(RESET_EXIT_CODE) && resets < BOOT_RESETS =>
                 {
                     resets += 1;
                     self.end_boot().await;
                 }
+                // The agent's timeout names the whole boot's limit.
+                Err(VmError::AgentTimeout { report, .. }) => {
+                    return Err(VmError::AgentTimeout { secs: opts.boot_timeout.as_secs(), report })
+                }
                 other => return other,
             }
         }
     }
 
-    async fn start_os_once(&mut self, opts: &OsVmOptions, extras: &VmExtras) -> Result<(), VmError> {
+    async fn start_os_once(&mut self, opts: &OsVmOptions, extras: &VmExtras, limit: Duration) -> Result<(), VmError> {
         let events = EventListener::bind_for_vsock(&self.dir.join(VSOCK_SOCKET))?;
         let state = VmState::starting(
             &opts.name,
@@ -154,7 +162,7 @@ impl ThinVm {
             opts.memory_mib,
         );
         self.spawn_vmm(&opts.vmm, &opts.vmm_args(), extras.nic.as_ref(), state)?;
-        self.wait_ready(events, opts.boot_timeout).await
+        self.wait_ready(events, limit).await
     }
 
     /// Presses the VM's ACPI power button (skiff-vmm's `vm.shutdown`): the

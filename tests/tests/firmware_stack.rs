@@ -269,6 +269,10 @@ fn full_os_vms_through_skiffd() -> Result<()> {
             ensure!(f.trim() == "mine", "the file is gone after the reboot: {f:?}");
             let list = env.ok(&["list", "--format", "csv"])?;
             ensure!(list.lines().any(|l| l.starts_with("vm1,RUNNING")), "after the reboot: {list}");
+            // The SMBIOS system UUID is the instance's, in every boot.
+            let want = instance(&env, "vm1")?["config"]["volatile.uuid"].as_str().unwrap_or_default().to_string();
+            let (_, got) = env.sh("vm1", "cat /sys/class/dmi/id/product_uuid")?;
+            ensure!(!want.is_empty() && got.trim() == want, "product_uuid {:?}, volatile.uuid {want:?}", got.trim());
             ensure!(console(&env, "vm1").matches("skiff-disk: GRUB loading").count() >= 2, "GRUB ran once only");
             Ok(())
         })(),

@@ -261,6 +261,8 @@ impl VmDriver {
                 vars: dir.join(VARS),
                 disk: dir.join(ROOT),
                 disk_format: "qcow2".into(),
+                // The instance's volatile.uuid: the same system UUID at every start.
+                uuid: Some(inst.id.clone()),
             }),
         })
     }

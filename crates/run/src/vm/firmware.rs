@@ -41,6 +41,9 @@ pub struct OsBoot {
     pub disk: PathBuf,
     /// Its format, `raw` or `qcow2`, as recorded (never probed).
     pub disk_format: String,
+    /// The VM's SMBIOS system UUID (`None`: skiff-vmm picks one per start).
+    #[serde(default)]
+    pub uuid: Option<String>,
 }
 
 /// What to boot as a full OS VM.
@@ -85,6 +88,9 @@ impl OsVmOptions {
             "--reset-exit-code".into(),
             RESET_EXIT_CODE.to_string(),
         ]);
+        if let Some(uuid) = &self.os.uuid {
+            args.extend(["--uuid".into(), uuid.clone()]);
+        }
         args
     }
 }
@@ -186,6 +192,7 @@ mod tests {
                 vars: "/d/vars.fd".into(),
                 disk: "/d/root.qcow2".into(),
                 disk_format: "qcow2".into(),
+                uuid: None,
             },
             cpus: 2,
             memory_mib: 1024,
@@ -200,5 +207,8 @@ mod tests {
         assert!(args.ends_with("--reset-exit-code 4"), "{args}");
         let with_code = OsVmOptions { os: OsBoot { firmware: Some("/f/CODE.fd".into()), ..opts.os.clone() }, ..opts };
         assert!(with_code.vmm_args().join(" ").starts_with("--firmware /f/CODE.fd --firmware-vars"));
+        let uuid = "6f1c3a52-0b7e-4d61-9a8e-2f0c5d9e7b14";
+        let with_uuid = OsVmOptions { os: OsBoot { uuid: Some(uuid.into()), ..with_code.os.clone() }, ..with_code };
+        assert!(with_uuid.vmm_args().join(" ").ends_with(&format!("--reset-exit-code 4 --uuid {uuid}")));
     }
 }

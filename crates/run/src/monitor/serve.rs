@@ -456,10 +456,20 @@ async fn supervise(
                 }
                 eprintln!("skiff-run monitor {}: the guest reset: booting it again", spec.name);
                 reader.abort();
-                if let Err(e) = super::os::reboot(spec, &mut vm).await {
+                // A stop (or SIGTERM) during the new boot ends it: the
+                // boot may take up to its timeout, nobody waits that long
+                // for a stop.
+                let rebooted = tokio::select! {
+                    r = super::os::reboot(spec, &mut vm) => r,
+                    Some(req) = stop_rx.recv() => break Ok(req),
+                    Some(()) = recv_signal(&mut term) => break Ok((default_stop, false)),
+                    Some(()) = recv_signal(&mut int) => break Ok((default_stop, false)),
+                };
+                if let Err(e) = rebooted {
                     eprintln!("skiff-run monitor {}: reboot failed: {}", spec.name, error_chain(&e));
                     break Err(None);
                 }
+                eprintln!("skiff-run monitor {}: ready again after the reset", spec.name);
                 lock(&shared.status).vmm_pid = vm.vmm_pid().unwrap_or(0);
                 reader = read_agent_events(&mut vm, ev_tx.clone());
             }

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use skiff_run::vm::tail;
 use skiff_vmm_client::Client as VmmClient;
 
 /// The step armed, if any: its name, deadline and generation.
@@ -117,17 +118,6 @@ fn watch(shared: &(Mutex<Armed>, Condvar), places: &Places) {
             a.step = None;
         }
     }
-}
-
-/// The last `lines` lines of a file.
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    let shown: Vec<String> = all[all.len().saturating_sub(lines)..]
-        .iter()
-        .map(|l| l.chars().map(|c| if c.is_control() && c != '\t' { '.' } else { c }).collect())
-        .collect();
-    shown.join("\n")
 }
 
 fn entries(dir: &Path) -> Vec<PathBuf> {

@@ -235,3 +235,41 @@ fn kill_all(places: &Places) {
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Command;
+
+    #[test]
+    fn a_step_past_its_limit_is_reported_and_ends_the_tests_processes() {
+        let d = tempfile::tempdir().unwrap();
+        let (dir, run, log) = (d.path().join("skiff"), d.path().join("run"), d.path().join("skiffd.log"));
+        std::fs::create_dir_all(dir.join("instances/vm1")).unwrap();
+        std::fs::write(dir.join("instances/vm1/console.log"), "the guest said this\n").unwrap();
+        std::fs::write(&log, "skiffd said this\n").unwrap();
+        // A process of the test's (found through SKIFF_DIR, as the CLI is).
+        let mut child = Command::new("sleep").arg("60").env("SKIFF_DIR", &dir).spawn().unwrap();
+        let places = Places { dir: dir.clone(), run: run.clone(), log: log.clone() };
+        let r = report(&places);
+        assert!(r.contains("skiffd said this") && r.contains("the guest said this"), "{r}");
+        assert!(r.contains(&format!("pid {}: sleep 60", child.id())), "{r}");
+
+        let dog = Watchdog::new(&dir, &run, &log);
+        dog.step("quick", Duration::from_secs(60));
+        dog.done();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(child.try_wait().unwrap().is_none(), "a step that ended in time killed the test's processes");
+        dog.step("too long", Duration::from_millis(100));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "the watchdog did not end the step");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
+}

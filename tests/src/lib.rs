@@ -20,6 +20,7 @@ pub mod daemon_env;
 pub mod fixture;
 pub mod qemu;
 pub mod thin;
+pub mod watchdog;
 
 /// Where `tests/run` put the guest kernels and initramfs images.
 pub fn artifacts_dir() -> Result<PathBuf> {

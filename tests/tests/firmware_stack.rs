@@ -23,6 +23,13 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use skiff_tests::daemon_env::{bin_dir, run, Env};
 use skiff_tests::scratch;
+use skiff_tests::watchdog::Watchdog;
+
+/// How long a step may take before the watchdog reports and ends it.
+const STEP: Duration = Duration::from_secs(300);
+/// How long a launch may take: past skiffd's own limit for a full OS VM
+/// (its boot timeout plus the launch margin), so that its error is seen.
+const LAUNCH: Duration = Duration::from_secs(540);
 
 fn sha256(path: &Path) -> Result<String> {
     Ok(run(Command::new("sha256sum").arg(path))?.split_whitespace().next().unwrap_or("").to_string())
@@ -204,8 +211,12 @@ fn full_os_vms_through_skiffd() -> Result<()> {
     eprintln!("qemu-img convert took {:.1} s", t.elapsed().as_secs_f64());
     let mut env = Env::in_scratch(tmp.path(), bin_dir()?)?;
     env.start_daemon()?;
+    // A step past its limit gets the state of everything printed, and
+    // the test's processes killed so that it fails rather than hangs.
+    let dog = Watchdog::new(&env.dir, &env.run, &env.log);
     let mut failures: Vec<String> = Vec::new();
     let mut check = |name: &str, r: Result<()>| {
+        dog.done();
         match &r {
             Ok(()) => eprintln!("ok: {name}"),
             Err(e) => eprintln!("FAILED: {name}: {e:#}"),
@@ -214,9 +225,11 @@ fn full_os_vms_through_skiffd() -> Result<()> {
             failures.push(format!("{name}: {e:#}"));
         }
     };
+    dog.step("bad imports", STEP);
     check("bad imports are refused", refuses_bad_imports(&env, tmp.path()));
 
     let fingerprint = sha256(&qcow2)?;
+    dog.step("import", STEP);
     let imported = env.ok(&["image", "import", path_str(&qcow2)?, "--alias", "deb12vm"]);
     check(
         "import",
@@ -237,15 +250,20 @@ fn full_os_vms_through_skiffd() -> Result<()> {
     );
 
     let t = Instant::now();
+    dog.step("launch vm1", LAUNCH);
     let launched = env.ok(&["launch", "--vm", "deb12vm", "vm1", "-c", "limits.cpu=2", "-c", "limits.memory=1GiB"]);
     eprintln!("launch vm1 took {:.1} s", t.elapsed().as_secs_f64());
     if let Err(e) = launched {
         failures.push(format!("launch vm1: {e:#}"));
         bail!("{}\n--- skiffd log ---\n{}", failures.join("\n"), env.daemon_log());
     }
+    dog.step("vm1 booted", STEP);
     check("vm1 booted through the firmware", firmware_booted(&env, "vm1"));
+    dog.step("vm1 limits", STEP);
     check("vm1 has its limits", size_is(&env, "vm1", 2, 1024));
+    dog.step("vm1 serial console", STEP);
     check("vm1's serial console is interactive", serial_console(&env, "vm1"));
+    dog.step("vm1 files", STEP);
     check(
         "vm1: files and an address",
         (|| {
@@ -266,6 +284,7 @@ fn full_os_vms_through_skiffd() -> Result<()> {
 
     let t = Instant::now();
     // vm2 gets Incus's cloud-init.user-data: a NoCloud seed disk.
+    dog.step("launch vm2", LAUNCH);
     let user_data = "#cloud-config\nwrite_files:\n  - path: /root/from-cloud-init\n    content: seeded by skiff\n";
     let launched2 = env.ok(&[
         "launch",
@@ -278,6 +297,7 @@ fn full_os_vms_through_skiffd() -> Result<()> {
         &format!("cloud-init.user-data={user_data}"),
     ]);
     eprintln!("launch vm2 took {:.1} s", t.elapsed().as_secs_f64());
+    dog.step("vm2 checks", STEP);
     check(
         "vm2: its own disk over the same base",
         (|| {
@@ -298,25 +318,33 @@ fn full_os_vms_through_skiffd() -> Result<()> {
         })(),
     );
 
+    dog.step("skiffd killed mid-launch", STEP);
     check("skiffd killed mid-launch leaves nothing half-made", killed_mid_launch(&mut env));
+    dog.step("reboot", LAUNCH);
     check(
         "a reboot from inside boots again through the firmware",
         (|| {
             ensure!(env.sh("vm1", "touch /run/this-boot")?.0 == 0, "marking this boot");
             let t = Instant::now();
             let _ = env.skiff(&["exec", "vm1", "--", "systemctl", "reboot"])?;
+            // As long as the monitor gives a boot (the driver's boot timeout).
             wait_new_boot(&env, "vm1", Duration::from_secs(300))?;
             eprintln!("vm1: the new boot answered after {:.1} s", t.elapsed().as_secs_f64());
             let (_, f) = env.sh("vm1", "cat /root/only-vm1")?;
             ensure!(f.trim() == "mine", "the file is gone after the reboot: {f:?}");
             let list = env.ok(&["list", "--format", "csv"])?;
             ensure!(list.lines().any(|l| l.starts_with("vm1,RUNNING")), "after the reboot: {list}");
+            // The SMBIOS system UUID is the instance's, in every boot.
+            let want = instance(&env, "vm1")?["config"]["volatile.uuid"].as_str().unwrap_or_default().to_string();
+            let (_, got) = env.sh("vm1", "cat /sys/class/dmi/id/product_uuid")?;
+            ensure!(!want.is_empty() && got.trim() == want, "product_uuid {:?}, volatile.uuid {want:?}", got.trim());
             ensure!(console(&env, "vm1").matches("skiff-disk: GRUB loading").count() >= 2, "GRUB ran once only");
             Ok(())
         })(),
     );
 
     let tap = instance(&env, "vm1")?["config"]["volatile.eth0.host_name"].as_str().unwrap_or("").to_string();
+    dog.step("stop", STEP);
     check(
         "stop through the ACPI power button",
         (|| {
@@ -336,6 +364,7 @@ fn full_os_vms_through_skiffd() -> Result<()> {
         })(),
     );
 
+    dog.step("snapshot", STEP);
     check(
         "a disk snapshot and its restore",
         (|| {
@@ -355,6 +384,7 @@ fn full_os_vms_through_skiffd() -> Result<()> {
         })(),
     );
 
+    dog.step("delete", STEP);
     check(
         "delete leaves nothing",
         (|| {
@@ -372,6 +402,7 @@ fn full_os_vms_through_skiffd() -> Result<()> {
         })(),
     );
 
+    drop(dog);
     if !failures.is_empty() {
         let _ = env.skiff(&["delete", "--force", "vm1"]);
         let _ = env.skiff(&["delete", "--force", "vm2"]);

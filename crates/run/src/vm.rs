@@ -496,7 +496,10 @@ impl ThinVm {
         self.logs(VMM_DIAG_TAIL, CONSOLE_DIAG_TAIL)
     }
 
+    /// Waits up to `limit` in all for the agent's connection and its ready
+    /// event, or for skiff-vmm to exit.
     async fn wait_ready(&mut self, events: EventListener, limit: Duration) -> Result<(), VmError> {
+        let deadline = tokio::time::Instant::now() + limit;
         let vmm = self.vmm.as_mut().expect("started");
         let accepted = tokio::select! {
             r = events.accept(limit) => Some(r),
@@ -511,7 +514,7 @@ impl ThinVm {
             Some(Err(ClientError::Timeout(_))) | None => return Err(timeout(self)),
             Some(Err(e)) => return Err(e.into()),
         };
-        match until_ready(&mut stream, limit).await {
+        match until_ready(&mut stream, deadline.saturating_duration_since(tokio::time::Instant::now())).await {
             Ok(()) => {}
             Err(ClientError::Timeout(_)) => return Err(timeout(self)),
             Err(e) => return Err(e.into()),

@@ -380,6 +380,7 @@ async fn a_stop_during_a_reboot_is_answered_at_once() {
         disk: f.dir.join("root.qcow2"),
         disk_format: "qcow2".into(),
         seed: None,
+        uuid: None,
     });
     f.spec.boot_timeout_secs = 60;
     let l = monitor::launch(&f.spec).await.unwrap_or_else(|e| panic!("{}", monitor::error_chain(&e)));

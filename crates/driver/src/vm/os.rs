@@ -263,6 +263,8 @@ impl VmDriver {
                 disk: dir.join(ROOT),
                 disk_format: "qcow2".into(),
                 seed,
+                // The instance's volatile.uuid: the same system UUID at every start.
+                uuid: Some(inst.id.clone()),
             }),
         })
     }

@@ -6,8 +6,9 @@
 //!   boot:   ThinVm::boot_os → agent ready → bind monitor.sock
 //!   reset:  skiff-vmm exits 4 (RESET_EXIT_CODE) → ThinVm::reboot_os (same
 //!           runtime dir, disk, vars, tap) → agent ready → supervise on
-//!   stop:   press the power button → wait `timeout` for skiff-vmm to end
-//!           (a reset meanwhile ends it too) → else SIGKILL; force: SIGKILL
+//!   stop:   press the power button (again every 10 s) → wait `timeout` for
+//!           skiff-vmm to end (a reset meanwhile ends it too) → else SIGKILL;
+//!           force: SIGKILL
 //! ```
 
 use std::time::Duration;
@@ -18,6 +19,9 @@ use super::proto::LaunchSpec;
 use super::{MonitorError, CONTROL_SOCKET};
 use crate::vm::{self, OsBoot, OsVmOptions, ThinVm, VmExtras, RESET_EXIT_CODE};
 use crate::Stopped;
+
+/// How often a stop presses the power button while the guest runs.
+const PRESS_AGAIN: Duration = Duration::from_secs(10);
 
 /// The boot options of a full OS VM's spec.
 pub fn os_options(spec: &LaunchSpec, os: &OsBoot) -> Result<(OsVmOptions, VmExtras), MonitorError> {
@@ -78,19 +82,27 @@ pub async fn reboot(spec: &LaunchSpec, vm: &mut ThinVm) -> Result<(), MonitorErr
 
 /// Stops a full OS VM: the ACPI power button and up to `timeout` seconds
 /// for the guest to power off (or reset), then SIGKILL; `force`: SIGKILL
-/// at once.
+/// at once. The button is pressed again every [`PRESS_AGAIN`] while the
+/// guest runs: a press the guest's OS is not listening for yet (one still
+/// booting: its agent answers before systemd-logind watches the button)
+/// is lost, as on real hardware, and a second press of a guest already
+/// shutting down changes nothing.
 pub async fn stop(mut vm: ThinVm, timeout: u64, force: bool) -> Result<Stopped, crate::VmError> {
     if !force {
-        match vm.press_power_button().await {
-            Ok(()) => {
-                if vm.wait_vmm(Duration::from_secs(timeout)).await?.is_none() {
-                    eprintln!(
-                        "skiff-run monitor {}: the guest did not power off within {timeout} s: killed",
-                        vm.name()
-                    );
-                }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+        loop {
+            if let Err(e) = vm.press_power_button().await {
+                eprintln!("skiff-run monitor {}: power button: {}", vm.name(), super::error_chain(&e));
+                break;
             }
-            Err(e) => eprintln!("skiff-run monitor {}: power button: {}", vm.name(), super::error_chain(&e)),
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if vm.wait_vmm(left.min(PRESS_AGAIN)).await?.is_some() {
+                break;
+            }
+            if left <= PRESS_AGAIN {
+                eprintln!("skiff-run monitor {}: the guest did not power off within {timeout} s: killed", vm.name());
+                break;
+            }
         }
     }
     if vm.wait_vmm(Duration::ZERO).await?.is_none() {

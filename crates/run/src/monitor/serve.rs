@@ -456,9 +456,9 @@ async fn supervise(
                 }
                 eprintln!("skiff-run monitor {}: the guest reset: booting it again", spec.name);
                 reader.abort();
-                // A stop asked for while the guest boots again (up to its
-                // boot timeout) is answered now: the boot is dropped and
-                // the stop ends what it started.
+                // A stop (or SIGTERM) during the new boot ends it: the
+                // boot may take up to its timeout, nobody waits that long
+                // for a stop.
                 let rebooted = tokio::select! {
                     r = super::os::reboot(spec, &mut vm) => r,
                     Some(req) = stop_rx.recv() => break Ok(req),
@@ -469,6 +469,7 @@ async fn supervise(
                     eprintln!("skiff-run monitor {}: reboot failed: {}", spec.name, error_chain(&e));
                     break Err(None);
                 }
+                eprintln!("skiff-run monitor {}: ready again after the reset", spec.name);
                 lock(&shared.status).vmm_pid = vm.vmm_pid().unwrap_or(0);
                 reader = read_agent_events(&mut vm, ev_tx.clone());
             }

@@ -44,6 +44,9 @@ pub struct OsBoot {
     /// A read-only raw disk after it: the cloud-init NoCloud seed.
     #[serde(default)]
     pub seed: Option<PathBuf>,
+    /// The VM's SMBIOS system UUID (`None`: skiff-vmm picks one per start).
+    #[serde(default)]
+    pub uuid: Option<String>,
 }
 
 /// What to boot as a full OS VM.
@@ -88,6 +91,9 @@ impl OsVmOptions {
             "--reset-exit-code".into(),
             RESET_EXIT_CODE.to_string(),
         ]);
+        if let Some(uuid) = &self.os.uuid {
+            args.extend(["--uuid".into(), uuid.clone()]);
+        }
         if let Some(seed) = &self.os.seed {
             args.extend(["--disk".into(), format!("path={},format=raw,readonly=on", seed.display())]);
         }
@@ -136,23 +142,31 @@ impl ThinVm {
 
     /// Starts skiff-vmm and waits for the agent; a guest that resets before
     /// its agent is up (firmware does, e.g. after its first boot changed
-    /// its memory map variables) is booted again, up to [`BOOT_RESETS`] times.
+    /// its memory map variables) is booted again, up to [`BOOT_RESETS`]
+    /// times. The boot timeout bounds all of it together: the boots after
+    /// a reset get what is left of it, not a new one each.
     async fn start_os(&mut self, opts: &OsVmOptions, extras: &VmExtras) -> Result<(), VmError> {
+        let deadline = tokio::time::Instant::now() + opts.boot_timeout;
         let mut resets = 0;
         loop {
-            match self.start_os_once(opts, extras).await {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.start_os_once(opts, extras, left).await {
                 Err(VmError::VmmExited { status, .. })
                     if status.code() == Some(RESET_EXIT_CODE) && resets < BOOT_RESETS =>
                 {
                     resets += 1;
                     self.end_boot().await;
                 }
+                // The agent's timeout names the whole boot's limit.
+                Err(VmError::AgentTimeout { report, .. }) => {
+                    return Err(VmError::AgentTimeout { secs: opts.boot_timeout.as_secs(), report })
+                }
                 other => return other,
             }
         }
     }
 
-    async fn start_os_once(&mut self, opts: &OsVmOptions, extras: &VmExtras) -> Result<(), VmError> {
+    async fn start_os_once(&mut self, opts: &OsVmOptions, extras: &VmExtras, limit: Duration) -> Result<(), VmError> {
         let events = EventListener::bind_for_vsock(&self.dir.join(VSOCK_SOCKET))?;
         let state = VmState::starting(
             &opts.name,
@@ -162,7 +176,7 @@ impl ThinVm {
             opts.memory_mib,
         );
         self.spawn_vmm(&opts.vmm, &opts.vmm_args(), extras.nic.as_ref(), state)?;
-        self.wait_ready(events, opts.boot_timeout).await
+        self.wait_ready(events, limit).await
     }
 
     /// Presses the VM's ACPI power button (skiff-vmm's `vm.shutdown`): the
@@ -187,6 +201,7 @@ mod tests {
                 disk: "/d/root.qcow2".into(),
                 disk_format: "qcow2".into(),
                 seed: None,
+                uuid: None,
             },
             cpus: 2,
             memory_mib: 1024,
@@ -201,8 +216,11 @@ mod tests {
         assert!(args.ends_with("--reset-exit-code 4"), "{args}");
         let with_code = OsVmOptions { os: OsBoot { firmware: Some("/f/CODE.fd".into()), ..opts.os.clone() }, ..opts };
         assert!(with_code.vmm_args().join(" ").starts_with("--firmware /f/CODE.fd --firmware-vars"));
+        let uuid = "6f1c3a52-0b7e-4d61-9a8e-2f0c5d9e7b14";
+        let with_uuid = OsVmOptions { os: OsBoot { uuid: Some(uuid.into()), ..with_code.os.clone() }, ..with_code };
+        assert!(with_uuid.vmm_args().join(" ").ends_with(&format!("--reset-exit-code 4 --uuid {uuid}")));
         let seeded =
-            OsVmOptions { os: OsBoot { seed: Some("/d/seed.img".into()), ..with_code.os.clone() }, ..with_code };
+            OsVmOptions { os: OsBoot { seed: Some("/d/seed.img".into()), ..with_uuid.os.clone() }, ..with_uuid };
         assert!(seeded.vmm_args().join(" ").ends_with("--disk path=/d/seed.img,format=raw,readonly=on"));
     }
 }

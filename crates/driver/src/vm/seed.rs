@@ -27,16 +27,26 @@ const SEED: &str = "seed.img";
 /// them).
 pub const MAX_SEED_DATA: usize = 4 << 20;
 
+/// Each file of the seed and the keys it comes from (Incus's first).
+const SEED_FILES: [(&str, [&str; 2]); 3] = [
+    ("user-data", ["cloud-init.user-data", "user.user-data"]),
+    ("vendor-data", ["cloud-init.vendor-data", "user.vendor-data"]),
+    ("network-config", ["cloud-init.network-config", "user.network-config"]),
+];
+/// Appended to the seed's `meta-data`.
+const META_DATA_KEY: &str = "user.meta-data";
+
+/// Whether `key` feeds the seed.
+fn is_seed_key(key: &str) -> bool {
+    key == META_DATA_KEY || SEED_FILES.iter().any(|(_, keys)| keys.contains(&key))
+}
+
 /// The seed's files, from the instance's configuration; `None` without
 /// any cloud-init key.
 fn seed_files(inst: &InstanceSpec) -> Option<BTreeMap<&'static str, String>> {
     let get = |keys: &[&str]| keys.iter().find_map(|k| inst.config.get(*k)).cloned();
     let mut files = BTreeMap::new();
-    for (file, keys) in [
-        ("user-data", ["cloud-init.user-data", "user.user-data"]),
-        ("vendor-data", ["cloud-init.vendor-data", "user.vendor-data"]),
-        ("network-config", ["cloud-init.network-config", "user.network-config"]),
-    ] {
+    for (file, keys) in SEED_FILES {
         if let Some(v) = get(&keys) {
             files.insert(file, v);
         }
@@ -47,7 +57,7 @@ fn seed_files(inst: &InstanceSpec) -> Option<BTreeMap<&'static str, String>> {
     // NoCloud wants user-data even when only vendor data is given.
     files.entry("user-data").or_insert_with(|| "#cloud-config\n{}\n".into());
     let mut meta = format!("instance-id: {}\nlocal-hostname: {}\n", inst.id, inst.name);
-    if let Some(extra) = inst.config.get("user.meta-data") {
+    if let Some(extra) = inst.config.get(META_DATA_KEY) {
         meta.push_str(extra);
         meta.push('\n');
     }
@@ -57,17 +67,8 @@ fn seed_files(inst: &InstanceSpec) -> Option<BTreeMap<&'static str, String>> {
 
 /// Checks the cloud-init values' total size (at create and config set).
 pub fn validate(config: &BTreeMap<String, String>) -> Result<(), String> {
-    let total: usize = config
-        .iter()
-        .filter(|(k, _)| {
-            k.starts_with("cloud-init.")
-                || matches!(
-                    k.as_str(),
-                    "user.user-data" | "user.vendor-data" | "user.network-config" | "user.meta-data"
-                )
-        })
-        .map(|(_, v)| v.len())
-        .sum();
+    let total: usize =
+        config.iter().filter(|(k, _)| k.starts_with("cloud-init.") || is_seed_key(k)).map(|(_, v)| v.len()).sum();
     if total > MAX_SEED_DATA {
         return Err(format!("the cloud-init values take {total} bytes; at most {MAX_SEED_DATA} fit the seed"));
     }
